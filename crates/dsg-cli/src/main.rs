@@ -1,0 +1,523 @@
+//! `dsg`: the command line. Thin by design: parse, call the engine, print.
+
+mod output;
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use dsg_core::config::{self, ProjectConfig, RepoType, UserConfig, PROJECT_CONFIG};
+use dsg_core::scan::LocalKind;
+use dsg_sync::init::InitArgs;
+use dsg_sync::{EngineError, Project};
+use serde_json::json;
+
+use output::{Out, TermReporter};
+
+#[derive(Parser)]
+#[command(
+    name = "dsg",
+    version,
+    about = "dsg - data sync gizmo: versioned, atomic sync of a project's data folders",
+    long_about = "dsg keeps the data of a research project (input/, output/, frozen/) versioned in one \
+central repository. Every sync publishes a numbered snapshot atomically.\n\n\
+Setup: init\nCore: status, list-files\nValidation: validate-config"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone, Copy)]
+struct Global {
+    /// Print exactly one JSON document on stdout (messages go to stderr)
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print only errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Print more detail
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    /// Print debug logs to stderr
+    #[arg(long, global = true)]
+    debug: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Setup: create the first snapshot and the repository
+    Init(InitCmd),
+    /// Core: show what sync would do (local vs last sync vs repository)
+    Status {
+        /// Compare the local tree with the last sync only; do not contact the repository
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Core: list the files dsg tracks
+    ListFiles {
+        /// Only list paths under this directory (relative to the current directory)
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    /// Validation: check the configuration and that the repository is reachable
+    ValidateConfig {
+        /// Skip the repository check
+        #[arg(long)]
+        no_backend: bool,
+    },
+    /// Repository side of the protocol (run by dsg itself, locally or over SSH)
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long, default_value = "xfs")]
+        r#type: String,
+    },
+}
+
+#[derive(Args)]
+struct InitCmd {
+    /// Repository host: localhost for this machine, else an SSH host
+    #[arg(long)]
+    host: Option<String>,
+    /// Directory on the host that holds repositories (the repository is <repo-path>/<repo-name>)
+    #[arg(long)]
+    repo_path: Option<PathBuf>,
+    /// Repository (project) name
+    #[arg(long)]
+    repo_name: Option<String>,
+    /// xfs (any POSIX filesystem) or zfs
+    #[arg(long)]
+    repo_type: Option<String>,
+    /// ZFS pool (zfs only)
+    #[arg(long)]
+    pool: Option<String>,
+    /// Never prompt; fail when a value is missing
+    #[arg(long)]
+    no_interactive: bool,
+    /// Overwrite an existing .dsgconfig.yml
+    #[arg(long)]
+    force: bool,
+    /// Rename files whose names break the filename rules
+    #[arg(long)]
+    normalize: bool,
+    /// Show what would happen; write nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Message for snapshot s1
+    #[arg(short, long)]
+    message: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let g = cli.global;
+    output::init_logging(g.debug, g.verbose);
+    let out = Out::new(g.json, g.quiet, g.verbose);
+    let writes = matches!(cli.cmd, Cmd::Init(_));
+    let _ = ctrlc::set_handler(move || {
+        if writes {
+            // The engine checks this flag, rolls back and exits 130.
+            dsg_sync::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            std::process::exit(130);
+        }
+    });
+    let result = run(cli.cmd, &out);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.exit_code();
+            out.error(&e, code);
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn cwd() -> Result<PathBuf, EngineError> {
+    std::env::current_dir().map_err(|e| EngineError::io(".", e))
+}
+
+fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
+    match cmd {
+        Cmd::Init(a) => cmd_init(a, out),
+        Cmd::Status { offline } => cmd_status(offline, out),
+        Cmd::ListFiles { path } => cmd_list_files(path, out),
+        Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
+        Cmd::Agent { repo, r#type } => cmd_agent(repo, &r#type),
+    }
+}
+
+/// Opens the project and finishes anything an interrupted command left.
+fn open_project() -> Result<Project, EngineError> {
+    let project = Project::find(&cwd()?)?;
+    let cfg = project.config.clone();
+    dsg_sync::recover::recover_init(&project.root, || dsg_repo::RepoClient::connect(&cfg).ok())?;
+    Ok(project)
+}
+
+fn prompt(label: &str, default: Option<&str>) -> Result<String, EngineError> {
+    use std::io::Write;
+    let mut stderr = std::io::stderr();
+    match default {
+        Some(d) => write!(stderr, "{label} [{d}]: "),
+        None => write!(stderr, "{label}: "),
+    }
+    .and_then(|_| stderr.flush())
+    .map_err(|e| EngineError::io("stderr", e))?;
+    let mut line = String::new();
+    let n = std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| EngineError::io("stdin", e))?;
+    if n == 0 {
+        return Err(EngineError::Usage(format!(
+            "no value for {label} (end of input)"
+        )));
+    }
+    let v = line.trim().to_string();
+    Ok(if v.is_empty() {
+        default.unwrap_or("").to_string()
+    } else {
+        v
+    })
+}
+
+fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
+    let interactive = !a.no_interactive && std::io::stdin().is_terminal();
+    let need = |v: Option<String>,
+                label: &str,
+                flag: &str,
+                default: Option<&str>|
+     -> Result<String, EngineError> {
+        match v {
+            Some(v) => Ok(v),
+            None if interactive => prompt(label, default),
+            None => match default {
+                Some(d) => Ok(d.to_string()),
+                None => Err(EngineError::Usage(format!(
+                    "{label} is required: pass {flag} (or run in a terminal to be asked)"
+                ))),
+            },
+        }
+    };
+    let repo_name = need(a.repo_name, "Repository name", "--repo-name", None)?;
+    let host = need(
+        a.host,
+        "Repository host (localhost, or an ssh host)",
+        "--host",
+        Some("localhost"),
+    )?;
+    let repo_path = need(
+        a.repo_path.map(|p| p.display().to_string()),
+        "Repository path on the host",
+        "--repo-path",
+        None,
+    )?;
+    let repo_type_s = need(
+        a.repo_type,
+        "Repository type (xfs or zfs)",
+        "--repo-type",
+        Some("xfs"),
+    )?;
+    let repo_type = RepoType::parse(&repo_type_s).ok_or_else(|| {
+        EngineError::Usage(format!("--repo-type {repo_type_s:?}: use xfs or zfs"))
+    })?;
+    let pool = if repo_type == RepoType::Zfs {
+        Some(need(a.pool, "ZFS pool", "--pool", None)?)
+    } else {
+        a.pool
+    };
+    let reporter = TermReporter::new(out);
+    let report = dsg_sync::init::init(
+        &cwd()?,
+        InitArgs {
+            host,
+            repo_path: PathBuf::from(repo_path),
+            repo_name,
+            repo_type,
+            pool,
+            force: a.force,
+            normalize: a.normalize,
+            dry_run: a.dry_run,
+            message: a.message,
+        },
+        &reporter,
+    )?;
+    if out.json {
+        out.json_doc(&json!({"status": "ok", "command": "init", "result": report}));
+        return Ok(());
+    }
+    for r in &report.renames {
+        out.line(&format!(
+            "{} {} -> {}",
+            if report.dry_run {
+                "would rename"
+            } else {
+                "renamed"
+            },
+            r.from,
+            r.to
+        ));
+    }
+    if report.dry_run {
+        out.line(&format!(
+            "Dry run: would create {} with snapshot s1 of {} files and {} links ({} bytes); nothing was written",
+            report.repository, report.files, report.links, report.bytes
+        ));
+    } else {
+        out.line(&format!(
+            "Initialized {} with snapshot s1: {} files, {} links, {} bytes",
+            report.repository, report.files, report.links, report.bytes
+        ));
+    }
+    Ok(())
+}
+
+fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
+    let project = open_project()?;
+    let reporter = TermReporter::new(out);
+    let mut client = if offline {
+        None
+    } else {
+        Some(dsg_repo::RepoClient::connect(&project.config)?)
+    };
+    let cmp = dsg_sync::status::compare(&project, client.as_mut(), &reporter)?;
+    if let Some(c) = client {
+        let _ = c.close();
+    }
+    let rows = cmp.rows();
+    if out.json {
+        let problems: Vec<_> = cmp
+            .problems()
+            .iter()
+            .map(|p| json!({"path": p.path, "message": p.message}))
+            .collect();
+        out.json_doc(&json!({
+            "status": "ok",
+            "command": "status",
+            "offline": offline,
+            "has_cache": cmp.has_cache,
+            "files": rows,
+            "problems": problems,
+        }));
+        return Ok(());
+    }
+    output::print_status(out, &rows, cmp.problems(), offline, cmp.has_cache);
+    Ok(())
+}
+
+fn cmd_list_files(path: Option<PathBuf>, out: &Out) -> Result<(), EngineError> {
+    let project = open_project()?;
+    let prefix = match path {
+        None => None,
+        Some(p) => {
+            let abs = std::path::absolute(cwd()?.join(&p)).map_err(|e| EngineError::io(&p, e))?;
+            if !abs.is_dir() {
+                return Err(EngineError::Usage(format!(
+                    "{} is not a directory",
+                    p.display()
+                )));
+            }
+            let rel = abs.strip_prefix(&project.root).map_err(|_| {
+                EngineError::Usage(format!(
+                    "{} is outside the project {}",
+                    p.display(),
+                    project.root.display()
+                ))
+            })?;
+            let rel = rel.to_string_lossy().to_string();
+            (!rel.is_empty()).then_some(rel)
+        }
+    };
+    let under = |p: &str| match &prefix {
+        None => true,
+        Some(pre) => p == pre || p.starts_with(&format!("{pre}/")),
+    };
+    let scan = project.scan(&TermReporter::new(out));
+    project.save_stat_cache(&scan);
+    let files: Vec<_> = scan.entries.iter().filter(|e| under(&e.path)).collect();
+    let ignored: Vec<_> = scan.ignored.iter().filter(|p| under(p)).collect();
+    let problems: Vec<_> = scan.problems.iter().filter(|p| under(&p.path)).collect();
+    let total: u64 = files
+        .iter()
+        .map(|e| match e.kind {
+            LocalKind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum();
+    if out.json {
+        let list: Vec<_> = files
+            .iter()
+            .map(|e| match &e.kind {
+                LocalKind::File { size, hash } => {
+                    json!({"path": e.path, "type": "file", "size": size, "hash": hash.to_hex()})
+                }
+                LocalKind::Link { target } => {
+                    json!({"path": e.path, "type": "link", "target": target})
+                }
+            })
+            .collect();
+        out.json_doc(&json!({
+            "status": "ok", "command": "list-files", "files": list, "ignored": ignored,
+            "problems": problems.iter().map(|p| json!({"path": p.path, "message": p.message})).collect::<Vec<_>>(),
+            "total_files": files.len(), "total_bytes": total, "hidden_skipped": scan.hidden,
+        }));
+        return Ok(());
+    }
+    for e in &files {
+        match &e.kind {
+            LocalKind::File { size, .. } => out.line(&format!("{:>12}  {}", size, e.path)),
+            LocalKind::Link { target } => {
+                out.line(&format!("{:>12}  {} -> {}", "link", e.path, target))
+            }
+        }
+    }
+    if out.verbose {
+        for p in &ignored {
+            out.line(&format!("{:>12}  {}", "ignored", p));
+        }
+    }
+    for p in &problems {
+        out.warn(&format!("{}: {}", p.path, p.message));
+    }
+    out.summary(&format!(
+        "{} tracked ({} bytes), {} ignored, {} hidden skipped, {} with problems",
+        files.len(),
+        total,
+        ignored.len(),
+        scan.hidden,
+        problems.len()
+    ));
+    Ok(())
+}
+
+fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
+    let mut checks: Vec<(String, bool, String)> = Vec::new();
+    let root = config::find_project_root(&cwd()?);
+    let project_cfg = match &root {
+        Ok(r) => match ProjectConfig::load(&r.join(PROJECT_CONFIG)) {
+            Ok(c) => {
+                checks.push((
+                    "project config".into(),
+                    true,
+                    format!(
+                        "{} ({}{})",
+                        r.join(PROJECT_CONFIG).display(),
+                        if c.legacy_format {
+                            "legacy transport format, "
+                        } else {
+                            ""
+                        },
+                        format_args!(
+                            "repository {}:{} type {}",
+                            c.repository.host,
+                            c.repo_dir().display(),
+                            c.repository.kind.as_str()
+                        )
+                    ),
+                ));
+                Some(c)
+            }
+            Err(e) => {
+                checks.push(("project config".into(), false, e.to_string()));
+                None
+            }
+        },
+        Err(e) => {
+            checks.push(("project config".into(), false, e.to_string()));
+            None
+        }
+    };
+    match UserConfig::load() {
+        Ok(u) => checks.push((
+            "user config".into(),
+            true,
+            format!(
+                "{} <{}> from {}",
+                u.user_name,
+                u.user_id,
+                u.sources
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+        Err(e) => checks.push(("user config".into(), false, e.to_string())),
+    }
+    if let (Some(c), false) = (&project_cfg, no_backend) {
+        let r = (|| -> Result<String, EngineError> {
+            let mut client = dsg_repo::RepoClient::connect(c)?;
+            if !client.repo_exists {
+                return Err(EngineError::State {
+                    message: format!(
+                        "{} on {} is not a dsg repository (no .dsg/last-sync.json)",
+                        c.repo_dir().display(),
+                        c.repository.host
+                    ),
+                    hint:
+                        "check mountpoint and name in .dsgconfig.yml, or create it with 'dsg init'"
+                            .into(),
+                });
+            }
+            let remote = dsg_sync::status::fetch_remote(&mut client, None)?.unwrap_or_default();
+            let _ = client.close();
+            Ok(format!(
+                "{}:{} reachable, head {}",
+                c.repository.host,
+                c.repo_dir().display(),
+                remote
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.snapshot_id.as_str())
+                    .unwrap_or("?")
+            ))
+        })();
+        match r {
+            Ok(msg) => checks.push(("repository".into(), true, msg)),
+            Err(e) => checks.push(("repository".into(), false, e.to_string())),
+        }
+    }
+    let all_ok = checks.iter().all(|c| c.1);
+    if out.json {
+        out.json_doc(&json!({
+            "status": if all_ok { "ok" } else { "error" },
+            "command": "validate-config",
+            "checks": checks.iter().map(|(n, ok, m)| json!({"name": n, "passed": ok, "message": m})).collect::<Vec<_>>(),
+            "all_passed": all_ok,
+        }));
+    } else {
+        for (n, ok, m) in &checks {
+            out.line(&format!("{} {n}: {m}", if *ok { "✓" } else { "✗" }));
+        }
+    }
+    if all_ok {
+        Ok(())
+    } else {
+        Err(EngineError::State {
+            message: "configuration check failed".into(),
+            hint: "fix the items marked ✗ above".into(),
+        })
+    }
+}
+
+fn cmd_agent(repo: PathBuf, kind: &str) -> Result<(), EngineError> {
+    if kind != "xfs" {
+        return Err(EngineError::Usage(format!(
+            "agent: unsupported repository type {kind:?}"
+        )));
+    }
+    let mut backend =
+        dsg_repo::posix::PosixBackend::new(&repo).map_err(|e| EngineError::State {
+            message: e.message.clone(),
+            hint: e.hint.clone().unwrap_or_default(),
+        })?;
+    let stdin = std::io::stdin().lock();
+    let stdout = std::io::stdout().lock();
+    dsg_repo::agent::serve(&mut backend, Box::new(stdin) as Box<dyn Read>, stdout)
+        .map_err(|e| EngineError::io("agent stdio", e))
+}

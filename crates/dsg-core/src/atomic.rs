@@ -1,0 +1,98 @@
+//! The one atomic-write helper. Every file dsg writes that must survive a
+//! crash whole-or-not-at-all goes through `write_atomic`:
+//! temp file in the same directory → write → fsync → rename over the target →
+//! fsync the directory. A reader therefore sees the old bytes or the new
+//! bytes, never a mix, and after the directory fsync the rename is durable.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {path}: {source}")]
+pub struct WriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+fn werr(path: &Path) -> impl FnOnce(io::Error) -> WriteError + '_ {
+    move |source| WriteError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| werr(path)(io::Error::new(io::ErrorKind::InvalidInput, "no file name")))?;
+    // The temp name is unique per process and call so concurrent writers in
+    // one directory never share a temp file; the `.dsg-tmp.` prefix lets
+    // recovery recognise and remove leftovers.
+    let tmp = dir.join(format!(
+        ".dsg-tmp.{}.{}.{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple(),
+        name.to_string_lossy()
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(werr(path))
+}
+
+/// Makes a directory's entries (creations, renames, unlinks) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// True for names `write_atomic` uses for its temp files.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with(".dsg-tmp.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_whole_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two two");
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn failure_names_the_path_and_keeps_old_content() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sub");
+        fs::create_dir(&p).unwrap();
+        // Renaming a file over a non-empty directory fails.
+        fs::write(p.join("x"), b"x").unwrap();
+        let e = write_atomic(&p, b"new").unwrap_err();
+        assert!(e.to_string().contains("sub"), "{e}");
+        assert!(p.join("x").exists());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}

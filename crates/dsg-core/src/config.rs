@@ -1,0 +1,775 @@
+//! Configuration: the project's `.dsgconfig.yml` and the user's `dsg.yml`
+//! (spec-data-model §5). Both formats of the original are read: the
+//! `repository:` format and the legacy `transport: ssh` format. Errors name
+//! the file, the key and what to do.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::yaml;
+
+pub const PROJECT_CONFIG: &str = ".dsgconfig.yml";
+pub const USER_CONFIG: &str = "dsg.yml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no {PROJECT_CONFIG} found in {start} or any parent directory\nhint: run dsg inside a project, or create one with 'dsg init'")]
+    NoProject { start: PathBuf },
+    #[error("cannot read {file}: {source}")]
+    Io {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {msg}\nhint: {hint}")]
+    Invalid {
+        file: PathBuf,
+        msg: String,
+        hint: String,
+    },
+    #[error("no {USER_CONFIG} found (looked in: {looked})\nhint: create ~/.config/dsg/dsg.yml with\n  user_name: Your Name\n  user_id: you@example.org\nor point DSG_CONFIG_HOME at a directory holding dsg.yml")]
+    NoUserConfig { looked: String },
+}
+
+fn invalid(file: &Path, msg: impl Into<String>, hint: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_path_buf(),
+        msg: msg.into(),
+        hint: hint.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepoType {
+    /// Any POSIX filesystem (the name is the original's).
+    Xfs,
+    Zfs,
+}
+
+impl RepoType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepoType::Xfs => "xfs",
+            RepoType::Zfs => "zfs",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RepoType> {
+        match s {
+            "xfs" => Some(RepoType::Xfs),
+            "zfs" => Some(RepoType::Zfs),
+            _ => None,
+        }
+    }
+}
+
+/// Where the repository lives: `<mountpoint>/<name>` on `host`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Repository {
+    pub kind: RepoType,
+    pub host: String,
+    pub mountpoint: PathBuf,
+    pub pool: Option<String>,
+    /// The dsg binary to run on an SSH host (default: `dsg` on its PATH).
+    pub remote_dsg: Option<String>,
+}
+
+impl Repository {
+    /// The one "is this machine" rule (the original had two, defect 17).
+    pub fn is_local(&self) -> bool {
+        is_local_host(&self.host)
+    }
+}
+
+pub fn is_local_host(host: &str) -> bool {
+    matches!(
+        host.to_ascii_lowercase().as_str(),
+        "localhost" | "127.0.0.1" | "::1" | "0.0.0.0" | "localhost.localdomain"
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IgnoreRules {
+    /// Relpaths; a directory path ignores everything under it.
+    pub paths: BTreeSet<String>,
+    /// Names of files or directories; a directory name ignores its subtree.
+    pub names: BTreeSet<String>,
+    /// File-name suffixes such as `.tmp` (case-sensitive, as in the original).
+    pub suffixes: BTreeSet<String>,
+}
+
+impl IgnoreRules {
+    pub fn defaults() -> IgnoreRules {
+        IgnoreRules {
+            paths: BTreeSet::new(),
+            names: [
+                ".DS_Store",
+                "__pycache__",
+                ".Rdata",
+                ".rdata",
+                ".RData",
+                ".Rproj.user",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            suffixes: [".tmp", ".pyc"].into_iter().map(String::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectConfig {
+    pub name: String,
+    pub repository: Repository,
+    pub data_dirs: BTreeSet<String>,
+    pub ignore: IgnoreRules,
+    /// The file used the legacy `transport:` layout.
+    pub legacy_format: bool,
+}
+
+impl ProjectConfig {
+    /// The repository directory: `<mountpoint>/<name>`.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.repository.mountpoint.join(&self.name)
+    }
+
+    pub fn default_data_dirs() -> BTreeSet<String> {
+        ["input", "output", "frozen"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn load(file: &Path) -> Result<ProjectConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Io {
+            file: file.to_path_buf(),
+            source: e,
+        })?;
+        ProjectConfig::parse(&text, file)
+    }
+
+    pub fn parse(text: &str, file: &Path) -> Result<ProjectConfig, ConfigError> {
+        let (mut v, ambiguous) = yaml::load(text)
+            .map_err(|e| invalid(file, format!("not valid YAML: {e}"), "fix the syntax"))?;
+        reject_ambiguous(file, &ambiguous)?;
+        let obj = v.as_object_mut().ok_or_else(|| {
+            invalid(
+                file,
+                "the file is not a mapping of keys",
+                "see README for the format",
+            )
+        })?;
+
+        // Legacy layout: data_dirs/ignore under `project:`, name under `ssh:`.
+        if let Some(Value::Object(project)) = obj.remove("project") {
+            for k in ["data_dirs", "ignore"] {
+                if let Some(x) = project.get(k) {
+                    obj.insert(k.into(), x.clone());
+                }
+            }
+        }
+        let has_repo = obj.contains_key("repository");
+        let has_transport = obj.contains_key("transport");
+        let repository = match (has_repo, has_transport) {
+            (true, true) => {
+                return Err(invalid(
+                    file,
+                    "both 'repository' (new format) and 'transport' (legacy format) are set",
+                    "keep only the 'repository:' section",
+                ))
+            }
+            (false, false) => {
+                return Err(invalid(
+                    file,
+                    "no 'repository' section",
+                    "add:\n  repository:\n    type: xfs\n    host: localhost\n    mountpoint: /path/to/repos",
+                ))
+            }
+            (true, false) => parse_repository(file, obj.get("repository").unwrap())?,
+            (false, true) => parse_legacy(file, obj)?,
+        };
+        let name = match obj.get("name") {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(Value::String(_)) | None => {
+                return Err(invalid(
+                    file,
+                    "key 'name' is missing or empty",
+                    "add 'name: <repository name>'",
+                ))
+            }
+            Some(other) => {
+                return Err(invalid(
+                    file,
+                    format!("key 'name' must be a string, got {other}"),
+                    "quote the value: name: \"...\"",
+                ))
+            }
+        };
+        if name.contains('/') || name == "." || name == ".." {
+            return Err(invalid(
+                file,
+                format!("key 'name': {name:?} is not a valid directory name"),
+                "use a plain name",
+            ));
+        }
+        let data_dirs = match obj.get("data_dirs") {
+            None | Some(Value::Null) => ProjectConfig::default_data_dirs(),
+            Some(v) => string_set(file, "data_dirs", v)?,
+        };
+        let mut ignore = IgnoreRules::defaults();
+        match obj.get("ignore") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(ig)) => {
+                for (k, v) in ig {
+                    let set = string_set(file, &format!("ignore.{k}"), v)?;
+                    match k.as_str() {
+                        "paths" => {
+                            ignore.paths = set
+                                .into_iter()
+                                .map(|p| normalize_ignore_path(&p))
+                                .filter(|p| !p.is_empty())
+                                .collect()
+                        }
+                        "names" => ignore.names = set,
+                        "suffixes" => ignore.suffixes = set,
+                        other => {
+                            return Err(invalid(
+                                file,
+                                format!("unknown key 'ignore.{other}'"),
+                                "ignore takes 'paths', 'names' and 'suffixes'",
+                            ))
+                        }
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(invalid(
+                    file,
+                    format!("key 'ignore' must be a mapping, got {other}"),
+                    "see README",
+                ))
+            }
+        }
+        Ok(ProjectConfig {
+            name,
+            repository,
+            data_dirs,
+            ignore,
+            legacy_format: has_transport,
+        })
+    }
+
+    /// The `repository:` layout we write.
+    pub fn to_yaml(&self) -> String {
+        let r = &self.repository;
+        let mut s = format!(
+            "name: {}\nrepository:\n  type: {}\n  host: {}\n  mountpoint: {}\n",
+            yaml_quote(&self.name),
+            r.kind.as_str(),
+            yaml_quote(&r.host),
+            yaml_quote(&r.mountpoint.to_string_lossy())
+        );
+        if let Some(p) = &r.pool {
+            s.push_str(&format!("  pool: {}\n", yaml_quote(p)));
+        }
+        if let Some(d) = &r.remote_dsg {
+            s.push_str(&format!("  remote_dsg: {}\n", yaml_quote(d)));
+        }
+        let dirs: Vec<String> = self.data_dirs.iter().map(|d| yaml_quote(d)).collect();
+        s.push_str(&format!("data_dirs: [{}]\n", dirs.join(", ")));
+        s
+    }
+}
+
+/// Quotes always: a bare `no` or `1.0` would change type in some YAML tools.
+fn yaml_quote(s: &str) -> String {
+    serde_json::to_string(s).expect("json string")
+}
+
+fn normalize_ignore_path(p: &str) -> String {
+    p.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn reject_ambiguous(file: &Path, amb: &[yaml::Ambiguous]) -> Result<(), ConfigError> {
+    if let Some(a) = amb.first() {
+        return Err(invalid(
+            file,
+            format!(
+                "line {}: key '{}' has the bare value '{}', which YAML 1.1 tools (including the original dsg) read as a boolean and YAML 1.2 as a string",
+                a.line, a.key, a.text
+            ),
+            format!("quote it: {}: \"{}\"", a.key.rsplit('.').next().unwrap_or(&a.key), a.text),
+        ));
+    }
+    Ok(())
+}
+
+fn string_set(file: &Path, key: &str, v: &Value) -> Result<BTreeSet<String>, ConfigError> {
+    let arr = v.as_array().ok_or_else(|| {
+        invalid(
+            file,
+            format!("key '{key}' must be a list, got {v}"),
+            format!("write {key}: [a, b]"),
+        )
+    })?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, x)| match x {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(invalid(
+                file,
+                format!("key '{key}[{i}]' must be a string, got {other}"),
+                "quote the value",
+            )),
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    #[serde(rename = "type")]
+    kind: String,
+    host: String,
+    mountpoint: String,
+    pool: Option<String>,
+    remote_dsg: Option<String>,
+}
+
+fn parse_repository(file: &Path, v: &Value) -> Result<Repository, ConfigError> {
+    let raw: RawRepository = serde_path_to_error::deserialize(v).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { format!(".{key}") };
+        invalid(
+            file,
+            format!("key 'repository{key}': {}", e.inner()),
+            "repository takes type (xfs|zfs), host, mountpoint, pool (zfs only) and remote_dsg; quote string values",
+        )
+    })?;
+    let kind = RepoType::parse(&raw.kind).ok_or_else(|| {
+        invalid(
+            file,
+            format!(
+                "key 'repository.type': unsupported repository type {:?}",
+                raw.kind
+            ),
+            "use 'xfs' (any POSIX filesystem) or 'zfs'",
+        )
+    })?;
+    match (kind, &raw.pool) {
+        (RepoType::Zfs, None) => {
+            return Err(invalid(
+                file,
+                "key 'repository.pool' is required for type zfs",
+                "add 'pool: <zfs pool>'",
+            ))
+        }
+        (RepoType::Xfs, Some(_)) => {
+            return Err(invalid(
+                file,
+                "key 'repository.pool' is only allowed for type zfs",
+                "remove it",
+            ))
+        }
+        _ => {}
+    }
+    if raw.host.trim().is_empty() {
+        return Err(invalid(
+            file,
+            "key 'repository.host' is empty",
+            "use localhost or an ssh host name",
+        ));
+    }
+    if !raw.mountpoint.starts_with('/') {
+        return Err(invalid(
+            file,
+            format!(
+                "key 'repository.mountpoint': {:?} is not an absolute path",
+                raw.mountpoint
+            ),
+            "give the absolute path of the directory that holds the repository",
+        ));
+    }
+    Ok(Repository {
+        kind,
+        host: raw.host,
+        mountpoint: PathBuf::from(raw.mountpoint),
+        pool: raw.pool,
+        remote_dsg: raw.remote_dsg,
+    })
+}
+
+fn parse_legacy(
+    file: &Path,
+    obj: &mut serde_json::Map<String, Value>,
+) -> Result<Repository, ConfigError> {
+    let transport = obj
+        .get("transport")
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_string();
+    if transport != "ssh" {
+        return Err(invalid(
+            file,
+            format!("key 'transport': {transport:?} is not supported"),
+            "only the legacy 'transport: ssh' layout can be read; prefer the 'repository:' format",
+        ));
+    }
+    let ssh = match obj.get("ssh") {
+        Some(Value::Object(s)) => s.clone(),
+        _ => {
+            return Err(invalid(
+                file,
+                "key 'ssh' is required when transport=ssh",
+                "add ssh: {host, path, type}",
+            ))
+        }
+    };
+    let get = |k: &str| -> Result<String, ConfigError> {
+        match ssh.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(invalid(
+                file,
+                format!("key 'ssh.{k}' must be a string, got {other}"),
+                "quote it",
+            )),
+            None => Err(invalid(file, format!("key 'ssh.{k}' is missing"), "add it")),
+        }
+    };
+    let host = get("host")?;
+    let path = get("path")?;
+    let kind_s = get("type")?;
+    let kind = RepoType::parse(&kind_s).ok_or_else(|| {
+        invalid(
+            file,
+            format!("key 'ssh.type': unsupported {kind_s:?}"),
+            "use xfs or zfs",
+        )
+    })?;
+    if !obj.contains_key("name") {
+        if let Some(Value::String(n)) = ssh.get("name") {
+            obj.insert("name".into(), Value::String(n.clone()));
+        }
+    }
+    Ok(Repository {
+        kind,
+        host,
+        mountpoint: PathBuf::from(path),
+        // The original invented the pool "dsgdata" for legacy zfs configs; we
+        // keep that so such configs still open.
+        pool: (kind == RepoType::Zfs).then(|| "dsgdata".to_string()),
+        remote_dsg: None,
+    })
+}
+
+/// Finds the project root: the nearest directory at or above `start` that
+/// holds `.dsgconfig.yml`.
+pub fn find_project_root(start: &Path) -> Result<PathBuf, ConfigError> {
+    let start = std::path::absolute(start).unwrap_or_else(|_| start.to_path_buf());
+    let mut dir: Option<&Path> = Some(&start);
+    while let Some(d) = dir {
+        if d.join(PROJECT_CONFIG).is_file() {
+            return Ok(d.to_path_buf());
+        }
+        dir = d.parent();
+    }
+    Err(ConfigError::NoProject { start })
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserConfig {
+    pub user_name: String,
+    pub user_id: String,
+    pub default_host: Option<String>,
+    pub default_project_path: Option<String>,
+    pub backup_on_conflict: bool,
+    /// Files that were read, lowest priority first.
+    pub sources: Vec<PathBuf>,
+}
+
+/// The user-config search path, lowest priority first. XDG defaults are
+/// followed properly (the original probed a relative path, defect 15).
+pub fn user_config_paths() -> Vec<PathBuf> {
+    let mut v = vec![PathBuf::from("/etc/dsg").join(USER_CONFIG)];
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    if let Some(h) = &home {
+        v.push(h.join(".config/dsg").join(USER_CONFIG));
+    }
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        let p = PathBuf::from(x).join("dsg").join(USER_CONFIG);
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    if let Some(d) = std::env::var_os("DSG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        v.push(PathBuf::from(d).join(USER_CONFIG));
+    }
+    v
+}
+
+impl UserConfig {
+    /// Loads and merges (shallowly: a later file replaces whole top-level keys)
+    /// every user config found. A file that exists but does not parse is an
+    /// error, not a silent skip.
+    pub fn load() -> Result<UserConfig, ConfigError> {
+        UserConfig::load_from(&user_config_paths())
+    }
+
+    pub fn load_from(paths: &[PathBuf]) -> Result<UserConfig, ConfigError> {
+        let mut merged = serde_json::Map::new();
+        let mut sources = Vec::new();
+        for (i, p) in paths.iter().enumerate() {
+            let text = match std::fs::read_to_string(p) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(ConfigError::Io {
+                        file: p.clone(),
+                        source: e,
+                    })
+                }
+            };
+            let (v, amb) = yaml::load(&text)
+                .map_err(|e| invalid(p, format!("not valid YAML: {e}"), "fix the syntax"))?;
+            reject_ambiguous(p, &amb)?;
+            let obj = match v {
+                Value::Object(o) => o,
+                Value::Null => Default::default(),
+                _ => {
+                    return Err(invalid(
+                        p,
+                        "the file is not a mapping of keys",
+                        "see README",
+                    ))
+                }
+            };
+            if i == 0 && p.starts_with("/etc") {
+                let personal: Vec<&str> = ["user_id", "user_name"]
+                    .into_iter()
+                    .filter(|k| obj.contains_key(*k))
+                    .collect();
+                if !personal.is_empty() {
+                    return Err(invalid(
+                        p,
+                        format!(
+                            "the system config contains personal fields: {}",
+                            personal.join(", ")
+                        ),
+                        "move them to ~/.config/dsg/dsg.yml",
+                    ));
+                }
+            }
+            merged.extend(obj);
+            sources.push(p.clone());
+        }
+        let last = match sources.last() {
+            Some(l) => l.clone(),
+            None => {
+                return Err(ConfigError::NoUserConfig {
+                    looked: paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+            }
+        };
+        let req = |k: &str| -> Result<String, ConfigError> {
+            match merged.get(k) {
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+                Some(Value::String(_)) | None | Some(Value::Null) => Err(invalid(
+                    &last,
+                    format!("key '{k}' is missing"),
+                    format!("add '{k}: ...' to one of your dsg.yml files"),
+                )),
+                Some(other) => Err(invalid(
+                    &last,
+                    format!("key '{k}' must be a string, got {other}"),
+                    "quote it",
+                )),
+            }
+        };
+        let opt = |k: &str| merged.get(k).and_then(|v| v.as_str()).map(String::from);
+        let user_name = req("user_name")?;
+        let user_id = normalize_email(&req("user_id")?).map_err(|why| {
+            invalid(
+                &last,
+                format!("key 'user_id': {why}"),
+                "user_id must be an e-mail address such as you@example.org",
+            )
+        })?;
+        let backup_on_conflict = match merged.get("backup_on_conflict") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(invalid(
+                    &last,
+                    format!("key 'backup_on_conflict' must be true or false, got {other}"),
+                    "use true or false",
+                ))
+            }
+        };
+        Ok(UserConfig {
+            user_name,
+            user_id,
+            default_host: opt("default_host"),
+            default_project_path: opt("default_project_path"),
+            backup_on_conflict,
+            sources,
+        })
+    }
+}
+
+/// E-mail syntax check and normalisation (domain lower-cased), following the
+/// rules the original's validator enforced that matter here.
+pub fn normalize_email(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let (local, domain) = s.rsplit_once('@').ok_or("not an e-mail address (no @)")?;
+    if local.is_empty() || local.len() > 64 {
+        return Err("the part before @ is empty or too long".into());
+    }
+    if local
+        .chars()
+        .any(|c| c.is_whitespace() || c == '@' || c.is_control())
+        || local.starts_with('.')
+        || local.ends_with('.')
+        || local.contains("..")
+    {
+        return Err("the part before @ has invalid characters".into());
+    }
+    let domain = domain.to_lowercase();
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return Err("the domain needs a dot".into());
+    }
+    for l in &labels {
+        if l.is_empty()
+            || l.starts_with('-')
+            || l.ends_with('-')
+            || !l.chars().all(|c| c.is_alphanumeric() || c == '-')
+        {
+            return Err(format!("the domain label {l:?} is invalid"));
+        }
+    }
+    let tld = labels[labels.len() - 1];
+    if tld.chars().all(|c| c.is_ascii_digit())
+        || ["localhost", "test", "invalid", "local"].contains(&tld)
+    {
+        return Err(format!("{domain:?} is not a deliverable domain"));
+    }
+    Ok(format!("{local}@{domain}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<ProjectConfig, ConfigError> {
+        ProjectConfig::parse(t, Path::new("/p/.dsgconfig.yml"))
+    }
+
+    #[test]
+    fn repository_format() {
+        let c = parse("name: BB\nrepository:\n  type: zfs\n  host: scott\n  pool: dsgdata\n  mountpoint: /var/repos/zsd\ndata_dirs: [input, output]\nignore:\n  names: [x]\n  paths: [./a/b/, c//d]\n").unwrap();
+        assert_eq!(c.repo_dir(), PathBuf::from("/var/repos/zsd/BB"));
+        assert_eq!(c.repository.kind, RepoType::Zfs);
+        assert!(!c.repository.is_local());
+        assert_eq!(c.data_dirs.len(), 2);
+        assert!(c.ignore.names.contains("x") && !c.ignore.names.contains("__pycache__"));
+        assert!(c.ignore.suffixes.contains(".tmp"));
+        assert_eq!(
+            c.ignore.paths.iter().cloned().collect::<Vec<_>>(),
+            ["a/b", "c/d"]
+        );
+        let back = parse(&c.to_yaml()).unwrap();
+        assert_eq!(back.repository, c.repository);
+    }
+
+    #[test]
+    fn legacy_format() {
+        let c = parse(
+            "name: proj\nssh:\n  host: localhost\n  path: /tmp/r\n  type: xfs\ntransport: ssh\n",
+        )
+        .unwrap();
+        assert!(c.legacy_format && c.repository.is_local());
+        assert_eq!(c.repo_dir(), PathBuf::from("/tmp/r/proj"));
+        let c = parse("transport: ssh\nssh: {host: h, path: /r, type: zfs, name: nm}\nproject:\n  data_dirs: [d]\n").unwrap();
+        assert_eq!(c.name, "nm");
+        assert_eq!(c.repository.pool.as_deref(), Some("dsgdata"));
+        assert!(c.data_dirs.contains("d"));
+    }
+
+    #[test]
+    fn errors_name_key_and_hint() {
+        let e = parse("name: no\nrepository: {type: xfs, host: localhost, mountpoint: /r}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'name'") && e.contains("quote"), "{e}");
+        let e =
+            parse("name: a\nrepository: {type: xfs, host: localhost, mountpoint: /r, pool: p}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("repository.pool"), "{e}");
+        let e = parse(
+            "name: a\nrepository: {type: xfs, host: localhost, mountpoint: /r, colour: red}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("colour") && e.contains("/p/.dsgconfig.yml"),
+            "{e}"
+        );
+        let e = parse("name: a\nrepository: {type: xfs, host: true, mountpoint: /r}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("repository.host"), "{e}");
+        let e = parse("name: a\n").unwrap_err().to_string();
+        assert!(e.contains("repository"), "{e}");
+        let e = parse(
+            "name: a\nrepository: {type: xfs, host: localhost, mountpoint: /r}\ntransport: ssh\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("both"), "{e}");
+    }
+
+    #[test]
+    fn user_config_merge_and_validation() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.yml");
+        let b = d.path().join("b.yml");
+        std::fs::write(
+            &a,
+            "user_name: A\nuser_id: a@Example.ORG\ndefault_host: h1\n",
+        )
+        .unwrap();
+        std::fs::write(&b, "user_name: B\n").unwrap();
+        let u = UserConfig::load_from(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(
+            (u.user_name.as_str(), u.user_id.as_str()),
+            ("B", "a@example.org")
+        );
+        assert_eq!(u.default_host.as_deref(), Some("h1"));
+        std::fs::write(&b, "user_id: nobody@localhost\n").unwrap();
+        assert!(UserConfig::load_from(&[a.clone(), b.clone()])
+            .unwrap_err()
+            .to_string()
+            .contains("user_id"));
+        std::fs::write(&b, "user_id: [broken\n").unwrap();
+        assert!(UserConfig::load_from(&[a, b.clone()])
+            .unwrap_err()
+            .to_string()
+            .contains("b.yml"));
+        assert!(matches!(
+            UserConfig::load_from(&[d.path().join("none")]),
+            Err(ConfigError::NoUserConfig { .. })
+        ));
+    }
+}

@@ -1,0 +1,736 @@
+//! Scanning the working tree: a parallel walk that applies the inclusion and
+//! ignore rules, a stat cache that lets unchanged files skip hashing, and
+//! parallel XXH3 hashing of the rest.
+//!
+//! Inclusion (spec-data-model §3.2, kept): a path is tracked when some
+//! component of it (the file name included) is one of `data_dirs`, or
+//! `data_dirs` holds `*`; hidden components (leading `.`) are never tracked.
+//! Ignore rules (fixed, defect 8): `names` match any component, so a directory
+//! name ignores its subtree; `paths` match the path or any ancestor directory;
+//! `suffixes` match the end of the file name; conflict backups are ignored.
+//!
+//! The stat cache (`.dsg/stat-cache`) keeps size, mtime and ctime in
+//! nanoseconds, and the inode, per path. A file whose stat matches may reuse
+//! its hash — unless it is "racy" (its mtime is not safely older than the
+//! moment the cache was made), the case git handles the same way: an edit in
+//! the same clock tick as the previous scan would otherwise go unseen.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use crate::config::{IgnoreRules, ProjectConfig};
+use crate::hash::{hash_file, Hash};
+use crate::manifest::{Entry, EntryKind, Manifest, Mtime};
+use crate::names;
+use crate::paths::check_link_target;
+
+/// What a scan records per tracked path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalEntry {
+    pub path: Box<str>,
+    pub kind: LocalKind,
+    pub stat: Stat,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalKind {
+    File { size: u64, hash: Hash },
+    Link { target: Box<str> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Stat {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+}
+
+impl Stat {
+    fn of(md: &std::fs::Metadata) -> Stat {
+        Stat {
+            size: md.len(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            ino: md.ino(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// The name breaks a filename rule (spec-data-model §4); `--normalize` may fix it.
+    Name,
+    /// A symlink that is absolute or leaves the project.
+    Link,
+    /// Could not be read or stat'ed.
+    Unreadable,
+    /// Not a regular file, directory or symlink (socket, FIFO, device).
+    Special,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    /// Sorted by path (byte order).
+    pub entries: Vec<LocalEntry>,
+    pub problems: Vec<Problem>,
+    pub ignored: Vec<String>,
+    /// Hidden files and directories skipped (not tracked by design).
+    pub hidden: u64,
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    /// True when the stat cache should be rewritten.
+    pub cache_dirty: bool,
+    /// Wall clock when the scan started; becomes the new cache's timestamp.
+    pub started_ns: i64,
+}
+
+/// Progress counters the CLI turns into a bar.
+#[derive(Default, Debug)]
+pub struct Progress {
+    pub files_seen: AtomicU64,
+    pub files_to_hash: AtomicU64,
+    pub bytes_to_hash: AtomicU64,
+    pub files_hashed: AtomicU64,
+    pub bytes_hashed: AtomicU64,
+}
+
+pub struct Rules {
+    pub data_dirs: BTreeSet<String>,
+    pub ignore: IgnoreRules,
+}
+
+impl Rules {
+    pub fn from_config(c: &ProjectConfig) -> Rules {
+        Rules {
+            data_dirs: c.data_dirs.clone(),
+            ignore: c.ignore.clone(),
+        }
+    }
+
+    fn all(&self) -> bool {
+        self.data_dirs.contains("*")
+    }
+
+    fn ignored_name(&self, name: &str) -> bool {
+        self.ignore.names.contains(name)
+    }
+
+    fn ignored_file(&self, rel: &str, name: &str) -> bool {
+        self.ignore
+            .suffixes
+            .iter()
+            .any(|s| !s.is_empty() && name.ends_with(s.as_str()))
+            || names::is_conflict_backup_name(name)
+            || self.ignored_path(rel)
+    }
+
+    fn ignored_path(&self, rel: &str) -> bool {
+        self.ignore.paths.contains(rel)
+    }
+}
+
+/// The stat cache, sorted by path.
+#[derive(Debug, Default)]
+pub struct StatCache {
+    pub made_ns: i64,
+    pub recs: Vec<(Box<str>, Stat, Hash)>,
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"DSGSTAT1";
+
+impl StatCache {
+    fn get(&self, path: &str) -> Option<&(Box<str>, Stat, Hash)> {
+        self.recs
+            .binary_search_by(|r| r.0.as_bytes().cmp(path.as_bytes()))
+            .ok()
+            .map(|i| &self.recs[i])
+    }
+
+    /// Loads the cache; a missing or damaged cache is just an empty one (it
+    /// only ever lets us skip work, so dropping it is always safe).
+    pub fn load(path: &Path) -> StatCache {
+        match std::fs::read(path) {
+            Ok(b) => StatCache::decode(&b).unwrap_or_else(|| {
+                tracing::warn!("stat cache {} is damaged; rehashing", path.display());
+                StatCache::default()
+            }),
+            Err(_) => StatCache::default(),
+        }
+    }
+
+    fn decode(b: &[u8]) -> Option<StatCache> {
+        if b.len() < 32 || &b[..8] != CACHE_MAGIC {
+            return None;
+        }
+        let (body, sum) = b.split_at(b.len() - 8);
+        if Hash::of_bytes(body).0.to_le_bytes() != sum {
+            return None;
+        }
+        let rd = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().unwrap());
+        let made_ns = rd(8) as i64;
+        let n = rd(16) as usize;
+        let mut recs = Vec::with_capacity(n.min(body.len() / 40));
+        let mut o = 24;
+        for _ in 0..n {
+            let len = u32::from_le_bytes(body.get(o..o + 4)?.try_into().ok()?) as usize;
+            o += 4;
+            let p = std::str::from_utf8(body.get(o..o + len)?).ok()?;
+            o += len;
+            body.get(o..o + 40)?;
+            let stat = Stat {
+                size: rd(o),
+                mtime_ns: rd(o + 8) as i64,
+                ctime_ns: rd(o + 16) as i64,
+                ino: rd(o + 24),
+            };
+            let h = Hash(rd(o + 32));
+            o += 40;
+            recs.push((p.into(), stat, h));
+        }
+        Some(StatCache { made_ns, recs })
+    }
+
+    pub fn encode_entries(made_ns: i64, entries: &[LocalEntry]) -> Vec<u8> {
+        let files: Vec<&LocalEntry> = entries
+            .iter()
+            .filter(|e| matches!(e.kind, LocalKind::File { .. }))
+            .collect();
+        let mut out = Vec::with_capacity(32 + files.len() * 100);
+        out.extend_from_slice(CACHE_MAGIC);
+        out.extend_from_slice(&(made_ns as u64).to_le_bytes());
+        out.extend_from_slice(&(files.len() as u64).to_le_bytes());
+        for e in files {
+            let LocalKind::File { hash, .. } = e.kind else {
+                continue;
+            };
+            out.extend_from_slice(&(e.path.len() as u32).to_le_bytes());
+            out.extend_from_slice(e.path.as_bytes());
+            for v in [
+                e.stat.size,
+                e.stat.mtime_ns as u64,
+                e.stat.ctime_ns as u64,
+                e.stat.ino,
+                hash.0,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let sum = Hash::of_bytes(&out).0.to_le_bytes();
+        out.extend_from_slice(&sum);
+        out
+    }
+}
+
+/// How far back from the cache's timestamp an mtime counts as racy. One
+/// second covers filesystems with coarse timestamps and small clock steps.
+const RACY_WINDOW_NS: i64 = 1_000_000_000;
+
+struct Candidate {
+    rel: String,
+    is_link: bool,
+    stat: Stat,
+    target: Option<Box<str>>,
+}
+
+struct WalkOut {
+    cands: Vec<Candidate>,
+    problems: Vec<Problem>,
+    ignored: Vec<String>,
+    hidden: u64,
+}
+
+fn now_ns() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_nanos() as i64
+}
+
+/// Scans `root` (the project root). `only` restricts the scan to paths under
+/// a relpath prefix (for `list-files --path`).
+pub fn scan(root: &Path, rules: &Rules, cache: &StatCache, progress: &Progress) -> ScanResult {
+    let started_ns = now_ns();
+    let out = Mutex::new(WalkOut {
+        cands: Vec::new(),
+        problems: Vec::new(),
+        ignored: Vec::new(),
+        hidden: 0,
+    });
+    walk_dir(root, String::new(), rules.all(), rules, &out, progress);
+    let WalkOut {
+        mut cands,
+        mut problems,
+        mut ignored,
+        hidden,
+    } = out.into_inner().unwrap();
+    cands.sort_unstable_by(|a, b| a.rel.as_bytes().cmp(b.rel.as_bytes()));
+    ignored.sort();
+
+    // Decide which files need hashing.
+    let mut need: Vec<usize> = Vec::new();
+    let mut hashes: Vec<Option<Hash>> = vec![None; cands.len()];
+    let mut dirty = cache.recs.is_empty() && !cands.is_empty();
+    let mut cached_files = 0usize;
+    for (i, c) in cands.iter().enumerate() {
+        if c.is_link {
+            continue;
+        }
+        cached_files += 1;
+        match cache.get(&c.rel) {
+            Some((_, st, h))
+                if *st == c.stat && c.stat.mtime_ns < cache.made_ns - RACY_WINDOW_NS =>
+            {
+                hashes[i] = Some(*h);
+            }
+            Some((_, st, _)) if *st == c.stat => {
+                // Racy: unchanged stat but too recent to trust. Rehash, and
+                // rewrite the cache so the entry is trusted next time.
+                need.push(i);
+                dirty = true;
+            }
+            _ => {
+                need.push(i);
+                dirty = true;
+            }
+        }
+    }
+    if cached_files != cache.recs.len() {
+        dirty = true;
+    }
+    let bytes: u64 = need.iter().map(|&i| cands[i].stat.size).sum();
+    progress
+        .files_to_hash
+        .store(need.len() as u64, Ordering::Relaxed);
+    progress.bytes_to_hash.store(bytes, Ordering::Relaxed);
+
+    let results: Vec<(usize, std::io::Result<(Hash, u64, Stat)>)> = need
+        .par_iter()
+        .map(|&i| {
+            let p = root.join(&cands[i].rel);
+            let r = hash_file(&p).and_then(|(h, n)| {
+                // Re-stat after reading: a file that changed while we hashed it
+                // must not be recorded with a hash of a mix of versions.
+                let after = Stat::of(&std::fs::symlink_metadata(&p)?);
+                Ok((h, n, after))
+            });
+            progress.files_hashed.fetch_add(1, Ordering::Relaxed);
+            progress
+                .bytes_hashed
+                .fetch_add(cands[i].stat.size, Ordering::Relaxed);
+            (i, r)
+        })
+        .collect();
+    let mut hashed_files = 0;
+    let mut hashed_bytes = 0;
+    let mut failed = vec![false; cands.len()];
+    for (i, r) in results {
+        match r {
+            Ok((h, n, after)) if after == cands[i].stat && n == after.size => {
+                hashes[i] = Some(h);
+                hashed_files += 1;
+                hashed_bytes += n;
+            }
+            Ok(_) => {
+                failed[i] = true;
+                problems.push(Problem {
+                    path: cands[i].rel.clone(),
+                    kind: ProblemKind::Unreadable,
+                    message: "file changed while it was being read; run the command again".into(),
+                });
+            }
+            Err(e) => {
+                failed[i] = true;
+                problems.push(Problem {
+                    path: cands[i].rel.clone(),
+                    kind: ProblemKind::Unreadable,
+                    message: format!("cannot read: {e}"),
+                });
+            }
+        }
+    }
+
+    let mut entries = Vec::with_capacity(cands.len());
+    for (i, c) in cands.into_iter().enumerate() {
+        if failed[i] {
+            continue;
+        }
+        let kind = if c.is_link {
+            LocalKind::Link {
+                target: c.target.unwrap_or_default(),
+            }
+        } else {
+            LocalKind::File {
+                size: c.stat.size,
+                hash: hashes[i].expect("every file is hashed or failed"),
+            }
+        };
+        entries.push(LocalEntry {
+            path: c.rel.into(),
+            kind,
+            stat: c.stat,
+        });
+    }
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    ScanResult {
+        entries,
+        problems,
+        ignored,
+        hidden,
+        hashed_files,
+        hashed_bytes,
+        cache_dirty: dirty,
+        started_ns,
+    }
+}
+
+fn join_rel(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        let mut s = String::with_capacity(parent.len() + 1 + name.len());
+        s.push_str(parent);
+        s.push('/');
+        s.push_str(name);
+        s
+    }
+}
+
+fn walk_dir(
+    root: &Path,
+    rel: String,
+    in_data: bool,
+    rules: &Rules,
+    out: &Mutex<WalkOut>,
+    progress: &Progress,
+) {
+    let dir: PathBuf = if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(&rel)
+    };
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) => {
+            out.lock().unwrap().problems.push(Problem {
+                path: if rel.is_empty() {
+                    ".".into()
+                } else {
+                    rel.clone()
+                },
+                kind: ProblemKind::Unreadable,
+                message: format!("cannot read directory: {e}"),
+            });
+            return;
+        }
+    };
+    let mut subdirs: Vec<(String, bool)> = Vec::new();
+    let mut local = WalkOut {
+        cands: Vec::new(),
+        problems: Vec::new(),
+        ignored: Vec::new(),
+        hidden: 0,
+    };
+    for de in rd {
+        let de = match de {
+            Ok(d) => d,
+            Err(e) => {
+                local.problems.push(Problem {
+                    path: rel.clone(),
+                    kind: ProblemKind::Unreadable,
+                    message: format!("cannot list directory: {e}"),
+                });
+                continue;
+            }
+        };
+        let name_os = de.file_name();
+        let bytes = name_os.as_bytes();
+        if bytes.first() == Some(&b'.') {
+            local.hidden += 1;
+            continue;
+        }
+        let name = match std::str::from_utf8(bytes) {
+            Ok(n) => n.to_string(),
+            Err(_) => {
+                let lossy = join_rel(&rel, &String::from_utf8_lossy(bytes));
+                local.problems.push(Problem {
+                    path: lossy,
+                    kind: ProblemKind::Name,
+                    message: "Path must be UTF-8 encodable".into(),
+                });
+                continue;
+            }
+        };
+        let child_rel = join_rel(&rel, &name);
+        let ft = match de.file_type() {
+            Ok(ft) => ft,
+            Err(e) => {
+                local.problems.push(Problem {
+                    path: child_rel,
+                    kind: ProblemKind::Unreadable,
+                    message: format!("cannot stat: {e}"),
+                });
+                continue;
+            }
+        };
+        let here_data = in_data || rules.data_dirs.contains(&name);
+        if rules.ignored_name(&name) {
+            if here_data {
+                local.ignored.push(child_rel);
+            }
+            continue;
+        }
+        if ft.is_dir() {
+            if rules.ignored_path(&child_rel) {
+                if here_data {
+                    local.ignored.push(child_rel);
+                }
+                continue;
+            }
+            subdirs.push((child_rel, here_data));
+            continue;
+        }
+        if !here_data {
+            continue;
+        }
+        progress.files_seen.fetch_add(1, Ordering::Relaxed);
+        if rules.ignored_file(&child_rel, &name) {
+            local.ignored.push(child_rel);
+            continue;
+        }
+        let full = dir.join(&name_os);
+        let md = match std::fs::symlink_metadata(&full) {
+            Ok(m) => m,
+            Err(e) => {
+                local.problems.push(Problem {
+                    path: child_rel,
+                    kind: ProblemKind::Unreadable,
+                    message: format!("cannot stat: {e}"),
+                });
+                continue;
+            }
+        };
+        let ft = md.file_type();
+        if let Err(p) = names::validate_path(&child_rel) {
+            local.problems.push(Problem {
+                path: child_rel.clone(),
+                kind: ProblemKind::Name,
+                message: p.to_string(),
+            });
+        }
+        if ft.is_symlink() {
+            let target = match std::fs::read_link(&full) {
+                Ok(t) => t,
+                Err(e) => {
+                    local.problems.push(Problem {
+                        path: child_rel,
+                        kind: ProblemKind::Unreadable,
+                        message: format!("cannot read symlink: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let t = match std::str::from_utf8(OsStr::as_bytes(target.as_os_str())) {
+                Ok(t) => t.to_string(),
+                Err(_) => {
+                    local.problems.push(Problem {
+                        path: child_rel,
+                        kind: ProblemKind::Link,
+                        message: "symlink target is not UTF-8".into(),
+                    });
+                    continue;
+                }
+            };
+            if let Err(e) = check_link_target(&child_rel, &t) {
+                local.problems.push(Problem {
+                    path: child_rel,
+                    kind: ProblemKind::Link,
+                    message: format!(
+                        "{}; only relative links inside the project can be synced",
+                        e.why
+                    ),
+                });
+                continue;
+            }
+            local.cands.push(Candidate {
+                rel: child_rel,
+                is_link: true,
+                stat: Stat::of(&md),
+                target: Some(t.into()),
+            });
+        } else if ft.is_file() {
+            local.cands.push(Candidate {
+                rel: child_rel,
+                is_link: false,
+                stat: Stat::of(&md),
+                target: None,
+            });
+        } else if !ft.is_dir() {
+            local.problems.push(Problem {
+                path: child_rel,
+                kind: ProblemKind::Special,
+                message: "not a regular file, directory or symlink; not synced".into(),
+            });
+        }
+    }
+    if !local.cands.is_empty()
+        || !local.problems.is_empty()
+        || !local.ignored.is_empty()
+        || local.hidden > 0
+    {
+        let mut o = out.lock().unwrap();
+        o.cands.append(&mut local.cands);
+        o.problems.append(&mut local.problems);
+        o.ignored.append(&mut local.ignored);
+        o.hidden += local.hidden;
+    }
+    subdirs
+        .into_par_iter()
+        .for_each(|(r, d)| walk_dir(root, r, d, rules, out, progress));
+}
+
+/// Turns a scan into the L manifest. Attribution is carried over from the
+/// cache when the content is unchanged, so `user` changes only when content
+/// does (the original re-attributed touched files, defect 5).
+pub fn to_manifest(entries: &[LocalEntry], cache: Option<&Manifest>, user: &str) -> Manifest {
+    let me: Arc<str> = user.into();
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let kind = match &e.kind {
+            LocalKind::File { size, hash } => EntryKind::File {
+                size: *size,
+                mtime: Mtime::from_unix(
+                    e.stat.mtime_ns.div_euclid(1_000_000_000),
+                    e.stat.mtime_ns.rem_euclid(1_000_000_000) as u32,
+                ),
+                hash: Some(*hash),
+            },
+            LocalKind::Link { target } => EntryKind::Link {
+                target: target.clone(),
+            },
+        };
+        let mut entry = Entry {
+            path: e.path.clone(),
+            user: me.clone(),
+            kind,
+        };
+        if let Some(c) = cache.and_then(|c| c.get(&e.path)) {
+            if c.same_content(&entry) {
+                entry.user = c.user.clone();
+                // Keep the cache's mtime string for unchanged content, so a
+                // `touch` does not rewrite the manifest.
+                if let (EntryKind::File { mtime, .. }, EntryKind::File { mtime: cm, .. }) =
+                    (&mut entry.kind, &c.kind)
+                {
+                    *mtime = cm.clone();
+                }
+            }
+        }
+        out.push(entry);
+    }
+    Manifest::from_entries(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn rules() -> Rules {
+        Rules {
+            data_dirs: ProjectConfig::default_data_dirs(),
+            ignore: IgnoreRules::defaults(),
+        }
+    }
+
+    #[test]
+    fn inclusion_and_ignore() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for p in [
+            "input/a.csv",
+            "input/__pycache__/x.py",
+            "input/b.tmp",
+            "input/.hidden",
+            "README.md",
+            "task1/output/o.txt",
+            "src/x.py",
+            "input/d~20250713T165322+0000~",
+        ] {
+            fs::create_dir_all(r.join(p).parent().unwrap()).unwrap();
+            fs::write(r.join(p), p).unwrap();
+        }
+        std::os::unix::fs::symlink("../input/a.csv", r.join("task1/output/l.csv")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", r.join("input/abs")).unwrap();
+        let res = scan(r, &rules(), &StatCache::default(), &Progress::default());
+        let paths: Vec<&str> = res.entries.iter().map(|e| &*e.path).collect();
+        assert_eq!(
+            paths,
+            ["input/a.csv", "task1/output/l.csv", "task1/output/o.txt"]
+        );
+        assert!(matches!(res.entries[1].kind, LocalKind::Link { .. }));
+        assert_eq!(res.problems.len(), 1, "{:?}", res.problems);
+        assert_eq!(res.problems[0].kind, ProblemKind::Link);
+        assert!(res.ignored.contains(&"input/__pycache__".to_string()));
+        assert!(res.ignored.iter().any(|p| p.ends_with("b.tmp")));
+        assert!(res.ignored.iter().any(|p| p.contains("~2025")));
+        let LocalKind::File { hash, .. } = res.entries[0].kind else {
+            panic!()
+        };
+        assert_eq!(hash, Hash::of_bytes(b"input/a.csv"));
+    }
+
+    #[test]
+    fn stat_cache_skips_and_racy_edit_is_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("input")).unwrap();
+        fs::write(r.join("input/a"), b"aaaa").unwrap();
+        let p = Progress::default();
+        let first = scan(r, &rules(), &StatCache::default(), &p);
+        assert_eq!(first.hashed_files, 1);
+        let cache = StatCache::decode(&StatCache::encode_entries(first.started_ns, &first.entries))
+            .unwrap();
+        // Same size, same second: a racy edit.
+        let mt = fs::metadata(r.join("input/a")).unwrap().modified().unwrap();
+        fs::write(r.join("input/a"), b"bbbb").unwrap();
+        let f = fs::File::options()
+            .write(true)
+            .open(r.join("input/a"))
+            .unwrap();
+        f.set_modified(mt).unwrap();
+        drop(f);
+        let second = scan(r, &rules(), &cache, &p);
+        let LocalKind::File { hash, .. } = second.entries[0].kind else {
+            panic!()
+        };
+        assert_eq!(hash, Hash::of_bytes(b"bbbb"));
+        // An old cache timestamp makes the entry trusted: no hashing.
+        let old =
+            StatCache::decode(&StatCache::encode_entries(i64::MAX / 2, &second.entries)).unwrap();
+        let third = scan(r, &rules(), &old, &p);
+        assert_eq!(third.hashed_files, 0);
+        assert!(!third.cache_dirty);
+    }
+
+    #[test]
+    fn damaged_cache_is_empty() {
+        let mut b = StatCache::encode_entries(5, &[]);
+        b[10] ^= 1;
+        assert!(StatCache::decode(&b).is_none());
+    }
+}

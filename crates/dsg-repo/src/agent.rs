@@ -1,0 +1,203 @@
+//! The repository-side agent: reads requests, drives a backend, answers.
+//! `dsg agent` runs this on stdin/stdout (over SSH); locally the same loop
+//! runs on a thread over pipes. One code path for every transport.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+
+use crate::backend::{AgentError, Backend, CommitData, Stored};
+use crate::protocol::{
+    copy_as_data, read_data_to_vec, read_json, write_data, write_json, DataStream, ErrorKind,
+    Request, Response, PROTOCOL_VERSION,
+};
+
+fn reply_err<W: Write>(w: &mut W, e: &AgentError) -> io::Result<()> {
+    write_json(w, &Response::Err(e.to_remote()))
+}
+
+/// Serves one connection until `Bye` or end of input. A connection that
+/// ends with a transaction open rolls it back (the backend's drop does too).
+pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) -> io::Result<()> {
+    let mut r = BufReader::with_capacity(1 << 20, input);
+    let mut w = BufWriter::with_capacity(1 << 16, output);
+    // The first error among pipelined puts; reported at the next barrier.
+    let mut sticky: Option<AgentError> = None;
+    let mut buf = Vec::new();
+    loop {
+        let req: Request = match read_json(&mut r) {
+            Ok(q) => q,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => {
+                let _ = backend.rollback();
+                return Err(e);
+            }
+        };
+        match req {
+            Request::Hello { protocol, .. } => {
+                if protocol != PROTOCOL_VERSION {
+                    reply_err(
+                        &mut w,
+                        &AgentError::new(
+                            ErrorKind::Protocol,
+                            format!(
+                                "protocol mismatch: the client speaks {protocol}, this agent (dsg {}) speaks {PROTOCOL_VERSION}",
+                                env!("CARGO_PKG_VERSION")
+                            ),
+                        )
+                        .hint("install the same dsg version on both machines"),
+                    )?;
+                } else {
+                    write_json(
+                        &mut w,
+                        &Response::Hello {
+                            protocol: PROTOCOL_VERSION,
+                            version: env!("CARGO_PKG_VERSION").into(),
+                            repo_exists: backend.exists(),
+                            backend: backend.describe(),
+                        },
+                    )?;
+                }
+            }
+            Request::ReadMeta { name, unless_hash } => match backend.read_meta(&name) {
+                Ok(None) => write_json(&mut w, &Response::Missing)?,
+                Ok(Some(bytes)) => {
+                    if unless_hash == Some(xxhash_rust::xxh3::xxh3_64(&bytes)) {
+                        write_json(&mut w, &Response::Unchanged)?;
+                    } else {
+                        write_json(
+                            &mut w,
+                            &Response::Data {
+                                size: bytes.len() as u64,
+                            },
+                        )?;
+                        write_data(&mut w, &bytes)?;
+                    }
+                }
+                Err(e) => reply_err(&mut w, &e)?,
+            },
+            Request::Begin { tx_id, base, user } => {
+                sticky = None;
+                match backend.begin(&tx_id, base.as_deref(), &user) {
+                    Ok(()) => write_json(&mut w, &Response::Ok)?,
+                    Err(e) => reply_err(&mut w, &e)?,
+                }
+            }
+            Request::PutFile {
+                path,
+                size,
+                hash,
+                mtime_ns,
+            } => {
+                let mut dr = DataStream::new(&mut r);
+                if sticky.is_none() {
+                    if let Err(e) = backend.stage_file(&path, size, hash, mtime_ns, &mut dr) {
+                        sticky = Some(e);
+                    }
+                }
+                dr.drain()?;
+            }
+            Request::PutLink { path, target } => {
+                if sticky.is_none() {
+                    if let Err(e) = backend.stage_link(&path, &target) {
+                        sticky = Some(e);
+                    }
+                }
+            }
+            Request::Flush => match sticky.take() {
+                None => write_json(&mut w, &Response::Ok)?,
+                Some(e) => {
+                    let _ = backend.rollback();
+                    reply_err(&mut w, &e)?
+                }
+            },
+            Request::Commit {
+                deletes,
+                snapshot_id,
+            } => {
+                let manifest = read_data_to_vec(&mut r)?;
+                let sync_messages = read_data_to_vec(&mut r)?;
+                let archive_blob = read_data_to_vec(&mut r)?;
+                if let Some(e) = sticky.take() {
+                    let _ = backend.rollback();
+                    reply_err(&mut w, &e)?;
+                } else {
+                    let archive = if archive_blob.is_empty() {
+                        None
+                    } else {
+                        let (name, bytes) = split_archive(&archive_blob);
+                        Some((name, bytes))
+                    };
+                    let data = CommitData {
+                        snapshot_id: snapshot_id.clone(),
+                        deletes,
+                        manifest,
+                        sync_messages,
+                        archive,
+                    };
+                    match backend.commit(&data) {
+                        Ok(()) => write_json(&mut w, &Response::Committed { snapshot_id })?,
+                        Err(e) => reply_err(&mut w, &e)?,
+                    }
+                }
+            }
+            Request::Rollback => {
+                sticky = None;
+                match backend.rollback() {
+                    Ok(()) => write_json(&mut w, &Response::Ok)?,
+                    Err(e) => reply_err(&mut w, &e)?,
+                }
+            }
+            Request::GetFiles { paths } => {
+                for p in paths {
+                    match backend.open(&p) {
+                        Ok(Stored::File { mut file, size }) => {
+                            write_json(
+                                &mut w,
+                                &Response::File {
+                                    path: p,
+                                    kind: "file".into(),
+                                    size,
+                                    target: None,
+                                },
+                            )?;
+                            copy_as_data(&mut file, &mut w, &mut buf)?;
+                        }
+                        Ok(Stored::Link { target }) => {
+                            write_json(
+                                &mut w,
+                                &Response::File {
+                                    path: p,
+                                    kind: "link".into(),
+                                    size: 0,
+                                    target: Some(target),
+                                },
+                            )?;
+                        }
+                        Err(e) => reply_err(&mut w, &e)?,
+                    }
+                }
+                write_json(&mut w, &Response::Ok)?;
+            }
+            Request::Bye => {
+                write_json(&mut w, &Response::Ok)?;
+                w.flush()?;
+                break;
+            }
+        }
+        // Answer promptly when the client is waiting; while it is still
+        // sending puts there is nothing to flush.
+        w.flush()?;
+    }
+    let _ = backend.rollback();
+    Ok(())
+}
+
+/// The archive stream is `name \n bytes`.
+fn split_archive(blob: &[u8]) -> (String, Vec<u8>) {
+    match blob.iter().position(|b| *b == b'\n') {
+        Some(i) => (
+            String::from_utf8_lossy(&blob[..i]).into_owned(),
+            blob[i + 1..].to_vec(),
+        ),
+        None => (String::new(), Vec::new()),
+    }
+}

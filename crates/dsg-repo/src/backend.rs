@@ -1,0 +1,121 @@
+//! The backend trait the agent drives, and the errors backends return.
+//!
+//! Small, synchronous and object-safe on purpose: the agent holds a
+//! `Box<dyn Backend>`, and a new storage kind (ZFS, an object store) is one
+//! more implementation, not a change to the protocol or the client.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use crate::protocol::{ErrorKind, RemoteError};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl AgentError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        AgentError {
+            kind,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn hint(mut self, h: impl Into<String>) -> Self {
+        self.hint = Some(h.into());
+        self
+    }
+
+    pub fn io(what: impl std::fmt::Display, e: std::io::Error) -> Self {
+        let kind = match e.kind() {
+            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            std::io::ErrorKind::AlreadyExists => ErrorKind::Exists,
+            _ => ErrorKind::Io,
+        };
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOSPC) => Some(
+                "the repository filesystem is full; free space and run the command again"
+                    .to_string(),
+            ),
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                Some("check that your user may write the repository directory".to_string())
+            }
+            _ => None,
+        };
+        AgentError {
+            kind,
+            message: format!("{what}: {e}"),
+            hint,
+        }
+    }
+
+    pub fn to_remote(&self) -> RemoteError {
+        RemoteError {
+            kind: self.kind,
+            message: self.message.clone(),
+            hint: self.hint.clone(),
+        }
+    }
+}
+
+/// What a repository path holds.
+pub enum Stored {
+    File { file: std::fs::File, size: u64 },
+    Link { target: String },
+}
+
+pub trait Backend: Send {
+    /// e.g. `xfs /srv/repos/proj`.
+    fn describe(&self) -> String;
+
+    /// True when the repository exists (has a manifest).
+    fn exists(&self) -> bool;
+
+    /// Reads `.dsg/<name>`; `Ok(None)` when it does not exist.
+    fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>, AgentError>;
+
+    /// Locks the repository, finishes any interrupted transaction, checks the
+    /// head is `base` (`None`: the repository must not exist) and prepares
+    /// staging for `tx_id`. `user` is shown to others waiting for the lock.
+    fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), AgentError>;
+
+    /// Stages one file; the backend verifies size and hash before accepting it.
+    fn stage_file(
+        &mut self,
+        path: &str,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+        data: &mut dyn Read,
+    ) -> Result<(), AgentError>;
+
+    fn stage_link(&mut self, path: &str, target: &str) -> Result<(), AgentError>;
+
+    /// Publishes the staged transaction atomically: after this returns Ok the
+    /// new snapshot is the repository's head, and a crash at any point before
+    /// leaves the old head.
+    fn commit(&mut self, commit: &CommitData) -> Result<(), AgentError>;
+
+    /// Discards the staged transaction (a no-op without one).
+    fn rollback(&mut self) -> Result<(), AgentError>;
+
+    /// Opens a repository path for download.
+    fn open(&self, path: &str) -> Result<Stored, AgentError>;
+
+    /// The repository directory (for messages and tests).
+    fn root(&self) -> PathBuf;
+}
+
+pub struct CommitData {
+    pub snapshot_id: String,
+    pub deletes: Vec<String>,
+    pub manifest: Vec<u8>,
+    pub sync_messages: Vec<u8>,
+    /// `(file name, bytes)` of the archived previous manifest.
+    pub archive: Option<(String, Vec<u8>)>,
+}

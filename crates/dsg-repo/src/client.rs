@@ -1,0 +1,449 @@
+//! The client's handle on a repository: speaks the agent protocol over any
+//! byte stream. Locally the agent runs on a thread over OS pipes; over SSH
+//! (a later transport) it runs in `dsg agent` on the server. Same bytes.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use dsg_core::config::{ProjectConfig, RepoType};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::backend::Backend;
+use crate::posix::PosixBackend;
+use crate::protocol::{
+    read_data_to_vec, read_json, write_data, write_frame, write_json, DataStream, ErrorKind,
+    RemoteError, Request, Response, CHUNK, PROTOCOL_VERSION,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("repository {repo} on {host}: {}{}", .err.message, .err.hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
+    Remote {
+        host: String,
+        repo: String,
+        err: RemoteError,
+    },
+    #[error("lost the connection to the repository agent on {host}: {source}\nhint: the next dsg command recovers any interrupted transaction")]
+    Connection {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("protocol error talking to {host}: {msg}")]
+    Protocol { host: String, msg: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{path}: {msg}")]
+    Local { path: PathBuf, msg: String },
+}
+
+impl RepoError {
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            RepoError::Remote { err, .. } => Some(err.kind),
+            _ => None,
+        }
+    }
+}
+
+pub enum Meta {
+    Missing,
+    Unchanged,
+    Data(Vec<u8>),
+}
+
+/// One downloaded item, handed to the caller as it arrives.
+pub enum Incoming<'a> {
+    File {
+        path: String,
+        size: u64,
+        data: &'a mut dyn Read,
+    },
+    Link {
+        path: String,
+        target: String,
+    },
+}
+
+pub struct RepoClient {
+    r: BufReader<Box<dyn Read + Send>>,
+    w: BufWriter<Box<dyn Write + Send>>,
+    host: String,
+    repo: String,
+    agent: Option<JoinHandle<io::Result<()>>>,
+    pub repo_exists: bool,
+    /// Client-side mismatches among pipelined uploads (file changed while read).
+    send_error: Option<RepoError>,
+    buf: Vec<u8>,
+}
+
+impl RepoClient {
+    /// Connects to the repository a project config names.
+    pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
+        let repo = &cfg.repository;
+        if !repo.is_local() {
+            return Err(RepoError::Unsupported(format!(
+                "repository host {:?} is remote; SSH repositories are not supported by this build yet\nhint: use host: localhost",
+                repo.host
+            )));
+        }
+        let backend: Box<dyn Backend> = match repo.kind {
+            RepoType::Xfs => {
+                Box::new(
+                    PosixBackend::new(&cfg.repo_dir()).map_err(|e| RepoError::Remote {
+                        host: repo.host.clone(),
+                        repo: cfg.repo_dir().display().to_string(),
+                        err: e.to_remote(),
+                    })?,
+                )
+            }
+            RepoType::Zfs => {
+                return Err(RepoError::Unsupported(
+                    "zfs repositories are not supported by this build yet\nhint: use type: xfs"
+                        .into(),
+                ))
+            }
+        };
+        RepoClient::in_process(backend, &repo.host)
+    }
+
+    /// Runs the agent on a thread of this process, over pipes.
+    pub fn in_process(mut backend: Box<dyn Backend>, host: &str) -> Result<RepoClient, RepoError> {
+        let conn = |e| RepoError::Connection {
+            host: host.into(),
+            source: e,
+        };
+        let (req_r, req_w) = io::pipe().map_err(conn)?;
+        let (resp_r, resp_w) = io::pipe().map_err(conn)?;
+        let repo = backend.root().display().to_string();
+        let agent = std::thread::Builder::new()
+            .name("dsg-agent".into())
+            .spawn(move || crate::agent::serve(backend.as_mut(), req_r, resp_w))
+            .map_err(conn)?;
+        let mut c = RepoClient {
+            r: BufReader::with_capacity(1 << 20, Box::new(resp_r)),
+            w: BufWriter::with_capacity(1 << 20, Box::new(req_w)),
+            host: host.into(),
+            repo,
+            agent: Some(agent),
+            repo_exists: false,
+            send_error: None,
+            buf: Vec::new(),
+        };
+        c.hello()?;
+        Ok(c)
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn repo(&self) -> &str {
+        &self.repo
+    }
+
+    fn conn(&self, e: io::Error) -> RepoError {
+        RepoError::Connection {
+            host: self.host.clone(),
+            source: e,
+        }
+    }
+
+    fn remote(&self, err: RemoteError) -> RepoError {
+        RepoError::Remote {
+            host: self.host.clone(),
+            repo: self.repo.clone(),
+            err,
+        }
+    }
+
+    fn send(&mut self, q: &Request) -> Result<(), RepoError> {
+        write_json(&mut self.w, q).map_err(|e| self.conn(e))
+    }
+
+    fn recv(&mut self) -> Result<Response, RepoError> {
+        self.w.flush().map_err(|e| self.conn(e))?;
+        let resp: Response = read_json(&mut self.r).map_err(|e| self.conn(e))?;
+        match resp {
+            Response::Err(e) => Err(self.remote(e)),
+            other => Ok(other),
+        }
+    }
+
+    fn expect_ok(&mut self) -> Result<(), RepoError> {
+        match self.recv()? {
+            Response::Ok => Ok(()),
+            other => Err(RepoError::Protocol {
+                host: self.host.clone(),
+                msg: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+
+    fn hello(&mut self) -> Result<(), RepoError> {
+        self.send(&Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            client_version: env!("CARGO_PKG_VERSION").into(),
+        })?;
+        match self.recv()? {
+            Response::Hello { repo_exists, .. } => {
+                self.repo_exists = repo_exists;
+                Ok(())
+            }
+            other => Err(RepoError::Protocol {
+                host: self.host.clone(),
+                msg: format!("unexpected handshake reply {other:?}"),
+            }),
+        }
+    }
+
+    /// Reads `.dsg/<name>` from the repository.
+    pub fn read_meta(&mut self, name: &str, unless_hash: Option<u64>) -> Result<Meta, RepoError> {
+        self.send(&Request::ReadMeta {
+            name: name.into(),
+            unless_hash,
+        })?;
+        match self.recv()? {
+            Response::Missing => Ok(Meta::Missing),
+            Response::Unchanged => Ok(Meta::Unchanged),
+            Response::Data { .. } => Ok(Meta::Data(
+                read_data_to_vec(&mut self.r).map_err(|e| self.conn(e))?,
+            )),
+            other => Err(RepoError::Protocol {
+                host: self.host.clone(),
+                msg: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+
+    pub fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), RepoError> {
+        self.send_error = None;
+        self.send(&Request::Begin {
+            tx_id: tx_id.into(),
+            base: base.map(String::from),
+            user: user.into(),
+        })?;
+        self.expect_ok()
+    }
+
+    /// Sends a local file, hashing what is actually read. If the bytes do
+    /// not match `hash` (the file changed since it was scanned), the agent
+    /// rejects it and so does the next `flush`.
+    pub fn put_file(
+        &mut self,
+        path: &str,
+        local: &Path,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+    ) -> Result<(), RepoError> {
+        self.send(&Request::PutFile {
+            path: path.into(),
+            size,
+            hash,
+            mtime_ns,
+        })?;
+        let mut f = match dsg_core::hash::open_nofollow(local) {
+            Ok(f) => f,
+            Err(e) => {
+                // Finish the frame stream so the connection stays usable.
+                write_frame(&mut self.w, b'E', &[]).map_err(|e| self.conn(e))?;
+                self.send_error.get_or_insert(RepoError::Local {
+                    path: local.to_path_buf(),
+                    msg: format!("cannot read: {e}"),
+                });
+                return Ok(());
+            }
+        };
+        let mut h = Xxh3::new();
+        self.buf.resize(CHUNK, 0);
+        let mut n = 0u64;
+        loop {
+            let k = match f.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.send_error.get_or_insert(RepoError::Local {
+                        path: local.to_path_buf(),
+                        msg: format!("read failed: {e}"),
+                    });
+                    break;
+                }
+            };
+            h.update(&self.buf[..k]);
+            write_frame(&mut self.w, b'D', &self.buf[..k]).map_err(|e| RepoError::Connection {
+                host: self.host.clone(),
+                source: e,
+            })?;
+            n += k as u64;
+        }
+        write_frame(&mut self.w, b'E', &[]).map_err(|e| self.conn(e))?;
+        if n != size || h.digest() != hash {
+            self.send_error.get_or_insert(RepoError::Local {
+                path: local.to_path_buf(),
+                msg: "the file changed while it was being uploaded; nothing was committed, run the command again".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn put_link(&mut self, path: &str, target: &str) -> Result<(), RepoError> {
+        self.send(&Request::PutLink {
+            path: path.into(),
+            target: target.into(),
+        })
+    }
+
+    /// Barrier: reports the first failure among the puts sent so far.
+    pub fn flush(&mut self) -> Result<(), RepoError> {
+        self.send(&Request::Flush)?;
+        let r = self.expect_ok();
+        if let Some(e) = self.send_error.take() {
+            return Err(e);
+        }
+        r
+    }
+
+    pub fn commit(
+        &mut self,
+        snapshot_id: &str,
+        deletes: Vec<String>,
+        manifest: &[u8],
+        sync_messages: &[u8],
+        archive: Option<(&str, &[u8])>,
+    ) -> Result<(), RepoError> {
+        if let Some(e) = self.send_error.take() {
+            return Err(e);
+        }
+        self.send(&Request::Commit {
+            deletes,
+            snapshot_id: snapshot_id.into(),
+        })?;
+        let w = &mut self.w;
+        let io = (|| {
+            write_data(w, manifest)?;
+            write_data(w, sync_messages)?;
+            match archive {
+                Some((name, bytes)) => {
+                    let mut blob = Vec::with_capacity(name.len() + 1 + bytes.len());
+                    blob.extend_from_slice(name.as_bytes());
+                    blob.push(b'\n');
+                    blob.extend_from_slice(bytes);
+                    write_data(w, &blob)
+                }
+                None => write_data(w, &[]),
+            }
+        })();
+        io.map_err(|e| self.conn(e))?;
+        match self.recv()? {
+            Response::Committed { .. } => Ok(()),
+            other => Err(RepoError::Protocol {
+                host: self.host.clone(),
+                msg: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+
+    pub fn rollback(&mut self) -> Result<(), RepoError> {
+        self.send(&Request::Rollback)?;
+        self.expect_ok()
+    }
+
+    /// Downloads `paths`, calling `sink` for each as it streams in. One
+    /// request for all of them: no round trip per file.
+    pub fn get_files(
+        &mut self,
+        paths: Vec<String>,
+        mut sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
+    ) -> Result<(), RepoError> {
+        let n = paths.len();
+        self.send(&Request::GetFiles { paths })?;
+        self.w.flush().map_err(|e| self.conn(e))?;
+        let mut first_err: Option<RepoError> = None;
+        for _ in 0..n {
+            let resp: Response = read_json(&mut self.r).map_err(|e| self.conn(e))?;
+            match resp {
+                Response::File {
+                    path,
+                    kind,
+                    size,
+                    target,
+                } => {
+                    if kind == "link" {
+                        if let Err(e) = sink(Incoming::Link {
+                            path: path.clone(),
+                            target: target.unwrap_or_default(),
+                        }) {
+                            first_err.get_or_insert(RepoError::Local {
+                                path: path.into(),
+                                msg: e.to_string(),
+                            });
+                        }
+                    } else {
+                        let mut dr = DataStream::new(&mut self.r);
+                        let res = sink(Incoming::File {
+                            path: path.clone(),
+                            size,
+                            data: &mut dr,
+                        });
+                        // Always consume the rest of this file's frames.
+                        let drained = dr.drain();
+                        if let Err(e) = res {
+                            first_err.get_or_insert(RepoError::Local {
+                                path: path.into(),
+                                msg: e.to_string(),
+                            });
+                        }
+                        drained.map_err(|e| RepoError::Connection {
+                            host: self.host.clone(),
+                            source: e,
+                        })?;
+                    }
+                }
+                Response::Err(e) => {
+                    first_err.get_or_insert(self.remote(e));
+                }
+                other => {
+                    return Err(RepoError::Protocol {
+                        host: self.host.clone(),
+                        msg: format!("unexpected reply {other:?}"),
+                    })
+                }
+            }
+        }
+        self.expect_ok()?;
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the session politely; the agent rolls back anything still open.
+    pub fn close(mut self) -> Result<(), RepoError> {
+        let _ = self.send(&Request::Bye);
+        let _ = self.recv();
+        self.finish();
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        if let Some(h) = self.agent.take() {
+            // Closing our end of the request pipe ends the agent loop.
+            let (_, w) = match io::pipe() {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            let old = std::mem::replace(&mut self.w, BufWriter::new(Box::new(w)));
+            drop(old);
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for RepoClient {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

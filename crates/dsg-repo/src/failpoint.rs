@@ -1,0 +1,33 @@
+//! Failpoints for crash tests: `DSG_FAILPOINT=<name>` makes the process exit
+//! abruptly (as kill -9 would: no destructors, no cleanup) when it reaches
+//! that step. `DSG_FAILPOINT=list` prints each step name to stderr as it is
+//! passed, so tests can enumerate the steps. Compiled in always: a check of
+//! one environment variable per step costs nothing measurable.
+
+use std::sync::OnceLock;
+
+fn setting() -> &'static Option<String> {
+    static S: OnceLock<Option<String>> = OnceLock::new();
+    S.get_or_init(|| {
+        std::env::var("DSG_FAILPOINT")
+            .ok()
+            .filter(|s| !s.is_empty())
+    })
+}
+
+pub fn failpoint(name: &str) {
+    match setting() {
+        None => {}
+        Some(s) if s == "list" => eprintln!("failpoint: {name}"),
+        Some(s) if s == name => {
+            eprintln!("failpoint {name}: exiting");
+            // SIGKILL ourselves: no unwinding, no atexit, no buffered flush.
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::KILL,
+            );
+            std::process::abort();
+        }
+        Some(_) => {}
+    }
+}

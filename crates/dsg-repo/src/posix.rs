@@ -1,0 +1,832 @@
+//! The `xfs` backend: a repository on any POSIX filesystem.
+//!
+//! Layout of `<mountpoint>/<name>/`:
+//! - the project's data files at their relpaths (a plain, browsable mirror);
+//! - `.dsg/last-sync.json` (head manifest), `.dsg/sync-messages.json`,
+//!   `.dsg/archive/sN-sync.json.lz4`;
+//! - `.dsg/objects/<hh>/<hash>`: superseded and deleted file versions, moved
+//!   there (not copied) so every snapshot stays retrievable;
+//! - `.dsg/staging/<tx>/`: uploads of the open transaction;
+//! - `.dsg/journal`: the transaction journal (see `journal.rs`);
+//! - `.dsg/lock`: the `flock` target that serialises writers.
+//!
+//! Init builds the whole repository in a sibling staging directory and moves
+//! it into place with one `renameat2(RENAME_NOREPLACE)`: that rename is the
+//! commit point, so a failed init leaves no repository at all.
+//!
+//! Sync: uploads are staged and verified, made durable with one `syncfs`,
+//! then a `committed` journal record (fsynced) is the commit point. Applying
+//! the renames afterwards is idempotent, so recovery after the commit point
+//! rolls forward and before it rolls back (deletes the staging directory).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{symlink, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dsg_core::atomic::{sync_dir, write_atomic};
+use dsg_core::hash::Hash;
+use dsg_core::manifest::{EntryKind, Manifest};
+use dsg_core::paths::{check_link_target, check_relpath};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::backend::{AgentError, Backend, CommitData, Stored};
+use crate::failpoint::failpoint;
+use crate::journal::{Journal, Op, Record};
+use crate::protocol::ErrorKind;
+
+pub struct PosixBackend {
+    mountpoint: PathBuf,
+    name: String,
+    lock: Option<File>,
+    tx: Option<OpenTx>,
+    lock_timeout: Duration,
+    who: String,
+}
+
+struct OpenTx {
+    id: String,
+    /// Where uploads go: the init staging dir, or `.dsg/staging/<tx>`.
+    staging: PathBuf,
+    init: bool,
+    staged: Vec<String>,
+    base: Option<Manifest>,
+    error: Option<AgentError>,
+}
+
+impl PosixBackend {
+    pub fn new(repo_dir: &Path) -> Result<PosixBackend, AgentError> {
+        let name = repo_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                AgentError::new(
+                    ErrorKind::NotFound,
+                    format!("{} is not a repository path", repo_dir.display()),
+                )
+            })?
+            .to_string();
+        let mountpoint = repo_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let secs = std::env::var("DSG_LOCK_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(30.0);
+        Ok(PosixBackend {
+            mountpoint,
+            name,
+            lock: None,
+            tx: None,
+            lock_timeout: Duration::from_secs_f64(secs),
+            who: String::new(),
+        })
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.mountpoint.join(&self.name)
+    }
+
+    fn dsg(&self) -> PathBuf {
+        self.dir().join(".dsg")
+    }
+
+    fn init_lock_path(&self) -> PathBuf {
+        self.mountpoint
+            .join(format!(".dsg-init.{}.lock", self.name))
+    }
+
+    /// Takes the exclusive repository lock, waiting up to the timeout.
+    fn lock(&mut self, path: &Path) -> Result<(), AgentError> {
+        if self.lock.is_some() {
+            return Ok(());
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| AgentError::io(format!("cannot open lock {}", path.display()), e))?;
+        let start = Instant::now();
+        loop {
+            match rustix::fs::flock(
+                f.as_fd(),
+                rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            ) {
+                Ok(()) => break,
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                    if start.elapsed() >= self.lock_timeout {
+                        let holder = fs::read_to_string(path).unwrap_or_default();
+                        return Err(AgentError::new(
+                            ErrorKind::Busy,
+                            format!(
+                                "repository {} is busy: locked by {}",
+                                self.dir().display(),
+                                if holder.trim().is_empty() { "another dsg process" } else { holder.trim() }
+                            ),
+                        )
+                        .hint("wait for the other sync to finish and run the command again (DSG_LOCK_TIMEOUT sets the wait in seconds)"));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(AgentError::io(
+                        format!("cannot lock {}", path.display()),
+                        e.into(),
+                    ))
+                }
+            }
+        }
+        // Who holds it, for the message a waiting client prints. The flock is
+        // the truth; this text is only informative.
+        let info = format!(
+            "{} (pid {} on {}, since {})",
+            if self.who.is_empty() {
+                "unknown user"
+            } else {
+                &self.who
+            },
+            std::process::id(),
+            hostname(),
+            dsg_core::timefmt::now_la()
+        );
+        let _ = f.set_len(0);
+        let _ = (&f).write_all(info.as_bytes());
+        self.lock = Some(f);
+        Ok(())
+    }
+
+    fn unlock(&mut self) {
+        if let Some(f) = self.lock.take() {
+            let _ = f.set_len(0);
+            drop(f);
+        }
+    }
+
+    fn head(&self) -> Result<Option<Manifest>, AgentError> {
+        let p = self.dsg().join("last-sync.json");
+        Manifest::load_optional(&p).map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))
+    }
+
+    /// Finishes or undoes an interrupted transaction, and removes leftovers.
+    /// Must be called with the lock held.
+    fn recover_locked(&mut self) -> Result<(), AgentError> {
+        let dsg = self.dsg();
+        let jpath = dsg.join("journal");
+        if let Some(records) =
+            Journal::read(&jpath).map_err(|e| AgentError::io("cannot read the journal", e))?
+        {
+            let committed = records.iter().find_map(|r| match r {
+                Record::Committed { tx, ops } => Some((tx.clone(), ops.clone())),
+                _ => None,
+            });
+            let done = records.iter().any(|r| matches!(r, Record::Done { .. }));
+            if let (Some((tx, ops)), false) = (&committed, done) {
+                tracing::info!("rolling forward committed transaction {tx}");
+                self.apply(tx, ops)?;
+            }
+        }
+        // Everything not committed is rolled back by deleting it.
+        remove_dir_all_if_exists(&dsg.join("staging"))?;
+        remove_temp_files(&dsg)?;
+        if jpath.exists() {
+            fs::remove_file(&jpath).map_err(|e| AgentError::io("cannot remove the journal", e))?;
+            sync_dir(&dsg).map_err(|e| AgentError::io("fsync .dsg", e))?;
+        }
+        Ok(())
+    }
+
+    fn cleanup_init_leftovers(&self) -> Result<(), AgentError> {
+        let prefix = format!(".dsg-init.{}.", self.name);
+        if let Ok(rd) = fs::read_dir(&self.mountpoint) {
+            for de in rd.flatten() {
+                let n = de.file_name().to_string_lossy().to_string();
+                if n.starts_with(&prefix) && !n.ends_with(".lock") {
+                    remove_dir_all_if_exists(&de.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies committed operations. Every step is idempotent: it checks
+    /// what is already done, so a crash anywhere here can be rolled forward.
+    fn apply(&self, tx: &str, ops: &[Op]) -> Result<(), AgentError> {
+        let dir = self.dir();
+        let dsg = self.dsg();
+        let staging = dsg.join("staging").join(tx);
+        let mut touched_dirs: Vec<PathBuf> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            failpoint(&format!("repo.apply.{i}"));
+            match op {
+                Op::Retire { path, hash } => {
+                    let p = dir.join(path);
+                    match fs::symlink_metadata(&p) {
+                        Ok(md) if md.is_file() => {
+                            let h = match hash {
+                                Some(h) => Hash(*h),
+                                None => {
+                                    dsg_core::hash::hash_file(&p)
+                                        .map_err(|e| AgentError::io(p.display(), e))?
+                                        .0
+                                }
+                            };
+                            let obj = object_path(&dsg, h);
+                            if obj.exists() {
+                                fs::remove_file(&p).map_err(|e| AgentError::io(p.display(), e))?;
+                            } else {
+                                fs::create_dir_all(obj.parent().unwrap())
+                                    .map_err(|e| AgentError::io(obj.display(), e))?;
+                                fs::rename(&p, &obj).map_err(|e| AgentError::io(p.display(), e))?;
+                            }
+                        }
+                        Ok(md) if md.is_dir() => {
+                            // A directory where a file or link is going: only
+                            // an empty one may be removed.
+                            fs::remove_dir(&p).map_err(|e| {
+                                AgentError::io(
+                                    format!("{} (a directory is in the way)", p.display()),
+                                    e,
+                                )
+                            })?;
+                        }
+                        Ok(_) => fs::remove_file(&p).map_err(|e| AgentError::io(p.display(), e))?,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(AgentError::io(p.display(), e)),
+                    }
+                    if let Some(parent) = p.parent() {
+                        touched_dirs.push(parent.to_path_buf());
+                    }
+                }
+                Op::Install { path } => {
+                    let src = staging.join(path);
+                    let dst = dir.join(path);
+                    if fs::symlink_metadata(&src).is_ok() {
+                        if let Some(parent) = dst.parent() {
+                            fs::create_dir_all(parent)
+                                .map_err(|e| AgentError::io(parent.display(), e))?;
+                            touched_dirs.push(parent.to_path_buf());
+                        }
+                        fs::rename(&src, &dst).map_err(|e| AgentError::io(dst.display(), e))?;
+                    }
+                }
+            }
+        }
+        // Metadata last: last-sync.json switches the head that readers see.
+        let meta = staging.join(".dsg-meta");
+        let archive_dir = dsg.join("archive");
+        fs::create_dir_all(&archive_dir).map_err(|e| AgentError::io(archive_dir.display(), e))?;
+        if let Ok(rd) = fs::read_dir(meta.join("archive")) {
+            for de in rd.flatten() {
+                let dst = archive_dir.join(de.file_name());
+                fs::rename(de.path(), &dst).map_err(|e| AgentError::io(dst.display(), e))?;
+            }
+            sync_dir(&archive_dir).map_err(|e| AgentError::io(archive_dir.display(), e))?;
+        }
+        failpoint("repo.apply.meta");
+        for name in ["sync-messages.json", "last-sync.json"] {
+            let src = meta.join(name);
+            if src.exists() {
+                fs::rename(&src, dsg.join(name))
+                    .map_err(|e| AgentError::io(dsg.join(name).display(), e))?;
+            }
+        }
+        touched_dirs.sort();
+        touched_dirs.dedup();
+        for d in touched_dirs.iter().rev() {
+            // Deleting files can leave empty directories behind (the
+            // original kept them forever); remove those up to the root.
+            let mut cur = d.clone();
+            while cur.starts_with(&dir) && cur != dir {
+                if fs::remove_dir(&cur).is_err() {
+                    break;
+                }
+                cur = cur.parent().unwrap().to_path_buf();
+            }
+        }
+        syncfs(&dir)?;
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .to_string()
+}
+
+pub fn object_path(dsg: &Path, h: Hash) -> PathBuf {
+    let hex = h.to_hex();
+    dsg.join("objects").join(&hex[..2]).join(hex)
+}
+
+fn syncfs(p: &Path) -> Result<(), AgentError> {
+    let f = File::open(p).map_err(|e| AgentError::io(p.display(), e))?;
+    rustix::fs::syncfs(f.as_fd())
+        .map_err(|e| AgentError::io(format!("syncfs {}", p.display()), e.into()))
+}
+
+fn remove_dir_all_if_exists(p: &Path) -> Result<(), AgentError> {
+    match fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::io(format!("cannot remove {}", p.display()), e)),
+    }
+}
+
+fn remove_temp_files(dir: &Path) -> Result<(), AgentError> {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for de in rd.flatten() {
+            if dsg_core::atomic::is_temp_name(&de.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(de.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the parent directories of `rel` under `base`, refusing to go
+/// through a symlink (a repository path must never lead outside it).
+fn safe_parent(base: &Path, rel: &str) -> Result<PathBuf, AgentError> {
+    let mut cur = base.to_path_buf();
+    let comps: Vec<&str> = rel.split('/').collect();
+    for c in &comps[..comps.len() - 1] {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(AgentError::new(
+                    ErrorKind::Unsafe,
+                    format!("{rel}: {} is not a directory", cur.display()),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir(&cur).map_err(|e| AgentError::io(cur.display(), e))?;
+            }
+            Err(e) => return Err(AgentError::io(cur.display(), e)),
+        }
+    }
+    Ok(cur)
+}
+
+fn checked(path: &str) -> Result<(), AgentError> {
+    check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))
+}
+
+impl Backend for PosixBackend {
+    fn describe(&self) -> String {
+        format!("xfs {}", self.dir().display())
+    }
+
+    fn exists(&self) -> bool {
+        self.dsg().join("last-sync.json").is_file()
+    }
+
+    fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>, AgentError> {
+        let ok = matches!(name, "last-sync.json" | "sync-messages.json")
+            || (name.starts_with("archive/")
+                && !name[8..].contains('/')
+                && !name[8..].starts_with('.'));
+        if !ok {
+            return Err(AgentError::new(
+                ErrorKind::Unsafe,
+                format!("refusing to read .dsg/{name}"),
+            ));
+        }
+        match fs::read(self.dsg().join(name)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AgentError::io(
+                format!("cannot read {}", self.dsg().join(name).display()),
+                e,
+            )),
+        }
+    }
+
+    fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), AgentError> {
+        self.who = user.to_string();
+        if self.tx.is_some() {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                "a transaction is already open",
+            ));
+        }
+        if tx_id.is_empty() || !tx_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!("bad transaction id {tx_id:?}"),
+            ));
+        }
+        match base {
+            None => {
+                if !self.mountpoint.is_dir() {
+                    return Err(AgentError::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "repository path {} does not exist",
+                            self.mountpoint.display()
+                        ),
+                    )
+                    .hint("create it on the repository host, or pass the right --repo-path"));
+                }
+                self.lock(&self.init_lock_path())?;
+                self.cleanup_init_leftovers()?;
+                if fs::symlink_metadata(self.dir()).is_ok() {
+                    self.unlock();
+                    return Err(AgentError::new(
+                        ErrorKind::Exists,
+                        format!("{} already exists", self.dir().display()),
+                    )
+                    .hint("choose another --repo-name, or remove the old repository first"));
+                }
+                let staging = self
+                    .mountpoint
+                    .join(format!(".dsg-init.{}.{}", self.name, tx_id));
+                fs::create_dir(&staging).map_err(|e| AgentError::io(staging.display(), e))?;
+                fs::create_dir_all(staging.join(".dsg/archive"))
+                    .map_err(|e| AgentError::io(staging.display(), e))?;
+                self.tx = Some(OpenTx {
+                    id: tx_id.into(),
+                    staging,
+                    init: true,
+                    staged: Vec::new(),
+                    base: None,
+                    error: None,
+                });
+            }
+            Some(base_id) => {
+                if !self.exists() {
+                    return Err(AgentError::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "{} is not a dsg repository (no .dsg/last-sync.json)",
+                            self.dir().display()
+                        ),
+                    ));
+                }
+                let lock_path = self.dsg().join("lock");
+                self.lock(&lock_path)?;
+                if let Err(e) = self.recover_locked() {
+                    self.unlock();
+                    return Err(e);
+                }
+                let head = match self.head() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        self.unlock();
+                        return Err(e);
+                    }
+                };
+                let head_id = head
+                    .as_ref()
+                    .and_then(|h| h.metadata.as_ref())
+                    .map(|m| m.snapshot_id.clone());
+                if head_id.as_deref() != Some(base_id) {
+                    self.unlock();
+                    return Err(AgentError::new(
+                        ErrorKind::Moved,
+                        format!(
+                            "the repository moved: its head is {}, this sync was planned against {base_id}",
+                            head_id.as_deref().unwrap_or("nothing")
+                        ),
+                    )
+                    .hint("run the command again; dsg will plan against the new head"));
+                }
+                let staging = self.dsg().join("staging").join(tx_id);
+                fs::create_dir_all(staging.join(".dsg-meta/archive"))
+                    .map_err(|e| AgentError::io(staging.display(), e))?;
+                let j = Journal::create(&self.dsg().join("journal"))
+                    .map_err(|e| AgentError::io("cannot create the journal", e))?;
+                j.append(&Record::Begin {
+                    tx: tx_id.into(),
+                    base: base_id.into(),
+                })
+                .map_err(|e| AgentError::io("cannot write the journal", e))?;
+                failpoint("repo.journal.begin");
+                self.tx = Some(OpenTx {
+                    id: tx_id.into(),
+                    staging,
+                    init: false,
+                    staged: Vec::new(),
+                    base: head,
+                    error: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn stage_file(
+        &mut self,
+        path: &str,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+        data: &mut dyn Read,
+    ) -> Result<(), AgentError> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        checked(path)?;
+        let parent = safe_parent(&tx.staging, path)?;
+        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&dst)
+            .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+        let mut h = Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = data
+                .read(&mut buf)
+                .map_err(|e| AgentError::io(format!("receiving {path}"), e))?;
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            f.write_all(&buf[..k])
+                .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+            n += k as u64;
+        }
+        let got = h.digest();
+        if n != size || got != hash {
+            drop(f);
+            let _ = fs::remove_file(&dst);
+            return Err(AgentError::new(
+                ErrorKind::Verify,
+                format!(
+                    "{path}: received {n} bytes hashing to {:016x}, expected {size} bytes hashing to {hash:016x}",
+                    got
+                ),
+            )
+            .hint("the file changed while it was sent, or the transfer was damaged; run the command again"));
+        }
+        let t = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
+        let _ = f.set_modified(t);
+        tx.staged.push(path.into());
+        failpoint("repo.stage_file");
+        Ok(())
+    }
+
+    fn stage_link(&mut self, path: &str, target: &str) -> Result<(), AgentError> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        checked(path)?;
+        check_link_target(path, target)
+            .map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
+        let parent = safe_parent(&tx.staging, path)?;
+        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let _ = fs::remove_file(&dst);
+        symlink(target, &dst)
+            .map_err(|e| AgentError::io(format!("cannot stage link {path}"), e))?;
+        tx.staged.push(path.into());
+        Ok(())
+    }
+
+    fn commit(&mut self, c: &CommitData) -> Result<(), AgentError> {
+        let tx = self
+            .tx
+            .take()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        let result = self.commit_tx(&tx, c);
+        if let Err(e) = result {
+            self.tx = Some(tx);
+            // Before the commit point this rolls back; after it, it rolls
+            // forward, and then the commit did happen.
+            let _ = self.rollback();
+            let head = self.head().ok().flatten();
+            let head_id = head
+                .as_ref()
+                .and_then(|h| h.metadata.as_ref())
+                .map(|m| m.snapshot_id.as_str());
+            if head_id == Some(c.snapshot_id.as_str()) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        self.unlock();
+        Ok(())
+    }
+
+    fn rollback(&mut self) -> Result<(), AgentError> {
+        let Some(tx) = self.tx.take() else {
+            return Ok(());
+        };
+        let r = if tx.init {
+            remove_dir_all_if_exists(&tx.staging)
+        } else {
+            self.recover_locked()
+        };
+        self.unlock();
+        r
+    }
+
+    fn open(&self, path: &str) -> Result<Stored, AgentError> {
+        checked(path)?;
+        let p = self.dir().join(path);
+        // Refuse to follow a symlinked parent out of the repository.
+        if let Some(parent) = Path::new(path).parent() {
+            let mut cur = self.dir();
+            for c in parent.components() {
+                cur.push(c);
+                if fs::symlink_metadata(&cur)
+                    .map(|m| m.file_type().is_symlink())
+                    .unwrap_or(false)
+                {
+                    return Err(AgentError::new(
+                        ErrorKind::Unsafe,
+                        format!("{path}: a parent is a symlink"),
+                    ));
+                }
+            }
+        }
+        let md = fs::symlink_metadata(&p)
+            .map_err(|e| AgentError::io(format!("{path} in the repository"), e))?;
+        if md.file_type().is_symlink() {
+            let t = fs::read_link(&p).map_err(|e| AgentError::io(path, e))?;
+            return Ok(Stored::Link {
+                target: t.to_string_lossy().into(),
+            });
+        }
+        if !md.is_file() {
+            return Err(AgentError::new(
+                ErrorKind::Corrupt,
+                format!("{path} in the repository is not a file"),
+            ));
+        }
+        let file = File::open(&p).map_err(|e| AgentError::io(path, e))?;
+        Ok(Stored::File {
+            file,
+            size: md.size(),
+        })
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir()
+    }
+}
+
+impl PosixBackend {
+    fn commit_tx(&mut self, tx: &OpenTx, c: &CommitData) -> Result<(), AgentError> {
+        if let Some(e) = &tx.error {
+            return Err(AgentError::new(e.kind, e.message.clone()));
+        }
+        let new = Manifest::from_json_bytes(&c.manifest, Path::new("uploaded manifest"))
+            .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))?;
+        new.verify_integrity()
+            .map_err(|e| AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")))?;
+        if new.metadata.as_ref().map(|m| m.snapshot_id.as_str()) != Some(c.snapshot_id.as_str()) {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                "manifest snapshot id does not match the commit",
+            ));
+        }
+        // Every entry of the new manifest must be staged now or unchanged
+        // from the base: the repository must equal its manifest afterwards.
+        let staged: std::collections::HashSet<&str> =
+            tx.staged.iter().map(|s| s.as_str()).collect();
+        for e in new.entries() {
+            if staged.contains(&*e.path) {
+                continue;
+            }
+            let same = tx
+                .base
+                .as_ref()
+                .and_then(|b| b.get(&e.path))
+                .is_some_and(|b| b.same_content(e));
+            if !same {
+                return Err(AgentError::new(
+                    ErrorKind::Protocol,
+                    format!(
+                        "{}: in the new manifest but neither uploaded nor unchanged",
+                        e.path
+                    ),
+                ));
+            }
+        }
+        for d in &c.deletes {
+            checked(d)?;
+        }
+        if tx.init {
+            let dsg = tx.staging.join(".dsg");
+            write_atomic(&dsg.join("last-sync.json"), &c.manifest)
+                .map_err(|e| AgentError::io("staging manifest", e.source))?;
+            write_atomic(&dsg.join("sync-messages.json"), &c.sync_messages)
+                .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
+            syncfs(&tx.staging)?;
+            failpoint("repo.init.before_rename");
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &tx.staging,
+                rustix::fs::CWD,
+                &self.dir(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(|e| {
+                AgentError::io(format!("cannot create {}", self.dir().display()), e.into())
+            })?;
+            sync_dir(&self.mountpoint).map_err(|e| AgentError::io(self.mountpoint.display(), e))?;
+            failpoint("repo.init.after_rename");
+            return Ok(());
+        }
+        // Sync: stage the metadata, make everything durable, then commit.
+        let meta = tx.staging.join(".dsg-meta");
+        write_atomic(&meta.join("last-sync.json"), &c.manifest)
+            .map_err(|e| AgentError::io("staging manifest", e.source))?;
+        write_atomic(&meta.join("sync-messages.json"), &c.sync_messages)
+            .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
+        if let Some((name, bytes)) = &c.archive {
+            if name.contains('/') || name.starts_with('.') {
+                return Err(AgentError::new(
+                    ErrorKind::Unsafe,
+                    format!("bad archive name {name:?}"),
+                ));
+            }
+            // Never overwrite an archived snapshot (the original did).
+            if !self.dsg().join("archive").join(name).exists() {
+                write_atomic(&meta.join("archive").join(name), bytes)
+                    .map_err(|e| AgentError::io("staging archive", e.source))?;
+            }
+        }
+        syncfs(&tx.staging)?;
+        failpoint("repo.before_commit");
+        let base = tx.base.as_ref();
+        let old_hash = |p: &str| -> Option<u64> {
+            base.and_then(|b| b.get(p)).and_then(|e| match &e.kind {
+                EntryKind::File { hash, .. } => hash.map(|h| h.0),
+                _ => None,
+            })
+        };
+        let mut ops = Vec::new();
+        let mut retire: Vec<&str> = c.deletes.iter().map(|s| s.as_str()).collect();
+        retire.extend(tx.staged.iter().map(|s| s.as_str()));
+        // Deepest first, so a directory is emptied before it may be replaced.
+        retire.sort_by(|a, b| b.cmp(a));
+        retire.dedup();
+        for p in retire {
+            ops.push(Op::Retire {
+                path: p.into(),
+                hash: old_hash(p),
+            });
+        }
+        let mut installs: Vec<&str> = tx.staged.iter().map(|s| s.as_str()).collect();
+        installs.sort();
+        for p in installs {
+            ops.push(Op::Install { path: p.into() });
+        }
+        let j = Journal::open(&self.dsg().join("journal"))
+            .map_err(|e| AgentError::io("cannot open the journal", e))?;
+        j.append(&Record::Committed {
+            tx: tx.id.clone(),
+            ops: ops.clone(),
+        })
+        .map_err(|e| AgentError::io("cannot write the journal", e))?;
+        // The commit point has passed: from here on, errors are finished by
+        // recovery (roll forward), never undone.
+        failpoint("repo.journal.committed");
+        self.apply(&tx.id, &ops)?;
+        j.append(&Record::Done { tx: tx.id.clone() })
+            .map_err(|e| AgentError::io("cannot write the journal", e))?;
+        failpoint("repo.journal.done");
+        self.recover_locked()?;
+        Ok(())
+    }
+
+    /// Recovery as a command of its own: takes the lock, finishes or undoes
+    /// whatever was interrupted.
+    pub fn recover(&mut self) -> Result<(), AgentError> {
+        if self.dsg().is_dir() {
+            let lock_path = self.dsg().join("lock");
+            self.lock(&lock_path)?;
+            let r = self.recover_locked();
+            self.unlock();
+            r?;
+        }
+        if self.mountpoint.is_dir() && self.init_lock_path().exists() {
+            self.lock(&self.init_lock_path())?;
+            let r = self.cleanup_init_leftovers();
+            self.unlock();
+            r?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PosixBackend {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            let _ = self.rollback();
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_object_safe(_: &dyn Backend) {}

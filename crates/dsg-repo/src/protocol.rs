@@ -1,0 +1,264 @@
+//! The agent protocol: framed messages over a byte stream (a child's pipes
+//! locally, one SSH channel remotely — the same bytes either way).
+//!
+//! A frame is `tag: u8, len: u32 (LE), payload`. Tag `J` carries one JSON
+//! control message, `D` a chunk of file data (at most `CHUNK` bytes), `E` ends
+//! a data stream. Requests are pipelined: the client may send many before
+//! reading, and the agent answers them in order. Uploads are acknowledged at
+//! barriers (`Flush`, `Commit`), never per file, so neither side can fill the
+//! other's pipe while it is itself blocked writing.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const CHUNK: usize = 1 << 20;
+const MAX_JSON: usize = 64 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Hello {
+        protocol: u32,
+        client_version: String,
+    },
+    /// Reads `.dsg/<name>` (a manifest, sync-messages or an archive). When
+    /// `unless_hash` equals the XXH3 of the file, the agent answers
+    /// `Unchanged` instead of sending it.
+    ReadMeta {
+        name: String,
+        unless_hash: Option<u64>,
+    },
+    /// Starts a transaction. `base` is the snapshot id the client planned
+    /// against (`None` = the repository must not exist yet: init).
+    Begin {
+        tx_id: String,
+        base: Option<String>,
+        user: String,
+    },
+    /// Followed by data frames and an end frame.
+    PutFile {
+        path: String,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+    },
+    PutLink {
+        path: String,
+        target: String,
+    },
+    /// Reports the first error of the puts since the last barrier.
+    Flush,
+    /// Publishes the transaction: the new manifest, sync-messages and the
+    /// archive of the previous manifest follow as three data streams.
+    Commit {
+        deletes: Vec<String>,
+        snapshot_id: String,
+    },
+    Rollback,
+    /// Streams the named files back, in order.
+    GetFiles {
+        paths: Vec<String>,
+    },
+    Bye,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    Hello {
+        protocol: u32,
+        version: String,
+        repo_exists: bool,
+        backend: String,
+    },
+    Ok,
+    /// A data stream follows (a file or a metadata file).
+    Data {
+        size: u64,
+    },
+    Missing,
+    Unchanged,
+    /// One file of a `GetFiles` stream: its data frames follow.
+    File {
+        path: String,
+        kind: String,
+        size: u64,
+        target: Option<String>,
+    },
+    Committed {
+        snapshot_id: String,
+    },
+    Err(RemoteError),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RemoteError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Io,
+    NotFound,
+    Exists,
+    Busy,
+    /// The repository head is not the snapshot the client planned against.
+    Moved,
+    Corrupt,
+    Verify,
+    Protocol,
+    Unsafe,
+}
+
+pub enum Frame {
+    Json(Vec<u8>),
+    Data(Vec<u8>),
+    End,
+}
+
+pub fn write_json<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    let body = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    write_frame(w, b'J', &body)
+}
+
+pub fn write_frame<W: Write>(w: &mut W, tag: u8, body: &[u8]) -> io::Result<()> {
+    let mut hdr = [0u8; 5];
+    hdr[0] = tag;
+    hdr[1..].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    w.write_all(&hdr)?;
+    w.write_all(body)
+}
+
+/// Writes `bytes` as data frames followed by an end frame.
+pub fn write_data<W: Write>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    for c in bytes.chunks(CHUNK) {
+        write_frame(w, b'D', c)?;
+    }
+    write_frame(w, b'E', &[])
+}
+
+/// Streams a reader as data frames; returns the number of bytes sent.
+pub fn copy_as_data<R: Read, W: Write>(r: &mut R, w: &mut W, buf: &mut Vec<u8>) -> io::Result<u64> {
+    buf.resize(CHUNK, 0);
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        write_frame(w, b'D', &buf[..n])?;
+        total += n as u64;
+    }
+    write_frame(w, b'E', &[])?;
+    Ok(total)
+}
+
+pub fn read_frame<R: Read>(r: &mut R) -> io::Result<Frame> {
+    let mut hdr = [0u8; 5];
+    r.read_exact(&mut hdr)?;
+    let len = u32::from_le_bytes(hdr[1..].try_into().unwrap()) as usize;
+    let limit = if hdr[0] == b'J' { MAX_JSON } else { CHUNK };
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame too large ({len} bytes)"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    match hdr[0] {
+        b'J' => Ok(Frame::Json(body)),
+        b'D' => Ok(Frame::Data(body)),
+        b'E' => Ok(Frame::End),
+        t => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown frame tag {t:#x}"),
+        )),
+    }
+}
+
+pub fn read_json<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> io::Result<T> {
+    match read_frame(r)? {
+        Frame::Json(b) => serde_json::from_slice(&b)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}"))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "expected a control message, got data",
+        )),
+    }
+}
+
+/// Reads a data stream into memory (for metadata files, which are bounded).
+pub fn read_data_to_vec<R: Read>(r: &mut R) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        match read_frame(r)? {
+            Frame::Data(d) => out.extend_from_slice(&d),
+            Frame::End => return Ok(out),
+            Frame::Json(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "expected data, got a control message",
+                ))
+            }
+        }
+    }
+}
+
+/// A data stream (frames until `End`) read as a `Read`.
+pub struct DataStream<'a, R: Read> {
+    r: &'a mut R,
+    buf: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl<'a, R: Read> DataStream<'a, R> {
+    pub fn new(r: &'a mut R) -> Self {
+        DataStream {
+            r,
+            buf: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+
+    /// Consumes the rest of the stream (after the reader stopped early).
+    pub fn drain(&mut self) -> io::Result<()> {
+        io::copy(self, &mut io::sink()).map(|_| ())
+    }
+}
+
+impl<R: Read> Read for DataStream<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match read_frame(self.r)? {
+                Frame::Data(d) => {
+                    self.buf = d;
+                    self.pos = 0;
+                }
+                Frame::End => self.done = true,
+                Frame::Json(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "control message inside a data stream",
+                    ))
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

@@ -1,0 +1,366 @@
+//! `init`: make the first snapshot `s1` of a project and create its
+//! repository, atomically on both sides.
+//!
+//! Order, and why: the local `.dsg/` is prepared in `.dsg.init-<tx>/`, the
+//! repository is built in a staging directory beside its final place, and
+//! the agent's rename of that directory into place is the commit point.
+//! Only then is `.dsg.init-<tx>` renamed to `.dsg`. A failure before the
+//! commit point removes both staging directories (and a `.dsgconfig.yml`
+//! this init created); a crash after it is rolled forward by the next
+//! command (`recover.rs`), which finds the repository holding the staged
+//! snapshot.
+
+use std::path::{Path, PathBuf};
+
+use dsg_core::atomic::{sync_dir, write_atomic};
+use dsg_core::config::{ProjectConfig, RepoType, Repository, UserConfig, PROJECT_CONFIG};
+use dsg_core::manifest::{Manifest, SyncMessages};
+use dsg_core::names::{apply_normalization, plan_normalization, NormalizePlan, Rename};
+use dsg_core::scan::{to_manifest, LocalKind, ProblemKind, ScanResult, StatCache};
+use dsg_repo::failpoint::failpoint;
+use dsg_repo::RepoClient;
+
+use crate::project::DSG_DIR;
+use crate::{check_interrupt, EngineError, Project, Reporter, Result};
+
+pub struct InitArgs {
+    pub host: String,
+    pub repo_path: PathBuf,
+    pub repo_name: String,
+    pub repo_type: RepoType,
+    pub pool: Option<String>,
+    pub force: bool,
+    pub normalize: bool,
+    pub dry_run: bool,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct InitReport {
+    pub dry_run: bool,
+    pub snapshot_id: String,
+    pub snapshot_hash: Option<String>,
+    pub files: u64,
+    pub links: u64,
+    pub bytes: u64,
+    pub repository: String,
+    pub renames: Vec<RenameOut>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RenameOut {
+    pub from: String,
+    pub to: String,
+}
+
+impl From<&Rename> for RenameOut {
+    fn from(r: &Rename) -> Self {
+        RenameOut {
+            from: r.from.clone(),
+            to: r.to.clone(),
+        }
+    }
+}
+
+/// Blocks on scan problems; with `normalize`, first renames what it can.
+/// Returns the scan to use and the renames planned or done.
+pub fn settle_names(
+    project: &Project,
+    mut scan: ScanResult,
+    normalize: bool,
+    dry_run: bool,
+    reporter: &dyn Reporter,
+    verb: &str,
+) -> Result<(ScanResult, Vec<RenameOut>)> {
+    let mut renames = Vec::new();
+    let has_name_problems = scan.problems.iter().any(|p| p.kind == ProblemKind::Name);
+    if has_name_problems && normalize {
+        let mut all: Vec<String> = scan.entries.iter().map(|e| e.path.to_string()).collect();
+        all.extend(scan.problems.iter().map(|p| p.path.clone()));
+        let plan: NormalizePlan = plan_normalization(&all);
+        if !plan.conflicts.is_empty() || !plan.unfixable.is_empty() {
+            let mut paths: Vec<String> = Vec::new();
+            let mut lines = Vec::new();
+            for (p, why) in plan.conflicts.iter().chain(plan.unfixable.iter()) {
+                lines.push(format!("  {p}: {why}"));
+                paths.push(p.clone());
+            }
+            return Err(EngineError::Blocked {
+                message: format!(
+                    "{verb} blocked: {} path(s) cannot be normalized automatically:\n{}\nhint: rename them by hand",
+                    paths.len(),
+                    lines.join("\n")
+                ),
+                paths,
+            });
+        }
+        renames = plan.renames.iter().map(RenameOut::from).collect();
+        if dry_run {
+            return Ok((scan, renames));
+        }
+        apply_normalization(&project.root, &plan).map_err(|e| EngineError::State {
+            message: format!("normalization stopped: {e}"),
+            hint: "fix the path by hand and run the command again".into(),
+        })?;
+        scan = project.scan(reporter);
+    }
+    if !scan.problems.is_empty() {
+        let paths: Vec<String> = scan.problems.iter().map(|p| p.path.clone()).collect();
+        let lines: Vec<String> = scan
+            .problems
+            .iter()
+            .take(20)
+            .map(|p| format!("  {}: {}", p.path, p.message))
+            .collect();
+        let more = if paths.len() > 20 {
+            format!("\n  … and {} more", paths.len() - 20)
+        } else {
+            String::new()
+        };
+        let fixable = scan.problems.iter().any(|p| p.kind == ProblemKind::Name);
+        return Err(EngineError::Blocked {
+            message: format!(
+                "{verb} blocked: {} path(s) cannot be synced:\n{}{more}\nhint: {}",
+                paths.len(),
+                lines.join("\n"),
+                if fixable {
+                    "run with --normalize to rename invalid names (add --dry-run to preview), or fix them by hand"
+                } else {
+                    "fix these paths by hand (links must be relative and stay inside the project)"
+                }
+            ),
+            paths,
+        });
+    }
+    Ok((scan, renames))
+}
+
+pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitReport> {
+    let dir = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
+    if dir.join(DSG_DIR).exists() {
+        return Err(EngineError::State {
+            message: format!(
+                "{} already exists: this project is already initialized",
+                dir.join(DSG_DIR).display()
+            ),
+            hint: "use 'dsg status' and 'dsg sync'; to start over, move .dsg away first".into(),
+        });
+    }
+    if args.repo_type == RepoType::Zfs && args.pool.is_none() {
+        return Err(EngineError::Usage(
+            "--pool is required with --repo-type zfs".into(),
+        ));
+    }
+    let cfg_path = dir.join(PROJECT_CONFIG);
+    let config = ProjectConfig {
+        name: args.repo_name.clone(),
+        repository: Repository {
+            kind: args.repo_type,
+            host: args.host.clone(),
+            mountpoint: args.repo_path.clone(),
+            pool: args.pool.clone(),
+            remote_dsg: None,
+        },
+        data_dirs: ProjectConfig::default_data_dirs(),
+        ignore: dsg_core::config::IgnoreRules::defaults(),
+        legacy_format: false,
+    };
+    if !args.repo_path.is_absolute() {
+        return Err(EngineError::Usage(format!(
+            "--repo-path {} must be an absolute path",
+            args.repo_path.display()
+        )));
+    }
+    if args.repo_name.is_empty() || args.repo_name.contains('/') || args.repo_name.starts_with('.')
+    {
+        return Err(EngineError::Usage(format!(
+            "--repo-name {:?} is not a valid name",
+            args.repo_name
+        )));
+    }
+    let existing_cfg = cfg_path.exists();
+    if existing_cfg && !args.force {
+        let old = ProjectConfig::load(&cfg_path)?;
+        if old.repository != config.repository || old.name != config.name {
+            return Err(EngineError::State {
+                message: format!(
+                    "{} already exists and names another repository",
+                    cfg_path.display()
+                ),
+                hint:
+                    "use --force to overwrite it, or run 'dsg clone' to use the repository it names"
+                        .into(),
+            });
+        }
+    }
+    let user = UserConfig::load()?;
+    // The project's own data_dirs/ignore settings win when a config exists.
+    let config = if existing_cfg && !args.force {
+        ProjectConfig::load(&cfg_path)?
+    } else {
+        config
+    };
+    let project = Project {
+        root: dir.clone(),
+        config,
+        user,
+    };
+    let scan = project.scan(reporter);
+    let (scan, renames) = settle_names(
+        &project,
+        scan,
+        args.normalize,
+        args.dry_run,
+        reporter,
+        "init",
+    )?;
+    let mut report = InitReport {
+        dry_run: args.dry_run,
+        snapshot_id: "s1".into(),
+        repository: format!("{}:{}", args.host, project.config.repo_dir().display()),
+        renames,
+        ..Default::default()
+    };
+    for e in &scan.entries {
+        match &e.kind {
+            LocalKind::File { size, .. } => {
+                report.files += 1;
+                report.bytes += size;
+            }
+            LocalKind::Link { .. } => report.links += 1,
+        }
+    }
+    if args.dry_run {
+        return Ok(report);
+    }
+
+    let created_cfg = !existing_cfg || args.force;
+    if created_cfg {
+        write_atomic(&cfg_path, project.config.to_yaml().as_bytes())
+            .map_err(|e| EngineError::io(&cfg_path, e.source))?;
+    }
+    let tx = format!("tx-{}", uuid::Uuid::new_v4().simple());
+    let staging = dir.join(format!(".dsg.init-{tx}"));
+    let result = init_tx(
+        &project,
+        &scan,
+        &tx,
+        &staging,
+        args.message.as_deref(),
+        reporter,
+    );
+    match result {
+        Ok(hash) => {
+            report.snapshot_hash = hash;
+            Ok(report)
+        }
+        Err(e) => {
+            // Before the commit point: undo everything this init wrote.
+            let _ = std::fs::remove_dir_all(&staging);
+            if created_cfg && !existing_cfg && !dir.join(DSG_DIR).exists() {
+                let _ = std::fs::remove_file(&cfg_path);
+            }
+            Err(e)
+        }
+    }
+}
+
+fn init_tx(
+    project: &Project,
+    scan: &ScanResult,
+    tx: &str,
+    staging: &Path,
+    message: Option<&str>,
+    reporter: &dyn Reporter,
+) -> Result<Option<String>> {
+    let user = &project.user.user_id;
+    let mut manifest: Manifest = to_manifest(&scan.entries, None, user);
+    manifest.seal(
+        "s1",
+        user,
+        message.unwrap_or("Initial snapshot"),
+        "init",
+        None,
+    );
+    let md = manifest.metadata.clone().expect("sealed");
+    let mut messages = SyncMessages::default();
+    messages.add(&md);
+    let manifest_bytes = manifest.to_json_bytes();
+    let messages_bytes = messages.to_json_bytes();
+
+    let mut client = RepoClient::connect(&project.config)?;
+    client.begin(tx, None, user)?;
+    upload_all(project, &mut client, scan, reporter)?;
+    client.flush()?;
+    check_interrupt()?;
+
+    // Stage the local .dsg/ completely before the commit point.
+    std::fs::create_dir_all(staging.join("archive")).map_err(|e| EngineError::io(staging, e))?;
+    let w = |name: &str, bytes: &[u8]| -> Result<()> {
+        write_atomic(&staging.join(name), bytes)
+            .map_err(|e| EngineError::io(staging.join(name), e.source))
+    };
+    w("last-sync.json", &manifest_bytes)?;
+    w("sync-messages.json", &messages_bytes)?;
+    w(
+        "stat-cache",
+        &StatCache::encode_entries(scan.started_ns, &scan.entries),
+    )?;
+    sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
+    failpoint("client.init.staged");
+    check_interrupt()?;
+
+    client.commit("s1", Vec::new(), &manifest_bytes, &messages_bytes, None)?;
+    failpoint("client.init.committed");
+    finish_local_init(&project.root, staging)?;
+    let _ = client.close();
+    Ok(md.snapshot_hash)
+}
+
+/// Moves a staged `.dsg.init-<tx>` into place (also used by recovery).
+pub fn finish_local_init(root: &Path, staging: &Path) -> Result<()> {
+    let dst = root.join(DSG_DIR);
+    std::fs::rename(staging, &dst).map_err(|e| EngineError::io(&dst, e))?;
+    sync_dir(root).map_err(|e| EngineError::io(root, e))?;
+    Ok(())
+}
+
+/// Sends every scanned file and link, pipelined.
+pub fn upload_all(
+    project: &Project,
+    client: &mut RepoClient,
+    scan: &ScanResult,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let files = scan.entries.len() as u64;
+    let bytes: u64 = scan
+        .entries
+        .iter()
+        .map(|e| match e.kind {
+            LocalKind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum();
+    reporter.transfer_start("uploading", files, bytes);
+    let (mut nf, mut nb) = (0u64, 0u64);
+    for e in &scan.entries {
+        check_interrupt()?;
+        match &e.kind {
+            LocalKind::File { size, hash } => {
+                client.put_file(
+                    &e.path,
+                    &project.root.join(&*e.path),
+                    *size,
+                    hash.0,
+                    e.stat.mtime_ns,
+                )?;
+                nb += size;
+            }
+            LocalKind::Link { target } => client.put_link(&e.path, target)?,
+        }
+        nf += 1;
+        reporter.transfer_progress(nf, nb);
+    }
+    reporter.transfer_done();
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! A project on disk: its root, configs, `.dsg/` layout and the scan.
+
+use std::path::{Path, PathBuf};
+
+use dsg_core::config::{find_project_root, ProjectConfig, UserConfig, PROJECT_CONFIG};
+use dsg_core::manifest::{Manifest, SyncMessages};
+use dsg_core::scan::{self, Progress, Rules, ScanResult, StatCache};
+
+use crate::{EngineError, Reporter, Result};
+
+pub const DSG_DIR: &str = ".dsg";
+
+pub struct Project {
+    pub root: PathBuf,
+    pub config: ProjectConfig,
+    pub user: UserConfig,
+}
+
+impl Project {
+    /// Finds the project at or above `start` and loads both configs.
+    pub fn find(start: &Path) -> Result<Project> {
+        let root = find_project_root(start)?;
+        Project::open(&root)
+    }
+
+    pub fn open(root: &Path) -> Result<Project> {
+        let config = ProjectConfig::load(&root.join(PROJECT_CONFIG))?;
+        let user = UserConfig::load()?;
+        Ok(Project {
+            root: root.to_path_buf(),
+            config,
+            user,
+        })
+    }
+
+    pub fn dsg(&self) -> PathBuf {
+        self.root.join(DSG_DIR)
+    }
+
+    pub fn cache_path(&self) -> PathBuf {
+        self.dsg().join("last-sync.json")
+    }
+
+    pub fn stat_cache_path(&self) -> PathBuf {
+        self.dsg().join("stat-cache")
+    }
+
+    pub fn sync_messages_path(&self) -> PathBuf {
+        self.dsg().join("sync-messages.json")
+    }
+
+    /// The cache manifest C. `Ok(None)` only when the project has no `.dsg/`
+    /// at all (never synced here); a `.dsg/` without a readable, valid
+    /// manifest is an error — it is never taken as "empty".
+    pub fn load_cache(&self) -> Result<Option<(Manifest, Vec<u8>)>> {
+        if !self.dsg().is_dir() {
+            return Ok(None);
+        }
+        let p = self.cache_path();
+        let bytes = std::fs::read(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                EngineError::State {
+                    message: format!("{} is missing although {} exists", p.display(), self.dsg().display()),
+                    hint: "restore it from a backup, or move .dsg away and run 'dsg clone' to start from the repository".into(),
+                }
+            } else {
+                EngineError::io(&p, e)
+            }
+        })?;
+        let m = Manifest::from_json_bytes(&bytes, &p)?;
+        m.verify_integrity().map_err(|msg| EngineError::State {
+            message: format!("{} fails its integrity check: {msg}", p.display()),
+            hint: "the cache was altered or damaged; restore it, or move .dsg away and run 'dsg clone'".into(),
+        })?;
+        Ok(Some((m, bytes)))
+    }
+
+    pub fn load_sync_messages(&self) -> Result<Option<SyncMessages>> {
+        Ok(SyncMessages::load_optional(&self.sync_messages_path())?)
+    }
+
+    /// Scans the working tree with the stat cache.
+    pub fn scan(&self, reporter: &dyn Reporter) -> ScanResult {
+        let cache = StatCache::load(&self.stat_cache_path());
+        let progress = Progress::default();
+        let rules = Rules::from_config(&self.config);
+        if !reporter.wants_progress() {
+            return scan::scan(&self.root, &rules, &cache, &progress);
+        }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                // Let the reporter poll counters while the scan runs.
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    reporter.scanning(&progress);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
+            let r = scan::scan(&self.root, &rules, &cache, &progress);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = h.join();
+            reporter.scanning(&progress);
+            r
+        })
+    }
+
+    /// Saves the stat cache if the scan changed it. This is the only write
+    /// `status` makes, and only when `.dsg/` exists.
+    pub fn save_stat_cache(&self, scan: &ScanResult) {
+        if scan.cache_dirty && self.dsg().is_dir() {
+            let bytes = StatCache::encode_entries(scan.started_ns, &scan.entries);
+            if let Err(e) = dsg_core::atomic::write_atomic(&self.stat_cache_path(), &bytes) {
+                tracing::warn!("could not save the stat cache: {e}");
+            }
+        }
+    }
+}

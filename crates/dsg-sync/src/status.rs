@@ -1,0 +1,108 @@
+//! `status`: L (scan) vs C (cache) vs R (repository) through the one table.
+
+use serde::Serialize;
+
+use dsg_core::manifest::Manifest;
+use dsg_core::scan::{to_manifest, Problem, ScanResult};
+use dsg_core::state::{classify, Action, State};
+use dsg_repo::{Meta, RepoClient};
+
+use crate::{EngineError, Project, Reporter, Result};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Row {
+    pub path: String,
+    pub state: State,
+    pub action: Action,
+}
+
+pub struct Comparison {
+    pub scan: ScanResult,
+    pub local: Manifest,
+    pub cache: Manifest,
+    /// Bytes of the cache file as read (to detect an unchanged repository).
+    pub cache_bytes: Option<Vec<u8>>,
+    /// `None` when R is the cache (offline, or the repository head is the
+    /// same file as the cache): no second copy is kept.
+    remote: Option<Manifest>,
+    pub has_cache: bool,
+}
+
+impl Comparison {
+    pub fn remote(&self) -> &Manifest {
+        self.remote.as_ref().unwrap_or(&self.cache)
+    }
+
+    /// Every path not in state 1 or 15, in path order.
+    pub fn rows(&self) -> Vec<Row> {
+        classify(&self.local, &self.cache, self.remote())
+            .into_iter()
+            .filter(|c| !matches!(c.state, State::AllEq | State::None))
+            .map(|c| Row {
+                path: c.path.to_string(),
+                state: c.state,
+                action: c.state.action(),
+            })
+            .collect()
+    }
+
+    pub fn problems(&self) -> &[Problem] {
+        &self.scan.problems
+    }
+}
+
+/// Reads R from the repository. A missing or corrupt repository manifest is
+/// an error, never an empty manifest (G4).
+pub fn fetch_remote(
+    client: &mut RepoClient,
+    cache_bytes: Option<&[u8]>,
+) -> Result<Option<Manifest>> {
+    let unless = cache_bytes.map(xxhash_rust::xxh3::xxh3_64);
+    let origin = format!("{}:{}/.dsg/last-sync.json", client.host(), client.repo());
+    match client.read_meta("last-sync.json", unless)? {
+        Meta::Unchanged => Ok(None),
+        Meta::Missing => Err(EngineError::State {
+            message: format!("the repository manifest {origin} does not exist"),
+            hint: "check the repository path in .dsgconfig.yml; a new repository is made with 'dsg init'".into(),
+        }),
+        Meta::Data(b) => {
+            let m = Manifest::from_json_bytes(&b, std::path::Path::new(&origin))?;
+            m.verify_integrity().map_err(|msg| EngineError::State {
+                message: format!("the repository manifest {origin} fails its integrity check: {msg}"),
+                hint: "the repository was altered outside dsg; ask its maintainer to restore it".into(),
+            })?;
+            Ok(Some(m))
+        }
+    }
+}
+
+/// Builds the three manifests. `client` = None means offline (R := C).
+pub fn compare(
+    project: &Project,
+    client: Option<&mut RepoClient>,
+    reporter: &dyn Reporter,
+) -> Result<Comparison> {
+    let cache = project.load_cache()?;
+    let has_cache = cache.is_some();
+    let (cache, cache_bytes) = match cache {
+        Some((m, b)) => (m, Some(b)),
+        None => (Manifest::new(), None),
+    };
+    // Ask the repository first: it is the step most likely to fail, and a
+    // failure should not cost a full scan.
+    let remote = match client {
+        None => None,
+        Some(c) => fetch_remote(c, cache_bytes.as_deref())?,
+    };
+    let scan = project.scan(reporter);
+    let local = to_manifest(&scan.entries, Some(&cache), &project.user.user_id);
+    project.save_stat_cache(&scan);
+    Ok(Comparison {
+        scan,
+        local,
+        cache,
+        cache_bytes,
+        remote,
+        has_cache,
+    })
+}
