@@ -22,7 +22,7 @@ use output::{Out, TermReporter};
     about = "dsg - data sync gizmo: versioned, atomic sync of a project's data folders",
     long_about = "dsg keeps the data of a research project (input/, output/, frozen/) versioned in one \
 central repository. Every sync publishes a numbered snapshot atomically.\n\n\
-Setup: init\nCore: status, list-files\nValidation: validate-config"
+Setup: init, clone\nCore: status, sync, list-files\nValidation: validate-config"
 )]
 struct Cli {
     #[command(flatten)]
@@ -56,6 +56,24 @@ enum Cmd {
         /// Compare the local tree with the last sync only; do not contact the repository
         #[arg(long)]
         offline: bool,
+    },
+    /// Core: publish local changes and fetch the repository's, as one atomic snapshot
+    Sync {
+        /// Message for the new snapshot
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Show the plan; write nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Rename files whose names break the filename rules
+        #[arg(long)]
+        normalize: bool,
+    },
+    /// Setup: fetch the repository's head into a project that has only .dsgconfig.yml
+    Clone {
+        /// Show the plan; write nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Core: list the files dsg tracks
     ListFiles {
@@ -118,7 +136,7 @@ fn main() -> ExitCode {
     let g = cli.global;
     output::init_logging(g.debug, g.verbose);
     let out = Out::new(g.json, g.quiet, g.verbose);
-    let writes = matches!(cli.cmd, Cmd::Init(_));
+    let writes = matches!(cli.cmd, Cmd::Init(_) | Cmd::Sync { .. } | Cmd::Clone { .. });
     let _ = ctrlc::set_handler(move || {
         if writes {
             // The engine checks this flag, rolls back and exits 130.
@@ -146,6 +164,12 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
     match cmd {
         Cmd::Init(a) => cmd_init(a, out),
         Cmd::Status { offline } => cmd_status(offline, out),
+        Cmd::Sync {
+            message,
+            dry_run,
+            normalize,
+        } => cmd_sync(message, dry_run, normalize, out),
+        Cmd::Clone { dry_run } => cmd_clone(dry_run, out),
         Cmd::ListFiles { path } => cmd_list_files(path, out),
         Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
         Cmd::Agent { repo, r#type } => cmd_agent(repo, &r#type),
@@ -158,6 +182,120 @@ fn open_project() -> Result<Project, EngineError> {
     let cfg = project.config.clone();
     dsg_sync::recover::recover_init(&project.root, || dsg_repo::RepoClient::connect(&cfg).ok())?;
     Ok(project)
+}
+
+/// Opens the project, connects to its repository, and recovers both sides.
+fn open_connected() -> Result<(Project, dsg_repo::RepoClient), EngineError> {
+    let project = open_project()?;
+    let mut client = dsg_repo::RepoClient::connect(&project.config)?;
+    client.recover()?;
+    dsg_sync::sync::recover_sync(&project, Some(&mut client))?;
+    Ok((project, client))
+}
+
+fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
+    if out.json {
+        out.json_doc(
+            &json!({"status": "ok", "command": verb, "result": report, "files": report.files}),
+        );
+        return;
+    }
+    for r in &report.renames {
+        out.line(&format!(
+            "{} {} -> {}",
+            if report.dry_run {
+                "would rename"
+            } else {
+                "renamed"
+            },
+            r.from,
+            r.to
+        ));
+    }
+    if report.dry_run {
+        out.line("Dry run: nothing was written. Plan:");
+        for r in &report.files {
+            out.line(&format!(
+                "  {:<13} {}  ({})",
+                serde_json::to_value(r.action)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                r.path,
+                r.state.label()
+            ));
+        }
+    }
+    if report.up_to_date {
+        out.line("Everything up to date");
+        return;
+    }
+    if !report.dry_run {
+        out.line(&format!(
+            "{}{} uploaded ({} bytes), {} downloaded ({} bytes), {} deleted locally, {} deleted in the repository, {} cache-only",
+            match &report.snapshot_id {
+                Some(id) => format!("Snapshot {id}: "),
+                None => String::new(),
+            },
+            report.uploaded,
+            report.uploaded_bytes,
+            report.downloaded,
+            report.downloaded_bytes,
+            report.deleted_local,
+            report.deleted_remote,
+            report.cache_updated
+        ));
+    }
+}
+
+fn cmd_sync(
+    message: Option<String>,
+    dry_run: bool,
+    normalize: bool,
+    out: &Out,
+) -> Result<(), EngineError> {
+    let project = Project::find(&cwd()?)?;
+    if project.root != cwd()? {
+        // Sync changes the whole tree; running it from a subdirectory would
+        // surprise. Say where the project is.
+        tracing::info!("project root is {}", project.root.display());
+    }
+    let cfg = project.config.clone();
+    dsg_sync::recover::recover_init(&project.root, || dsg_repo::RepoClient::connect(&cfg).ok())?;
+    let reporter = TermReporter::new(out);
+    let report = dsg_sync::sync::sync(
+        &project,
+        dsg_sync::sync::SyncOpts {
+            dry_run,
+            normalize,
+            message,
+        },
+        &reporter,
+    )?;
+    print_plan(out, &report, "sync");
+    Ok(())
+}
+
+fn cmd_clone(dry_run: bool, out: &Out) -> Result<(), EngineError> {
+    let dir = cwd()?;
+    if !dir.join(PROJECT_CONFIG).is_file() {
+        return Err(EngineError::State {
+            message: format!("no {PROJECT_CONFIG} in {}", dir.display()),
+            hint: "run clone in a directory holding the project's .dsgconfig.yml (usually from its git repository)".into(),
+        });
+    }
+    let project = Project::open(&dir)?;
+    let reporter = TermReporter::new(out);
+    let report = dsg_sync::sync::clone(
+        &project,
+        dsg_sync::sync::SyncOpts {
+            dry_run,
+            ..Default::default()
+        },
+        &reporter,
+    )?;
+    print_plan(out, &report, "clone");
+    Ok(())
 }
 
 fn prompt(label: &str, default: Option<&str>) -> Result<String, EngineError> {
@@ -278,14 +416,22 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
 }
 
 fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
-    let project = open_project()?;
-    let reporter = TermReporter::new(out);
-    let mut client = if offline {
-        None
+    let (project, mut client) = if offline {
+        let p = open_project()?;
+        if let Err(e) = dsg_sync::sync::recover_sync(&p, None) {
+            out.warn(&e.to_string());
+        }
+        (p, None)
     } else {
-        Some(dsg_repo::RepoClient::connect(&project.config)?)
+        let (p, c) = open_connected()?;
+        (p, Some(c))
     };
-    let cmp = dsg_sync::status::compare(&project, client.as_mut(), &reporter)?;
+    let reporter = TermReporter::new(out);
+    let opts = dsg_sync::status::CompareOpts {
+        save_stat_cache: true,
+        ..Default::default()
+    };
+    let cmp = dsg_sync::status::compare(&project, client.as_mut(), opts, &reporter)?;
     if let Some(c) = client {
         let _ = c.close();
     }
@@ -464,7 +610,9 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
                             .into(),
                 });
             }
-            let remote = dsg_sync::status::fetch_remote(&mut client, None)?.unwrap_or_default();
+            let remote = dsg_sync::status::fetch_remote(&mut client, None)?
+                .map(|r| r.0)
+                .unwrap_or_default();
             let _ = client.close();
             Ok(format!(
                 "{}:{} reachable, head {}",

@@ -719,8 +719,14 @@ pub fn read_archive(path: &Path) -> Result<Manifest, ManifestError> {
 
 /// LZ4-frame bytes of a manifest, as `.dsg/archive/sN-sync.json.lz4` holds them.
 pub fn archive_bytes(m: &Manifest) -> Vec<u8> {
+    compress_archive(&m.to_json_bytes())
+}
+
+/// LZ4-frame compression of a manifest file's bytes, kept verbatim so an
+/// original-written manifest still verifies in its stored order.
+pub fn compress_archive(json: &[u8]) -> Vec<u8> {
     let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
-    enc.write_all(&m.to_json_bytes()).expect("vec write");
+    enc.write_all(json).expect("vec write");
     enc.finish().expect("lz4 finish")
 }
 

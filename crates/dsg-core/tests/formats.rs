@@ -105,7 +105,11 @@ fn entries_hash_vectors() {
     let doc = serde_json::json!({"entries": entries, "metadata": v["metadata"]});
     let m = Manifest::from_json_bytes(&serde_json::to_vec(&doc).unwrap(), Path::new("x")).unwrap();
     m.verify_integrity().unwrap();
-    assert_eq!(m.entries()[0].path.as_ref(), "input/a.csv", "kept sorted in memory");
+    assert_eq!(
+        m.entries()[0].path.as_ref(),
+        "input/a.csv",
+        "kept sorted in memory"
+    );
 }
 
 #[test]
@@ -118,7 +122,12 @@ fn chain_vectors() {
     );
     let pc = serde_json::json!({"b": 1, "a": {"z": 2, "y": [1, 2]}});
     assert_eq!(
-        snapshot_hash("d9526a68f1c59424", Some("Initial snapshot"), Some(&pc), None),
+        snapshot_hash(
+            "d9526a68f1c59424",
+            Some("Initial snapshot"),
+            Some(&pc),
+            None
+        ),
         "b6bd54138943b969"
     );
 }
@@ -151,12 +160,30 @@ fn strict_loading() {
     let bad = [
         ("not json", "{\"entries\": "),
         ("list entries", "{\"entries\": []}"),
-        ("escaping path", r#"{"entries": {"../x": {"type":"file","path":"../x","filesize":1,"mtime":"2025-01-15T12:00:00-08:00"}}}"#),
-        ("absolute path", r#"{"entries": {"/etc/passwd": {"type":"file","path":"/etc/passwd","filesize":1,"mtime":"x"}}}"#),
-        ("escaping link", r#"{"entries": {"a": {"type":"link","path":"a","reference":"../b"}}}"#),
-        ("bad hash", r#"{"entries": {"a": {"type":"file","path":"a","filesize":1,"mtime":"x","hash":"zz"}}}"#),
-        ("unknown type", r#"{"entries": {"a": {"type":"dir","path":"a"}}}"#),
-        ("bad metadata", r#"{"entries": {}, "metadata": {"snapshot_id": 3}}"#),
+        (
+            "escaping path",
+            r#"{"entries": {"../x": {"type":"file","path":"../x","filesize":1,"mtime":"2025-01-15T12:00:00-08:00"}}}"#,
+        ),
+        (
+            "absolute path",
+            r#"{"entries": {"/etc/passwd": {"type":"file","path":"/etc/passwd","filesize":1,"mtime":"x"}}}"#,
+        ),
+        (
+            "escaping link",
+            r#"{"entries": {"a": {"type":"link","path":"a","reference":"../b"}}}"#,
+        ),
+        (
+            "bad hash",
+            r#"{"entries": {"a": {"type":"file","path":"a","filesize":1,"mtime":"x","hash":"zz"}}}"#,
+        ),
+        (
+            "unknown type",
+            r#"{"entries": {"a": {"type":"dir","path":"a"}}}"#,
+        ),
+        (
+            "bad metadata",
+            r#"{"entries": {}, "metadata": {"snapshot_id": 3}}"#,
+        ),
     ];
     for (what, text) in bad {
         let e = Manifest::from_json_bytes(text.as_bytes(), Path::new("/x/last-sync.json"));
@@ -164,9 +191,17 @@ fn strict_loading() {
         assert!(msg.contains("/x/last-sync.json"), "{what}: {msg}");
     }
     // Lax numbers of the original are accepted.
-    let ok = r#"{"entries": {"a": {"type":"file","path":"a","filesize":"12","mtime":"x","hash":""}}}"#;
+    let ok =
+        r#"{"entries": {"a": {"type":"file","path":"a","filesize":"12","mtime":"x","hash":""}}}"#;
     let m = Manifest::from_json_bytes(ok.as_bytes(), Path::new("x")).unwrap();
-    assert!(matches!(m.entries()[0].kind, EntryKind::File { size: 12, hash: None, .. }));
+    assert!(matches!(
+        m.entries()[0].kind,
+        EntryKind::File {
+            size: 12,
+            hash: None,
+            ..
+        }
+    ));
 }
 
 /// Every manifest the original wrote loads, verifies in its stored order,
@@ -177,15 +212,31 @@ fn original_manifests() {
     for loc in ["repo", "alice", "bob", "alice-after-step2"] {
         let p = fixture().join(loc).join(".dsg/last-sync.json");
         let m = Manifest::load(&p).unwrap();
-        m.verify_integrity().unwrap_or_else(|e| panic!("{loc}: {e}"));
+        m.verify_integrity()
+            .unwrap_or_else(|e| panic!("{loc}: {e}"));
         let f = &facts["locations"][loc]["last_sync"];
         let md = m.metadata.as_ref().unwrap();
-        assert_eq!(md.entries_hash, f["entries_hash"].as_str().unwrap(), "{loc}");
-        assert_eq!(m.entries_hash(), f["entries_hash_recomputed_in_sorted_order"].as_str().unwrap(), "{loc}");
+        assert_eq!(
+            md.entries_hash,
+            f["entries_hash"].as_str().unwrap(),
+            "{loc}"
+        );
+        assert_eq!(
+            m.entries_hash(),
+            f["entries_hash_recomputed_in_sorted_order"]
+                .as_str()
+                .unwrap(),
+            "{loc}"
+        );
         assert_eq!(m.len() as u64, f["entry_count"].as_u64().unwrap());
         // The chain link recomputes from the previous snapshot's hash.
         if let Some(prev) = f["snapshot_hash_check"]["prev_snapshot_hash_used"].as_str() {
-            let h = snapshot_hash(&md.entries_hash, md.snapshot_message.as_deref(), md.project_config.as_ref(), Some(prev));
+            let h = snapshot_hash(
+                &md.entries_hash,
+                md.snapshot_message.as_deref(),
+                md.project_config.as_ref(),
+                Some(prev),
+            );
             assert_eq!(Some(h), md.snapshot_hash, "{loc}");
         }
         // Rewritten sorted, it reads back identical; its stored hash no
@@ -193,7 +244,10 @@ fn original_manifests() {
         // the original bytes rather than a rewrite.
         let back = Manifest::from_json_bytes(&m.to_json_bytes(), Path::new("x")).unwrap();
         assert_eq!(back, m);
-        assert!(back.verify_integrity().is_err(), "{loc}: the original's order was not sorted");
+        assert!(
+            back.verify_integrity().is_err(),
+            "{loc}: the original's order was not sorted"
+        );
     }
 }
 
@@ -205,7 +259,8 @@ fn original_archives_and_messages() {
         for de in std::fs::read_dir(&dir).unwrap() {
             let p = de.unwrap().path();
             let m = read_archive(&p).unwrap();
-            m.verify_integrity().unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            m.verify_integrity()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             n += 1;
             // Our LZ4 frames read back too.
             let tmp = tempfile::tempdir().unwrap();
@@ -219,7 +274,11 @@ fn original_archives_and_messages() {
         let again = SyncMessages::from_json_bytes(&sm.to_json_bytes(), Path::new("x")).unwrap();
         assert_eq!(again, sm);
         // Byte-compatible writing: same bytes as the original wrote.
-        assert_eq!(sm.to_json_bytes(), std::fs::read(&sm_path).unwrap(), "{loc}");
+        assert_eq!(
+            sm.to_json_bytes(),
+            std::fs::read(&sm_path).unwrap(),
+            "{loc}"
+        );
     }
     assert!(n >= 3);
 }

@@ -109,29 +109,17 @@ pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) ->
                     reply_err(&mut w, &e)?
                 }
             },
-            Request::Commit {
-                deletes,
-                snapshot_id,
-            } => {
+            Request::Commit { snapshot_id } => {
                 let manifest = read_data_to_vec(&mut r)?;
                 let sync_messages = read_data_to_vec(&mut r)?;
-                let archive_blob = read_data_to_vec(&mut r)?;
                 if let Some(e) = sticky.take() {
                     let _ = backend.rollback();
                     reply_err(&mut w, &e)?;
                 } else {
-                    let archive = if archive_blob.is_empty() {
-                        None
-                    } else {
-                        let (name, bytes) = split_archive(&archive_blob);
-                        Some((name, bytes))
-                    };
                     let data = CommitData {
                         snapshot_id: snapshot_id.clone(),
-                        deletes,
                         manifest,
                         sync_messages,
-                        archive,
                     };
                     match backend.commit(&data) {
                         Ok(()) => write_json(&mut w, &Response::Committed { snapshot_id })?,
@@ -139,6 +127,14 @@ pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) ->
                     }
                 }
             }
+            Request::Recover => match backend.recover() {
+                Ok(()) => write_json(&mut w, &Response::Ok)?,
+                Err(e) => reply_err(&mut w, &e)?,
+            },
+            Request::ListArchives => match backend.list_archives() {
+                Ok(names) => write_json(&mut w, &Response::Names { names })?,
+                Err(e) => reply_err(&mut w, &e)?,
+            },
             Request::Rollback => {
                 sticky = None;
                 match backend.rollback() {
@@ -147,6 +143,10 @@ pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) ->
                 }
             }
             Request::GetFiles { paths } => {
+                if let Err(e) = backend.read_lock() {
+                    reply_err(&mut w, &e)?;
+                    continue;
+                }
                 for p in paths {
                     match backend.open(&p) {
                         Ok(Stored::File { mut file, size }) => {
@@ -175,6 +175,7 @@ pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) ->
                         Err(e) => reply_err(&mut w, &e)?,
                     }
                 }
+                backend.read_unlock();
                 write_json(&mut w, &Response::Ok)?;
             }
             Request::Bye => {
@@ -189,15 +190,4 @@ pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) ->
     }
     let _ = backend.rollback();
     Ok(())
-}
-
-/// The archive stream is `name \n bytes`.
-fn split_archive(blob: &[u8]) -> (String, Vec<u8>) {
-    match blob.iter().position(|b| *b == b'\n') {
-        Some(i) => (
-            String::from_utf8_lossy(&blob[..i]).into_owned(),
-            blob[i + 1..].to_vec(),
-        ),
-        None => (String::new(), Vec::new()),
-    }
 }

@@ -107,15 +107,24 @@ pub trait Backend: Send {
     /// Opens a repository path for download.
     fn open(&self, path: &str) -> Result<Stored, AgentError>;
 
+    /// Holds a shared lock for a read of several files, so no commit runs
+    /// underneath it (a no-op inside this connection's own transaction).
+    fn read_lock(&mut self) -> Result<(), AgentError>;
+    fn read_unlock(&mut self);
+
+    /// Finishes or undoes an interrupted transaction unless a live writer
+    /// holds the repository.
+    fn recover(&mut self) -> Result<(), AgentError>;
+
+    /// File names in `.dsg/archive/`.
+    fn list_archives(&self) -> Result<Vec<String>, AgentError>;
+
     /// The repository directory (for messages and tests).
     fn root(&self) -> PathBuf;
 }
 
 pub struct CommitData {
     pub snapshot_id: String,
-    pub deletes: Vec<String>,
     pub manifest: Vec<u8>,
     pub sync_messages: Vec<u8>,
-    /// `(file name, bytes)` of the archived previous manifest.
-    pub archive: Option<(String, Vec<u8>)>,
 }

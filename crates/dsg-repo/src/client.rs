@@ -309,36 +309,37 @@ impl RepoClient {
     pub fn commit(
         &mut self,
         snapshot_id: &str,
-        deletes: Vec<String>,
         manifest: &[u8],
         sync_messages: &[u8],
-        archive: Option<(&str, &[u8])>,
     ) -> Result<(), RepoError> {
         if let Some(e) = self.send_error.take() {
             return Err(e);
         }
         self.send(&Request::Commit {
-            deletes,
             snapshot_id: snapshot_id.into(),
         })?;
         let w = &mut self.w;
-        let io = (|| {
-            write_data(w, manifest)?;
-            write_data(w, sync_messages)?;
-            match archive {
-                Some((name, bytes)) => {
-                    let mut blob = Vec::with_capacity(name.len() + 1 + bytes.len());
-                    blob.extend_from_slice(name.as_bytes());
-                    blob.push(b'\n');
-                    blob.extend_from_slice(bytes);
-                    write_data(w, &blob)
-                }
-                None => write_data(w, &[]),
-            }
-        })();
+        let io = write_data(w, manifest).and_then(|_| write_data(w, sync_messages));
         io.map_err(|e| self.conn(e))?;
         match self.recv()? {
             Response::Committed { .. } => Ok(()),
+            other => Err(RepoError::Protocol {
+                host: self.host.clone(),
+                msg: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+
+    /// Asks the agent to finish or undo an interrupted transaction.
+    pub fn recover(&mut self) -> Result<(), RepoError> {
+        self.send(&Request::Recover)?;
+        self.expect_ok()
+    }
+
+    pub fn list_archives(&mut self) -> Result<Vec<String>, RepoError> {
+        self.send(&Request::ListArchives)?;
+        match self.recv()? {
+            Response::Names { names } => Ok(names),
             other => Err(RepoError::Protocol {
                 host: self.host.clone(),
                 msg: format!("unexpected reply {other:?}"),

@@ -37,8 +37,22 @@ use crate::failpoint::failpoint;
 use crate::journal::{Journal, Op, Record};
 use crate::protocol::ErrorKind;
 
+#[derive(Clone, Copy)]
+enum LockMode {
+    Exclusive,
+    Shared,
+}
+
+/// What was staged at a path, checked against the new manifest at commit.
+#[derive(Clone, Debug, PartialEq)]
+enum StagedKind {
+    File { size: u64, hash: u64 },
+    Link { target: String },
+}
+
 pub struct PosixBackend {
     mountpoint: PathBuf,
+    read_lock: Option<File>,
     name: String,
     lock: Option<File>,
     tx: Option<OpenTx>,
@@ -51,7 +65,7 @@ struct OpenTx {
     /// Where uploads go: the init staging dir, or `.dsg/staging/<tx>`.
     staging: PathBuf,
     init: bool,
-    staged: Vec<String>,
+    staged: Vec<(String, StagedKind)>,
     base: Option<Manifest>,
     error: Option<AgentError>,
 }
@@ -75,6 +89,7 @@ impl PosixBackend {
             .unwrap_or(30.0);
         Ok(PosixBackend {
             mountpoint,
+            read_lock: None,
             name,
             lock: None,
             tx: None,
@@ -101,43 +116,9 @@ impl PosixBackend {
         if self.lock.is_some() {
             return Ok(());
         }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| AgentError::io(format!("cannot open lock {}", path.display()), e))?;
-        let start = Instant::now();
-        loop {
-            match rustix::fs::flock(
-                f.as_fd(),
-                rustix::fs::FlockOperation::NonBlockingLockExclusive,
-            ) {
-                Ok(()) => break,
-                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
-                    if start.elapsed() >= self.lock_timeout {
-                        let holder = fs::read_to_string(path).unwrap_or_default();
-                        return Err(AgentError::new(
-                            ErrorKind::Busy,
-                            format!(
-                                "repository {} is busy: locked by {}",
-                                self.dir().display(),
-                                if holder.trim().is_empty() { "another dsg process" } else { holder.trim() }
-                            ),
-                        )
-                        .hint("wait for the other sync to finish and run the command again (DSG_LOCK_TIMEOUT sets the wait in seconds)"));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => {
-                    return Err(AgentError::io(
-                        format!("cannot lock {}", path.display()),
-                        e.into(),
-                    ))
-                }
-            }
-        }
+        let f = self
+            .take_flock(path, LockMode::Exclusive, true)?
+            .expect("waited");
         // Who holds it, for the message a waiting client prints. The flock is
         // the truth; this text is only informative.
         let info = format!(
@@ -155,6 +136,56 @@ impl PosixBackend {
         let _ = (&f).write_all(info.as_bytes());
         self.lock = Some(f);
         Ok(())
+    }
+
+    /// `wait = false`: returns `Ok(None)` at once when the lock is taken.
+    fn take_flock(
+        &self,
+        path: &Path,
+        mode: LockMode,
+        wait: bool,
+    ) -> Result<Option<File>, AgentError> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| AgentError::io(format!("cannot open lock {}", path.display()), e))?;
+        let op = match mode {
+            LockMode::Exclusive => rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            LockMode::Shared => rustix::fs::FlockOperation::NonBlockingLockShared,
+        };
+        let start = Instant::now();
+        loop {
+            match rustix::fs::flock(f.as_fd(), op) {
+                Ok(()) => return Ok(Some(f)),
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                    if !wait {
+                        return Ok(None);
+                    }
+                    if start.elapsed() >= self.lock_timeout {
+                        let holder = fs::read_to_string(path).unwrap_or_default();
+                        return Err(AgentError::new(
+                            ErrorKind::Busy,
+                            format!(
+                                "repository {} is busy: locked by {}",
+                                self.dir().display(),
+                                if holder.trim().is_empty() { "another dsg process" } else { holder.trim() }
+                            ),
+                        )
+                        .hint("wait for the other sync to finish and run the command again (DSG_LOCK_TIMEOUT sets the wait in seconds)"));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(AgentError::io(
+                        format!("cannot lock {}", path.display()),
+                        e.into(),
+                    ))
+                }
+            }
+        }
     }
 
     fn unlock(&mut self) {
@@ -569,7 +600,8 @@ impl Backend for PosixBackend {
         }
         let t = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
         let _ = f.set_modified(t);
-        tx.staged.push(path.into());
+        tx.staged
+            .push((path.into(), StagedKind::File { size, hash }));
         failpoint("repo.stage_file");
         Ok(())
     }
@@ -587,7 +619,12 @@ impl Backend for PosixBackend {
         let _ = fs::remove_file(&dst);
         symlink(target, &dst)
             .map_err(|e| AgentError::io(format!("cannot stage link {path}"), e))?;
-        tx.staged.push(path.into());
+        tx.staged.push((
+            path.into(),
+            StagedKind::Link {
+                target: target.into(),
+            },
+        ));
         Ok(())
     }
 
@@ -672,6 +709,62 @@ impl Backend for PosixBackend {
     fn root(&self) -> PathBuf {
         self.dir()
     }
+
+    fn read_lock(&mut self) -> Result<(), AgentError> {
+        if self.lock.is_some() || self.read_lock.is_some() || !self.dsg().is_dir() {
+            return Ok(());
+        }
+        self.read_lock = self.take_flock(&self.dsg().join("lock"), LockMode::Shared, true)?;
+        Ok(())
+    }
+
+    fn read_unlock(&mut self) {
+        self.read_lock = None;
+    }
+
+    fn recover(&mut self) -> Result<(), AgentError> {
+        if self.tx.is_some() {
+            return Ok(());
+        }
+        if self.dsg().is_dir() {
+            // A live writer holds the lock: its transaction is not ours to touch.
+            if let Some(f) =
+                self.take_flock(&self.dsg().join("lock"), LockMode::Exclusive, false)?
+            {
+                self.lock = Some(f);
+                let r = self.recover_locked();
+                self.unlock();
+                r?;
+            }
+        }
+        if self.mountpoint.is_dir() && self.init_lock_path().exists() {
+            if let Some(f) = self.take_flock(&self.init_lock_path(), LockMode::Exclusive, false)? {
+                self.lock = Some(f);
+                let r = self.cleanup_init_leftovers();
+                self.unlock();
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    fn list_archives(&self) -> Result<Vec<String>, AgentError> {
+        let mut names = Vec::new();
+        match fs::read_dir(self.dsg().join("archive")) {
+            Ok(rd) => {
+                for de in rd.flatten() {
+                    let n = de.file_name().to_string_lossy().to_string();
+                    if !n.starts_with('.') && de.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                        names.push(n);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io("listing archives", e)),
+        }
+        names.sort();
+        Ok(names)
+    }
 }
 
 impl PosixBackend {
@@ -689,12 +782,32 @@ impl PosixBackend {
                 "manifest snapshot id does not match the commit",
             ));
         }
-        // Every entry of the new manifest must be staged now or unchanged
-        // from the base: the repository must equal its manifest afterwards.
-        let staged: std::collections::HashSet<&str> =
-            tx.staged.iter().map(|s| s.as_str()).collect();
+        // Every entry of the new manifest must be staged now (and staged as
+        // the manifest says) or unchanged from the base: the repository must
+        // equal its manifest afterwards.
+        let staged: std::collections::HashMap<&str, &StagedKind> =
+            tx.staged.iter().map(|(p, k)| (p.as_str(), k)).collect();
         for e in new.entries() {
-            if staged.contains(&*e.path) {
+            if let Some(k) = staged.get(&*e.path) {
+                let matches = match (&e.kind, k) {
+                    (
+                        EntryKind::File { size, hash, .. },
+                        StagedKind::File { size: s2, hash: h2 },
+                    ) => size == s2 && hash.map(|h| h.0) == Some(*h2),
+                    (EntryKind::Link { target }, StagedKind::Link { target: t2 }) => {
+                        &**target == t2.as_str()
+                    }
+                    _ => false,
+                };
+                if !matches {
+                    return Err(AgentError::new(
+                        ErrorKind::Verify,
+                        format!(
+                            "{}: the uploaded content does not match the new manifest",
+                            e.path
+                        ),
+                    ));
+                }
                 continue;
             }
             let same = tx
@@ -712,9 +825,25 @@ impl PosixBackend {
                 ));
             }
         }
-        for d in &c.deletes {
-            checked(d)?;
+        for p in staged.keys() {
+            if new.get(p).is_none() {
+                return Err(AgentError::new(
+                    ErrorKind::Protocol,
+                    format!("{p}: uploaded but not in the new manifest"),
+                ));
+            }
         }
+        let deletes: Vec<String> = tx
+            .base
+            .as_ref()
+            .map(|b| {
+                b.entries()
+                    .iter()
+                    .filter(|e| new.get(&e.path).is_none())
+                    .map(|e| e.path.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
         if tx.init {
             let dsg = tx.staging.join(".dsg");
             write_atomic(&dsg.join("last-sync.json"), &c.manifest)
@@ -743,17 +872,23 @@ impl PosixBackend {
             .map_err(|e| AgentError::io("staging manifest", e.source))?;
         write_atomic(&meta.join("sync-messages.json"), &c.sync_messages)
             .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
-        if let Some((name, bytes)) = &c.archive {
-            if name.contains('/') || name.starts_with('.') {
-                return Err(AgentError::new(
-                    ErrorKind::Unsafe,
-                    format!("bad archive name {name:?}"),
-                ));
-            }
-            // Never overwrite an archived snapshot (the original did).
-            if !self.dsg().join("archive").join(name).exists() {
-                write_atomic(&meta.join("archive").join(name), bytes)
-                    .map_err(|e| AgentError::io("staging archive", e.source))?;
+        // Archive the old head exactly as it is on disk, so its stored
+        // entries_hash still verifies; never overwrite an archived snapshot.
+        let base_id = tx
+            .base
+            .as_ref()
+            .and_then(|b| b.metadata.as_ref())
+            .map(|m| m.snapshot_id.clone());
+        if let Some(base_id) = base_id {
+            let name = dsg_core::manifest::archive_name(&base_id);
+            if !self.dsg().join("archive").join(&name).exists() {
+                let raw = fs::read(self.dsg().join("last-sync.json"))
+                    .map_err(|e| AgentError::io("reading the head manifest", e))?;
+                write_atomic(
+                    &meta.join("archive").join(&name),
+                    &dsg_core::manifest::compress_archive(&raw),
+                )
+                .map_err(|e| AgentError::io("staging archive", e.source))?;
             }
         }
         syncfs(&tx.staging)?;
@@ -766,8 +901,8 @@ impl PosixBackend {
             })
         };
         let mut ops = Vec::new();
-        let mut retire: Vec<&str> = c.deletes.iter().map(|s| s.as_str()).collect();
-        retire.extend(tx.staged.iter().map(|s| s.as_str()));
+        let mut retire: Vec<&str> = deletes.iter().map(|s| s.as_str()).collect();
+        retire.extend(tx.staged.iter().map(|s| s.0.as_str()));
         // Deepest first, so a directory is emptied before it may be replaced.
         retire.sort_by(|a, b| b.cmp(a));
         retire.dedup();
@@ -777,7 +912,7 @@ impl PosixBackend {
                 hash: old_hash(p),
             });
         }
-        let mut installs: Vec<&str> = tx.staged.iter().map(|s| s.as_str()).collect();
+        let mut installs: Vec<&str> = tx.staged.iter().map(|s| s.0.as_str()).collect();
         installs.sort();
         for p in installs {
             ops.push(Op::Install { path: p.into() });
@@ -797,25 +932,6 @@ impl PosixBackend {
             .map_err(|e| AgentError::io("cannot write the journal", e))?;
         failpoint("repo.journal.done");
         self.recover_locked()?;
-        Ok(())
-    }
-
-    /// Recovery as a command of its own: takes the lock, finishes or undoes
-    /// whatever was interrupted.
-    pub fn recover(&mut self) -> Result<(), AgentError> {
-        if self.dsg().is_dir() {
-            let lock_path = self.dsg().join("lock");
-            self.lock(&lock_path)?;
-            let r = self.recover_locked();
-            self.unlock();
-            r?;
-        }
-        if self.mountpoint.is_dir() && self.init_lock_path().exists() {
-            self.lock(&self.init_lock_path())?;
-            let r = self.cleanup_init_leftovers();
-            self.unlock();
-            r?;
-        }
         Ok(())
     }
 }

@@ -50,12 +50,18 @@ pub enum Request {
     },
     /// Reports the first error of the puts since the last barrier.
     Flush,
-    /// Publishes the transaction: the new manifest, sync-messages and the
-    /// archive of the previous manifest follow as three data streams.
+    /// Publishes the transaction: the new manifest and sync-messages follow
+    /// as two data streams. The agent works out the deletions itself (base
+    /// entries absent from the new manifest) and archives the old head's
+    /// bytes as they are.
     Commit {
-        deletes: Vec<String>,
         snapshot_id: String,
     },
+    /// Finishes or undoes an interrupted transaction if the repository is
+    /// not locked by a live writer; a no-op otherwise.
+    Recover,
+    /// Names of the files in `.dsg/archive/`.
+    ListArchives,
     Rollback,
     /// Streams the named files back, in order.
     GetFiles {
@@ -89,6 +95,9 @@ pub enum Response {
     },
     Committed {
         snapshot_id: String,
+    },
+    Names {
+        names: Vec<String>,
     },
     Err(RemoteError),
 }

@@ -310,7 +310,7 @@ fn init_tx(
     failpoint("client.init.staged");
     check_interrupt()?;
 
-    client.commit("s1", Vec::new(), &manifest_bytes, &messages_bytes, None)?;
+    client.commit("s1", &manifest_bytes, &messages_bytes)?;
     failpoint("client.init.committed");
     finish_local_init(&project.root, staging)?;
     let _ = client.close();

@@ -6,6 +6,7 @@ pub mod init;
 pub mod project;
 pub mod recover;
 pub mod status;
+pub mod sync;
 
 use std::path::PathBuf;
 

@@ -45,7 +45,7 @@ pub fn recover_init(root: &Path, connect: impl FnOnce() -> Option<RepoClient>) -
             return Ok(());
         };
         let remote = match fetch_remote(c, None) {
-            Ok(r) => r,
+            Ok(r) => r.map(|x| x.0),
             Err(_) => None,
         };
         let staged_hash = staged_manifest

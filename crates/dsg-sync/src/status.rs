@@ -20,11 +20,11 @@ pub struct Comparison {
     pub scan: ScanResult,
     pub local: Manifest,
     pub cache: Manifest,
-    /// Bytes of the cache file as read (to detect an unchanged repository).
-    pub cache_bytes: Option<Vec<u8>>,
     /// `None` when R is the cache (offline, or the repository head is the
     /// same file as the cache): no second copy is kept.
     remote: Option<Manifest>,
+    /// The repository manifest's bytes, when asked for (sync archives them).
+    pub remote_bytes: Option<Vec<u8>>,
     pub has_cache: bool,
 }
 
@@ -46,6 +46,10 @@ impl Comparison {
             .collect()
     }
 
+    pub fn with_scan(self, scan: ScanResult) -> Comparison {
+        Comparison { scan, ..self }
+    }
+
     pub fn problems(&self) -> &[Problem] {
         &self.scan.problems
     }
@@ -55,9 +59,8 @@ impl Comparison {
 /// an error, never an empty manifest (G4).
 pub fn fetch_remote(
     client: &mut RepoClient,
-    cache_bytes: Option<&[u8]>,
-) -> Result<Option<Manifest>> {
-    let unless = cache_bytes.map(xxhash_rust::xxh3::xxh3_64);
+    unless: Option<u64>,
+) -> Result<Option<(Manifest, Vec<u8>)>> {
     let origin = format!("{}:{}/.dsg/last-sync.json", client.host(), client.repo());
     match client.read_meta("last-sync.json", unless)? {
         Meta::Unchanged => Ok(None),
@@ -71,38 +74,65 @@ pub fn fetch_remote(
                 message: format!("the repository manifest {origin} fails its integrity check: {msg}"),
                 hint: "the repository was altered outside dsg; ask its maintainer to restore it".into(),
             })?;
-            Ok(Some(m))
+            Ok(Some((m, b)))
         }
     }
+}
+
+/// What `compare` should do besides comparing.
+#[derive(Clone, Copy, Default)]
+pub struct CompareOpts {
+    /// Write the stat cache (status does; dry runs must not).
+    pub save_stat_cache: bool,
+    /// Keep the repository manifest's bytes.
+    pub keep_remote_bytes: bool,
+    /// Compare against an empty cache (clone).
+    pub no_cache: bool,
 }
 
 /// Builds the three manifests. `client` = None means offline (R := C).
 pub fn compare(
     project: &Project,
     client: Option<&mut RepoClient>,
+    opts: CompareOpts,
     reporter: &dyn Reporter,
 ) -> Result<Comparison> {
-    let cache = project.load_cache()?;
+    let cache = if opts.no_cache {
+        None
+    } else {
+        project.load_cache()?
+    };
     let has_cache = cache.is_some();
-    let (cache, cache_bytes) = match cache {
-        Some((m, b)) => (m, Some(b)),
+    let (cache, cache_hash) = match cache {
+        Some((m, b)) => (m, Some(xxhash_rust::xxh3::xxh3_64(&b))),
         None => (Manifest::new(), None),
     };
     // Ask the repository first: it is the step most likely to fail, and a
-    // failure should not cost a full scan.
-    let remote = match client {
-        None => None,
-        Some(c) => fetch_remote(c, cache_bytes.as_deref())?,
+    // failure should not cost a full scan. The cache's hash lets the agent
+    // answer "unchanged" instead of sending the manifest again.
+    let (remote, remote_bytes) = match client {
+        None => (None, None),
+        Some(c) => match fetch_remote(c, cache_hash)? {
+            None if opts.keep_remote_bytes => {
+                let b = std::fs::read(project.cache_path())
+                    .map_err(|e| EngineError::io(project.cache_path(), e))?;
+                (None, Some(b))
+            }
+            None => (None, None),
+            Some((r, b)) => (Some(r), opts.keep_remote_bytes.then_some(b)),
+        },
     };
     let scan = project.scan(reporter);
     let local = to_manifest(&scan.entries, Some(&cache), &project.user.user_id);
-    project.save_stat_cache(&scan);
+    if opts.save_stat_cache {
+        project.save_stat_cache(&scan);
+    }
     Ok(Comparison {
         scan,
         local,
         cache,
-        cache_bytes,
         remote,
+        remote_bytes,
         has_cache,
     })
 }

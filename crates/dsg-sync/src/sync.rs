@@ -1,0 +1,802 @@
+//! `sync` and `clone`: carry out the 15-state table as one transaction.
+//!
+//! The commit protocol (docs/design.md has the full argument):
+//! 1. plan from L/C/R; conflicts or unsafe paths block before anything is
+//!    written;
+//! 2. client journal `begin`; when a new snapshot is needed, the agent
+//!    locks the repository and checks its head is still the planned base;
+//! 3. uploads are streamed (pipelined) and verified by the agent; downloads
+//!    are streamed into `.dsg/staging/<tx>/files/` and verified here;
+//! 4. the new metadata is staged locally; journal `prepared` (fsynced);
+//! 5. commit point: the agent's `committed` journal record (snapshot syncs),
+//!    or our own `committed` record (download-only syncs and clone);
+//! 6. the client moves what it replaces or deletes into
+//!    `.dsg/staging/<tx>/backup/`, installs the downloads and the metadata
+//!    (`last-sync.json` last), journals `done`, removes staging.
+//!
+//! Recovery (`recover_sync`) rolls back before the commit point and forward
+//! after it; every apply step checks what is already done.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use dsg_core::atomic::{sync_dir, write_atomic};
+use dsg_core::hash::Hash;
+use dsg_core::manifest::{
+    archive_name, compress_archive, snapshot_number, Entry, EntryKind, Manifest, SyncMessages,
+};
+use dsg_core::scan::{LocalEntry, LocalKind, Stat, StatCache};
+use dsg_core::state::Action;
+use dsg_repo::failpoint::failpoint;
+use dsg_repo::journal::Journal;
+use dsg_repo::protocol::ErrorKind;
+use dsg_repo::{Incoming, Meta, RepoClient, RepoError};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::init::{settle_names, RenameOut};
+use crate::project::DSG_DIR;
+use crate::status::{compare, fetch_remote, CompareOpts, Row};
+use crate::{check_interrupt, EngineError, Project, Reporter, Result};
+
+#[derive(Default, Clone)]
+pub struct SyncOpts {
+    pub dry_run: bool,
+    pub normalize: bool,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SyncReport {
+    pub dry_run: bool,
+    pub up_to_date: bool,
+    pub snapshot_id: Option<String>,
+    pub uploaded: u64,
+    pub uploaded_bytes: u64,
+    pub downloaded: u64,
+    pub downloaded_bytes: u64,
+    pub deleted_local: u64,
+    pub deleted_remote: u64,
+    pub cache_updated: u64,
+    /// The plan, in the shape of `status --json`.
+    pub files: Vec<Row>,
+    pub renames: Vec<RenameOut>,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "rec", rename_all = "snake_case")]
+pub enum LocalRecord {
+    Begin {
+        tx: String,
+        clone: bool,
+    },
+    /// Everything is staged. `new_hash`: the snapshot the repository will
+    /// hold after its commit (None: no repository commit in this sync).
+    Prepared {
+        tx: String,
+        new_hash: Option<String>,
+        ops: Vec<LocalOp>,
+    },
+    /// The commit point has passed.
+    Committed {
+        tx: String,
+    },
+    Done {
+        tx: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum LocalOp {
+    /// Move the local path (if any) into the backup area.
+    Remove { path: String },
+    /// Move the staged download into place.
+    Install { path: String },
+}
+
+fn journal_path(root: &Path) -> PathBuf {
+    root.join(DSG_DIR).join("journal")
+}
+
+fn staging_dir(root: &Path, tx: &str) -> PathBuf {
+    root.join(DSG_DIR).join("staging").join(tx)
+}
+
+fn jerr(root: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
+    move |e| EngineError::io(journal_path(root), e)
+}
+
+pub fn sync(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Result<SyncReport> {
+    if !project.dsg().is_dir() {
+        return Err(EngineError::State {
+            message: format!(
+                "{} has no .dsg/: it was never synced here",
+                project.root.display()
+            ),
+            hint: "run 'dsg clone' to fetch the repository's data first".into(),
+        });
+    }
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match sync_once(project, &opts, reporter, false) {
+            // Another client committed between our plan and our begin: plan
+            // again against the new head (G2). Bounded, in case of a storm.
+            Err(EngineError::Repo(e)) if e.kind() == Some(ErrorKind::Moved) && attempts < 4 => {
+                tracing::info!("the repository moved; planning again");
+                continue;
+            }
+            Ok(mut r) => {
+                r.attempts = attempts;
+                return Ok(r);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `clone`: fetch the repository's head into a project that has only its
+/// `.dsgconfig.yml`. Never writes to the repository.
+pub fn clone(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Result<SyncReport> {
+    if project.dsg().exists() {
+        return Err(EngineError::State {
+            message: format!(
+                "{} already exists: this project is already cloned",
+                project.dsg().display()
+            ),
+            hint: "use 'dsg sync' to update it".into(),
+        });
+    }
+    sync_once(project, &opts, reporter, true)
+}
+
+fn sync_once(
+    project: &Project,
+    opts: &SyncOpts,
+    reporter: &dyn Reporter,
+    is_clone: bool,
+) -> Result<SyncReport> {
+    let mut client = RepoClient::connect(&project.config)?;
+    client.recover()?;
+    if !is_clone {
+        recover_sync(project, Some(&mut client))?;
+    }
+    let copts = CompareOpts {
+        save_stat_cache: false,
+        keep_remote_bytes: true,
+        no_cache: is_clone,
+    };
+    let mut cmp = compare(project, Some(&mut client), copts, reporter)?;
+    let scan = std::mem::take(&mut cmp.scan);
+    let (scan, renames) = settle_names(
+        project,
+        scan,
+        opts.normalize,
+        opts.dry_run,
+        reporter,
+        "sync",
+    )?;
+    let cmp = if !renames.is_empty() && !opts.dry_run {
+        // Names changed on disk: compare again.
+        compare(project, Some(&mut client), copts, reporter)?
+    } else {
+        cmp.with_scan(scan)
+    };
+    let rows = cmp.rows();
+    let mut report = SyncReport {
+        dry_run: opts.dry_run,
+        files: rows.clone(),
+        renames,
+        ..Default::default()
+    };
+    let conflicts: Vec<String> = rows
+        .iter()
+        .filter(|r| r.action == Action::Conflict)
+        .map(|r| r.path.clone())
+        .collect();
+    if !conflicts.is_empty() {
+        let shown: Vec<String> = rows
+            .iter()
+            .filter(|r| r.action == Action::Conflict)
+            .take(20)
+            .map(|r| format!("  {}  ({})", r.path, r.state.label()))
+            .collect();
+        return Err(EngineError::Blocked {
+            message: format!(
+                "sync blocked by {} conflict(s); nothing was changed:\n{}{}\nhint: decide each path (keep the local or the repository version by copying or deleting it), then sync again",
+                conflicts.len(),
+                shown.join("\n"),
+                if conflicts.len() > 20 { format!("\n  … and {} more", conflicts.len() - 20) } else { String::new() }
+            ),
+            paths: conflicts,
+        });
+    }
+    let local_by_path: HashMap<&str, &LocalEntry> =
+        cmp.scan.entries.iter().map(|e| (&*e.path, e)).collect();
+    let remote = cmp.remote();
+    let mut uploads: Vec<&Entry> = Vec::new();
+    let mut deletes_remote: Vec<&str> = Vec::new();
+    let mut downloads: Vec<&Entry> = Vec::new();
+    let mut deletes_local: Vec<&str> = Vec::new();
+    for r in &rows {
+        match r.action {
+            Action::Upload => uploads.push(cmp.local.get(&r.path).expect("L has it")),
+            Action::DeleteRemote => deletes_remote.push(&r.path),
+            Action::Download => downloads.push(remote.get(&r.path).expect("R has it")),
+            Action::DeleteLocal => deletes_local.push(&r.path),
+            Action::UpdateCache => report.cache_updated += 1,
+            Action::None | Action::Conflict => {}
+        }
+    }
+    if is_clone && (!uploads.is_empty() || !deletes_remote.is_empty()) {
+        // Local files that the repository does not have stay untouched and
+        // unsynced; clone never writes the repository.
+        for e in &uploads {
+            reporter.warn(&format!(
+                "{}: exists only locally; clone leaves it alone (not uploaded)",
+                e.path
+            ));
+        }
+        uploads.clear();
+        deletes_remote.clear();
+    }
+    let needs_snapshot = !uploads.is_empty() || !deletes_remote.is_empty();
+    let needs_local =
+        !downloads.is_empty() || !deletes_local.is_empty() || report.cache_updated > 0 || is_clone;
+    report.uploaded = uploads.len() as u64;
+    report.deleted_remote = deletes_remote.len() as u64;
+    report.downloaded = downloads.len() as u64;
+    report.deleted_local = deletes_local.len() as u64;
+    report.uploaded_bytes = uploads.iter().map(|e| entry_size(e)).sum();
+    report.downloaded_bytes = downloads.iter().map(|e| entry_size(e)).sum();
+    if opts.dry_run {
+        report.up_to_date = !needs_snapshot && !needs_local;
+        return Ok(report);
+    }
+    if !needs_snapshot && !needs_local {
+        report.up_to_date = true;
+        let _ = client.close();
+        project.save_stat_cache(&cmp.scan);
+        return Ok(report);
+    }
+
+    let root = &project.root;
+    let tx = format!("tx-{}", uuid::Uuid::new_v4().simple());
+    let remote_bytes = cmp.remote_bytes.clone().ok_or_else(|| EngineError::State {
+        message: "internal: repository manifest bytes missing".into(),
+        hint: "report this".into(),
+    })?;
+    let remote_md = remote.metadata.clone().ok_or_else(|| EngineError::State {
+        message: "the repository manifest has no metadata (no snapshot id)".into(),
+        hint: "the repository was not written by dsg; ask its maintainer".into(),
+    })?;
+
+    // New manifest N and new sync-messages (identical on both sides).
+    let mut new_manifest_bytes = remote_bytes.clone();
+    let mut new_hash = None;
+    let mut new_id = None;
+    let repo_messages = match client.read_meta("sync-messages.json", None)? {
+        Meta::Data(b) => SyncMessages::from_json_bytes(
+            &b,
+            Path::new(&format!(
+                "{}:{}/.dsg/sync-messages.json",
+                client.host(),
+                client.repo()
+            )),
+        )?,
+        _ => SyncMessages::default(),
+    };
+    let mut messages = repo_messages;
+    if !messages.snapshots.contains_key(&remote_md.snapshot_id) {
+        messages.add(&remote_md);
+    }
+    if needs_snapshot {
+        let mut entries: Vec<Entry> = remote.entries().to_vec();
+        let drop: std::collections::HashSet<&str> = deletes_remote
+            .iter()
+            .copied()
+            .chain(uploads.iter().map(|e| &*e.path))
+            .collect();
+        entries.retain(|e| !drop.contains(&*e.path));
+        entries.extend(uploads.iter().map(|e| (*e).clone()));
+        let mut n = Manifest::from_entries(entries);
+        let next = snapshot_number(&remote_md.snapshot_id)
+            .or_else(|| messages.head_number())
+            .unwrap_or(0)
+            + 1;
+        let id = format!("s{next}");
+        n.seal(
+            &id,
+            &project.user.user_id,
+            opts.message.as_deref().unwrap_or("Sync operation"),
+            "sync",
+            Some(&remote_md),
+        );
+        let md = n.metadata.clone().expect("sealed");
+        messages.add(&md);
+        new_hash = md.snapshot_hash.clone();
+        new_id = Some(id);
+        new_manifest_bytes = n.to_json_bytes();
+    }
+    let messages_bytes = messages.to_json_bytes();
+
+    // --- the transaction ---
+    if is_clone {
+        std::fs::create_dir(project.dsg()).map_err(|e| EngineError::io(project.dsg(), e))?;
+    }
+    let journal = Journal::create(&journal_path(root)).map_err(jerr(root))?;
+    journal
+        .append(&LocalRecord::Begin {
+            tx: tx.clone(),
+            clone: is_clone,
+        })
+        .map_err(jerr(root))?;
+    failpoint("client.journal.begin");
+    let staging = staging_dir(root, &tx);
+    let result = (|| -> Result<Vec<LocalOp>> {
+        std::fs::create_dir_all(staging.join("meta/archive"))
+            .map_err(|e| EngineError::io(&staging, e))?;
+        if needs_snapshot {
+            client.begin(&tx, Some(&remote_md.snapshot_id), &project.user.user_id)?;
+            reporter.transfer_start("uploading", report.uploaded, report.uploaded_bytes);
+            let (mut nf, mut nb) = (0, 0);
+            for e in &uploads {
+                check_interrupt()?;
+                match &e.kind {
+                    EntryKind::File { size, hash, .. } => {
+                        let le = local_by_path[&*e.path];
+                        client.put_file(
+                            &e.path,
+                            &root.join(&*e.path),
+                            *size,
+                            hash.expect("scanned").0,
+                            le.stat.mtime_ns,
+                        )?;
+                        nb += size;
+                    }
+                    EntryKind::Link { target } => client.put_link(&e.path, target)?,
+                }
+                nf += 1;
+                reporter.transfer_progress(nf, nb);
+            }
+            client.flush()?;
+            reporter.transfer_done();
+            failpoint("client.uploaded");
+        }
+        download(
+            &mut client,
+            &staging,
+            &downloads,
+            report.downloaded_bytes,
+            reporter,
+        )?;
+        failpoint("client.downloaded");
+        check_interrupt()?;
+        // Stage metadata: the new cache, the index, archives we lack.
+        let meta = staging.join("meta");
+        let w =
+            |p: PathBuf, b: &[u8]| write_atomic(&p, b).map_err(|e| EngineError::io(p, e.source));
+        w(meta.join("last-sync.json"), &new_manifest_bytes)?;
+        w(meta.join("sync-messages.json"), &messages_bytes)?;
+        let local_archive = project.dsg().join("archive");
+        if needs_snapshot {
+            let name = archive_name(&remote_md.snapshot_id);
+            if !local_archive.join(&name).exists() {
+                w(
+                    meta.join("archive").join(&name),
+                    &compress_archive(&remote_bytes),
+                )?;
+            }
+        }
+        for name in client.list_archives()? {
+            if local_archive.join(&name).exists() || meta.join("archive").join(&name).exists() {
+                continue;
+            }
+            if name.contains('/') || name.starts_with('.') {
+                continue;
+            }
+            if let Meta::Data(b) = client.read_meta(&format!("archive/{name}"), None)? {
+                w(meta.join("archive").join(&name), &b)?;
+            }
+        }
+        let mut ops: Vec<LocalOp> = Vec::new();
+        let mut removes: Vec<&str> = deletes_local.clone();
+        removes.extend(downloads.iter().map(|e| &*e.path));
+        removes.sort_by(|a, b| b.cmp(a));
+        removes.dedup();
+        ops.extend(
+            removes
+                .into_iter()
+                .map(|p| LocalOp::Remove { path: p.into() }),
+        );
+        let mut installs: Vec<&str> = downloads.iter().map(|e| &*e.path).collect();
+        installs.sort();
+        ops.extend(
+            installs
+                .into_iter()
+                .map(|p| LocalOp::Install { path: p.into() }),
+        );
+        sync_fs(root)?;
+        journal
+            .append(&LocalRecord::Prepared {
+                tx: tx.clone(),
+                new_hash: new_hash.clone(),
+                ops: ops.clone(),
+            })
+            .map_err(jerr(root))?;
+        failpoint("client.journal.prepared");
+        check_interrupt()?;
+        Ok(ops)
+    })();
+    let ops = match result {
+        Ok(ops) => ops,
+        Err(e) => {
+            // Before the commit point: nothing of ours is visible anywhere.
+            let _ = client.rollback();
+            rollback_local(root, &tx, is_clone);
+            return Err(e);
+        }
+    };
+    if needs_snapshot {
+        let id = new_id.clone().expect("snapshot id");
+        if let Err(e) = client.commit(&id, &new_manifest_bytes, &messages_bytes) {
+            // Did the repository commit anyway (the reply was lost)? Ask.
+            let committed = matches!(fetch_remote(&mut client, None), Ok(Some((m, _))) if m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == new_hash);
+            if !committed {
+                rollback_local(root, &tx, is_clone);
+                return Err(e.into());
+            }
+        }
+        failpoint("client.repo_committed");
+    }
+    journal
+        .append(&LocalRecord::Committed { tx: tx.clone() })
+        .map_err(jerr(root))?;
+    failpoint("client.journal.committed");
+    // Past the commit point: Ctrl-C no longer aborts; we finish.
+    apply_local(root, &tx, &ops)?;
+    update_stat_cache(
+        project,
+        &cmp.scan.entries,
+        &downloads,
+        &deletes_local,
+        cmp.scan.started_ns,
+    );
+    journal
+        .append(&LocalRecord::Done { tx: tx.clone() })
+        .map_err(jerr(root))?;
+    failpoint("client.journal.done");
+    cleanup_local(root);
+    let _ = client.close();
+    report.snapshot_id = new_id;
+    Ok(report)
+}
+
+fn entry_size(e: &Entry) -> u64 {
+    match e.kind {
+        EntryKind::File { size, .. } => size,
+        _ => 0,
+    }
+}
+
+fn sync_fs(root: &Path) -> Result<()> {
+    // One syncfs makes every staged file durable: far cheaper than an fsync
+    // per small file, and the journal record that follows is what makes the
+    // staged state count.
+    let f = std::fs::File::open(root).map_err(|e| EngineError::io(root, e))?;
+    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+    if rc != 0 {
+        return Err(EngineError::io(root, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Streams the downloads into staging, verifying each against R's entry.
+fn download(
+    client: &mut RepoClient,
+    staging: &Path,
+    downloads: &[&Entry],
+    bytes: u64,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let files = staging.join("files");
+    let mut want: HashMap<&str, &Entry> = HashMap::new();
+    let mut fetch = Vec::new();
+    for e in downloads {
+        match &e.kind {
+            EntryKind::Link { target } => {
+                // A link is its target text; the manifest has it (checked to
+                // stay inside the project when the manifest was loaded).
+                let p = files.join(&*e.path);
+                make_parent(&files, &e.path)?;
+                std::os::unix::fs::symlink(&**target, &p).map_err(|er| EngineError::io(&p, er))?;
+            }
+            EntryKind::File { .. } => {
+                want.insert(&e.path, e);
+                fetch.push(e.path.to_string());
+            }
+        }
+    }
+    if fetch.is_empty() {
+        return Ok(());
+    }
+    reporter.transfer_start("downloading", fetch.len() as u64, bytes);
+    let (mut nf, mut nb) = (0u64, 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    let res = client.get_files(fetch, |inc| {
+        let Incoming::File { path, size: _, data } = inc else {
+            return Err(std::io::Error::other("the repository holds a link where its manifest has a file"));
+        };
+        let e = want.get(path.as_str()).ok_or_else(|| std::io::Error::other("unexpected file"))?;
+        let EntryKind::File { size, mtime, hash } = &e.kind else { unreachable!() };
+        make_parent(&files, &path).map_err(std::io::Error::other)?;
+        let dst = files.join(&path);
+        let mut f = std::fs::File::create(&dst)?;
+        let mut h = Xxh3::new();
+        let mut n = 0u64;
+        loop {
+            let k = data.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            f.write_all(&buf[..k])?;
+            n += k as u64;
+        }
+        let got = Hash(h.digest());
+        if n != *size || hash.is_some_and(|want| want != got) {
+            return Err(std::io::Error::other(format!(
+                "downloaded {n} bytes hashing to {got}, the repository manifest says {size} bytes hashing to {}",
+                hash.map(|h| h.to_hex()).unwrap_or_default()
+            )));
+        }
+        // The manifest's mtime, so the file compares equal by the
+        // original's size+mtime rule too.
+        if let Some(s) = mtime.unix_secs() {
+            let _ = f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.max(0) as u64));
+        }
+        nf += 1;
+        nb += n;
+        reporter.transfer_progress(nf, nb);
+        Ok(())
+    });
+    reporter.transfer_done();
+    res.map_err(|e| match e {
+        RepoError::Local { path, msg } => EngineError::State {
+            message: format!("download of {} failed: {msg}", path.display()),
+            hint: "nothing was changed; run the command again (if it persists, the repository may be damaged: run 'dsg validate-config')".into(),
+        },
+        other => other.into(),
+    })
+}
+
+fn make_parent(base: &Path, rel: &str) -> Result<()> {
+    if let Some(parent) = Path::new(rel).parent() {
+        let p = base.join(parent);
+        std::fs::create_dir_all(&p).map_err(|e| EngineError::io(&p, e))?;
+    }
+    Ok(())
+}
+
+/// Applies committed local operations. Idempotent: each step looks at what
+/// is already done, so recovery can run it again after a crash.
+pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
+    let staging = staging_dir(root, tx);
+    let files = staging.join("files");
+    let backup = staging.join("backup");
+    let mut parents: Vec<PathBuf> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        failpoint(&format!("client.apply.{i}"));
+        match op {
+            LocalOp::Remove { path } => {
+                let p = root.join(path);
+                let b = backup.join(path);
+                if std::fs::symlink_metadata(&b).is_ok() {
+                    continue;
+                }
+                match std::fs::symlink_metadata(&p) {
+                    Ok(md) if md.is_dir() => {
+                        std::fs::remove_dir(&p).map_err(|e| EngineError::State {
+                            message: format!(
+                                "{}: a directory is in the way and is not empty ({e})",
+                                p.display()
+                            ),
+                            hint: "move it away and run any dsg command to finish the sync".into(),
+                        })?;
+                    }
+                    Ok(_) => {
+                        make_parent(&backup, path)?;
+                        std::fs::rename(&p, &b).map_err(|e| EngineError::io(&p, e))?;
+                    }
+                    Err(_) => {}
+                }
+                if let Some(par) = p.parent() {
+                    parents.push(par.to_path_buf());
+                }
+            }
+            LocalOp::Install { path } => {
+                let src = files.join(path);
+                if std::fs::symlink_metadata(&src).is_err() {
+                    continue;
+                }
+                let dst = root.join(path);
+                if let Some(par) = dst.parent() {
+                    std::fs::create_dir_all(par).map_err(|e| EngineError::io(par, e))?;
+                }
+                std::fs::rename(&src, &dst).map_err(|e| EngineError::io(&dst, e))?;
+            }
+        }
+    }
+    // Directories emptied by deletions go too (below the top level).
+    parents.sort();
+    parents.dedup();
+    for d in parents.iter().rev() {
+        let mut cur = d.clone();
+        while cur.starts_with(root) && cur.parent() != Some(root) && cur != root {
+            if std::fs::remove_dir(&cur).is_err() {
+                break;
+            }
+            cur = cur.parent().unwrap().to_path_buf();
+        }
+    }
+    let meta = staging.join("meta");
+    let dsg = root.join(DSG_DIR);
+    let archive = dsg.join("archive");
+    std::fs::create_dir_all(&archive).map_err(|e| EngineError::io(&archive, e))?;
+    if let Ok(rd) = std::fs::read_dir(meta.join("archive")) {
+        for de in rd.flatten() {
+            let dst = archive.join(de.file_name());
+            std::fs::rename(de.path(), &dst).map_err(|e| EngineError::io(&dst, e))?;
+        }
+    }
+    failpoint("client.apply.meta");
+    for name in ["sync-messages.json", "last-sync.json"] {
+        let src = meta.join(name);
+        if src.exists() {
+            std::fs::rename(&src, dsg.join(name))
+                .map_err(|e| EngineError::io(dsg.join(name), e))?;
+        }
+    }
+    sync_fs(root)?;
+    Ok(())
+}
+
+/// The stat cache after a sync: the scan's entries, minus deletions, plus
+/// the downloaded files as they now are on disk.
+fn update_stat_cache(
+    project: &Project,
+    scanned: &[LocalEntry],
+    downloads: &[&Entry],
+    deleted: &[&str],
+    started_ns: i64,
+) {
+    let mut map: std::collections::BTreeMap<Box<str>, LocalEntry> = scanned
+        .iter()
+        .map(|e| (e.path.clone(), e.clone()))
+        .collect();
+    for p in deleted {
+        map.remove(*p);
+    }
+    for e in downloads {
+        map.remove(&*e.path);
+        if let EntryKind::File {
+            size,
+            hash: Some(h),
+            ..
+        } = &e.kind
+        {
+            if let Ok(md) = std::fs::symlink_metadata(project.root.join(&*e.path)) {
+                use std::os::unix::fs::MetadataExt;
+                map.insert(
+                    e.path.clone(),
+                    LocalEntry {
+                        path: e.path.clone(),
+                        kind: LocalKind::File {
+                            size: *size,
+                            hash: *h,
+                        },
+                        stat: Stat {
+                            size: md.len(),
+                            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+                            ino: md.ino(),
+                        },
+                    },
+                );
+            }
+        }
+    }
+    let entries: Vec<LocalEntry> = map.into_values().collect();
+    let _ = write_atomic(
+        &project.stat_cache_path(),
+        &StatCache::encode_entries(started_ns, &entries),
+    );
+}
+
+fn rollback_local(root: &Path, tx: &str, is_clone: bool) {
+    let _ = std::fs::remove_dir_all(staging_dir(root, tx));
+    let _ = std::fs::remove_file(journal_path(root));
+    if is_clone {
+        // A clone that did not commit leaves no .dsg/, so it can be rerun.
+        let _ = std::fs::remove_dir_all(root.join(DSG_DIR));
+    }
+    let _ = sync_dir(&root.join(DSG_DIR));
+}
+
+fn cleanup_local(root: &Path) {
+    let _ = std::fs::remove_dir_all(root.join(DSG_DIR).join("staging"));
+    let _ = std::fs::remove_file(journal_path(root));
+    let _ = sync_dir(&root.join(DSG_DIR));
+}
+
+/// Finishes or undoes an interrupted sync or clone on the client side.
+/// `client` is needed only to learn whether the repository committed.
+pub fn recover_sync(project: &Project, client: Option<&mut RepoClient>) -> Result<()> {
+    let root = &project.root;
+    let records: Vec<LocalRecord> = match Journal::read(&journal_path(root)).map_err(jerr(root))? {
+        Some(r) => r,
+        None => {
+            // No journal: any staging is from before a journal existed.
+            if root.join(DSG_DIR).join("staging").exists() {
+                cleanup_local(root);
+            }
+            return Ok(());
+        }
+    };
+    let (tx, is_clone) = match records.first() {
+        Some(LocalRecord::Begin { tx, clone }) => (tx.clone(), *clone),
+        _ => {
+            cleanup_local(root);
+            return Ok(());
+        }
+    };
+    if records
+        .iter()
+        .any(|r| matches!(r, LocalRecord::Done { .. }))
+    {
+        cleanup_local(root);
+        return Ok(());
+    }
+    let prepared = records.iter().find_map(|r| match r {
+        LocalRecord::Prepared { new_hash, ops, .. } => Some((new_hash.clone(), ops.clone())),
+        _ => None,
+    });
+    let committed = records
+        .iter()
+        .any(|r| matches!(r, LocalRecord::Committed { .. }));
+    let Some((new_hash, ops)) = prepared else {
+        rollback_local(root, &tx, is_clone);
+        return Ok(());
+    };
+    let forward = if committed {
+        true
+    } else if let Some(h) = new_hash {
+        // The repository decides: did it commit our snapshot?
+        let Some(c) = client else {
+            return Err(EngineError::State {
+                message: "an interrupted sync must be finished, and that needs the repository"
+                    .into(),
+                hint: "run the command again when the repository is reachable".into(),
+            });
+        };
+        c.recover()?;
+        let remote = fetch_remote(c, None)?;
+        remote.and_then(|(m, _)| m.metadata.and_then(|m| m.snapshot_hash)) == Some(h)
+    } else {
+        false
+    };
+    if forward {
+        tracing::info!("finishing an interrupted sync ({tx})");
+        apply_local(root, &tx, &ops)?;
+        // The stat cache may be stale for the installed files; drop it.
+        let _ = std::fs::remove_file(project.stat_cache_path());
+        cleanup_local(root);
+    } else {
+        tracing::info!("rolling back an interrupted sync ({tx})");
+        rollback_local(root, &tx, is_clone);
+    }
+    Ok(())
+}
