@@ -369,6 +369,13 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
     } else {
         a.pool
     };
+    let dir = cwd()?;
+    // An earlier init that was interrupted is finished or undone first.
+    if dir.join(PROJECT_CONFIG).is_file() {
+        if let Ok(cfg) = ProjectConfig::load(&dir.join(PROJECT_CONFIG)) {
+            dsg_sync::recover::recover_init(&dir, || dsg_repo::RepoClient::connect(&cfg).ok())?;
+        }
+    }
     let reporter = TermReporter::new(out);
     let report = dsg_sync::init::init(
         &cwd()?,
@@ -646,9 +653,9 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
     if all_ok {
         Ok(())
     } else {
-        Err(EngineError::State {
-            message: "configuration check failed".into(),
-            hint: "fix the items marked ✗ above".into(),
+        Err(EngineError::Reported {
+            message: "configuration check failed; fix the items marked ✗".into(),
+            code: 1,
         })
     }
 }

@@ -24,6 +24,7 @@ pub fn init_logging(debug: bool, verbose: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
         .try_init();
@@ -72,6 +73,11 @@ impl Out {
 
     pub fn error(&self, e: &EngineError, code: i32) {
         let text = e.to_string();
+        if let EngineError::Reported { .. } = e {
+            // The command printed its own result (JSON included).
+            eprintln!("error: {text}");
+            return;
+        }
         let mut lines = text.lines();
         if let Some(first) = lines.next() {
             eprintln!("error: {first}");

@@ -81,6 +81,34 @@ const fn libc_o_nofollow() -> i32 {
     libc::O_NOFOLLOW
 }
 
+/// A reader that hashes everything read through it, so a file can be parsed
+/// and hashed in one pass without holding it.
+pub struct HashingReader<R> {
+    inner: R,
+    h: Xxh3,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            h: Xxh3::new(),
+        }
+    }
+
+    pub fn digest(&self) -> Hash {
+        Hash(self.h.digest())
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.h.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

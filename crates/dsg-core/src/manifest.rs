@@ -51,26 +51,75 @@ impl ManifestError {
 /// exactly. Anything else is kept verbatim so hashes still verify.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mtime {
-    Fixed { utc_secs: i64, offset_min: i16 },
-    Raw(Box<str>),
+    Fixed {
+        utc_secs: i64,
+        offset_min: i16,
+    },
+    /// Boxed twice to keep `Mtime` at 16 bytes: it is in every entry.
+    Raw(Box<String>),
 }
 
 impl Mtime {
+    /// The mtime string of a file with this unix time, as the original
+    /// computed it: LA time, whole seconds (rounded to µs first).
     pub fn from_unix(secs: i64, nanos: u32) -> Mtime {
-        Mtime::parse(&timefmt::mtime_string(secs, nanos))
+        let micros = (nanos as u64 + 500) / 1000;
+        let secs = if micros >= 1_000_000 { secs + 1 } else { secs };
+        Mtime::Fixed {
+            utc_secs: secs,
+            offset_min: crate::timefmt::la_offset_minutes(secs),
+        }
     }
 
+    /// Parses `YYYY-MM-DDTHH:MM:SS±HH:MM` by hand (this runs for every entry
+    /// of every manifest); anything else is kept verbatim.
     pub fn parse(s: &str) -> Mtime {
-        if let Ok(dt) = chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%:z") {
-            let m = Mtime::Fixed {
-                utc_secs: dt.timestamp(),
-                offset_min: (dt.offset().local_minus_utc() / 60) as i16,
-            };
-            if m.to_string() == s {
-                return m;
-            }
+        Mtime::parse_fixed(s).unwrap_or_else(|| Mtime::Raw(Box::new(s.to_string())))
+    }
+
+    fn parse_fixed(s: &str) -> Option<Mtime> {
+        let b = s.as_bytes();
+        if b.len() != 25
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || b[10] != b'T'
+            || b[13] != b':'
+            || b[16] != b':'
+            || b[22] != b':'
+            || !(b[19] == b'+' || b[19] == b'-')
+        {
+            return None;
         }
-        Mtime::Raw(s.into())
+        let num = |r: std::ops::Range<usize>| -> Option<i64> {
+            let mut v = 0i64;
+            for &c in &b[r] {
+                if !c.is_ascii_digit() {
+                    return None;
+                }
+                v = v * 10 + (c - b'0') as i64;
+            }
+            Some(v)
+        };
+        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        let (oh, om) = (num(20..22)?, num(23..25)?);
+        if !(1..=12).contains(&mo)
+            || d < 1
+            || d > days_in_month(y, mo)
+            || h > 23
+            || mi > 59
+            || se > 59
+            || oh > 23
+            || om > 59
+        {
+            return None;
+        }
+        let off = (oh * 60 + om) * if b[19] == b'-' { -1 } else { 1 };
+        let local = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + se;
+        Some(Mtime::Fixed {
+            utc_secs: local - off * 60,
+            offset_min: off as i16,
+        })
     }
 
     pub fn unix_secs(&self) -> Option<i64> {
@@ -79,6 +128,47 @@ impl Mtime {
             Mtime::Raw(s) => timefmt::parse(s).map(|d| d.timestamp()),
         }
     }
+
+    /// Equal as the original compared them: as strings.
+    pub fn same_text(&self, other: &Mtime) -> bool {
+        match (self, other) {
+            (Mtime::Fixed { .. }, Mtime::Fixed { .. }) => self == other,
+            _ => self.to_string() == other.to_string(),
+        }
+    }
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        _ => 28,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 impl std::fmt::Display for Mtime {
@@ -88,12 +178,20 @@ impl std::fmt::Display for Mtime {
                 utc_secs,
                 offset_min,
             } => {
-                let off = chrono::FixedOffset::east_opt(*offset_min as i32 * 60)
-                    .ok_or(std::fmt::Error)?;
-                let dt = chrono::DateTime::from_timestamp(*utc_secs, 0)
-                    .ok_or(std::fmt::Error)?
-                    .with_timezone(&off);
-                write!(f, "{}", dt.format("%Y-%m-%dT%H:%M:%S%:z"))
+                let local = utc_secs + *offset_min as i64 * 60;
+                let (y, mo, d) = civil_from_days(local.div_euclid(86400));
+                let t = local.rem_euclid(86400);
+                let sign = if *offset_min < 0 { '-' } else { '+' };
+                let o = offset_min.unsigned_abs();
+                write!(
+                    f,
+                    "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}{sign}{:02}:{:02}",
+                    t / 3600,
+                    t % 3600 / 60,
+                    t % 60,
+                    o / 60,
+                    o % 60
+                )
             }
             Mtime::Raw(s) => f.write_str(s),
         }
@@ -151,7 +249,7 @@ impl Entry {
                 },
             ) => match (h1, h2) {
                 (Some(a), Some(b)) => a == b,
-                _ => s1 == s2 && m1.to_string() == m2.to_string(),
+                _ => s1 == s2 && m1.same_text(m2),
             },
             (EntryKind::Link { target: a }, EntryKind::Link { target: b }) => a == b,
             _ => false,
@@ -406,6 +504,18 @@ impl Manifest {
         }
     }
 
+    /// Entries already sorted by path with no duplicates (a scan's output).
+    pub fn from_sorted_entries(entries: Vec<Entry>) -> Manifest {
+        debug_assert!(entries
+            .windows(2)
+            .all(|w| w[0].path.as_bytes() < w[1].path.as_bytes()));
+        Manifest {
+            entries,
+            metadata: None,
+            stored_entries_hash: None,
+        }
+    }
+
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
@@ -529,69 +639,53 @@ impl Manifest {
 
     /// Parses manifest bytes. `origin` names the file in errors.
     pub fn from_json_bytes(bytes: &[u8], origin: &Path) -> Result<Manifest, ManifestError> {
-        let v: Value = serde_json::from_slice(bytes)
-            .map_err(|e| ManifestError::corrupt(origin, format!("not valid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| ManifestError::corrupt(origin, "top level is not a JSON object"))?;
-        let mut users: Vec<Arc<str>> = Vec::new();
-        let mut intern = |u: &str| -> Arc<str> {
-            if let Some(a) = users.iter().find(|a| &***a == u) {
-                return a.clone();
-            }
-            let a: Arc<str> = u.into();
-            users.push(a.clone());
-            a
-        };
-        let mut entries = Vec::new();
-        let mut stored_hash = Xxh3::new();
-        let mut buf = Vec::with_capacity(256);
-        match obj.get("entries") {
-            None => {}
-            Some(Value::Object(map)) => {
-                entries.reserve(map.len());
-                for (key, val) in map {
-                    let e = parse_entry(key, val, &mut intern).map_err(|m| {
-                        ManifestError::corrupt(origin, format!("entry {key:?}: {m}"))
-                    })?;
-                    buf.clear();
-                    e.write_compact(&mut buf);
-                    stored_hash.update(&buf);
-                    entries.push(e);
-                }
-            }
-            Some(other) => {
-                return Err(ManifestError::corrupt(
-                    origin,
-                    format!(
-                        "\"entries\" must be an object keyed by path, got {}",
-                        type_name(other)
-                    ),
-                ))
-            }
-        }
-        let metadata = match obj.get("metadata") {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let m = Manifest::deserialize_from(&mut de, origin)?;
+        de.end()
+            .map_err(|e| ManifestError::corrupt(origin, format!("trailing data: {e}")))?;
+        Ok(m)
+    }
+
+    /// Parses a manifest from a reader without holding the whole file: a
+    /// million-entry manifest is hundreds of MB of JSON.
+    pub fn from_reader<R: std::io::Read>(r: R, origin: &Path) -> Result<Manifest, ManifestError> {
+        let mut de = serde_json::Deserializer::from_reader(r);
+        let m = Manifest::deserialize_from(&mut de, origin)?;
+        de.end()
+            .map_err(|e| ManifestError::corrupt(origin, format!("trailing data: {e}")))?;
+        Ok(m)
+    }
+
+    fn deserialize_from<'de, D>(de: D, origin: &Path) -> Result<Manifest, ManifestError>
+    where
+        D: serde::Deserializer<'de, Error = serde_json::Error>,
+    {
+        use serde::de::DeserializeSeed;
+        let parsed = TopSeed
+            .deserialize(de)
+            .map_err(|e| ManifestError::corrupt(origin, e.to_string()))?;
+        let metadata = match parsed.metadata {
             None | Some(Value::Null) => None,
             Some(m) => {
-                Some(Metadata::from_value(m).map_err(|msg| ManifestError::corrupt(origin, msg))?)
+                Some(Metadata::from_value(&m).map_err(|msg| ManifestError::corrupt(origin, msg))?)
             }
         };
-        let n = entries.len();
-        let mut m = Manifest::from_entries(entries);
+        let n = parsed.entries.len();
+        let mut m = Manifest::from_entries(parsed.entries);
         if m.entries.len() != n {
             return Err(ManifestError::corrupt(origin, "duplicate paths"));
         }
         m.metadata = metadata;
-        m.stored_entries_hash = Some(Hash(stored_hash.digest()).to_hex());
+        m.stored_entries_hash = Some(Hash(parsed.stored_hash).to_hex());
         Ok(m)
     }
 
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let bytes = std::fs::read(path).map_err(|e| ManifestError::Io {
+        let f = std::fs::File::open(path).map_err(|e| ManifestError::Io {
             path: path.to_path_buf(),
             source: e,
         })?;
-        Manifest::from_json_bytes(&bytes, path)
+        Manifest::from_reader(std::io::BufReader::with_capacity(1 << 20, f), path)
     }
 
     /// Loads a manifest that may legitimately be absent; any other failure is an error.
@@ -624,69 +718,181 @@ impl Manifest {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "list",
-        Value::Object(_) => "object",
+struct Parsed {
+    entries: Vec<Entry>,
+    metadata: Option<Value>,
+    stored_hash: u64,
+}
+
+struct TopSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for TopSeed {
+    type Value = Parsed;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Parsed, D::Error> {
+        d.deserialize_map(TopVisitor)
     }
 }
 
-fn parse_entry(
-    key: &str,
-    v: &Value,
-    intern: &mut impl FnMut(&str) -> Arc<str>,
-) -> Result<Entry, String> {
-    check_relpath(key).map_err(|e| e.to_string())?;
-    let o = v.as_object().ok_or("not an object")?;
-    let user = match o.get("user") {
-        None | Some(Value::Null) => intern(""),
-        Some(Value::String(s)) => intern(s),
-        Some(other) => return Err(format!("user must be a string, got {}", type_name(other))),
-    };
-    let get_str = |k: &str| -> Result<&str, String> {
-        match o.get(k) {
-            Some(Value::String(s)) => Ok(s),
-            Some(other) => Err(format!("{k} must be a string, got {}", type_name(other))),
-            None => Err(format!("{k} is missing")),
-        }
-    };
-    let kind = match get_str("type")? {
-        "file" => {
-            let size = o
-                .get("filesize")
-                .and_then(lax_u64)
-                .ok_or("filesize is missing or not a size")?;
-            let mtime = Mtime::parse(get_str("mtime")?);
-            let hash = match o.get("hash") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.is_empty() => None,
-                Some(Value::String(s)) => {
-                    Some(Hash::parse(s).ok_or_else(|| format!("hash {s:?} is not 16 hex digits"))?)
+struct TopVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TopVisitor {
+    type Value = Parsed;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a manifest object with \"entries\" and \"metadata\"")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Parsed, A::Error> {
+        let mut out = Parsed {
+            entries: Vec::new(),
+            metadata: None,
+            stored_hash: Xxh3::new().digest(),
+        };
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "entries" => {
+                    let (entries, h) = map.next_value_seed(EntriesSeed)?;
+                    out.entries = entries;
+                    out.stored_hash = h;
                 }
-                Some(other) => {
-                    return Err(format!("hash must be a string, got {}", type_name(other)))
+                "metadata" => out.metadata = Some(map.next_value::<Value>()?),
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
                 }
-            };
-            EntryKind::File { size, mtime, hash }
-        }
-        "link" => {
-            let target = get_str("reference")?;
-            check_link_target(key, target).map_err(|e| e.to_string())?;
-            EntryKind::Link {
-                target: target.into(),
             }
         }
-        t => return Err(format!("unknown entry type {t:?}")),
-    };
-    Ok(Entry {
-        path: key.into(),
-        user,
-        kind,
-    })
+        Ok(out)
+    }
+}
+
+struct EntriesSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed {
+    type Value = (Vec<Entry>, u64);
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(EntriesVisitor)
+    }
+}
+
+struct EntriesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for EntriesVisitor {
+    type Value = (Vec<Entry>, u64);
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("\"entries\" as an object keyed by path")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let mut users: Vec<Arc<str>> = Vec::new();
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        let mut h = Xxh3::new();
+        let mut buf = Vec::with_capacity(256);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let raw: RawEntry = map.next_value()?;
+            let e = raw
+                .into_entry(&key, &mut users)
+                .map_err(|m| A::Error::custom(format!("entry {key:?}: {m}")))?;
+            buf.clear();
+            e.write_compact(&mut buf);
+            h.update(&buf);
+            entries.push(e);
+        }
+        Ok((entries, h.digest()))
+    }
+}
+
+/// One entry as stored; lax where the original was lax (a size may be a
+/// string or a float), strict about everything that decides safety.
+#[derive(serde::Deserialize)]
+struct RawEntry<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    user: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, deserialize_with = "lax_size")]
+    filesize: Option<u64>,
+    #[serde(default, borrow)]
+    mtime: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    hash: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reference: Option<std::borrow::Cow<'a, str>>,
+}
+
+fn lax_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a file size")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::custom("negative filesize"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            if v.fract() == 0.0 && v >= 0.0 {
+                Ok(Some(v as u64))
+            } else {
+                Err(E::custom(format!("filesize {v} is not a size")))
+            }
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            v.trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| E::custom(format!("filesize {v:?} is not a size")))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+impl RawEntry<'_> {
+    fn into_entry(self, key: &str, users: &mut Vec<Arc<str>>) -> Result<Entry, String> {
+        check_relpath(key).map_err(|e| e.to_string())?;
+        let u = self.user.as_deref().unwrap_or("");
+        let user = match users.iter().find(|a| &***a == u) {
+            Some(a) => a.clone(),
+            None => {
+                let a: Arc<str> = u.into();
+                users.push(a.clone());
+                a
+            }
+        };
+        let kind = match &*self.kind {
+            "file" => {
+                let size = self.filesize.ok_or("filesize is missing")?;
+                let mtime = Mtime::parse(self.mtime.as_deref().ok_or("mtime is missing")?);
+                let hash = match self.hash.as_deref() {
+                    None | Some("") => None,
+                    Some(s) => Some(
+                        Hash::parse(s).ok_or_else(|| format!("hash {s:?} is not 16 hex digits"))?,
+                    ),
+                };
+                EntryKind::File { size, mtime, hash }
+            }
+            "link" => {
+                let target = self.reference.as_deref().ok_or("reference is missing")?;
+                check_link_target(key, target).map_err(|e| e.to_string())?;
+                EntryKind::Link {
+                    target: target.into(),
+                }
+            }
+            t => return Err(format!("unknown entry type {t:?}")),
+        };
+        Ok(Entry {
+            path: key.into(),
+            user,
+            kind,
+        })
+    }
 }
 
 /// Reads an archived manifest: LZ4 frame (what we and the original write) or gzip.
@@ -859,4 +1065,220 @@ pub fn describe(m: &Manifest) -> String {
         }
     }
     s
+}
+
+/// A binary copy of a manifest, tagged with the XXH3 of the JSON file it was
+/// made from. Parsing and verifying a million-entry JSON manifest costs far
+/// more than a `status` may; the binary copy loads in a fraction of that and
+/// is used only while the JSON file still hashes to the tag. Damage or a
+/// stale tag just means the JSON is parsed again.
+pub mod binary {
+    use super::*;
+
+    const MAGIC: &[u8; 8] = b"DSGMAN01";
+
+    struct W(Vec<u8>);
+    impl W {
+        fn u8(&mut self, v: u8) {
+            self.0.push(v);
+        }
+        fn u32(&mut self, v: u32) {
+            self.0.extend_from_slice(&v.to_le_bytes());
+        }
+        fn u64(&mut self, v: u64) {
+            self.0.extend_from_slice(&v.to_le_bytes());
+        }
+        fn bytes(&mut self, b: &[u8]) {
+            self.u32(b.len() as u32);
+            self.0.extend_from_slice(b);
+        }
+    }
+
+    struct R<'a>(&'a [u8], usize);
+    impl<'a> R<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let s = self.0.get(self.1..self.1 + n)?;
+            self.1 += n;
+            Some(s)
+        }
+        fn u8(&mut self) -> Option<u8> {
+            Some(self.take(1)?[0])
+        }
+        fn u32(&mut self) -> Option<u32> {
+            Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+        }
+        fn u64(&mut self) -> Option<u64> {
+            Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+        }
+        fn str(&mut self) -> Option<&'a str> {
+            let n = self.u32()? as usize;
+            std::str::from_utf8(self.take(n)?).ok()
+        }
+    }
+
+    pub fn encode(m: &Manifest, tag: u64) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64 + m.entries.len() * 64));
+        w.0.extend_from_slice(MAGIC);
+        w.u64(tag);
+        match &m.metadata {
+            Some(md) => w.bytes(&serde_json::to_vec(&md.to_value()).expect("json")),
+            None => w.u32(u32::MAX),
+        }
+        match &m.stored_entries_hash {
+            Some(h) => w.bytes(h.as_bytes()),
+            None => w.u32(u32::MAX),
+        }
+        let mut users: Vec<&Arc<str>> = Vec::new();
+        let mut idx = Vec::with_capacity(m.entries.len());
+        for e in &m.entries {
+            let i = match users
+                .iter()
+                .position(|u| Arc::ptr_eq(u, &e.user) || **u == e.user)
+            {
+                Some(i) => i,
+                None => {
+                    users.push(&e.user);
+                    users.len() - 1
+                }
+            };
+            idx.push(i as u32);
+        }
+        w.u32(users.len() as u32);
+        for u in &users {
+            w.bytes(u.as_bytes());
+        }
+        w.u64(m.entries.len() as u64);
+        for (e, ui) in m.entries.iter().zip(idx) {
+            w.bytes(e.path.as_bytes());
+            w.u32(ui);
+            match &e.kind {
+                EntryKind::File { size, mtime, hash } => {
+                    w.u8(0);
+                    w.u64(*size);
+                    match mtime {
+                        Mtime::Fixed {
+                            utc_secs,
+                            offset_min,
+                        } => {
+                            w.u8(0);
+                            w.u64(*utc_secs as u64);
+                            w.u32(*offset_min as i32 as u32);
+                        }
+                        Mtime::Raw(s) => {
+                            w.u8(1);
+                            w.bytes(s.as_bytes());
+                        }
+                    }
+                    match hash {
+                        Some(h) => {
+                            w.u8(1);
+                            w.u64(h.0);
+                        }
+                        None => w.u8(0),
+                    }
+                }
+                EntryKind::Link { target } => {
+                    w.u8(1);
+                    w.bytes(target.as_bytes());
+                }
+            }
+        }
+        let sum = Hash::of_bytes(&w.0).0;
+        w.u64(sum);
+        w.0
+    }
+
+    /// Decodes if intact and made from a JSON file hashing to `tag`.
+    pub fn decode(b: &[u8], tag: u64) -> Option<Manifest> {
+        if b.len() < 24 || &b[..8] != MAGIC {
+            return None;
+        }
+        let (body, sum) = b.split_at(b.len() - 8);
+        if Hash::of_bytes(body).0.to_le_bytes() != sum {
+            return None;
+        }
+        let mut r = R(body, 8);
+        if r.u64()? != tag {
+            return None;
+        }
+        let n = r.u32()?;
+        let metadata = if n == u32::MAX {
+            None
+        } else {
+            let v: Value = serde_json::from_slice(r.take(n as usize)?).ok()?;
+            Some(Metadata::from_value(&v).ok()?)
+        };
+        let n = r.u32()?;
+        let stored_entries_hash = if n == u32::MAX {
+            None
+        } else {
+            Some(std::str::from_utf8(r.take(n as usize)?).ok()?.to_string())
+        };
+        let nu = r.u32()? as usize;
+        let mut users: Vec<Arc<str>> = Vec::with_capacity(nu.min(1 << 16));
+        for _ in 0..nu {
+            users.push(r.str()?.into());
+        }
+        let ne = r.u64()? as usize;
+        let mut entries = Vec::with_capacity(ne.min(body.len() / 16));
+        for _ in 0..ne {
+            let path: Box<str> = r.str()?.into();
+            let user = users.get(r.u32()? as usize)?.clone();
+            let kind = match r.u8()? {
+                0 => {
+                    let size = r.u64()?;
+                    let mtime = match r.u8()? {
+                        0 => Mtime::Fixed {
+                            utc_secs: r.u64()? as i64,
+                            offset_min: r.u32()? as i32 as i16,
+                        },
+                        _ => Mtime::Raw(Box::new(r.str()?.to_string())),
+                    };
+                    let hash = match r.u8()? {
+                        1 => Some(Hash(r.u64()?)),
+                        _ => None,
+                    };
+                    EntryKind::File { size, mtime, hash }
+                }
+                _ => EntryKind::Link {
+                    target: r.str()?.into(),
+                },
+            };
+            entries.push(Entry { path, user, kind });
+        }
+        if !entries
+            .windows(2)
+            .all(|w| w[0].path.as_bytes() < w[1].path.as_bytes())
+        {
+            return None;
+        }
+        Some(Manifest {
+            entries,
+            metadata,
+            stored_entries_hash,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trip_and_damage() {
+            let text = r#"{"entries": {"b": {"type":"link","path":"b","user":"u","reference":"a"},
+                "a": {"type":"file","path":"a","user":"v","filesize":3,"mtime":"2025-01-15T12:00:00-08:00","hash":"0123456789abcdef"},
+                "c": {"type":"file","path":"c","filesize":3,"mtime":"odd","hash":""}}}"#;
+            let m = Manifest::from_json_bytes(text.as_bytes(), Path::new("x")).unwrap();
+            let b = encode(&m, 42);
+            let back = decode(&b, 42).unwrap();
+            assert_eq!(back, m);
+            assert_eq!(back.stored_entries_hash, m.stored_entries_hash);
+            assert!(decode(&b, 43).is_none());
+            for i in [0, 9, b.len() / 2, b.len() - 1] {
+                let mut bad = b.clone();
+                bad[i] ^= 0x40;
+                assert!(decode(&bad, 42).is_none(), "flip at {i}");
+            }
+        }
+    }
 }

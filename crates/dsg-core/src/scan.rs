@@ -154,13 +154,6 @@ pub struct StatCache {
 const CACHE_MAGIC: &[u8; 8] = b"DSGSTAT1";
 
 impl StatCache {
-    fn get(&self, path: &str) -> Option<&(Box<str>, Stat, Hash)> {
-        self.recs
-            .binary_search_by(|r| r.0.as_bytes().cmp(path.as_bytes()))
-            .ok()
-            .map(|i| &self.recs[i])
-    }
-
     /// Loads the cache; a missing or damaged cache is just an empty one (it
     /// only ever lets us skip work, so dropping it is always safe).
     pub fn load(path: &Path) -> StatCache {
@@ -206,30 +199,38 @@ impl StatCache {
     }
 
     pub fn encode_entries(made_ns: i64, entries: &[LocalEntry]) -> Vec<u8> {
-        let files: Vec<&LocalEntry> = entries
-            .iter()
-            .filter(|e| matches!(e.kind, LocalKind::File { .. }))
-            .collect();
-        let mut out = Vec::with_capacity(32 + files.len() * 100);
-        out.extend_from_slice(CACHE_MAGIC);
-        out.extend_from_slice(&(made_ns as u64).to_le_bytes());
-        out.extend_from_slice(&(files.len() as u64).to_le_bytes());
-        for e in files {
-            let LocalKind::File { hash, .. } = e.kind else {
-                continue;
-            };
-            out.extend_from_slice(&(e.path.len() as u32).to_le_bytes());
-            out.extend_from_slice(e.path.as_bytes());
+        StatCache::encode(
+            made_ns,
+            entries.iter().filter_map(|e| match e.kind {
+                LocalKind::File { hash, .. } => Some((&*e.path, e.stat, hash)),
+                LocalKind::Link { .. } => None,
+            }),
+        )
+    }
+
+    /// Encodes `(path, stat, hash)` records, which must come sorted by path.
+    pub fn encode<'a>(made_ns: i64, recs: impl Iterator<Item = (&'a str, Stat, Hash)>) -> Vec<u8> {
+        let mut body = Vec::with_capacity(1 << 16);
+        let mut n = 0u64;
+        for (path, stat, hash) in recs {
+            body.extend_from_slice(&(path.len() as u32).to_le_bytes());
+            body.extend_from_slice(path.as_bytes());
             for v in [
-                e.stat.size,
-                e.stat.mtime_ns as u64,
-                e.stat.ctime_ns as u64,
-                e.stat.ino,
+                stat.size,
+                stat.mtime_ns as u64,
+                stat.ctime_ns as u64,
+                stat.ino,
                 hash.0,
             ] {
-                out.extend_from_slice(&v.to_le_bytes());
+                body.extend_from_slice(&v.to_le_bytes());
             }
+            n += 1;
         }
+        let mut out = Vec::with_capacity(32 + body.len());
+        out.extend_from_slice(CACHE_MAGIC);
+        out.extend_from_slice(&(made_ns as u64).to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(&body);
         let sum = Hash::of_bytes(&out).0.to_le_bytes();
         out.extend_from_slice(&sum);
         out
@@ -240,15 +241,9 @@ impl StatCache {
 /// second covers filesystems with coarse timestamps and small clock steps.
 const RACY_WINDOW_NS: i64 = 1_000_000_000;
 
-struct Candidate {
-    rel: String,
-    is_link: bool,
-    stat: Stat,
-    target: Option<Box<str>>,
-}
-
 struct WalkOut {
-    cands: Vec<Candidate>,
+    /// Files carry a placeholder hash until the hashing pass.
+    cands: Vec<LocalEntry>,
     problems: Vec<Problem>,
     ignored: Vec<String>,
     hidden: u64,
@@ -263,46 +258,49 @@ fn now_ns() -> i64 {
 
 /// Scans `root` (the project root). `only` restricts the scan to paths under
 /// a relpath prefix (for `list-files --path`).
-pub fn scan(root: &Path, rules: &Rules, cache: &StatCache, progress: &Progress) -> ScanResult {
+pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -> ScanResult {
     let started_ns = now_ns();
+    // The last scan's size is the best guess of this one's: growing a
+    // large Vec by doubling would hold two copies for a moment.
     let out = Mutex::new(WalkOut {
-        cands: Vec::new(),
+        cands: Vec::with_capacity(cache.recs.len() + cache.recs.len() / 32 + 16),
         problems: Vec::new(),
         ignored: Vec::new(),
         hidden: 0,
     });
+    let t0 = std::time::Instant::now();
     walk_dir(root, String::new(), rules.all(), rules, &out, progress);
+    tracing::debug!("walked in {:?}", t0.elapsed());
     let WalkOut {
-        mut cands,
+        cands: mut entries,
         mut problems,
         mut ignored,
         hidden,
     } = out.into_inner().unwrap();
-    cands.sort_unstable_by(|a, b| a.rel.as_bytes().cmp(b.rel.as_bytes()));
+    entries.sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     ignored.sort();
 
-    // Decide which files need hashing.
+    // Decide which files need hashing, walking the (sorted) cache alongside.
     let mut need: Vec<usize> = Vec::new();
-    let mut hashes: Vec<Option<Hash>> = vec![None; cands.len()];
-    let mut dirty = cache.recs.is_empty() && !cands.is_empty();
+    let mut dirty = cache.recs.is_empty() && !entries.is_empty();
     let mut cached_files = 0usize;
-    for (i, c) in cands.iter().enumerate() {
-        if c.is_link {
+    let mut ci = 0;
+    for (i, e) in entries.iter_mut().enumerate() {
+        let LocalKind::File { hash, .. } = &mut e.kind else {
             continue;
-        }
+        };
         cached_files += 1;
-        match cache.get(&c.rel) {
+        while ci < cache.recs.len() && cache.recs[ci].0.as_bytes() < e.path.as_bytes() {
+            ci += 1;
+        }
+        match cache.recs.get(ci).filter(|r| r.0 == e.path) {
             Some((_, st, h))
-                if *st == c.stat && c.stat.mtime_ns < cache.made_ns - RACY_WINDOW_NS =>
+                if *st == e.stat && e.stat.mtime_ns < cache.made_ns - RACY_WINDOW_NS =>
             {
-                hashes[i] = Some(*h);
+                *hash = *h;
             }
-            Some((_, st, _)) if *st == c.stat => {
-                // Racy: unchanged stat but too recent to trust. Rehash, and
-                // rewrite the cache so the entry is trusted next time.
-                need.push(i);
-                dirty = true;
-            }
+            // Racy (unchanged stat but too recent to trust) or changed:
+            // hash, and rewrite the cache so the entry is trusted next time.
             _ => {
                 need.push(i);
                 dirty = true;
@@ -312,7 +310,8 @@ pub fn scan(root: &Path, rules: &Rules, cache: &StatCache, progress: &Progress) 
     if cached_files != cache.recs.len() {
         dirty = true;
     }
-    let bytes: u64 = need.iter().map(|&i| cands[i].stat.size).sum();
+    drop(cache);
+    let bytes: u64 = need.iter().map(|&i| entries[i].stat.size).sum();
     progress
         .files_to_hash
         .store(need.len() as u64, Ordering::Relaxed);
@@ -321,7 +320,7 @@ pub fn scan(root: &Path, rules: &Rules, cache: &StatCache, progress: &Progress) 
     let results: Vec<(usize, std::io::Result<(Hash, u64, Stat)>)> = need
         .par_iter()
         .map(|&i| {
-            let p = root.join(&cands[i].rel);
+            let p = root.join(&*entries[i].path);
             let r = hash_file(&p).and_then(|(h, n)| {
                 // Re-stat after reading: a file that changed while we hashed it
                 // must not be recorded with a hash of a mix of versions.
@@ -331,58 +330,52 @@ pub fn scan(root: &Path, rules: &Rules, cache: &StatCache, progress: &Progress) 
             progress.files_hashed.fetch_add(1, Ordering::Relaxed);
             progress
                 .bytes_hashed
-                .fetch_add(cands[i].stat.size, Ordering::Relaxed);
+                .fetch_add(entries[i].stat.size, Ordering::Relaxed);
             (i, r)
         })
         .collect();
     let mut hashed_files = 0;
     let mut hashed_bytes = 0;
-    let mut failed = vec![false; cands.len()];
+    let mut failed: Vec<usize> = Vec::new();
     for (i, r) in results {
+        let e = &mut entries[i];
         match r {
-            Ok((h, n, after)) if after == cands[i].stat && n == after.size => {
-                hashes[i] = Some(h);
+            Ok((h, n, after)) if after == e.stat && n == after.size => {
+                if let LocalKind::File { hash, .. } = &mut e.kind {
+                    *hash = h;
+                }
                 hashed_files += 1;
                 hashed_bytes += n;
             }
             Ok(_) => {
-                failed[i] = true;
+                failed.push(i);
                 problems.push(Problem {
-                    path: cands[i].rel.clone(),
+                    path: e.path.to_string(),
                     kind: ProblemKind::Unreadable,
                     message: "file changed while it was being read; run the command again".into(),
                 });
             }
-            Err(e) => {
-                failed[i] = true;
+            Err(err) => {
+                failed.push(i);
                 problems.push(Problem {
-                    path: cands[i].rel.clone(),
+                    path: e.path.to_string(),
                     kind: ProblemKind::Unreadable,
-                    message: format!("cannot read: {e}"),
+                    message: format!("cannot read: {err}"),
                 });
             }
         }
     }
-
-    let mut entries = Vec::with_capacity(cands.len());
-    for (i, c) in cands.into_iter().enumerate() {
-        if failed[i] {
-            continue;
-        }
-        let kind = if c.is_link {
-            LocalKind::Link {
-                target: c.target.unwrap_or_default(),
+    if !failed.is_empty() {
+        failed.sort_unstable();
+        let mut k = 0;
+        let mut idx = 0;
+        entries.retain(|_| {
+            let keep = failed.get(k) != Some(&idx);
+            if !keep {
+                k += 1;
             }
-        } else {
-            LocalKind::File {
-                size: c.stat.size,
-                hash: hashes[i].expect("every file is hashed or failed"),
-            }
-        };
-        entries.push(LocalEntry {
-            path: c.rel.into(),
-            kind,
-            stat: c.stat,
+            idx += 1;
+            keep
         });
     }
     problems.sort_by(|a, b| a.path.cmp(&b.path));
@@ -512,8 +505,8 @@ fn walk_dir(
             local.ignored.push(child_rel);
             continue;
         }
-        let full = dir.join(&name_os);
-        let md = match std::fs::symlink_metadata(&full) {
+        // fstatat on the open directory: no path walk per file.
+        let md = match de.metadata() {
             Ok(m) => m,
             Err(e) => {
                 local.problems.push(Problem {
@@ -533,7 +526,7 @@ fn walk_dir(
             });
         }
         if ft.is_symlink() {
-            let target = match std::fs::read_link(&full) {
+            let target = match std::fs::read_link(dir.join(&name_os)) {
                 Ok(t) => t,
                 Err(e) => {
                     local.problems.push(Problem {
@@ -566,18 +559,19 @@ fn walk_dir(
                 });
                 continue;
             }
-            local.cands.push(Candidate {
-                rel: child_rel,
-                is_link: true,
+            local.cands.push(LocalEntry {
+                path: child_rel.into(),
+                kind: LocalKind::Link { target: t.into() },
                 stat: Stat::of(&md),
-                target: Some(t.into()),
             });
         } else if ft.is_file() {
-            local.cands.push(Candidate {
-                rel: child_rel,
-                is_link: false,
+            local.cands.push(LocalEntry {
+                path: child_rel.into(),
+                kind: LocalKind::File {
+                    size: md.len(),
+                    hash: Hash(0),
+                },
                 stat: Stat::of(&md),
-                target: None,
             });
         } else if !ft.is_dir() {
             local.problems.push(Problem {
@@ -603,46 +597,67 @@ fn walk_dir(
         .for_each(|(r, d)| walk_dir(root, r, d, rules, out, progress));
 }
 
-/// Turns a scan into the L manifest. Attribution is carried over from the
-/// cache when the content is unchanged, so `user` changes only when content
-/// does (the original re-attributed touched files, defect 5).
-pub fn to_manifest(entries: &[LocalEntry], cache: Option<&Manifest>, user: &str) -> Manifest {
+/// Turns a scan into the L manifest, plus each entry's stat (same order).
+/// Attribution and the mtime string are carried over from the cache when
+/// the content is unchanged, so `user` changes only when content does (the
+/// original re-attributed touched files, defect 5) and a `touch` changes
+/// nothing.
+pub fn to_manifest(
+    entries: Vec<LocalEntry>,
+    cache: Option<&Manifest>,
+    user: &str,
+) -> (Manifest, Vec<Stat>) {
     let me: Arc<str> = user.into();
     let mut out = Vec::with_capacity(entries.len());
+    let mut stats = Vec::with_capacity(entries.len());
+    let cached = cache.map(|c| c.entries()).unwrap_or(&[]);
+    let mut ci = 0;
     for e in entries {
-        let kind = match &e.kind {
-            LocalKind::File { size, hash } => EntryKind::File {
-                size: *size,
-                mtime: Mtime::from_unix(
-                    e.stat.mtime_ns.div_euclid(1_000_000_000),
-                    e.stat.mtime_ns.rem_euclid(1_000_000_000) as u32,
-                ),
-                hash: Some(*hash),
+        // Both sides are sorted: walk the cache alongside instead of searching.
+        while ci < cached.len() && cached[ci].path.as_bytes() < e.path.as_bytes() {
+            ci += 1;
+        }
+        let c = cached.get(ci).filter(|c| c.path == e.path);
+        let entry = match e.kind {
+            LocalKind::File { size, hash } => match c {
+                Some(c) if matches!(&c.kind, EntryKind::File { size: cs, hash: Some(ch), .. } if *cs == size && *ch == hash) => {
+                    Entry {
+                        path: e.path,
+                        user: c.user.clone(),
+                        kind: c.kind.clone(),
+                    }
+                }
+                _ => Entry {
+                    path: e.path,
+                    user: me.clone(),
+                    kind: EntryKind::File {
+                        size,
+                        mtime: Mtime::from_unix(
+                            e.stat.mtime_ns.div_euclid(1_000_000_000),
+                            e.stat.mtime_ns.rem_euclid(1_000_000_000) as u32,
+                        ),
+                        hash: Some(hash),
+                    },
+                },
             },
-            LocalKind::Link { target } => EntryKind::Link {
-                target: target.clone(),
-            },
-        };
-        let mut entry = Entry {
-            path: e.path.clone(),
-            user: me.clone(),
-            kind,
-        };
-        if let Some(c) = cache.and_then(|c| c.get(&e.path)) {
-            if c.same_content(&entry) {
-                entry.user = c.user.clone();
-                // Keep the cache's mtime string for unchanged content, so a
-                // `touch` does not rewrite the manifest.
-                if let (EntryKind::File { mtime, .. }, EntryKind::File { mtime: cm, .. }) =
-                    (&mut entry.kind, &c.kind)
-                {
-                    *mtime = cm.clone();
+            LocalKind::Link { target } => {
+                let user = match c {
+                    Some(c) if matches!(&c.kind, EntryKind::Link { target: t } if *t == target) => {
+                        c.user.clone()
+                    }
+                    _ => me.clone(),
+                };
+                Entry {
+                    path: e.path,
+                    user,
+                    kind: EntryKind::Link { target },
                 }
             }
-        }
+        };
         out.push(entry);
+        stats.push(e.stat);
     }
-    Manifest::from_entries(out)
+    (Manifest::from_sorted_entries(out), stats)
 }
 
 #[cfg(test)]
@@ -676,7 +691,7 @@ mod tests {
         }
         std::os::unix::fs::symlink("../input/a.csv", r.join("task1/output/l.csv")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", r.join("input/abs")).unwrap();
-        let res = scan(r, &rules(), &StatCache::default(), &Progress::default());
+        let res = scan(r, &rules(), StatCache::default(), &Progress::default());
         let paths: Vec<&str> = res.entries.iter().map(|e| &*e.path).collect();
         assert_eq!(
             paths,
@@ -701,7 +716,7 @@ mod tests {
         fs::create_dir_all(r.join("input")).unwrap();
         fs::write(r.join("input/a"), b"aaaa").unwrap();
         let p = Progress::default();
-        let first = scan(r, &rules(), &StatCache::default(), &p);
+        let first = scan(r, &rules(), StatCache::default(), &p);
         assert_eq!(first.hashed_files, 1);
         let cache = StatCache::decode(&StatCache::encode_entries(first.started_ns, &first.entries))
             .unwrap();
@@ -714,7 +729,7 @@ mod tests {
             .unwrap();
         f.set_modified(mt).unwrap();
         drop(f);
-        let second = scan(r, &rules(), &cache, &p);
+        let second = scan(r, &rules(), cache, &p);
         let LocalKind::File { hash, .. } = second.entries[0].kind else {
             panic!()
         };
@@ -722,7 +737,7 @@ mod tests {
         // An old cache timestamp makes the entry trusted: no hashing.
         let old =
             StatCache::decode(&StatCache::encode_entries(i64::MAX / 2, &second.entries)).unwrap();
-        let third = scan(r, &rules(), &old, &p);
+        let third = scan(r, &rules(), old, &p);
         assert_eq!(third.hashed_files, 0);
         assert!(!third.cache_dirty);
     }

@@ -74,10 +74,12 @@ impl Builder {
     }
 }
 
+/// The words PyYAML (YAML 1.1) resolves to booleans that YAML 1.2 reads as
+/// strings. PyYAML does not treat `y`/`n` as booleans, so neither do we.
 fn is_yaml11_bool_word(s: &str) -> bool {
     matches!(
-        s.to_ascii_lowercase().as_str(),
-        "yes" | "no" | "on" | "off" | "y" | "n"
+        s,
+        "yes" | "Yes" | "YES" | "no" | "No" | "NO" | "on" | "On" | "ON" | "off" | "Off" | "OFF"
     )
 }
 

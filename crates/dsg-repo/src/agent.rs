@@ -6,8 +6,8 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::protocol::{
-    copy_as_data, read_data_to_vec, read_json, write_data, write_json, DataStream, ErrorKind,
-    Request, Response, PROTOCOL_VERSION,
+    copy_as_data, read_data_to_vec, read_json, write_json, DataStream, ErrorKind, Request,
+    Response, PROTOCOL_VERSION,
 };
 
 fn reply_err<W: Write>(w: &mut W, e: &AgentError) -> io::Result<()> {
@@ -57,19 +57,31 @@ pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) ->
                     )?;
                 }
             }
-            Request::ReadMeta { name, unless_hash } => match backend.read_meta(&name) {
+            Request::ReadMeta { name, unless_hash } => match backend.open_meta(&name) {
                 Ok(None) => write_json(&mut w, &Response::Missing)?,
-                Ok(Some(bytes)) => {
-                    if unless_hash == Some(xxhash_rust::xxh3::xxh3_64(&bytes)) {
+                Ok(Some(mut f)) => {
+                    // Hash by streaming first: an unchanged manifest (the
+                    // common case of `status`) is never held in memory.
+                    let same = match unless_hash {
+                        Some(h) => match dsg_core::hash::hash_reader(&mut f) {
+                            Ok((got, _)) => got.0 == h,
+                            Err(e) => {
+                                reply_err(
+                                    &mut w,
+                                    &AgentError::io(format!("reading .dsg/{name}"), e),
+                                )?;
+                                continue;
+                            }
+                        },
+                        None => false,
+                    };
+                    if same {
                         write_json(&mut w, &Response::Unchanged)?;
                     } else {
-                        write_json(
-                            &mut w,
-                            &Response::Data {
-                                size: bytes.len() as u64,
-                            },
-                        )?;
-                        write_data(&mut w, &bytes)?;
+                        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                        std::io::Seek::rewind(&mut f)?;
+                        write_json(&mut w, &Response::Data { size })?;
+                        copy_as_data(&mut f, &mut w, &mut buf)?;
                     }
                 }
                 Err(e) => reply_err(&mut w, &e)?,

@@ -76,8 +76,8 @@ pub trait Backend: Send {
     /// True when the repository exists (has a manifest).
     fn exists(&self) -> bool;
 
-    /// Reads `.dsg/<name>`; `Ok(None)` when it does not exist.
-    fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>, AgentError>;
+    /// Opens `.dsg/<name>` for reading; `Ok(None)` when it does not exist.
+    fn open_meta(&self, name: &str) -> Result<Option<std::fs::File>, AgentError>;
 
     /// Locks the repository, finishes any interrupted transaction, checks the
     /// head is `base` (`None`: the repository must not exist) and prepares

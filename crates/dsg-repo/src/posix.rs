@@ -189,10 +189,9 @@ impl PosixBackend {
     }
 
     fn unlock(&mut self) {
-        if let Some(f) = self.lock.take() {
-            let _ = f.set_len(0);
-            drop(f);
-        }
+        // Dropping the file releases the flock; the holder text stays (it
+        // is only read while someone holds the lock).
+        self.lock = None;
     }
 
     fn head(&self) -> Result<Option<Manifest>, AgentError> {
@@ -415,7 +414,7 @@ impl Backend for PosixBackend {
         self.dsg().join("last-sync.json").is_file()
     }
 
-    fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>, AgentError> {
+    fn open_meta(&self, name: &str) -> Result<Option<File>, AgentError> {
         let ok = matches!(name, "last-sync.json" | "sync-messages.json")
             || (name.starts_with("archive/")
                 && !name[8..].contains('/')
@@ -426,8 +425,8 @@ impl Backend for PosixBackend {
                 format!("refusing to read .dsg/{name}"),
             ));
         }
-        match fs::read(self.dsg().join(name)) {
-            Ok(b) => Ok(Some(b)),
+        match File::open(self.dsg().join(name)) {
+            Ok(f) => Ok(Some(f)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(AgentError::io(
                 format!("cannot read {}", self.dsg().join(name).display()),
@@ -737,7 +736,16 @@ impl Backend for PosixBackend {
                 r?;
             }
         }
-        if self.mountpoint.is_dir() && self.init_lock_path().exists() {
+        let prefix = format!(".dsg-init.{}.", self.name);
+        let init_leftovers = fs::read_dir(&self.mountpoint)
+            .map(|rd| {
+                rd.flatten().any(|d| {
+                    let n = d.file_name().to_string_lossy().to_string();
+                    n.starts_with(&prefix) && !n.ends_with(".lock")
+                })
+            })
+            .unwrap_or(false);
+        if init_leftovers {
             if let Some(f) = self.take_flock(&self.init_lock_path(), LockMode::Exclusive, false)? {
                 self.lock = Some(f);
                 let r = self.cleanup_init_leftovers();
@@ -850,6 +858,8 @@ impl PosixBackend {
                 .map_err(|e| AgentError::io("staging manifest", e.source))?;
             write_atomic(&dsg.join("sync-messages.json"), &c.sync_messages)
                 .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
+            File::create(dsg.join("lock"))
+                .map_err(|e| AgentError::io("creating the lock file", e))?;
             syncfs(&tx.staging)?;
             failpoint("repo.init.before_rename");
             rustix::fs::renameat_with(

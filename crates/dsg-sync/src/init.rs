@@ -16,7 +16,7 @@ use dsg_core::atomic::{sync_dir, write_atomic};
 use dsg_core::config::{ProjectConfig, RepoType, Repository, UserConfig, PROJECT_CONFIG};
 use dsg_core::manifest::{Manifest, SyncMessages};
 use dsg_core::names::{apply_normalization, plan_normalization, NormalizePlan, Rename};
-use dsg_core::scan::{to_manifest, LocalKind, ProblemKind, ScanResult, StatCache};
+use dsg_core::scan::{to_manifest, LocalKind, Problem, ProblemKind, ScanResult, StatCache};
 use dsg_repo::failpoint::failpoint;
 use dsg_repo::RepoClient;
 
@@ -62,77 +62,90 @@ impl From<&Rename> for RenameOut {
     }
 }
 
-/// Blocks on scan problems; with `normalize`, first renames what it can.
-/// Returns the scan to use and the renames planned or done.
+/// With `normalize`, plans (and unless `dry_run`, applies) renames for
+/// invalid names among `paths`; returns them. A caller that gets renames
+/// back (not in a dry run) must scan again, then call `block_on_problems`.
+/// Without `normalize`, any problem blocks.
 pub fn settle_names(
     project: &Project,
-    mut scan: ScanResult,
+    problems: &[Problem],
+    paths: impl Iterator<Item = String>,
     normalize: bool,
     dry_run: bool,
-    reporter: &dyn Reporter,
     verb: &str,
-) -> Result<(ScanResult, Vec<RenameOut>)> {
-    let mut renames = Vec::new();
-    let has_name_problems = scan.problems.iter().any(|p| p.kind == ProblemKind::Name);
-    if has_name_problems && normalize {
-        let mut all: Vec<String> = scan.entries.iter().map(|e| e.path.to_string()).collect();
-        all.extend(scan.problems.iter().map(|p| p.path.clone()));
-        let plan: NormalizePlan = plan_normalization(&all);
-        if !plan.conflicts.is_empty() || !plan.unfixable.is_empty() {
-            let mut paths: Vec<String> = Vec::new();
-            let mut lines = Vec::new();
-            for (p, why) in plan.conflicts.iter().chain(plan.unfixable.iter()) {
-                lines.push(format!("  {p}: {why}"));
-                paths.push(p.clone());
-            }
-            return Err(EngineError::Blocked {
-                message: format!(
-                    "{verb} blocked: {} path(s) cannot be normalized automatically:\n{}\nhint: rename them by hand",
-                    paths.len(),
-                    lines.join("\n")
-                ),
-                paths,
-            });
-        }
-        renames = plan.renames.iter().map(RenameOut::from).collect();
-        if dry_run {
-            return Ok((scan, renames));
-        }
-        apply_normalization(&project.root, &plan).map_err(|e| EngineError::State {
-            message: format!("normalization stopped: {e}"),
-            hint: "fix the path by hand and run the command again".into(),
-        })?;
-        scan = project.scan(reporter);
+) -> Result<Vec<RenameOut>> {
+    let has_name_problems = problems.iter().any(|p| p.kind == ProblemKind::Name);
+    if !(has_name_problems && normalize) {
+        block_on_problems(problems, verb)?;
+        return Ok(Vec::new());
     }
-    if !scan.problems.is_empty() {
-        let paths: Vec<String> = scan.problems.iter().map(|p| p.path.clone()).collect();
-        let lines: Vec<String> = scan
-            .problems
-            .iter()
-            .take(20)
-            .map(|p| format!("  {}: {}", p.path, p.message))
-            .collect();
-        let more = if paths.len() > 20 {
-            format!("\n  … and {} more", paths.len() - 20)
-        } else {
-            String::new()
-        };
-        let fixable = scan.problems.iter().any(|p| p.kind == ProblemKind::Name);
+    let mut all: Vec<String> = paths.collect();
+    all.extend(problems.iter().map(|p| p.path.clone()));
+    let plan: NormalizePlan = plan_normalization(&all);
+    if !plan.conflicts.is_empty() || !plan.unfixable.is_empty() {
+        let mut paths: Vec<String> = Vec::new();
+        let mut lines = Vec::new();
+        for (p, why) in plan.conflicts.iter().chain(plan.unfixable.iter()) {
+            lines.push(format!("  {p}: {why}"));
+            paths.push(p.clone());
+        }
         return Err(EngineError::Blocked {
             message: format!(
-                "{verb} blocked: {} path(s) cannot be synced:\n{}{more}\nhint: {}",
+                "{verb} blocked: {} path(s) cannot be normalized automatically:\n{}\nhint: rename them by hand",
                 paths.len(),
-                lines.join("\n"),
-                if fixable {
-                    "run with --normalize to rename invalid names (add --dry-run to preview), or fix them by hand"
-                } else {
-                    "fix these paths by hand (links must be relative and stay inside the project)"
-                }
+                lines.join("\n")
             ),
             paths,
         });
     }
-    Ok((scan, renames))
+    let renames: Vec<RenameOut> = plan.renames.iter().map(RenameOut::from).collect();
+    if dry_run {
+        // Problems the plan does not fix still block, even in a preview.
+        let other: Vec<Problem> = problems
+            .iter()
+            .filter(|p| p.kind != ProblemKind::Name)
+            .cloned()
+            .collect();
+        block_on_problems(&other, verb)?;
+        return Ok(renames);
+    }
+    apply_normalization(&project.root, &plan).map_err(|e| EngineError::State {
+        message: format!("normalization stopped: {e}"),
+        hint: "fix the path by hand and run the command again".into(),
+    })?;
+    Ok(renames)
+}
+
+/// Invalid names, unsafe links and unreadable files block (exit 3).
+pub fn block_on_problems(problems: &[Problem], verb: &str) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<String> = problems.iter().map(|p| p.path.clone()).collect();
+    let lines: Vec<String> = problems
+        .iter()
+        .take(20)
+        .map(|p| format!("  {}: {}", p.path, p.message))
+        .collect();
+    let more = if paths.len() > 20 {
+        format!("\n  … and {} more", paths.len() - 20)
+    } else {
+        String::new()
+    };
+    let fixable = problems.iter().any(|p| p.kind == ProblemKind::Name);
+    Err(EngineError::Blocked {
+        message: format!(
+            "{verb} blocked: {} path(s) cannot be synced:\n{}{more}\nhint: {}",
+            paths.len(),
+            lines.join("\n"),
+            if fixable {
+                "run with --normalize to rename invalid names (add --dry-run to preview), or fix them by hand"
+            } else {
+                "fix these paths by hand (links must be relative and stay inside the project)"
+            }
+        ),
+        paths,
+    })
 }
 
 pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitReport> {
@@ -205,15 +218,19 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         config,
         user,
     };
-    let scan = project.scan(reporter);
-    let (scan, renames) = settle_names(
+    let mut scan = project.scan(reporter);
+    let renames = settle_names(
         &project,
-        scan,
+        &scan.problems,
+        scan.entries.iter().map(|e| e.path.to_string()),
         args.normalize,
         args.dry_run,
-        reporter,
         "init",
     )?;
+    if !renames.is_empty() && !args.dry_run {
+        scan = project.scan(reporter);
+        block_on_problems(&scan.problems, "init")?;
+    }
     let mut report = InitReport {
         dry_run: args.dry_run,
         snapshot_id: "s1".into(),
@@ -274,7 +291,7 @@ fn init_tx(
     reporter: &dyn Reporter,
 ) -> Result<Option<String>> {
     let user = &project.user.user_id;
-    let mut manifest: Manifest = to_manifest(&scan.entries, None, user);
+    let mut manifest: Manifest = to_manifest(scan.entries.clone(), None, user).0;
     manifest.seal(
         "s1",
         user,

@@ -41,6 +41,10 @@ pub enum EngineError {
     State { message: String, hint: String },
     #[error("interrupted; nothing was changed")]
     Interrupted,
+    /// Already reported to the user (e.g. a failing check list); only the
+    /// exit code is left to give.
+    #[error("{message}")]
+    Reported { message: String, code: i32 },
 }
 
 impl EngineError {
@@ -57,6 +61,7 @@ impl EngineError {
             EngineError::Blocked { .. } => 3,
             EngineError::Usage(_) => 2,
             EngineError::Interrupted => 130,
+            EngineError::Reported { code, .. } => *code,
             EngineError::Repo(r) if r.kind() == Some(ErrorKind::Busy) => 4,
             _ => 1,
         }

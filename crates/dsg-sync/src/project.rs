@@ -52,12 +52,21 @@ impl Project {
     /// The cache manifest C. `Ok(None)` only when the project has no `.dsg/`
     /// at all (never synced here); a `.dsg/` without a readable, valid
     /// manifest is an error — it is never taken as "empty".
-    pub fn load_cache(&self) -> Result<Option<(Manifest, Vec<u8>)>> {
+    pub fn load_cache(&self) -> Result<Option<(Manifest, u64)>> {
+        match self.cache_hash()? {
+            None => Ok(None),
+            Some(h) => Ok(Some((self.load_cache_tagged(h)?, h))),
+        }
+    }
+
+    /// The XXH3 of the cache manifest file (streamed, not held). `Ok(None)`
+    /// only when the project has no `.dsg/` at all.
+    pub fn cache_hash(&self) -> Result<Option<u64>> {
         if !self.dsg().is_dir() {
             return Ok(None);
         }
         let p = self.cache_path();
-        let bytes = std::fs::read(&p).map_err(|e| {
+        let f = std::fs::File::open(&p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 EngineError::State {
                     message: format!("{} is missing although {} exists", p.display(), self.dsg().display()),
@@ -67,12 +76,48 @@ impl Project {
                 EngineError::io(&p, e)
             }
         })?;
+        let (h, _) = dsg_core::hash::hash_reader(f).map_err(|e| EngineError::io(&p, e))?;
+        Ok(Some(h.0))
+    }
+
+    /// Loads the cache manifest whose file hashes to `h`: from its binary
+    /// copy when that is current (it was verified when made), else by
+    /// parsing and verifying the JSON.
+    pub fn load_cache_tagged(&self, h: u64) -> Result<Manifest> {
+        if let Ok(b) = std::fs::read(self.manifest_cache_path()) {
+            if let Some(m) = dsg_core::manifest::binary::decode(&b, h) {
+                return Ok(m);
+            }
+        }
+        let p = self.cache_path();
+        let bytes = std::fs::read(&p).map_err(|e| EngineError::io(&p, e))?;
+        if dsg_core::hash::Hash::of_bytes(&bytes).0 != h {
+            return Err(EngineError::State {
+                message: format!("{} changed while dsg was reading it", p.display()),
+                hint: "another dsg command is running here; run this one again when it is done"
+                    .into(),
+            });
+        }
         let m = Manifest::from_json_bytes(&bytes, &p)?;
+        drop(bytes);
         m.verify_integrity().map_err(|msg| EngineError::State {
             message: format!("{} fails its integrity check: {msg}", p.display()),
             hint: "the cache was altered or damaged; restore it, or move .dsg away and run 'dsg clone'".into(),
         })?;
-        Ok(Some((m, bytes)))
+        self.write_manifest_cache(&m, h);
+        Ok(m)
+    }
+
+    /// Part of the local stat cache: a binary copy of the cache manifest.
+    pub fn manifest_cache_path(&self) -> PathBuf {
+        self.dsg().join("stat-cache.manifest")
+    }
+
+    pub fn write_manifest_cache(&self, m: &Manifest, json_hash: u64) {
+        let bytes = dsg_core::manifest::binary::encode(m, json_hash);
+        if let Err(e) = dsg_core::atomic::write_atomic(&self.manifest_cache_path(), &bytes) {
+            tracing::warn!("could not save the manifest cache: {e}");
+        }
     }
 
     pub fn load_sync_messages(&self) -> Result<Option<SyncMessages>> {
@@ -85,7 +130,7 @@ impl Project {
         let progress = Progress::default();
         let rules = Rules::from_config(&self.config);
         if !reporter.wants_progress() {
-            return scan::scan(&self.root, &rules, &cache, &progress);
+            return scan::scan(&self.root, &rules, cache, &progress);
         }
         let done = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
@@ -96,7 +141,7 @@ impl Project {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
             });
-            let r = scan::scan(&self.root, &rules, &cache, &progress);
+            let r = scan::scan(&self.root, &rules, cache, &progress);
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = h.join();
             reporter.scanning(&progress);
@@ -108,8 +153,13 @@ impl Project {
     /// `status` makes, and only when `.dsg/` exists.
     pub fn save_stat_cache(&self, scan: &ScanResult) {
         if scan.cache_dirty && self.dsg().is_dir() {
-            let bytes = StatCache::encode_entries(scan.started_ns, &scan.entries);
-            if let Err(e) = dsg_core::atomic::write_atomic(&self.stat_cache_path(), &bytes) {
+            self.write_stat_cache(&StatCache::encode_entries(scan.started_ns, &scan.entries));
+        }
+    }
+
+    pub fn write_stat_cache(&self, bytes: &[u8]) {
+        {
+            if let Err(e) = dsg_core::atomic::write_atomic(&self.stat_cache_path(), bytes) {
                 tracing::warn!("could not save the stat cache: {e}");
             }
         }

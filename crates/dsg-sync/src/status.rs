@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use dsg_core::manifest::Manifest;
-use dsg_core::scan::{to_manifest, Problem, ScanResult};
+use dsg_core::scan::{to_manifest, Problem, ScanResult, Stat, StatCache};
 use dsg_core::state::{classify, Action, State};
 use dsg_repo::{Meta, RepoClient};
 
@@ -17,8 +17,11 @@ pub struct Row {
 }
 
 pub struct Comparison {
+    /// The scan's problems, ignored paths and counters (its entries became `local`).
     pub scan: ScanResult,
     pub local: Manifest,
+    /// The stat of each `local` entry, in the same order.
+    pub local_stats: Vec<Stat>,
     pub cache: Manifest,
     /// `None` when R is the cache (offline, or the repository head is the
     /// same file as the cache): no second copy is kept.
@@ -46,8 +49,31 @@ impl Comparison {
             .collect()
     }
 
-    pub fn with_scan(self, scan: ScanResult) -> Comparison {
-        Comparison { scan, ..self }
+    /// The stat of a local path.
+    pub fn local_stat(&self, path: &str) -> Option<Stat> {
+        self.local
+            .entries()
+            .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
+            .ok()
+            .map(|i| self.local_stats[i])
+    }
+
+    /// Saves the stat cache when the scan found it out of date.
+    pub fn save_stat_cache(&self, project: &Project) {
+        if self.scan.cache_dirty && project.dsg().is_dir() {
+            project.write_stat_cache(&self.stat_cache_bytes());
+        }
+    }
+
+    pub fn stat_cache_bytes(&self) -> Vec<u8> {
+        StatCache::encode(
+            self.scan.started_ns,
+            self.local
+                .entries()
+                .iter()
+                .zip(&self.local_stats)
+                .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h))),
+        )
     }
 
     pub fn problems(&self) -> &[Problem] {
@@ -97,16 +123,13 @@ pub fn compare(
     opts: CompareOpts,
     reporter: &dyn Reporter,
 ) -> Result<Comparison> {
-    let cache = if opts.no_cache {
+    let t0 = std::time::Instant::now();
+    let cache_hash = if opts.no_cache {
         None
     } else {
-        project.load_cache()?
+        project.cache_hash()?
     };
-    let has_cache = cache.is_some();
-    let (cache, cache_hash) = match cache {
-        Some((m, b)) => (m, Some(xxhash_rust::xxh3::xxh3_64(&b))),
-        None => (Manifest::new(), None),
-    };
+    let has_cache = cache_hash.is_some();
     // Ask the repository first: it is the step most likely to fail, and a
     // failure should not cost a full scan. The cache's hash lets the agent
     // answer "unchanged" instead of sending the manifest again.
@@ -122,17 +145,29 @@ pub fn compare(
             Some((r, b)) => (Some(r), opts.keep_remote_bytes.then_some(b)),
         },
     };
-    let scan = project.scan(reporter);
-    let local = to_manifest(&scan.entries, Some(&cache), &project.user.user_id);
-    if opts.save_stat_cache {
-        project.save_stat_cache(&scan);
-    }
-    Ok(Comparison {
+    tracing::debug!("repository manifest checked at {:?}", t0.elapsed());
+    let mut scan = project.scan(reporter);
+    tracing::debug!("scanned at {:?}", t0.elapsed());
+    // The cache is loaded only now, so it and the stat cache are never in
+    // memory together.
+    let cache = match cache_hash {
+        Some(h) => project.load_cache_tagged(h)?,
+        None => Manifest::new(),
+    };
+    let entries = std::mem::take(&mut scan.entries);
+    let (local, local_stats) = to_manifest(entries, Some(&cache), &project.user.user_id);
+    tracing::debug!("local manifest built at {:?}", t0.elapsed());
+    let cmp = Comparison {
         scan,
         local,
+        local_stats,
         cache,
         remote,
         remote_bytes,
         has_cache,
-    })
+    };
+    if opts.save_stat_cache {
+        cmp.save_stat_cache(project);
+    }
+    Ok(cmp)
 }

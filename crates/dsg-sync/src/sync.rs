@@ -26,7 +26,7 @@ use dsg_core::hash::Hash;
 use dsg_core::manifest::{
     archive_name, compress_archive, snapshot_number, Entry, EntryKind, Manifest, SyncMessages,
 };
-use dsg_core::scan::{LocalEntry, LocalKind, Stat, StatCache};
+use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
 use dsg_repo::failpoint::failpoint;
 use dsg_repo::journal::Journal;
@@ -35,7 +35,7 @@ use dsg_repo::{Incoming, Meta, RepoClient, RepoError};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::init::{settle_names, RenameOut};
+use crate::init::{block_on_problems, settle_names, RenameOut};
 use crate::project::DSG_DIR;
 use crate::status::{compare, fetch_remote, CompareOpts, Row};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
@@ -170,21 +170,19 @@ fn sync_once(
         no_cache: is_clone,
     };
     let mut cmp = compare(project, Some(&mut client), copts, reporter)?;
-    let scan = std::mem::take(&mut cmp.scan);
-    let (scan, renames) = settle_names(
+    let renames = settle_names(
         project,
-        scan,
+        &cmp.scan.problems,
+        cmp.local.entries().iter().map(|e| e.path.to_string()),
         opts.normalize,
         opts.dry_run,
-        reporter,
         "sync",
     )?;
-    let cmp = if !renames.is_empty() && !opts.dry_run {
+    if !renames.is_empty() && !opts.dry_run {
         // Names changed on disk: compare again.
-        compare(project, Some(&mut client), copts, reporter)?
-    } else {
-        cmp.with_scan(scan)
-    };
+        cmp = compare(project, Some(&mut client), copts, reporter)?;
+        block_on_problems(&cmp.scan.problems, "sync")?;
+    }
     let rows = cmp.rows();
     let mut report = SyncReport {
         dry_run: opts.dry_run,
@@ -214,8 +212,6 @@ fn sync_once(
             paths: conflicts,
         });
     }
-    let local_by_path: HashMap<&str, &LocalEntry> =
-        cmp.scan.entries.iter().map(|e| (&*e.path, e)).collect();
     let remote = cmp.remote();
     let mut uploads: Vec<&Entry> = Vec::new();
     let mut deletes_remote: Vec<&str> = Vec::new();
@@ -259,7 +255,7 @@ fn sync_once(
     if !needs_snapshot && !needs_local {
         report.up_to_date = true;
         let _ = client.close();
-        project.save_stat_cache(&cmp.scan);
+        cmp.save_stat_cache(project);
         return Ok(report);
     }
 
@@ -347,13 +343,13 @@ fn sync_once(
                 check_interrupt()?;
                 match &e.kind {
                     EntryKind::File { size, hash, .. } => {
-                        let le = local_by_path[&*e.path];
+                        let st = cmp.local_stat(&e.path).expect("scanned");
                         client.put_file(
                             &e.path,
                             &root.join(&*e.path),
                             *size,
                             hash.expect("scanned").0,
-                            le.stat.mtime_ns,
+                            st.mtime_ns,
                         )?;
                         nb += size;
                     }
@@ -458,13 +454,7 @@ fn sync_once(
     failpoint("client.journal.committed");
     // Past the commit point: Ctrl-C no longer aborts; we finish.
     apply_local(root, &tx, &ops)?;
-    update_stat_cache(
-        project,
-        &cmp.scan.entries,
-        &downloads,
-        &deletes_local,
-        cmp.scan.started_ns,
-    );
+    update_stat_cache(project, &cmp, &downloads, &deletes_local);
     journal
         .append(&LocalRecord::Done { tx: tx.clone() })
         .map_err(jerr(root))?;
@@ -668,52 +658,39 @@ pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
 /// the downloaded files as they now are on disk.
 fn update_stat_cache(
     project: &Project,
-    scanned: &[LocalEntry],
+    cmp: &crate::status::Comparison,
     downloads: &[&Entry],
     deleted: &[&str],
-    started_ns: i64,
 ) {
-    let mut map: std::collections::BTreeMap<Box<str>, LocalEntry> = scanned
+    use std::os::unix::fs::MetadataExt;
+    let mut map: std::collections::BTreeMap<&str, (Stat, Hash)> = cmp
+        .local
+        .entries()
         .iter()
-        .map(|e| (e.path.clone(), e.clone()))
+        .zip(&cmp.local_stats)
+        .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, (*st, h))))
         .collect();
     for p in deleted {
         map.remove(*p);
     }
     for e in downloads {
         map.remove(&*e.path);
-        if let EntryKind::File {
-            size,
-            hash: Some(h),
-            ..
-        } = &e.kind
-        {
+        if let EntryKind::File { hash: Some(h), .. } = &e.kind {
             if let Ok(md) = std::fs::symlink_metadata(project.root.join(&*e.path)) {
-                use std::os::unix::fs::MetadataExt;
-                map.insert(
-                    e.path.clone(),
-                    LocalEntry {
-                        path: e.path.clone(),
-                        kind: LocalKind::File {
-                            size: *size,
-                            hash: *h,
-                        },
-                        stat: Stat {
-                            size: md.len(),
-                            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-                            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-                            ino: md.ino(),
-                        },
-                    },
-                );
+                let st = Stat {
+                    size: md.len(),
+                    mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                    ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+                    ino: md.ino(),
+                };
+                map.insert(&e.path, (st, *h));
             }
         }
     }
-    let entries: Vec<LocalEntry> = map.into_values().collect();
-    let _ = write_atomic(
-        &project.stat_cache_path(),
-        &StatCache::encode_entries(started_ns, &entries),
-    );
+    project.write_stat_cache(&StatCache::encode(
+        cmp.scan.started_ns,
+        map.into_iter().map(|(p, (st, h))| (p, st, h)),
+    ));
 }
 
 fn rollback_local(root: &Path, tx: &str, is_clone: bool) {
