@@ -654,7 +654,7 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
         Ok(())
     } else {
         Err(EngineError::Reported {
-            message: "configuration check failed; fix the items marked ✗".into(),
+            message: "configuration check failed\nhint: fix the items marked ✗ above".into(),
             code: 1,
         })
     }

@@ -578,7 +578,6 @@ fn crash_after_the_commit_point_rolls_forward() {
 }
 
 #[test]
-#[ignore = "BUG: dsg init does not run recovery first; after a crash past the commit point it fails with 'already exists' and leaves .dsg.init-<tx>"]
 fn init_after_a_crash_past_the_commit_point_recovers_first() {
     let env = TestEnv::new();
     let dir = small_project(&env);
@@ -592,7 +591,6 @@ fn init_after_a_crash_past_the_commit_point_recovers_first() {
 }
 
 #[test]
-#[ignore = "BUG: dsg init does not run recovery first; a rerun after a crash before the commit point leaves the old .dsg.init-<tx>"]
 fn init_after_a_crash_before_the_commit_point_leaves_no_leftovers() {
     let env = TestEnv::new();
     let dir = small_project(&env);

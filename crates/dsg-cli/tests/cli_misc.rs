@@ -322,7 +322,6 @@ fn config_name_no_is_refused_with_a_hint_to_quote() {
 }
 
 #[test]
-#[ignore = "BUG: a bare `name: N` (or y/Y/n) is refused as a YAML 1.1 boolean, but the original (PyYAML) reads it as a string and writes it bare"]
 fn config_name_single_letter_as_the_original_writes_it() {
     let env = TestEnv::new();
     let dir = env.project("p");
@@ -434,7 +433,6 @@ fn validate_config_ok_and_unreachable() {
 }
 
 #[test]
-#[ignore = "BUG: `--json validate-config` that fails prints two JSON documents on stdout (the checks, then the error)"]
 fn validate_config_json_failure_is_one_document() {
     let env = TestEnv::new();
     let dir = initialized(&env);

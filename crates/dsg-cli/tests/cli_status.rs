@@ -312,7 +312,6 @@ fn status_writes_nothing_but_the_stat_cache() {
 }
 
 #[test]
-#[ignore = "BUG: every status writes into the repository: creates <repo>/.dsg/lock and truncates it and <repo-path>/.dsg-init.<name>.lock (mtimes change)"]
 fn status_writes_nothing_in_the_repository() {
     let env = TestEnv::new();
     let dir = env.project("p");

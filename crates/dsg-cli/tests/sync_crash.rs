@@ -483,9 +483,8 @@ fn kill9_at_random_moments() {
 fn kill_trial(case: &Case, new: &World, trial: u64, delay: Duration) -> Outcome {
     {
         let env = Env::new("kill");
-        setup(&env);
+        (case.setup)(&env);
         let old = env.capture("A");
-        let delay = Duration::from_secs_f64(dur.as_secs_f64() * 1.1 * rng.unit());
         let mut child = env.command("A", &["sync"]).spawn().unwrap();
         std::thread::sleep(delay);
         let _ = child.kill();
