@@ -41,23 +41,28 @@ impl fmt::Debug for Hash {
     }
 }
 
-/// Streams a reader through XXH3. The buffer is large because small reads
-/// dominate the cost for big files; the chunk size does not change the result.
+/// Streams a reader through XXH3. The buffer is per thread and reused: a
+/// fresh large buffer per file would cost an mmap/munmap pair each time.
 pub fn hash_reader<R: Read>(mut r: R) -> std::io::Result<(Hash, u64)> {
-    let mut h = Xxh3::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        h.update(&buf[..n]);
-        total += n as u64;
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
     }
-    Ok((Hash(h.digest()), total))
+    BUF.with(|b| {
+        let mut buf = b.borrow_mut();
+        let mut h = Xxh3::new();
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            h.update(&buf[..n]);
+            total += n as u64;
+        }
+        Ok((Hash(h.digest()), total))
+    })
 }
 
 /// Hashes a regular file without following a symlink at `path`.

@@ -51,6 +51,9 @@ enum StagedKind {
 }
 
 pub struct PosixBackend {
+    /// Reused for every received file (a fresh 1 MiB buffer per small file
+    /// costs an mmap and page faults each time).
+    buf: Vec<u8>,
     mountpoint: PathBuf,
     read_lock: Option<File>,
     name: String,
@@ -66,6 +69,8 @@ struct OpenTx {
     staging: PathBuf,
     init: bool,
     staged: Vec<(String, StagedKind)>,
+    /// Staging directories known to exist (saves a stat per path component).
+    dirs: std::collections::HashSet<String>,
     base: Option<Manifest>,
     error: Option<AgentError>,
 }
@@ -88,6 +93,7 @@ impl PosixBackend {
             .and_then(|s| s.parse::<f64>().ok())
             .unwrap_or(30.0);
         Ok(PosixBackend {
+            buf: vec![0u8; 1 << 20],
             mountpoint,
             read_lock: None,
             name,
@@ -401,6 +407,25 @@ fn safe_parent(base: &Path, rel: &str) -> Result<PathBuf, AgentError> {
     Ok(cur)
 }
 
+/// The staging directory for `path`'s parent, created as needed. Staging is
+/// ours alone, so directories made once in this transaction are trusted.
+fn staged_parent(tx: &mut OpenTx, path: &str) -> Result<PathBuf, AgentError> {
+    let parent_rel = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+    if parent_rel.is_empty() || tx.dirs.contains(parent_rel) {
+        return Ok(tx.staging.join(parent_rel));
+    }
+    let p = safe_parent(&tx.staging, path)?;
+    let mut cur = parent_rel;
+    loop {
+        tx.dirs.insert(cur.to_string());
+        match cur.rsplit_once('/') {
+            Some((up, _)) => cur = up,
+            None => break,
+        }
+    }
+    Ok(p)
+}
+
 fn checked(path: &str) -> Result<(), AgentError> {
     check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))
 }
@@ -482,6 +507,7 @@ impl Backend for PosixBackend {
                     staging,
                     init: true,
                     staged: Vec::new(),
+                    dirs: Default::default(),
                     base: None,
                     error: None,
                 });
@@ -540,6 +566,7 @@ impl Backend for PosixBackend {
                     staging,
                     init: false,
                     staged: Vec::new(),
+                    dirs: Default::default(),
                     base: head,
                     error: None,
                 });
@@ -561,7 +588,7 @@ impl Backend for PosixBackend {
             .as_mut()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         checked(path)?;
-        let parent = safe_parent(&tx.staging, path)?;
+        let parent = staged_parent(tx, path)?;
         let dst = parent.join(path.rsplit('/').next().unwrap());
         let mut f = OpenOptions::new()
             .write(true)
@@ -570,11 +597,11 @@ impl Backend for PosixBackend {
             .open(&dst)
             .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
         let mut h = Xxh3::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let buf = &mut self.buf;
         let mut n = 0u64;
         loop {
             let k = data
-                .read(&mut buf)
+                .read(buf)
                 .map_err(|e| AgentError::io(format!("receiving {path}"), e))?;
             if k == 0 {
                 break;
@@ -613,7 +640,7 @@ impl Backend for PosixBackend {
         checked(path)?;
         check_link_target(path, target)
             .map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
-        let parent = safe_parent(&tx.staging, path)?;
+        let parent = staged_parent(tx, path)?;
         let dst = parent.join(path.rsplit('/').next().unwrap());
         let _ = fs::remove_file(&dst);
         symlink(target, &dst)

@@ -305,10 +305,12 @@ fn init_tx(
     let manifest_bytes = manifest.to_json_bytes();
     let messages_bytes = messages.to_json_bytes();
 
+    let t0 = std::time::Instant::now();
     let mut client = RepoClient::connect(&project.config)?;
     client.begin(tx, None, user)?;
     upload_all(project, &mut client, scan, reporter)?;
     client.flush()?;
+    tracing::debug!("uploaded in {:?}", t0.elapsed());
     check_interrupt()?;
 
     // Stage the local .dsg/ completely before the commit point.
@@ -327,7 +329,9 @@ fn init_tx(
     failpoint("client.init.staged");
     check_interrupt()?;
 
+    tracing::debug!("staged locally at {:?}", t0.elapsed());
     client.commit("s1", &manifest_bytes, &messages_bytes)?;
+    tracing::debug!("committed at {:?}", t0.elapsed());
     failpoint("client.init.committed");
     finish_local_init(&project.root, staging)?;
     let _ = client.close();
