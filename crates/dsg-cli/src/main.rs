@@ -114,6 +114,9 @@ struct InitCmd {
     /// ZFS pool (zfs only)
     #[arg(long)]
     pool: Option<String>,
+    /// Path of dsg on the repository host (default: dsg on its PATH)
+    #[arg(long)]
+    remote_dsg: Option<String>,
     /// Never prompt; fail when a value is missing
     #[arg(long)]
     no_interactive: bool,
@@ -385,6 +388,7 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
             repo_name,
             repo_type,
             pool,
+            remote_dsg: a.remote_dsg,
             force: a.force,
             normalize: a.normalize,
             dry_run: a.dry_run,

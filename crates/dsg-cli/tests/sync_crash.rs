@@ -455,7 +455,7 @@ fn kill9_at_random_moments() {
                 failed.push(panic_text(&e));
             }
         }
-        if t0.elapsed() > Duration::from_secs(90) {
+        if t0.elapsed() > Duration::from_secs(60) {
             eprintln!("kill9: stopping after {} trials (time budget)", trial + 1);
             break;
         }
@@ -482,12 +482,9 @@ fn kill9_at_random_moments() {
 
 fn kill_trial(case: &Case, new: &World, trial: u64, delay: Duration) -> Outcome {
     {
-        let t = Instant::now();
         let env = Env::new("kill");
         (case.setup)(&env);
-        eprintln!("T setup {:?}", t.elapsed());
         let old = env.capture("A");
-        eprintln!("T capture {:?}", t.elapsed());
         let mut child = env.command("A", &["sync"]).spawn().unwrap();
         std::thread::sleep(delay);
         let _ = child.kill();
@@ -504,14 +501,8 @@ fn kill_trial(case: &Case, new: &World, trial: u64, delay: Duration) -> Outcome 
         if !killed(&status) {
             assert_eq!(status.code(), Some(0), "{ctx}");
         }
-        eprintln!("T killed {:?}", t.elapsed());
         let st = env.run("A", &["status"]);
         assert_eq!(st.status.code(), Some(0), "{ctx}: {}", show(&st));
-        eprintln!("T status {:?}", t.elapsed());
-        let r = check_recovered(&env, case, &old, new, &ctx);
-        eprintln!("T checked {:?}", t.elapsed());
-        drop(env);
-        eprintln!("T dropped {:?}", t.elapsed());
-        r
+        check_recovered(&env, case, &old, new, &ctx)
     }
 }

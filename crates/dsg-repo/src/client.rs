@@ -72,6 +72,8 @@ pub struct RepoClient {
     host: String,
     repo: String,
     agent: Option<JoinHandle<io::Result<()>>>,
+    /// The `ssh` process of a remote agent.
+    child: Option<crate::ssh::SshChild>,
     pub repo_exists: bool,
     /// Client-side mismatches among pipelined uploads (file changed while read).
     send_error: Option<RepoError>,
@@ -83,10 +85,7 @@ impl RepoClient {
     pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
         let repo = &cfg.repository;
         if !repo.is_local() {
-            return Err(RepoError::Unsupported(format!(
-                "repository host {:?} is remote; SSH repositories are not supported by this build yet\nhint: use host: localhost",
-                repo.host
-            )));
+            return crate::ssh::connect(cfg);
         }
         let backend: Box<dyn Backend> = match repo.kind {
             RepoType::Xfs => {
@@ -127,6 +126,7 @@ impl RepoClient {
             host: host.into(),
             repo,
             agent: Some(agent),
+            child: None,
             repo_exists: false,
             send_error: None,
             buf: Vec::new(),
@@ -429,7 +429,45 @@ impl RepoClient {
         Ok(())
     }
 
+    /// A client over an already started remote agent's pipes.
+    pub(crate) fn over_child(
+        child: crate::ssh::SshChild,
+        r: Box<dyn Read + Send>,
+        w: Box<dyn Write + Send>,
+        host: &str,
+        repo: &str,
+    ) -> Result<RepoClient, RepoError> {
+        let mut c = RepoClient {
+            r: BufReader::with_capacity(1 << 20, r),
+            w: BufWriter::with_capacity(1 << 20, w),
+            host: host.into(),
+            repo: repo.into(),
+            agent: None,
+            child: Some(child),
+            repo_exists: false,
+            send_error: None,
+            buf: Vec::new(),
+        };
+        match c.hello() {
+            Ok(()) => Ok(c),
+            // A handshake that dies is explained by ssh's stderr and exit code.
+            Err(RepoError::Connection { source, .. }) => {
+                let child = c.child.take().expect("child");
+                Err(child.explain(source))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn finish(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let (_, w) = match io::pipe() {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            drop(std::mem::replace(&mut self.w, BufWriter::new(Box::new(w))));
+            child.wait();
+        }
         if let Some(h) = self.agent.take() {
             // Closing our end of the request pipe ends the agent loop.
             let (_, w) = match io::pipe() {

@@ -10,5 +10,6 @@ pub mod failpoint;
 pub mod journal;
 pub mod posix;
 pub mod protocol;
+pub mod ssh;
 
 pub use client::{Incoming, Meta, RepoClient, RepoError};

@@ -129,6 +129,18 @@ pub fn sync(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Resul
                 tracing::info!("the repository moved; planning again");
                 continue;
             }
+            // A dropped connection before the commit point left nothing
+            // behind (both sides rolled back): the whole sync is idempotent,
+            // so try again after a jittered backoff.
+            Err(EngineError::Repo(RepoError::Connection { host, source })) if attempts < 3 => {
+                let wait = backoff(attempts);
+                reporter.warn(&format!(
+                    "lost the connection to {host} ({source}); retrying in {:.1} s",
+                    wait.as_secs_f64()
+                ));
+                std::thread::sleep(wait);
+                continue;
+            }
             Ok(mut r) => {
                 r.attempts = attempts;
                 return Ok(r);
@@ -439,8 +451,21 @@ fn sync_once(
     if needs_snapshot {
         let id = new_id.clone().expect("snapshot id");
         if let Err(e) = client.commit(&id, &new_manifest_bytes, &messages_bytes) {
-            // Did the repository commit anyway (the reply was lost)? Ask.
-            let committed = matches!(fetch_remote(&mut client, None), Ok(Some((m, _))) if m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == new_hash);
+            // Did the repository commit anyway (the reply was lost)? Ask,
+            // on a new connection if this one is gone.
+            let committed = match RepoClient::connect(&project.config) {
+                Ok(mut c) => {
+                    let _ = c.recover();
+                    matches!(fetch_remote(&mut c, None), Ok(Some((m, _))) if m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == new_hash)
+                }
+                // Unknown: keep the journal; the next command decides.
+                Err(_) => {
+                    return Err(EngineError::State {
+                        message: format!("the commit's outcome is unknown: {e}"),
+                        hint: "run any dsg command when the repository is reachable; it finishes or undoes this sync".into(),
+                    })
+                }
+            };
             if !committed {
                 rollback_local(root, &tx, is_clone);
                 return Err(e.into());
@@ -463,6 +488,13 @@ fn sync_once(
     let _ = client.close();
     report.snapshot_id = new_id;
     Ok(report)
+}
+
+/// Exponential backoff with jitter: 0.5 s, 1 s, 2 s … ± 50 %.
+pub fn backoff(attempt: u32) -> std::time::Duration {
+    let base = 0.5 * 2f64.powi(attempt.saturating_sub(1) as i32);
+    let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+    std::time::Duration::from_secs_f64(base * (0.5 + jitter))
 }
 
 fn entry_size(e: &Entry) -> u64 {

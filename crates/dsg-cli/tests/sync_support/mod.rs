@@ -132,9 +132,22 @@ impl Env {
     /// A `std::process::Command` for `dsg` in client `name`, with the
     /// isolated user environment and no inherited dsg knobs.
     pub fn command(&self, name: &str, args: &[&str]) -> Command {
+        self.command_as(&[], name, args)
+    }
+
+    /// Like `command`, run through `prefix` (e.g. `setpriv --reuid=nobody
+    /// …`): `prefix[0] prefix[1..] dsg args`.
+    pub fn command_as(&self, prefix: &[String], name: &str, args: &[&str]) -> Command {
         let dir = self.client(name);
         fs::create_dir_all(&dir).unwrap();
-        let mut c = Command::new(dsg_bin());
+        let mut c = match prefix.split_first() {
+            None => Command::new(dsg_bin()),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(dsg_bin());
+                c
+            }
+        };
         c.args(args)
             .current_dir(&dir)
             .env("DSG_CONFIG_HOME", self.tmp.path().join("cfg"))
@@ -445,6 +458,31 @@ pub fn full_listing(root: &Path) -> BTreeMap<String, (Node, i64, i64)> {
             (md.mtime(), md.mtime_nsec())
         };
         t.insert(r, (node_of(&p, &md), s, ns));
+    }
+    t
+}
+
+/// `full_listing` for "nothing changed" after a failed command: it ignores
+/// directory mtimes, the local stat caches (`.dsg/stat-cache*`, which only
+/// let a scan skip work), an empty `.dsg/staging/` and the holder text in
+/// lock files; everything else,
+/// file mtimes included, must be as before.
+pub fn state_listing(root: &Path) -> BTreeMap<String, (Node, i64, i64)> {
+    let mut t = full_listing(root);
+    t.retain(|k, _| !k.starts_with(".dsg/stat-cache"));
+    let staging_empty = !t.keys().any(|k| k.starts_with(".dsg/staging/"));
+    if staging_empty {
+        t.remove(".dsg/staging");
+    }
+    for (k, v) in t.iter_mut() {
+        if k == ".dsg/lock" || k.ends_with(".lock") {
+            // Informative holder text; the flock itself is the lock.
+            v.0 = Node::File(Vec::new());
+        }
+        if v.0 == Node::Dir {
+            v.1 = 0;
+            v.2 = 0;
+        }
     }
     t
 }
