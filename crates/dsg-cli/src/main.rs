@@ -94,6 +94,8 @@ enum Cmd {
         repo: PathBuf,
         #[arg(long, default_value = "xfs")]
         r#type: String,
+        #[arg(long)]
+        pool: Option<String>,
     },
 }
 
@@ -175,7 +177,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Clone { dry_run } => cmd_clone(dry_run, out),
         Cmd::ListFiles { path } => cmd_list_files(path, out),
         Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
-        Cmd::Agent { repo, r#type } => cmd_agent(repo, &r#type),
+        Cmd::Agent { repo, r#type, pool } => cmd_agent(repo, &r#type, pool),
     }
 }
 
@@ -664,17 +666,20 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
     }
 }
 
-fn cmd_agent(repo: PathBuf, kind: &str) -> Result<(), EngineError> {
-    if kind != "xfs" {
-        return Err(EngineError::Usage(format!(
-            "agent: unsupported repository type {kind:?}"
-        )));
-    }
-    let mut backend =
-        dsg_repo::posix::PosixBackend::new(&repo).map_err(|e| EngineError::State {
-            message: e.message.clone(),
-            hint: e.hint.clone().unwrap_or_default(),
-        })?;
+fn cmd_agent(repo: PathBuf, kind: &str, pool: Option<String>) -> Result<(), EngineError> {
+    let backend = match (kind, pool) {
+        ("xfs", _) => dsg_repo::posix::PosixBackend::new(&repo),
+        ("zfs", Some(pool)) => dsg_repo::posix::PosixBackend::new_zfs(&repo, &pool),
+        _ => {
+            return Err(EngineError::Usage(format!(
+                "agent: unsupported repository type {kind:?} (zfs needs --pool)"
+            )))
+        }
+    };
+    let mut backend = backend.map_err(|e| EngineError::State {
+        message: e.message.clone(),
+        hint: e.hint.clone().unwrap_or_default(),
+    })?;
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
     dsg_repo::agent::serve(&mut backend, Box::new(stdin) as Box<dyn Read>, stdout)

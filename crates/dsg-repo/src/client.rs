@@ -98,10 +98,14 @@ impl RepoClient {
                 )
             }
             RepoType::Zfs => {
-                return Err(RepoError::Unsupported(
-                    "zfs repositories are not supported by this build yet\nhint: use type: xfs"
-                        .into(),
-                ))
+                let pool = repo.pool.clone().unwrap_or_default();
+                Box::new(PosixBackend::new_zfs(&cfg.repo_dir(), &pool).map_err(|e| {
+                    RepoError::Remote {
+                        host: repo.host.clone(),
+                        repo: cfg.repo_dir().display().to_string(),
+                        err: e.to_remote(),
+                    }
+                })?)
             }
         };
         RepoClient::in_process(backend, &repo.host)

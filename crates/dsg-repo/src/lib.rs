@@ -11,5 +11,6 @@ pub mod journal;
 pub mod posix;
 pub mod protocol;
 pub mod ssh;
+pub mod zfs;
 
 pub use client::{Incoming, Meta, RepoClient, RepoError};

@@ -61,12 +61,17 @@ pub struct PosixBackend {
     tx: Option<OpenTx>,
     lock_timeout: Duration,
     who: String,
+    /// Set for a ZFS repository: transactions are clones (see `zfs.rs`).
+    zfs: Option<crate::zfs::Zfs>,
 }
 
 struct OpenTx {
     id: String,
     /// Where uploads go: the init staging dir, or `.dsg/staging/<tx>`.
     staging: PathBuf,
+    /// Where the transaction's data lives: the repository directory, or
+    /// for ZFS the clone's mountpoint.
+    root: PathBuf,
     init: bool,
     staged: Vec<(String, StagedKind)>,
     /// Staging directories known to exist (saves a stat per path component).
@@ -101,7 +106,24 @@ impl PosixBackend {
             tx: None,
             lock_timeout: Duration::from_secs_f64(secs),
             who: String::new(),
+            zfs: None,
         })
+    }
+
+    /// A repository that is the ZFS dataset `POOL/<name>` mounted at `repo_dir`.
+    pub fn new_zfs(repo_dir: &Path, pool: &str) -> Result<PosixBackend, AgentError> {
+        let mut b = PosixBackend::new(repo_dir)?;
+        b.zfs = Some(crate::zfs::Zfs::new(pool, repo_dir)?);
+        Ok(b)
+    }
+
+    /// The lock that serialises writers. For ZFS it lives beside the
+    /// dataset, which is renamed during a commit.
+    fn repo_lock_path(&self) -> PathBuf {
+        match &self.zfs {
+            Some(z) => z.lock_path(),
+            None => self.dsg().join("lock"),
+        }
     }
 
     fn dir(&self) -> PathBuf {
@@ -113,8 +135,12 @@ impl PosixBackend {
     }
 
     fn init_lock_path(&self) -> PathBuf {
-        self.mountpoint
-            .join(format!(".dsg-init.{}.lock", self.name))
+        match &self.zfs {
+            Some(z) => z.lock_path(),
+            None => self
+                .mountpoint
+                .join(format!(".dsg-init.{}.lock", self.name)),
+        }
     }
 
     /// Takes the exclusive repository lock, waiting up to the timeout.
@@ -208,6 +234,9 @@ impl PosixBackend {
     /// Finishes or undoes an interrupted transaction, and removes leftovers.
     /// Must be called with the lock held.
     fn recover_locked(&mut self) -> Result<(), AgentError> {
+        if let Some(z) = &self.zfs {
+            return z.recover();
+        }
         let dsg = self.dsg();
         let jpath = dsg.join("journal");
         if let Some(records) =
@@ -220,7 +249,7 @@ impl PosixBackend {
             let done = records.iter().any(|r| matches!(r, Record::Done { .. }));
             if let (Some((tx, ops)), false) = (&committed, done) {
                 tracing::info!("rolling forward committed transaction {tx}");
-                self.apply(tx, ops)?;
+                self.apply(&self.dir(), tx, ops)?;
             }
         }
         // Everything not committed is rolled back by deleting it.
@@ -248,9 +277,12 @@ impl PosixBackend {
 
     /// Applies committed operations. Every step is idempotent: it checks
     /// what is already done, so a crash anywhere here can be rolled forward.
-    fn apply(&self, tx: &str, ops: &[Op]) -> Result<(), AgentError> {
-        let dir = self.dir();
-        let dsg = self.dsg();
+    fn apply(&self, root: &Path, tx: &str, ops: &[Op]) -> Result<(), AgentError> {
+        let dir = root.to_path_buf();
+        let dsg = root.join(".dsg");
+        // ZFS snapshots keep every old version; a plain directory needs the
+        // object store for that.
+        let keep_objects = self.zfs.is_none();
         let staging = dsg.join("staging").join(tx);
         let mut touched_dirs: Vec<PathBuf> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
@@ -269,7 +301,7 @@ impl PosixBackend {
                                 }
                             };
                             let obj = object_path(&dsg, h);
-                            if obj.exists() {
+                            if !keep_objects || obj.exists() {
                                 fs::remove_file(&p).map_err(|e| AgentError::io(p.display(), e))?;
                             } else {
                                 fs::create_dir_all(obj.parent().unwrap())
@@ -432,7 +464,10 @@ fn checked(path: &str) -> Result<(), AgentError> {
 
 impl Backend for PosixBackend {
     fn describe(&self) -> String {
-        format!("xfs {}", self.dir().display())
+        match &self.zfs {
+            Some(z) => format!("zfs {} at {}", z.dataset(), self.dir().display()),
+            None => format!("xfs {}", self.dir().display()),
+        }
     }
 
     fn exists(&self) -> bool {
@@ -487,7 +522,20 @@ impl Backend for PosixBackend {
                     .hint("create it on the repository host, or pass the right --repo-path"));
                 }
                 self.lock(&self.init_lock_path())?;
-                self.cleanup_init_leftovers()?;
+                if let Some(z) = &self.zfs {
+                    if let Err(e) = z.recover() {
+                        self.unlock();
+                        return Err(e);
+                    }
+                    let ds = z.dataset();
+                    if z.exists(&ds).unwrap_or(false) {
+                        self.unlock();
+                        return Err(AgentError::new(ErrorKind::Exists, format!("dataset {ds} already exists"))
+                            .hint("choose another --repo-name, or destroy the old dataset first (zfs destroy -r)"));
+                    }
+                } else {
+                    self.cleanup_init_leftovers()?;
+                }
                 if fs::symlink_metadata(self.dir()).is_ok() {
                     self.unlock();
                     return Err(AgentError::new(
@@ -496,14 +544,27 @@ impl Backend for PosixBackend {
                     )
                     .hint("choose another --repo-name, or remove the old repository first"));
                 }
-                let staging = self
-                    .mountpoint
-                    .join(format!(".dsg-init.{}.{}", self.name, tx_id));
-                fs::create_dir(&staging).map_err(|e| AgentError::io(staging.display(), e))?;
+                let staging = match &self.zfs {
+                    Some(z) => match z.create_init(tx_id) {
+                        Ok(mp) => mp,
+                        Err(e) => {
+                            self.unlock();
+                            return Err(e);
+                        }
+                    },
+                    None => {
+                        let st = self
+                            .mountpoint
+                            .join(format!(".dsg-init.{}.{}", self.name, tx_id));
+                        fs::create_dir(&st).map_err(|e| AgentError::io(st.display(), e))?;
+                        st
+                    }
+                };
                 fs::create_dir_all(staging.join(".dsg/archive"))
                     .map_err(|e| AgentError::io(staging.display(), e))?;
                 self.tx = Some(OpenTx {
                     id: tx_id.into(),
+                    root: staging.clone(),
                     staging,
                     init: true,
                     staged: Vec::new(),
@@ -522,7 +583,7 @@ impl Backend for PosixBackend {
                         ),
                     ));
                 }
-                let lock_path = self.dsg().join("lock");
+                let lock_path = self.repo_lock_path();
                 self.lock(&lock_path)?;
                 if let Err(e) = self.recover_locked() {
                     self.unlock();
@@ -550,19 +611,34 @@ impl Backend for PosixBackend {
                     )
                     .hint("run the command again; dsg will plan against the new head"));
                 }
-                let staging = self.dsg().join("staging").join(tx_id);
+                let root = match &self.zfs {
+                    // The clone is the transaction: changes are made in it.
+                    Some(z) => match z.begin(tx_id, base_id) {
+                        Ok(mp) => mp,
+                        Err(e) => {
+                            let _ = z.rollback(tx_id);
+                            self.unlock();
+                            return Err(e);
+                        }
+                    },
+                    None => self.dir(),
+                };
+                let staging = root.join(".dsg/staging").join(tx_id);
                 fs::create_dir_all(staging.join(".dsg-meta/archive"))
                     .map_err(|e| AgentError::io(staging.display(), e))?;
-                let j = Journal::create(&self.dsg().join("journal"))
-                    .map_err(|e| AgentError::io("cannot create the journal", e))?;
-                j.append(&Record::Begin {
-                    tx: tx_id.into(),
-                    base: base_id.into(),
-                })
-                .map_err(|e| AgentError::io("cannot write the journal", e))?;
-                failpoint("repo.journal.begin");
+                if self.zfs.is_none() {
+                    let j = Journal::create(&self.dsg().join("journal"))
+                        .map_err(|e| AgentError::io("cannot create the journal", e))?;
+                    j.append(&Record::Begin {
+                        tx: tx_id.into(),
+                        base: base_id.into(),
+                    })
+                    .map_err(|e| AgentError::io("cannot write the journal", e))?;
+                    failpoint("repo.journal.begin");
+                }
                 self.tx = Some(OpenTx {
                     id: tx_id.into(),
+                    root,
                     staging,
                     init: false,
                     staged: Vec::new(),
@@ -683,10 +759,13 @@ impl Backend for PosixBackend {
         let Some(tx) = self.tx.take() else {
             return Ok(());
         };
-        let r = if tx.init {
-            remove_dir_all_if_exists(&tx.staging)
-        } else {
-            self.recover_locked()
+        let r = match (&self.zfs, tx.init) {
+            (Some(z), true) => z.run(&["destroy", "-r", &z.tx_dataset(&tx.id)]).map(|_| {
+                let _ = fs::remove_dir(&tx.staging);
+            }),
+            (Some(z), false) => z.rollback(&tx.id),
+            (None, true) => remove_dir_all_if_exists(&tx.staging),
+            (None, false) => self.recover_locked(),
         };
         self.unlock();
         r
@@ -740,7 +819,7 @@ impl Backend for PosixBackend {
         if self.lock.is_some() || self.read_lock.is_some() || !self.dsg().is_dir() {
             return Ok(());
         }
-        self.read_lock = self.take_flock(&self.dsg().join("lock"), LockMode::Shared, true)?;
+        self.read_lock = self.take_flock(&self.repo_lock_path(), LockMode::Shared, true)?;
         Ok(())
     }
 
@@ -750,6 +829,29 @@ impl Backend for PosixBackend {
 
     fn recover(&mut self) -> Result<(), AgentError> {
         if self.tx.is_some() {
+            return Ok(());
+        }
+        if let Some(z) = &self.zfs {
+            let pending = z.journal_path().exists()
+                || self
+                    .mountpoint
+                    .read_dir()
+                    .map(|rd| {
+                        rd.flatten().any(|d| {
+                            d.file_name()
+                                .to_string_lossy()
+                                .starts_with(&format!(".dsg-tx.{}.", self.name))
+                        })
+                    })
+                    .unwrap_or(false);
+            if pending {
+                if let Some(f) = self.take_flock(&z.lock_path(), LockMode::Exclusive, false)? {
+                    self.lock = Some(f);
+                    let r = self.zfs.as_ref().expect("zfs").recover();
+                    self.unlock();
+                    r?;
+                }
+            }
             return Ok(());
         }
         if self.dsg().is_dir() {
@@ -889,6 +991,9 @@ impl PosixBackend {
                 .map_err(|e| AgentError::io("creating the lock file", e))?;
             syncfs(&tx.staging)?;
             failpoint("repo.init.before_rename");
+            if let Some(z) = &self.zfs {
+                return z.commit_init(&tx.id);
+            }
             rustix::fs::renameat_with(
                 rustix::fs::CWD,
                 &tx.staging,
@@ -930,6 +1035,7 @@ impl PosixBackend {
         }
         syncfs(&tx.staging)?;
         failpoint("repo.before_commit");
+        let zfs_tx = self.zfs.is_some();
         let base = tx.base.as_ref();
         let old_hash = |p: &str| -> Option<u64> {
             base.and_then(|b| b.get(p)).and_then(|e| match &e.kind {
@@ -954,6 +1060,18 @@ impl PosixBackend {
         for p in installs {
             ops.push(Op::Install { path: p.into() });
         }
+        if zfs_tx {
+            // Everything happens inside the clone; nobody sees it until the
+            // swap. Staging must not end up in the snapshot.
+            self.apply(&tx.root, &tx.id, &ops)?;
+            remove_dir_all_if_exists(&tx.root.join(".dsg/staging"))?;
+            syncfs(&tx.root)?;
+            return self
+                .zfs
+                .as_ref()
+                .expect("zfs")
+                .commit(&tx.id, &c.snapshot_id);
+        }
         let j = Journal::open(&self.dsg().join("journal"))
             .map_err(|e| AgentError::io("cannot open the journal", e))?;
         j.append(&Record::Committed {
@@ -964,7 +1082,7 @@ impl PosixBackend {
         // The commit point has passed: from here on, errors are finished by
         // recovery (roll forward), never undone.
         failpoint("repo.journal.committed");
-        self.apply(&tx.id, &ops)?;
+        self.apply(&self.dir(), &tx.id, &ops)?;
         j.append(&Record::Done { tx: tx.id.clone() })
             .map_err(|e| AgentError::io("cannot write the journal", e))?;
         failpoint("repo.journal.done");

@@ -114,14 +114,19 @@ pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
         .unwrap_or_else(|| "dsg".into());
     // ssh joins the remote command into one string for the remote shell:
     // quote every word so paths with spaces or metacharacters stay intact.
-    let remote_cmd = shell_words::join([
+    let dir_s = dir.to_string_lossy().to_string();
+    let mut words = vec![
         remote_dsg.as_str(),
         "agent",
         "--repo",
-        &dir.to_string_lossy(),
+        &dir_s,
         "--type",
         repo.kind.as_str(),
-    ]);
+    ];
+    if let Some(pool) = &repo.pool {
+        words.extend(["--pool", pool.as_str()]);
+    }
+    let remote_cmd = shell_words::join(words);
     let mut argv = ssh_argv()?;
     let prog = argv.remove(0);
     let mut cmd = Command::new(&prog);

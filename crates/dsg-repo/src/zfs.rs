@@ -1,0 +1,482 @@
+//! ZFS: the dataset is the repository, and a clone is the transaction.
+//!
+//! A sync clones `POOL/NAME@sK` (the head) to `POOL/NAME--tx-<id>`, writes
+//! the verified staged changes and the new metadata into the clone,
+//! snapshots it as `@sK+1`, promotes it and swaps names, so `POOL/NAME`
+//! becomes the new state holding `@s1 … @sK+1`; the old dataset is
+//! destroyed. Rollback destroys the clone. Snapshot names are the logical
+//! snapshot ids.
+//!
+//! Every step is journaled in `<mountpoint>/.dsg-zfs.<name>.journal`
+//! (outside the dataset, which is renamed under us). The commit point is the
+//! `committed` record, written after the new snapshot exists. Recovery
+//! before it destroys the clone; after it, it finishes the swap. Each swap
+//! step checks the actual state first (names, origins), so a crash between
+//! any two `zfs` commands recovers to exactly the old or the new state —
+//! never a missing dataset.
+//!
+//! `zfs` runs with argument vectors (never a shell string) and a timeout;
+//! its errors carry the command, and a permission error names the
+//! `zfs allow` that grants the right (no sudo, G6).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::AgentError;
+use crate::failpoint::failpoint;
+use crate::journal::Journal;
+use crate::protocol::ErrorKind;
+
+#[derive(Debug, Clone)]
+pub struct Zfs {
+    pub pool: String,
+    pub name: String,
+    pub mountpoint: PathBuf,
+    timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "rec", rename_all = "snake_case")]
+pub enum ZRecord {
+    Begin {
+        tx: String,
+        clone: String,
+        base: String,
+    },
+    /// The commit point: the clone holds the new snapshot `snap`.
+    Committed {
+        tx: String,
+        clone: String,
+        snap: String,
+    },
+    Done {
+        tx: String,
+    },
+}
+
+impl Zfs {
+    pub fn new(pool: &str, repo_dir: &Path) -> Result<Zfs, AgentError> {
+        let name = repo_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                AgentError::new(
+                    ErrorKind::NotFound,
+                    format!("{} is not a repository path", repo_dir.display()),
+                )
+            })?
+            .to_string();
+        let secs = std::env::var("DSG_ZFS_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120.0);
+        Ok(Zfs {
+            pool: pool.to_string(),
+            name,
+            mountpoint: repo_dir.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            timeout: Duration::from_secs_f64(secs),
+        })
+    }
+
+    /// `POOL/NAME`.
+    pub fn dataset(&self) -> String {
+        format!("{}/{}", self.pool, self.name)
+    }
+
+    pub fn tx_dataset(&self, tx: &str) -> String {
+        format!("{}--{}", self.dataset(), tx)
+    }
+
+    pub fn tx_mountpoint(&self, tx: &str) -> PathBuf {
+        self.mountpoint
+            .join(format!(".dsg-tx.{}.{}", self.name, tx))
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.mountpoint
+            .join(format!(".dsg-zfs.{}.journal", self.name))
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.mountpoint.join(format!(".dsg-zfs.{}.lock", self.name))
+    }
+
+    /// Runs `zfs ARGS…`, with a timeout; returns stdout. "Busy" is retried
+    /// for a while: FUSE (zfs-fuse) releases closed files asynchronously, so
+    /// a rename right after writing can briefly find the dataset busy.
+    pub fn run(&self, args: &[&str]) -> Result<String, AgentError> {
+        let mut attempt = 0;
+        loop {
+            match self.run_once(args) {
+                Err(e) if e.message.contains("busy") && attempt < 40 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(25 * attempt.min(8)));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn run_once(&self, args: &[&str]) -> Result<String, AgentError> {
+        let shown = format!("zfs {}", args.join(" "));
+        tracing::debug!("{shown}");
+        let mut child = Command::new("zfs")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                AgentError::new(ErrorKind::Io, format!("cannot run `{shown}`: {e}"))
+                    .hint("install ZFS on the repository host (Debian: zfsutils-linux or zfs-fuse)")
+            })?;
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let t_out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let t_err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if start.elapsed() > self.timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(AgentError::new(
+                        ErrorKind::Io,
+                        format!("`{shown}` did not finish within {:?}", self.timeout),
+                    )
+                    .hint("check the ZFS daemon on the repository host; DSG_ZFS_TIMEOUT sets the limit in seconds"));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => return Err(AgentError::io(format!("waiting for `{shown}`"), e)),
+            }
+        };
+        let stdout = t_out.join().unwrap_or_default();
+        let stderr = t_err.join().unwrap_or_default();
+        if status.success() {
+            return Ok(stdout);
+        }
+        let msg = stderr.trim();
+        let mut e = AgentError::new(ErrorKind::Io, format!("`{shown}` failed: {msg}"));
+        if msg.contains("permission denied") || msg.contains("Permission denied") {
+            let user = std::env::var("USER").unwrap_or_else(|_| "<user>".into());
+            e = e.hint(format!(
+                "grant the right without sudo: zfs allow {user} create,mount,snapshot,clone,promote,rename,destroy,mountpoint {}",
+                self.pool
+            ));
+        }
+        Err(e)
+    }
+
+    pub fn exists(&self, ds: &str) -> Result<bool, AgentError> {
+        match self.run(&["list", "-H", "-o", "name", ds]) {
+            Ok(_) => Ok(true),
+            Err(e) if e.message.contains("does not exist") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The origin snapshot of a clone, `None` for a dataset that is not one.
+    pub fn origin(&self, ds: &str) -> Result<Option<String>, AgentError> {
+        let v = self.run(&["get", "-H", "-o", "value", "origin", ds])?;
+        let v = v.trim();
+        Ok((!v.is_empty() && v != "-").then(|| v.to_string()))
+    }
+
+    pub fn snapshots(&self, ds: &str) -> Result<Vec<String>, AgentError> {
+        let out = self.run(&["list", "-H", "-t", "snapshot", "-o", "name", "-r", ds])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{ds}@")).map(String::from))
+            .collect())
+    }
+
+    fn set_mountpoint(&self, ds: &str, mp: &str) -> Result<(), AgentError> {
+        self.run(&["set", &format!("mountpoint={mp}"), ds])
+            .map(|_| ())
+    }
+
+    fn mountpoint_of(&self, ds: &str) -> Result<String, AgentError> {
+        Ok(self
+            .run(&["get", "-H", "-o", "value", "mountpoint", ds])?
+            .trim()
+            .to_string())
+    }
+
+    /// Creates a new dataset for an init, mounted at a staging path.
+    pub fn create_init(&self, tx: &str) -> Result<PathBuf, AgentError> {
+        let mp = self.tx_mountpoint(tx);
+        self.run(&[
+            "create",
+            "-o",
+            &format!("mountpoint={}", mp.display()),
+            &self.tx_dataset(tx),
+        ])?;
+        Ok(mp)
+    }
+
+    /// Init's commit: snapshot `@s1`, then the rename into place (the
+    /// commit point), then the final mountpoint.
+    pub fn commit_init(&self, tx: &str) -> Result<(), AgentError> {
+        let ds = self.tx_dataset(tx);
+        self.run(&["snapshot", &format!("{ds}@s1")])?;
+        failpoint("zfs.init.snapshot");
+        self.run(&["rename", &ds, &self.dataset()])?;
+        failpoint("zfs.init.rename");
+        self.set_mountpoint(
+            &self.dataset(),
+            &self.mountpoint.join(&self.name).to_string_lossy(),
+        )?;
+        let _ = std::fs::remove_dir(self.tx_mountpoint(tx));
+        Ok(())
+    }
+
+    /// Removes datasets of inits that never committed, and fixes the
+    /// mountpoint of one that committed but did not finish.
+    pub fn cleanup_init(&self) -> Result<(), AgentError> {
+        let prefix = format!("{}--tx-", self.dataset());
+        for ds in self.children()? {
+            if ds.starts_with(&prefix) && self.origin(&ds)?.is_none() && !self.journal_mentions(&ds)
+            {
+                self.run(&["destroy", "-r", &ds])?;
+                if let Some(tx) = ds.strip_prefix(&format!("{}--", self.dataset())) {
+                    let _ = std::fs::remove_dir(self.tx_mountpoint(tx));
+                }
+            }
+        }
+        if self.exists(&self.dataset())? {
+            let want = self
+                .mountpoint
+                .join(&self.name)
+                .to_string_lossy()
+                .to_string();
+            if self.mountpoint_of(&self.dataset())? != want {
+                self.set_mountpoint(&self.dataset(), &want)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn journal_mentions(&self, ds: &str) -> bool {
+        Journal::read::<ZRecord>(&self.journal_path())
+            .ok()
+            .flatten()
+            .is_some_and(|rs| {
+                rs.iter()
+                    .any(|r| matches!(r, ZRecord::Begin { clone, .. } if clone == ds))
+            })
+    }
+
+    fn children(&self) -> Result<Vec<String>, AgentError> {
+        let out = self.run(&[
+            "list",
+            "-H",
+            "-o",
+            "name",
+            "-r",
+            "-t",
+            "filesystem",
+            &self.pool,
+        ])?;
+        Ok(out.lines().map(String::from).collect())
+    }
+
+    /// Begins a sync: journal, then clone the head snapshot.
+    pub fn begin(&self, tx: &str, base: &str) -> Result<PathBuf, AgentError> {
+        let clone = self.tx_dataset(tx);
+        let j = Journal::create(&self.journal_path())
+            .map_err(|e| AgentError::io("cannot create the zfs journal", e))?;
+        j.append(&ZRecord::Begin {
+            tx: tx.into(),
+            clone: clone.clone(),
+            base: base.into(),
+        })
+        .map_err(|e| AgentError::io("cannot write the zfs journal", e))?;
+        failpoint("zfs.journal.begin");
+        let mp = self.tx_mountpoint(tx);
+        self.run(&[
+            "clone",
+            "-o",
+            &format!("mountpoint={}", mp.display()),
+            &format!("{}@{base}", self.dataset()),
+            &clone,
+        ])?;
+        failpoint("zfs.clone");
+        Ok(mp)
+    }
+
+    /// Snapshots the clone and passes the commit point.
+    pub fn commit(&self, tx: &str, snap: &str) -> Result<(), AgentError> {
+        let clone = self.tx_dataset(tx);
+        self.run(&["snapshot", &format!("{clone}@{snap}")])?;
+        failpoint("zfs.snapshot");
+        let j = Journal::open(&self.journal_path())
+            .map_err(|e| AgentError::io("cannot open the zfs journal", e))?;
+        j.append(&ZRecord::Committed {
+            tx: tx.into(),
+            clone,
+            snap: snap.into(),
+        })
+        .map_err(|e| AgentError::io("cannot write the zfs journal", e))?;
+        failpoint("zfs.journal.committed");
+        self.finish(tx)?;
+        j.append(&ZRecord::Done { tx: tx.into() })
+            .map_err(|e| AgentError::io("cannot write the zfs journal", e))?;
+        failpoint("zfs.journal.done");
+        let _ = std::fs::remove_file(self.journal_path());
+        Ok(())
+    }
+
+    /// The swap after the commit point, each step guarded by the state it
+    /// finds, so it can run again after a crash anywhere inside it.
+    fn finish(&self, tx: &str) -> Result<(), AgentError> {
+        let clone = self.tx_dataset(tx);
+        let live = self.dataset();
+        let old = format!("{live}--old-{tx}");
+        let final_mp = self
+            .mountpoint
+            .join(&self.name)
+            .to_string_lossy()
+            .to_string();
+        if self.exists(&clone)? && self.origin(&clone)?.is_some() {
+            self.run(&["promote", &clone])?;
+        }
+        failpoint("zfs.promote");
+        if self.exists(&clone)? && self.exists(&live)? {
+            // The live dataset is now a clone of ours: move it aside.
+            self.run(&["rename", &live, &old])?;
+            failpoint("zfs.rename_old");
+        }
+        if self.exists(&old)? && self.mountpoint_of(&old)? != "none" {
+            self.set_mountpoint(&old, "none")?;
+            failpoint("zfs.unmount_old");
+        }
+        if self.exists(&clone)? && !self.exists(&live)? {
+            self.run(&["rename", &clone, &live])?;
+            failpoint("zfs.rename_new");
+        }
+        if self.mountpoint_of(&live)? != final_mp {
+            self.set_mountpoint(&live, &final_mp)?;
+            failpoint("zfs.mount_new");
+        }
+        if self.exists(&old)? {
+            self.run(&["destroy", "-r", &old])?;
+            failpoint("zfs.destroy_old");
+        }
+        let _ = std::fs::remove_dir(self.tx_mountpoint(tx));
+        Ok(())
+    }
+
+    /// Destroys the clone of an uncommitted transaction.
+    pub fn rollback(&self, tx: &str) -> Result<(), AgentError> {
+        let clone = self.tx_dataset(tx);
+        if self.exists(&clone)? {
+            // A promoted clone is the live data: never destroy that here.
+            if self.origin(&clone)?.is_none() {
+                return Err(AgentError::new(
+                    ErrorKind::Corrupt,
+                    format!("{clone} is not a clone any more; refusing to destroy it"),
+                )
+                .hint("run any dsg command again: recovery finishes a promoted transaction"));
+            }
+            self.run(&["destroy", "-r", &clone])?;
+        }
+        let _ = std::fs::remove_dir(self.tx_mountpoint(tx));
+        let _ = std::fs::remove_file(self.journal_path());
+        Ok(())
+    }
+
+    /// Finishes or undoes whatever the journal says was interrupted.
+    pub fn recover(&self) -> Result<(), AgentError> {
+        let Some(records) = Journal::read::<ZRecord>(&self.journal_path())
+            .map_err(|e| AgentError::io("cannot read the zfs journal", e))?
+        else {
+            return self.cleanup_init();
+        };
+        let tx = match records.first() {
+            Some(ZRecord::Begin { tx, .. }) => tx.clone(),
+            _ => {
+                let _ = std::fs::remove_file(self.journal_path());
+                return Ok(());
+            }
+        };
+        let committed = records
+            .iter()
+            .any(|r| matches!(r, ZRecord::Committed { .. }));
+        let done = records.iter().any(|r| matches!(r, ZRecord::Done { .. }));
+        if committed && !done {
+            tracing::info!("finishing an interrupted zfs transaction {tx}");
+            self.finish(&tx)?;
+            let _ = std::fs::remove_file(self.journal_path());
+        } else if !committed {
+            tracing::info!("rolling back an interrupted zfs transaction {tx}");
+            self.rollback(&tx)?;
+        } else {
+            let _ = std::fs::remove_file(self.journal_path());
+        }
+        self.cleanup_init()
+    }
+
+    /// Mounts snapshot `snap` read-only for a history read: through a
+    /// temporary clone (zfs-fuse has no visible `.zfs/snapshot`). The clone
+    /// is destroyed when the guard drops.
+    pub fn open_snapshot(&self, snap: &str) -> Result<SnapshotView, AgentError> {
+        let visible = self
+            .mountpoint
+            .join(&self.name)
+            .join(".zfs/snapshot")
+            .join(snap);
+        if visible.is_dir() {
+            return Ok(SnapshotView {
+                path: visible,
+                clone: None,
+                zfs: self.clone(),
+            });
+        }
+        let id = format!("read-{}", uuid::Uuid::new_v4().simple());
+        let ds = self.tx_dataset(&id);
+        let mp = self.tx_mountpoint(&id);
+        self.run(&[
+            "clone",
+            "-o",
+            "readonly=on",
+            "-o",
+            &format!("mountpoint={}", mp.display()),
+            &format!("{}@{snap}", self.dataset()),
+            &ds,
+        ])?;
+        Ok(SnapshotView {
+            path: mp,
+            clone: Some(ds),
+            zfs: self.clone(),
+        })
+    }
+}
+
+/// A snapshot's files, readable at `path` while this lives.
+pub struct SnapshotView {
+    pub path: PathBuf,
+    clone: Option<String>,
+    zfs: Zfs,
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        if let Some(ds) = self.clone.take() {
+            let _ = self.zfs.run(&["destroy", &ds]);
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
+}
