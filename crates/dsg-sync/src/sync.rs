@@ -91,8 +91,15 @@ pub enum LocalRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum LocalOp {
-    /// Move the local path (if any) into the backup area.
-    Remove { path: String },
+    /// Move the local path (if any) into the backup area. `expect` is its
+    /// stat when planned (size, mtime ns, inode); a file that no longer
+    /// matches was changed by someone during the sync and is kept beside
+    /// the path as a conflict backup instead.
+    Remove {
+        path: String,
+        #[serde(default)]
+        expect: Option<(u64, i64, u64)>,
+    },
     /// Move the staged download into place.
     Install { path: String },
 }
@@ -415,11 +422,10 @@ fn sync_once(
         removes.extend(downloads.iter().map(|e| &*e.path));
         removes.sort_by(|a, b| b.cmp(a));
         removes.dedup();
-        ops.extend(
-            removes
-                .into_iter()
-                .map(|p| LocalOp::Remove { path: p.into() }),
-        );
+        ops.extend(removes.into_iter().map(|p| LocalOp::Remove {
+            path: p.into(),
+            expect: cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino)),
+        }));
         let mut installs: Vec<&str> = downloads.iter().map(|e| &*e.path).collect();
         installs.sort();
         ops.extend(
@@ -603,6 +609,17 @@ fn make_parent(base: &Path, rel: &str) -> Result<()> {
     Ok(())
 }
 
+/// `YYYYMMDDTHHMMSS+0000` in UTC, the conflict-backup suffix format.
+fn chrono_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let m = dsg_core::manifest::Mtime::Fixed { utc_secs: secs, offset_min: 0 }.to_string();
+    // 2025-06-01T10:00:00+00:00 -> 20250601T100000+0000
+    format!("{}{}{}T{}{}{}+0000", &m[0..4], &m[5..7], &m[8..10], &m[11..13], &m[14..16], &m[17..19])
+}
+
 /// Applies committed local operations. Idempotent: each step looks at what
 /// is already done, so recovery can run it again after a crash.
 pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
@@ -610,14 +627,42 @@ pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
     let files = staging.join("files");
     let backup = staging.join("backup");
     let mut parents: Vec<PathBuf> = Vec::new();
+    let installs: std::collections::HashSet<&str> = ops
+        .iter()
+        .filter_map(|o| match o {
+            LocalOp::Install { path } => Some(path.as_str()),
+            _ => None,
+        })
+        .collect();
     for (i, op) in ops.iter().enumerate() {
         failpoint(&format!("client.apply.{i}"));
         match op {
-            LocalOp::Remove { path } => {
+            LocalOp::Remove { path, expect } => {
                 let p = root.join(path);
                 let b = backup.join(path);
                 if std::fs::symlink_metadata(&b).is_ok() {
                     continue;
+                }
+                // Already replaced by its download (a recovery re-run).
+                if installs.contains(path.as_str()) && std::fs::symlink_metadata(files.join(path)).is_err() {
+                    continue;
+                }
+                if let Ok(md) = std::fs::symlink_metadata(&p) {
+                    use std::os::unix::fs::MetadataExt;
+                    let now = (md.len(), md.mtime() * 1_000_000_000 + md.mtime_nsec(), md.ino());
+                    if !md.is_dir() && *expect != Some(now) {
+                        // Changed (or created) while we synced: never lose
+                        // it. Keep it beside the path under a conflict-backup
+                        // name, which scans ignore.
+                        let stamp = chrono_stamp();
+                        let keep = p.with_file_name(format!(
+                            "{}~{stamp}~",
+                            p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+                        ));
+                        std::fs::rename(&p, &keep).map_err(|e| EngineError::io(&p, e))?;
+                        tracing::warn!("{} changed during the sync; your version is kept as {}", p.display(), keep.display());
+                        continue;
+                    }
                 }
                 match std::fs::symlink_metadata(&p) {
                     Ok(md) if md.is_dir() => {
