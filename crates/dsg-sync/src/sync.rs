@@ -615,9 +615,21 @@ fn chrono_stamp() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let m = dsg_core::manifest::Mtime::Fixed { utc_secs: secs, offset_min: 0 }.to_string();
+    let m = dsg_core::manifest::Mtime::Fixed {
+        utc_secs: secs,
+        offset_min: 0,
+    }
+    .to_string();
     // 2025-06-01T10:00:00+00:00 -> 20250601T100000+0000
-    format!("{}{}{}T{}{}{}+0000", &m[0..4], &m[5..7], &m[8..10], &m[11..13], &m[14..16], &m[17..19])
+    format!(
+        "{}{}{}T{}{}{}+0000",
+        &m[0..4],
+        &m[5..7],
+        &m[8..10],
+        &m[11..13],
+        &m[14..16],
+        &m[17..19]
+    )
 }
 
 /// Applies committed local operations. Idempotent: each step looks at what
@@ -644,12 +656,18 @@ pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
                     continue;
                 }
                 // Already replaced by its download (a recovery re-run).
-                if installs.contains(path.as_str()) && std::fs::symlink_metadata(files.join(path)).is_err() {
+                if installs.contains(path.as_str())
+                    && std::fs::symlink_metadata(files.join(path)).is_err()
+                {
                     continue;
                 }
                 if let Ok(md) = std::fs::symlink_metadata(&p) {
                     use std::os::unix::fs::MetadataExt;
-                    let now = (md.len(), md.mtime() * 1_000_000_000 + md.mtime_nsec(), md.ino());
+                    let now = (
+                        md.len(),
+                        md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                        md.ino(),
+                    );
                     if !md.is_dir() && *expect != Some(now) {
                         // Changed (or created) while we synced: never lose
                         // it. Keep it beside the path under a conflict-backup
@@ -657,10 +675,16 @@ pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
                         let stamp = chrono_stamp();
                         let keep = p.with_file_name(format!(
                             "{}~{stamp}~",
-                            p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+                            p.file_name()
+                                .map(|n| n.to_string_lossy().to_string())
+                                .unwrap_or_default()
                         ));
                         std::fs::rename(&p, &keep).map_err(|e| EngineError::io(&p, e))?;
-                        tracing::warn!("{} changed during the sync; your version is kept as {}", p.display(), keep.display());
+                        tracing::warn!(
+                            "{} changed during the sync; your version is kept as {}",
+                            p.display(),
+                            keep.display()
+                        );
                         continue;
                     }
                 }
