@@ -261,7 +261,6 @@ fn permission_denied_on_repository_metadata() {
 /// cleanly (exit 1, the path named), leave both sides as they were, and
 /// leave the repository usable by everyone.
 #[test]
-#[ignore = "BUG: a permission error while applying (after the commit point) wedges the repository for every command"]
 fn permission_denied_in_repository_data_dir() {
     let env = Env::new("perm2");
     env.write("A", &p("a.txt"), "a");
@@ -299,7 +298,6 @@ fn permission_denied_in_repository_data_dir() {
 /// A user who may only read the repository can still clone it (clone never
 /// writes the repository).
 #[test]
-#[ignore = "BUG: clone opens .dsg/lock for writing: a user with read-only access cannot clone"]
 fn read_only_user_can_clone() {
     let env = Env::new("roclone");
     env.write("A", &p("a.txt"), "a");

@@ -205,7 +205,6 @@ fn every_state_two_clients() {
 /// A file replaced by a directory at the same path, uploaded by A and then
 /// downloaded by B (who still has the file).
 #[test]
-#[ignore = "BUG: uploading a file->directory change wedges the repository (repo.apply: ENOTDIR after the commit point)"]
 fn file_to_directory_both_ways() {
     let env = Env::new("filedir");
     env.write("A", &p(IN, "fd"), "fd-file");
@@ -271,7 +270,6 @@ fn directory_to_file_upload_flat() {
 
 /// A directory with a subdirectory replaced by a file, uploaded.
 #[test]
-#[ignore = "BUG: uploading a nested directory->file change wedges the repository (ENOTEMPTY after the commit point)"]
 fn directory_to_file_upload_nested() {
     let env = Env::new("dirfile2");
     env.write("A", &p(IN, "d1/a.txt"), "a");
@@ -298,7 +296,6 @@ fn directory_to_file_upload_nested() {
 /// A directory replaced by a file (and one by a symlink) in the repository,
 /// downloaded by a client that still has the directories.
 #[test]
-#[ignore = "BUG: downloading a directory->file change fails after the commit point and wedges the client (EISDIR)"]
 fn directory_to_file_download() {
     let env = Env::new("dirfile3");
     env.write("A", &p(IN, "d1/a.txt"), "a");
@@ -607,7 +604,6 @@ fn dry_run_plan_and_no_writes_outside_caches() {
 
 /// The same, byte for byte including `.dsg/` (no cache file either).
 #[test]
-#[ignore = "BUG: sync --dry-run writes .dsg/stat-cache.manifest (DESIGN: nothing is written by any --dry-run)"]
 fn dry_run_writes_nothing_at_all() {
     dry_run_case(true);
 }
@@ -753,7 +749,6 @@ fn clone_is_faithful_and_read_only() {
 /// Right after init the repository has never been locked: clone must not
 /// create anything in it either.
 #[test]
-#[ignore = "BUG: clone creates .dsg/lock in the repository (clone must never write it)"]
 fn clone_right_after_init_is_read_only() {
     let env = Env::new("clone0");
     env.write("A", &p(IN, "a.txt"), "a");

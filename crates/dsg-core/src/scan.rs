@@ -481,7 +481,7 @@ fn walk_dir(
             }
         };
         let here_data = in_data || rules.data_dirs.contains(&name);
-        if rules.ignored_name(&name) {
+        if rules.ignored_name(&name) || (ft.is_dir() && names::is_conflict_backup_name(&name)) {
             if here_data {
                 local.ignored.push(child_rel);
             }

@@ -177,13 +177,29 @@ impl PosixBackend {
         mode: LockMode,
         wait: bool,
     ) -> Result<Option<File>, AgentError> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| AgentError::io(format!("cannot open lock {}", path.display()), e))?;
+        // Readers never create the lock file, and open it read-only:
+        // reading must not write, and read-only users must be able to read.
+        // A repository made by dsg always has one; one made by the original
+        // needs no lock for readers until dsg first writes to it.
+        let f = match mode {
+            LockMode::Shared => match File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(AgentError::io(
+                        format!("cannot open lock {}", path.display()),
+                        e,
+                    ))
+                }
+            },
+            LockMode::Exclusive => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| AgentError::io(format!("cannot open lock {}", path.display()), e))?,
+        };
         let op = match mode {
             LockMode::Exclusive => rustix::fs::FlockOperation::NonBlockingLockExclusive,
             LockMode::Shared => rustix::fs::FlockOperation::NonBlockingLockShared,
@@ -285,11 +301,29 @@ impl PosixBackend {
         let keep_objects = self.zfs.is_none();
         let staging = dsg.join("staging").join(tx);
         let mut touched_dirs: Vec<PathBuf> = Vec::new();
+        let installs: std::collections::HashSet<&str> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Install { path } => Some(path.as_str()),
+                _ => None,
+            })
+            .collect();
         for (i, op) in ops.iter().enumerate() {
             failpoint(&format!("repo.apply.{i}"));
             match op {
                 Op::Retire { path, hash } => {
                     let p = dir.join(path);
+                    if let Some(parent) = p.parent() {
+                        touched_dirs.push(parent.to_path_buf());
+                    }
+                    // On a re-run after a crash: a path whose staged file is
+                    // gone was already installed; what is there is the new
+                    // version, not something to retire.
+                    if installs.contains(path.as_str())
+                        && fs::symlink_metadata(staging.join(path)).is_err()
+                    {
+                        continue;
+                    }
                     match fs::symlink_metadata(&p) {
                         Ok(md) if md.is_file() => {
                             let h = match hash {
@@ -310,21 +344,18 @@ impl PosixBackend {
                             }
                         }
                         Ok(md) if md.is_dir() => {
-                            // A directory where a file or link is going: only
-                            // an empty one may be removed.
-                            fs::remove_dir(&p).map_err(|e| {
-                                AgentError::io(
-                                    format!("{} (a directory is in the way)", p.display()),
-                                    e,
-                                )
-                            })?;
+                            // A directory where a file or link is going: its
+                            // tracked files were retired before it (deepest
+                            // first), so only empty directories remain.
+                            remove_empty_tree(&p)?;
                         }
                         Ok(_) => fs::remove_file(&p).map_err(|e| AgentError::io(p.display(), e))?,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        // Nothing there, or a parent is now a file (a
+                        // file→directory change): nothing to retire.
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::NotFound
+                                || e.raw_os_error() == Some(libc::ENOTDIR) => {}
                         Err(e) => return Err(AgentError::io(p.display(), e)),
-                    }
-                    if let Some(parent) = p.parent() {
-                        touched_dirs.push(parent.to_path_buf());
                     }
                 }
                 Op::Install { path } => {
@@ -376,6 +407,70 @@ impl PosixBackend {
         syncfs(&dir)?;
         Ok(())
     }
+}
+
+/// Removes a directory tree that holds only directories. Anything else in
+/// it is an error: it is not ours to delete.
+pub fn remove_empty_tree(p: &Path) -> Result<(), AgentError> {
+    for de in fs::read_dir(p).map_err(|e| AgentError::io(p.display(), e))? {
+        let de = de.map_err(|e| AgentError::io(p.display(), e))?;
+        let ft = de
+            .file_type()
+            .map_err(|e| AgentError::io(de.path().display(), e))?;
+        if ft.is_dir() {
+            remove_empty_tree(&de.path())?;
+        } else {
+            return Err(AgentError::new(
+                ErrorKind::Exists,
+                format!(
+                    "{} is in the way and is not in any snapshot",
+                    de.path().display()
+                ),
+            )
+            .hint("move it out of the repository directory, then run the command again"));
+        }
+    }
+    fs::remove_dir(p).map_err(|e| AgentError::io(p.display(), e))
+}
+
+/// Before the commit point: every directory the apply will change must be
+/// writable, so that a permission problem fails the sync cleanly instead of
+/// stopping a committed apply halfway (which only recovery could finish).
+fn check_writable(root: &Path, ops: &[Op], keep_objects: bool) -> Result<(), AgentError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if keep_objects {
+        dirs.push(root.join(".dsg"));
+    }
+    for op in ops {
+        let path = match op {
+            Op::Retire { path, .. } | Op::Install { path } => path,
+        };
+        // The nearest existing ancestor is the one that gets modified.
+        let mut cur = root.join(path);
+        while let Some(parent) = cur.parent() {
+            cur = parent.to_path_buf();
+            if cur.is_dir() || cur == root {
+                break;
+            }
+        }
+        if seen.insert(cur.clone()) {
+            dirs.push(cur);
+        }
+    }
+    for d in dirs {
+        if rustix::fs::access(&d, rustix::fs::Access::WRITE_OK).is_err() {
+            return Err(AgentError::new(
+                ErrorKind::Io,
+                format!(
+                    "{}: Permission denied (cannot write this repository directory)",
+                    d.display()
+                ),
+            )
+            .hint("ask the repository's owner to make it writable for you; nothing was changed"));
+        }
+    }
+    Ok(())
 }
 
 fn hostname() -> String {
@@ -854,7 +949,19 @@ impl Backend for PosixBackend {
             }
             return Ok(());
         }
-        if self.dsg().is_dir() {
+        let dsg = self.dsg();
+        // Only when something was left behind: recovery needs the exclusive
+        // lock, and reading (status, clone) must neither write nor need
+        // write access.
+        let pending = dsg.join("journal").exists()
+            || dsg.join("staging").exists()
+            || fs::read_dir(&dsg)
+                .map(|rd| {
+                    rd.flatten()
+                        .any(|d| dsg_core::atomic::is_temp_name(&d.file_name().to_string_lossy()))
+                })
+                .unwrap_or(false);
+        if pending {
             // A live writer holds the lock: its transaction is not ours to touch.
             if let Some(f) =
                 self.take_flock(&self.dsg().join("lock"), LockMode::Exclusive, false)?
@@ -1060,6 +1167,7 @@ impl PosixBackend {
         for p in installs {
             ops.push(Op::Install { path: p.into() });
         }
+        check_writable(&tx.root, &ops, !zfs_tx)?;
         if zfs_tx {
             // Everything happens inside the clone; nobody sees it until the
             // swap. Staging must not end up in the snapshot.

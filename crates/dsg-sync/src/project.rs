@@ -55,7 +55,7 @@ impl Project {
     pub fn load_cache(&self) -> Result<Option<(Manifest, u64)>> {
         match self.cache_hash()? {
             None => Ok(None),
-            Some(h) => Ok(Some((self.load_cache_tagged(h)?, h))),
+            Some(h) => Ok(Some((self.load_cache_tagged(h, true)?, h))),
         }
     }
 
@@ -83,7 +83,7 @@ impl Project {
     /// Loads the cache manifest whose file hashes to `h`: from its binary
     /// copy when that is current (it was verified when made), else by
     /// parsing and verifying the JSON.
-    pub fn load_cache_tagged(&self, h: u64) -> Result<Manifest> {
+    pub fn load_cache_tagged(&self, h: u64, save_binary: bool) -> Result<Manifest> {
         if let Ok(b) = std::fs::read(self.manifest_cache_path()) {
             if let Some(m) = dsg_core::manifest::binary::decode(&b, h) {
                 return Ok(m);
@@ -104,7 +104,9 @@ impl Project {
             message: format!("{} fails its integrity check: {msg}", p.display()),
             hint: "the cache was altered or damaged; restore it, or move .dsg away and run 'dsg clone'".into(),
         })?;
-        self.write_manifest_cache(&m, h);
+        if save_binary {
+            self.write_manifest_cache(&m, h);
+        }
         Ok(m)
     }
 

@@ -114,6 +114,8 @@ pub struct CompareOpts {
     pub keep_remote_bytes: bool,
     /// Compare against an empty cache (clone).
     pub no_cache: bool,
+    /// Write nothing at all (not even caches).
+    pub dry_run: bool,
 }
 
 /// Builds the three manifests. `client` = None means offline (R := C).
@@ -151,7 +153,7 @@ pub fn compare(
     // The cache is loaded only now, so it and the stat cache are never in
     // memory together.
     let cache = match cache_hash {
-        Some(h) => project.load_cache_tagged(h)?,
+        Some(h) => project.load_cache_tagged(h, opts.save_stat_cache || !opts.dry_run)?,
         None => Manifest::new(),
     };
     let entries = std::mem::take(&mut scan.entries);

@@ -187,6 +187,7 @@ fn sync_once(
         save_stat_cache: false,
         keep_remote_bytes: true,
         no_cache: is_clone,
+        dry_run: opts.dry_run,
     };
     let mut cmp = compare(project, Some(&mut client), copts, reporter)?;
     let renames = settle_names(
@@ -652,7 +653,12 @@ pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
             LocalOp::Remove { path, expect } => {
                 let p = root.join(path);
                 let b = backup.join(path);
-                if std::fs::symlink_metadata(&b).is_ok() {
+                if let Some(par) = p.parent() {
+                    parents.push(par.to_path_buf());
+                }
+                // Already moved (a recovery re-run). Backups are files or
+                // links; a directory there only holds backups of children.
+                if std::fs::symlink_metadata(&b).is_ok_and(|m| !m.is_dir()) {
                     continue;
                 }
                 // Already replaced by its download (a recovery re-run).
@@ -690,22 +696,30 @@ pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
                 }
                 match std::fs::symlink_metadata(&p) {
                     Ok(md) if md.is_dir() => {
-                        std::fs::remove_dir(&p).map_err(|e| EngineError::State {
-                            message: format!(
-                                "{}: a directory is in the way and is not empty ({e})",
-                                p.display()
-                            ),
-                            hint: "move it away and run any dsg command to finish the sync".into(),
-                        })?;
+                        // Its tracked files went first (deepest first). What
+                        // is left is empty directories — or files dsg does
+                        // not track, which are kept under a backup name.
+                        if dsg_repo::posix::remove_empty_tree(&p).is_err() {
+                            let keep = p.with_file_name(format!(
+                                "{}~{}~",
+                                p.file_name()
+                                    .map(|n| n.to_string_lossy().to_string())
+                                    .unwrap_or_default(),
+                                chrono_stamp()
+                            ));
+                            std::fs::rename(&p, &keep).map_err(|e| EngineError::io(&p, e))?;
+                            tracing::warn!(
+                                "{} held untracked files; kept as {}",
+                                p.display(),
+                                keep.display()
+                            );
+                        }
                     }
                     Ok(_) => {
                         make_parent(&backup, path)?;
                         std::fs::rename(&p, &b).map_err(|e| EngineError::io(&p, e))?;
                     }
                     Err(_) => {}
-                }
-                if let Some(par) = p.parent() {
-                    parents.push(par.to_path_buf());
                 }
             }
             LocalOp::Install { path } => {

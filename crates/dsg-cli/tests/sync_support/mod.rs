@@ -689,7 +689,7 @@ pub fn assert_no_repo_leftovers(parent: &Path, repo: &Path) {
     for de in fs::read_dir(parent).unwrap().flatten() {
         let n = de.file_name().to_string_lossy().into_owned();
         assert!(
-            !(n.starts_with(".dsg-init.") && !n.ends_with(".lock")),
+            !n.starts_with(".dsg-init.") || n.ends_with(".lock"),
             "init leftover {n} in {}",
             parent.display()
         );

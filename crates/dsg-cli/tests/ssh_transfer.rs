@@ -1,0 +1,113 @@
+//! Bulk transfers over ssh: many small files pipelined in one sync each way,
+//! and a large file streamed both ways. Times are printed, never asserted.
+
+mod ssh_support;
+
+use std::time::Instant;
+
+use ssh_support::*;
+
+#[test]
+fn many_small_files_upload_and_download_in_one_sync_each() {
+    let ssh = need_ssh!();
+    let w = World::new("many", Transport::Ssh, Some(&ssh));
+    w.write("a", "task/input/seed.txt", "seed\n");
+    w.init("a");
+    w.clone_client("a", "b");
+
+    const N: usize = 3000;
+    for i in 0..N {
+        // 0..~2 KB, distinct contents, spread over 30 directories.
+        let body = format!("file {i}\n").repeat(i % 200 + 1);
+        w.write("a", &format!("task/input/d{:02}/f{i:05}.txt", i % 30), body);
+    }
+    // Through a pass-through proxy, to count ssh connections: one per
+    // command (DESIGN §3), however many files.
+    let proxy = FaultProxy::start(ssh.port(), FaultPlan::pass_through());
+    let via = proxy.ssh_command(&ssh);
+    let t = Instant::now();
+    let o = w.run_via("a", &["sync", "--json", "-m", "3000 files"], &via);
+    let up = t.elapsed();
+    assert_exit(&o, 0, "sync of 3000 files");
+    assert_eq!(proxy.accepted(), 1, "ssh connections for one upload sync");
+    let doc = json_of(&o);
+    let uploads = rows(&doc).iter().filter(|r| r.2 == "upload").count();
+    assert_eq!(uploads, N, "one sync uploads all {N} files: {doc}");
+    assert_eq!(
+        w.repo_snapshot(),
+        "s2",
+        "exactly one snapshot for the upload"
+    );
+    w.assert_in_sync("a");
+
+    let t = Instant::now();
+    let o = w.run_via("b", &["sync", "--json"], &via);
+    let down = t.elapsed();
+    assert_exit(&o, 0, "sync downloading 3000 files");
+    assert_eq!(proxy.accepted(), 2, "ssh connections for one download sync");
+    drop(proxy);
+    let downloads = rows(&json_of(&o))
+        .iter()
+        .filter(|r| r.2 == "download")
+        .count();
+    assert_eq!(downloads, N, "one sync downloads all {N} files");
+    w.assert_in_sync("b");
+    assert_same(
+        "b vs a after 3000 files",
+        &data_tree(&w.client("a")),
+        &data_tree(&w.client("b")),
+    );
+    eprintln!(
+        "{N} small files over ssh: upload {:.2} s, download {:.2} s",
+        up.as_secs_f64(),
+        down.as_secs_f64()
+    );
+}
+
+#[test]
+fn large_file_streams_both_ways() {
+    let ssh = need_ssh!();
+    let w = World::new("large", Transport::Ssh, Some(&ssh));
+    w.write("a", "task/input/small.txt", "small\n");
+    w.init("a");
+    w.clone_client("a", "b");
+
+    const SIZE: u64 = 200 << 20;
+    let rel = "task/input/big.bin";
+    write_big_file(&w.client("a").join(rel), 42, SIZE);
+    let t = Instant::now();
+    w.ok("a", &["sync", "-m", "big"]);
+    let up = t.elapsed();
+    assert!(
+        same_bytes(&w.client("a").join(rel), &w.repo().join(rel)),
+        "uploaded bytes differ"
+    );
+    let t = Instant::now();
+    w.ok("b", &["sync"]);
+    let down = t.elapsed();
+    assert!(
+        same_bytes(&w.client("a").join(rel), &w.client("b").join(rel)),
+        "downloaded bytes differ"
+    );
+    w.assert_in_sync("b");
+
+    // Back the other way: B rewrites it (same size, other bytes).
+    write_big_file(&w.client("b").join(rel), 43, SIZE);
+    let t = Instant::now();
+    w.ok("b", &["sync", "-m", "big v2"]);
+    let up2 = t.elapsed();
+    w.ok("a", &["sync"]);
+    assert!(
+        same_bytes(&w.client("b").join(rel), &w.client("a").join(rel)),
+        "bytes differ after the second round"
+    );
+    assert!(same_bytes(&w.client("b").join(rel), &w.repo().join(rel)));
+    w.assert_in_sync("a");
+    assert_eq!(w.repo_snapshot(), "s3");
+    eprintln!(
+        "200 MiB over ssh: upload {:.2} s, download {:.2} s, re-upload {:.2} s",
+        up.as_secs_f64(),
+        down.as_secs_f64(),
+        up2.as_secs_f64()
+    );
+}
