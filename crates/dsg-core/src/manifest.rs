@@ -427,6 +427,45 @@ fn lax_u64(v: &Value) -> Option<u64> {
     }
 }
 
+/// Resolves a link's target component by component, following the other
+/// link entries it passes through; errors when it leaves the project.
+fn resolve_through_links(
+    link: &str,
+    target: &str,
+    links: &std::collections::HashMap<&str, &str>,
+    depth: usize,
+) -> Result<String, &'static str> {
+    if depth > 40 {
+        return Err("too many levels of links");
+    }
+    if target.starts_with('/') {
+        return Err("absolute target");
+    }
+    let mut parts: Vec<String> = link.split('/').map(String::from).collect();
+    parts.pop();
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop().ok_or("leaves the project")?;
+            }
+            c => {
+                parts.push(c.to_string());
+                let here = parts.join("/");
+                if let Some(t) = links.get(here.as_str()) {
+                    let resolved = resolve_through_links(&here, t, links, depth + 1)?;
+                    parts = if resolved.is_empty() {
+                        Vec::new()
+                    } else {
+                        resolved.split('/').map(String::from).collect()
+                    };
+                }
+            }
+        }
+    }
+    Ok(parts.join("/"))
+}
+
 /// The chain hash of one snapshot (§1.8, the original's algorithm).
 pub fn snapshot_hash(
     entries_hash: &str,
@@ -675,6 +714,8 @@ impl Manifest {
         if m.entries.len() != n {
             return Err(ManifestError::corrupt(origin, "duplicate paths"));
         }
+        m.check_tree()
+            .map_err(|msg| ManifestError::corrupt(origin, msg))?;
         m.metadata = metadata;
         m.stored_entries_hash = Some(Hash(parsed.stored_hash).to_hex());
         Ok(m)
@@ -698,6 +739,37 @@ impl Manifest {
                 source: e,
             }),
         }
+    }
+
+    /// Checks what single entries cannot show: no entry lies under a link
+    /// entry (a link is a leaf), and no link leads out of the project
+    /// through other links (`up -> ../..` plus `up2 -> up/..`).
+    pub fn check_tree(&self) -> Result<(), String> {
+        let links: std::collections::HashMap<&str, &str> = self
+            .entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EntryKind::Link { target } => Some((&*e.path, &**target)),
+                _ => None,
+            })
+            .collect();
+        if links.is_empty() {
+            return Ok(());
+        }
+        for e in &self.entries {
+            let mut p = &*e.path;
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                if links.contains_key(parent) {
+                    return Err(format!("entry {:?} lies under the link {parent:?}", e.path));
+                }
+                p = parent;
+            }
+        }
+        for (path, target) in &links {
+            resolve_through_links(path, target, &links, 0)
+                .map_err(|why| format!("link {path:?} -> {target:?}: {why}"))?;
+        }
+        Ok(())
     }
 
     /// Paths of links whose target (resolved lexically) is not an entry.

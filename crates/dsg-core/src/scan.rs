@@ -548,7 +548,23 @@ fn walk_dir(
                     continue;
                 }
             };
-            if let Err(e) = check_link_target(&child_rel, &t) {
+            // The text check, then the real one: a target may leave the
+            // project through another link (`up -> ../..`, `x -> up/..`).
+            let escapes = std::fs::canonicalize(dir.join(&name_os))
+                .ok()
+                .zip(std::fs::canonicalize(root).ok())
+                .is_some_and(|(real, top)| !real.starts_with(&top));
+            let checked = check_link_target(&child_rel, &t).and_then(|()| {
+                if escapes {
+                    Err(crate::paths::UnsafePath {
+                        path: format!("{child_rel} -> {t}"),
+                        why: "symlink target leaves the project through another link",
+                    })
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = checked {
                 local.problems.push(Problem {
                     path: child_rel,
                     kind: ProblemKind::Link,

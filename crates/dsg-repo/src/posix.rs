@@ -439,6 +439,14 @@ pub fn remove_empty_tree(p: &Path) -> Result<(), AgentError> {
 fn check_writable(root: &Path, ops: &[Op], keep_objects: bool) -> Result<(), AgentError> {
     let mut seen = std::collections::HashSet::new();
     let mut dirs: Vec<PathBuf> = Vec::new();
+    // A link that this transaction retires may have a directory in its place.
+    let retired: std::collections::HashSet<&str> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Retire { path, .. } => Some(path.as_str()),
+            _ => None,
+        })
+        .collect();
     if keep_objects {
         dirs.push(root.join(".dsg"));
     }
@@ -446,6 +454,25 @@ fn check_writable(root: &Path, ops: &[Op], keep_objects: bool) -> Result<(), Age
         let path = match op {
             Op::Retire { path, .. } | Op::Install { path } => path,
         };
+        // Never write through a symlink that is in the repository tree: a
+        // link is a leaf, and following one could lead out of the repository.
+        let mut cur = root.to_path_buf();
+        let comps: Vec<&str> = path.split('/').collect();
+        for (i, c) in comps[..comps.len() - 1].iter().enumerate() {
+            cur.push(c);
+            let rel = comps[..=i].join("/");
+            if !retired.contains(rel.as_str())
+                && fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink())
+            {
+                return Err(AgentError::new(
+                    ErrorKind::Unsafe,
+                    format!(
+                        "{path}: its parent {} is a symlink in the repository",
+                        cur.display()
+                    ),
+                ));
+            }
+        }
         // The nearest existing ancestor is the one that gets modified.
         let mut cur = root.join(path);
         while let Some(parent) = cur.parent() {
