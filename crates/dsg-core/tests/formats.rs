@@ -184,12 +184,23 @@ fn strict_loading() {
             "bad metadata",
             r#"{"entries": {}, "metadata": {"snapshot_id": 3}}"#,
         ),
+        (
+            "link chain out",
+            r#"{"entries": {"a/b/up": {"type":"link","path":"a/b/up","reference":"../.."}, "a/b/up2": {"type":"link","path":"a/b/up2","reference":"up/.."}}}"#,
+        ),
+        (
+            "entry under a link",
+            r#"{"entries": {"a/l": {"type":"link","path":"a/l","reference":"x"}, "a/l/f": {"type":"file","path":"a/l/f","filesize":1,"mtime":"x"}}}"#,
+        ),
     ];
     for (what, text) in bad {
         let e = Manifest::from_json_bytes(text.as_bytes(), Path::new("/x/last-sync.json"));
         let msg = e.expect_err(what).to_string();
         assert!(msg.contains("/x/last-sync.json"), "{what}: {msg}");
     }
+    // A chain that stays inside is fine.
+    let ok = r#"{"entries": {"a/b/up": {"type":"link","path":"a/b/up","reference":".."}, "a/b/up2": {"type":"link","path":"a/b/up2","reference":"up/x"}}}"#;
+    Manifest::from_json_bytes(ok.as_bytes(), Path::new("x")).unwrap();
     // Lax numbers of the original are accepted.
     let ok =
         r#"{"entries": {"a": {"type":"file","path":"a","filesize":"12","mtime":"x","hash":""}}}"#;
