@@ -148,6 +148,11 @@ impl RepoClient {
     }
 
     fn conn(&self, e: io::Error) -> RepoError {
+        let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(e.kind(), "the connection closed unexpectedly")
+        } else {
+            e
+        };
         RepoError::Connection {
             host: self.host.clone(),
             source: e,
@@ -191,7 +196,21 @@ impl RepoClient {
             client_version: env!("CARGO_PKG_VERSION").into(),
         })?;
         match self.recv()? {
-            Response::Hello { repo_exists, .. } => {
+            Response::Hello {
+                protocol,
+                version,
+                repo_exists,
+                ..
+            } => {
+                if protocol != PROTOCOL_VERSION {
+                    return Err(RepoError::Protocol {
+                        host: self.host.clone(),
+                        msg: format!(
+                            "the agent (dsg {version}) speaks protocol {protocol}, this dsg ({}) speaks {PROTOCOL_VERSION}\nhint: install the same dsg version on both machines",
+                            env!("CARGO_PKG_VERSION")
+                        ),
+                    });
+                }
                 self.repo_exists = repo_exists;
                 Ok(())
             }

@@ -43,6 +43,14 @@ impl SshChild {
         let host = self.host.clone();
         let last = err.lines().last().unwrap_or("").to_string();
         let msg = |m: String, hint: &str| RepoError::Unsupported(format!("{m}\nhint: {hint}"));
+        if err.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+            return msg(
+                format!("the host key of {host} has CHANGED since you last connected ({last})"),
+                &format!(
+                    "this can be an attack; confirm the new key's fingerprint with the server's administrator, and only then remove the old key from your known_hosts with 'ssh-keygen -R {host}' and connect once with ssh to record the new one; dsg never accepts keys on its own"
+                ),
+            );
+        }
         if err.contains("Host key verification failed")
             || err.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
             || err.contains("No ED25519 host key is known")
