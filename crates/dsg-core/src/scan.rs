@@ -237,6 +237,9 @@ impl StatCache {
     }
 }
 
+/// A file's hash and byte count, and its stat after reading.
+type HashOutcome = std::io::Result<(Hash, u64, Stat)>;
+
 /// How far back from the cache's timestamp an mtime counts as racy. One
 /// second covers filesystems with coarse timestamps and small clock steps.
 const RACY_WINDOW_NS: i64 = 1_000_000_000;
@@ -317,7 +320,7 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
         .store(need.len() as u64, Ordering::Relaxed);
     progress.bytes_to_hash.store(bytes, Ordering::Relaxed);
 
-    let results: Vec<(usize, std::io::Result<(Hash, u64, Stat)>)> = need
+    let results: Vec<(usize, HashOutcome)> = need
         .par_iter()
         .map(|&i| {
             let p = root.join(&*entries[i].path);

@@ -46,6 +46,16 @@ pub fn parse(s: &str) -> Option<DateTime<FixedOffset>> {
     None
 }
 
+/// The America/Los_Angeles UTC offset, in minutes, at a unix time.
+pub fn la_offset_minutes(secs: i64) -> i16 {
+    use chrono::Offset;
+    let Some(dt) = chrono::DateTime::from_timestamp(secs, 0) else {
+        return 0;
+    };
+    let off = Los_Angeles.offset_from_utc_datetime(&dt.naive_utc());
+    (off.fix().local_minus_utc() / 60) as i16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,14 +86,4 @@ mod tests {
         assert!(parse("2025-06-01T17:00:00").is_some());
         assert!(parse("yesterday").is_none());
     }
-}
-
-/// The America/Los_Angeles UTC offset, in minutes, at a unix time.
-pub fn la_offset_minutes(secs: i64) -> i16 {
-    use chrono::Offset;
-    let Some(dt) = chrono::DateTime::from_timestamp(secs, 0) else {
-        return 0;
-    };
-    let off = Los_Angeles.offset_from_utc_datetime(&dt.naive_utc());
-    (off.fix().local_minus_utc() / 60) as i16
 }

@@ -1132,7 +1132,7 @@ impl PosixBackend {
                 rustix::fs::CWD,
                 &tx.staging,
                 rustix::fs::CWD,
-                &self.dir(),
+                self.dir(),
                 rustix::fs::RenameFlags::NOREPLACE,
             )
             .map_err(|e| {
