@@ -282,7 +282,6 @@ fn init_with_repo_path_inside_the_pools_mount() {
 }
 
 #[test]
-#[ignore = "BUG: a file replaced by a directory cannot be uploaded (repo apply: ENOTDIR retiring the new path under the old file; same bug as sync_states file_to_directory_both_ways — on zfs it fails before the commit point and rolls back cleanly)"]
 fn file_replaced_by_a_directory() {
     let Some(z) = ZEnv::new("zf2d") else { return };
     project(&z, "A");
