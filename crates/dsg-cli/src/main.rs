@@ -137,6 +137,12 @@ struct InitCmd {
 }
 
 fn main() -> ExitCode {
+    // A fixed mmap threshold: glibc otherwise raises it after the first
+    // large free, and the big manifest vectors then come from the heap and
+    // are never returned while we build the next one.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
     let cli = Cli::parse();
     let g = cli.global;
     output::init_logging(g.debug, g.verbose);

@@ -40,15 +40,36 @@ fn interrupt_at(step: &str) {
     // SIGINT, as Ctrl-C in a terminal would send.
     unsafe { libc_kill(child.id() as i32, 2) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(snapshot(&env.repo("intr")), repo_before, "repository changed");
-    assert_eq!(fs::read(a.join(".dsg/last-sync.json")).unwrap(), cache_before);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        snapshot(&env.repo("intr")),
+        repo_before,
+        "repository changed"
+    );
+    assert_eq!(
+        fs::read(a.join(".dsg/last-sync.json")).unwrap(),
+        cache_before
+    );
     assert!(!a.join(".dsg/journal").exists());
-    assert!(fs::read_dir(a.join(".dsg/staging")).map(|r| r.count() == 0).unwrap_or(true));
-    assert_eq!(fs::read_to_string(a.join("input/x.csv")).unwrap(), "two\n", "local edit kept");
+    assert!(fs::read_dir(a.join(".dsg/staging"))
+        .map(|r| r.count() == 0)
+        .unwrap_or(true));
+    assert_eq!(
+        fs::read_to_string(a.join("input/x.csv")).unwrap(),
+        "two\n",
+        "local edit kept"
+    );
     // And the sync still works afterwards.
     assert_code(&env.run(&a, &["sync"]), 0, "sync after interrupt");
-    assert_eq!(fs::read_to_string(env.repo("intr").join("input/x.csv")).unwrap(), "two\n");
+    assert_eq!(
+        fs::read_to_string(env.repo("intr").join("input/x.csv")).unwrap(),
+        "two\n"
+    );
 }
 
 extern "C" {

@@ -1166,12 +1166,21 @@ pub mod binary {
         }
     }
 
-    struct R<'a>(&'a [u8], usize);
-    impl<'a> R<'a> {
-        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-            let s = self.0.get(self.1..self.1 + n)?;
-            self.1 += n;
-            Some(s)
+    /// Reads and hashes at once, so the file is never held whole.
+    struct R<T: std::io::Read> {
+        r: T,
+        h: Xxh3,
+        buf: Vec<u8>,
+    }
+    impl<T: std::io::Read> R<T> {
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            if n > (1 << 30) {
+                return None;
+            }
+            self.buf.resize(n, 0);
+            self.r.read_exact(&mut self.buf).ok()?;
+            self.h.update(&self.buf);
+            Some(&self.buf)
         }
         fn u8(&mut self) -> Option<u8> {
             Some(self.take(1)?[0])
@@ -1182,7 +1191,7 @@ pub mod binary {
         fn u64(&mut self) -> Option<u64> {
             Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
         }
-        fn str(&mut self) -> Option<&'a str> {
+        fn str(&mut self) -> Option<&str> {
             let n = self.u32()? as usize;
             std::str::from_utf8(self.take(n)?).ok()
         }
@@ -1262,14 +1271,19 @@ pub mod binary {
 
     /// Decodes if intact and made from a JSON file hashing to `tag`.
     pub fn decode(b: &[u8], tag: u64) -> Option<Manifest> {
-        if b.len() < 24 || &b[..8] != MAGIC {
+        decode_from(b, tag)
+    }
+
+    /// Decodes from a reader (a file), checking the trailing checksum.
+    pub fn decode_from(reader: impl std::io::Read, tag: u64) -> Option<Manifest> {
+        let mut r = R {
+            r: reader,
+            h: Xxh3::new(),
+            buf: Vec::new(),
+        };
+        if r.take(8)? != MAGIC {
             return None;
         }
-        let (body, sum) = b.split_at(b.len() - 8);
-        if Hash::of_bytes(body).0.to_le_bytes() != sum {
-            return None;
-        }
-        let mut r = R(body, 8);
         if r.u64()? != tag {
             return None;
         }
@@ -1292,7 +1306,7 @@ pub mod binary {
             users.push(r.str()?.into());
         }
         let ne = r.u64()? as usize;
-        let mut entries = Vec::with_capacity(ne.min(body.len() / 16));
+        let mut entries = Vec::with_capacity(ne.min(1 << 24));
         for _ in 0..ne {
             let path: Box<str> = r.str()?.into();
             let user = users.get(r.u32()? as usize)?.clone();
@@ -1322,6 +1336,13 @@ pub mod binary {
             .windows(2)
             .all(|w| w[0].path.as_bytes() < w[1].path.as_bytes())
         {
+            return None;
+        }
+        let digest = r.h.digest();
+        let mut sum = [0u8; 8];
+        r.r.read_exact(&mut sum).ok()?;
+        let mut extra = [0u8; 1];
+        if u64::from_le_bytes(sum) != digest || r.r.read(&mut extra).ok()? != 0 {
             return None;
         }
         Some(Manifest {

@@ -144,11 +144,56 @@ impl Rules {
     }
 }
 
-/// The stat cache, sorted by path.
+/// The stat cache, sorted by path. Kept as the verified file bytes and
+/// read with a cursor in path order alongside the sorted scan: no
+/// allocation per record, and no second copy of every path in memory.
 #[derive(Debug, Default)]
 pub struct StatCache {
     pub made_ns: i64,
-    pub recs: Vec<(Box<str>, Stat, Hash)>,
+    count: usize,
+    /// Record bytes (`u32 len, path, size, mtime, ctime, ino, hash`).
+    body: Vec<u8>,
+}
+
+/// One record of the stat cache.
+pub struct StatRec<'a> {
+    pub path: &'a str,
+    pub stat: Stat,
+    pub hash: Hash,
+}
+
+/// Reads records in order.
+pub struct StatCursor<'a> {
+    body: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Iterator for StatCursor<'a> {
+    type Item = StatRec<'a>;
+    fn next(&mut self) -> Option<StatRec<'a>> {
+        let b = self.body;
+        let len = u32::from_le_bytes(b.get(self.pos..self.pos + 4)?.try_into().ok()?) as usize;
+        let o = self.pos + 4;
+        let path = std::str::from_utf8(b.get(o..o + len)?).ok()?;
+        let o = o + len;
+        let v = |k: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(
+                b.get(o + k * 8..o + k * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        let rec = StatRec {
+            path,
+            stat: Stat {
+                size: v(0)?,
+                mtime_ns: v(1)? as i64,
+                ctime_ns: v(2)? as i64,
+                ino: v(3)?,
+            },
+            hash: Hash(v(4)?),
+        };
+        self.pos = o + 40;
+        Some(rec)
+    }
 }
 
 const CACHE_MAGIC: &[u8; 8] = b"DSGSTAT1";
@@ -158,7 +203,7 @@ impl StatCache {
     /// only ever lets us skip work, so dropping it is always safe).
     pub fn load(path: &Path) -> StatCache {
         match std::fs::read(path) {
-            Ok(b) => StatCache::decode(&b).unwrap_or_else(|| {
+            Ok(b) => StatCache::decode(b).unwrap_or_else(|| {
                 tracing::warn!("stat cache {} is damaged; rehashing", path.display());
                 StatCache::default()
             }),
@@ -166,7 +211,22 @@ impl StatCache {
         }
     }
 
-    fn decode(b: &[u8]) -> Option<StatCache> {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn records(&self) -> StatCursor<'_> {
+        StatCursor {
+            body: &self.body,
+            pos: 0,
+        }
+    }
+
+    fn decode(mut b: Vec<u8>) -> Option<StatCache> {
         if b.len() < 32 || &b[..8] != CACHE_MAGIC {
             return None;
         }
@@ -174,28 +234,27 @@ impl StatCache {
         if Hash::of_bytes(body).0.to_le_bytes() != sum {
             return None;
         }
-        let rd = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().unwrap());
-        let made_ns = rd(8) as i64;
-        let n = rd(16) as usize;
-        let mut recs = Vec::with_capacity(n.min(body.len() / 40));
-        let mut o = 24;
-        for _ in 0..n {
-            let len = u32::from_le_bytes(body.get(o..o + 4)?.try_into().ok()?) as usize;
-            o += 4;
-            let p = std::str::from_utf8(body.get(o..o + len)?).ok()?;
-            o += len;
-            body.get(o..o + 40)?;
-            let stat = Stat {
-                size: rd(o),
-                mtime_ns: rd(o + 8) as i64,
-                ctime_ns: rd(o + 16) as i64,
-                ino: rd(o + 24),
-            };
-            let h = Hash(rd(o + 32));
-            o += 40;
-            recs.push((p.into(), stat, h));
+        let made_ns = u64::from_le_bytes(body[8..16].try_into().ok()?) as i64;
+        let count = u64::from_le_bytes(body[16..24].try_into().ok()?) as usize;
+        let n = b.len() - 8;
+        b.truncate(n);
+        b.drain(..24);
+        let c = StatCache {
+            made_ns,
+            count,
+            body: b,
+        };
+        // Every record must parse, and in order.
+        let mut k = 0;
+        let mut prev: Option<&str> = None;
+        for r in c.records() {
+            if prev.is_some_and(|p| p.as_bytes() >= r.path.as_bytes()) {
+                return None;
+            }
+            prev = Some(r.path);
+            k += 1;
         }
-        Some(StatCache { made_ns, recs })
+        (k == count).then_some(c)
     }
 
     pub fn encode_entries(made_ns: i64, entries: &[LocalEntry]) -> Vec<u8> {
@@ -266,7 +325,7 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
     // The last scan's size is the best guess of this one's: growing a
     // large Vec by doubling would hold two copies for a moment.
     let out = Mutex::new(WalkOut {
-        cands: Vec::with_capacity(cache.recs.len() + cache.recs.len() / 32 + 16),
+        cands: Vec::with_capacity(cache.len() + cache.len() / 32 + 16),
         problems: Vec::new(),
         ignored: Vec::new(),
         hidden: 0,
@@ -285,22 +344,23 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
 
     // Decide which files need hashing, walking the (sorted) cache alongside.
     let mut need: Vec<usize> = Vec::new();
-    let mut dirty = cache.recs.is_empty() && !entries.is_empty();
+    let mut dirty = cache.is_empty() && !entries.is_empty();
     let mut cached_files = 0usize;
-    let mut ci = 0;
+    let mut recs = cache.records().peekable();
     for (i, e) in entries.iter_mut().enumerate() {
         let LocalKind::File { hash, .. } = &mut e.kind else {
             continue;
         };
         cached_files += 1;
-        while ci < cache.recs.len() && cache.recs[ci].0.as_bytes() < e.path.as_bytes() {
-            ci += 1;
+        while recs
+            .peek()
+            .is_some_and(|r| r.path.as_bytes() < e.path.as_bytes())
+        {
+            recs.next();
         }
-        match cache.recs.get(ci).filter(|r| r.0 == e.path) {
-            Some((_, st, h))
-                if *st == e.stat && e.stat.mtime_ns < cache.made_ns - RACY_WINDOW_NS =>
-            {
-                *hash = *h;
+        match recs.peek().filter(|r| r.path == &*e.path) {
+            Some(r) if r.stat == e.stat && e.stat.mtime_ns < cache.made_ns - RACY_WINDOW_NS => {
+                *hash = r.hash;
             }
             // Racy (unchanged stat but too recent to trust) or changed:
             // hash, and rewrite the cache so the entry is trusted next time.
@@ -310,7 +370,7 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
             }
         }
     }
-    if cached_files != cache.recs.len() {
+    if cached_files != cache.len() {
         dirty = true;
     }
     drop(cache);
@@ -622,21 +682,37 @@ fn walk_dir(
 /// original re-attributed touched files, defect 5) and a `touch` changes
 /// nothing.
 pub fn to_manifest(
-    entries: Vec<LocalEntry>,
+    mut entries: Vec<LocalEntry>,
     cache: Option<&Manifest>,
     user: &str,
 ) -> (Manifest, Vec<Stat>) {
     let me: Arc<str> = user.into();
-    let mut out = Vec::with_capacity(entries.len());
-    let mut stats = Vec::with_capacity(entries.len());
+    let n = entries.len();
+    let mut out: Vec<Entry> = Vec::new();
+    let mut stats: Vec<Stat> = Vec::new();
     let cached = cache.map(|c| c.entries()).unwrap_or(&[]);
-    let mut ci = 0;
-    for e in entries {
-        // Both sides are sorted: walk the cache alongside instead of searching.
-        while ci < cached.len() && cached[ci].path.as_bytes() < e.path.as_bytes() {
-            ci += 1;
+    // Consume from the back and give the scan's memory back as we go, so the
+    // scan and the manifest are never both fully in memory (a large Vec is
+    // mmap'd and shrinking it returns pages).
+    let mut ci = cached.len();
+    let step = (n / 8).max(4096);
+    while let Some(e) = entries.pop() {
+        if entries.len() % step == 0 && entries.capacity() > entries.len() + step {
+            entries.shrink_to_fit();
         }
-        let c = cached.get(ci).filter(|c| c.path == e.path);
+        // Grow the output in the same steps (exactly, not by doubling).
+        if out.len() == out.capacity() {
+            out.reserve_exact(step.min(n - out.len()).max(1));
+            stats.reserve_exact(step.min(n - stats.len()).max(1));
+        }
+        // Both sides are sorted: walk the cache alongside instead of searching.
+        while ci > 0 && cached[ci - 1].path.as_bytes() > e.path.as_bytes() {
+            ci -= 1;
+        }
+        let c = ci
+            .checked_sub(1)
+            .map(|i| &cached[i])
+            .filter(|c| c.path == e.path);
         let entry = match e.kind {
             LocalKind::File { size, hash } => match c {
                 Some(c) if matches!(&c.kind, EntryKind::File { size: cs, hash: Some(ch), .. } if *cs == size && *ch == hash) => {
@@ -676,6 +752,8 @@ pub fn to_manifest(
         out.push(entry);
         stats.push(e.stat);
     }
+    out.reverse();
+    stats.reverse();
     (Manifest::from_sorted_entries(out), stats)
 }
 
@@ -737,8 +815,8 @@ mod tests {
         let p = Progress::default();
         let first = scan(r, &rules(), StatCache::default(), &p);
         assert_eq!(first.hashed_files, 1);
-        let cache = StatCache::decode(&StatCache::encode_entries(first.started_ns, &first.entries))
-            .unwrap();
+        let cache =
+            StatCache::decode(StatCache::encode_entries(first.started_ns, &first.entries)).unwrap();
         // Same size, same second: a racy edit.
         let mt = fs::metadata(r.join("input/a")).unwrap().modified().unwrap();
         fs::write(r.join("input/a"), b"bbbb").unwrap();
@@ -755,7 +833,7 @@ mod tests {
         assert_eq!(hash, Hash::of_bytes(b"bbbb"));
         // An old cache timestamp makes the entry trusted: no hashing.
         let old =
-            StatCache::decode(&StatCache::encode_entries(i64::MAX / 2, &second.entries)).unwrap();
+            StatCache::decode(StatCache::encode_entries(i64::MAX / 2, &second.entries)).unwrap();
         let third = scan(r, &rules(), old, &p);
         assert_eq!(third.hashed_files, 0);
         assert!(!third.cache_dirty);
@@ -765,6 +843,6 @@ mod tests {
     fn damaged_cache_is_empty() {
         let mut b = StatCache::encode_entries(5, &[]);
         b[10] ^= 1;
-        assert!(StatCache::decode(&b).is_none());
+        assert!(StatCache::decode(b).is_none());
     }
 }

@@ -20,7 +20,11 @@ pub fn failpoint(name: &str) {
     match setting() {
         None => {}
         Some(s) if s == "list" => eprintln!("failpoint: {name}"),
-        Some(s) if s.strip_prefix(name).and_then(|r| r.strip_prefix(":pause=")).is_some() => {
+        Some(s)
+            if s.strip_prefix(name)
+                .and_then(|r| r.strip_prefix(":pause="))
+                .is_some() =>
+        {
             let ms: u64 = s[name.len() + 7..].parse().unwrap_or(1000);
             eprintln!("failpoint {name}: pausing {ms} ms");
             std::thread::sleep(std::time::Duration::from_millis(ms));

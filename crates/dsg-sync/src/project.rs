@@ -84,8 +84,9 @@ impl Project {
     /// copy when that is current (it was verified when made), else by
     /// parsing and verifying the JSON.
     pub fn load_cache_tagged(&self, h: u64, save_binary: bool) -> Result<Manifest> {
-        if let Ok(b) = std::fs::read(self.manifest_cache_path()) {
-            if let Some(m) = dsg_core::manifest::binary::decode(&b, h) {
+        if let Ok(f) = std::fs::File::open(self.manifest_cache_path()) {
+            let r = std::io::BufReader::with_capacity(1 << 16, f);
+            if let Some(m) = dsg_core::manifest::binary::decode_from(r, h) {
                 return Ok(m);
             }
         }
