@@ -189,8 +189,8 @@ fn concurrent_rounds(lenient: bool) {
         z.write("B", &p(IN, &format!("b/r{r}.txt")), format!("B {r}"));
         let ca = spawn(&z, "A", &["sync", "--json"]);
         let cb = spawn(&z, "B", &["sync", "--json"]);
-        let oa = ca.wait_with_output().unwrap();
-        let ob = cb.wait_with_output().unwrap();
+        let oa = no_hang("A's sync", wait_within(ca, DSG_LIMIT));
+        let ob = no_hang("B's sync", wait_within(cb, DSG_LIMIT));
         z.remount_workaround("after two concurrent syncs");
         for (who, o) in [("A", oa), ("B", ob)] {
             let (n, m) = settle(&z, who, o, lenient);

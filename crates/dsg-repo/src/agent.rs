@@ -17,6 +17,17 @@ fn reply_err<W: Write>(w: &mut W, e: &AgentError) -> io::Result<()> {
 /// Serves one connection until `Bye` or end of input. A connection that
 /// ends with a transaction open rolls it back (the backend's drop does too).
 pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) -> io::Result<()> {
+    serve_with(backend, input, output, false)
+}
+
+/// `local_sources`: the client is this process, so `PutFileLocal` may name
+/// its files. Never true for an agent serving a remote client.
+pub fn serve_with(
+    backend: &mut dyn Backend,
+    input: impl Read,
+    output: impl Write,
+    local_sources: bool,
+) -> io::Result<()> {
     let mut r = BufReader::with_capacity(1 << 20, input);
     let mut w = BufWriter::with_capacity(1 << 16, output);
     // The first error among pipelined puts; reported at the next barrier.
@@ -106,6 +117,33 @@ pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) ->
                     }
                 }
                 dr.drain()?;
+            }
+            Request::PutFileLocal {
+                path,
+                size,
+                hash,
+                mtime_ns,
+                src,
+            } => {
+                if sticky.is_none() {
+                    let r = if local_sources {
+                        backend.stage_file_from(
+                            &path,
+                            size,
+                            hash,
+                            mtime_ns,
+                            std::path::Path::new(&src),
+                        )
+                    } else {
+                        Err(AgentError::new(
+                            ErrorKind::Protocol,
+                            "put_file_local is only for a local client",
+                        ))
+                    };
+                    if let Err(e) = r {
+                        sticky = Some(e);
+                    }
+                }
             }
             Request::PutLink { path, target } => {
                 if sticky.is_none() {
@@ -202,4 +240,50 @@ pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) ->
     }
     let _ = backend.rollback();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::posix::PosixBackend;
+    use crate::protocol::{read_json, write_json, Response};
+
+    /// An agent serving a remote client must not read local paths for it.
+    #[test]
+    fn put_file_local_is_refused_for_remote_clients() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("repos")).unwrap();
+        std::fs::write(d.path().join("secret"), b"s").unwrap();
+        let mut input = Vec::new();
+        for q in [
+            Request::Begin {
+                tx_id: "tx-1".into(),
+                base: None,
+                user: "u".into(),
+            },
+            Request::PutFileLocal {
+                path: "input/s".into(),
+                size: 1,
+                hash: xxhash_rust::xxh3::xxh3_64(b"s"),
+                mtime_ns: 0,
+                src: d.path().join("secret").display().to_string(),
+            },
+            Request::Flush,
+        ] {
+            write_json(&mut input, &q).unwrap();
+        }
+        let mut out = Vec::new();
+        let mut b = PosixBackend::new(&d.path().join("repos/r")).unwrap();
+        serve(&mut b, &input[..], &mut out).unwrap();
+        let mut r = &out[..];
+        assert!(matches!(
+            read_json::<_, Response>(&mut r).unwrap(),
+            Response::Ok
+        ));
+        match read_json::<_, Response>(&mut r).unwrap() {
+            Response::Err(e) => assert_eq!(e.kind, ErrorKind::Protocol),
+            other => panic!("{other:?}"),
+        }
+        assert!(!d.path().join("repos/r").exists());
+    }
 }

@@ -96,6 +96,21 @@ pub trait Backend: Send {
 
     fn stage_link(&mut self, path: &str, target: &str) -> Result<(), AgentError>;
 
+    /// Stages a file from a path on this machine (a local client). The
+    /// default streams it through `stage_file`; backends may copy faster.
+    fn stage_file_from(
+        &mut self,
+        path: &str,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+        src: &std::path::Path,
+    ) -> Result<(), AgentError> {
+        let mut f =
+            dsg_core::hash::open_nofollow(src).map_err(|e| AgentError::io(src.display(), e))?;
+        self.stage_file(path, size, hash, mtime_ns, &mut f)
+    }
+
     /// Publishes the staged transaction atomically: after this returns Ok the
     /// new snapshot is the repository's head, and a crash at any point before
     /// leaves the old head.

@@ -77,6 +77,8 @@ pub struct RepoClient {
     pub repo_exists: bool,
     /// Client-side mismatches among pipelined uploads (file changed while read).
     send_error: Option<RepoError>,
+    /// The agent runs in this process: it can copy our files itself.
+    local: bool,
     buf: Vec<u8>,
 }
 
@@ -122,7 +124,7 @@ impl RepoClient {
         let repo = backend.root().display().to_string();
         let agent = std::thread::Builder::new()
             .name("dsg-agent".into())
-            .spawn(move || crate::agent::serve(backend.as_mut(), req_r, resp_w))
+            .spawn(move || crate::agent::serve_with(backend.as_mut(), req_r, resp_w, true))
             .map_err(conn)?;
         let mut c = RepoClient {
             r: BufReader::with_capacity(1 << 20, Box::new(resp_r)),
@@ -133,6 +135,7 @@ impl RepoClient {
             child: None,
             repo_exists: false,
             send_error: None,
+            local: true,
             buf: Vec::new(),
         };
         c.hello()?;
@@ -261,6 +264,18 @@ impl RepoClient {
         hash: u64,
         mtime_ns: i64,
     ) -> Result<(), RepoError> {
+        if self.local {
+            // Same machine: let the agent copy (and verify) the file, no
+            // bytes through the pipe.
+            let src = std::path::absolute(local).unwrap_or_else(|_| local.to_path_buf());
+            return self.send(&Request::PutFileLocal {
+                path: path.into(),
+                size,
+                hash,
+                mtime_ns,
+                src: src.to_string_lossy().into_owned(),
+            });
+        }
         self.send(&Request::PutFile {
             path: path.into(),
             size,
@@ -469,6 +484,7 @@ impl RepoClient {
             child: Some(child),
             repo_exists: false,
             send_error: None,
+            local: false,
             buf: Vec::new(),
         };
         match c.hello() {

@@ -48,6 +48,16 @@ pub enum Request {
         path: String,
         target: String,
     },
+    /// Same machine only (the in-process agent): the agent copies `src`
+    /// itself (copy_file_range, a reflink where the filesystem can) and
+    /// verifies the copy. An agent reached over SSH refuses it.
+    PutFileLocal {
+        path: String,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+        src: String,
+    },
     /// Reports the first error of the puts since the last barrier.
     Flush,
     /// Publishes the transaction: the new manifest and sync-messages follow

@@ -12,9 +12,10 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -32,11 +33,7 @@ pub fn p(dir: &str, name: &str) -> String {
 pub fn zfs_config() -> Option<(String, PathBuf)> {
     match std::env::var("DSG_TEST_ZFS_POOL") {
         Ok(pool) if !pool.is_empty() => {
-            let root = std::env::var("DSG_TEST_ZFS_ROOT")
-                .ok()
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/var/tmp/dsg-test/zfs/repos"));
+            let root = zfs_root();
             fs::create_dir_all(&root).unwrap_or_else(|e| panic!("{}: {e}", root.display()));
             Some((pool, root))
         }
@@ -56,6 +53,96 @@ pub fn zfs_config() -> Option<(String, PathBuf)> {
     }
 }
 
+/// `DSG_TEST_ZFS_ROOT`, or its default.
+pub fn zfs_root() -> PathBuf {
+    std::env::var("DSG_TEST_ZFS_ROOT")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/dsg-test/zfs/repos"))
+}
+
+/// How long one `dsg` command may take before the test gives up on it.
+pub const DSG_LIMIT: Duration = Duration::from_secs(180);
+/// How long one `zfs` command may take.
+pub const ZFS_LIMIT: Duration = Duration::from_secs(60);
+
+/// Waits for `child` (stdout/stderr piped) at most `limit`; kills it
+/// then (a wedged zfs-fuse hangs every access to its mounts). The output
+/// and whether it timed out.
+pub fn wait_within(mut child: Child, limit: Duration) -> (Output, bool) {
+    fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let t0 = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut stderr = err.join().unwrap_or_default();
+    if timed_out {
+        stderr.extend_from_slice(format!("\n(killed by the test after {limit:?})\n").as_bytes());
+    }
+    let o = Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr,
+    };
+    (o, timed_out)
+}
+
+/// Runs `c` (output piped, no stdin) at most `limit`.
+pub fn output_within(mut c: Command, limit: Duration) -> (Output, bool) {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    wait_within(c.spawn().expect("spawn"), limit)
+}
+
+/// Panics (with a hint) if a command had to be killed.
+#[track_caller]
+pub fn no_hang(what: &str, (o, timed_out): (Output, bool)) -> Output {
+    assert!(
+        !timed_out,
+        "{what} did not finish within its limit: is zfs-fuse wedged? \
+         (`stat -f` on its mounts hangs; scripts/setup-services checks it)\n{}",
+        show(&o)
+    );
+    o
+}
+
+/// Serialises the worlds of all zfs tests (threads, test binaries and
+/// concurrent runs): zfs-fuse has deadlocked under concurrent unmounts of
+/// several datasets. Held while a `ZEnv` lives.
+fn serial_lock() -> fs::File {
+    let p = zfs_root().join(".zfs-tests.lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    f.lock()
+        .unwrap_or_else(|e| panic!("lock {}: {e}", p.display()));
+    f
+}
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A name unique in the pool: `<prefix>-p<PID>-<n>-<t>`.
@@ -71,13 +158,12 @@ pub fn zname(prefix: &str) -> String {
     )
 }
 
-/// Runs the real `zfs` (from this process's PATH).
+/// Runs the real `zfs` (from this process's PATH), killed after
+/// `ZFS_LIMIT` (then it failed).
 pub fn zfs(args: &[&str]) -> Output {
-    Command::new("zfs")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run zfs: {e}"))
+    let mut c = Command::new("zfs");
+    c.args(args);
+    output_within(c, ZFS_LIMIT).0
 }
 
 /// `zfs ARGS` that must succeed; its stdout.
@@ -144,6 +230,7 @@ pub fn strict() -> bool {
 pub struct ZEnv {
     pub env: Env,
     pub pool: String,
+    _serial: fs::File,
 }
 
 impl std::ops::Deref for ZEnv {
@@ -191,12 +278,17 @@ impl ZEnv {
 
     /// A world whose repository parent is a new directory under `root`.
     pub fn new_in(prefix: &str, pool: &str, root: &Path) -> ZEnv {
+        let serial = serial_lock();
         let pool = pool.to_string();
         let parent = root.join(zname(prefix));
         fs::create_dir_all(&parent).unwrap();
         let mut env = Env::on(&parent);
         env.repo_name = zname(prefix);
-        ZEnv { env, pool }
+        ZEnv {
+            env,
+            pool,
+            _serial: serial,
+        }
     }
 
     /// `POOL/NAME`.
@@ -262,7 +354,11 @@ impl ZEnv {
     /// product would have mounted the dataset once its mountpoint was
     /// final); says whether it remounted.
     pub fn run_raw(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> (Output, bool) {
-        let o = self.env.run_env(name, args, envs);
+        let mut c = self.env.command(name, args);
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        let o = no_hang(&format!("dsg {args:?}"), output_within(c, DSG_LIMIT));
         let remounted = self.remount_workaround(&format!("after dsg {args:?}"));
         (o, remounted)
     }
