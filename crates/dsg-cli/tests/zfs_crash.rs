@@ -229,8 +229,7 @@ const ZFS_SYNC_STEPS: &[&str] = &[
 fn repo_point(fp: &str, all: &[String]) -> bool {
     let last_apply = all
         .iter()
-        .filter(|f| f.starts_with("repo.apply.") && *f != "repo.apply.meta")
-        .last();
+        .rfind(|f| f.starts_with("repo.apply.") && *f != "repo.apply.meta");
     fp.starts_with("zfs.")
         || matches!(
             fp,

@@ -597,24 +597,16 @@ impl Backend for PosixBackend {
     }
 
     fn open_meta(&self, name: &str) -> Result<Option<File>, AgentError> {
-        let ok = matches!(name, "last-sync.json" | "sync-messages.json")
-            || (name.starts_with("archive/")
-                && !name[8..].contains('/')
-                && !name[8..].starts_with('.'));
-        if !ok {
-            return Err(AgentError::new(
-                ErrorKind::Unsafe,
-                format!("refusing to read .dsg/{name}"),
-            ));
+        let first = self.open_meta_once(name)?;
+        if first.is_none() && self.zfs.is_some() && self.lock.is_none() {
+            // A ZFS commit swaps datasets: for a moment the repository is
+            // not mounted. Wait for the writer (shared lock), then look again.
+            if let Some(z) = &self.zfs {
+                let _guard = self.take_flock(&z.lock_path(), LockMode::Shared, true)?;
+                return self.open_meta_once(name);
+            }
         }
-        match File::open(self.dsg().join(name)) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(AgentError::io(
-                format!("cannot read {}", self.dsg().join(name).display()),
-                e,
-            )),
-        }
+        Ok(first)
     }
 
     fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), AgentError> {
@@ -910,6 +902,22 @@ impl Backend for PosixBackend {
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         let result = self.commit_tx(&tx, c);
         if let Err(e) = result {
+            if let Some(z) = &self.zfs {
+                // Past the zfs commit point the journal says so: finish
+                // (roll forward) or report that recovery will; never undo.
+                if z.is_committed(&tx.id) {
+                    let r = z.recover();
+                    self.unlock();
+                    return match r {
+                        Ok(()) => Ok(()),
+                        Err(e2) => Err(AgentError::new(
+                            ErrorKind::Incomplete,
+                            format!("the snapshot was committed but finishing it failed: {e2} (first error: {e})"),
+                        )
+                        .hint("run any dsg command to complete it once the problem is fixed")),
+                    };
+                }
+            }
             self.tx = Some(tx);
             // Before the commit point this rolls back; after it, it rolls
             // forward, and then the commit did happen.
@@ -989,7 +997,10 @@ impl Backend for PosixBackend {
     }
 
     fn read_lock(&mut self) -> Result<(), AgentError> {
-        if self.lock.is_some() || self.read_lock.is_some() || !self.dsg().is_dir() {
+        if self.lock.is_some()
+            || self.read_lock.is_some()
+            || (self.zfs.is_none() && !self.dsg().is_dir())
+        {
             return Ok(());
         }
         self.read_lock = self.take_flock(&self.repo_lock_path(), LockMode::Shared, true)?;
@@ -1090,6 +1101,27 @@ impl Backend for PosixBackend {
 }
 
 impl PosixBackend {
+    fn open_meta_once(&self, name: &str) -> Result<Option<File>, AgentError> {
+        let ok = matches!(name, "last-sync.json" | "sync-messages.json")
+            || (name.starts_with("archive/")
+                && !name[8..].contains('/')
+                && !name[8..].starts_with('.'));
+        if !ok {
+            return Err(AgentError::new(
+                ErrorKind::Unsafe,
+                format!("refusing to read .dsg/{name}"),
+            ));
+        }
+        match File::open(self.dsg().join(name)) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AgentError::io(
+                format!("cannot read {}", self.dsg().join(name).display()),
+                e,
+            )),
+        }
+    }
+
     fn commit_tx(&mut self, tx: &OpenTx, c: &CommitData) -> Result<(), AgentError> {
         if let Some(e) = &tx.error {
             return Err(AgentError::new(e.kind, e.message.clone()));

@@ -128,6 +128,9 @@ pub enum ErrorKind {
     Busy,
     /// The repository head is not the snapshot the client planned against.
     Moved,
+    /// The commit point passed but finishing failed: the next command's
+    /// recovery completes it. Not a rollback.
+    Incomplete,
     Corrupt,
     Verify,
     Protocol,

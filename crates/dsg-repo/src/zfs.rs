@@ -208,6 +208,34 @@ impl Zfs {
             .map(|_| ())
     }
 
+    /// zfs-fuse does not remount a renamed dataset, and cannot rename one
+    /// that is mounted inside the pool's own mount: unmount around renames
+    /// and mount explicitly afterwards.
+    fn unmount(&self, ds: &str) -> Result<(), AgentError> {
+        match self.run(&["umount", ds]) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.message.contains("not currently mounted")
+                    || e.message.contains("not mounted") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn ensure_mounted(&self, ds: &str) -> Result<(), AgentError> {
+        let mounted = self.run(&["get", "-H", "-o", "value", "mounted", ds])?;
+        if mounted.trim() != "yes" {
+            match self.run(&["mount", ds]) {
+                Ok(_) => {}
+                Err(e) if e.message.contains("already mounted") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn mountpoint_of(&self, ds: &str) -> Result<String, AgentError> {
         Ok(self
             .run(&["get", "-H", "-o", "value", "mountpoint", ds])?
@@ -233,12 +261,14 @@ impl Zfs {
         let ds = self.tx_dataset(tx);
         self.run(&["snapshot", &format!("{ds}@s1")])?;
         failpoint("zfs.init.snapshot");
+        self.unmount(&ds)?;
         self.run(&["rename", &ds, &self.dataset()])?;
         failpoint("zfs.init.rename");
         self.set_mountpoint(
             &self.dataset(),
             &self.mountpoint.join(&self.name).to_string_lossy(),
         )?;
+        self.ensure_mounted(&self.dataset())?;
         let _ = std::fs::remove_dir(self.tx_mountpoint(tx));
         Ok(())
     }
@@ -265,6 +295,7 @@ impl Zfs {
             if self.mountpoint_of(&self.dataset())? != want {
                 self.set_mountpoint(&self.dataset(), &want)?;
             }
+            self.ensure_mounted(&self.dataset())?;
         }
         Ok(())
     }
@@ -317,6 +348,17 @@ impl Zfs {
         Ok(mp)
     }
 
+    /// Whether the journal records transaction `tx` as committed.
+    pub fn is_committed(&self, tx: &str) -> bool {
+        Journal::read::<ZRecord>(&self.journal_path())
+            .ok()
+            .flatten()
+            .is_some_and(|rs| {
+                rs.iter()
+                    .any(|r| matches!(r, ZRecord::Committed { tx: t, .. } if t == tx))
+            })
+    }
+
     /// Snapshots the clone and passes the commit point.
     pub fn commit(&self, tx: &str, snap: &str) -> Result<(), AgentError> {
         let clone = self.tx_dataset(tx);
@@ -356,6 +398,7 @@ impl Zfs {
         failpoint("zfs.promote");
         if self.exists(&clone)? && self.exists(&live)? {
             // The live dataset is now a clone of ours: move it aside.
+            self.unmount(&live)?;
             self.run(&["rename", &live, &old])?;
             failpoint("zfs.rename_old");
         }
@@ -364,6 +407,7 @@ impl Zfs {
             failpoint("zfs.unmount_old");
         }
         if self.exists(&clone)? && !self.exists(&live)? {
+            self.unmount(&clone)?;
             self.run(&["rename", &clone, &live])?;
             failpoint("zfs.rename_new");
         }
@@ -371,6 +415,7 @@ impl Zfs {
             self.set_mountpoint(&live, &final_mp)?;
             failpoint("zfs.mount_new");
         }
+        self.ensure_mounted(&live)?;
         if self.exists(&old)? {
             self.run(&["destroy", "-r", &old])?;
             failpoint("zfs.destroy_old");

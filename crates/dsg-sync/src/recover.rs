@@ -44,9 +44,22 @@ pub fn recover_init(root: &Path, connect: impl FnOnce() -> Option<RepoClient>) -
             );
             return Ok(());
         };
+        // The repository finishes its own interrupted steps first; if it
+        // cannot be read now, the outcome is unknown: keep the staged .dsg.
+        let _ = c.recover();
         let remote = match fetch_remote(c, None) {
             Ok(r) => r.map(|x| x.0),
-            Err(_) => None,
+            Err(e) => {
+                let missing = matches!(&e, crate::EngineError::State { message, .. } if message.contains("does not exist"));
+                if !missing {
+                    tracing::warn!(
+                        "cannot tell whether an interrupted init committed ({e}); keeping {}",
+                        staged.display()
+                    );
+                    return Ok(());
+                }
+                None
+            }
         };
         let staged_hash = staged_manifest
             .as_ref()

@@ -458,6 +458,11 @@ fn sync_once(
     if needs_snapshot {
         let id = new_id.clone().expect("snapshot id");
         if let Err(e) = client.commit(&id, &new_manifest_bytes, &messages_bytes) {
+            if e.kind() == Some(ErrorKind::Incomplete) {
+                // Committed on the repository side; recovery finishes both
+                // sides (our journal says prepared, the head will match).
+                return Err(e.into());
+            }
             // Did the repository commit anyway (the reply was lost)? Ask,
             // on a new connection if this one is gone.
             let committed = match RepoClient::connect(&project.config) {
