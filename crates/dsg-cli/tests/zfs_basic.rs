@@ -231,7 +231,6 @@ fn snapshot_views_are_read_only_and_leave_nothing() {
 }
 
 #[test]
-#[ignore = "BUG: after a zfs commit the repository dataset is often left unmounted (zfs-fuse: `zfs rename` of a mounted dataset does not remount it; finish() never mounts): the next command fails with 'the repository manifest … does not exist'"]
 fn repository_stays_mounted_after_every_sync() {
     let Some(z) = ZEnv::new("zmount") else { return };
     project(&z, "A");
@@ -255,7 +254,6 @@ fn repository_stays_mounted_after_every_sync() {
 }
 
 #[test]
-#[ignore = "BUG: with --repo-path on the pool's own (zfs-fuse) mount, init or sync fails: `zfs rename` of a mounted dataset stays 'busy' through every retry (zfs unmount, rename, zfs mount would work)"]
 fn init_with_repo_path_inside_the_pools_mount() {
     let Some((pool, _)) = zfs_config() else {
         return;

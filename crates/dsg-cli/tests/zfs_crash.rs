@@ -382,7 +382,6 @@ fn crash_at_every_step_of_a_zfs_init() {
 }
 
 #[test]
-#[ignore = "BUG: after a crash at zfs.init.rename the next command leaves the client without .dsg while the repository has s1 (recover_init treats a failed remote read as 'not committed'), and the empty `.dsg-tx.N.tx-*` mountpoint dir stays beside the repository (every later command then runs zfs recovery)"]
 fn crash_at_the_zfs_init_rename() {
     init_matrix(|f| f == "zfs.init.rename");
 }

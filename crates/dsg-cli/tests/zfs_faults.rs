@@ -153,25 +153,21 @@ fn failing_promote_is_consistent() {
 }
 
 #[test]
-#[ignore = "BUG: a zfs command failing after promote (past the commit point): the agent reports the commit failed unless the new head happens to be readable, the client rolls back, and the next command rolls the repository forward: repository NEW, client cache OLD (G1)"]
 fn failing_rename_of_the_old_dataset_is_consistent() {
     fault("zfrenold", "rename * *--old-*", false);
 }
 
 #[test]
-#[ignore = "BUG: a zfs command failing after promote (past the commit point): the agent reports the commit failed unless the new head happens to be readable, the client rolls back, and the next command rolls the repository forward: repository NEW, client cache OLD (G1)"]
 fn failing_rename_of_the_clone_is_consistent() {
     fault("zfrennew", "rename *--tx-* *", false);
 }
 
 #[test]
-#[ignore = "BUG: a zfs command failing after promote (past the commit point): the agent reports the commit failed unless the new head happens to be readable, the client rolls back, and the next command rolls the repository forward: repository NEW, client cache OLD (G1)"]
 fn failing_unmount_of_the_old_dataset_is_consistent() {
     fault("zfunm", "set mountpoint=none *", false);
 }
 
 #[test]
-#[ignore = "BUG: a zfs command failing after promote (past the commit point): the agent reports the commit failed unless the new head happens to be readable, the client rolls back, and the next command rolls the repository forward: repository NEW, client cache OLD (G1)"]
 fn failing_destroy_of_the_old_dataset_is_consistent() {
     fault("zfdestroy", "destroy *--old-*", false);
 }

@@ -1016,7 +1016,10 @@ impl Backend for PosixBackend {
             return Ok(());
         }
         if let Some(z) = &self.zfs {
+            // A dataset that is not mounted where it belongs (a crash
+            // between a rename and its mount) also needs recovery.
             let pending = z.journal_path().exists()
+                || !self.dsg().is_dir()
                 || self
                     .mountpoint
                     .read_dir()
