@@ -685,6 +685,7 @@ pub fn to_manifest(
     mut entries: Vec<LocalEntry>,
     cache: Option<&Manifest>,
     user: &str,
+    keep_stats: bool,
 ) -> (Manifest, Vec<Stat>) {
     let me: Arc<str> = user.into();
     let n = entries.len();
@@ -697,13 +698,15 @@ pub fn to_manifest(
     let mut ci = cached.len();
     let step = (n / 8).max(4096);
     while let Some(e) = entries.pop() {
-        if entries.len() % step == 0 && entries.capacity() > entries.len() + step {
+        if entries.len().is_multiple_of(step) && entries.capacity() > entries.len() + step {
             entries.shrink_to_fit();
         }
         // Grow the output in the same steps (exactly, not by doubling).
         if out.len() == out.capacity() {
             out.reserve_exact(step.min(n - out.len()).max(1));
-            stats.reserve_exact(step.min(n - stats.len()).max(1));
+            if keep_stats {
+                stats.reserve_exact(step.min(n - stats.len()).max(1));
+            }
         }
         // Both sides are sorted: walk the cache alongside instead of searching.
         while ci > 0 && cached[ci - 1].path.as_bytes() > e.path.as_bytes() {
@@ -750,7 +753,9 @@ pub fn to_manifest(
             }
         };
         out.push(entry);
-        stats.push(e.stat);
+        if keep_stats {
+            stats.push(e.stat);
+        }
     }
     out.reverse();
     stats.reverse();

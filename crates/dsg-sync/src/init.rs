@@ -292,7 +292,7 @@ fn init_tx(
     reporter: &dyn Reporter,
 ) -> Result<Option<String>> {
     let user = &project.user.user_id;
-    let mut manifest: Manifest = to_manifest(scan.entries.clone(), None, user).0;
+    let mut manifest: Manifest = to_manifest(scan.entries.clone(), None, user, false).0;
     manifest.seal(
         "s1",
         user,

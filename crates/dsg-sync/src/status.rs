@@ -55,7 +55,7 @@ impl Comparison {
             .entries()
             .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
             .ok()
-            .map(|i| self.local_stats[i])
+            .and_then(|i| self.local_stats.get(i).copied())
     }
 
     /// Saves the stat cache when the scan found it out of date.
@@ -157,7 +157,11 @@ pub fn compare(
         None => Manifest::new(),
     };
     let entries = std::mem::take(&mut scan.entries);
-    let (local, local_stats) = to_manifest(entries, Some(&cache), &project.user.user_id);
+    // Stats are needed to rewrite the stat cache and to sync; a plain status
+    // of an unchanged tree needs neither (32 bytes a file saved).
+    let keep_stats = opts.keep_remote_bytes || scan.cache_dirty;
+    let (local, local_stats) =
+        to_manifest(entries, Some(&cache), &project.user.user_id, keep_stats);
     tracing::debug!("local manifest built at {:?}", t0.elapsed());
     let cmp = Comparison {
         scan,
