@@ -239,7 +239,7 @@ fn repository_stays_mounted_after_every_sync() {
     let mut unmounted = Vec::new();
     for i in 0..6 {
         z.write("A", &p(IN, &format!("m{i}.txt")), format!("{i}"));
-        // Through Env (no workaround): the product alone.
+        // Through Env: the product alone, checked after each sync.
         let o = z.env.run("A", &["sync"]);
         assert_eq!(o.status.code(), Some(0), "sync {i}: {}", show(&o));
         if z.prop(&ds, "mounted") != "yes" {

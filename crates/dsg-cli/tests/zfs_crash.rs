@@ -15,7 +15,6 @@ mod sync_support;
 mod zfs_support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::process::Output;
 use std::time::Instant;
 
 use sync_support::*;
@@ -82,24 +81,12 @@ fn reference(setup: fn(&ZEnv)) -> Option<(Vec<String>, ZWorld)> {
     Some((failpoints_of(&o), new))
 }
 
-/// `dsg status` as the recovering command. When it failed only because
-/// the recovered dataset was left unmounted (the mount BUG, zfs_basic.rs),
-/// the workaround has remounted it and status runs again.
-fn recovering_status(z: &ZEnv, ctx: &str) -> (Output, bool) {
-    let (st, remounted) = z.run_raw("A", &["status"], &[]);
-    if st.status.code() != Some(0) && remounted {
-        eprintln!("{ctx}: status failed until the dataset was remounted");
-        return (z.run("A", &["status"]), true);
-    }
-    (st, remounted)
-}
-
 /// Crashes the sync at `fp` and checks the world after recovery.
-fn crash_and_recover(z: &ZEnv, fp: &str, old: &ZWorld, new: &ZWorld) -> (Outcome, bool) {
+fn crash_and_recover(z: &ZEnv, fp: &str, old: &ZWorld, new: &ZWorld) -> Outcome {
     let ctx = format!("sync crashed at {fp}");
     let o = z.run_env("A", SYNC, &[("DSG_FAILPOINT", fp)]);
     assert!(killed(&o.status), "{ctx}: expected SIGKILL: {}", show(&o));
-    let (st, remounted) = recovering_status(z, &ctx);
+    let st = z.run("A", &["status"]);
     // Never missing, never a fresh empty one.
     assert!(
         z.datasets().contains(&z.dataset()),
@@ -122,7 +109,7 @@ fn crash_and_recover(z: &ZEnv, fp: &str, old: &ZWorld, new: &ZWorld) -> (Outcome
         let m = now.world.local.manifest_json().unwrap();
         assert_tree_matches_manifest(&z.client("A"), &m, &format!("{ctx}: client"));
     }
-    (outcome, remounted)
+    outcome
 }
 
 /// Syncing again reaches NEW, cleanly.
@@ -182,12 +169,12 @@ fn sync_matrix(name: &str, setup: fn(&ZEnv), select: fn(&str, &[String]) -> bool
                 cur = Some((z, old));
             }
             let (z, old) = cur.as_ref().unwrap();
-            let (outcome, remounted) = crash_and_recover(z, fp, old, &new);
+            let outcome = crash_and_recover(z, fp, old, &new);
             if outcome == Outcome::New {
                 finish_to_new(z, &new, &format!("after a crash at {fp}"));
                 cur = None;
             }
-            format!("{outcome:?}{}", if remounted { "(remounted)" } else { "" })
+            format!("{outcome:?}")
         }));
         match r {
             Ok(s) => done.push(format!("{fp}={s}")),
@@ -288,13 +275,13 @@ fn assert_initialized(z: &ZEnv, data: &Tree, ctx: &str) {
 }
 
 /// Crashes init at `fp`; checks OLD (nothing) or NEW after `dsg status`.
-fn crash_init(z: &ZEnv, fp: &str, committed: bool, data: &Tree) -> bool {
+fn crash_init(z: &ZEnv, fp: &str, committed: bool, data: &Tree) {
     let ctx = format!("init crashed at {fp}");
     let args = init_args(z);
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let o = z.run_env("A", &a, &[("DSG_FAILPOINT", fp)]);
     assert!(killed(&o.status), "{ctx}: expected SIGKILL: {}", show(&o));
-    let (st, remounted) = recovering_status(z, &ctx);
+    let st = z.run("A", &["status"]);
     assert!(st.status.code().is_some(), "{ctx}: status crashed");
     if committed {
         assert_eq!(st.status.code(), Some(0), "{ctx}: status: {}", show(&st));
@@ -313,7 +300,6 @@ fn crash_init(z: &ZEnv, fp: &str, committed: bool, data: &Tree) -> bool {
             &tracked(&data_tree(&z.client("A"))),
         );
     }
-    remounted
 }
 
 fn init_matrix(select: fn(&str) -> bool) {
@@ -343,15 +329,11 @@ fn init_matrix(select: fn(&str) -> bool) {
                 cur = Some((z, data));
             }
             let (z, data) = cur.as_ref().unwrap();
-            let remounted = crash_init(z, fp, committed, data);
+            crash_init(z, fp, committed, data);
             if committed {
                 cur = None;
             }
-            format!(
-                "{}{}",
-                if committed { "New" } else { "Old" },
-                if remounted { "(remounted)" } else { "" }
-            )
+            if committed { "New" } else { "Old" }.to_string()
         }));
         match r {
             Ok(s) => done.push(format!("{fp}={s}")),

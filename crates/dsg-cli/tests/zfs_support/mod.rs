@@ -16,7 +16,7 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::sync_support::*;
@@ -214,17 +214,6 @@ pub fn chain(n: u64) -> Vec<String> {
     (1..=n).map(|i| format!("s{i}")).collect()
 }
 
-/// Remounts performed by the workaround (all `ZEnv`s of this process).
-pub static REMOUNTS: AtomicU32 = AtomicU32::new(0);
-
-/// Commands run again after a "dataset is busy" failure.
-pub static BUSY_RERUNS: AtomicU32 = AtomicU32::new(0);
-
-/// `DSG_TEST_ZFS_STRICT=1`: no workaround for the unmounted-dataset bug.
-pub fn strict() -> bool {
-    matches!(std::env::var("DSG_TEST_ZFS_STRICT").as_deref(), Ok("1"))
-}
-
 /// One test world on ZFS: `Env` (clients, user config) whose repository
 /// is the dataset `POOL/<repo_name>` mounted at `<repo_parent>/<repo_name>`.
 pub struct ZEnv {
@@ -323,44 +312,25 @@ impl ZEnv {
         self.ok(name, &a)
     }
 
-    /// Runs `dsg` (then the mount workaround).
+    /// Runs `dsg` (see `run_env`).
     pub fn run(&self, name: &str, args: &[&str]) -> Output {
         self.run_env(name, args, &[])
     }
 
-    /// Runs `dsg` with extra environment, then the mount workaround; a
-    /// command that failed only because zfs-fuse kept
-    /// saying "dataset is busy" through all of dsg's retries (the BUG in
-    /// `init_with_repo_path_inside_the_pools_mount`) is reported and run
-    /// once more (not under `DSG_TEST_ZFS_STRICT=1`).
+    /// Runs `dsg` with extra environment (killed after `DSG_LIMIT`). After a
+    /// successful command the repository dataset, when it has its final
+    /// mountpoint, must be mounted there (a failed or killed one may leave a
+    /// transaction for the next command to finish).
     pub fn run_env(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
-        let o = self.run_raw(name, args, envs).0;
-        if o.status.code() != Some(0)
-            && !killed(&o.status)
-            && stderr(&o).contains("dataset is busy")
-            && !strict()
-        {
-            let n = BUSY_RERUNS.fetch_add(1, Ordering::SeqCst) + 1;
-            eprintln!(
-                "WORKAROUND busy #{n}: dsg {args:?} failed with 'dataset is busy'; running it again:\n{}",
-                stderr(&o).trim()
-            );
-            return self.run_raw(name, args, envs).0;
-        }
-        o
-    }
-
-    /// Runs `dsg`, then the mount workaround (also after a kill: a fixed
-    /// product would have mounted the dataset once its mountpoint was
-    /// final); says whether it remounted.
-    pub fn run_raw(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> (Output, bool) {
         let mut c = self.env.command(name, args);
         for (k, v) in envs {
             c.env(k, v);
         }
         let o = no_hang(&format!("dsg {args:?}"), output_within(c, DSG_LIMIT));
-        let remounted = self.remount_workaround(&format!("after dsg {args:?}"));
-        (o, remounted)
+        if o.status.success() {
+            self.assert_mounted_if_final(&format!("after dsg {args:?}"));
+        }
+        o
     }
 
     #[track_caller]
@@ -391,31 +361,20 @@ impl ZEnv {
         assert!(rows.is_empty(), "status in {name} not clean: {rows:?}");
     }
 
-    /// WORKAROUND for the product bug "the repository dataset is left
-    /// unmounted after a commit" (zfs_basic.rs,
-    /// `repository_stays_mounted_after_every_sync`): when `POOL/NAME`
-    /// exists but is not mounted, mount it and count it, so the other
-    /// tests can check everything else. `DSG_TEST_ZFS_STRICT=1` turns
-    /// this into a failure. Returns whether it remounted.
-    pub fn remount_workaround(&self, ctx: &str) -> bool {
+    /// When `POOL/NAME` exists with its final mountpoint `P/NAME`, it is
+    /// mounted there (zfs-fuse does not remount a renamed dataset by itself).
+    #[track_caller]
+    pub fn assert_mounted_if_final(&self, ctx: &str) {
         let ds = self.dataset();
-        let o = zfs(&["get", "-H", "-o", "value", "mounted", &ds]);
-        if !o.status.success() || stdout(&o).trim() != "no" {
-            return false;
+        let o = zfs(&["get", "-H", "-o", "value", "mountpoint,mounted", &ds]);
+        if !o.status.success() {
+            return;
         }
-        let mp = zfs_ok(&["get", "-H", "-o", "value", "mountpoint", &ds]);
-        if mp.trim() != self.repo().to_str().unwrap() {
-            // Mid-transaction state (a crash test): not ours to touch.
-            return false;
+        let out = stdout(&o);
+        let v: Vec<&str> = out.lines().map(str::trim).collect();
+        if v.first() == Some(&self.repo().to_str().unwrap()) {
+            assert_eq!(v.get(1), Some(&"yes"), "{ctx}: {ds} is not mounted");
         }
-        if strict() {
-            panic!("{ctx}: {ds} exists but is not mounted (BUG; DSG_TEST_ZFS_STRICT=1)");
-        }
-        let n = REMOUNTS.fetch_add(1, Ordering::SeqCst) + 1;
-        eprintln!("WORKAROUND #{n}: {ctx}: {ds} was left unmounted; zfs mount {ds}");
-        let o = zfs_retry(&["mount", &ds]);
-        assert!(o.status.success(), "zfs mount {ds}: {}", show(&o));
-        true
     }
 
     /// Every dataset of this world: `POOL/NAME` and `POOL/NAME--*`.
