@@ -773,19 +773,7 @@ impl Backend for PosixBackend {
         mtime_ns: i64,
         data: &mut dyn Read,
     ) -> Result<(), AgentError> {
-        let tx = self
-            .tx
-            .as_mut()
-            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
-        checked(path)?;
-        let parent = staged_parent(tx, path)?;
-        let dst = parent.join(path.rsplit('/').next().unwrap());
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&dst)
-            .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+        let (dst, mut f) = self.open_staged(path)?;
         let mut h = Xxh3::new();
         let buf = &mut self.buf;
         let mut n = 0u64;
@@ -801,25 +789,8 @@ impl Backend for PosixBackend {
                 .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
             n += k as u64;
         }
-        let got = h.digest();
-        if n != size || got != hash {
-            drop(f);
-            let _ = fs::remove_file(&dst);
-            return Err(AgentError::new(
-                ErrorKind::Verify,
-                format!(
-                    "{path}: received {n} bytes hashing to {:016x}, expected {size} bytes hashing to {hash:016x}",
-                    got
-                ),
-            )
-            .hint("the file changed while it was sent, or the transfer was damaged; run the command again"));
-        }
-        let t = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
-        let _ = f.set_modified(t);
-        tx.staged
-            .push((path.into(), StagedKind::File { size, hash }));
-        failpoint("repo.stage_file");
-        Ok(())
+        drop(f);
+        self.accept_staged(path, &dst, (n, h.digest()), (size, hash), mtime_ns)
     }
 
     fn stage_file_from(
@@ -830,21 +801,9 @@ impl Backend for PosixBackend {
         mtime_ns: i64,
         src: &Path,
     ) -> Result<(), AgentError> {
-        let tx = self
-            .tx
-            .as_mut()
-            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
-        checked(path)?;
-        let parent = staged_parent(tx, path)?;
-        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let (dst, mut to) = self.open_staged(path)?;
         let mut from = dsg_core::hash::open_nofollow(src)
             .map_err(|e| AgentError::io(format!("cannot read {}", src.display()), e))?;
-        let mut to = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&dst)
-            .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
         // std's copy uses copy_file_range between files: a reflink on XFS
         // and btrfs, an in-kernel copy elsewhere.
         std::io::copy(&mut from, &mut to)
@@ -853,24 +812,7 @@ impl Backend for PosixBackend {
         // Verify what landed, not what was meant to be sent.
         let (got, n) = dsg_core::hash::hash_file(&dst)
             .map_err(|e| AgentError::io(format!("verifying {path}"), e))?;
-        if n != size || got.0 != hash {
-            let _ = fs::remove_file(&dst);
-            return Err(AgentError::new(
-                ErrorKind::Verify,
-                format!(
-                    "{path}: received {n} bytes hashing to {got}, expected {size} bytes hashing to {hash:016x}"
-                ),
-            )
-            .hint("the file changed while it was being uploaded; nothing was committed, run the command again"));
-        }
-        let t = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
-        if let Ok(f) = File::options().write(true).open(&dst) {
-            let _ = f.set_modified(t);
-        }
-        tx.staged
-            .push((path.into(), StagedKind::File { size, hash }));
-        failpoint("repo.stage_file");
-        Ok(())
+        self.accept_staged(path, &dst, (n, got.0), (size, hash), mtime_ns)
     }
 
     fn stage_link(&mut self, path: &str, target: &str) -> Result<(), AgentError> {
@@ -1104,6 +1046,52 @@ impl Backend for PosixBackend {
 }
 
 impl PosixBackend {
+    /// Creates the staging file for `path` in the open transaction.
+    fn open_staged(&mut self, path: &str) -> Result<(PathBuf, File), AgentError> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        checked(path)?;
+        let parent = staged_parent(tx, path)?;
+        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&dst)
+            .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+        Ok((dst, f))
+    }
+
+    /// Accepts a staged file only if what arrived is what was promised.
+    fn accept_staged(
+        &mut self,
+        path: &str,
+        dst: &Path,
+        (n, got): (u64, u64),
+        (size, hash): (u64, u64),
+        mtime_ns: i64,
+    ) -> Result<(), AgentError> {
+        if n != size || got != hash {
+            let _ = fs::remove_file(dst);
+            return Err(AgentError::new(
+                ErrorKind::Verify,
+                format!("{path}: received {n} bytes hashing to {got:016x}, expected {size} bytes hashing to {hash:016x}"),
+            )
+            .hint("the file changed while it was sent, or the transfer was damaged; nothing was committed, run the command again"));
+        }
+        let t = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
+        if let Ok(f) = File::options().write(true).open(dst) {
+            let _ = f.set_modified(t);
+        }
+        let tx = self.tx.as_mut().expect("open transaction");
+        tx.staged
+            .push((path.into(), StagedKind::File { size, hash }));
+        failpoint("repo.stage_file");
+        Ok(())
+    }
+
     fn open_meta_once(&self, name: &str) -> Result<Option<File>, AgentError> {
         let ok = matches!(name, "last-sync.json" | "sync-messages.json")
             || (name.starts_with("archive/")
