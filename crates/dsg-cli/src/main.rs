@@ -204,6 +204,13 @@ fn open_connected() -> Result<(Project, dsg_repo::RepoClient), EngineError> {
     Ok((project, client))
 }
 
+fn print_renames(out: &Out, renames: &[dsg_sync::init::RenameOut], dry_run: bool) {
+    let verb = if dry_run { "would rename" } else { "renamed" };
+    for r in renames {
+        out.line(&format!("{verb} {} -> {}", r.from, r.to));
+    }
+}
+
 fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
     if out.json {
         out.json_doc(
@@ -211,18 +218,7 @@ fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
         );
         return;
     }
-    for r in &report.renames {
-        out.line(&format!(
-            "{} {} -> {}",
-            if report.dry_run {
-                "would rename"
-            } else {
-                "renamed"
-            },
-            r.from,
-            r.to
-        ));
-    }
+    print_renames(out, &report.renames, report.dry_run);
     if report.dry_run {
         out.line("Dry run: nothing was written. Plan:");
         for r in &report.files {
@@ -265,14 +261,12 @@ fn cmd_sync(
     normalize: bool,
     out: &Out,
 ) -> Result<(), EngineError> {
-    let project = Project::find(&cwd()?)?;
+    let project = open_project()?;
     if project.root != cwd()? {
         // Sync changes the whole tree; running it from a subdirectory would
         // surprise. Say where the project is.
         tracing::info!("project root is {}", project.root.display());
     }
-    let cfg = project.config.clone();
-    dsg_sync::recover::recover_init(&project.root, || dsg_repo::RepoClient::connect(&cfg).ok())?;
     let reporter = TermReporter::new(out);
     let report = dsg_sync::sync::sync(
         &project,
@@ -408,18 +402,7 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
         out.json_doc(&json!({"status": "ok", "command": "init", "result": report}));
         return Ok(());
     }
-    for r in &report.renames {
-        out.line(&format!(
-            "{} {} -> {}",
-            if report.dry_run {
-                "would rename"
-            } else {
-                "renamed"
-            },
-            r.from,
-            r.to
-        ));
-    }
+    print_renames(out, &report.renames, report.dry_run);
     if report.dry_run {
         out.line(&format!(
             "Dry run: would create {} with snapshot s1 of {} files and {} links ({} bytes); nothing was written",

@@ -9,7 +9,6 @@
 //! not validate, or names a path outside the project is an error that names
 //! the file. Treating a damaged manifest as empty is how tools delete data.
 
-use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1123,20 +1122,6 @@ impl SyncMessages {
         s.truncate(s.trim_end().len());
         s.into_bytes()
     }
-}
-
-/// Human-readable description of a manifest for error messages.
-pub fn describe(m: &Manifest) -> String {
-    let mut s = String::new();
-    match &m.metadata {
-        Some(md) => {
-            let _ = write!(s, "{} ({} entries)", md.snapshot_id, m.len());
-        }
-        None => {
-            let _ = write!(s, "no snapshot ({} entries)", m.len());
-        }
-    }
-    s
 }
 
 /// A binary copy of a manifest, tagged with the XXH3 of the JSON file it was

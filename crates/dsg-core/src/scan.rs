@@ -54,7 +54,7 @@ pub struct Stat {
 }
 
 impl Stat {
-    fn of(md: &std::fs::Metadata) -> Stat {
+    pub fn of(md: &std::fs::Metadata) -> Stat {
         Stat {
             size: md.len(),
             mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),

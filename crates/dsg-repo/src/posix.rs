@@ -82,16 +82,7 @@ struct OpenTx {
 
 impl PosixBackend {
     pub fn new(repo_dir: &Path) -> Result<PosixBackend, AgentError> {
-        let name = repo_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                AgentError::new(
-                    ErrorKind::NotFound,
-                    format!("{} is not a repository path", repo_dir.display()),
-                )
-            })?
-            .to_string();
+        let name = repo_name_of(repo_dir)?;
         let mountpoint = repo_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
         let secs = std::env::var("DSG_LOCK_TIMEOUT")
             .ok()
@@ -498,6 +489,20 @@ fn check_writable(root: &Path, ops: &[Op], keep_objects: bool) -> Result<(), Age
         }
     }
     Ok(())
+}
+
+/// The repository's name: the last component of `<mountpoint>/<name>`.
+pub(crate) fn repo_name_of(repo_dir: &Path) -> Result<String, AgentError> {
+    repo_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(String::from)
+        .ok_or_else(|| {
+            AgentError::new(
+                ErrorKind::NotFound,
+                format!("{} is not a repository path", repo_dir.display()),
+            )
+        })
 }
 
 fn hostname() -> String {

@@ -60,16 +60,7 @@ pub enum ZRecord {
 
 impl Zfs {
     pub fn new(pool: &str, repo_dir: &Path) -> Result<Zfs, AgentError> {
-        let name = repo_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                AgentError::new(
-                    ErrorKind::NotFound,
-                    format!("{} is not a repository path", repo_dir.display()),
-                )
-            })?
-            .to_string();
+        let name = crate::posix::repo_name_of(repo_dir)?;
         let secs = std::env::var("DSG_ZFS_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())

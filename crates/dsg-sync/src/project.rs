@@ -49,18 +49,10 @@ impl Project {
         self.dsg().join("sync-messages.json")
     }
 
-    /// The cache manifest C. `Ok(None)` only when the project has no `.dsg/`
-    /// at all (never synced here); a `.dsg/` without a readable, valid
-    /// manifest is an error — it is never taken as "empty".
-    pub fn load_cache(&self) -> Result<Option<(Manifest, u64)>> {
-        match self.cache_hash()? {
-            None => Ok(None),
-            Some(h) => Ok(Some((self.load_cache_tagged(h, true)?, h))),
-        }
-    }
-
-    /// The XXH3 of the cache manifest file (streamed, not held). `Ok(None)`
-    /// only when the project has no `.dsg/` at all.
+    /// The XXH3 of the cache manifest file C (streamed, not held).
+    /// `Ok(None)` only when the project has no `.dsg/` at all (never synced
+    /// here); a `.dsg/` without a readable manifest is an error — it is
+    /// never taken as "empty".
     pub fn cache_hash(&self) -> Result<Option<u64>> {
         if !self.dsg().is_dir() {
             return Ok(None);

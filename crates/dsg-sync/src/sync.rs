@@ -673,12 +673,8 @@ pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
                     continue;
                 }
                 if let Ok(md) = std::fs::symlink_metadata(&p) {
-                    use std::os::unix::fs::MetadataExt;
-                    let now = (
-                        md.len(),
-                        md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-                        md.ino(),
-                    );
+                    let st = Stat::of(&md);
+                    let now = (st.size, st.mtime_ns, st.ino);
                     if !md.is_dir() && *expect != Some(now) {
                         // Changed (or created) while we synced: never lose
                         // it. Keep it beside the path under a conflict-backup
@@ -782,7 +778,6 @@ fn update_stat_cache(
     downloads: &[&Entry],
     deleted: &[&str],
 ) {
-    use std::os::unix::fs::MetadataExt;
     let mut map: std::collections::BTreeMap<&str, (Stat, Hash)> = cmp
         .local
         .entries()
@@ -797,13 +792,7 @@ fn update_stat_cache(
         map.remove(&*e.path);
         if let EntryKind::File { hash: Some(h), .. } = &e.kind {
             if let Ok(md) = std::fs::symlink_metadata(project.root.join(&*e.path)) {
-                let st = Stat {
-                    size: md.len(),
-                    mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-                    ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-                    ino: md.ino(),
-                };
-                map.insert(&e.path, (st, *h));
+                map.insert(&e.path, (Stat::of(&md), *h));
             }
         }
     }
