@@ -6,8 +6,8 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::protocol::{
-    copy_as_data, read_data_to_vec, read_json, write_json, DataStream, ErrorKind, Request,
-    Response, PROTOCOL_VERSION,
+    copy_as_data, read_data_to_vec, read_json, write_data, write_json, DataStream, ErrorKind,
+    Request, Response, PROTOCOL_VERSION,
 };
 
 fn reply_err<W: Write>(w: &mut W, e: &AgentError) -> io::Result<()> {
@@ -33,14 +33,48 @@ pub fn serve_with(
     // The first error among pipelined puts; reported at the next barrier.
     let mut sticky: Option<AgentError> = None;
     let mut buf = Vec::new();
+    let result = serve_loop(
+        backend,
+        &mut r,
+        &mut w,
+        &mut sticky,
+        &mut buf,
+        local_sources,
+    );
+    match result {
+        // `Bye`: the client is done; anything still open is abandoned.
+        Ok(true) => {
+            let _ = backend.rollback();
+            Ok(())
+        }
+        // The connection ended without `Bye` (a cut link, a killed client):
+        // keep the staged uploads for a resume; recovery removes them if
+        // none comes.
+        Ok(false) => {
+            backend.detach();
+            Ok(())
+        }
+        Err(e) => {
+            backend.detach();
+            Err(e)
+        }
+    }
+}
+
+/// Returns `Ok(true)` after `Bye`, `Ok(false)` when the input ended.
+fn serve_loop<R: Read, W: Write>(
+    backend: &mut dyn Backend,
+    mut r: &mut R,
+    mut w: &mut W,
+    sticky: &mut Option<AgentError>,
+    buf: &mut Vec<u8>,
+    local_sources: bool,
+) -> io::Result<bool> {
     loop {
         let req: Request = match read_json(&mut r) {
             Ok(q) => q,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(e) => {
-                let _ = backend.rollback();
-                return Err(e);
-            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(e),
         };
         match req {
             Request::Hello { protocol, .. } => {
@@ -92,16 +126,37 @@ pub fn serve_with(
                         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
                         std::io::Seek::rewind(&mut f)?;
                         write_json(&mut w, &Response::Data { size })?;
-                        copy_as_data(&mut f, &mut w, &mut buf)?;
+                        copy_as_data(&mut f, &mut w, buf)?;
                     }
                 }
                 Err(e) => reply_err(&mut w, &e)?,
             },
-            Request::Begin { tx_id, base, user } => {
-                sticky = None;
-                match backend.begin(&tx_id, base.as_deref(), &user) {
-                    Ok(()) => write_json(&mut w, &Response::Ok)?,
-                    Err(e) => reply_err(&mut w, &e)?,
+            Request::Begin {
+                tx_id,
+                base,
+                user,
+                resume,
+            } => {
+                *sticky = None;
+                if resume {
+                    match backend.resume(&tx_id, base.as_deref(), &user) {
+                        Ok(staged) => {
+                            write_json(
+                                &mut w,
+                                &Response::Resumed {
+                                    files: staged.len() as u64,
+                                },
+                            )?;
+                            let list = serde_json::to_vec(&staged).map_err(io::Error::other)?;
+                            write_data(&mut w, &list)?;
+                        }
+                        Err(e) => reply_err(&mut w, &e)?,
+                    }
+                } else {
+                    match backend.begin(&tx_id, base.as_deref(), &user) {
+                        Ok(()) => write_json(&mut w, &Response::Ok)?,
+                        Err(e) => reply_err(&mut w, &e)?,
+                    }
                 }
             }
             Request::PutFile {
@@ -109,11 +164,13 @@ pub fn serve_with(
                 size,
                 hash,
                 mtime_ns,
+                offset,
             } => {
                 let mut dr = DataStream::new(&mut r);
                 if sticky.is_none() {
-                    if let Err(e) = backend.stage_file(&path, size, hash, mtime_ns, &mut dr) {
-                        sticky = Some(e);
+                    if let Err(e) = backend.stage_file(&path, size, hash, mtime_ns, offset, &mut dr)
+                    {
+                        *sticky = Some(e);
                     }
                 }
                 dr.drain()?;
@@ -141,14 +198,14 @@ pub fn serve_with(
                         ))
                     };
                     if let Err(e) = r {
-                        sticky = Some(e);
+                        *sticky = Some(e);
                     }
                 }
             }
             Request::PutLink { path, target } => {
                 if sticky.is_none() {
                     if let Err(e) = backend.stage_link(&path, &target) {
-                        sticky = Some(e);
+                        *sticky = Some(e);
                     }
                 }
             }
@@ -177,7 +234,7 @@ pub fn serve_with(
                     }
                 }
             }
-            Request::Recover => match backend.recover() {
+            Request::Recover { wait } => match backend.recover(wait) {
                 Ok(()) => write_json(&mut w, &Response::Ok)?,
                 Err(e) => reply_err(&mut w, &e)?,
             },
@@ -186,7 +243,7 @@ pub fn serve_with(
                 Err(e) => reply_err(&mut w, &e)?,
             },
             Request::Rollback => {
-                sticky = None;
+                *sticky = None;
                 match backend.rollback() {
                     Ok(()) => write_json(&mut w, &Response::Ok)?,
                     Err(e) => reply_err(&mut w, &e)?,
@@ -209,7 +266,7 @@ pub fn serve_with(
                                     target: None,
                                 },
                             )?;
-                            copy_as_data(&mut file, &mut w, &mut buf)?;
+                            copy_as_data(&mut file, &mut w, buf)?;
                         }
                         Ok(Stored::Link { target }) => {
                             write_json(
@@ -231,15 +288,13 @@ pub fn serve_with(
             Request::Bye => {
                 write_json(&mut w, &Response::Ok)?;
                 w.flush()?;
-                break;
+                return Ok(true);
             }
         }
         // Answer promptly when the client is waiting; while it is still
         // sending puts there is nothing to flush.
         w.flush()?;
     }
-    let _ = backend.rollback();
-    Ok(())
 }
 
 #[cfg(test)]
@@ -260,6 +315,7 @@ mod tests {
                 tx_id: "tx-1".into(),
                 base: None,
                 user: "u".into(),
+                resume: false,
             },
             Request::PutFileLocal {
                 path: "input/s".into(),

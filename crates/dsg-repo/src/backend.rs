@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use crate::protocol::{ErrorKind, RemoteError};
+use crate::protocol::{ErrorKind, RemoteError, StagedFile};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -84,13 +84,29 @@ pub trait Backend: Send {
     /// staging for `tx_id`. `user` is shown to others waiting for the lock.
     fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), AgentError>;
 
-    /// Stages one file; the backend verifies size and hash before accepting it.
+    /// `begin` for a client that lost its connection during `tx_id`'s
+    /// uploads: keeps what was staged if the transaction can continue (same
+    /// id and base, nothing committed since) and returns it; otherwise
+    /// begins afresh and returns nothing. The default cannot resume.
+    fn resume(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        user: &str,
+    ) -> Result<Vec<StagedFile>, AgentError> {
+        self.begin(tx_id, base, user).map(|()| Vec::new())
+    }
+
+    /// Stages one file from `data`, which holds its bytes from `offset` on
+    /// (`offset > 0` continues a prefix listed by `resume`). The backend
+    /// verifies the whole file's size and hash before accepting it.
     fn stage_file(
         &mut self,
         path: &str,
         size: u64,
         hash: u64,
         mtime_ns: i64,
+        offset: u64,
         data: &mut dyn Read,
     ) -> Result<(), AgentError>;
 
@@ -108,7 +124,7 @@ pub trait Backend: Send {
     ) -> Result<(), AgentError> {
         let mut f =
             dsg_core::hash::open_nofollow(src).map_err(|e| AgentError::io(src.display(), e))?;
-        self.stage_file(path, size, hash, mtime_ns, &mut f)
+        self.stage_file(path, size, hash, mtime_ns, 0, &mut f)
     }
 
     /// Publishes the staged transaction atomically: after this returns Ok the
@@ -119,6 +135,14 @@ pub trait Backend: Send {
     /// Discards the staged transaction (a no-op without one).
     fn rollback(&mut self) -> Result<(), AgentError>;
 
+    /// The connection died with a transaction open: release the lock but
+    /// leave what was staged for a `resume`. Whatever is left is rolled
+    /// back by the next command's recovery unless a resume claims it
+    /// first. The default rolls back.
+    fn detach(&mut self) {
+        let _ = self.rollback();
+    }
+
     /// Opens a repository path for download.
     fn open(&self, path: &str) -> Result<Stored, AgentError>;
 
@@ -128,8 +152,9 @@ pub trait Backend: Send {
     fn read_unlock(&mut self);
 
     /// Finishes or undoes an interrupted transaction unless a live writer
-    /// holds the repository.
-    fn recover(&mut self) -> Result<(), AgentError>;
+    /// holds the repository. `wait`: first wait (bounded) until no writer
+    /// holds it, so that what is read afterwards is settled.
+    fn recover(&mut self, wait: bool) -> Result<(), AgentError>;
 
     /// File names in `.dsg/archive/`.
     fn list_archives(&self) -> Result<Vec<String>, AgentError>;

@@ -2,18 +2,17 @@
 //! byte stream. Locally the agent runs on a thread over OS pipes; over SSH
 //! (a later transport) it runs in `dsg agent` on the server. Same bytes.
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use dsg_core::config::{ProjectConfig, RepoType};
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::backend::Backend;
 use crate::posix::PosixBackend;
 use crate::protocol::{
     read_data_to_vec, read_json, write_data, write_frame, write_json, DataStream, ErrorKind,
-    RemoteError, Request, Response, CHUNK, PROTOCOL_VERSION,
+    RemoteError, Request, Response, StagedFile, CHUNK, PROTOCOL_VERSION,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +78,8 @@ pub struct RepoClient {
     send_error: Option<RepoError>,
     /// The agent runs in this process: it can copy our files itself.
     local: bool,
+    /// After `resume`: staged length of each file the agent already has.
+    staged: std::collections::HashMap<String, u64>,
     buf: Vec<u8>,
 }
 
@@ -136,6 +137,7 @@ impl RepoClient {
             repo_exists: false,
             send_error: None,
             local: true,
+            staged: Default::default(),
             buf: Vec::new(),
         };
         c.hello()?;
@@ -249,13 +251,52 @@ impl RepoClient {
             tx_id: tx_id.into(),
             base: base.map(String::from),
             user: user.into(),
+            resume: false,
         })?;
         self.expect_ok()
     }
 
-    /// Sends a local file, hashing what is actually read. If the bytes do
-    /// not match `hash` (the file changed since it was scanned), the agent
-    /// rejects it and so does the next `flush`.
+    /// `begin` on a new connection after the old one dropped during this
+    /// transaction's uploads. Returns how many files (and bytes) the agent
+    /// still had staged; later `put_file` calls send only what is missing.
+    pub fn resume(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        user: &str,
+    ) -> Result<(u64, u64), RepoError> {
+        self.send_error = None;
+        self.send(&Request::Begin {
+            tx_id: tx_id.into(),
+            base: base.map(String::from),
+            user: user.into(),
+            resume: true,
+        })?;
+        match self.recv()? {
+            Response::Resumed { .. } => {}
+            other => {
+                return Err(RepoError::Protocol {
+                    host: self.host.clone(),
+                    msg: format!("unexpected reply {other:?}"),
+                })
+            }
+        }
+        let bytes = read_data_to_vec(&mut self.r).map_err(|e| self.conn(e))?;
+        let staged: Vec<StagedFile> =
+            serde_json::from_slice(&bytes).map_err(|e| RepoError::Protocol {
+                host: self.host.clone(),
+                msg: format!("bad list of staged files: {e}"),
+            })?;
+        let total = staged.iter().map(|f| f.len).sum();
+        let n = staged.len() as u64;
+        self.staged = staged.into_iter().map(|f| (f.path, f.len)).collect();
+        Ok((n, total))
+    }
+
+    /// Sends a local file. The agent hashes what arrives and rejects it
+    /// unless it matches `size` and `hash` (so a file that changed since it
+    /// was scanned fails the next `flush`, naming the path). After a
+    /// `resume`, only the bytes the agent lacks are sent.
     pub fn put_file(
         &mut self,
         path: &str,
@@ -276,13 +317,24 @@ impl RepoClient {
                 src: src.to_string_lossy().into_owned(),
             });
         }
+        let offset = match self.staged.remove(path) {
+            Some(len) if len <= size => len,
+            _ => 0,
+        };
         self.send(&Request::PutFile {
             path: path.into(),
             size,
             hash,
             mtime_ns,
+            offset,
         })?;
-        let mut f = match dsg_core::hash::open_nofollow(local) {
+        let opened = dsg_core::hash::open_nofollow(local).and_then(|mut f| {
+            if offset > 0 {
+                f.seek(io::SeekFrom::Start(offset))?;
+            }
+            Ok(f)
+        });
+        let mut f = match opened {
             Ok(f) => f,
             Err(e) => {
                 // Finish the frame stream so the connection stays usable.
@@ -294,9 +346,8 @@ impl RepoClient {
                 return Ok(());
             }
         };
-        let mut h = Xxh3::new();
         self.buf.resize(CHUNK, 0);
-        let mut n = 0u64;
+        let mut n = offset;
         loop {
             let k = match f.read(&mut self.buf) {
                 Ok(0) => break,
@@ -310,7 +361,6 @@ impl RepoClient {
                     break;
                 }
             };
-            h.update(&self.buf[..k]);
             write_frame(&mut self.w, b'D', &self.buf[..k]).map_err(|e| RepoError::Connection {
                 host: self.host.clone(),
                 source: e,
@@ -318,7 +368,7 @@ impl RepoClient {
             n += k as u64;
         }
         write_frame(&mut self.w, b'E', &[]).map_err(|e| self.conn(e))?;
-        if n != size || h.digest() != hash {
+        if n != size {
             self.send_error.get_or_insert(RepoError::Local {
                 path: local.to_path_buf(),
                 msg: "the file changed while it was being uploaded; nothing was committed, run the command again".into(),
@@ -370,7 +420,15 @@ impl RepoClient {
 
     /// Asks the agent to finish or undo an interrupted transaction.
     pub fn recover(&mut self) -> Result<(), RepoError> {
-        self.send(&Request::Recover)?;
+        self.send(&Request::Recover { wait: false })?;
+        self.expect_ok()
+    }
+
+    /// `recover` after first waiting for a live writer to finish: for a
+    /// client whose commit reply was lost, so the head it reads next is
+    /// that commit's final outcome.
+    pub fn settle(&mut self) -> Result<(), RepoError> {
+        self.send(&Request::Recover { wait: true })?;
         self.expect_ok()
     }
 
@@ -485,6 +543,7 @@ impl RepoClient {
             repo_exists: false,
             send_error: None,
             local: false,
+            staged: Default::default(),
             buf: Vec::new(),
         };
         match c.hello() {

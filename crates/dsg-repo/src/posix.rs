@@ -22,7 +22,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{symlink, MetadataExt};
+use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::failpoint::failpoint;
 use crate::journal::{Journal, Op, Record};
-use crate::protocol::ErrorKind;
+use crate::protocol::{ErrorKind, StagedFile};
 
 #[derive(Clone, Copy)]
 enum LockMode {
@@ -269,12 +269,21 @@ impl PosixBackend {
         Ok(())
     }
 
+    fn init_staging(&self, tx_id: &str) -> PathBuf {
+        self.mountpoint
+            .join(format!(".dsg-init.{}.{}", self.name, tx_id))
+    }
+
     fn cleanup_init_leftovers(&self) -> Result<(), AgentError> {
+        self.cleanup_init_leftovers_except(None)
+    }
+
+    fn cleanup_init_leftovers_except(&self, keep: Option<&Path>) -> Result<(), AgentError> {
         let prefix = format!(".dsg-init.{}.", self.name);
         if let Ok(rd) = fs::read_dir(&self.mountpoint) {
             for de in rd.flatten() {
                 let n = de.file_name().to_string_lossy().to_string();
-                if n.starts_with(&prefix) && !n.ends_with(".lock") {
+                if n.starts_with(&prefix) && !n.ends_with(".lock") && Some(&*de.path()) != keep {
                     remove_dir_all_if_exists(&de.path())?;
                 }
             }
@@ -585,6 +594,43 @@ fn staged_parent(tx: &mut OpenTx, path: &str) -> Result<PathBuf, AgentError> {
     Ok(p)
 }
 
+fn valid_tx_id(tx_id: &str) -> bool {
+    !tx_id.is_empty() && tx_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Regular files under a transaction's staging directory (not `skip`, its
+/// own metadata) with their lengths: what a resumed upload can build on.
+fn list_staged(staging: &Path, skip: &str) -> Result<Vec<StagedFile>, AgentError> {
+    let mut out = Vec::new();
+    let mut stack = vec![(staging.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let rd = fs::read_dir(&dir).map_err(|e| AgentError::io(dir.display(), e))?;
+        for de in rd {
+            let de = de.map_err(|e| AgentError::io(dir.display(), e))?;
+            let Some(name) = de.file_name().to_str().map(String::from) else {
+                continue;
+            };
+            if rel.is_empty() && name == skip {
+                continue;
+            }
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let m = de
+                .metadata()
+                .map_err(|e| AgentError::io(de.path().display(), e))?;
+            if m.is_dir() {
+                stack.push((de.path(), path));
+            } else if m.is_file() {
+                out.push(StagedFile { path, len: m.len() });
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn checked(path: &str) -> Result<(), AgentError> {
     check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))
 }
@@ -622,7 +668,7 @@ impl Backend for PosixBackend {
                 "a transaction is already open",
             ));
         }
-        if tx_id.is_empty() || !tx_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if !valid_tx_id(tx_id) {
             return Err(AgentError::new(
                 ErrorKind::Protocol,
                 format!("bad transaction id {tx_id:?}"),
@@ -672,9 +718,7 @@ impl Backend for PosixBackend {
                         }
                     },
                     None => {
-                        let st = self
-                            .mountpoint
-                            .join(format!(".dsg-init.{}.{}", self.name, tx_id));
+                        let st = self.init_staging(tx_id);
                         fs::create_dir(&st).map_err(|e| AgentError::io(st.display(), e))?;
                         st
                     }
@@ -776,12 +820,34 @@ impl Backend for PosixBackend {
         size: u64,
         hash: u64,
         mtime_ns: i64,
+        offset: u64,
         data: &mut dyn Read,
     ) -> Result<(), AgentError> {
-        let (dst, mut f) = self.open_staged(path)?;
+        let (dst, mut f) = self.open_staged(path, offset)?;
         let mut h = Xxh3::new();
         let buf = &mut self.buf;
         let mut n = 0u64;
+        if offset > 0 {
+            // The staged prefix is verified with the rest: hash it as it is
+            // on disk now, not as it was meant to be written.
+            let mut prefix = (&f).take(offset);
+            loop {
+                let k = prefix
+                    .read(buf)
+                    .map_err(|e| AgentError::io(format!("reading staged {path}"), e))?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+                n += k as u64;
+            }
+            if n != offset {
+                return Err(AgentError::new(
+                    ErrorKind::Protocol,
+                    format!("{path}: cannot resume at byte {offset}, only {n} are staged"),
+                ));
+            }
+        }
         loop {
             let k = data
                 .read(buf)
@@ -806,7 +872,7 @@ impl Backend for PosixBackend {
         mtime_ns: i64,
         src: &Path,
     ) -> Result<(), AgentError> {
-        let (dst, mut to) = self.open_staged(path)?;
+        let (dst, mut to) = self.open_staged(path, 0)?;
         let mut from = dsg_core::hash::open_nofollow(src)
             .map_err(|e| AgentError::io(format!("cannot read {}", src.display()), e))?;
         // std's copy uses copy_file_range between files: a reflink on XFS
@@ -840,6 +906,95 @@ impl Backend for PosixBackend {
             },
         ));
         Ok(())
+    }
+
+    fn resume(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        user: &str,
+    ) -> Result<Vec<StagedFile>, AgentError> {
+        // ZFS transactions are clones: a lost connection rolls its clone
+        // back (see `detach`), so there is nothing to continue.
+        if self.zfs.is_some() || self.tx.is_some() || !valid_tx_id(tx_id) {
+            return self.begin(tx_id, base, user).map(|()| Vec::new());
+        }
+        self.who = user.to_string();
+        match base {
+            None => {
+                if !self.mountpoint.is_dir() {
+                    return self.begin(tx_id, base, user).map(|()| Vec::new());
+                }
+                self.lock(&self.init_lock_path())?;
+                let st = self.init_staging(tx_id);
+                let is_dir = fs::symlink_metadata(&st)
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false);
+                if !is_dir || fs::symlink_metadata(self.dir()).is_ok() {
+                    // begin() reuses the lock we hold, and reports why not.
+                    return self.begin(tx_id, base, user).map(|()| Vec::new());
+                }
+                self.cleanup_init_leftovers_except(Some(&st))?;
+                let staged = list_staged(&st, ".dsg")?;
+                self.tx = Some(OpenTx {
+                    id: tx_id.into(),
+                    root: st.clone(),
+                    staging: st,
+                    init: true,
+                    staged: Vec::new(),
+                    dirs: Default::default(),
+                    base: None,
+                    error: None,
+                });
+                Ok(staged)
+            }
+            Some(base_id) => {
+                if !self.exists() {
+                    return self.begin(tx_id, base, user).map(|()| Vec::new());
+                }
+                let lock_path = self.repo_lock_path();
+                self.lock(&lock_path)?;
+                let dsg = self.dsg();
+                let staging = dsg.join("staging").join(tx_id);
+                let records = Journal::read(&dsg.join("journal")).ok().flatten();
+                let ours = matches!(
+                    records.as_deref(),
+                    Some([Record::Begin { tx, base }]) if tx == tx_id && base == base_id
+                );
+                let head = self.head().ok().flatten();
+                let head_id = head
+                    .as_ref()
+                    .and_then(|h| h.metadata.as_ref())
+                    .map(|m| m.snapshot_id.as_str());
+                let is_dir = fs::symlink_metadata(&staging)
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false);
+                if !ours || !is_dir || head_id != Some(base_id) {
+                    return self.begin(tx_id, base, user).map(|()| Vec::new());
+                }
+                // Only this transaction's staging survives.
+                if let Ok(rd) = fs::read_dir(dsg.join("staging")) {
+                    for de in rd.flatten() {
+                        if de.file_name() != std::ffi::OsStr::new(tx_id) {
+                            remove_dir_all_if_exists(&de.path())?;
+                        }
+                    }
+                }
+                remove_temp_files(&dsg)?;
+                let staged = list_staged(&staging, ".dsg-meta")?;
+                self.tx = Some(OpenTx {
+                    id: tx_id.into(),
+                    root: self.dir(),
+                    staging,
+                    init: false,
+                    staged: Vec::new(),
+                    dirs: Default::default(),
+                    base: head,
+                    error: None,
+                });
+                Ok(staged)
+            }
+        }
     }
 
     fn commit(&mut self, c: &CommitData) -> Result<(), AgentError> {
@@ -897,6 +1052,17 @@ impl Backend for PosixBackend {
         };
         self.unlock();
         r
+    }
+
+    fn detach(&mut self) {
+        if self.zfs.is_some() || self.tx.is_none() {
+            let _ = self.rollback();
+            return;
+        }
+        // The journal's `begin` record and the staging directory stay:
+        // `resume` continues them, `recover` removes them.
+        self.tx = None;
+        self.unlock();
     }
 
     fn open(&self, path: &str) -> Result<Stored, AgentError> {
@@ -958,9 +1124,16 @@ impl Backend for PosixBackend {
         self.read_lock = None;
     }
 
-    fn recover(&mut self) -> Result<(), AgentError> {
+    fn recover(&mut self, wait: bool) -> Result<(), AgentError> {
         if self.tx.is_some() {
             return Ok(());
+        }
+        if wait {
+            // A shared lock is granted once the writer's exclusive one is
+            // released (a finished commit, or a dead agent).
+            for path in [self.repo_lock_path(), self.init_lock_path()] {
+                drop(self.take_flock(&path, LockMode::Shared, true)?);
+            }
         }
         if let Some(z) = &self.zfs {
             // A dataset that is not mounted where it belongs (a crash
@@ -1051,8 +1224,9 @@ impl Backend for PosixBackend {
 }
 
 impl PosixBackend {
-    /// Creates the staging file for `path` in the open transaction.
-    fn open_staged(&mut self, path: &str) -> Result<(PathBuf, File), AgentError> {
+    /// Opens the staging file for `path` in the open transaction, keeping
+    /// its first `keep` bytes (a resumed upload) and positioned after them.
+    fn open_staged(&mut self, path: &str, keep: u64) -> Result<(PathBuf, File), AgentError> {
         let tx = self
             .tx
             .as_mut()
@@ -1060,12 +1234,31 @@ impl PosixBackend {
         checked(path)?;
         let parent = staged_parent(tx, path)?;
         let dst = parent.join(path.rsplit('/').next().unwrap());
+        let err = |e| AgentError::io(format!("cannot stage {path}"), e);
+        if keep == 0 {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&dst)
+                .map_err(err)?;
+            return Ok((dst, f));
+        }
+        // O_NOFOLLOW: a staged path is ours, but never write through a link.
         let f = OpenOptions::new()
+            .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&dst)
-            .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+            .map_err(err)?;
+        let len = f.metadata().map_err(err)?.len();
+        if len < keep {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!("{path}: cannot resume at byte {keep}, only {len} are staged"),
+            ));
+        }
+        f.set_len(keep).map_err(err)?;
         Ok((dst, f))
     }
 

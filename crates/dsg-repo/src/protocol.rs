@@ -12,7 +12,8 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: resumable uploads (`Begin.resume`, `PutFile.offset`, `Resumed`).
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
@@ -32,17 +33,30 @@ pub enum Request {
     },
     /// Starts a transaction. `base` is the snapshot id the client planned
     /// against (`None` = the repository must not exist yet: init).
+    ///
+    /// `resume`: the client lost its connection during this transaction's
+    /// uploads and reconnected. If the agent still has the transaction's
+    /// staging (same id, same base, nothing else happened since), it keeps
+    /// it and answers `Resumed` with what is staged; otherwise it begins
+    /// afresh and answers `Resumed` with nothing.
     Begin {
         tx_id: String,
         base: Option<String>,
         user: String,
+        #[serde(default)]
+        resume: bool,
     },
-    /// Followed by data frames and an end frame.
+    /// Followed by data frames and an end frame carrying the file's bytes
+    /// from `offset` on. `offset > 0` continues a staged prefix of that
+    /// length (from `Resumed`); the agent hashes prefix and rest together,
+    /// so the whole file is verified either way.
     PutFile {
         path: String,
         size: u64,
         hash: u64,
         mtime_ns: i64,
+        #[serde(default)]
+        offset: u64,
     },
     PutLink {
         path: String,
@@ -68,8 +82,13 @@ pub enum Request {
         snapshot_id: String,
     },
     /// Finishes or undoes an interrupted transaction if the repository is
-    /// not locked by a live writer; a no-op otherwise.
-    Recover,
+    /// not locked by a live writer; a no-op otherwise. `wait`: first wait
+    /// for a live writer to finish (used when a commit's reply was lost, so
+    /// that the head read next is the transaction's final outcome).
+    Recover {
+        #[serde(default)]
+        wait: bool,
+    },
     /// Names of the files in `.dsg/archive/`.
     ListArchives,
     Rollback,
@@ -106,10 +125,22 @@ pub enum Response {
     Committed {
         snapshot_id: String,
     },
+    /// The answer to a resuming `Begin`: a data stream follows holding a
+    /// JSON array of `StagedFile`, the regular files already in staging and
+    /// how many bytes of each arrived (a stream: the list can be long).
+    Resumed {
+        files: u64,
+    },
     Names {
         names: Vec<String>,
     },
     Err(RemoteError),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StagedFile {
+    pub path: String,
+    pub len: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -234,11 +265,13 @@ pub fn read_data_to_vec<R: Read>(r: &mut R) -> io::Result<Vec<u8>> {
     }
 }
 
-/// A data stream (frames until `End`) read as a `Read`.
+/// A data stream (frames until `End`) read as a `Read`. Frame bodies are
+/// read straight into the caller's buffer: a large file crosses this layer
+/// without an allocation or an extra copy per chunk.
 pub struct DataStream<'a, R: Read> {
     r: &'a mut R,
-    buf: Vec<u8>,
-    pos: usize,
+    /// Bytes of the current data frame not yet read.
+    remaining: usize,
     done: bool,
 }
 
@@ -246,8 +279,7 @@ impl<'a, R: Read> DataStream<'a, R> {
     pub fn new(r: &'a mut R) -> Self {
         DataStream {
             r,
-            buf: Vec::new(),
-            pos: 0,
+            remaining: 0,
             done: false,
         }
     }
@@ -260,27 +292,104 @@ impl<'a, R: Read> DataStream<'a, R> {
 
 impl<R: Read> Read for DataStream<'_, R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos >= self.buf.len() {
-            if self.done {
+        while self.remaining == 0 {
+            if self.done || out.is_empty() {
                 return Ok(0);
             }
-            match read_frame(self.r)? {
-                Frame::Data(d) => {
-                    self.buf = d;
-                    self.pos = 0;
+            let mut hdr = [0u8; 5];
+            self.r.read_exact(&mut hdr)?;
+            let len = u32::from_le_bytes(hdr[1..].try_into().unwrap()) as usize;
+            match hdr[0] {
+                b'D' if len <= CHUNK => self.remaining = len,
+                b'D' => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("frame too large ({len} bytes)"),
+                    ))
                 }
-                Frame::End => self.done = true,
-                Frame::Json(_) => {
+                b'E' if len == 0 => self.done = true,
+                b'J' => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "control message inside a data stream",
                     ))
                 }
+                t => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("bad frame tag {t:#x} in a data stream"),
+                    ))
+                }
             }
         }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
+        let want = out.len().min(self.remaining);
+        let n = self.r.read(&mut out[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection closed inside a data frame",
+            ));
+        }
+        self.remaining -= n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_stream_reads_frames_in_any_read_sizes() {
+        let body: Vec<u8> = (0..(3 * CHUNK + 17))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let mut wire = Vec::new();
+        write_data(&mut wire, &body).unwrap();
+        write_json(&mut wire, &Request::Flush).unwrap();
+        for step in [1usize, 7, 4096, CHUNK, 2 * CHUNK] {
+            let mut r = &wire[..];
+            let mut got = Vec::new();
+            let mut ds = DataStream::new(&mut r);
+            let mut buf = vec![0u8; step];
+            loop {
+                let n = ds.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got.len(), body.len(), "read size {step}");
+            assert!(got == body, "read size {step}");
+            // The stream stops at its end frame: the next message is intact.
+            assert!(matches!(
+                read_json::<_, Request>(&mut r).unwrap(),
+                Request::Flush
+            ));
+        }
+    }
+
+    #[test]
+    fn data_stream_cut_inside_a_frame_is_an_error_not_an_end() {
+        let mut wire = Vec::new();
+        write_data(&mut wire, &[7u8; 1000]).unwrap();
+        let cut = &wire[..600];
+        let mut r = cut;
+        let mut ds = DataStream::new(&mut r);
+        let mut sink = Vec::new();
+        let e = io::copy(&mut ds, &mut sink).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn data_stream_refuses_a_control_message_inside() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, b'D', b"abc").unwrap();
+        write_json(&mut wire, &Request::Flush).unwrap();
+        let mut r = &wire[..];
+        let mut ds = DataStream::new(&mut r);
+        let mut sink = Vec::new();
+        let e = io::copy(&mut ds, &mut sink).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 }

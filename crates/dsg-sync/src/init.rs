@@ -18,9 +18,10 @@ use dsg_core::manifest::{Manifest, SyncMessages};
 use dsg_core::names::{apply_normalization, plan_normalization, NormalizePlan, Rename};
 use dsg_core::scan::{to_manifest, LocalKind, Problem, ProblemKind, ScanResult, StatCache};
 use dsg_repo::failpoint::failpoint;
-use dsg_repo::RepoClient;
+use dsg_repo::{RepoClient, RepoError};
 
 use crate::project::DSG_DIR;
+use crate::upload::{upload, Item, Retries};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
 pub struct InitArgs {
@@ -259,6 +260,7 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
     }
     let tx = format!("tx-{}", uuid::Uuid::new_v4().simple());
     let staging = dir.join(format!(".dsg.init-{tx}"));
+    let committing = std::cell::Cell::new(false);
     let result = init_tx(
         &project,
         &scan,
@@ -266,11 +268,39 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         &staging,
         args.message.as_deref(),
         reporter,
+        &committing,
     );
     match result {
         Ok(hash) => {
             report.snapshot_hash = hash;
             Ok(report)
+        }
+        Err(e)
+            if committing.get() && matches!(e, EngineError::Repo(RepoError::Connection { .. })) =>
+        {
+            // The commit was sent but its answer lost: the repository may
+            // have it. Ask (as every later command would) and finish or
+            // undo; if it cannot be asked, keep the staged .dsg so that
+            // the next command decides.
+            let cfg = project.config.clone();
+            crate::recover::recover_init(&dir, || RepoClient::connect(&cfg).ok())?;
+            if dir.join(DSG_DIR).exists() {
+                report.snapshot_hash = Manifest::load(&dir.join(DSG_DIR).join("last-sync.json"))
+                    .ok()
+                    .and_then(|m| m.metadata)
+                    .and_then(|m| m.snapshot_hash);
+                return Ok(report);
+            }
+            if staging.exists() {
+                return Err(EngineError::State {
+                    message: format!("the init's outcome is unknown: {e}"),
+                    hint: "run 'dsg status' here when the repository is reachable; it finishes or undoes this init".into(),
+                });
+            }
+            if created_cfg && !existing_cfg {
+                let _ = std::fs::remove_file(&cfg_path);
+            }
+            Err(e)
         }
         Err(e) => {
             // Before the commit point: undo everything this init wrote.
@@ -290,6 +320,7 @@ fn init_tx(
     staging: &Path,
     message: Option<&str>,
     reporter: &dyn Reporter,
+    committing: &std::cell::Cell<bool>,
 ) -> Result<Option<String>> {
     let user = &project.user.user_id;
     let mut manifest: Manifest = to_manifest(scan.entries.clone(), None, user, false).0;
@@ -308,29 +339,61 @@ fn init_tx(
 
     let t0 = std::time::Instant::now();
     let mut client = RepoClient::connect(&project.config)?;
-    client.begin(tx, None, user)?;
-    upload_all(project, &mut client, scan, reporter)?;
-    client.flush()?;
-    tracing::debug!("uploaded in {:?}", t0.elapsed());
-    check_interrupt()?;
+    let items: Vec<Item> = scan
+        .entries
+        .iter()
+        .map(|e| match &e.kind {
+            LocalKind::File { size, hash } => Item::File {
+                path: &e.path,
+                size: *size,
+                hash: hash.0,
+                mtime_ns: e.stat.mtime_ns,
+            },
+            LocalKind::Link { target } => Item::Link {
+                path: &e.path,
+                target,
+            },
+        })
+        .collect();
+    let prepared = (|| -> Result<()> {
+        upload(
+            project,
+            &mut client,
+            tx,
+            None,
+            &items,
+            &Retries::new(3),
+            reporter,
+        )?;
+        tracing::debug!("uploaded in {:?}", t0.elapsed());
+        check_interrupt()?;
 
-    // Stage the local .dsg/ completely before the commit point.
-    std::fs::create_dir_all(staging.join("archive")).map_err(|e| EngineError::io(staging, e))?;
-    let w = |name: &str, bytes: &[u8]| -> Result<()> {
-        write_atomic(&staging.join(name), bytes)
-            .map_err(|e| EngineError::io(staging.join(name), e.source))
-    };
-    w("last-sync.json", &manifest_bytes)?;
-    w("sync-messages.json", &messages_bytes)?;
-    w(
-        "stat-cache",
-        &StatCache::encode_entries(scan.started_ns, &scan.entries),
-    )?;
-    sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
-    failpoint("client.init.staged");
-    check_interrupt()?;
+        // Stage the local .dsg/ completely before the commit point.
+        std::fs::create_dir_all(staging.join("archive"))
+            .map_err(|e| EngineError::io(staging, e))?;
+        let w = |name: &str, bytes: &[u8]| -> Result<()> {
+            write_atomic(&staging.join(name), bytes)
+                .map_err(|e| EngineError::io(staging.join(name), e.source))
+        };
+        w("last-sync.json", &manifest_bytes)?;
+        w("sync-messages.json", &messages_bytes)?;
+        w(
+            "stat-cache",
+            &StatCache::encode_entries(scan.started_ns, &scan.entries),
+        )?;
+        sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
+        failpoint("client.init.staged");
+        check_interrupt()
+    })();
+    if let Err(e) = prepared {
+        // Undo the repository side now rather than leave it to the next
+        // command's recovery.
+        let _ = client.rollback();
+        return Err(e);
+    }
 
     tracing::debug!("staged locally at {:?}", t0.elapsed());
+    committing.set(true);
     client.commit("s1", &manifest_bytes, &messages_bytes)?;
     tracing::debug!("committed at {:?}", t0.elapsed());
     failpoint("client.init.committed");
@@ -344,45 +407,5 @@ pub fn finish_local_init(root: &Path, staging: &Path) -> Result<()> {
     let dst = root.join(DSG_DIR);
     std::fs::rename(staging, &dst).map_err(|e| EngineError::io(&dst, e))?;
     sync_dir(root).map_err(|e| EngineError::io(root, e))?;
-    Ok(())
-}
-
-/// Sends every scanned file and link, pipelined.
-pub fn upload_all(
-    project: &Project,
-    client: &mut RepoClient,
-    scan: &ScanResult,
-    reporter: &dyn Reporter,
-) -> Result<()> {
-    let files = scan.entries.len() as u64;
-    let bytes: u64 = scan
-        .entries
-        .iter()
-        .map(|e| match e.kind {
-            LocalKind::File { size, .. } => size,
-            _ => 0,
-        })
-        .sum();
-    reporter.transfer_start("uploading", files, bytes);
-    let (mut nf, mut nb) = (0u64, 0u64);
-    for e in &scan.entries {
-        check_interrupt()?;
-        match &e.kind {
-            LocalKind::File { size, hash } => {
-                client.put_file(
-                    &e.path,
-                    &project.root.join(&*e.path),
-                    *size,
-                    hash.0,
-                    e.stat.mtime_ns,
-                )?;
-                nb += size;
-            }
-            LocalKind::Link { target } => client.put_link(&e.path, target)?,
-        }
-        nf += 1;
-        reporter.transfer_progress(nf, nb);
-    }
-    reporter.transfer_done();
     Ok(())
 }

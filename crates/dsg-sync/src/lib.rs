@@ -7,6 +7,7 @@ pub mod project;
 pub mod recover;
 pub mod status;
 pub mod sync;
+pub mod upload;
 
 use std::path::PathBuf;
 

@@ -46,7 +46,13 @@ pub fn recover_init(root: &Path, connect: impl FnOnce() -> Option<RepoClient>) -
         };
         // The repository finishes its own interrupted steps first; if it
         // cannot be read now, the outcome is unknown: keep the staged .dsg.
-        let _ = c.recover();
+        if c.settle().is_err() {
+            tracing::warn!(
+                "cannot tell whether an interrupted init committed (the repository stays busy); keeping {}",
+                staged.display()
+            );
+            return Ok(());
+        }
         let remote = match fetch_remote(c, None) {
             Ok(r) => r.map(|x| x.0),
             Err(e) => {

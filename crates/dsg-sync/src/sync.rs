@@ -38,6 +38,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::init::{block_on_problems, settle_names, RenameOut};
 use crate::project::DSG_DIR;
 use crate::status::{compare, fetch_remote, CompareOpts, Row};
+use crate::upload::{upload, Item, Retries};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
 #[derive(Default, Clone)]
@@ -127,20 +128,24 @@ pub fn sync(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Resul
         });
     }
     let mut attempts = 0;
+    // Reconnections for the whole command (upload resumes included).
+    let retries = Retries::new(3);
     loop {
         attempts += 1;
-        match sync_once(project, &opts, reporter, false) {
+        match sync_once(project, &opts, reporter, false, &retries) {
             // Another client committed between our plan and our begin: plan
             // again against the new head (G2). Bounded, in case of a storm.
             Err(EngineError::Repo(e)) if e.kind() == Some(ErrorKind::Moved) && attempts < 4 => {
                 tracing::info!("the repository moved; planning again");
                 continue;
             }
-            // A dropped connection before the commit point left nothing
-            // behind (both sides rolled back): the whole sync is idempotent,
-            // so try again after a jittered backoff.
-            Err(EngineError::Repo(RepoError::Connection { host, source })) if attempts < 3 => {
-                let wait = backoff(attempts);
+            // A dropped connection outside the uploads (which resume on
+            // their own) before the commit point changed nothing that
+            // counts: the whole sync is idempotent, so plan and run it again.
+            Err(EngineError::Repo(RepoError::Connection { host, source })) => {
+                let Some(wait) = retries.next_wait() else {
+                    return Err(RepoError::Connection { host, source }.into());
+                };
                 reporter.warn(&format!(
                     "lost the connection to {host} ({source}); retrying in {:.1} s",
                     wait.as_secs_f64()
@@ -169,7 +174,7 @@ pub fn clone(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Resu
             hint: "use 'dsg sync' to update it".into(),
         });
     }
-    sync_once(project, &opts, reporter, true)
+    sync_once(project, &opts, reporter, true, &Retries::new(0))
 }
 
 fn sync_once(
@@ -177,6 +182,7 @@ fn sync_once(
     opts: &SyncOpts,
     reporter: &dyn Reporter,
     is_clone: bool,
+    retries: &Retries,
 ) -> Result<SyncReport> {
     let mut client = RepoClient::connect(&project.config)?;
     client.recover()?;
@@ -356,30 +362,30 @@ fn sync_once(
         std::fs::create_dir_all(staging.join("meta/archive"))
             .map_err(|e| EngineError::io(&staging, e))?;
         if needs_snapshot {
-            client.begin(&tx, Some(&remote_md.snapshot_id), &project.user.user_id)?;
-            reporter.transfer_start("uploading", report.uploaded, report.uploaded_bytes);
-            let (mut nf, mut nb) = (0, 0);
-            for e in &uploads {
-                check_interrupt()?;
-                match &e.kind {
-                    EntryKind::File { size, hash, .. } => {
-                        let st = cmp.local_stat(&e.path).expect("scanned");
-                        client.put_file(
-                            &e.path,
-                            &root.join(&*e.path),
-                            *size,
-                            hash.expect("scanned").0,
-                            st.mtime_ns,
-                        )?;
-                        nb += size;
-                    }
-                    EntryKind::Link { target } => client.put_link(&e.path, target)?,
-                }
-                nf += 1;
-                reporter.transfer_progress(nf, nb);
-            }
-            client.flush()?;
-            reporter.transfer_done();
+            let items: Vec<Item> = uploads
+                .iter()
+                .map(|e| match &e.kind {
+                    EntryKind::File { size, hash, .. } => Item::File {
+                        path: &e.path,
+                        size: *size,
+                        hash: hash.expect("scanned").0,
+                        mtime_ns: cmp.local_stat(&e.path).expect("scanned").mtime_ns,
+                    },
+                    EntryKind::Link { target } => Item::Link {
+                        path: &e.path,
+                        target,
+                    },
+                })
+                .collect();
+            upload(
+                project,
+                &mut client,
+                &tx,
+                Some(&remote_md.snapshot_id),
+                &items,
+                retries,
+                reporter,
+            )?;
             failpoint("client.uploaded");
         }
         download(
@@ -465,18 +471,29 @@ fn sync_once(
             }
             // Did the repository commit anyway (the reply was lost)? Ask,
             // on a new connection if this one is gone.
+            // `settle` waits until our old agent (if still running) has
+            // finished, so the head read next is the final outcome.
+            let unknown = |e: &dyn std::fmt::Display| {
+                EngineError::State {
+                message: format!("the commit's outcome is unknown: {e}"),
+                hint: "run any dsg command when the repository is reachable; it finishes or undoes this sync".into(),
+            }
+            };
             let committed = match RepoClient::connect(&project.config) {
                 Ok(mut c) => {
-                    let _ = c.recover();
-                    matches!(fetch_remote(&mut c, None), Ok(Some((m, _))) if m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == new_hash)
+                    if c.settle().is_err() {
+                        return Err(unknown(&e));
+                    }
+                    match fetch_remote(&mut c, None) {
+                        Ok(Some((m, _))) => {
+                            m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == new_hash
+                        }
+                        Ok(None) => false,
+                        Err(_) => return Err(unknown(&e)),
+                    }
                 }
                 // Unknown: keep the journal; the next command decides.
-                Err(_) => {
-                    return Err(EngineError::State {
-                        message: format!("the commit's outcome is unknown: {e}"),
-                        hint: "run any dsg command when the repository is reachable; it finishes or undoes this sync".into(),
-                    })
-                }
+                Err(_) => return Err(unknown(&e)),
             };
             if !committed {
                 rollback_local(root, &tx, is_clone);
@@ -868,7 +885,8 @@ pub fn recover_sync(project: &Project, client: Option<&mut RepoClient>) -> Resul
                 hint: "run the command again when the repository is reachable".into(),
             });
         };
-        c.recover()?;
+        // Wait out a writer that may still be finishing our commit.
+        c.settle()?;
         let remote = fetch_remote(c, None)?;
         remote.and_then(|(m, _)| m.metadata.and_then(|m| m.snapshot_hash)) == Some(h)
     } else {

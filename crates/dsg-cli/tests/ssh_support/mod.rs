@@ -1102,9 +1102,9 @@ impl AgentProc {
         }
     }
 
-    /// `hello` with protocol 1; returns the reply.
+    /// `hello` with the current protocol (2); returns the reply.
     pub fn hello(&mut self) -> Value {
-        self.send(serde_json::json!({"op": "hello", "protocol": 1, "client_version": "x"}));
+        self.send(serde_json::json!({"op": "hello", "protocol": 2, "client_version": "x"}));
         self.flush();
         self.recv()
     }

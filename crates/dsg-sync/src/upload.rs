@@ -1,0 +1,155 @@
+//! Uploading a transaction's files, surviving dropped connections.
+//!
+//! Uploads are pipelined: the agent acknowledges them only at the `flush`
+//! barrier, so when a connection drops the client does not know what
+//! arrived. It reconnects and asks the agent to `resume` the same
+//! transaction; the agent answers with what it still has staged (whole
+//! files and partial ones), and only the missing bytes are sent again. The
+//! agent verifies every file whole (staged prefix and new bytes hashed
+//! together), so a resumed file is checked exactly like a fresh one. If the
+//! agent cannot resume (its staging was recovered by another command, or
+//! the repository moved), it begins afresh and everything is sent again.
+
+use std::cell::Cell;
+
+use dsg_repo::{RepoClient, RepoError};
+
+use crate::{check_interrupt, EngineError, Project, Reporter, Result};
+
+/// One thing to upload.
+pub enum Item<'a> {
+    File {
+        path: &'a str,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+    },
+    Link {
+        path: &'a str,
+        target: &'a str,
+    },
+}
+
+/// How many times one command may reconnect after a dropped connection,
+/// shared by all its steps so that nested retries stay bounded.
+pub struct Retries {
+    used: Cell<u32>,
+    max: u32,
+}
+
+impl Retries {
+    pub fn new(max: u32) -> Retries {
+        Retries {
+            used: Cell::new(0),
+            max,
+        }
+    }
+
+    /// Spends one retry and returns how long to wait first, or `None`
+    /// when the budget is spent.
+    pub fn next_wait(&self) -> Option<std::time::Duration> {
+        let n = self.used.get();
+        if n >= self.max {
+            return None;
+        }
+        self.used.set(n + 1);
+        Some(crate::sync::backoff(n + 1))
+    }
+
+    pub fn used(&self) -> u32 {
+        self.used.get()
+    }
+}
+
+/// Begins transaction `tx` against `base` (`None`: init), sends `items`
+/// and waits for the agent to confirm all of them. A dropped connection is
+/// retried within `retries`, resuming the transaction on a new connection
+/// (which replaces `*client`).
+pub fn upload(
+    project: &Project,
+    client: &mut RepoClient,
+    tx: &str,
+    base: Option<&str>,
+    items: &[Item<'_>],
+    retries: &Retries,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let user = &project.user.user_id;
+    let files = items.len() as u64;
+    let bytes: u64 = items
+        .iter()
+        .map(|i| match i {
+            Item::File { size, .. } => *size,
+            Item::Link { .. } => 0,
+        })
+        .sum();
+    let mut resuming = false;
+    loop {
+        let attempt = (|| -> Result<()> {
+            if resuming {
+                let (n, b) = client.resume(tx, base, user)?;
+                tracing::info!(
+                    "resuming the upload: the repository kept {n} staged file(s), {b} bytes"
+                );
+            } else {
+                client.begin(tx, base, user)?;
+            }
+            reporter.transfer_start("uploading", files, bytes);
+            let (mut nf, mut nb) = (0u64, 0u64);
+            for item in items {
+                check_interrupt()?;
+                match *item {
+                    Item::File {
+                        path,
+                        size,
+                        hash,
+                        mtime_ns,
+                    } => {
+                        client.put_file(path, &project.root.join(path), size, hash, mtime_ns)?;
+                        nb += size;
+                    }
+                    Item::Link { path, target } => client.put_link(path, target)?,
+                }
+                nf += 1;
+                reporter.transfer_progress(nf, nb);
+            }
+            client.flush()?;
+            reporter.transfer_done();
+            Ok(())
+        })();
+        match attempt {
+            Err(EngineError::Repo(RepoError::Connection { host, source })) => {
+                reporter.transfer_done();
+                let Some(wait) = retries.next_wait() else {
+                    return Err(RepoError::Connection { host, source }.into());
+                };
+                reporter.warn(&format!(
+                    "lost the connection to {host} during the upload ({source}); retrying in {:.1} s, resuming where it stopped",
+                    wait.as_secs_f64()
+                ));
+                std::thread::sleep(wait);
+                *client = reconnect(project, retries)?;
+                resuming = true;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A new connection to the project's repository; a connection that drops
+/// again while it is being made spends another retry.
+pub fn reconnect(project: &Project, retries: &Retries) -> Result<RepoClient> {
+    loop {
+        match RepoClient::connect(&project.config) {
+            Ok(c) => return Ok(c),
+            Err(RepoError::Connection { host, source }) => match retries.next_wait() {
+                Some(wait) => {
+                    tracing::info!("reconnecting to {host} failed ({source}); again in {wait:?}");
+                    std::thread::sleep(wait);
+                }
+                None => return Err(RepoError::Connection { host, source }.into()),
+            },
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
