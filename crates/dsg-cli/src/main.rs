@@ -122,9 +122,14 @@ struct InitCmd {
     /// Never prompt; fail when a value is missing
     #[arg(long)]
     no_interactive: bool,
-    /// Overwrite an existing .dsgconfig.yml
+    /// Overwrite an existing .dsgconfig.yml; replace an existing repository
+    /// of this name (destroying its snapshots) after confirmation
     #[arg(long)]
     force: bool,
+    /// Confirm, without a prompt, that --force replaces the repository
+    /// NAME (its --repo-name)
+    #[arg(long, value_name = "NAME", requires = "force")]
+    confirm_replace: Option<String>,
     /// Rename files whose names break the filename rules
     #[arg(long)]
     normalize: bool,
@@ -303,6 +308,46 @@ fn cmd_clone(dry_run: bool, out: &Out) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// `init --force` over an existing repository destroys its history: the
+/// user confirms by naming it, at a prompt or with `--confirm-replace`.
+fn confirm_replace(
+    ex: &dsg_sync::init::Existing,
+    name: &str,
+    given: Option<String>,
+    interactive: bool,
+) -> Result<bool, EngineError> {
+    let what = format!(
+        "{} already exists (head {}, {} files); replacing it destroys all its snapshots",
+        ex.location,
+        ex.head.as_deref().unwrap_or("unknown"),
+        ex.files
+    );
+    let answer = match given {
+        Some(g) => g,
+        None if interactive => prompt(
+            &format!("{what}.\nType its name ({name}) to replace it"),
+            None,
+        )?,
+        None => {
+            return Err(EngineError::State {
+                message: format!("{what}; nothing was changed"),
+                hint: format!(
+                    "to replace it, run in a terminal and confirm, or pass --confirm-replace {name}"
+                ),
+            })
+        }
+    };
+    if answer.trim() != name {
+        return Err(EngineError::State {
+            message: format!(
+                "{what}; the confirmation {answer:?} does not name it, so nothing was changed"
+            ),
+            hint: format!("confirm with its name: {name}"),
+        });
+    }
+    Ok(true)
+}
+
 fn prompt(label: &str, default: Option<&str>) -> Result<String, EngineError> {
     use std::io::Write;
     let mut stderr = std::io::stderr();
@@ -382,22 +427,25 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
         }
     }
     let reporter = TermReporter::new(out);
-    let report = dsg_sync::init::init(
-        &cwd()?,
-        InitArgs {
-            host,
-            repo_path: PathBuf::from(repo_path),
-            repo_name,
-            repo_type,
-            pool,
-            remote_dsg: a.remote_dsg,
-            force: a.force,
-            normalize: a.normalize,
-            dry_run: a.dry_run,
-            message: a.message,
-        },
-        &reporter,
-    )?;
+    let mut args = InitArgs {
+        host,
+        repo_path: PathBuf::from(repo_path),
+        repo_name,
+        repo_type,
+        pool,
+        remote_dsg: a.remote_dsg,
+        force: a.force,
+        replace: false,
+        normalize: a.normalize,
+        dry_run: a.dry_run,
+        message: a.message,
+    };
+    if a.force && !a.dry_run && !dir.join(".dsg").exists() {
+        if let Some(ex) = dsg_sync::init::existing_repository(&args)? {
+            args.replace = confirm_replace(&ex, &args.repo_name, a.confirm_replace, interactive)?;
+        }
+    }
+    let report = dsg_sync::init::init(&cwd()?, args, &reporter)?;
     if out.json {
         out.json_doc(&json!({"status": "ok", "command": "init", "result": report}));
         return Ok(());

@@ -136,9 +136,21 @@ fn serve_loop<R: Read, W: Write>(
                 base,
                 user,
                 resume,
+                replace,
             } => {
                 *sticky = None;
-                if resume {
+                if replace && base.is_none() {
+                    let r = backend.begin_replace(&tx_id, &user);
+                    match (r, resume) {
+                        // A replacing init starts over after a lost connection.
+                        (Ok(()), true) => {
+                            write_json(&mut w, &Response::Resumed { files: 0 })?;
+                            write_data(&mut w, b"[]")?;
+                        }
+                        (Ok(()), false) => write_json(&mut w, &Response::Ok)?,
+                        (Err(e), _) => reply_err(&mut w, &e)?,
+                    }
+                } else if resume {
                     match backend.resume(&tx_id, base.as_deref(), &user) {
                         Ok(staged) => {
                             write_json(
@@ -316,6 +328,7 @@ mod tests {
                 base: None,
                 user: "u".into(),
                 resume: false,
+                replace: false,
             },
             Request::PutFileLocal {
                 path: "input/s".into(),

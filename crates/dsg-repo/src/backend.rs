@@ -84,6 +84,18 @@ pub trait Backend: Send {
     /// staging for `tx_id`. `user` is shown to others waiting for the lock.
     fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), AgentError>;
 
+    /// `begin` of an init that replaces the repository if it exists (the
+    /// user confirmed `init --force`): the new repository is built aside
+    /// and takes the old one's place in one atomic step at commit; until
+    /// then the old one is untouched. The default cannot replace.
+    fn begin_replace(&mut self, tx_id: &str, user: &str) -> Result<(), AgentError> {
+        let _ = (tx_id, user);
+        Err(AgentError::new(
+            ErrorKind::Protocol,
+            format!("{} cannot replace a repository", self.describe()),
+        ))
+    }
+
     /// `begin` for a client that lost its connection during `tx_id`'s
     /// uploads: keeps what was staged if the transaction can continue (same
     /// id and base, nothing committed since) and returns it; otherwise

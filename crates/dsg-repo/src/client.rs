@@ -252,6 +252,21 @@ impl RepoClient {
             base: base.map(String::from),
             user: user.into(),
             resume: false,
+            replace: false,
+        })?;
+        self.expect_ok()
+    }
+
+    /// `begin` of an init that replaces the repository if it exists; only
+    /// after the user confirmed it (`init --force`).
+    pub fn begin_replacing(&mut self, tx_id: &str, user: &str) -> Result<(), RepoError> {
+        self.send_error = None;
+        self.send(&Request::Begin {
+            tx_id: tx_id.into(),
+            base: None,
+            user: user.into(),
+            resume: false,
+            replace: true,
         })?;
         self.expect_ok()
     }
@@ -264,6 +279,7 @@ impl RepoClient {
         tx_id: &str,
         base: Option<&str>,
         user: &str,
+        replace: bool,
     ) -> Result<(u64, u64), RepoError> {
         self.send_error = None;
         self.send(&Request::Begin {
@@ -271,6 +287,7 @@ impl RepoClient {
             base: base.map(String::from),
             user: user.into(),
             resume: true,
+            replace,
         })?;
         match self.recv()? {
             Response::Resumed { .. } => {}

@@ -58,6 +58,9 @@ pub struct PosixBackend {
     read_lock: Option<File>,
     name: String,
     lock: Option<File>,
+    /// A replacing init on a plain directory holds the repository's lock
+    /// as well as the init lock.
+    lock2: Option<File>,
     tx: Option<OpenTx>,
     lock_timeout: Duration,
     who: String,
@@ -73,6 +76,8 @@ struct OpenTx {
     /// for ZFS the clone's mountpoint.
     root: PathBuf,
     init: bool,
+    /// An init that replaces an existing repository (confirmed by the user).
+    replace: bool,
     staged: Vec<(String, StagedKind)>,
     /// Staging directories known to exist (saves a stat per path component).
     dirs: std::collections::HashSet<String>,
@@ -94,6 +99,7 @@ impl PosixBackend {
             read_lock: None,
             name,
             lock: None,
+            lock2: None,
             tx: None,
             lock_timeout: Duration::from_secs_f64(secs),
             who: String::new(),
@@ -196,8 +202,29 @@ impl PosixBackend {
             LockMode::Shared => rustix::fs::FlockOperation::NonBlockingLockShared,
         };
         let start = Instant::now();
+        let mut f = f;
         loop {
             match rustix::fs::flock(f.as_fd(), op) {
+                // A replacing init swaps the whole directory, lock file and
+                // all: a lock taken on the file that was moved away locks
+                // nothing. Take it again on the one now at the path.
+                Ok(()) if !same_file(&f, path) => {
+                    f = match mode {
+                        LockMode::Shared => match File::open(path) {
+                            Ok(f) => f,
+                            Err(_) => return Ok(None),
+                        },
+                        LockMode::Exclusive => OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(path)
+                            .map_err(|e| {
+                                AgentError::io(format!("cannot open lock {}", path.display()), e)
+                            })?,
+                    };
+                }
                 Ok(()) => return Ok(Some(f)),
                 Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
                     if !wait {
@@ -231,6 +258,7 @@ impl PosixBackend {
         // Dropping the file releases the flock; the holder text stays (it
         // is only read while someone holds the lock).
         self.lock = None;
+        self.lock2 = None;
     }
 
     fn head(&self) -> Result<Option<Manifest>, AgentError> {
@@ -594,6 +622,14 @@ fn staged_parent(tx: &mut OpenTx, path: &str) -> Result<PathBuf, AgentError> {
     Ok(p)
 }
 
+/// Whether the open file `f` is still the file at `path`.
+fn same_file(f: &File, path: &Path) -> bool {
+    match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn valid_tx_id(tx_id: &str) -> bool {
     !tx_id.is_empty() && tx_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
@@ -696,7 +732,7 @@ impl Backend for PosixBackend {
                     if z.exists(&ds).unwrap_or(false) {
                         self.unlock();
                         return Err(AgentError::new(ErrorKind::Exists, format!("dataset {ds} already exists"))
-                            .hint("choose another --repo-name, or destroy the old dataset first (zfs destroy -r)"));
+                            .hint("choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)"));
                     }
                 } else {
                     self.cleanup_init_leftovers()?;
@@ -707,7 +743,7 @@ impl Backend for PosixBackend {
                         ErrorKind::Exists,
                         format!("{} already exists", self.dir().display()),
                     )
-                    .hint("choose another --repo-name, or remove the old repository first"));
+                    .hint("choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)"));
                 }
                 let staging = match &self.zfs {
                     Some(z) => match z.create_init(tx_id) {
@@ -730,6 +766,7 @@ impl Backend for PosixBackend {
                     root: staging.clone(),
                     staging,
                     init: true,
+                    replace: false,
                     staged: Vec::new(),
                     dirs: Default::default(),
                     base: None,
@@ -804,6 +841,7 @@ impl Backend for PosixBackend {
                     root,
                     staging,
                     init: false,
+                    replace: false,
                     staged: Vec::new(),
                     dirs: Default::default(),
                     base: head,
@@ -908,6 +946,80 @@ impl Backend for PosixBackend {
         Ok(())
     }
 
+    fn begin_replace(&mut self, tx_id: &str, user: &str) -> Result<(), AgentError> {
+        let exists = match &self.zfs {
+            Some(z) => z.exists(&z.dataset())?,
+            None => fs::symlink_metadata(self.dir()).is_ok(),
+        };
+        if !exists {
+            return self.begin(tx_id, None, user);
+        }
+        self.who = user.to_string();
+        if self.tx.is_some() || !valid_tx_id(tx_id) {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!("cannot begin transaction {tx_id:?} here"),
+            ));
+        }
+        let staging = match self.zfs.clone() {
+            Some(z) => {
+                self.lock(&z.lock_path())?;
+                let r = z.recover().and_then(|()| z.create_replace(tx_id));
+                match r {
+                    Ok(mp) => mp,
+                    Err(e) => {
+                        let _ = z.rollback(tx_id);
+                        self.unlock();
+                        return Err(e);
+                    }
+                }
+            }
+            None => {
+                if !self.dsg().is_dir() {
+                    return Err(AgentError::new(
+                        ErrorKind::Exists,
+                        format!("{} exists and is not a dsg repository", self.dir().display()),
+                    )
+                    .hint("dsg replaces only a dsg repository; move it away or choose another --repo-name"));
+                }
+                // Both locks: no init of this name, and no sync of the
+                // repository being replaced, runs meanwhile.
+                self.lock(&self.init_lock_path())?;
+                match self.take_flock(&self.repo_lock_path(), LockMode::Exclusive, true) {
+                    Ok(l) => self.lock2 = l,
+                    Err(e) => {
+                        self.unlock();
+                        return Err(e);
+                    }
+                }
+                if let Err(e) = self
+                    .recover_locked()
+                    .and_then(|()| self.cleanup_init_leftovers())
+                {
+                    self.unlock();
+                    return Err(e);
+                }
+                let st = self.init_staging(tx_id);
+                fs::create_dir(&st).map_err(|e| AgentError::io(st.display(), e))?;
+                st
+            }
+        };
+        fs::create_dir_all(staging.join(".dsg/archive"))
+            .map_err(|e| AgentError::io(staging.display(), e))?;
+        self.tx = Some(OpenTx {
+            id: tx_id.into(),
+            root: staging.clone(),
+            staging,
+            init: true,
+            replace: true,
+            staged: Vec::new(),
+            dirs: Default::default(),
+            base: None,
+            error: None,
+        });
+        Ok(())
+    }
+
     fn resume(
         &mut self,
         tx_id: &str,
@@ -941,6 +1053,7 @@ impl Backend for PosixBackend {
                     root: st.clone(),
                     staging: st,
                     init: true,
+                    replace: false,
                     staged: Vec::new(),
                     dirs: Default::default(),
                     base: None,
@@ -987,6 +1100,7 @@ impl Backend for PosixBackend {
                     root: self.dir(),
                     staging,
                     init: false,
+                    replace: false,
                     staged: Vec::new(),
                     dirs: Default::default(),
                     base: head,
@@ -1043,6 +1157,7 @@ impl Backend for PosixBackend {
             return Ok(());
         };
         let r = match (&self.zfs, tx.init) {
+            (Some(z), true) if tx.replace => z.rollback(&tx.id),
             (Some(z), true) => z.run(&["destroy", "-r", &z.tx_dataset(&tx.id)]).map(|_| {
                 let _ = fs::remove_dir(&tx.staging);
             }),
@@ -1398,7 +1513,31 @@ impl PosixBackend {
             syncfs(&tx.staging)?;
             failpoint("repo.init.before_rename");
             if let Some(z) = &self.zfs {
-                return z.commit_init(&tx.id);
+                return if tx.replace {
+                    z.commit_replace(&tx.id)
+                } else {
+                    z.commit_init(&tx.id)
+                };
+            }
+            if tx.replace && fs::symlink_metadata(self.dir()).is_ok() {
+                // One atomic exchange is the commit point: the new tree
+                // takes the name, the old one takes the staging name,
+                // where the next recovery (or the line below) deletes it.
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &tx.staging,
+                    rustix::fs::CWD,
+                    self.dir(),
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .map_err(|e| {
+                    AgentError::io(format!("cannot replace {}", self.dir().display()), e.into())
+                })?;
+                sync_dir(&self.mountpoint)
+                    .map_err(|e| AgentError::io(self.mountpoint.display(), e))?;
+                failpoint("repo.replace.exchanged");
+                remove_dir_all_if_exists(&tx.staging)?;
+                return Ok(());
             }
             rustix::fs::renameat_with(
                 rustix::fs::CWD,

@@ -45,6 +45,10 @@ pub enum Request {
         user: String,
         #[serde(default)]
         resume: bool,
+        /// With `base: None`: replace the repository if it exists (a
+        /// confirmed `init --force`); it stays untouched until the commit.
+        #[serde(default)]
+        replace: bool,
     },
     /// Followed by data frames and an end frame carrying the file's bytes
     /// from `offset` on. `offset > 0` continues a staged prefix of that

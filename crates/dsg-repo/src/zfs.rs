@@ -46,6 +46,11 @@ pub enum ZRecord {
         tx: String,
         clone: String,
         base: String,
+        /// An init replacing the live dataset (`init --force`, confirmed):
+        /// `clone` is a new dataset, not a clone, and rolling back destroys
+        /// it all the same; past the commit point the swap is a sync's.
+        #[serde(default)]
+        replace: bool,
     },
     /// The commit point: the clone holds the new snapshot `snap`.
     Committed {
@@ -264,6 +269,29 @@ impl Zfs {
         Ok(())
     }
 
+    /// Begins an init that replaces the live dataset: journal first (so a
+    /// crash anywhere is recovered), then a new, empty dataset.
+    pub fn create_replace(&self, tx: &str) -> Result<PathBuf, AgentError> {
+        let j = Journal::create(&self.journal_path())
+            .map_err(|e| AgentError::io("cannot create the zfs journal", e))?;
+        j.append(&ZRecord::Begin {
+            tx: tx.into(),
+            clone: self.tx_dataset(tx),
+            base: String::new(),
+            replace: true,
+        })
+        .map_err(|e| AgentError::io("cannot write the zfs journal", e))?;
+        failpoint("zfs.replace.journal");
+        self.create_init(tx)
+    }
+
+    /// The replacing init's commit: `@s1` on the new dataset, the
+    /// `committed` record (the commit point), then the same guarded swap
+    /// as a sync (no promote: the new dataset is not a clone).
+    pub fn commit_replace(&self, tx: &str) -> Result<(), AgentError> {
+        self.commit(tx, "s1")
+    }
+
     /// Removes datasets of inits that never committed, and fixes the
     /// mountpoint of one that committed but did not finish.
     pub fn cleanup_init(&self) -> Result<(), AgentError> {
@@ -324,6 +352,7 @@ impl Zfs {
             tx: tx.into(),
             clone: clone.clone(),
             base: base.into(),
+            replace: false,
         })
         .map_err(|e| AgentError::io("cannot write the zfs journal", e))?;
         failpoint("zfs.journal.begin");
@@ -418,9 +447,18 @@ impl Zfs {
     /// Destroys the clone of an uncommitted transaction.
     pub fn rollback(&self, tx: &str) -> Result<(), AgentError> {
         let clone = self.tx_dataset(tx);
+        // A replacing init's dataset is new (no origin) and, before the
+        // commit point, never live: it may be destroyed.
+        let replacing = Journal::read::<ZRecord>(&self.journal_path())
+            .ok()
+            .flatten()
+            .is_some_and(|rs| {
+                rs.iter()
+                    .any(|r| matches!(r, ZRecord::Begin { tx: t, replace: true, .. } if t == tx))
+            });
         if self.exists(&clone)? {
             // A promoted clone is the live data: never destroy that here.
-            if self.origin(&clone)?.is_none() {
+            if !replacing && self.origin(&clone)?.is_none() {
                 return Err(AgentError::new(
                     ErrorKind::Corrupt,
                     format!("{clone} is not a clone any more; refusing to destroy it"),

@@ -18,10 +18,10 @@ use dsg_core::manifest::{Manifest, SyncMessages};
 use dsg_core::names::{apply_normalization, plan_normalization, NormalizePlan, Rename};
 use dsg_core::scan::{to_manifest, LocalKind, Problem, ProblemKind, ScanResult, StatCache};
 use dsg_repo::failpoint::failpoint;
-use dsg_repo::{RepoClient, RepoError};
+use dsg_repo::{Meta, RepoClient, RepoError};
 
 use crate::project::DSG_DIR;
-use crate::upload::{upload, Item, Retries};
+use crate::upload::{upload, Item, Retries, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
 pub struct InitArgs {
@@ -32,6 +32,9 @@ pub struct InitArgs {
     pub pool: Option<String>,
     pub remote_dsg: Option<String>,
     pub force: bool,
+    /// Replace the repository if it exists. Only with `force`, and only
+    /// after the user confirmed it (see `existing_repository`).
+    pub replace: bool,
     pub normalize: bool,
     pub dry_run: bool,
     pub message: Option<String>,
@@ -150,6 +153,61 @@ pub fn block_on_problems(problems: &[Problem], verb: &str) -> Result<()> {
     })
 }
 
+/// The project config an init with these arguments writes.
+fn config_of(args: &InitArgs) -> ProjectConfig {
+    ProjectConfig {
+        name: args.repo_name.clone(),
+        repository: Repository {
+            kind: args.repo_type,
+            host: args.host.clone(),
+            mountpoint: args.repo_path.clone(),
+            pool: args.pool.clone(),
+            remote_dsg: args.remote_dsg.clone(),
+        },
+        data_dirs: ProjectConfig::default_data_dirs(),
+        ignore: dsg_core::config::IgnoreRules::defaults(),
+        legacy_format: false,
+    }
+}
+
+/// A repository an init would replace.
+#[derive(Debug, serde::Serialize)]
+pub struct Existing {
+    /// `host:path` (and the dataset, for ZFS).
+    pub location: String,
+    /// Its head snapshot and how many files it lists.
+    pub head: Option<String>,
+    pub files: usize,
+}
+
+/// The repository these arguments name, if it exists: what `init --force`
+/// would replace, for the user to confirm first.
+pub fn existing_repository(args: &InitArgs) -> Result<Option<Existing>> {
+    let cfg = config_of(args);
+    let mut c = RepoClient::connect(&cfg)?;
+    if !c.repo_exists {
+        let _ = c.close();
+        return Ok(None);
+    }
+    let head = match c.read_meta("last-sync.json", None)? {
+        Meta::Data(b) => Manifest::from_json_bytes(&b, Path::new("last-sync.json")).ok(),
+        _ => None,
+    };
+    let _ = c.close();
+    let mut location = format!("{}:{}", cfg.repository.host, cfg.repo_dir().display());
+    if let Some(pool) = &cfg.repository.pool {
+        location.push_str(&format!(" (dataset {pool}/{})", cfg.name));
+    }
+    Ok(Some(Existing {
+        location,
+        head: head
+            .as_ref()
+            .and_then(|m| m.metadata.as_ref())
+            .map(|m| m.snapshot_id.clone()),
+        files: head.as_ref().map(|m| m.entries().len()).unwrap_or(0),
+    }))
+}
+
 pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitReport> {
     let dir = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
     if dir.join(DSG_DIR).exists() {
@@ -166,20 +224,13 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
             "--pool is required with --repo-type zfs".into(),
         ));
     }
+    if args.replace && !args.force {
+        return Err(EngineError::Usage(
+            "replacing an existing repository needs --force".into(),
+        ));
+    }
     let cfg_path = dir.join(PROJECT_CONFIG);
-    let config = ProjectConfig {
-        name: args.repo_name.clone(),
-        repository: Repository {
-            kind: args.repo_type,
-            host: args.host.clone(),
-            mountpoint: args.repo_path.clone(),
-            pool: args.pool.clone(),
-            remote_dsg: args.remote_dsg.clone(),
-        },
-        data_dirs: ProjectConfig::default_data_dirs(),
-        ignore: dsg_core::config::IgnoreRules::defaults(),
-        legacy_format: false,
-    };
+    let config = config_of(&args);
     if !args.repo_path.is_absolute() {
         return Err(EngineError::Usage(format!(
             "--repo-path {} must be an absolute path",
@@ -261,15 +312,7 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
     let tx = format!("tx-{}", uuid::Uuid::new_v4().simple());
     let staging = dir.join(format!(".dsg.init-{tx}"));
     let committing = std::cell::Cell::new(false);
-    let result = init_tx(
-        &project,
-        &scan,
-        &tx,
-        &staging,
-        args.message.as_deref(),
-        reporter,
-        &committing,
-    );
+    let result = init_tx(&project, &scan, &tx, &staging, &args, reporter, &committing);
     match result {
         Ok(hash) => {
             report.snapshot_hash = hash;
@@ -318,10 +361,11 @@ fn init_tx(
     scan: &ScanResult,
     tx: &str,
     staging: &Path,
-    message: Option<&str>,
+    args: &InitArgs,
     reporter: &dyn Reporter,
     committing: &std::cell::Cell<bool>,
 ) -> Result<Option<String>> {
+    let (message, replace) = (args.message.as_deref(), args.replace);
     let user = &project.user.user_id;
     let mut manifest: Manifest = to_manifest(scan.entries.clone(), None, user, false).0;
     manifest.seal(
@@ -360,7 +404,7 @@ fn init_tx(
             project,
             &mut client,
             tx,
-            None,
+            Target::Init { replace },
             &items,
             &Retries::new(3),
             reporter,

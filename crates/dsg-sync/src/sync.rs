@@ -38,7 +38,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::init::{block_on_problems, settle_names, RenameOut};
 use crate::project::DSG_DIR;
 use crate::status::{compare, fetch_remote, CompareOpts, Row};
-use crate::upload::{upload, Item, Retries};
+use crate::upload::{upload, Item, Retries, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
 #[derive(Default, Clone)]
@@ -381,7 +381,9 @@ fn sync_once(
                 project,
                 &mut client,
                 &tx,
-                Some(&remote_md.snapshot_id),
+                Target::Sync {
+                    base: &remote_md.snapshot_id,
+                },
                 &items,
                 retries,
                 reporter,

@@ -30,6 +30,15 @@ pub enum Item<'a> {
     },
 }
 
+/// What the uploads are for.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// A new repository; `replace`: replacing an existing one (confirmed).
+    Init { replace: bool },
+    /// A new snapshot on top of head `base`.
+    Sync { base: &'a str },
+}
+
 /// How many times one command may reconnect after a dropped connection,
 /// shared by all its steps so that nested retries stay bounded.
 pub struct Retries {
@@ -61,7 +70,7 @@ impl Retries {
     }
 }
 
-/// Begins transaction `tx` against `base` (`None`: init), sends `items`
+/// Begins transaction `tx` for `target`, sends `items`
 /// and waits for the agent to confirm all of them. A dropped connection is
 /// retried within `retries`, resuming the transaction on a new connection
 /// (which replaces `*client`).
@@ -69,7 +78,7 @@ pub fn upload(
     project: &Project,
     client: &mut RepoClient,
     tx: &str,
-    base: Option<&str>,
+    target: Target<'_>,
     items: &[Item<'_>],
     retries: &Retries,
     reporter: &dyn Reporter,
@@ -86,11 +95,17 @@ pub fn upload(
     let mut resuming = false;
     loop {
         let attempt = (|| -> Result<()> {
+            let (base, replace) = match target {
+                Target::Init { replace } => (None, replace),
+                Target::Sync { base } => (Some(base), false),
+            };
             if resuming {
-                let (n, b) = client.resume(tx, base, user)?;
+                let (n, b) = client.resume(tx, base, user, replace)?;
                 tracing::info!(
                     "resuming the upload: the repository kept {n} staged file(s), {b} bytes"
                 );
+            } else if replace {
+                client.begin_replacing(tx, user)?;
             } else {
                 client.begin(tx, base, user)?;
             }

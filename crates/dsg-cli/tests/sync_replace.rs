@@ -1,0 +1,225 @@
+//! `init --force` over an existing repository (xfs backend): it replaces the
+//! repository only after the user confirms by naming it, and the
+//! replacement is one atomic exchange — a crash anywhere leaves exactly the
+//! old repository or exactly the new one, never a missing or half-built
+//! one (G1). Checked on disk: the repository's whole listing (metadata,
+//! object store, file mtimes) for OLD, tree = the new project's data and
+//! head `s1` for NEW.
+
+mod sync_support;
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use sync_support::*;
+
+const OLD_NAME: &str = "repo";
+
+fn replace_args(e: &Env, confirm: Option<&str>) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "init",
+        "--no-interactive",
+        "--host",
+        "localhost",
+        "--repo-path",
+        e.repo_parent.to_str().unwrap(),
+        "--repo-name",
+        &e.repo_name,
+        "--repo-type",
+        "xfs",
+        "--force",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(c) = confirm {
+        v.push("--confirm-replace".into());
+        v.push(c.into());
+    }
+    v
+}
+
+/// Client A made the repository (s1, s2); client C holds unrelated data.
+fn setup() -> Env {
+    let e = Env::new("replace");
+    e.write("A", "task/input/a.csv", "a0\n");
+    e.write("A", "task/input/old.bin", bytes(1, 50_000));
+    e.init("A");
+    e.write("A", "task/input/a.csv", "a1\n");
+    e.write("A", "task/output/r.txt", "result\n");
+    e.ok("A", &["sync", "-m", "second"]);
+    e.write("C", "task/input/c.csv", "c\n");
+    e.write("C", "task/input/sub/new.bin", bytes(2, 70_000));
+    make_link(&e.client("C"), "task/output/l.csv", "../input/c.csv");
+    e
+}
+
+fn run_args(e: &Env, client: &str, args: &[String], envs: &[(&str, &str)]) -> std::process::Output {
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    e.run_env(client, &a, envs)
+}
+
+#[track_caller]
+fn assert_new(e: &Env, c_data: &Tree, ctx: &str) {
+    let head = read_json(&e.repo().join(".dsg/last-sync.json"));
+    assert_eq!(
+        snapshot_id(&head),
+        "s1",
+        "{ctx}: head of the new repository"
+    );
+    assert_eq!(message_ids(&e.repo()), vec!["s1".to_string()], "{ctx}");
+    assert_same(
+        &format!("{ctx}: repository data"),
+        c_data,
+        &tracked(&data_tree(&e.repo())),
+    );
+    assert_tree_matches_manifest(&e.repo(), &head, ctx);
+    assert!(
+        !e.repo().join(".dsg/objects").exists()
+            || walk_all(&e.repo().join(".dsg/objects"))
+                .iter()
+                .all(|(_, m)| m.is_dir()),
+        "{ctx}: the old history's objects survived the replacement"
+    );
+    assert_no_repo_leftovers(&e.repo_parent, &e.repo());
+}
+
+#[test]
+fn init_force_replaces_only_after_confirmation() {
+    let e = setup();
+    let old = state_listing(&e.repo());
+    let c_data = tracked(&data_tree(&e.client("C")));
+
+    // --force alone, not on a terminal: refused, nothing written anywhere.
+    let o = run_args(&e, "C", &replace_args(&e, None), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains(&format!("--confirm-replace {OLD_NAME}")),
+        "the error says how to confirm:\n{}",
+        show(&o)
+    );
+    assert!(
+        stderr(&o).contains("s2"),
+        "it names what would be lost:\n{}",
+        show(&o)
+    );
+    assert_same(
+        "repository after an unconfirmed --force",
+        &old,
+        &state_listing(&e.repo()),
+    );
+    assert!(!e.client("C").join(".dsg").exists());
+    assert!(!e.client("C").join(".dsgconfig.yml").exists());
+
+    // A confirmation that names something else: refused too.
+    let o = run_args(&e, "C", &replace_args(&e, Some("other")), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert_same(
+        "repository after a wrong confirmation",
+        &old,
+        &state_listing(&e.repo()),
+    );
+
+    // Confirmed: the repository is C's data as a fresh s1.
+    let o = run_args(&e, "C", &replace_args(&e, Some(OLD_NAME)), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_new(&e, &c_data, "after a confirmed replace");
+    e.assert_clean("C");
+    assert_eq!(
+        std::fs::read(e.client("C").join(".dsg/last-sync.json")).unwrap(),
+        std::fs::read(e.repo().join(".dsg/last-sync.json")).unwrap()
+    );
+    // The replaced repository works as any other: C syncs a change.
+    e.write("C", "task/input/c.csv", "c2\n");
+    e.ok("C", &["sync", "-m", "after replace"]);
+    assert_eq!(
+        snapshot_id(&read_json(&e.repo().join(".dsg/last-sync.json"))),
+        "s2"
+    );
+}
+
+#[test]
+fn crash_at_every_step_of_a_replacing_init() {
+    let reference = setup();
+    let args = replace_args(&reference, Some(OLD_NAME));
+    let o = run_args(&reference, "C", &args, &[("DSG_FAILPOINT", "list")]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let fps = failpoints_of(&o);
+    drop(reference);
+    let commit = fps
+        .iter()
+        .position(|f| f == "repo.replace.exchanged")
+        .unwrap_or_else(|| panic!("the exchange was not passed: {fps:?}"));
+
+    let mut done = Vec::new();
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    // A world still as before (OLD), its repository listing, C's data.
+    type Fresh = (Env, BTreeMap<String, (Node, i64, i64)>, Tree);
+    let mut cur: Option<Fresh> = None;
+    for (i, fp) in fps.iter().enumerate() {
+        let committed = i >= commit;
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            if cur.is_none() {
+                let e = setup();
+                let old = state_listing(&e.repo());
+                let c_data = tracked(&data_tree(&e.client("C")));
+                cur = Some((e, old, c_data));
+            }
+            let (e, old, c_data) = cur.as_ref().unwrap();
+            let ctx = format!("replacing init crashed at {fp}");
+            let args = replace_args(e, Some(OLD_NAME));
+            let o = run_args(e, "C", &args, &[("DSG_FAILPOINT", fp)]);
+            assert!(killed(&o.status), "{ctx}: expected SIGKILL: {}", show(&o));
+            // Any next command recovers the repository (here A's), then C's
+            // own next command settles C.
+            let st = e.run("A", &["status"]);
+            assert!(st.status.code().is_some(), "{ctx}: status crashed");
+            assert!(
+                e.repo().join(".dsg/last-sync.json").is_file(),
+                "{ctx}: repository missing"
+            );
+            let _ = e.run("C", &["status"]);
+            if committed {
+                assert_new(e, c_data, &ctx);
+                assert_no_leftovers(&e.client("C"));
+                assert_eq!(
+                    std::fs::read(e.client("C").join(".dsg/last-sync.json")).unwrap(),
+                    std::fs::read(e.repo().join(".dsg/last-sync.json")).unwrap(),
+                    "{ctx}: C's cache vs the new head"
+                );
+            } else {
+                assert_same(
+                    &format!("{ctx}: repository (OLD)"),
+                    old,
+                    &state_listing(&e.repo()),
+                );
+                assert_no_repo_leftovers(&e.repo_parent, &e.repo());
+                assert!(!e.client("C").join(".dsg").exists(), "{ctx}: C has a .dsg");
+                assert_no_leftovers(&e.client("C"));
+            }
+        }));
+        let outcome = if committed { "New" } else { "Old" };
+        match r {
+            Ok(()) => done.push(format!("{fp}={outcome}")),
+            Err(err) => {
+                done.push(format!("{fp}=FAILED"));
+                let text = err
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                failed.insert(fp.clone(), text);
+                cur = None;
+            }
+        }
+        if committed {
+            cur = None;
+        }
+    }
+    eprintln!(
+        "replacing init: {} crash points: {}",
+        done.len(),
+        done.join(" ")
+    );
+    assert!(failed.is_empty(), "crash points violating G1: {failed:#?}");
+}
