@@ -230,6 +230,62 @@ fn snapshot_views_are_read_only_and_leave_nothing() {
     z.assert_clean("A");
 }
 
+/// A history read whose process was killed leaves its temporary clone;
+/// the next command destroys it, but not the clone of a reader that is
+/// still alive.
+#[test]
+fn the_next_command_removes_read_clones_of_killed_readers() {
+    let Some(z) = ZEnv::new("zreadkill") else {
+        return;
+    };
+    project(&z, "A");
+    z.init("A");
+    z.write("A", &p(IN, "a.csv"), "changed");
+    z.ok("A", &["sync"]);
+    // A dead pid: a child that has exited and been reaped.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let mk = |pid: u32, tag: &str| {
+        let id = format!("read-p{pid}-{tag}");
+        let ds = format!("{}--{id}", z.dataset());
+        let mp = z.repo_parent.join(format!(".dsg-tx.{}.{id}", z.repo_name));
+        zfs_ok(&[
+            "clone",
+            "-o",
+            "readonly=on",
+            "-o",
+            &format!("mountpoint={}", mp.display()),
+            &format!("{}@s1", z.dataset()),
+            &ds,
+        ]);
+        ds
+    };
+    let killed_reader = mk(dead, "deadbeef");
+    let live_reader = mk(std::process::id(), "cafef00d");
+    assert!(z.datasets().contains(&killed_reader));
+    z.ok("A", &["status"]);
+    let left = z.datasets();
+    assert!(
+        !left.contains(&killed_reader),
+        "the clone of a killed reader survived the next command: {left:?}"
+    );
+    assert!(
+        left.contains(&live_reader),
+        "the clone of a live reader was destroyed: {left:?}"
+    );
+    // zfs-fuse releases a fresh mount asynchronously: retry "busy".
+    let o = zfs_retry(&["destroy", &live_reader]);
+    assert!(o.status.success(), "destroy {live_reader}: {}", stderr(&o));
+    let _ = fs::remove_dir(z.repo_parent.join(format!(
+        ".dsg-tx.{}.read-p{}-cafef00d",
+        z.repo_name,
+        std::process::id()
+    )));
+    z.assert_no_zfs_leftovers("after removing the live reader's clone");
+    assert_eq!(z.assert_repo_dataset("after read clones"), 2);
+}
+
 #[test]
 fn repository_stays_mounted_after_every_sync() {
     let Some(z) = ZEnv::new("zmount") else { return };

@@ -292,11 +292,24 @@ impl Zfs {
         self.commit(tx, "s1")
     }
 
-    /// Removes datasets of inits that never committed, and fixes the
-    /// mountpoint of one that committed but did not finish.
+    /// Removes datasets of inits that never committed and history-read
+    /// clones whose reader died, and fixes the mountpoint of an init that
+    /// committed but did not finish.
     pub fn cleanup_init(&self) -> Result<(), AgentError> {
         let prefix = format!("{}--tx-", self.dataset());
+        let read_prefix = format!("{}--read-p", self.dataset());
         for ds in self.children()? {
+            if let Some(rest) = ds.strip_prefix(&read_prefix) {
+                let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+                if pid.is_some_and(|p| !process_alive(p)) {
+                    tracing::info!("destroying {ds}, left by a history read that was killed");
+                    self.run(&["destroy", "-r", &ds])?;
+                    if let Some(id) = ds.strip_prefix(&format!("{}--", self.dataset())) {
+                        let _ = std::fs::remove_dir(self.tx_mountpoint(id));
+                    }
+                }
+                continue;
+            }
             if ds.starts_with(&prefix) && self.origin(&ds)?.is_none() && !self.journal_mentions(&ds)
             {
                 self.run(&["destroy", "-r", &ds])?;
@@ -519,7 +532,13 @@ impl Zfs {
                 zfs: self.clone(),
             });
         }
-        let id = format!("read-{}", uuid::Uuid::new_v4().simple());
+        // The pid lets recovery tell a clone whose reader was killed (to
+        // destroy) from one still being read (to leave alone).
+        let id = format!(
+            "read-p{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
         let ds = self.tx_dataset(&id);
         let mp = self.tx_mountpoint(&id);
         self.run(&[
@@ -536,6 +555,18 @@ impl Zfs {
             clone: Some(ds),
             zfs: self.clone(),
         })
+    }
+}
+
+/// Whether process `pid` exists on this machine (the agent runs on the
+/// repository host, where the reader ran).
+fn process_alive(pid: i32) -> bool {
+    match rustix::process::Pid::from_raw(pid) {
+        Some(p) => !matches!(
+            rustix::process::test_kill_process(p),
+            Err(rustix::io::Errno::SRCH)
+        ),
+        None => false,
     }
 }
 
