@@ -138,6 +138,72 @@ fn init_force_replaces_only_after_confirmation() {
     );
 }
 
+/// The prompt path: on a terminal (a pty made by `script`), `--force`
+/// asks, and only the repository's name typed back replaces it.
+#[test]
+fn init_force_on_a_terminal_asks_for_the_name() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(!is_ci(), "CI=true but `script` (util-linux) is missing");
+        eprintln!("SKIPPED: no `script` to make a terminal");
+        return;
+    }
+    let e = setup();
+    let old = state_listing(&e.repo());
+    let c_data = tracked(&data_tree(&e.client("C")));
+    let mut args = replace_args(&e, None);
+    args.retain(|a| a != "--no-interactive");
+    let quote = |w: &str| format!("'{}'", w.replace('\'', "'\\''"));
+    let line: Vec<String> = std::iter::once(dsg_bin().to_string_lossy().to_string())
+        .chain(args.iter().cloned())
+        .map(|w| quote(&w))
+        .collect();
+    let on_terminal = |answer: &str| {
+        use std::io::Write;
+        let base = e.command("C", &[]);
+        let mut c = std::process::Command::new("script");
+        c.args(["-qec", &line.join(" "), "/dev/null"])
+            .current_dir(e.client("C"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        let mut child = c.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+
+    let o = on_terminal("not-the-name");
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("Type its name ({OLD_NAME})")),
+        "the prompt names what to type:\n{}",
+        show(&o)
+    );
+    assert_same(
+        "repository after a wrong answer",
+        &old,
+        &state_listing(&e.repo()),
+    );
+
+    let o = on_terminal(OLD_NAME);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_new(&e, &c_data, "after a confirmed prompt");
+}
+
 #[test]
 fn crash_at_every_step_of_a_replacing_init() {
     let reference = setup();

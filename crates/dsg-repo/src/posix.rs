@@ -898,8 +898,7 @@ impl Backend for PosixBackend {
                 .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
             n += k as u64;
         }
-        drop(f);
-        self.accept_staged(path, &dst, (n, h.digest()), (size, hash), mtime_ns)
+        self.accept_staged(path, &dst, f, (n, h.digest()), (size, hash), mtime_ns)
     }
 
     fn stage_file_from(
@@ -917,11 +916,11 @@ impl Backend for PosixBackend {
         // and btrfs, an in-kernel copy elsewhere.
         std::io::copy(&mut from, &mut to)
             .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
-        drop(to);
         // Verify what landed, not what was meant to be sent.
-        let (got, n) = dsg_core::hash::hash_file(&dst)
-            .map_err(|e| AgentError::io(format!("verifying {path}"), e))?;
-        self.accept_staged(path, &dst, (n, got.0), (size, hash), mtime_ns)
+        let verified =
+            std::io::Seek::rewind(&mut to).and_then(|()| dsg_core::hash::hash_reader(&mut to));
+        let (got, n) = verified.map_err(|e| AgentError::io(format!("verifying {path}"), e))?;
+        self.accept_staged(path, &dst, to, (n, got.0), (size, hash), mtime_ns)
     }
 
     fn stage_link(&mut self, path: &str, target: &str) -> Result<(), AgentError> {
@@ -1351,7 +1350,9 @@ impl PosixBackend {
         let dst = parent.join(path.rsplit('/').next().unwrap());
         let err = |e| AgentError::io(format!("cannot stage {path}"), e);
         if keep == 0 {
+            // Readable too: a local copy is verified through this handle.
             let f = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
@@ -1382,11 +1383,13 @@ impl PosixBackend {
         &mut self,
         path: &str,
         dst: &Path,
+        f: File,
         (n, got): (u64, u64),
         (size, hash): (u64, u64),
         mtime_ns: i64,
     ) -> Result<(), AgentError> {
         if n != size || got != hash {
+            drop(f);
             let _ = fs::remove_file(dst);
             return Err(AgentError::new(
                 ErrorKind::Verify,
@@ -1394,10 +1397,10 @@ impl PosixBackend {
             )
             .hint("the file changed while it was sent, or the transfer was damaged; nothing was committed, run the command again"));
         }
+        // On the open file: no second open per file.
         let t = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
-        if let Ok(f) = File::options().write(true).open(dst) {
-            let _ = f.set_modified(t);
-        }
+        let _ = f.set_modified(t);
+        drop(f);
         let tx = self.tx.as_mut().expect("open transaction");
         tx.staged
             .push((path.into(), StagedKind::File { size, hash }));
