@@ -1025,10 +1025,11 @@ impl Backend for PosixBackend {
         base: Option<&str>,
         user: &str,
     ) -> Result<Vec<StagedFile>, AgentError> {
-        // ZFS transactions are clones: a lost connection rolls its clone
-        // back (see `detach`), so there is nothing to continue.
-        if self.zfs.is_some() || self.tx.is_some() || !valid_tx_id(tx_id) {
+        if self.tx.is_some() || !valid_tx_id(tx_id) {
             return self.begin(tx_id, base, user).map(|()| Vec::new());
+        }
+        if let Some(z) = self.zfs.clone() {
+            return self.resume_zfs(&z, tx_id, base, user);
         }
         self.who = user.to_string();
         match base {
@@ -1169,12 +1170,15 @@ impl Backend for PosixBackend {
     }
 
     fn detach(&mut self) {
-        if self.zfs.is_some() || self.tx.is_none() {
+        // A replacing init starts over rather than resume (its journal
+        // and dataset are undone now).
+        if self.tx.as_ref().is_none_or(|t| t.replace) {
             let _ = self.rollback();
             return;
         }
-        // The journal's `begin` record and the staging directory stay:
-        // `resume` continues them, `recover` removes them.
+        // What was staged stays — the staging directory and the journal's
+        // `begin` record; for ZFS the transaction's clone or init dataset —
+        // for `resume` to continue, or for the next `recover` to remove.
         self.tx = None;
         self.unlock();
     }
@@ -1338,6 +1342,69 @@ impl Backend for PosixBackend {
 }
 
 impl PosixBackend {
+    /// `resume` on ZFS: the transaction's dataset (a clone of the base for
+    /// a sync, a new dataset for an init) is still there, mounted, with its
+    /// staging, and nothing else happened since.
+    fn resume_zfs(
+        &mut self,
+        z: &crate::zfs::Zfs,
+        tx_id: &str,
+        base: Option<&str>,
+        user: &str,
+    ) -> Result<Vec<StagedFile>, AgentError> {
+        self.who = user.to_string();
+        self.lock(&z.lock_path())?;
+        let ds = z.tx_dataset(tx_id);
+        let mp = z.tx_mountpoint(tx_id);
+        let (staging, skip, head) = match base {
+            None => {
+                let ok = !z.exists(&z.dataset())?
+                    && z.exists(&ds)?
+                    && z.origin(&ds)?.is_none()
+                    && !z.journal_path().exists()
+                    && mp.join(".dsg").is_dir();
+                (ok.then(|| mp.clone()), ".dsg", None)
+            }
+            Some(b) => {
+                let ours = matches!(
+                    z.journal().as_deref(),
+                    Some([crate::zfs::ZRecord::Begin { tx, base, replace: false, .. }])
+                        if tx == tx_id && base == b
+                );
+                let head = self.head().ok().flatten();
+                let head_id = head
+                    .as_ref()
+                    .and_then(|h| h.metadata.as_ref())
+                    .map(|m| m.snapshot_id.clone());
+                let staging = mp.join(".dsg/staging").join(tx_id);
+                let ok = ours
+                    && head_id.as_deref() == Some(b)
+                    && z.exists(&ds)?
+                    && z.origin(&ds)?.is_some()
+                    && staging.is_dir();
+                (ok.then_some(staging), ".dsg-meta", head)
+            }
+        };
+        let Some(staging) = staging else {
+            // begin() reuses the lock we hold, recovers what is left and
+            // says why not, if it cannot begin either.
+            return self.begin(tx_id, base, user).map(|()| Vec::new());
+        };
+        let staged = list_staged(&staging, skip)?;
+        self.tx = Some(OpenTx {
+            id: tx_id.into(),
+            root: mp,
+            staging,
+            init: base.is_none(),
+            replace: false,
+            staged: Vec::new(),
+            dirs: Default::default(),
+            base: head,
+            error: None,
+        });
+        Ok(staged)
+    }
+
     /// Opens the staging file for `path` in the open transaction, keeping
     /// its first `keep` bytes (a resumed upload) and positioned after them.
     fn open_staged(&mut self, path: &str, keep: u64) -> Result<(PathBuf, File), AgentError> {

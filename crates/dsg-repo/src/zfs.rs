@@ -92,6 +92,13 @@ impl Zfs {
             .join(format!(".dsg-tx.{}.{}", self.name, tx))
     }
 
+    /// The journal's records, if it exists and reads.
+    pub fn journal(&self) -> Option<Vec<ZRecord>> {
+        Journal::read::<ZRecord>(&self.journal_path())
+            .ok()
+            .flatten()
+    }
+
     pub fn journal_path(&self) -> PathBuf {
         self.mountpoint
             .join(format!(".dsg-zfs.{}.journal", self.name))
