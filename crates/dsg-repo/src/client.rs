@@ -246,29 +246,33 @@ impl RepoClient {
     }
 
     pub fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), RepoError> {
-        self.send_error = None;
-        self.send(&Request::Begin {
-            tx_id: tx_id.into(),
-            base: base.map(String::from),
-            user: user.into(),
-            resume: false,
-            replace: false,
-        })?;
+        self.send_begin(tx_id, base, user, false, false)?;
         self.expect_ok()
     }
 
     /// `begin` of an init that replaces the repository if it exists; only
     /// after the user confirmed it (`init --force`).
     pub fn begin_replacing(&mut self, tx_id: &str, user: &str) -> Result<(), RepoError> {
+        self.send_begin(tx_id, None, user, false, true)?;
+        self.expect_ok()
+    }
+
+    fn send_begin(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        user: &str,
+        resume: bool,
+        replace: bool,
+    ) -> Result<(), RepoError> {
         self.send_error = None;
         self.send(&Request::Begin {
             tx_id: tx_id.into(),
-            base: None,
+            base: base.map(String::from),
             user: user.into(),
-            resume: false,
-            replace: true,
-        })?;
-        self.expect_ok()
+            resume,
+            replace,
+        })
     }
 
     /// `begin` on a new connection after the old one dropped during this
@@ -281,14 +285,7 @@ impl RepoClient {
         user: &str,
         replace: bool,
     ) -> Result<(u64, u64), RepoError> {
-        self.send_error = None;
-        self.send(&Request::Begin {
-            tx_id: tx_id.into(),
-            base: base.map(String::from),
-            user: user.into(),
-            resume: true,
-            replace,
-        })?;
+        self.send_begin(tx_id, base, user, true, replace)?;
         match self.recv()? {
             Response::Resumed { .. } => {}
             other => {

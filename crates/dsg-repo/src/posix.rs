@@ -82,7 +82,30 @@ struct OpenTx {
     /// Staging directories known to exist (saves a stat per path component).
     dirs: std::collections::HashSet<String>,
     base: Option<Manifest>,
-    error: Option<AgentError>,
+}
+
+impl OpenTx {
+    /// Uploads go to `staging` and are applied in `root` (for an init both
+    /// are the new repository's directory); `base` is the head a sync
+    /// builds on.
+    fn new(
+        id: &str,
+        root: PathBuf,
+        staging: PathBuf,
+        init: bool,
+        base: Option<Manifest>,
+    ) -> OpenTx {
+        OpenTx {
+            id: id.into(),
+            root,
+            staging,
+            init,
+            replace: false,
+            staged: Vec::new(),
+            dirs: Default::default(),
+            base,
+        }
+    }
 }
 
 impl PosixBackend {
@@ -761,17 +784,7 @@ impl Backend for PosixBackend {
                 };
                 fs::create_dir_all(staging.join(".dsg/archive"))
                     .map_err(|e| AgentError::io(staging.display(), e))?;
-                self.tx = Some(OpenTx {
-                    id: tx_id.into(),
-                    root: staging.clone(),
-                    staging,
-                    init: true,
-                    replace: false,
-                    staged: Vec::new(),
-                    dirs: Default::default(),
-                    base: None,
-                    error: None,
-                });
+                self.tx = Some(OpenTx::new(tx_id, staging.clone(), staging, true, None));
             }
             Some(base_id) => {
                 if !self.exists() {
@@ -836,17 +849,7 @@ impl Backend for PosixBackend {
                     .map_err(|e| AgentError::io("cannot write the journal", e))?;
                     failpoint("repo.journal.begin");
                 }
-                self.tx = Some(OpenTx {
-                    id: tx_id.into(),
-                    root,
-                    staging,
-                    init: false,
-                    replace: false,
-                    staged: Vec::new(),
-                    dirs: Default::default(),
-                    base: head,
-                    error: None,
-                });
+                self.tx = Some(OpenTx::new(tx_id, root, staging, false, head));
             }
         }
         Ok(())
@@ -1006,15 +1009,8 @@ impl Backend for PosixBackend {
         fs::create_dir_all(staging.join(".dsg/archive"))
             .map_err(|e| AgentError::io(staging.display(), e))?;
         self.tx = Some(OpenTx {
-            id: tx_id.into(),
-            root: staging.clone(),
-            staging,
-            init: true,
             replace: true,
-            staged: Vec::new(),
-            dirs: Default::default(),
-            base: None,
-            error: None,
+            ..OpenTx::new(tx_id, staging.clone(), staging, true, None)
         });
         Ok(())
     }
@@ -1048,17 +1044,7 @@ impl Backend for PosixBackend {
                 }
                 self.cleanup_init_leftovers_except(Some(&st))?;
                 let staged = list_staged(&st, ".dsg")?;
-                self.tx = Some(OpenTx {
-                    id: tx_id.into(),
-                    root: st.clone(),
-                    staging: st,
-                    init: true,
-                    replace: false,
-                    staged: Vec::new(),
-                    dirs: Default::default(),
-                    base: None,
-                    error: None,
-                });
+                self.tx = Some(OpenTx::new(tx_id, st.clone(), st, true, None));
                 Ok(staged)
             }
             Some(base_id) => {
@@ -1095,17 +1081,7 @@ impl Backend for PosixBackend {
                 }
                 remove_temp_files(&dsg)?;
                 let staged = list_staged(&staging, ".dsg-meta")?;
-                self.tx = Some(OpenTx {
-                    id: tx_id.into(),
-                    root: self.dir(),
-                    staging,
-                    init: false,
-                    replace: false,
-                    staged: Vec::new(),
-                    dirs: Default::default(),
-                    base: head,
-                    error: None,
-                });
+                self.tx = Some(OpenTx::new(tx_id, self.dir(), staging, false, head));
                 Ok(staged)
             }
         }
@@ -1391,17 +1367,7 @@ impl PosixBackend {
             return self.begin(tx_id, base, user).map(|()| Vec::new());
         };
         let staged = list_staged(&staging, skip)?;
-        self.tx = Some(OpenTx {
-            id: tx_id.into(),
-            root: mp,
-            staging,
-            init: base.is_none(),
-            replace: false,
-            staged: Vec::new(),
-            dirs: Default::default(),
-            base: head,
-            error: None,
-        });
+        self.tx = Some(OpenTx::new(tx_id, mp, staging, base.is_none(), head));
         Ok(staged)
     }
 
@@ -1497,9 +1463,6 @@ impl PosixBackend {
     }
 
     fn commit_tx(&mut self, tx: &OpenTx, c: &CommitData) -> Result<(), AgentError> {
-        if let Some(e) = &tx.error {
-            return Err(AgentError::new(e.kind, e.message.clone()));
-        }
         let new = Manifest::from_json_bytes(&c.manifest, Path::new("uploaded manifest"))
             .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))?;
         new.verify_integrity()

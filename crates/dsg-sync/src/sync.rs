@@ -142,15 +142,13 @@ pub fn sync(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Resul
             // A dropped connection outside the uploads (which resume on
             // their own) before the commit point changed nothing that
             // counts: the whole sync is idempotent, so plan and run it again.
-            Err(EngineError::Repo(RepoError::Connection { host, source })) => {
-                let Some(wait) = retries.next_wait() else {
-                    return Err(RepoError::Connection { host, source }.into());
-                };
-                reporter.warn(&format!(
-                    "lost the connection to {host} ({source}); retrying in {:.1} s",
-                    wait.as_secs_f64()
-                ));
-                std::thread::sleep(wait);
+            Err(EngineError::Repo(lost @ RepoError::Connection { .. })) => {
+                retries.wait_after(
+                    lost,
+                    "before the commit",
+                    "planning the sync again",
+                    reporter,
+                )?;
                 continue;
             }
             Ok(mut r) => {

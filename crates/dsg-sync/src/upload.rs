@@ -65,8 +65,27 @@ impl Retries {
         Some(crate::sync::backoff(n + 1))
     }
 
-    pub fn used(&self) -> u32 {
-        self.used.get()
+    /// After a lost connection `lost`: says so and waits out the backoff,
+    /// or returns `lost` when the budget is spent.
+    pub fn wait_after(
+        &self,
+        lost: RepoError,
+        during: &str,
+        then: &str,
+        reporter: &dyn Reporter,
+    ) -> Result<()> {
+        let RepoError::Connection { host, source } = &lost else {
+            return Err(lost.into());
+        };
+        let Some(wait) = self.next_wait() else {
+            return Err(lost.into());
+        };
+        reporter.warn(&format!(
+            "lost the connection to {host} {during} ({source}); retrying in {:.1} s, {then}",
+            wait.as_secs_f64()
+        ));
+        std::thread::sleep(wait);
+        Ok(())
     }
 }
 
@@ -135,14 +154,12 @@ pub fn upload(
         match attempt {
             Err(EngineError::Repo(RepoError::Connection { host, source })) => {
                 reporter.transfer_done();
-                let Some(wait) = retries.next_wait() else {
-                    return Err(RepoError::Connection { host, source }.into());
-                };
-                reporter.warn(&format!(
-                    "lost the connection to {host} during the upload ({source}); retrying in {:.1} s, resuming where it stopped",
-                    wait.as_secs_f64()
-                ));
-                std::thread::sleep(wait);
+                retries.wait_after(
+                    RepoError::Connection { host, source },
+                    "during the upload",
+                    "resuming where it stopped",
+                    reporter,
+                )?;
                 *client = reconnect(project, retries)?;
                 resuming = true;
             }
