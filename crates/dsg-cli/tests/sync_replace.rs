@@ -204,6 +204,71 @@ fn init_force_on_a_terminal_asks_for_the_name() {
     assert_new(&e, &c_data, "after a confirmed prompt");
 }
 
+/// A client whose last sync was in the replaced repository must not sync
+/// against the new one: its files of the old history would count as
+/// deleted remotely and be deleted here (perhaps the last copies).
+#[test]
+fn a_client_of_the_replaced_repository_is_blocked_not_emptied() {
+    let e = setup();
+    e.ok(
+        "C",
+        &{
+            let a = replace_args(&e, Some(OLD_NAME));
+            a
+        }
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>(),
+    );
+    let a_before = state_listing(&e.client("A"));
+    let repo_before = state_listing(&e.repo());
+    let o = e.run("A", &["sync", "-m", "stale"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("no longer holds this project's last sync"),
+        "{}",
+        show(&o)
+    );
+    assert_same(
+        "A after the blocked sync",
+        &a_before,
+        &state_listing(&e.client("A")),
+    );
+    assert_same(
+        "repository after A's blocked sync",
+        &repo_before,
+        &state_listing(&e.repo()),
+    );
+}
+
+/// A replacing init that fails (an error, not a crash) before its commit
+/// point, over a repository whose head is also `s1`: it must fail, and
+/// leave the old repository and no local state (an id alone would say s1
+/// "landed").
+#[test]
+fn a_failed_replace_over_an_s1_repository_is_a_failure() {
+    let e = Env::new("replace-s1");
+    e.write("A", "task/input/a.csv", "only s1\n");
+    e.init("A");
+    e.write("C", "task/input/c.csv", "c\n");
+    let old = state_listing(&e.repo());
+    let o = run_args(
+        &e,
+        "C",
+        &replace_args(&e, Some(OLD_NAME)),
+        &[("DSG_FAILPOINT", "repo.init.before_rename:error")],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(stderr(&o).contains("injected failure"), "{}", show(&o));
+    assert_same("old s1 repository", &old, &state_listing(&e.repo()));
+    assert!(
+        !e.client("C").join(".dsg").exists(),
+        "C got a .dsg for a failed init"
+    );
+    assert_no_leftovers(&e.client("C"));
+    assert_no_repo_leftovers(&e.repo_parent, &e.repo());
+}
+
 #[test]
 fn crash_at_every_step_of_a_replacing_init() {
     let reference = setup();

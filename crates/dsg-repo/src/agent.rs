@@ -137,10 +137,12 @@ fn serve_loop<R: Read, W: Write>(
                 user,
                 resume,
                 replace,
+                base_hash,
             } => {
                 *sticky = None;
+                let hash = base_hash.as_deref();
                 if replace && base.is_none() {
-                    let r = backend.begin_replace(&tx_id, &user);
+                    let r = backend.begin_replace(&tx_id, &user, hash);
                     match (r, resume) {
                         // A replacing init starts over after a lost connection.
                         (Ok(()), true) => {
@@ -148,10 +150,14 @@ fn serve_loop<R: Read, W: Write>(
                             write_data(&mut w, b"[]")?;
                         }
                         (Ok(()), false) => write_json(&mut w, &Response::Ok)?,
-                        (Err(e), _) => reply_err(&mut w, &e)?,
+                        (Err(e), _) => {
+                            // A failed begin may hold the lock: release it.
+                            let _ = backend.rollback();
+                            reply_err(&mut w, &e)?
+                        }
                     }
                 } else if resume {
-                    match backend.resume(&tx_id, base.as_deref(), &user) {
+                    match backend.resume(&tx_id, base.as_deref(), hash, &user) {
                         Ok(staged) => {
                             write_json(
                                 &mut w,
@@ -162,12 +168,18 @@ fn serve_loop<R: Read, W: Write>(
                             let list = serde_json::to_vec(&staged).map_err(io::Error::other)?;
                             write_data(&mut w, &list)?;
                         }
-                        Err(e) => reply_err(&mut w, &e)?,
+                        Err(e) => {
+                            let _ = backend.rollback();
+                            reply_err(&mut w, &e)?
+                        }
                     }
                 } else {
-                    match backend.begin(&tx_id, base.as_deref(), &user) {
+                    match backend.begin(&tx_id, base.as_deref(), hash, &user) {
                         Ok(()) => write_json(&mut w, &Response::Ok)?,
-                        Err(e) => reply_err(&mut w, &e)?,
+                        Err(e) => {
+                            let _ = backend.rollback();
+                            reply_err(&mut w, &e)?
+                        }
                     }
                 }
             }
@@ -329,6 +341,7 @@ mod tests {
                 user: "u".into(),
                 resume: false,
                 replace: false,
+                base_hash: None,
             },
             Request::PutFileLocal {
                 path: "input/s".into(),

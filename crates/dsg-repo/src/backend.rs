@@ -82,14 +82,28 @@ pub trait Backend: Send {
     /// Locks the repository, finishes any interrupted transaction, checks the
     /// head is `base` (`None`: the repository must not exist) and prepares
     /// staging for `tx_id`. `user` is shown to others waiting for the lock.
-    fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), AgentError>;
+    /// `base_hash`, when given, must be the head's snapshot hash too.
+    fn begin(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        base_hash: Option<&str>,
+        user: &str,
+    ) -> Result<(), AgentError>;
 
     /// `begin` of an init that replaces the repository if it exists (the
     /// user confirmed `init --force`): the new repository is built aside
     /// and takes the old one's place in one atomic step at commit; until
     /// then the old one is untouched. The default cannot replace.
-    fn begin_replace(&mut self, tx_id: &str, user: &str) -> Result<(), AgentError> {
-        let _ = (tx_id, user);
+    /// `expect_hash`: the head the user saw when confirming; the backend
+    /// refuses if the repository holds another one now.
+    fn begin_replace(
+        &mut self,
+        tx_id: &str,
+        user: &str,
+        expect_hash: Option<&str>,
+    ) -> Result<(), AgentError> {
+        let _ = (tx_id, user, expect_hash);
         Err(AgentError::new(
             ErrorKind::Protocol,
             format!("{} cannot replace a repository", self.describe()),
@@ -104,9 +118,11 @@ pub trait Backend: Send {
         &mut self,
         tx_id: &str,
         base: Option<&str>,
+        base_hash: Option<&str>,
         user: &str,
     ) -> Result<Vec<StagedFile>, AgentError> {
-        self.begin(tx_id, base, user).map(|()| Vec::new())
+        self.begin(tx_id, base, base_hash, user)
+            .map(|()| Vec::new())
     }
 
     /// Stages one file from `data`, which holds its bytes from `offset` on

@@ -245,15 +245,29 @@ impl RepoClient {
         }
     }
 
-    pub fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), RepoError> {
-        self.send_begin(tx_id, base, user, false, false)?;
+    /// Begins a transaction on top of `base` (`None`: an init), whose
+    /// snapshot hash is `base_hash`.
+    pub fn begin(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        base_hash: Option<&str>,
+        user: &str,
+    ) -> Result<(), RepoError> {
+        self.send_begin(tx_id, base, base_hash, user, false, false)?;
         self.expect_ok()
     }
 
     /// `begin` of an init that replaces the repository if it exists; only
-    /// after the user confirmed it (`init --force`).
-    pub fn begin_replacing(&mut self, tx_id: &str, user: &str) -> Result<(), RepoError> {
-        self.send_begin(tx_id, None, user, false, true)?;
+    /// after the user confirmed it (`init --force`), having seen the head
+    /// whose hash is `confirmed_hash`.
+    pub fn begin_replacing(
+        &mut self,
+        tx_id: &str,
+        user: &str,
+        confirmed_hash: Option<&str>,
+    ) -> Result<(), RepoError> {
+        self.send_begin(tx_id, None, confirmed_hash, user, false, true)?;
         self.expect_ok()
     }
 
@@ -261,6 +275,7 @@ impl RepoClient {
         &mut self,
         tx_id: &str,
         base: Option<&str>,
+        base_hash: Option<&str>,
         user: &str,
         resume: bool,
         replace: bool,
@@ -272,6 +287,7 @@ impl RepoClient {
             user: user.into(),
             resume,
             replace,
+            base_hash: base_hash.map(String::from),
         })
     }
 
@@ -282,10 +298,11 @@ impl RepoClient {
         &mut self,
         tx_id: &str,
         base: Option<&str>,
+        base_hash: Option<&str>,
         user: &str,
         replace: bool,
     ) -> Result<(u64, u64), RepoError> {
-        self.send_begin(tx_id, base, user, true, replace)?;
+        self.send_begin(tx_id, base, base_hash, user, true, replace)?;
         match self.recv()? {
             Response::Resumed { .. } => {}
             other => {

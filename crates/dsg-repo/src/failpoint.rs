@@ -2,8 +2,11 @@
 //! abruptly (as kill -9 would: no destructors, no cleanup) when it reaches
 //! that step. `DSG_FAILPOINT=list` prints each step name to stderr as it is
 //! passed, so tests can enumerate the steps. `DSG_FAILPOINT=<name>:pause=MS`
-//! sleeps there instead, so a test can deliver a signal at a known step. Compiled in always: a check of
-//! one environment variable per step costs nothing measurable.
+//! sleeps there instead, so a test can deliver a signal at a known step.
+//! `DSG_FAILPOINT=<name>:error` makes the steps that can fail (see
+//! `injected_error`) return an error there, for "failed, not crashed"
+//! tests. Compiled in always: a check of one environment variable per step
+//! costs nothing measurable.
 
 use std::sync::OnceLock;
 
@@ -40,4 +43,10 @@ pub fn failpoint(name: &str) {
         }
         Some(_) => {}
     }
+}
+
+/// True when `DSG_FAILPOINT=<name>:error`: the caller fails at this step as
+/// if its next system call had.
+pub fn injected_error(name: &str) -> bool {
+    matches!(setting(), Some(s) if s.strip_prefix(name) == Some(":error"))
 }

@@ -653,6 +653,15 @@ fn same_file(f: &File, path: &Path) -> bool {
     }
 }
 
+/// Whether `head` is the snapshot a client planned against: its id, and
+/// its hash when the client sent one (ids start again at s1 in a replaced
+/// repository, so an id alone can name another repository's snapshot).
+fn is_base(head: Option<&Manifest>, id: &str, hash: Option<&str>) -> bool {
+    let md = head.and_then(|h| h.metadata.as_ref());
+    md.is_some_and(|m| m.snapshot_id == id)
+        && hash.is_none_or(|h| md.and_then(|m| m.snapshot_hash.as_deref()) == Some(h))
+}
+
 fn valid_tx_id(tx_id: &str) -> bool {
     !tx_id.is_empty() && tx_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
@@ -719,7 +728,13 @@ impl Backend for PosixBackend {
         Ok(first)
     }
 
-    fn begin(&mut self, tx_id: &str, base: Option<&str>, user: &str) -> Result<(), AgentError> {
+    fn begin(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        base_hash: Option<&str>,
+        user: &str,
+    ) -> Result<(), AgentError> {
         self.who = user.to_string();
         if self.tx.is_some() {
             return Err(AgentError::new(
@@ -820,6 +835,16 @@ impl Backend for PosixBackend {
                         format!(
                             "the repository moved: its head is {}, this sync was planned against {base_id}",
                             head_id.as_deref().unwrap_or("nothing")
+                        ),
+                    )
+                    .hint("run the command again; dsg will plan against the new head"));
+                }
+                if !is_base(head.as_ref(), base_id, base_hash) {
+                    self.unlock();
+                    return Err(AgentError::new(
+                        ErrorKind::Moved,
+                        format!(
+                            "the repository was replaced: its head {base_id} is not the {base_id} this sync was planned against"
                         ),
                     )
                     .hint("run the command again; dsg will plan against the new head"));
@@ -948,13 +973,18 @@ impl Backend for PosixBackend {
         Ok(())
     }
 
-    fn begin_replace(&mut self, tx_id: &str, user: &str) -> Result<(), AgentError> {
+    fn begin_replace(
+        &mut self,
+        tx_id: &str,
+        user: &str,
+        expect_hash: Option<&str>,
+    ) -> Result<(), AgentError> {
         let exists = match &self.zfs {
             Some(z) => z.exists(&z.dataset())?,
             None => fs::symlink_metadata(self.dir()).is_ok(),
         };
         if !exists {
-            return self.begin(tx_id, None, user);
+            return self.begin(tx_id, None, None, user);
         }
         self.who = user.to_string();
         if self.tx.is_some() || !valid_tx_id(tx_id) {
@@ -1006,12 +1036,27 @@ impl Backend for PosixBackend {
                 st
             }
         };
-        fs::create_dir_all(staging.join(".dsg/archive"))
-            .map_err(|e| AgentError::io(staging.display(), e))?;
         self.tx = Some(OpenTx {
             replace: true,
-            ..OpenTx::new(tx_id, staging.clone(), staging, true, None)
+            ..OpenTx::new(tx_id, staging.clone(), staging.clone(), true, None)
         });
+        // What the user confirmed replacing must be what is replaced: a
+        // sync committed since then would be lost unseen.
+        let head = self.head().ok().flatten();
+        let head_hash = head
+            .as_ref()
+            .and_then(|h| h.metadata.as_ref())
+            .and_then(|m| m.snapshot_hash.as_deref());
+        if expect_hash.is_some() && head_hash != expect_hash {
+            let _ = self.rollback();
+            return Err(AgentError::new(
+                ErrorKind::Moved,
+                "the repository changed since you confirmed replacing it; nothing was replaced",
+            )
+            .hint("run the command again to see what it holds now and confirm again"));
+        }
+        fs::create_dir_all(staging.join(".dsg/archive"))
+            .map_err(|e| AgentError::io(staging.display(), e))?;
         Ok(())
     }
 
@@ -1019,19 +1064,24 @@ impl Backend for PosixBackend {
         &mut self,
         tx_id: &str,
         base: Option<&str>,
+        base_hash: Option<&str>,
         user: &str,
     ) -> Result<Vec<StagedFile>, AgentError> {
         if self.tx.is_some() || !valid_tx_id(tx_id) {
-            return self.begin(tx_id, base, user).map(|()| Vec::new());
+            return self
+                .begin(tx_id, base, base_hash, user)
+                .map(|()| Vec::new());
         }
         if let Some(z) = self.zfs.clone() {
-            return self.resume_zfs(&z, tx_id, base, user);
+            return self.resume_zfs(&z, tx_id, base, base_hash, user);
         }
         self.who = user.to_string();
         match base {
             None => {
                 if !self.mountpoint.is_dir() {
-                    return self.begin(tx_id, base, user).map(|()| Vec::new());
+                    return self
+                        .begin(tx_id, base, base_hash, user)
+                        .map(|()| Vec::new());
                 }
                 self.lock(&self.init_lock_path())?;
                 let st = self.init_staging(tx_id);
@@ -1040,7 +1090,9 @@ impl Backend for PosixBackend {
                     .unwrap_or(false);
                 if !is_dir || fs::symlink_metadata(self.dir()).is_ok() {
                     // begin() reuses the lock we hold, and reports why not.
-                    return self.begin(tx_id, base, user).map(|()| Vec::new());
+                    return self
+                        .begin(tx_id, base, base_hash, user)
+                        .map(|()| Vec::new());
                 }
                 self.cleanup_init_leftovers_except(Some(&st))?;
                 let staged = list_staged(&st, ".dsg")?;
@@ -1049,7 +1101,9 @@ impl Backend for PosixBackend {
             }
             Some(base_id) => {
                 if !self.exists() {
-                    return self.begin(tx_id, base, user).map(|()| Vec::new());
+                    return self
+                        .begin(tx_id, base, base_hash, user)
+                        .map(|()| Vec::new());
                 }
                 let lock_path = self.repo_lock_path();
                 self.lock(&lock_path)?;
@@ -1061,15 +1115,13 @@ impl Backend for PosixBackend {
                     Some([Record::Begin { tx, base }]) if tx == tx_id && base == base_id
                 );
                 let head = self.head().ok().flatten();
-                let head_id = head
-                    .as_ref()
-                    .and_then(|h| h.metadata.as_ref())
-                    .map(|m| m.snapshot_id.as_str());
                 let is_dir = fs::symlink_metadata(&staging)
                     .map(|m| m.is_dir())
                     .unwrap_or(false);
-                if !ours || !is_dir || head_id != Some(base_id) {
-                    return self.begin(tx_id, base, user).map(|()| Vec::new());
+                if !ours || !is_dir || !is_base(head.as_ref(), base_id, base_hash) {
+                    return self
+                        .begin(tx_id, base, base_hash, user)
+                        .map(|()| Vec::new());
                 }
                 // Only this transaction's staging survives.
                 if let Ok(rd) = fs::read_dir(dsg.join("staging")) {
@@ -1112,35 +1164,25 @@ impl Backend for PosixBackend {
             }
             self.tx = Some(tx);
             // Before the commit point this rolls back; after it, it rolls
-            // forward, and then the commit did happen.
-            let _ = self.rollback();
-            let head = self.head().ok().flatten();
-            let head_id = head
-                .as_ref()
-                .and_then(|h| h.metadata.as_ref())
-                .map(|m| m.snapshot_id.as_str());
-            if head_id == Some(c.snapshot_id.as_str()) {
-                return Ok(());
+            // forward, and then the commit did happen. Decided under the
+            // lock, by the exact bytes: an id alone could be an older
+            // repository's (a replaced one starts again at s1).
+            let _ = self.rollback_keep_lock();
+            if let Some(z) = &self.zfs {
+                // An init renamed into place whose mount did not finish.
+                let _ = z.cleanup_init();
             }
-            return Err(e);
+            let landed = fs::read(self.dsg().join("last-sync.json")).is_ok_and(|b| b == c.manifest);
+            self.unlock();
+            return if landed { Ok(()) } else { Err(e) };
         }
         self.unlock();
         Ok(())
     }
 
     fn rollback(&mut self) -> Result<(), AgentError> {
-        let Some(tx) = self.tx.take() else {
-            return Ok(());
-        };
-        let r = match (&self.zfs, tx.init) {
-            (Some(z), true) if tx.replace => z.rollback(&tx.id),
-            (Some(z), true) => z.run(&["destroy", "-r", &z.tx_dataset(&tx.id)]).map(|_| {
-                let _ = fs::remove_dir(&tx.staging);
-            }),
-            (Some(z), false) => z.rollback(&tx.id),
-            (None, true) => remove_dir_all_if_exists(&tx.staging),
-            (None, false) => self.recover_locked(),
-        };
+        let r = self.rollback_keep_lock();
+        // Also after a `begin` that failed holding the lock.
         self.unlock();
         r
     }
@@ -1318,6 +1360,22 @@ impl Backend for PosixBackend {
 }
 
 impl PosixBackend {
+    /// Undoes the open transaction (a no-op without one), keeping the lock.
+    fn rollback_keep_lock(&mut self) -> Result<(), AgentError> {
+        let Some(tx) = self.tx.take() else {
+            return Ok(());
+        };
+        match (&self.zfs, tx.init) {
+            (Some(z), true) if tx.replace => z.rollback(&tx.id),
+            (Some(z), true) => z.run(&["destroy", "-r", &z.tx_dataset(&tx.id)]).map(|_| {
+                let _ = fs::remove_dir(&tx.staging);
+            }),
+            (Some(z), false) => z.rollback(&tx.id),
+            (None, true) => remove_dir_all_if_exists(&tx.staging),
+            (None, false) => self.recover_locked(),
+        }
+    }
+
     /// `resume` on ZFS: the transaction's dataset (a clone of the base for
     /// a sync, a new dataset for an init) is still there, mounted, with its
     /// staging, and nothing else happened since.
@@ -1326,6 +1384,7 @@ impl PosixBackend {
         z: &crate::zfs::Zfs,
         tx_id: &str,
         base: Option<&str>,
+        base_hash: Option<&str>,
         user: &str,
     ) -> Result<Vec<StagedFile>, AgentError> {
         self.who = user.to_string();
@@ -1348,13 +1407,9 @@ impl PosixBackend {
                         if tx == tx_id && base == b
                 );
                 let head = self.head().ok().flatten();
-                let head_id = head
-                    .as_ref()
-                    .and_then(|h| h.metadata.as_ref())
-                    .map(|m| m.snapshot_id.clone());
                 let staging = mp.join(".dsg/staging").join(tx_id);
                 let ok = ours
-                    && head_id.as_deref() == Some(b)
+                    && is_base(head.as_ref(), b, base_hash)
                     && z.exists(&ds)?
                     && z.origin(&ds)?.is_some()
                     && staging.is_dir();
@@ -1364,7 +1419,9 @@ impl PosixBackend {
         let Some(staging) = staging else {
             // begin() reuses the lock we hold, recovers what is left and
             // says why not, if it cannot begin either.
-            return self.begin(tx_id, base, user).map(|()| Vec::new());
+            return self
+                .begin(tx_id, base, base_hash, user)
+                .map(|()| Vec::new());
         };
         let staged = list_staged(&staging, skip)?;
         self.tx = Some(OpenTx::new(tx_id, mp, staging, base.is_none(), head));
@@ -1545,6 +1602,12 @@ impl PosixBackend {
                 .map_err(|e| AgentError::io("creating the lock file", e))?;
             syncfs(&tx.staging)?;
             failpoint("repo.init.before_rename");
+            if crate::failpoint::injected_error("repo.init.before_rename") {
+                return Err(AgentError::new(
+                    ErrorKind::Io,
+                    "injected failure before the init's commit point (DSG_FAILPOINT)",
+                ));
+            }
             if let Some(z) = &self.zfs {
                 return if tx.replace {
                     z.commit_replace(&tx.id)

@@ -49,6 +49,11 @@ pub enum Request {
         /// confirmed `init --force`); it stays untouched until the commit.
         #[serde(default)]
         replace: bool,
+        /// The snapshot hash of `base` (a sync), or of the head the user
+        /// confirmed replacing (a replacing init). Snapshot ids start again
+        /// at s1 in a replaced repository: the id alone is not enough.
+        #[serde(default)]
+        base_hash: Option<String>,
     },
     /// Followed by data frames and an end frame carrying the file's bytes
     /// from `offset` on. `offset > 0` continues a staged prefix of that

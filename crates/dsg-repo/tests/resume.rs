@@ -95,7 +95,7 @@ fn repo_at_s1(dir: &Path) -> (std::path::PathBuf, Manifest) {
     std::fs::create_dir_all(dir.join("repos")).unwrap();
     let a = bytes(1, 1000);
     let mut b = PosixBackend::new(&root).unwrap();
-    b.begin("tx-init", None, "t").unwrap();
+    b.begin("tx-init", None, None, "t").unwrap();
     stage(&mut b, "input/a", &a, 0).unwrap();
     let m = manifest("s1", &[("input/a", &a)], None);
     commit(&mut b, &m).unwrap();
@@ -106,7 +106,7 @@ fn repo_at_s1(dir: &Path) -> (std::path::PathBuf, Manifest) {
 /// is cut `cut` bytes in, with `input/small` fully staged before it.
 fn cut_upload(root: &Path, big: &[u8], small: &[u8], cut: usize) {
     let mut b = PosixBackend::new(root).unwrap();
-    b.begin("tx-1", Some("s1"), "t").unwrap();
+    b.begin("tx-1", Some("s1"), None, "t").unwrap();
     stage(&mut b, "input/small", small, 0).unwrap();
     let mut r = CutAfter {
         data: big,
@@ -134,7 +134,7 @@ fn a_resumed_transaction_keeps_its_staging_and_commits_the_whole_files() {
     cut_upload(&root, &big, &small, 1_234_567);
 
     let mut b = PosixBackend::new(&root).unwrap();
-    let staged = sorted(b.resume("tx-1", Some("s1"), "t").unwrap());
+    let staged = sorted(b.resume("tx-1", Some("s1"), None, "t").unwrap());
     assert_eq!(
         staged,
         vec![
@@ -184,7 +184,7 @@ fn a_staged_prefix_damaged_on_the_server_fails_verification() {
     std::fs::write(&p, &staged).unwrap();
 
     let mut b = PosixBackend::new(&root).unwrap();
-    b.resume("tx-1", Some("s1"), "t").unwrap();
+    b.resume("tx-1", Some("s1"), None, "t").unwrap();
     assert_eq!(
         stage(&mut b, "input/big", &big, 1_000_000),
         Err(ErrorKind::Verify)
@@ -215,7 +215,7 @@ fn recovery_by_another_command_wins_over_a_later_resume() {
 
     // The resume finds nothing and begins afresh.
     let mut b = PosixBackend::new(&root).unwrap();
-    assert_eq!(b.resume("tx-1", Some("s1"), "t").unwrap(), vec![]);
+    assert_eq!(b.resume("tx-1", Some("s1"), None, "t").unwrap(), vec![]);
     stage(&mut b, "input/big", &big, 0).unwrap();
     b.rollback().unwrap();
 }
@@ -226,7 +226,7 @@ fn a_resume_against_a_moved_head_is_refused() {
     let (root, _) = repo_at_s1(d.path());
     cut_upload(&root, &bytes(8, 100_000), b"x", 10_000);
     let mut b = PosixBackend::new(&root).unwrap();
-    let e = b.resume("tx-1", Some("s0"), "t").unwrap_err();
+    let e = b.resume("tx-1", Some("s0"), None, "t").unwrap_err();
     assert_eq!(e.kind, ErrorKind::Moved, "{e}");
     // The refused resume still cleaned up the abandoned staging.
     let mut c = PosixBackend::new(&root).unwrap();
@@ -242,7 +242,7 @@ fn an_init_resumes_into_its_own_staging_directory() {
     let big = bytes(9, 2 << 20);
     {
         let mut b = PosixBackend::new(&root).unwrap();
-        b.begin("tx-i", None, "t").unwrap();
+        b.begin("tx-i", None, None, "t").unwrap();
         let mut r = CutAfter {
             data: &big,
             limit: 777_777,
@@ -254,7 +254,7 @@ fn an_init_resumes_into_its_own_staging_directory() {
     }
     assert!(!root.exists(), "no repository before the commit");
     let mut b = PosixBackend::new(&root).unwrap();
-    let staged = b.resume("tx-i", None, "t").unwrap();
+    let staged = b.resume("tx-i", None, None, "t").unwrap();
     assert_eq!(
         staged,
         vec![StagedFile {
@@ -272,4 +272,59 @@ fn an_init_resumes_into_its_own_staging_directory() {
         .filter(|n| n.starts_with(".dsg-init.r.") && !n.ends_with(".lock"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Snapshot ids start again at s1 in a replaced repository: a client that
+/// planned against another repository's s1 must be refused, by hash.
+#[test]
+fn begin_and_resume_check_the_base_hash_not_just_the_id() {
+    let d = tempfile::tempdir().unwrap();
+    let (root, s1) = repo_at_s1(d.path());
+    let right = s1.metadata.as_ref().unwrap().snapshot_hash.clone().unwrap();
+    let mut b = PosixBackend::new(&root).unwrap();
+    let e = b
+        .begin("tx-2", Some("s1"), Some("0123456789abcdef"), "t")
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Moved, "{e}");
+    // The failed begin released the lock: another writer gets it at once.
+    b.rollback().unwrap();
+    let mut other = PosixBackend::new(&root).unwrap();
+    other.begin("tx-3", Some("s1"), Some(&right), "t").unwrap();
+    other.rollback().unwrap();
+
+    cut_upload(&root, &bytes(10, 100_000), b"x", 50_000);
+    let mut b = PosixBackend::new(&root).unwrap();
+    let e = b
+        .resume("tx-1", Some("s1"), Some("0123456789abcdef"), "t")
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Moved, "{e}");
+}
+
+/// `init --force` is confirmed against the head the user saw; a sync that
+/// landed since must not be replaced unseen.
+#[test]
+fn a_replace_confirmed_against_an_older_head_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (root, s1) = repo_at_s1(d.path());
+    let seen = s1.metadata.as_ref().unwrap().snapshot_hash.clone().unwrap();
+    let before = std::fs::read(root.join(".dsg/last-sync.json")).unwrap();
+    let mut b = PosixBackend::new(&root).unwrap();
+    let e = b
+        .begin_replace("tx-r", "t", Some("0123456789abcdef"))
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Moved, "{e}");
+    assert_eq!(
+        std::fs::read(root.join(".dsg/last-sync.json")).unwrap(),
+        before
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(d.path().join("repos"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".dsg-init.") && !n.ends_with(".lock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Confirmed against the head it holds: goes ahead.
+    b.begin_replace("tx-r2", "t", Some(&seen)).unwrap();
+    b.rollback().unwrap();
 }

@@ -18,7 +18,7 @@ use dsg_core::manifest::{Manifest, SyncMessages};
 use dsg_core::names::{apply_normalization, plan_normalization, NormalizePlan, Rename};
 use dsg_core::scan::{to_manifest, LocalKind, Problem, ProblemKind, ScanResult, StatCache};
 use dsg_repo::failpoint::failpoint;
-use dsg_repo::{Meta, RepoClient, RepoError};
+use dsg_repo::{Meta, RepoClient};
 
 use crate::project::DSG_DIR;
 use crate::upload::{upload, Item, Retries, Target};
@@ -35,6 +35,9 @@ pub struct InitArgs {
     /// Replace the repository if it exists. Only with `force`, and only
     /// after the user confirmed it (see `existing_repository`).
     pub replace: bool,
+    /// The snapshot hash of the head the user confirmed replacing: the
+    /// repository refuses if it holds another one by then.
+    pub confirmed_hash: Option<String>,
     pub normalize: bool,
     pub dry_run: bool,
     pub message: Option<String>,
@@ -175,8 +178,9 @@ fn config_of(args: &InitArgs) -> ProjectConfig {
 pub struct Existing {
     /// `host:path` (and the dataset, for ZFS).
     pub location: String,
-    /// Its head snapshot and how many files it lists.
+    /// Its head snapshot (id and hash) and how many files it lists.
     pub head: Option<String>,
+    pub head_hash: Option<String>,
     pub files: usize,
 }
 
@@ -204,6 +208,10 @@ pub fn existing_repository(args: &InitArgs) -> Result<Option<Existing>> {
             .as_ref()
             .and_then(|m| m.metadata.as_ref())
             .map(|m| m.snapshot_id.clone()),
+        head_hash: head
+            .as_ref()
+            .and_then(|m| m.metadata.as_ref())
+            .and_then(|m| m.snapshot_hash.clone()),
         files: head.as_ref().map(|m| m.entries().len()).unwrap_or(0),
     }))
 }
@@ -318,13 +326,13 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
             report.snapshot_hash = hash;
             Ok(report)
         }
-        Err(e)
-            if committing.get() && matches!(e, EngineError::Repo(RepoError::Connection { .. })) =>
-        {
-            // The commit was sent but its answer lost: the repository may
-            // have it. Ask (as every later command would) and finish or
-            // undo; if it cannot be asked, keep the staged .dsg so that
-            // the next command decides.
+        Err(e) if committing.get() => {
+            // The commit was sent and did not plainly succeed: its answer
+            // was lost, or it was committed but not finished (`incomplete`),
+            // or refused. Only the repository knows: ask it (as every later
+            // command would), after any writer finished, and finish or undo;
+            // if it cannot be asked, keep the staged .dsg so that the next
+            // command decides.
             let cfg = project.config.clone();
             crate::recover::recover_init(&dir, || RepoClient::connect(&cfg).ok())?;
             if dir.join(DSG_DIR).exists() {
@@ -404,7 +412,10 @@ fn init_tx(
             project,
             &mut client,
             tx,
-            Target::Init { replace },
+            Target::Init {
+                replace,
+                confirmed: args.confirmed_hash.as_deref(),
+            },
             &items,
             &Retries::new(3),
             reporter,

@@ -37,7 +37,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::init::{block_on_problems, settle_names, RenameOut};
 use crate::project::DSG_DIR;
-use crate::status::{compare, fetch_remote, CompareOpts, Row};
+use crate::status::{compare, fetch_remote, CompareOpts, Comparison, Row};
 use crate::upload::{upload, Item, Retries, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
@@ -206,6 +206,9 @@ fn sync_once(
         // Names changed on disk: compare again.
         cmp = compare(project, Some(&mut client), copts, reporter)?;
         block_on_problems(&cmp.scan.problems, "sync")?;
+    }
+    if !is_clone {
+        check_same_history(&cmp, &mut client)?;
     }
     let rows = cmp.rows();
     let mut report = SyncReport {
@@ -381,6 +384,7 @@ fn sync_once(
                 &tx,
                 Target::Sync {
                     base: &remote_md.snapshot_id,
+                    base_hash: remote_md.snapshot_hash.as_deref(),
                 },
                 &items,
                 retries,
@@ -517,6 +521,52 @@ fn sync_once(
     let _ = client.close();
     report.snapshot_id = new_id;
     Ok(report)
+}
+
+/// Refuses to sync a project whose last sync the repository no longer
+/// holds: it was replaced (`init --force`) or rewritten since. Syncing
+/// anyway would treat every file of the old history as deleted remotely and
+/// delete the local copies — possibly the last ones.
+fn check_same_history(cmp: &Comparison, client: &mut RepoClient) -> Result<()> {
+    let (Some(ours), Some(head)) = (cmp.cache.metadata.as_ref(), cmp.remote().metadata.as_ref())
+    else {
+        return Ok(());
+    };
+    if ours.snapshot_id == head.snapshot_id && ours.snapshot_hash == head.snapshot_hash {
+        return Ok(());
+    }
+    let messages = match client.read_meta("sync-messages.json", None)? {
+        Meta::Data(b) => SyncMessages::from_json_bytes(&b, Path::new("sync-messages.json"))?,
+        _ => SyncMessages::default(),
+    };
+    let recorded = messages
+        .snapshots
+        .get(&ours.snapshot_id)
+        .and_then(|m| m.get("snapshot_hash"))
+        .and_then(|h| h.as_str());
+    let rewritten = match (recorded, ours.snapshot_hash.as_deref()) {
+        (Some(r), Some(o)) => r != o,
+        // Not recorded (the original sometimes skipped one): only a head
+        // numbered below ours proves the history went back.
+        _ => matches!(
+            (snapshot_number(&head.snapshot_id), snapshot_number(&ours.snapshot_id)),
+            (Some(h), Some(o)) if h < o
+        ),
+    } || (ours.snapshot_id == head.snapshot_id
+        && ours.snapshot_hash != head.snapshot_hash);
+    if rewritten {
+        return Err(EngineError::Blocked {
+            message: format!(
+                "the repository no longer holds this project's last sync ({} {}): it was replaced or rewritten since (its head is now {} {}); nothing was changed\nhint: your files here may be the only copies of what it held: 'dsg clone' the repository into a new directory to compare; to publish this tree in its place instead, move .dsg away and run 'dsg init --force'",
+                ours.snapshot_id,
+                ours.snapshot_hash.as_deref().unwrap_or("?"),
+                head.snapshot_id,
+                head.snapshot_hash.as_deref().unwrap_or("?"),
+            ),
+            paths: Vec::new(),
+        });
+    }
+    Ok(())
 }
 
 /// Exponential backoff with jitter: 0.5 s, 1 s, 2 s … ± 50 %.

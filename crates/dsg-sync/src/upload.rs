@@ -33,10 +33,18 @@ pub enum Item<'a> {
 /// What the uploads are for.
 #[derive(Clone, Copy, Debug)]
 pub enum Target<'a> {
-    /// A new repository; `replace`: replacing an existing one (confirmed).
-    Init { replace: bool },
-    /// A new snapshot on top of head `base`.
-    Sync { base: &'a str },
+    /// A new repository; `replace`: replacing an existing one, confirmed
+    /// by the user having seen the head whose hash is `confirmed`.
+    Init {
+        replace: bool,
+        confirmed: Option<&'a str>,
+    },
+    /// A new snapshot on top of head `base`, whose snapshot hash is
+    /// `base_hash`.
+    Sync {
+        base: &'a str,
+        base_hash: Option<&'a str>,
+    },
 }
 
 /// How many times one command may reconnect after a dropped connection,
@@ -114,19 +122,19 @@ pub fn upload(
     let mut resuming = false;
     loop {
         let attempt = (|| -> Result<()> {
-            let (base, replace) = match target {
-                Target::Init { replace } => (None, replace),
-                Target::Sync { base } => (Some(base), false),
+            let (base, hash, replace) = match target {
+                Target::Init { replace, confirmed } => (None, confirmed, replace),
+                Target::Sync { base, base_hash } => (Some(base), base_hash, false),
             };
             if resuming {
-                let (n, b) = client.resume(tx, base, user, replace)?;
+                let (n, b) = client.resume(tx, base, hash, user, replace)?;
                 tracing::info!(
                     "resuming the upload: the repository kept {n} staged file(s), {b} bytes"
                 );
             } else if replace {
-                client.begin_replacing(tx, user)?;
+                client.begin_replacing(tx, user, hash)?;
             } else {
-                client.begin(tx, base, user)?;
+                client.begin(tx, base, hash, user)?;
             }
             reporter.transfer_start("uploading", files, bytes);
             let (mut nf, mut nb) = (0u64, 0u64);
