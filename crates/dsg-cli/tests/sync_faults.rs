@@ -327,6 +327,51 @@ fn read_only_user_can_clone() {
     assert_eq!(fs::read(env.client("C").join(p("a.txt"))).unwrap(), b"a");
 }
 
+/// An upload abandoned in the repository (its writer was killed) does not
+/// stop a user who may only read it: the leftovers do not touch the head,
+/// so the reader reads past them, writes nothing, and a writer's next
+/// command removes them.
+#[test]
+fn read_only_user_reads_past_an_abandoned_upload() {
+    let env = Env::new("roabandon");
+    env.write("A", &p("a.txt"), "a");
+    env.init("A");
+    let Some(pre) = unprivileged() else {
+        return;
+    };
+    if pre.is_empty() {
+        eprintln!("SKIPPED: needs root to run as another user");
+        return;
+    }
+    env.write("A", &p("new.bin"), bytes(3, 100_000));
+    let o = env.run_env("A", &["sync"], &[("DSG_FAILPOINT", "repo.stage_file")]);
+    assert!(killed(&o.status), "{}", show(&o));
+    let staging = env.repo().join(".dsg/staging");
+    assert!(
+        staging.is_dir(),
+        "the killed sync left no staging: the test tests nothing"
+    );
+    chmod(env.tmp.path(), 0o755);
+    env.prepare_clone("A", "C");
+    chown_nobody(&[&env.client("C")]);
+    let before = full_listing(&env.repo());
+    let o = run_as(&env, &pre, "C", &["clone"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(fs::read(env.client("C").join(p("a.txt"))).unwrap(), b"a");
+    assert!(!env.client("C").join(p("new.bin")).exists());
+    assert_same(
+        "repository after a read-only clone",
+        &before,
+        &full_listing(&env.repo()),
+    );
+    let o = run_as(&env, &pre, "C", &["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    // A writer's next command cleans up.
+    env.ok("A", &["status"]);
+    assert!(!staging.exists(), "the writer's recovery left the staging");
+    assert_no_leftovers(&env.repo());
+}
+
 /// G3: a file rewritten while it is being uploaded is detected, never
 /// recorded with a hash its bytes do not have.
 #[test]

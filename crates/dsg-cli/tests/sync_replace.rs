@@ -210,16 +210,8 @@ fn init_force_on_a_terminal_asks_for_the_name() {
 #[test]
 fn a_client_of_the_replaced_repository_is_blocked_not_emptied() {
     let e = setup();
-    e.ok(
-        "C",
-        &{
-            let a = replace_args(&e, Some(OLD_NAME));
-            a
-        }
-        .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>(),
-    );
+    let o = run_args(&e, "C", &replace_args(&e, Some(OLD_NAME)), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let a_before = state_listing(&e.client("A"));
     let repo_before = state_listing(&e.repo());
     let o = e.run("A", &["sync", "-m", "stale"]);

@@ -114,6 +114,71 @@ fn zfs_init_force_replaces_the_dataset_only_after_confirmation() {
     assert_eq!(z.assert_repo_dataset("sync after replace"), 2);
 }
 
+/// A history read open on the old repository does not stop its
+/// replacement: its clone goes with the history it showed.
+#[test]
+fn a_replace_removes_history_read_clones_of_the_old_dataset() {
+    let Some(z) = ZEnv::new("zrplview") else {
+        return;
+    };
+    setup(&z);
+    let c_data = tracked(&data_tree(&z.client("C")));
+    let zf = dsg_repo::zfs::Zfs::new(&z.pool, &z.repo()).unwrap();
+    let view = zf.open_snapshot("s1").expect("open s1");
+    assert!(view.path.join(".dsg/last-sync.json").is_file());
+    let name = z.repo_name.clone();
+    let o = run_args(&z, "C", &replace_args(&z, Some(&name)), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    drop(view);
+    assert_new(
+        &z,
+        &c_data,
+        "after replacing a dataset with an open history read",
+    );
+}
+
+/// The swap is committed but its last step fails (`incomplete`): init must
+/// not throw its local state away. It says the outcome is pending; the next
+/// command finishes the repository and installs the project's `.dsg`.
+#[test]
+fn a_replace_that_commits_but_cannot_finish_is_completed_by_the_next_command() {
+    let Some(z) = ZEnv::new("zrplinc") else {
+        return;
+    };
+    setup(&z);
+    let c_data = tracked(&data_tree(&z.client("C")));
+    let path = z.failing_zfs_path("destroy -r *--old-*");
+    let name = z.repo_name.clone();
+    let o = run_args(
+        &z,
+        "C",
+        &replace_args(&z, Some(&name)),
+        &[("PATH", path.as_str())],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        z.wrapper_calls(&path)
+            .iter()
+            .any(|c| c.starts_with("destroy -r") && c.contains("--old-")),
+        "the failing step was never reached: {:?}",
+        z.wrapper_calls(&path)
+    );
+    assert!(
+        z.datasets().contains(&z.dataset()),
+        "the repository dataset is missing: {:?}",
+        z.datasets()
+    );
+    let st = z.run("C", &["status"]);
+    assert_eq!(st.status.code(), Some(0), "{}", show(&st));
+    assert_new(&z, &c_data, "after the next command");
+    assert_eq!(
+        std::fs::read(z.client("C").join(".dsg/last-sync.json")).unwrap(),
+        std::fs::read(z.repo().join(".dsg/last-sync.json")).unwrap(),
+        "C's cache vs the new head"
+    );
+    assert_no_leftovers(&z.client("C"));
+}
+
 #[test]
 fn crash_at_every_step_of_a_zfs_replacing_init() {
     let Some(reference) = ZEnv::new("zrplref") else {

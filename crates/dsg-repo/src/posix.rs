@@ -1287,7 +1287,11 @@ impl Backend for PosixBackend {
                         })
                     })
                     .unwrap_or(false);
-            if pending {
+            let committed = z.journal().is_some_and(|rs| {
+                rs.iter()
+                    .any(|r| matches!(r, crate::zfs::ZRecord::Committed { .. }))
+            });
+            if pending && self.may_recover(&self.mountpoint, committed)? {
                 if let Some(f) = self.take_flock(&z.lock_path(), LockMode::Exclusive, false)? {
                     self.lock = Some(f);
                     let r = self.zfs.as_ref().expect("zfs").recover();
@@ -1309,7 +1313,12 @@ impl Backend for PosixBackend {
                         .any(|d| dsg_core::atomic::is_temp_name(&d.file_name().to_string_lossy()))
                 })
                 .unwrap_or(false);
-        if pending {
+        let committed = pending
+            && Journal::read(&dsg.join("journal"))
+                .ok()
+                .flatten()
+                .is_some_and(|rs| rs.iter().any(|r| matches!(r, Record::Committed { .. })));
+        if pending && self.may_recover(&dsg, committed)? {
             // A live writer holds the lock: its transaction is not ours to touch.
             if let Some(f) =
                 self.take_flock(&self.dsg().join("lock"), LockMode::Exclusive, false)?
@@ -1329,7 +1338,7 @@ impl Backend for PosixBackend {
                 })
             })
             .unwrap_or(false);
-        if init_leftovers {
+        if init_leftovers && self.may_recover(&self.mountpoint, false)? {
             if let Some(f) = self.take_flock(&self.init_lock_path(), LockMode::Exclusive, false)? {
                 self.lock = Some(f);
                 let r = self.cleanup_init_leftovers();
@@ -1374,6 +1383,31 @@ impl PosixBackend {
             (None, true) => remove_dir_all_if_exists(&tx.staging),
             (None, false) => self.recover_locked(),
         }
+    }
+
+    /// Whether this user can run a recovery in `dir`. A reader who may not
+    /// write there skips leftovers that do not touch the head (an upload's
+    /// staging, an init's) — a writer's next command removes them — but
+    /// cannot read past a committed transaction that is not yet applied.
+    fn may_recover(&self, dir: &Path, committed: bool) -> Result<bool, AgentError> {
+        if rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok() {
+            return Ok(true);
+        }
+        if committed {
+            return Err(AgentError::new(
+                ErrorKind::Incomplete,
+                format!(
+                    "{} holds a committed transaction that is not finished yet, and this user may not finish it",
+                    self.dir().display()
+                ),
+            )
+            .hint("run any dsg command as a user who may write the repository; it finishes the transaction"));
+        }
+        tracing::debug!(
+            "{}: leftovers of an unfinished upload; not ours to remove (read-only)",
+            dir.display()
+        );
+        Ok(false)
     }
 
     /// `resume` on ZFS: the transaction's dataset (a clone of the base for
@@ -1439,18 +1473,19 @@ impl PosixBackend {
         let parent = staged_parent(tx, path)?;
         let dst = parent.join(path.rsplit('/').next().unwrap());
         let err = |e| AgentError::io(format!("cannot stage {path}"), e);
+        // O_NOFOLLOW: a staged path is ours, but never write through a link.
         if keep == 0 {
             // Readable too: a local copy is verified through this handle.
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .create(true)
                 .truncate(true)
                 .open(&dst)
                 .map_err(err)?;
             return Ok((dst, f));
         }
-        // O_NOFOLLOW: a staged path is ours, but never write through a link.
         let f = OpenOptions::new()
             .read(true)
             .write(true)

@@ -317,6 +317,12 @@ impl<R: Read> Read for DataStream<'_, R> {
                     ))
                 }
                 b'E' if len == 0 => self.done = true,
+                b'E' => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("end frame with a {len}-byte body"),
+                    ))
+                }
                 b'J' => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -388,6 +394,15 @@ mod tests {
         let mut sink = Vec::new();
         let e = io::copy(&mut ds, &mut sink).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn data_stream_refuses_an_end_frame_with_a_body() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, b'E', b"xyz").unwrap();
+        let mut r = &wire[..];
+        let e = io::copy(&mut DataStream::new(&mut r), &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("end frame"), "{e}");
     }
 
     #[test]

@@ -457,6 +457,22 @@ impl Zfs {
         }
         self.ensure_mounted(&live)?;
         if self.exists(&old)? {
+            // After a replace the old dataset keeps its snapshots (nothing
+            // was promoted), and history reads may have cloned them: those
+            // clones go with the history they show.
+            let read_prefix = format!("{live}--read-p");
+            for ds in self.children()? {
+                if ds.starts_with(&read_prefix)
+                    && self
+                        .origin(&ds)?
+                        .is_some_and(|o| o.starts_with(&format!("{old}@")))
+                {
+                    self.run(&["destroy", "-r", &ds])?;
+                    if let Some(id) = ds.strip_prefix(&format!("{live}--")) {
+                        let _ = std::fs::remove_dir(self.tx_mountpoint(id));
+                    }
+                }
+            }
             self.run(&["destroy", "-r", &old])?;
             failpoint("zfs.destroy_old");
         }

@@ -173,6 +173,34 @@ fn config_of(args: &InitArgs) -> ProjectConfig {
     }
 }
 
+/// The arguments' own checks, before anything is read or written.
+fn check_args(args: &InitArgs) -> Result<()> {
+    if args.repo_type == RepoType::Zfs && args.pool.is_none() {
+        return Err(EngineError::Usage(
+            "--pool is required with --repo-type zfs".into(),
+        ));
+    }
+    if !args.repo_path.is_absolute() {
+        return Err(EngineError::Usage(format!(
+            "--repo-path {} must be an absolute path",
+            args.repo_path.display()
+        )));
+    }
+    if args.repo_name.is_empty() || args.repo_name.contains('/') || args.repo_name.starts_with('.')
+    {
+        return Err(EngineError::Usage(format!(
+            "--repo-name {:?} is not a valid name",
+            args.repo_name
+        )));
+    }
+    if args.replace && !args.force {
+        return Err(EngineError::Usage(
+            "replacing an existing repository needs --force".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A repository an init would replace.
 #[derive(Debug, serde::Serialize)]
 pub struct Existing {
@@ -187,6 +215,7 @@ pub struct Existing {
 /// The repository these arguments name, if it exists: what `init --force`
 /// would replace, for the user to confirm first.
 pub fn existing_repository(args: &InitArgs) -> Result<Option<Existing>> {
+    check_args(args)?;
     let cfg = config_of(args);
     let mut c = RepoClient::connect(&cfg)?;
     if !c.repo_exists {
@@ -227,31 +256,9 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
             hint: "use 'dsg status' and 'dsg sync'; to start over, move .dsg away first".into(),
         });
     }
-    if args.repo_type == RepoType::Zfs && args.pool.is_none() {
-        return Err(EngineError::Usage(
-            "--pool is required with --repo-type zfs".into(),
-        ));
-    }
-    if args.replace && !args.force {
-        return Err(EngineError::Usage(
-            "replacing an existing repository needs --force".into(),
-        ));
-    }
     let cfg_path = dir.join(PROJECT_CONFIG);
     let config = config_of(&args);
-    if !args.repo_path.is_absolute() {
-        return Err(EngineError::Usage(format!(
-            "--repo-path {} must be an absolute path",
-            args.repo_path.display()
-        )));
-    }
-    if args.repo_name.is_empty() || args.repo_name.contains('/') || args.repo_name.starts_with('.')
-    {
-        return Err(EngineError::Usage(format!(
-            "--repo-name {:?} is not a valid name",
-            args.repo_name
-        )));
-    }
+    check_args(&args)?;
     let existing_cfg = cfg_path.exists();
     if existing_cfg && !args.force {
         let old = ProjectConfig::load(&cfg_path)?;
