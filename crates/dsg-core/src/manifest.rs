@@ -181,7 +181,29 @@ impl std::fmt::Display for Mtime {
                 let (y, mo, d) = civil_from_days(local.div_euclid(86400));
                 let t = local.rem_euclid(86400);
                 let sign = if *offset_min < 0 { '-' } else { '+' };
-                let o = offset_min.unsigned_abs();
+                let o = offset_min.unsigned_abs() as i64;
+                if (0..=9999).contains(&y) && o < 100 * 60 {
+                    // Every entry's mtime is written (and hashed) on each
+                    // sync: digits by hand, not through format machinery.
+                    let mut b = *b"0000-00-00T00:00:00+00:00";
+                    let mut put = |at: usize, v: i64, width: usize| {
+                        let mut v = v;
+                        for i in (0..width).rev() {
+                            b[at + i] = b'0' + (v % 10) as u8;
+                            v /= 10;
+                        }
+                    };
+                    put(0, y, 4);
+                    put(5, mo, 2);
+                    put(8, d, 2);
+                    put(11, t / 3600, 2);
+                    put(14, t % 3600 / 60, 2);
+                    put(17, t % 60, 2);
+                    put(20, o / 60, 2);
+                    put(23, o % 60, 2);
+                    b[19] = sign as u8;
+                    return f.write_str(std::str::from_utf8(&b).expect("ascii"));
+                }
                 write!(
                     f,
                     "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}{sign}{:02}:{:02}",
@@ -1357,6 +1379,64 @@ pub mod binary {
                 bad[i] ^= 0x40;
                 assert!(decode(&bad, 42).is_none(), "flip at {i}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod mtime_format_tests {
+    use super::*;
+    use std::fmt::Write as _;
+
+    /// The general formatting the fast path must equal.
+    fn general(utc_secs: i64, offset_min: i16) -> String {
+        let local = utc_secs + offset_min as i64 * 60;
+        let (y, mo, d) = civil_from_days(local.div_euclid(86400));
+        let t = local.rem_euclid(86400);
+        let sign = if offset_min < 0 { '-' } else { '+' };
+        let o = offset_min.unsigned_abs();
+        let mut s = String::new();
+        write!(
+            s,
+            "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}{sign}{:02}:{:02}",
+            t / 3600,
+            t % 3600 / 60,
+            t % 60,
+            o / 60,
+            o % 60
+        )
+        .unwrap();
+        s
+    }
+
+    #[test]
+    fn fast_mtime_formatting_equals_the_general_one() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut cases: Vec<(i64, i16)> = vec![
+            (0, 0),
+            (0, -480),
+            (-1, 0),
+            (253_402_300_799, 0),  // 9999-12-31T23:59:59
+            (253_402_300_800, 0),  // year 10000: general path
+            (-62_167_219_200, 0),  // 0000-01-01
+            (-62_167_219_201, 0),  // year -1: general path
+            (1_700_000_000, 5999), // offset 99:59
+            (1_700_000_000, i16::MIN),
+        ];
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let secs = (x % 12_000_000_000) as i64 - 3_000_000_000;
+            let off = ((x >> 40) % 1561) as i16 - 720;
+            cases.push((secs, off));
+        }
+        for (secs, off) in cases {
+            let m = Mtime::Fixed {
+                utc_secs: secs,
+                offset_min: off,
+            };
+            assert_eq!(m.to_string(), general(secs, off), "{secs} {off}");
         }
     }
 }

@@ -160,10 +160,10 @@ pub fn upload(
             Ok(())
         })();
         match attempt {
-            Err(EngineError::Repo(RepoError::Connection { host, source })) => {
+            Err(EngineError::Repo(lost @ RepoError::Connection { .. })) => {
                 reporter.transfer_done();
                 retries.wait_after(
-                    RepoError::Connection { host, source },
+                    lost,
                     "during the upload",
                     "resuming where it stopped",
                     reporter,
