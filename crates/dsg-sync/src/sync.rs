@@ -207,9 +207,11 @@ fn sync_once(
         cmp = compare(project, Some(&mut client), copts, reporter)?;
         block_on_problems(&cmp.scan.problems, "sync")?;
     }
-    if !is_clone {
-        check_same_history(&cmp, &mut client)?;
-    }
+    let repo_messages = if is_clone {
+        None
+    } else {
+        check_same_history(&cmp, &mut client)?
+    };
     let rows = cmp.rows();
     let mut report = SyncReport {
         dry_run: opts.dry_run,
@@ -299,20 +301,13 @@ fn sync_once(
 
     // New manifest N and new sync-messages (identical on both sides).
     let mut new_manifest_bytes = remote_bytes.clone();
+    let mut new_manifest: Option<Manifest> = None;
     let mut new_hash = None;
     let mut new_id = None;
-    let repo_messages = match client.read_meta("sync-messages.json", None)? {
-        Meta::Data(b) => SyncMessages::from_json_bytes(
-            &b,
-            Path::new(&format!(
-                "{}:{}/.dsg/sync-messages.json",
-                client.host(),
-                client.repo()
-            )),
-        )?,
-        _ => SyncMessages::default(),
+    let mut messages = match repo_messages {
+        Some(m) => m,
+        None => read_repo_messages(&mut client)?,
     };
-    let mut messages = repo_messages;
     if !messages.snapshots.contains_key(&remote_md.snapshot_id) {
         messages.add(&remote_md);
     }
@@ -343,6 +338,7 @@ fn sync_once(
         new_hash = md.snapshot_hash.clone();
         new_id = Some(id);
         new_manifest_bytes = n.to_json_bytes();
+        new_manifest = Some(n);
     }
     let messages_bytes = messages.to_json_bytes();
 
@@ -513,6 +509,13 @@ fn sync_once(
     // Past the commit point: Ctrl-C no longer aborts; we finish.
     apply_local(root, &tx, &ops)?;
     update_stat_cache(project, &cmp, &downloads, &deletes_local);
+    // The next command finds the new cache already in binary form (a JSON
+    // parse of every entry saved); tagged by the JSON's hash, so a stale
+    // copy is never used.
+    project.write_manifest_cache(
+        new_manifest.as_ref().unwrap_or(cmp.remote()),
+        xxhash_rust::xxh3::xxh3_64(&new_manifest_bytes),
+    );
     journal
         .append(&LocalRecord::Done { tx: tx.clone() })
         .map_err(jerr(root))?;
@@ -527,18 +530,16 @@ fn sync_once(
 /// holds: it was replaced (`init --force`) or rewritten since. Syncing
 /// anyway would treat every file of the old history as deleted remotely and
 /// delete the local copies — possibly the last ones.
-fn check_same_history(cmp: &Comparison, client: &mut RepoClient) -> Result<()> {
+/// Returns the repository's sync-messages when it had to read them.
+fn check_same_history(cmp: &Comparison, client: &mut RepoClient) -> Result<Option<SyncMessages>> {
     let (Some(ours), Some(head)) = (cmp.cache.metadata.as_ref(), cmp.remote().metadata.as_ref())
     else {
-        return Ok(());
+        return Ok(None);
     };
     if ours.snapshot_id == head.snapshot_id && ours.snapshot_hash == head.snapshot_hash {
-        return Ok(());
+        return Ok(None);
     }
-    let messages = match client.read_meta("sync-messages.json", None)? {
-        Meta::Data(b) => SyncMessages::from_json_bytes(&b, Path::new("sync-messages.json"))?,
-        _ => SyncMessages::default(),
-    };
+    let messages = read_repo_messages(client)?;
     let recorded = messages
         .snapshots
         .get(&ours.snapshot_id)
@@ -566,7 +567,21 @@ fn check_same_history(cmp: &Comparison, client: &mut RepoClient) -> Result<()> {
             paths: Vec::new(),
         });
     }
-    Ok(())
+    Ok(Some(messages))
+}
+
+fn read_repo_messages(client: &mut RepoClient) -> Result<SyncMessages> {
+    Ok(match client.read_meta("sync-messages.json", None)? {
+        Meta::Data(b) => SyncMessages::from_json_bytes(
+            &b,
+            Path::new(&format!(
+                "{}:{}/.dsg/sync-messages.json",
+                client.host(),
+                client.repo()
+            )),
+        )?,
+        _ => SyncMessages::default(),
+    })
 }
 
 /// Exponential backoff with jitter: 0.5 s, 1 s, 2 s … ± 50 %.
