@@ -14,6 +14,7 @@
 //!   and R turned both links into regular files → three downloads, L=C≠R.
 
 mod common;
+mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! safety at every init failpoint.
 
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::fs;

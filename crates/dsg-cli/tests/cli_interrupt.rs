@@ -2,6 +2,7 @@
 //! side. A failpoint pause makes the moment of the signal deterministic.
 
 mod common;
+mod support;
 
 use std::fs;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! configuration errors and validate-config.
 
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -4,6 +4,7 @@
 //! unsafe manifests.
 
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -4,6 +4,7 @@
 //! and the next command (which finishes the sync) must keep the edit.
 
 mod common;
+mod support;
 
 use std::fs;
 

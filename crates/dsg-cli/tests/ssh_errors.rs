@@ -4,6 +4,7 @@
 //! a protocol mismatch.
 
 mod ssh_support;
+mod support;
 
 use std::fs;
 use std::path::Path;

@@ -5,6 +5,7 @@
 //! and the client are as before or as after, and a rerun succeeds.
 
 mod ssh_support;
+mod support;
 
 use std::time::Duration;
 

@@ -6,6 +6,7 @@
 
 mod common;
 mod ssh_support;
+mod support;
 
 use std::fs;
 use std::path::Path;

@@ -6,6 +6,7 @@
 //! file. The result is checked on disk on both sides.
 
 mod ssh_support;
+mod support;
 
 use std::path::Path;
 

@@ -5,6 +5,7 @@
 //! the ssh run must produce exactly the record the local run produces.
 
 mod ssh_support;
+mod support;
 
 use serde_json::Value;
 use ssh_support::*;

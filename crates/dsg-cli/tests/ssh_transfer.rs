@@ -2,6 +2,7 @@
 //! and a large file streamed both ways. Times are printed, never asserted.
 
 mod ssh_support;
+mod support;
 
 use std::time::Instant;
 

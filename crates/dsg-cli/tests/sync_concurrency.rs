@@ -3,6 +3,7 @@
 //! writers, and a client that cannot get it in time exits 4 naming who
 //! holds it.
 
+mod support;
 mod sync_support;
 
 use std::fs;

@@ -5,6 +5,7 @@
 //! that syncing again then reaches the state after. Plus kill -9 at random
 //! moments of a large sync.
 
+mod support;
 mod sync_support;
 
 use std::time::{Duration, Instant};

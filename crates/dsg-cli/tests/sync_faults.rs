@@ -3,6 +3,7 @@
 //! tampered or missing repository manifest (G4). Each must fail cleanly:
 //! a clear error, nothing changed anywhere, no leftovers.
 
+mod support;
 mod sync_support;
 
 use std::fs;

@@ -6,6 +6,7 @@
 //! object store, file mtimes) for OLD, tree = the new project's data and
 //! head `s1` for NEW.
 
+mod support;
 mod sync_support;
 
 use std::collections::BTreeMap;

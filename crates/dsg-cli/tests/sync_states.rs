@@ -2,6 +2,7 @@
 //! the 15-state table reached by real user actions, conflicts, snapshot
 //! numbering and metadata, dry runs and clone (DESIGN §4, §5, §6).
 
+mod support;
 mod sync_support;
 
 use std::fs;

@@ -5,6 +5,7 @@
 //! `dsg_repo::zfs::Zfs::open_snapshot`, the history path no command uses
 //! yet). Skipped without `DSG_TEST_ZFS_POOL` (fails under CI=true).
 
+mod support;
 mod sync_support;
 mod zfs_support;
 

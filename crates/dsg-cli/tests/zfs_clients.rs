@@ -4,6 +4,7 @@
 //! with a gap-free chain of snapshots (G2 on ZFS). Skipped without
 //! `DSG_TEST_ZFS_POOL` (fails under CI=true).
 
+mod support;
 mod sync_support;
 mod zfs_support;
 

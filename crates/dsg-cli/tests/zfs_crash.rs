@@ -11,6 +11,7 @@
 //! remains. Then syncing again reaches the new state. Skipped without
 //! `DSG_TEST_ZFS_POOL` (fails under CI=true).
 
+mod support;
 mod sync_support;
 mod zfs_support;
 

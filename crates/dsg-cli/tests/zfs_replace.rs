@@ -8,6 +8,7 @@
 //! mountpoint or journal behind. Skipped without `DSG_TEST_ZFS_POOL`
 //! (fails under CI=true).
 
+mod support;
 mod sync_support;
 mod zfs_support;
 

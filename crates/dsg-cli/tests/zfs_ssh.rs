@@ -7,6 +7,7 @@
 //! under CI=true).
 
 mod ssh_support;
+mod support;
 mod sync_support;
 mod zfs_support;
 

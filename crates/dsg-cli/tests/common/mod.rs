@@ -9,6 +9,11 @@
 //! The checks here are independent of the product: an XXH3-64 implementation
 //! of our own, a manifest writer/verifier in the original's JSON format, and
 //! full tree listings (type, size, mtime, inode, content hash, link target).
+//!
+//! Builds on `support` (declare `mod support;` in the test crate too) for
+//! what it shares with the other test support modules; its own tree
+//! listing ([`Node`], [`tree`]) records metadata (mode, inode, mtimes) and
+//! XXH3 hashes, unlike `support::tree`'s content listings.
 
 #![allow(dead_code)]
 
@@ -23,16 +28,15 @@ use assert_cmd::Command;
 use serde_json::{json, Map, Value};
 use tempfile::TempDir;
 
+use super::support::{init_args_for, is_ci};
+pub use super::support::{stderr, stdout};
+
 pub const USER_NAME: &str = "Test User";
 pub const USER_ID: &str = "x@example.org";
 /// An mtime string in the original's format, for entries the tests invent.
 pub const FIXED_MTIME: &str = "2025-01-15T12:00:00-08:00";
 
 // ---------------------------------------------------------------- env
-
-fn is_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
 
 /// The filesystem type of the mount holding `p` (from /proc/self/mounts).
 fn fs_type(p: &Path) -> Option<String> {
@@ -203,32 +207,10 @@ impl Default for TestEnv {
 }
 
 pub fn init_args_at(repo_path: &Path, name: &str) -> Vec<String> {
-    [
-        "init",
-        "--no-interactive",
-        "--host",
-        "localhost",
-        "--repo-path",
-        repo_path.to_str().unwrap(),
-        "--repo-name",
-        name,
-        "--repo-type",
-        "xfs",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    init_args_for("localhost", repo_path, name, "xfs")
 }
 
 // ---------------------------------------------------------------- output
-
-pub fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-pub fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 pub fn describe(o: &Output) -> String {
     format!(

@@ -4,14 +4,16 @@
 //! clients plus one repository parameterised by transport, tree listings to
 //! compare effects on disk, a bounded fault proxy (std::net only) and a
 //! driver for the agent's framed protocol.
+//!
+//! Builds on `support` (declare `mod support;` in the test crate too) and
+//! re-exports it, except that here `data_tree` and `state_listing` are the
+//! ssh tests' own listings (`support::visible_files` and
+//! `support::state_listing_nested`).
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -21,15 +23,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+// Not every ssh test crate uses both.
+#[allow(unused_imports)]
+pub use super::support::tree::{state_listing_nested as state_listing, visible_files as data_tree};
+pub use super::support::*;
+
 // ------------------------------------------------------------------ env
-
-pub fn is_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
-
-pub fn dsg_bin() -> PathBuf {
-    assert_cmd::cargo::cargo_bin("dsg")
-}
 
 /// The test sshd, as `scripts/setup-services` describes it.
 #[derive(Clone, Debug)]
@@ -119,21 +118,6 @@ pub enum Transport {
     Ssh,
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A unique name for a directory of this test process.
-pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
 /// One test world: a user config, HOME and XDG_CONFIG_HOME in a temp dir,
 /// any number of clients (`tmp/<name>`), and one repository `P/N` where P is
 /// `$DSG_TEST_XFS/<unique>` when set (the "server" is this machine).
@@ -154,35 +138,28 @@ impl Drop for World {
     }
 }
 
+/// `client`, and through it `write`, `link`, `remove`, `read` and
+/// `prepare_clone`.
+impl Clients for World {
+    fn client(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
 impl World {
     /// `ssh` must be given for `Transport::Ssh`.
     pub fn new(prefix: &str, transport: Transport, ssh: Option<&Ssh>) -> World {
         assert!(transport == Transport::Local || ssh.is_some());
-        let (repo_parent, parent_guard) = match std::env::var("DSG_TEST_XFS") {
-            Ok(x) if !x.is_empty() => {
-                let p = Path::new(&x).join(unique(prefix));
-                fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-                (p, None)
-            }
-            _ => {
-                let t = tempfile::Builder::new()
-                    .prefix(&format!("dsg-ssh-repo-{prefix}-"))
-                    .tempdir()
-                    .unwrap();
-                (t.path().to_path_buf(), Some(t))
-            }
+        // Unlike `sync_support`, a missing XFS mount is not a failure here.
+        let (repo_parent, parent_guard) = match xfs_repo_parent(prefix) {
+            Some(p) => (p, None),
+            None => temp_repo_parent(&format!("dsg-ssh-repo-{prefix}-")),
         };
         let tmp = tempfile::Builder::new()
             .prefix(&format!("dsg-ssh-{prefix}-"))
             .tempdir()
             .unwrap();
-        fs::create_dir_all(tmp.path().join("cfg")).unwrap();
-        fs::write(
-            tmp.path().join("cfg/dsg.yml"),
-            "user_name: Alice\nuser_id: alice@example.org\n",
-        )
-        .unwrap();
-        fs::create_dir_all(tmp.path().join("home/.config")).unwrap();
+        make_user_dirs(tmp.path());
         World {
             tmp,
             repo_parent,
@@ -207,10 +184,6 @@ impl World {
         }
     }
 
-    pub fn client(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
     pub fn repo(&self) -> PathBuf {
         self.repo_parent.join(&self.repo_name)
     }
@@ -225,10 +198,8 @@ impl World {
         c.args(args)
             .current_dir(&dir)
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("DSG_CONFIG_HOME", self.tmp.path().join("cfg"))
-            .env("HOME", self.tmp.path().join("home"))
-            .env("XDG_CONFIG_HOME", self.tmp.path().join("home/.config"))
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        user_env(&mut c, self.tmp.path())
             .env("DSG_LOCK_TIMEOUT", "20")
             .stdin(Stdio::null());
         let sc = ssh_command
@@ -256,34 +227,14 @@ impl World {
     #[track_caller]
     pub fn ok(&self, name: &str, args: &[&str]) -> Output {
         let o = self.run(name, args);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "[{}] dsg {args:?} in {name} failed:\n{}",
-            self.label(),
-            show(&o)
-        );
+        assert_ok(&o, &format!("[{}] dsg {args:?} in {name}", self.label()));
         o
     }
 
     /// `dsg init` arguments for this world's transport (over ssh with
     /// `--remote-dsg` = the dsg under test).
     pub fn init_args(&self) -> Vec<String> {
-        let mut v: Vec<String> = [
-            "init",
-            "--no-interactive",
-            "--host",
-            &self.host(),
-            "--repo-path",
-            self.repo_parent.to_str().unwrap(),
-            "--repo-name",
-            &self.repo_name,
-            "--repo-type",
-            "xfs",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut v = init_args_for(&self.host(), &self.repo_parent, &self.repo_name, "xfs");
         if self.transport == Transport::Ssh {
             v.push("--remote-dsg".into());
             v.push(dsg_bin().to_str().unwrap().into());
@@ -298,42 +249,10 @@ impl World {
         self.ok(name, &args)
     }
 
-    /// Copies `from`'s `.dsgconfig.yml` into a new client `to`.
-    pub fn prepare_clone(&self, from: &str, to: &str) {
-        fs::create_dir_all(self.client(to)).unwrap();
-        fs::copy(
-            self.client(from).join(".dsgconfig.yml"),
-            self.client(to).join(".dsgconfig.yml"),
-        )
-        .unwrap();
-    }
-
     #[track_caller]
     pub fn clone_client(&self, from: &str, to: &str) -> Output {
         self.prepare_clone(from, to);
         self.ok(to, &["clone"])
-    }
-
-    pub fn write(&self, client: &str, rel: &str, bytes: impl AsRef<[u8]>) {
-        write_file(&self.client(client), rel, bytes.as_ref());
-    }
-
-    pub fn link(&self, client: &str, rel: &str, target: &str) {
-        let p = self.client(client).join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        if fs::symlink_metadata(&p).is_ok() {
-            fs::remove_file(&p).unwrap();
-        }
-        std::os::unix::fs::symlink(target, &p).unwrap();
-    }
-
-    pub fn remove(&self, client: &str, rel: &str) {
-        let p = self.client(client).join(rel);
-        if fs::symlink_metadata(&p).unwrap().is_dir() {
-            fs::remove_dir_all(&p).unwrap();
-        } else {
-            fs::remove_file(&p).unwrap();
-        }
     }
 
     /// `status --json` of client `name` (must succeed).
@@ -343,12 +262,12 @@ impl World {
 
     /// The repository manifest's snapshot id (read on the server's disk).
     pub fn repo_snapshot(&self) -> String {
-        snapshot_id(&self.repo().join(".dsg/last-sync.json"))
+        snapshot_id(&read_json(&self.repo().join(".dsg/last-sync.json")))
     }
 
     /// The client's cache manifest's snapshot id.
     pub fn client_snapshot(&self, name: &str) -> String {
-        snapshot_id(&self.client(name).join(".dsg/last-sync.json"))
+        snapshot_id(&read_json(&self.client(name).join(".dsg/last-sync.json")))
     }
 
     /// Asserts the tracked data of client `name` equals the repository's
@@ -372,92 +291,9 @@ impl World {
     }
 }
 
-/// Runs a command with a deadline (kills it and panics when it hangs).
-pub fn run_bounded(mut c: Command, limit: Duration) -> Output {
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = c.spawn().expect("spawn dsg");
-    let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let d2 = done.clone();
-    let watchdog = std::thread::spawn(move || {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if d2.load(Ordering::SeqCst) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if !d2.load(Ordering::SeqCst) {
-            // Our own child, by its pid.
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            return true;
-        }
-        false
-    });
-    let out = child.wait_with_output().expect("wait dsg");
-    done.store(true, Ordering::SeqCst);
-    let killed = watchdog.join().unwrap();
-    assert!(
-        !killed,
-        "dsg did not finish within {limit:?} (killed):\n{}",
-        show(&out)
-    );
-    out
-}
-
-pub fn show(o: &Output) -> String {
-    format!(
-        "status: {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-pub fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-pub fn json_of(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{}", show(o)))
-}
-
-#[track_caller]
-pub fn assert_exit(o: &Output, code: i32, what: &str) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "{what}: expected exit {code}\n{}",
-        show(o)
-    );
-}
-
-pub fn snapshot_id(manifest: &Path) -> String {
-    let v: Value = serde_json::from_slice(
-        &fs::read(manifest).unwrap_or_else(|e| panic!("{}: {e}", manifest.display())),
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", manifest.display()));
-    v["metadata"]["snapshot_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{}: no snapshot_id", manifest.display()))
-        .to_string()
-}
-
 /// `(path, state, action)` rows of a `status --json` / `sync --json` doc.
 pub fn rows(v: &Value) -> Vec<(String, String, String)> {
-    v["files"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no files array in {v}"))
-        .iter()
-        .map(|r| {
-            (
-                r["path"].as_str().unwrap().to_string(),
-                r["state"].as_str().unwrap().to_string(),
-                r["action"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    rows_of(v, "files")
 }
 
 /// The shape of a JSON document: keys and value types, not values.
@@ -473,31 +309,6 @@ pub fn shape(v: &Value) -> Value {
 }
 
 // ------------------------------------------------------------------ files
-
-pub fn write_file(root: &Path, rel: &str, bytes: &[u8]) {
-    let p = root.join(rel);
-    if let Ok(md) = fs::symlink_metadata(&p) {
-        if md.file_type().is_symlink() {
-            fs::remove_file(&p).unwrap();
-        }
-    }
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(&p, bytes).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), not compressible.
-pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Writes `len` bytes in 4 MiB pieces: random data with runs of zeros (a
 /// realistic, partly compressible large file), without holding it all.
@@ -554,135 +365,6 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
     n
 }
 
-// ------------------------------------------------------------------ listings
-
-/// A tree entry: small files keep their bytes, large ones a size and an
-/// independent 128-bit digest (not the product's hash).
-#[derive(Clone, PartialEq, Eq)]
-pub enum Node {
-    File(Vec<u8>),
-    Big(u64, u128),
-    Link(String),
-    Dir,
-}
-
-impl std::fmt::Debug for Node {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Node::File(b) if b.len() <= 64 => write!(f, "File({:?})", String::from_utf8_lossy(b)),
-            Node::File(b) => write!(f, "File({} bytes)", b.len()),
-            Node::Big(n, d) => write!(f, "Big({n} bytes, {d:032x})"),
-            Node::Link(t) => write!(f, "Link({t:?})"),
-            Node::Dir => write!(f, "Dir"),
-        }
-    }
-}
-
-pub type Tree = BTreeMap<String, Node>;
-
-/// Two independent 64-bit multiply-xorshift lanes over 8-byte words.
-pub fn digest(bytes: &[u8]) -> u128 {
-    let (mut a, mut b) = (0x9e37_79b9_7f4a_7c15u64, 0xc2b2_ae3d_27d4_eb4fu64);
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().unwrap());
-        a = (a ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd).rotate_left(31);
-        b = (b.wrapping_add(w)).wrapping_mul(0xc4ce_b9fe_1a85_ec53) ^ (b >> 29);
-    }
-    for &x in chunks.remainder() {
-        a = (a ^ x as u64)
-            .wrapping_mul(0xff51_afd7_ed55_8ccd)
-            .rotate_left(31);
-        b = (b.wrapping_add(x as u64)).wrapping_mul(0xc4ce_b9fe_1a85_ec53) ^ (b >> 29);
-    }
-    a ^= bytes.len() as u64;
-    ((a as u128) << 64) | b as u128
-}
-
-fn node_of(path: &Path, md: &fs::Metadata) -> Node {
-    if md.file_type().is_symlink() {
-        Node::Link(fs::read_link(path).unwrap().to_string_lossy().into_owned())
-    } else if md.is_dir() {
-        Node::Dir
-    } else if md.len() <= 64 * 1024 {
-        Node::File(fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())))
-    } else {
-        let b = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        Node::Big(b.len() as u64, digest(&b))
-    }
-}
-
-/// Every path under `root` with its metadata (not following symlinks).
-pub fn walk_all(root: &Path) -> Vec<(PathBuf, fs::Metadata)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for de in rd.flatten() {
-            let p = de.path();
-            let Ok(md) = fs::symlink_metadata(&p) else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push(p.clone());
-            }
-            out.push((p, md));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap().to_string_lossy().into_owned()
-}
-
-/// The data a manifest describes: files and links under `root`, except
-/// hidden paths (`.dsg/`, `.dsgconfig.yml`, …) and directories.
-pub fn data_tree(root: &Path) -> Tree {
-    walk_all(root)
-        .into_iter()
-        .filter(|(p, md)| {
-            let r = rel(root, p);
-            !md.is_dir() && !r.split('/').any(|c| c.starts_with('.'))
-        })
-        .map(|(p, md)| (rel(root, &p), node_of(&p, &md)))
-        .collect()
-}
-
-/// Everything under `root`, `.dsg/` included, with file mtimes, for
-/// "nothing changed" checks. Ignored: directory mtimes, lock files' holder
-/// text and mtime, the local stat caches (they only let a scan skip work)
-/// and empty `.dsg/staging` / `.dsg/tmp` directories.
-pub fn state_listing(root: &Path) -> BTreeMap<String, (Node, i64, i64)> {
-    let mut t = BTreeMap::new();
-    for (p, md) in walk_all(root) {
-        let r = rel(root, &p);
-        if r.starts_with(".dsg/stat-cache") || r.contains("/.dsg/stat-cache") {
-            continue;
-        }
-        let is_lock = r.ends_with("/lock") || r == "lock" || r.ends_with(".lock");
-        let node = if is_lock {
-            Node::File(Vec::new())
-        } else {
-            node_of(&p, &md)
-        };
-        let (s, ns) = if is_lock || md.is_dir() {
-            (0, 0)
-        } else {
-            (md.mtime(), md.mtime_nsec())
-        };
-        t.insert(r, (node, s, ns));
-    }
-    for d in [".dsg/staging", ".dsg/tmp"] {
-        let prefix = format!("{d}/");
-        if !t.keys().any(|k| k.starts_with(&prefix)) {
-            t.remove(d);
-        }
-    }
-    t
-}
-
 /// Staging / journal leftovers under `<root>/.dsg`.
 pub fn leftovers(root: &Path) -> Vec<String> {
     let mut v = Vec::new();
@@ -700,54 +382,6 @@ pub fn leftovers(root: &Path) -> Vec<String> {
         }
     }
     v
-}
-
-/// Human-readable differences between two maps (at most 30 lines).
-pub fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
-    a: &BTreeMap<K, V>,
-    b: &BTreeMap<K, V>,
-) -> String {
-    let mut s = String::new();
-    let mut n = 0;
-    for (k, v) in a {
-        match b.get(k) {
-            None => {
-                let _ = writeln!(s, "  - {k:?}: {v:?}");
-                n += 1;
-            }
-            Some(w) if w != v => {
-                let _ = writeln!(s, "  ~ {k:?}: {v:?} -> {w:?}");
-                n += 1;
-            }
-            _ => {}
-        }
-        if n > 30 {
-            s.push_str("  …\n");
-            return s;
-        }
-    }
-    for (k, v) in b {
-        if !a.contains_key(k) {
-            let _ = writeln!(s, "  + {k:?}: {v:?}");
-            n += 1;
-            if n > 30 {
-                s.push_str("  …\n");
-                return s;
-            }
-        }
-    }
-    s
-}
-
-#[track_caller]
-pub fn assert_same<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
-    what: &str,
-    a: &BTreeMap<K, V>,
-    b: &BTreeMap<K, V>,
-) {
-    if a != b {
-        panic!("{what} differs:\n{}", diff(a, b));
-    }
 }
 
 // ------------------------------------------------------------------ fault proxy

@@ -2,61 +2,33 @@
 //! repositories on the real XFS mount when the test script provides it,
 //! clients driven through the real `dsg` binary, and listings of both trees
 //! to check the atomicity invariants (DESIGN §2 G1) after crashes.
+//!
+//! Builds on `support` (declare `mod support;` in the test crate too) and
+//! re-exports it: tree listings, output helpers, file writers and byte
+//! generators come from there.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
 
-pub fn dsg_bin() -> PathBuf {
-    assert_cmd::cargo::cargo_bin("dsg")
-}
-
-pub fn is_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A unique name for a directory of this test process.
-pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
+pub use super::support::*;
 
 /// Where repositories go: `$DSG_TEST_XFS/<unique>` when the test script set
 /// it up, else a temp dir. Under CI the XFS mount is required.
 pub fn repo_parent_dir(prefix: &str) -> (PathBuf, Option<tempfile::TempDir>) {
-    match std::env::var("DSG_TEST_XFS") {
-        Ok(x) if !x.is_empty() => {
-            let p = Path::new(&x).join(unique(prefix));
-            fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-            (p, None)
-        }
-        _ => {
-            if is_ci() {
-                panic!("CI=true but DSG_TEST_XFS is unset: run scripts/setup-services and source its env");
-            }
-            let t = tempfile::Builder::new()
-                .prefix(&format!("dsg-repo-{prefix}-"))
-                .tempdir()
-                .unwrap();
-            (t.path().to_path_buf(), Some(t))
-        }
+    if let Some(p) = xfs_repo_parent(prefix) {
+        return (p, None);
     }
+    if is_ci() {
+        panic!("CI=true but DSG_TEST_XFS is unset: run scripts/setup-services and source its env");
+    }
+    temp_repo_parent(&format!("dsg-repo-{prefix}-"))
 }
 
 /// One test world: a user config, any number of clients (`tmp/<name>`) and
@@ -87,6 +59,14 @@ fn make_writable(p: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `client`, and through it `write`, `link`, `remove`, `read` and
+/// `prepare_clone`.
+impl Clients for Env {
+    fn client(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
 impl Env {
     pub fn new(prefix: &str) -> Env {
         let (parent, guard) = repo_parent_dir(prefix);
@@ -104,14 +84,7 @@ impl Env {
             .prefix("dsg-sync-")
             .tempdir()
             .unwrap();
-        let cfg = tmp.path().join("cfg");
-        fs::create_dir_all(&cfg).unwrap();
-        fs::write(
-            cfg.join("dsg.yml"),
-            "user_name: Alice\nuser_id: alice@example.org\n",
-        )
-        .unwrap();
-        fs::create_dir_all(tmp.path().join("home/.config")).unwrap();
+        make_user_dirs(tmp.path());
         Env {
             tmp,
             repo_parent: parent,
@@ -119,10 +92,6 @@ impl Env {
             repo_guard: guard,
             remove_parent: remove,
         }
-    }
-
-    pub fn client(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
     }
 
     pub fn repo(&self) -> PathBuf {
@@ -148,11 +117,8 @@ impl Env {
                 c
             }
         };
-        c.args(args)
-            .current_dir(&dir)
-            .env("DSG_CONFIG_HOME", self.tmp.path().join("cfg"))
-            .env("HOME", self.tmp.path().join("home"))
-            .env("XDG_CONFIG_HOME", self.tmp.path().join("home/.config"))
+        c.args(args).current_dir(&dir);
+        user_env(&mut c, self.tmp.path())
             .env_remove("DSG_FAILPOINT")
             .env_remove("DSG_LOCK_TIMEOUT")
             .env_remove("RUST_LOG")
@@ -175,66 +141,21 @@ impl Env {
     /// Runs and asserts exit status 0.
     pub fn ok(&self, name: &str, args: &[&str]) -> Output {
         let o = self.run(name, args);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "dsg {args:?} in {name} failed:\n{}",
-            show(&o)
-        );
+        assert_ok(&o, &format!("dsg {args:?} in {name}"));
         o
     }
 
     /// `dsg init` in client `name` (which must hold the data already).
     pub fn init(&self, name: &str) -> Output {
-        let parent = self.repo_parent.to_str().unwrap().to_string();
-        self.ok(
-            name,
-            &[
-                "init",
-                "--no-interactive",
-                "--host",
-                "localhost",
-                "--repo-path",
-                &parent,
-                "--repo-name",
-                &self.repo_name,
-                "--repo-type",
-                "xfs",
-            ],
-        )
-    }
-
-    /// Prepares client `to` with a copy of `from`'s `.dsgconfig.yml`.
-    pub fn prepare_clone(&self, from: &str, to: &str) {
-        let dir = self.client(to);
-        fs::create_dir_all(&dir).unwrap();
-        fs::copy(
-            self.client(from).join(".dsgconfig.yml"),
-            dir.join(".dsgconfig.yml"),
-        )
-        .unwrap();
+        let args = init_args_for("localhost", &self.repo_parent, &self.repo_name, "xfs");
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        self.ok(name, &args)
     }
 
     /// Prepares and runs `dsg clone` in client `to`.
     pub fn clone_client(&self, from: &str, to: &str) -> Output {
         self.prepare_clone(from, to);
         self.ok(to, &["clone"])
-    }
-
-    pub fn write(&self, client: &str, rel: &str, bytes: impl AsRef<[u8]>) {
-        write_file(&self.client(client), rel, bytes.as_ref());
-    }
-
-    pub fn link(&self, client: &str, rel: &str, target: &str) {
-        make_link(&self.client(client), rel, target);
-    }
-
-    pub fn remove(&self, client: &str, rel: &str) {
-        remove_path(&self.client(client), rel);
-    }
-
-    pub fn read(&self, client: &str, rel: &str) -> Vec<u8> {
-        fs::read(self.client(client).join(rel)).unwrap()
     }
 
     /// `status --json` rows as (path, state, action).
@@ -250,288 +171,6 @@ impl Env {
 
     pub fn capture(&self, client: &str) -> World {
         World::capture(&self.client(client), &self.repo())
-    }
-}
-
-pub fn show(o: &Output) -> String {
-    format!(
-        "status: {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-pub fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-pub fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-pub fn json_of(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{}", show(o)))
-}
-
-pub fn rows_of(v: &Value, key: &str) -> Vec<(String, String, String)> {
-    v[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("no {key} array in {v}"))
-        .iter()
-        .map(|r| {
-            (
-                r["path"].as_str().unwrap().to_string(),
-                r["state"].as_str().unwrap().to_string(),
-                r["action"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-pub fn write_file(root: &Path, rel: &str, bytes: &[u8]) {
-    let p = root.join(rel);
-    if let Ok(md) = fs::symlink_metadata(&p) {
-        if md.file_type().is_symlink() {
-            fs::remove_file(&p).unwrap();
-        }
-    }
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(&p, bytes).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-}
-
-pub fn make_link(root: &Path, rel: &str, target: &str) {
-    let p = root.join(rel);
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    if fs::symlink_metadata(&p).is_ok() {
-        remove_path(root, rel);
-    }
-    std::os::unix::fs::symlink(target, &p).unwrap();
-}
-
-pub fn remove_path(root: &Path, rel: &str) {
-    let p = root.join(rel);
-    let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    if md.is_dir() {
-        fs::remove_dir_all(&p).unwrap();
-    } else {
-        fs::remove_file(&p).unwrap();
-    }
-}
-
-// ------------------------------------------------------------------ listings
-
-/// A tree entry: small files keep their bytes (readable diffs), large ones a
-/// size and an independent 128-bit digest.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Node {
-    File(Vec<u8>),
-    Big(u64, u128),
-    Link(String),
-    Dir,
-}
-
-impl std::fmt::Debug for Node {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Node::File(b) if b.len() <= 64 => write!(f, "File({:?})", String::from_utf8_lossy(b)),
-            Node::File(b) => write!(f, "File({} bytes)", b.len()),
-            Node::Big(n, d) => write!(f, "Big({n} bytes, {d:032x})"),
-            Node::Link(t) => write!(f, "Link({t:?})"),
-            Node::Dir => write!(f, "Dir"),
-        }
-    }
-}
-
-pub type Tree = BTreeMap<String, Node>;
-
-const SMALL: u64 = 64 * 1024;
-
-/// A digest that does not come from the product (two independent 64-bit
-/// multiply-xorshift lanes over 8-byte words).
-pub fn digest(bytes: &[u8]) -> u128 {
-    let (mut a, mut b) = (0x9e37_79b9_7f4a_7c15u64, 0xc2b2_ae3d_27d4_eb4fu64);
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().unwrap());
-        a = (a ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd).rotate_left(31);
-        b = (b.wrapping_add(w)).wrapping_mul(0xc4ce_b9fe_1a85_ec53) ^ (b >> 29);
-    }
-    for &x in chunks.remainder() {
-        a = (a ^ x as u64)
-            .wrapping_mul(0xff51_afd7_ed55_8ccd)
-            .rotate_left(31);
-        b = (b.wrapping_add(x as u64)).wrapping_mul(0xc4ce_b9fe_1a85_ec53) ^ (b >> 29);
-    }
-    a ^= bytes.len() as u64;
-    ((a as u128) << 64) | b as u128
-}
-
-fn node_of(path: &Path, md: &fs::Metadata) -> Node {
-    if md.file_type().is_symlink() {
-        Node::Link(fs::read_link(path).unwrap().to_string_lossy().into_owned())
-    } else if md.is_dir() {
-        Node::Dir
-    } else {
-        let b = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        if b.len() as u64 <= SMALL {
-            Node::File(b)
-        } else {
-            Node::Big(b.len() as u64, digest(&b))
-        }
-    }
-}
-
-/// Every path under `root` (relative, sorted) with its metadata; does not
-/// follow symlinks.
-pub fn walk_all(root: &Path) -> Vec<(PathBuf, fs::Metadata)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for de in rd.flatten() {
-            let p = de.path();
-            let Ok(md) = fs::symlink_metadata(&p) else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push(p.clone());
-            }
-            out.push((p, md));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap().to_string_lossy().into_owned()
-}
-
-/// The data tree: everything under `root` except `.dsg/` (files, links,
-/// directories; `.dsgconfig.yml` included).
-pub fn data_tree(root: &Path) -> Tree {
-    let mut t = Tree::new();
-    for (p, md) in walk_all(root) {
-        let r = rel(root, &p);
-        if r == ".dsg" || r.starts_with(".dsg/") {
-            continue;
-        }
-        t.insert(r, node_of(&p, &md));
-    }
-    t
-}
-
-/// Files and links only, of tracked paths (a component named input, output
-/// or frozen; no hidden component): what a manifest describes.
-pub fn tracked(t: &Tree) -> Tree {
-    t.iter()
-        .filter(|(p, n)| !matches!(n, Node::Dir) && is_tracked(p))
-        .map(|(p, n)| (p.clone(), n.clone()))
-        .collect()
-}
-
-pub fn is_tracked(p: &str) -> bool {
-    let comps: Vec<&str> = p.split('/').collect();
-    comps.iter().all(|c| !c.starts_with('.'))
-        && comps[..comps.len() - 1]
-            .iter()
-            .any(|c| matches!(*c, "input" | "output" | "frozen"))
-}
-
-/// Everything under `root`, `.dsg/` included, with mtimes: for "writes
-/// nothing at all" checks.
-pub fn full_listing(root: &Path) -> BTreeMap<String, (Node, i64, i64)> {
-    let mut t = BTreeMap::new();
-    if let Ok(md) = fs::symlink_metadata(root) {
-        t.insert(".".into(), (Node::Dir, md.mtime(), md.mtime_nsec()));
-    }
-    for (p, md) in walk_all(root) {
-        let r = rel(root, &p);
-        // Taking a lock may touch its lock file; lock files are allowed
-        // (their existence and content still count).
-        let is_lock = r == ".dsg/lock" || r.ends_with(".lock");
-        let (s, ns) = if is_lock {
-            (0, 0)
-        } else {
-            (md.mtime(), md.mtime_nsec())
-        };
-        t.insert(r, (node_of(&p, &md), s, ns));
-    }
-    t
-}
-
-/// `full_listing` for "nothing changed" after a failed command: it ignores
-/// directory mtimes, the local stat caches (`.dsg/stat-cache*`, which only
-/// let a scan skip work), an empty `.dsg/staging/` and the holder text in
-/// lock files; everything else,
-/// file mtimes included, must be as before.
-pub fn state_listing(root: &Path) -> BTreeMap<String, (Node, i64, i64)> {
-    let mut t = full_listing(root);
-    t.retain(|k, _| !k.starts_with(".dsg/stat-cache"));
-    let staging_empty = !t.keys().any(|k| k.starts_with(".dsg/staging/"));
-    if staging_empty {
-        t.remove(".dsg/staging");
-    }
-    for (k, v) in t.iter_mut() {
-        if k == ".dsg/lock" || k.ends_with(".lock") {
-            // Informative holder text; the flock itself is the lock.
-            v.0 = Node::File(Vec::new());
-        }
-        if v.0 == Node::Dir {
-            v.1 = 0;
-            v.2 = 0;
-        }
-    }
-    t
-}
-
-/// Human-readable differences between two maps (at most `max` lines).
-pub fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
-    a: &BTreeMap<K, V>,
-    b: &BTreeMap<K, V>,
-) -> String {
-    let mut s = String::new();
-    let mut n = 0;
-    for (k, v) in a {
-        match b.get(k) {
-            None => {
-                let _ = writeln!(s, "  - {k:?}: {v:?}");
-                n += 1;
-            }
-            Some(w) if w != v => {
-                let _ = writeln!(s, "  ~ {k:?}: {v:?} -> {w:?}");
-                n += 1;
-            }
-            _ => {}
-        }
-        if n > 30 {
-            s.push_str("  …\n");
-            return s;
-        }
-    }
-    for (k, v) in b {
-        if !a.contains_key(k) {
-            let _ = writeln!(s, "  + {k:?}: {v:?}");
-            n += 1;
-            if n > 30 {
-                s.push_str("  …\n");
-                return s;
-            }
-        }
-    }
-    s
-}
-
-#[track_caller]
-pub fn assert_same<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
-    what: &str,
-    a: &BTreeMap<K, V>,
-    b: &BTreeMap<K, V>,
-) {
-    if a != b {
-        panic!("{what} differs:\n{}", diff(a, b));
     }
 }
 
@@ -563,18 +202,6 @@ pub fn manifest_entries(v: &Value) -> BTreeMap<String, Ent> {
         out.insert(k.clone(), ent);
     }
     out
-}
-
-pub fn snapshot_id(v: &Value) -> String {
-    v["metadata"]["snapshot_id"]
-        .as_str()
-        .expect("snapshot_id")
-        .to_string()
-}
-
-pub fn read_json(p: &Path) -> Value {
-    let b = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-    serde_json::from_slice(&b).unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.display()))
 }
 
 /// The snapshot ids in `.dsg/sync-messages.json` under `root`.
@@ -663,7 +290,7 @@ pub fn assert_tree_matches_manifest(root: &Path, manifest: &Value, what: &str) {
 pub fn assert_no_leftovers(root: &Path) {
     let mut bad = Vec::new();
     for (p, _) in walk_all(root) {
-        let r = rel(root, &p);
+        let r = rel_path(root, &p);
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         if r.starts_with(".dsg/staging/")
             || r == ".dsg/journal"
@@ -887,27 +514,6 @@ pub fn failpoints_of(o: &Output) -> Vec<String> {
     out
 }
 
-/// A small seeded PRNG (splitmix64) so random trials can be replayed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// The test seed: `DSG_TEST_SEED` or the clock (printed, to replay).
 pub fn seed(name: &str) -> u64 {
     let s = std::env::var("DSG_TEST_SEED")
@@ -921,17 +527,6 @@ pub fn seed(name: &str) -> u64 {
         });
     eprintln!("{name}: seed {s} (replay with DSG_TEST_SEED={s})");
     s
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut r = Rng(seed);
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        v.extend_from_slice(&r.next().to_le_bytes());
-    }
-    v.truncate(n);
-    v
 }
 
 /// Uid of this process (via `id -u`; no libc dependency).

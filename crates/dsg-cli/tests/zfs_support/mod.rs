@@ -7,19 +7,23 @@
 //! `ZEnv` drops; names carry `-p<PID>-` so that setup-services can sweep
 //! what a killed test run left.
 //!
-//! Needs `mod sync_support;` declared before `mod zfs_support;` in the test
-//! crate (it builds on `sync_support::Env` and its tree listings).
+//! Needs `mod support;` and `mod sync_support;` declared beside
+//! `mod zfs_support;` in the test crate (it builds on `sync_support::Env`
+//! and the tree listings and command helpers of `support`, which
+//! `sync_support` re-exports).
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use super::sync_support::*;
+// `ZEnv` derefs to `Env`: its clients' helpers (`z.client(..)`,
+// `z.write(..)`, …) come with this trait, also for tests that import only
+// some of `sync_support`.
+pub use super::support::Clients;
 
 pub const IN: &str = "task/input";
 pub const OUT: &str = "task/output";
@@ -67,54 +71,6 @@ pub const DSG_LIMIT: Duration = Duration::from_secs(180);
 /// How long one `zfs` command may take.
 pub const ZFS_LIMIT: Duration = Duration::from_secs(60);
 
-/// Waits for `child` (stdout/stderr piped) at most `limit`; kills it
-/// then (a wedged zfs-fuse hangs every access to its mounts). The output
-/// and whether it timed out.
-pub fn wait_within(mut child: Child, limit: Duration) -> (Output, bool) {
-    fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut v);
-            }
-            v
-        })
-    }
-    let out = drain(child.stdout.take());
-    let err = drain(child.stderr.take());
-    let t0 = Instant::now();
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > limit {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let mut stderr = err.join().unwrap_or_default();
-    if timed_out {
-        stderr.extend_from_slice(format!("\n(killed by the test after {limit:?})\n").as_bytes());
-    }
-    let o = Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr,
-    };
-    (o, timed_out)
-}
-
-/// Runs `c` (output piped, no stdin) at most `limit`.
-pub fn output_within(mut c: Command, limit: Duration) -> (Output, bool) {
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    wait_within(c.spawn().expect("spawn"), limit)
-}
-
 /// Panics (with a hint) if a command had to be killed.
 #[track_caller]
 pub fn no_hang(what: &str, (o, timed_out): (Output, bool)) -> Output {
@@ -143,19 +99,13 @@ fn serial_lock() -> fs::File {
     f
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// A name unique in the pool: `<prefix>-p<PID>-<n>-<t>`.
 pub fn zname(prefix: &str) -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_micros();
-    format!(
-        "{prefix}-p{}-{}-{t}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
+    format!("{prefix}-p{}-{}-{t}", std::process::id(), next_count())
 }
 
 /// Runs the real `zfs` (from this process's PATH), killed after
@@ -286,23 +236,14 @@ impl ZEnv {
     }
 
     pub fn init_args(&self) -> Vec<String> {
-        [
-            "init",
-            "--no-interactive",
-            "--host",
+        let mut v = init_args_for(
             "localhost",
-            "--repo-path",
-            self.env.repo_parent.to_str().unwrap(),
-            "--repo-name",
+            &self.env.repo_parent,
             &self.env.repo_name,
-            "--repo-type",
             "zfs",
-            "--pool",
-            &self.pool,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        );
+        v.extend(["--pool".to_string(), self.pool.clone()]);
+        v
     }
 
     /// `dsg init` of a zfs repository in client `name`.
@@ -336,12 +277,7 @@ impl ZEnv {
     #[track_caller]
     pub fn ok(&self, name: &str, args: &[&str]) -> Output {
         let o = self.run(name, args);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "dsg {args:?} in {name} failed:\n{}",
-            show(&o)
-        );
+        assert_ok(&o, &format!("dsg {args:?} in {name}"));
         o
     }
 
