@@ -69,6 +69,9 @@ fn sync_resumes_a_large_upload_after_the_connection_drops() {
     w.init("a");
     let big = w.client("a").join("task/input/big.bin");
     write_big_file(&big, 11, BIG);
+    // Staged before the cut (paths upload in order), so the resume stages
+    // this link again over the one already there.
+    w.link("a", "task/input/a-link.csv", "base.txt");
     for i in 0..20u64 {
         w.write(
             "a",
@@ -87,6 +90,10 @@ fn sync_resumes_a_large_upload_after_the_connection_drops() {
         "repository after a resumed sync",
         &local,
         &data_tree(&w.repo()),
+    );
+    assert_eq!(
+        std::fs::read_link(w.repo().join("task/input/a-link.csv")).unwrap(),
+        std::path::Path::new("base.txt")
     );
     assert!(same_bytes(&big, &w.repo().join("task/input/big.bin")));
     assert_eq!(w.repo_snapshot(), "s2");
