@@ -14,6 +14,13 @@ fn interrupt_at(step: &str) {
     let a = env.project("a");
     write(&a, "input/x.csv", "one\n");
     env.init_ok(&a, "intr");
+    // Client b publishes a file, so a's sync downloads as well as uploads:
+    // the interrupt after the download stage has something staged to undo.
+    let b = env.project("b");
+    fs::copy(a.join(".dsgconfig.yml"), b.join(".dsgconfig.yml")).unwrap();
+    assert_code(&env.run(&b, &["clone"]), 0, "clone b");
+    write(&b, "input/from_b.csv", "from b\n");
+    assert_code(&env.run(&b, &["sync"]), 0, "sync b");
     write(&a, "input/x.csv", "two\n");
     write(&a, "input/new.csv", "new\n");
     // The lock's holder text and directory mtimes may change; data and
@@ -65,11 +72,19 @@ fn interrupt_at(step: &str) {
         "two\n",
         "local edit kept"
     );
+    assert!(
+        !a.join("input/from_b.csv").exists(),
+        "the download was installed by an interrupted sync"
+    );
     // And the sync still works afterwards.
     assert_code(&env.run(&a, &["sync"]), 0, "sync after interrupt");
     assert_eq!(
         fs::read_to_string(env.repo("intr").join("input/x.csv")).unwrap(),
         "two\n"
+    );
+    assert_eq!(
+        fs::read_to_string(a.join("input/from_b.csv")).unwrap(),
+        "from b\n"
     );
 }
 
