@@ -444,7 +444,7 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
     if a.force && !a.dry_run && !dir.join(".dsg").exists() {
         if let Some(ex) = dsg_sync::init::existing_repository(&args)? {
             args.replace = confirm_replace(&ex, &args.repo_name, a.confirm_replace, interactive)?;
-            args.confirmed_hash = ex.head_hash.clone();
+            args.confirmed_hash = ex.head_file_hash.clone();
         }
     }
     let report = dsg_sync::init::init(&cwd()?, args, &reporter)?;

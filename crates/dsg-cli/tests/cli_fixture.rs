@@ -216,6 +216,45 @@ fn bob_status_is_clean_although_his_cache_is_another_chain() {
     assert_same_tree(&before.1, &after.1, "the repository after status");
 }
 
+/// Bob's last sync is his own s2, which the repository's index (alice's)
+/// records with another hash: a forked chain, as the original left it.
+/// Nothing local is at risk, so his sync of a change goes ahead.
+#[test]
+fn bob_syncs_a_change_although_his_cache_is_another_chain() {
+    let fx = setup("bob", "bob");
+    write(&fx.client, "input/bob-new.csv", "from bob\n");
+    let o = fx.env.run(&fx.client, &["sync", "-m", "bob's change"]);
+    assert_code(&o, 0, "bob's sync");
+    assert_eq!(
+        fs::read(fx.repo.join("input/bob-new.csv")).unwrap(),
+        b"from bob\n"
+    );
+    let v = fx.env.status_json(&fx.client, &[]);
+    assert_eq!(v["files"], serde_json::json!([]), "{v:#}");
+}
+
+/// Alice's s3 is in the repository's history: her sync downloads the three
+/// changes (the history check must not stand in the way).
+#[test]
+fn alice_after_step2_syncs_the_three_remote_changes() {
+    let fx = setup("alice-after-step2", "alice");
+    let o = fx.env.run(&fx.client, &["sync"]);
+    assert_code(&o, 0, "alice's sync");
+    for p in [
+        "input/geo/regions/north.csv",
+        "output/link.csv",
+        "output/tables/latest.csv",
+    ] {
+        assert_eq!(
+            fs::read(fx.client.join(p)).unwrap(),
+            fs::read(fx.repo.join(p)).unwrap(),
+            "{p}"
+        );
+    }
+    let v = fx.env.status_json(&fx.client, &[]);
+    assert_eq!(v["files"], serde_json::json!([]), "{v:#}");
+}
+
 #[test]
 fn alice_after_step2_sees_three_remote_changes() {
     let fx = setup("alice-after-step2", "alice");

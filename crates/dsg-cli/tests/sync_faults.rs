@@ -373,6 +373,53 @@ fn read_only_user_reads_past_an_abandoned_upload() {
     assert_no_leftovers(&env.repo());
 }
 
+/// A reader who may not write finds another client's commit between its
+/// `committed` record and its end: it waits for that writer and reads the
+/// finished snapshot, instead of failing "not finished".
+#[test]
+fn read_only_user_waits_out_a_commit_in_progress() {
+    let env = Env::new("rowait");
+    env.write("A", &p("a.txt"), "a");
+    env.init("A");
+    let Some(pre) = unprivileged() else {
+        return;
+    };
+    if pre.is_empty() {
+        eprintln!("SKIPPED: needs root to run as another user");
+        return;
+    }
+    chmod(env.tmp.path(), 0o755);
+    env.prepare_clone("A", "C");
+    chown_nobody(&[&env.client("C")]);
+    let o = run_as(&env, &pre, "C", &["clone"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    env.write("A", &p("b.txt"), "b");
+    let mut writer = env.command("A", &["sync"]);
+    writer.env("DSG_FAILPOINT", "repo.journal.committed:pause=1500");
+    let writer = writer.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Inside the pause: the journal says committed, nothing is applied yet.
+    let journal = env.repo().join(".dsg/journal");
+    let t0 = Instant::now();
+    let committed = |b: Vec<u8>| b.windows(17).any(|w| w == br#""rec":"committed""#);
+    while !fs::read(&journal).map(committed).unwrap_or(false) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the writer never committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = run_as(&env, &pre, "C", &["sync"]);
+    let w = writer.wait_with_output().unwrap();
+    assert_eq!(
+        w.status.code(),
+        Some(0),
+        "writer: {}",
+        String::from_utf8_lossy(&w.stderr)
+    );
+    assert_eq!(o.status.code(), Some(0), "reader: {}", show(&o));
+    assert_eq!(fs::read(env.client("C").join(p("b.txt"))).unwrap(), b"b");
+}
+
 /// G3: a file rewritten while it is being uploaded is detected, never
 /// recorded with a hash its bytes do not have.
 #[test]

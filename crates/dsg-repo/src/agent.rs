@@ -151,8 +151,12 @@ fn serve_loop<R: Read, W: Write>(
                         }
                         (Ok(()), false) => write_json(&mut w, &Response::Ok)?,
                         (Err(e), _) => {
-                            // A failed begin may hold the lock: release it.
-                            let _ = backend.rollback();
+                            // A failed begin may hold the lock: release it
+                            // (not for a protocol misuse, which may come with
+                            // a transaction already open).
+                            if e.kind != ErrorKind::Protocol {
+                                let _ = backend.rollback();
+                            }
                             reply_err(&mut w, &e)?
                         }
                     }
@@ -169,7 +173,9 @@ fn serve_loop<R: Read, W: Write>(
                             write_data(&mut w, &list)?;
                         }
                         Err(e) => {
-                            let _ = backend.rollback();
+                            if e.kind != ErrorKind::Protocol {
+                                let _ = backend.rollback();
+                            }
                             reply_err(&mut w, &e)?
                         }
                     }
@@ -177,7 +183,9 @@ fn serve_loop<R: Read, W: Write>(
                     match backend.begin(&tx_id, base.as_deref(), hash, &user) {
                         Ok(()) => write_json(&mut w, &Response::Ok)?,
                         Err(e) => {
-                            let _ = backend.rollback();
+                            if e.kind != ErrorKind::Protocol {
+                                let _ = backend.rollback();
+                            }
                             reply_err(&mut w, &e)?
                         }
                     }

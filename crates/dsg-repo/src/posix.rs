@@ -993,19 +993,13 @@ impl Backend for PosixBackend {
                 format!("cannot begin transaction {tx_id:?} here"),
             ));
         }
-        let staging = match self.zfs.clone() {
-            Some(z) => {
-                self.lock(&z.lock_path())?;
-                let r = z.recover().and_then(|()| z.create_replace(tx_id));
-                match r {
-                    Ok(mp) => mp,
-                    Err(e) => {
-                        let _ = z.rollback(tx_id);
-                        self.unlock();
-                        return Err(e);
-                    }
-                }
-            }
+        // Locks first (ZFS: its one lock; a directory: the init lock and
+        // the repository's, so no init of this name and no sync of the
+        // repository runs meanwhile), then recovery, then the check that
+        // the head is the one the user confirmed, and only then is
+        // anything created.
+        let locked = match self.zfs.clone() {
+            Some(z) => self.lock(&z.lock_path()).and_then(|()| z.recover()),
             None => {
                 if !self.dsg().is_dir() {
                     return Err(AgentError::new(
@@ -1014,25 +1008,51 @@ impl Backend for PosixBackend {
                     )
                     .hint("dsg replaces only a dsg repository; move it away or choose another --repo-name"));
                 }
-                // Both locks: no init of this name, and no sync of the
-                // repository being replaced, runs meanwhile.
-                self.lock(&self.init_lock_path())?;
-                match self.take_flock(&self.repo_lock_path(), LockMode::Exclusive, true) {
-                    Ok(l) => self.lock2 = l,
-                    Err(e) => {
-                        self.unlock();
-                        return Err(e);
-                    }
-                }
-                if let Err(e) = self
-                    .recover_locked()
+                self.lock(&self.init_lock_path())
+                    .and_then(|()| {
+                        self.lock2 =
+                            self.take_flock(&self.repo_lock_path(), LockMode::Exclusive, true)?;
+                        Ok(())
+                    })
+                    .and_then(|()| self.recover_locked())
                     .and_then(|()| self.cleanup_init_leftovers())
-                {
+            }
+        };
+        if let Err(e) = locked {
+            self.unlock();
+            return Err(e);
+        }
+        // What the user confirmed replacing must be what is replaced: a
+        // sync committed since then would be lost unseen. The head file's
+        // own hash: it exists even for a head without a snapshot hash.
+        if let Some(expect) = expect_hash {
+            let now = fs::read(self.dsg().join("last-sync.json"))
+                .map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b)))
+                .unwrap_or_default();
+            if now != expect {
+                self.unlock();
+                return Err(AgentError::new(
+                    ErrorKind::Moved,
+                    "the repository changed since you confirmed replacing it; nothing was replaced",
+                )
+                .hint("run the command again to see what it holds now and confirm again"));
+            }
+        }
+        let staging = match self.zfs.clone() {
+            Some(z) => match z.create_replace(tx_id) {
+                Ok(mp) => mp,
+                Err(e) => {
+                    let _ = z.rollback(tx_id);
                     self.unlock();
                     return Err(e);
                 }
+            },
+            None => {
                 let st = self.init_staging(tx_id);
-                fs::create_dir(&st).map_err(|e| AgentError::io(st.display(), e))?;
+                if let Err(e) = fs::create_dir(&st) {
+                    self.unlock();
+                    return Err(AgentError::io(st.display(), e));
+                }
                 st
             }
         };
@@ -1040,21 +1060,6 @@ impl Backend for PosixBackend {
             replace: true,
             ..OpenTx::new(tx_id, staging.clone(), staging.clone(), true, None)
         });
-        // What the user confirmed replacing must be what is replaced: a
-        // sync committed since then would be lost unseen.
-        let head = self.head().ok().flatten();
-        let head_hash = head
-            .as_ref()
-            .and_then(|h| h.metadata.as_ref())
-            .and_then(|m| m.snapshot_hash.as_deref());
-        if expect_hash.is_some() && head_hash != expect_hash {
-            let _ = self.rollback();
-            return Err(AgentError::new(
-                ErrorKind::Moved,
-                "the repository changed since you confirmed replacing it; nothing was replaced",
-            )
-            .hint("run the command again to see what it holds now and confirm again"));
-        }
         fs::create_dir_all(staging.join(".dsg/archive"))
             .map_err(|e| AgentError::io(staging.display(), e))?;
         Ok(())
@@ -1162,6 +1167,7 @@ impl Backend for PosixBackend {
                     };
                 }
             }
+            let tx_id = tx.id.clone();
             self.tx = Some(tx);
             // Before the commit point this rolls back; after it, it rolls
             // forward, and then the commit did happen. Decided under the
@@ -1173,8 +1179,28 @@ impl Backend for PosixBackend {
                 let _ = z.cleanup_init();
             }
             let landed = fs::read(self.dsg().join("last-sync.json")).is_ok_and(|b| b == c.manifest);
+            // Committed in the journal but not rolled forward (the roll
+            // forward failed too): recovery finishes it; never "failed".
+            let committed = self.zfs.is_none()
+                && Journal::read(&self.dsg().join("journal"))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|rs| {
+                        rs.iter()
+                            .any(|r| matches!(r, Record::Committed { tx, .. } if *tx == tx_id))
+                    });
             self.unlock();
-            return if landed { Ok(()) } else { Err(e) };
+            return if landed {
+                Ok(())
+            } else if committed {
+                Err(AgentError::new(
+                    ErrorKind::Incomplete,
+                    format!("the snapshot was committed but applying it failed: {e}"),
+                )
+                .hint("run any dsg command to complete it once the problem is fixed"))
+            } else {
+                Err(e)
+            };
         }
         self.unlock();
         Ok(())
@@ -1287,11 +1313,16 @@ impl Backend for PosixBackend {
                         })
                     })
                     .unwrap_or(false);
-            let committed = z.journal().is_some_and(|rs| {
-                rs.iter()
-                    .any(|r| matches!(r, crate::zfs::ZRecord::Committed { .. }))
-            });
-            if pending && self.may_recover(&self.mountpoint, committed)? {
+            let unfinished = || {
+                z.journal().is_some_and(|rs| {
+                    rs.iter()
+                        .any(|r| matches!(r, crate::zfs::ZRecord::Committed { .. }))
+                        && !rs
+                            .iter()
+                            .any(|r| matches!(r, crate::zfs::ZRecord::Done { .. }))
+                })
+            };
+            if pending && self.may_recover(&self.mountpoint, &z.lock_path(), &unfinished)? {
                 if let Some(f) = self.take_flock(&z.lock_path(), LockMode::Exclusive, false)? {
                     self.lock = Some(f);
                     let r = self.zfs.as_ref().expect("zfs").recover();
@@ -1313,12 +1344,14 @@ impl Backend for PosixBackend {
                         .any(|d| dsg_core::atomic::is_temp_name(&d.file_name().to_string_lossy()))
                 })
                 .unwrap_or(false);
-        let committed = pending
-            && Journal::read(&dsg.join("journal"))
-                .ok()
-                .flatten()
-                .is_some_and(|rs| rs.iter().any(|r| matches!(r, Record::Committed { .. })));
-        if pending && self.may_recover(&dsg, committed)? {
+        let jpath = dsg.join("journal");
+        let unfinished = || {
+            Journal::read(&jpath).ok().flatten().is_some_and(|rs| {
+                rs.iter().any(|r| matches!(r, Record::Committed { .. }))
+                    && !rs.iter().any(|r| matches!(r, Record::Done { .. }))
+            })
+        };
+        if pending && self.may_recover(&dsg, &dsg.join("lock"), &unfinished)? {
             // A live writer holds the lock: its transaction is not ours to touch.
             if let Some(f) =
                 self.take_flock(&self.dsg().join("lock"), LockMode::Exclusive, false)?
@@ -1338,7 +1371,9 @@ impl Backend for PosixBackend {
                 })
             })
             .unwrap_or(false);
-        if init_leftovers && self.may_recover(&self.mountpoint, false)? {
+        if init_leftovers
+            && self.may_recover(&self.mountpoint, &self.init_lock_path(), &|| false)?
+        {
             if let Some(f) = self.take_flock(&self.init_lock_path(), LockMode::Exclusive, false)? {
                 self.lock = Some(f);
                 let r = self.cleanup_init_leftovers();
@@ -1388,20 +1423,30 @@ impl PosixBackend {
     /// Whether this user can run a recovery in `dir`. A reader who may not
     /// write there skips leftovers that do not touch the head (an upload's
     /// staging, an init's) — a writer's next command removes them — but
-    /// cannot read past a committed transaction that is not yet applied.
-    fn may_recover(&self, dir: &Path, committed: bool) -> Result<bool, AgentError> {
+    /// cannot read past a committed transaction that is not finished:
+    /// after waiting for the writer holding `lock` (it may be finishing it
+    /// right now), it fails if `unfinished` still says so.
+    fn may_recover(
+        &self,
+        dir: &Path,
+        lock: &Path,
+        unfinished: &dyn Fn() -> bool,
+    ) -> Result<bool, AgentError> {
         if rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok() {
             return Ok(true);
         }
-        if committed {
-            return Err(AgentError::new(
-                ErrorKind::Incomplete,
-                format!(
-                    "{} holds a committed transaction that is not finished yet, and this user may not finish it",
-                    self.dir().display()
-                ),
-            )
-            .hint("run any dsg command as a user who may write the repository; it finishes the transaction"));
+        if unfinished() {
+            drop(self.take_flock(lock, LockMode::Shared, true)?);
+            if unfinished() {
+                return Err(AgentError::new(
+                    ErrorKind::Incomplete,
+                    format!(
+                        "{} holds a committed transaction that is not finished yet, and this user may not finish it",
+                        self.dir().display()
+                    ),
+                )
+                .hint("run any dsg command as a user who may write the repository; it finishes the transaction"));
+            }
         }
         tracing::debug!(
             "{}: leftovers of an unfinished upload; not ours to remove (read-only)",

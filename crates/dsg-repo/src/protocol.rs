@@ -13,7 +13,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// 2: resumable uploads (`Begin.resume`, `PutFile.offset`, `Resumed`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `Begin.base_hash` and `Begin.replace`, which an agent of 2 would
+/// silently ignore.
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
@@ -49,9 +51,10 @@ pub enum Request {
         /// confirmed `init --force`); it stays untouched until the commit.
         #[serde(default)]
         replace: bool,
-        /// The snapshot hash of `base` (a sync), or of the head the user
-        /// confirmed replacing (a replacing init). Snapshot ids start again
-        /// at s1 in a replaced repository: the id alone is not enough.
+        /// A sync: the snapshot hash of `base` (snapshot ids start again
+        /// at s1 in a replaced repository: the id alone is not enough). A
+        /// replacing init: the XXH3 (hex) of the head manifest file the
+        /// user confirmed replacing.
         #[serde(default)]
         base_hash: Option<String>,
     },

@@ -467,9 +467,13 @@ impl Zfs {
                         .origin(&ds)?
                         .is_some_and(|o| o.starts_with(&format!("{old}@")))
                 {
-                    self.run(&["destroy", "-r", &ds])?;
-                    if let Some(id) = ds.strip_prefix(&format!("{live}--")) {
-                        let _ = std::fs::remove_dir(self.tx_mountpoint(id));
+                    // Best effort: a reader still inside it keeps it busy;
+                    // then the destroy below fails, and a later recovery
+                    // (after the reader closed it) finishes.
+                    if self.run(&["destroy", "-r", &ds]).is_ok() {
+                        if let Some(id) = ds.strip_prefix(&format!("{live}--")) {
+                            let _ = std::fs::remove_dir(self.tx_mountpoint(id));
+                        }
                     }
                 }
             }

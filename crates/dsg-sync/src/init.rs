@@ -35,8 +35,8 @@ pub struct InitArgs {
     /// Replace the repository if it exists. Only with `force`, and only
     /// after the user confirmed it (see `existing_repository`).
     pub replace: bool,
-    /// The snapshot hash of the head the user confirmed replacing: the
-    /// repository refuses if it holds another one by then.
+    /// The XXH3 (hex) of the head manifest file the user confirmed
+    /// replacing: the repository refuses if it holds another one by then.
     pub confirmed_hash: Option<String>,
     pub normalize: bool,
     pub dry_run: bool,
@@ -206,9 +206,10 @@ fn check_args(args: &InitArgs) -> Result<()> {
 pub struct Existing {
     /// `host:path` (and the dataset, for ZFS).
     pub location: String,
-    /// Its head snapshot (id and hash) and how many files it lists.
+    /// Its head snapshot and how many files it lists.
     pub head: Option<String>,
-    pub head_hash: Option<String>,
+    /// XXH3 of the head manifest file: what the user confirms replacing.
+    pub head_file_hash: Option<String>,
     pub files: usize,
 }
 
@@ -222,10 +223,13 @@ pub fn existing_repository(args: &InitArgs) -> Result<Option<Existing>> {
         let _ = c.close();
         return Ok(None);
     }
-    let head = match c.read_meta("last-sync.json", None)? {
-        Meta::Data(b) => Manifest::from_json_bytes(&b, Path::new("last-sync.json")).ok(),
+    let head_bytes = match c.read_meta("last-sync.json", None)? {
+        Meta::Data(b) => Some(b),
         _ => None,
     };
+    let head = head_bytes
+        .as_ref()
+        .and_then(|b| Manifest::from_json_bytes(b, Path::new("last-sync.json")).ok());
     let _ = c.close();
     let mut location = format!("{}:{}", cfg.repository.host, cfg.repo_dir().display());
     if let Some(pool) = &cfg.repository.pool {
@@ -237,10 +241,9 @@ pub fn existing_repository(args: &InitArgs) -> Result<Option<Existing>> {
             .as_ref()
             .and_then(|m| m.metadata.as_ref())
             .map(|m| m.snapshot_id.clone()),
-        head_hash: head
+        head_file_hash: head_bytes
             .as_ref()
-            .and_then(|m| m.metadata.as_ref())
-            .and_then(|m| m.snapshot_hash.clone()),
+            .map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(b))),
         files: head.as_ref().map(|m| m.entries().len()).unwrap_or(0),
     }))
 }

@@ -194,6 +194,12 @@ fn sync_once(
         dry_run: opts.dry_run,
     };
     let mut cmp = compare(project, Some(&mut client), copts, reporter)?;
+    // Before anything is renamed: a sync this check refuses changes nothing.
+    let repo_messages = if is_clone {
+        None
+    } else {
+        check_same_history(&cmp, &mut client)?
+    };
     let renames = settle_names(
         project,
         &cmp.scan.problems,
@@ -207,11 +213,6 @@ fn sync_once(
         cmp = compare(project, Some(&mut client), copts, reporter)?;
         block_on_problems(&cmp.scan.problems, "sync")?;
     }
-    let repo_messages = if is_clone {
-        None
-    } else {
-        check_same_history(&cmp, &mut client)?
-    };
     let rows = cmp.rows();
     let mut report = SyncReport {
         dry_run: opts.dry_run,
@@ -527,9 +528,11 @@ fn sync_once(
 }
 
 /// Refuses to sync a project whose last sync the repository no longer
-/// holds: it was replaced (`init --force`) or rewritten since. Syncing
-/// anyway would treat every file of the old history as deleted remotely and
-/// delete the local copies — possibly the last ones.
+/// holds — replaced (`init --force`), rewritten, or forked by the original
+/// dsg — when the plan would delete or overwrite local files on the
+/// strength of that stale last sync: they may be the last copies of what
+/// the repository held. Without such actions there is nothing to lose, and
+/// the sync goes ahead (the original's forked indexes are common).
 /// Returns the repository's sync-messages when it had to read them.
 fn check_same_history(cmp: &Comparison, client: &mut RepoClient) -> Result<Option<SyncMessages>> {
     let (Some(ours), Some(head)) = (cmp.cache.metadata.as_ref(), cmp.remote().metadata.as_ref())
@@ -545,29 +548,41 @@ fn check_same_history(cmp: &Comparison, client: &mut RepoClient) -> Result<Optio
         .get(&ours.snapshot_id)
         .and_then(|m| m.get("snapshot_hash"))
         .and_then(|h| h.as_str());
-    let rewritten = match (recorded, ours.snapshot_hash.as_deref()) {
-        (Some(r), Some(o)) => r != o,
-        // Not recorded (the original sometimes skipped one): only a head
-        // numbered below ours proves the history went back.
-        _ => matches!(
-            (snapshot_number(&head.snapshot_id), snapshot_number(&ours.snapshot_id)),
-            (Some(h), Some(o)) if h < o
-        ),
-    } || (ours.snapshot_id == head.snapshot_id
-        && ours.snapshot_hash != head.snapshot_hash);
-    if rewritten {
-        return Err(EngineError::Blocked {
-            message: format!(
-                "the repository no longer holds this project's last sync ({} {}): it was replaced or rewritten since (its head is now {} {}); nothing was changed\nhint: your files here may be the only copies of what it held: 'dsg clone' the repository into a new directory to compare; to publish this tree in its place instead, move .dsg away and run 'dsg init --force'",
-                ours.snapshot_id,
-                ours.snapshot_hash.as_deref().unwrap_or("?"),
-                head.snapshot_id,
-                head.snapshot_hash.as_deref().unwrap_or("?"),
-            ),
-            paths: Vec::new(),
-        });
+    let went_back = matches!(
+        (snapshot_number(&head.snapshot_id), snapshot_number(&ours.snapshot_id)),
+        (Some(h), Some(o)) if h < o
+    );
+    let diverged = went_back
+        || matches!((recorded, ours.snapshot_hash.as_deref()), (Some(r), Some(o)) if r != o)
+        || (ours.snapshot_id == head.snapshot_id && ours.snapshot_hash != head.snapshot_hash);
+    if !diverged {
+        return Ok(Some(messages));
     }
-    Ok(Some(messages))
+    let at_risk: Vec<String> = cmp
+        .rows()
+        .into_iter()
+        .filter(|r| matches!(r.action, Action::DeleteLocal | Action::Download))
+        .map(|r| r.path)
+        .collect();
+    if at_risk.is_empty() {
+        tracing::info!(
+            "the repository's history does not hold this project's last sync ({}); nothing local is at risk",
+            ours.snapshot_id
+        );
+        return Ok(Some(messages));
+    }
+    Err(EngineError::Blocked {
+        message: format!(
+            "the repository's history no longer holds this project's last sync ({} {}; its head is now {} {}): it was replaced, rewritten or forked since. Syncing would delete or overwrite {} local file(s) (e.g. {}) on the strength of that stale last sync; nothing was changed\nhint: your files here may be the only copies: 'dsg clone' the repository into a new directory and compare; to follow the repository as it is now, keep what you need, move this project's .dsg away and run 'dsg clone' here",
+            ours.snapshot_id,
+            ours.snapshot_hash.as_deref().unwrap_or("?"),
+            head.snapshot_id,
+            head.snapshot_hash.as_deref().unwrap_or("?"),
+            at_risk.len(),
+            at_risk.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+        ),
+        paths: at_risk,
+    })
 }
 
 fn read_repo_messages(client: &mut RepoClient) -> Result<SyncMessages> {

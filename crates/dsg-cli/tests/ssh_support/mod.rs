@@ -736,9 +736,13 @@ impl AgentProc {
         }
     }
 
-    /// `hello` with the current protocol (2); returns the reply.
+    /// `hello` with the current protocol; returns the reply.
     pub fn hello(&mut self) -> Value {
-        self.send(serde_json::json!({"op": "hello", "protocol": 2, "client_version": "x"}));
+        self.send(serde_json::json!({
+            "op": "hello",
+            "protocol": dsg_repo::protocol::PROTOCOL_VERSION,
+            "client_version": "x"
+        }));
         self.flush();
         self.recv()
     }
