@@ -141,53 +141,41 @@ fn serve_loop<R: Read, W: Write>(
             } => {
                 *sticky = None;
                 let hash = base_hash.as_deref();
-                if replace && base.is_none() {
-                    let r = backend.begin_replace(&tx_id, &user, hash);
-                    match (r, resume) {
-                        // A replacing init starts over after a lost connection.
-                        (Ok(()), true) => {
-                            write_json(&mut w, &Response::Resumed { files: 0 })?;
-                            write_data(&mut w, b"[]")?;
-                        }
-                        (Ok(()), false) => write_json(&mut w, &Response::Ok)?,
-                        (Err(e), _) => {
-                            // A failed begin may hold the lock: release it
-                            // (not for a protocol misuse, which may come with
-                            // a transaction already open).
-                            if e.kind != ErrorKind::Protocol {
-                                let _ = backend.rollback();
-                            }
-                            reply_err(&mut w, &e)?
-                        }
-                    }
+                // `Some(staged)`: answer a resume with what is staged.
+                let outcome = if replace && base.is_none() {
+                    // A replacing init starts over after a lost connection.
+                    backend
+                        .begin_replace(&tx_id, &user, hash)
+                        .map(|()| resume.then(Vec::new))
                 } else if resume {
-                    match backend.resume(&tx_id, base.as_deref(), hash, &user) {
-                        Ok(staged) => {
-                            write_json(
-                                &mut w,
-                                &Response::Resumed {
-                                    files: staged.len() as u64,
-                                },
-                            )?;
-                            let list = serde_json::to_vec(&staged).map_err(io::Error::other)?;
-                            write_data(&mut w, &list)?;
-                        }
-                        Err(e) => {
-                            if e.kind != ErrorKind::Protocol {
-                                let _ = backend.rollback();
-                            }
-                            reply_err(&mut w, &e)?
-                        }
-                    }
+                    backend
+                        .resume(&tx_id, base.as_deref(), hash, &user)
+                        .map(Some)
                 } else {
-                    match backend.begin(&tx_id, base.as_deref(), hash, &user) {
-                        Ok(()) => write_json(&mut w, &Response::Ok)?,
-                        Err(e) => {
-                            if e.kind != ErrorKind::Protocol {
-                                let _ = backend.rollback();
-                            }
-                            reply_err(&mut w, &e)?
+                    backend
+                        .begin(&tx_id, base.as_deref(), hash, &user)
+                        .map(|()| None)
+                };
+                match outcome {
+                    Ok(None) => write_json(&mut w, &Response::Ok)?,
+                    Ok(Some(staged)) => {
+                        write_json(
+                            &mut w,
+                            &Response::Resumed {
+                                files: staged.len() as u64,
+                            },
+                        )?;
+                        let list = serde_json::to_vec(&staged).map_err(io::Error::other)?;
+                        write_data(&mut w, &list)?;
+                    }
+                    Err(e) => {
+                        // A failed begin may hold the lock: release it (not
+                        // after a protocol misuse, which may come with a
+                        // transaction already open).
+                        if e.kind != ErrorKind::Protocol {
+                            let _ = backend.rollback();
                         }
+                        reply_err(&mut w, &e)?
                     }
                 }
             }
