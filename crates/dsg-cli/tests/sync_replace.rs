@@ -91,6 +91,19 @@ fn init_force_replaces_only_after_confirmation() {
     let old = state_listing(&e.repo());
     let c_data = tracked(&data_tree(&e.client("C")));
 
+    // Without --force: refused, pointing at --force.
+    let mut plain = replace_args(&e, None);
+    plain.retain(|a| a != "--force");
+    let o = run_args(&e, "C", &plain, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(stderr(&o).contains("dsg init --force"), "{}", show(&o));
+    assert_same(
+        "repository after a plain init",
+        &old,
+        &state_listing(&e.repo()),
+    );
+    std::fs::remove_file(e.client("C").join(".dsgconfig.yml")).ok();
+
     // --force alone, not on a terminal: refused, nothing written anywhere.
     let o = run_args(&e, "C", &replace_args(&e, None), &[]);
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
@@ -137,6 +150,25 @@ fn init_force_replaces_only_after_confirmation() {
         snapshot_id(&read_json(&e.repo().join(".dsg/last-sync.json"))),
         "s2"
     );
+}
+
+/// A directory of that name that is not a dsg repository is never
+/// replaced, and the error says so rather than suggesting --force.
+#[test]
+fn a_directory_that_is_not_a_repository_is_not_offered_for_replacement() {
+    let e = Env::new("replace-foreign");
+    std::fs::create_dir_all(e.repo().join("data")).unwrap();
+    std::fs::write(e.repo().join("data/keep.txt"), "not dsg's").unwrap();
+    e.write("C", "task/input/c.csv", "c\n");
+    for args in [replace_args(&e, None), replace_args(&e, Some(OLD_NAME))] {
+        let o = run_args(&e, "C", &args, &[]);
+        assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+        assert!(stderr(&o).contains("not a dsg repository"), "{}", show(&o));
+        assert_eq!(
+            std::fs::read(e.repo().join("data/keep.txt")).unwrap(),
+            b"not dsg's"
+        );
+    }
 }
 
 /// The prompt path: on a terminal (a pty made by `script`), `--force`

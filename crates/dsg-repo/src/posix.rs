@@ -769,19 +769,32 @@ impl Backend for PosixBackend {
                     let ds = z.dataset();
                     if z.exists(&ds).unwrap_or(false) {
                         self.unlock();
-                        return Err(AgentError::new(ErrorKind::Exists, format!("dataset {ds} already exists"))
-                            .hint("choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)"));
+                        let hint = if self.exists() {
+                            "choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)".to_string()
+                        } else {
+                            format!("it is not a dsg repository: choose another --repo-name, or destroy it yourself (zfs destroy -r {ds})")
+                        };
+                        return Err(AgentError::new(
+                            ErrorKind::Exists,
+                            format!("dataset {ds} already exists"),
+                        )
+                        .hint(hint));
                     }
                 } else {
                     self.cleanup_init_leftovers()?;
                 }
                 if fs::symlink_metadata(self.dir()).is_ok() {
                     self.unlock();
+                    let hint = if self.exists() {
+                        "choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)"
+                    } else {
+                        "it is not a dsg repository: choose another --repo-name, or move it away yourself"
+                    };
                     return Err(AgentError::new(
                         ErrorKind::Exists,
                         format!("{} already exists", self.dir().display()),
                     )
-                    .hint("choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)"));
+                    .hint(hint));
                 }
                 let staging = match &self.zfs {
                     Some(z) => match z.create_init(tx_id) {
