@@ -395,7 +395,7 @@ fn read_only_user_waits_out_a_commit_in_progress() {
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     env.write("A", &p("b.txt"), "b");
     let mut writer = env.command("A", &["sync"]);
-    writer.env("DSG_FAILPOINT", "repo.journal.committed:pause=1500");
+    writer.env("DSG_FAILPOINT", "repo.journal.committed:pause=4000");
     let writer = writer.stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Inside the pause: the journal says committed, nothing is applied yet.
     let journal = env.repo().join(".dsg/journal");

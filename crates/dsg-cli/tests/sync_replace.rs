@@ -266,6 +266,36 @@ fn a_client_of_the_replaced_repository_is_blocked_not_emptied() {
     );
 }
 
+/// The same stale client, but the new repository holds everything it has
+/// (same content) plus a new file: nothing local is at risk, so its sync
+/// goes ahead and fetches the new file.
+#[test]
+fn a_client_of_the_replaced_repository_with_nothing_at_risk_syncs() {
+    let e = setup();
+    // D publishes A's files as they are, plus one more, as a new repository.
+    for rel in [
+        "task/input/a.csv",
+        "task/input/old.bin",
+        "task/output/r.txt",
+    ] {
+        e.write("D", rel, std::fs::read(e.client("A").join(rel)).unwrap());
+    }
+    e.write("D", "task/input/extra.csv", "extra\n");
+    let o = run_args(&e, "D", &replace_args(&e, Some(OLD_NAME)), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = e.run("A", &["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(
+        std::fs::read(e.client("A").join("task/input/extra.csv")).unwrap(),
+        b"extra\n"
+    );
+    assert_same(
+        "A after syncing with the new repository",
+        &tracked(&data_tree(&e.repo())),
+        &tracked(&data_tree(&e.client("A"))),
+    );
+}
+
 /// A replacing init that fails (an error, not a crash) before its commit
 /// point, over a repository whose head is also `s1`: it must fail, and
 /// leave the old repository and no local state (an id alone would say s1

@@ -65,9 +65,56 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with(".dsg-tmp.")
 }
 
+/// Removes from `dir` the temp files of writers that died mid-write (a
+/// kill -9 between create and rename). Those of live processes — another
+/// dsg command in the same project — are left alone: their rename is still
+/// to come. Returns how many were removed.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for de in rd.flatten() {
+        let name = de.file_name();
+        let name = name.to_string_lossy();
+        let Some(rest) = name.strip_prefix(".dsg-tmp.") else {
+            continue;
+        };
+        let pid = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
+        let dead = match pid {
+            Some(p) if p == std::process::id() => false,
+            Some(p) => !Path::new(&format!("/proc/{p}")).exists(),
+            None => false,
+        };
+        if dead && fs::remove_file(de.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_temps_of_dead_writers_are_removed_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = d.path().join(format!(".dsg-tmp.{dead}.abc.stat-cache"));
+        let live = d
+            .path()
+            .join(format!(".dsg-tmp.{}.def.stat-cache", std::process::id()));
+        let other = d.path().join("stat-cache");
+        for p in [&stale, &live, &other] {
+            fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temps(d.path()), 1);
+        assert!(!stale.exists());
+        assert!(live.exists() && other.exists());
+    }
 
     #[test]
     fn replaces_whole_and_leaves_no_temp() {

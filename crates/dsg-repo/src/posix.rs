@@ -992,6 +992,12 @@ impl Backend for PosixBackend {
         user: &str,
         expect_hash: Option<&str>,
     ) -> Result<(), AgentError> {
+        if self.tx.is_some() || !valid_tx_id(tx_id) {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!("cannot begin transaction {tx_id:?} here"),
+            ));
+        }
         let exists = match &self.zfs {
             Some(z) => z.exists(&z.dataset())?,
             None => fs::symlink_metadata(self.dir()).is_ok(),
@@ -1000,12 +1006,6 @@ impl Backend for PosixBackend {
             return self.begin(tx_id, None, None, user);
         }
         self.who = user.to_string();
-        if self.tx.is_some() || !valid_tx_id(tx_id) {
-            return Err(AgentError::new(
-                ErrorKind::Protocol,
-                format!("cannot begin transaction {tx_id:?} here"),
-            ));
-        }
         // Locks first (ZFS: its one lock; a directory: the init lock and
         // the repository's, so no init of this name and no sync of the
         // repository runs meanwhile), then recovery, then the check that
@@ -1449,7 +1449,8 @@ impl PosixBackend {
             return Ok(true);
         }
         if unfinished() {
-            drop(self.take_flock(lock, LockMode::Shared, true)?);
+            // Held across the re-check: no new writer slips in between.
+            let _shared = self.take_flock(lock, LockMode::Shared, true)?;
             if unfinished() {
                 return Err(AgentError::new(
                     ErrorKind::Incomplete,

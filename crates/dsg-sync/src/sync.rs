@@ -195,10 +195,11 @@ fn sync_once(
     };
     let mut cmp = compare(project, Some(&mut client), copts, reporter)?;
     // Before anything is renamed: a sync this check refuses changes nothing.
-    let repo_messages = if is_clone {
+    let renames_pending = opts.normalize && !cmp.scan.problems.is_empty();
+    let mut repo_messages = if is_clone {
         None
     } else {
-        check_same_history(&cmp, &mut client)?
+        check_same_history(&cmp, &mut client, renames_pending)?
     };
     let renames = settle_names(
         project,
@@ -209,9 +210,11 @@ fn sync_once(
         "sync",
     )?;
     if !renames.is_empty() && !opts.dry_run {
-        // Names changed on disk: compare again.
+        // Names changed on disk: compare again (the head may have moved
+        // meanwhile: its index is read again too).
         cmp = compare(project, Some(&mut client), copts, reporter)?;
         block_on_problems(&cmp.scan.problems, "sync")?;
+        repo_messages = None;
     }
     let rows = cmp.rows();
     let mut report = SyncReport {
@@ -534,7 +537,11 @@ fn sync_once(
 /// the repository held. Without such actions there is nothing to lose, and
 /// the sync goes ahead (the original's forked indexes are common).
 /// Returns the repository's sync-messages when it had to read them.
-fn check_same_history(cmp: &Comparison, client: &mut RepoClient) -> Result<Option<SyncMessages>> {
+fn check_same_history(
+    cmp: &Comparison,
+    client: &mut RepoClient,
+    renames_pending: bool,
+) -> Result<Option<SyncMessages>> {
     let (Some(ours), Some(head)) = (cmp.cache.metadata.as_ref(), cmp.remote().metadata.as_ref())
     else {
         return Ok(None);
@@ -561,9 +568,26 @@ fn check_same_history(cmp: &Comparison, client: &mut RepoClient) -> Result<Optio
     let at_risk: Vec<String> = cmp
         .rows()
         .into_iter()
-        .filter(|r| matches!(r.action, Action::DeleteLocal | Action::Download))
+        // Deleting a file, or overwriting one that equals the stale last
+        // sync; a download of a file that is only in the repository (or
+        // only missing here) loses nothing.
+        .filter(|r| {
+            r.action == Action::DeleteLocal
+                || (r.action == Action::Download && r.state == dsg_core::state::State::LeqCneR)
+        })
         .map(|r| r.path)
         .collect();
+    if at_risk.is_empty() && renames_pending {
+        // Renamed files would be judged against that stale last sync too:
+        // not worth the risk; the renames can wait.
+        return Err(EngineError::Blocked {
+            message: format!(
+                "the repository's history no longer holds this project's last sync ({}; its head is now {}): it was replaced, rewritten or forked since, so --normalize will not rename files against it; nothing was changed\nhint: sync without --normalize first, or 'dsg clone' the repository into a new directory and compare",
+                ours.snapshot_id, head.snapshot_id
+            ),
+            paths: Vec::new(),
+        });
+    }
     if at_risk.is_empty() {
         tracing::info!(
             "the repository's history does not hold this project's last sync ({}); nothing local is at risk",
@@ -919,6 +943,8 @@ fn cleanup_local(root: &Path) {
 /// `client` is needed only to learn whether the repository committed.
 pub fn recover_sync(project: &Project, client: Option<&mut RepoClient>) -> Result<()> {
     let root = &project.root;
+    // Half-written files of a killed command (its stat cache, say).
+    dsg_core::atomic::remove_stale_temps(&project.dsg());
     let records: Vec<LocalRecord> = match Journal::read(&journal_path(root)).map_err(jerr(root))? {
         Some(r) => r,
         None => {
