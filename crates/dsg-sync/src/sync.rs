@@ -943,8 +943,10 @@ fn cleanup_local(root: &Path) {
 /// `client` is needed only to learn whether the repository committed.
 pub fn recover_sync(project: &Project, client: Option<&mut RepoClient>) -> Result<()> {
     let root = &project.root;
-    // Half-written files of a killed command (its stat cache, say).
+    // Half-written files of a killed command (its stat cache, say, or an
+    // init's .dsgconfig.yml in the project root).
     dsg_core::atomic::remove_stale_temps(&project.dsg());
+    dsg_core::atomic::remove_stale_temps(root);
     let records: Vec<LocalRecord> = match Journal::read(&journal_path(root)).map_err(jerr(root))? {
         Some(r) => r,
         None => {
