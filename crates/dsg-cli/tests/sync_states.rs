@@ -776,3 +776,30 @@ fn clone_refuses_existing_dsg() {
     let o = env.run("A", &["clone"]);
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
 }
+
+/// A command killed inside an atomic write leaves its temp file; the next
+/// command removes it (its writer is dead) but not one of a live writer.
+#[test]
+fn temp_files_of_killed_writers_are_removed_by_the_next_command() {
+    let env = Env::new("stale-tmp");
+    env.write("A", &p(IN, "a.txt"), "a");
+    env.init("A");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let a = env.client("A");
+    let stale_dsg = a.join(format!(".dsg/.dsg-tmp.{dead}.x.stat-cache.manifest"));
+    let stale_root = a.join(format!(".dsg-tmp.{dead}.y..dsgconfig.yml"));
+    let live = a.join(format!(".dsg/.dsg-tmp.{}.z.stat-cache", std::process::id()));
+    for f in [&stale_dsg, &stale_root, &live] {
+        std::fs::write(f, b"half").unwrap();
+    }
+    env.ok("A", &["status"]);
+    assert!(!stale_dsg.exists(), "stale temp in .dsg survived");
+    assert!(
+        !stale_root.exists(),
+        "stale temp in the project root survived"
+    );
+    assert!(live.exists(), "a live writer's temp file was removed");
+    std::fs::remove_file(live).unwrap();
+}
