@@ -26,6 +26,18 @@ pub enum Record {
     },
 }
 
+/// The transaction the records commit but do not finish (no `done`): the
+/// one recovery rolls forward, and the one readers must not read past.
+pub fn unfinished_commit(records: &[Record]) -> Option<(&str, &[Op])> {
+    if records.iter().any(|r| matches!(r, Record::Done { .. })) {
+        return None;
+    }
+    records.iter().find_map(|r| match r {
+        Record::Committed { tx, ops } => Some((tx.as_str(), ops.as_slice())),
+        _ => None,
+    })
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {

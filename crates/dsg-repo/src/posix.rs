@@ -34,7 +34,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::failpoint::failpoint;
-use crate::journal::{Journal, Op, Record};
+use crate::journal::{unfinished_commit, Journal, Op, Record};
 use crate::protocol::{ErrorKind, StagedFile};
 
 #[derive(Clone, Copy)]
@@ -300,12 +300,7 @@ impl PosixBackend {
         if let Some(records) =
             Journal::read(&jpath).map_err(|e| AgentError::io("cannot read the journal", e))?
         {
-            let committed = records.iter().find_map(|r| match r {
-                Record::Committed { tx, ops } => Some((tx.clone(), ops.clone())),
-                _ => None,
-            });
-            let done = records.iter().any(|r| matches!(r, Record::Done { .. }));
-            if let (Some((tx, ops)), false) = (&committed, done) {
+            if let Some((tx, ops)) = unfinished_commit(&records) {
                 tracing::info!("rolling forward committed transaction {tx}");
                 self.apply(&self.dir(), tx, ops)?;
             }
@@ -920,12 +915,6 @@ impl Backend for PosixBackend {
                 h.update(&buf[..k]);
                 n += k as u64;
             }
-            if n != offset {
-                return Err(AgentError::new(
-                    ErrorKind::Protocol,
-                    format!("{path}: cannot resume at byte {offset}, only {n} are staged"),
-                ));
-            }
         }
         loop {
             let k = data
@@ -1198,10 +1187,7 @@ impl Backend for PosixBackend {
                 && Journal::read(&self.dsg().join("journal"))
                     .ok()
                     .flatten()
-                    .is_some_and(|rs| {
-                        rs.iter()
-                            .any(|r| matches!(r, Record::Committed { tx, .. } if *tx == tx_id))
-                    });
+                    .is_some_and(|rs| unfinished_commit(&rs).is_some_and(|(t, _)| t == tx_id));
             self.unlock();
             return if landed {
                 Ok(())
@@ -1326,15 +1312,7 @@ impl Backend for PosixBackend {
                         })
                     })
                     .unwrap_or(false);
-            let unfinished = || {
-                z.journal().is_some_and(|rs| {
-                    rs.iter()
-                        .any(|r| matches!(r, crate::zfs::ZRecord::Committed { .. }))
-                        && !rs
-                            .iter()
-                            .any(|r| matches!(r, crate::zfs::ZRecord::Done { .. }))
-                })
-            };
+            let unfinished = || z.has_unfinished_commit();
             if pending && self.may_recover(&self.mountpoint, &z.lock_path(), &unfinished)? {
                 if let Some(f) = self.take_flock(&z.lock_path(), LockMode::Exclusive, false)? {
                     self.lock = Some(f);
@@ -1359,10 +1337,10 @@ impl Backend for PosixBackend {
                 .unwrap_or(false);
         let jpath = dsg.join("journal");
         let unfinished = || {
-            Journal::read(&jpath).ok().flatten().is_some_and(|rs| {
-                rs.iter().any(|r| matches!(r, Record::Committed { .. }))
-                    && !rs.iter().any(|r| matches!(r, Record::Done { .. }))
-            })
+            Journal::read(&jpath)
+                .ok()
+                .flatten()
+                .is_some_and(|rs| unfinished_commit(&rs).is_some())
         };
         if pending && self.may_recover(&dsg, &dsg.join("lock"), &unfinished)? {
             // A live writer holds the lock: its transaction is not ours to touch.
@@ -1532,25 +1510,16 @@ impl PosixBackend {
         let parent = staged_parent(tx, path)?;
         let dst = parent.join(path.rsplit('/').next().unwrap());
         let err = |e| AgentError::io(format!("cannot stage {path}"), e);
-        // O_NOFOLLOW: a staged path is ours, but never write through a link.
+        // Readable too: a resumed prefix is hashed, and a local copy
+        // verified, through this handle. O_NOFOLLOW: a staged path is ours,
+        // but never write through a link.
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
         if keep == 0 {
-            // Readable too: a local copy is verified through this handle.
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .create(true)
-                .truncate(true)
-                .open(&dst)
-                .map_err(err)?;
+            let f = opts.create(true).truncate(true).open(&dst).map_err(err)?;
             return Ok((dst, f));
         }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&dst)
-            .map_err(err)?;
+        let f = opts.open(&dst).map_err(err)?;
         let len = f.metadata().map_err(err)?.len();
         if len < keep {
             return Err(AgentError::new(
@@ -1709,38 +1678,33 @@ impl PosixBackend {
                     z.commit_init(&tx.id)
                 };
             }
-            if tx.replace && fs::symlink_metadata(self.dir()).is_ok() {
-                // One atomic exchange is the commit point: the new tree
-                // takes the name, the old one takes the staging name,
-                // where the next recovery (or the line below) deletes it.
-                rustix::fs::renameat_with(
-                    rustix::fs::CWD,
-                    &tx.staging,
-                    rustix::fs::CWD,
-                    self.dir(),
-                    rustix::fs::RenameFlags::EXCHANGE,
-                )
-                .map_err(|e| {
-                    AgentError::io(format!("cannot replace {}", self.dir().display()), e.into())
-                })?;
-                sync_dir(&self.mountpoint)
-                    .map_err(|e| AgentError::io(self.mountpoint.display(), e))?;
-                failpoint("repo.replace.exchanged");
-                remove_dir_all_if_exists(&tx.staging)?;
-                return Ok(());
-            }
+            // One rename is the commit point: a new repository takes its
+            // name (never over an existing one); a replacing one swaps with
+            // the old tree, which takes the staging name, where the next
+            // recovery (or the line below) deletes it.
+            let replacing = tx.replace && fs::symlink_metadata(self.dir()).is_ok();
+            let (flags, verb) = if replacing {
+                (rustix::fs::RenameFlags::EXCHANGE, "replace")
+            } else {
+                (rustix::fs::RenameFlags::NOREPLACE, "create")
+            };
             rustix::fs::renameat_with(
                 rustix::fs::CWD,
                 &tx.staging,
                 rustix::fs::CWD,
                 self.dir(),
-                rustix::fs::RenameFlags::NOREPLACE,
+                flags,
             )
             .map_err(|e| {
-                AgentError::io(format!("cannot create {}", self.dir().display()), e.into())
+                AgentError::io(format!("cannot {verb} {}", self.dir().display()), e.into())
             })?;
             sync_dir(&self.mountpoint).map_err(|e| AgentError::io(self.mountpoint.display(), e))?;
-            failpoint("repo.init.after_rename");
+            if replacing {
+                failpoint("repo.replace.exchanged");
+                remove_dir_all_if_exists(&tx.staging)?;
+            } else {
+                failpoint("repo.init.after_rename");
+            }
             return Ok(());
         }
         // Sync: stage the metadata, make everything durable, then commit.

@@ -388,6 +388,12 @@ impl Zfs {
         Ok(mp)
     }
 
+    /// Whether the journal holds a transaction past its commit point that
+    /// is not finished (the swap still to complete).
+    pub fn has_unfinished_commit(&self) -> bool {
+        self.journal().is_some_and(|rs| unfinished_commit(&rs))
+    }
+
     /// Whether the journal records transaction `tx` as committed.
     pub fn is_committed(&self, tx: &str) -> bool {
         Journal::read::<ZRecord>(&self.journal_path())
@@ -529,8 +535,7 @@ impl Zfs {
         let committed = records
             .iter()
             .any(|r| matches!(r, ZRecord::Committed { .. }));
-        let done = records.iter().any(|r| matches!(r, ZRecord::Done { .. }));
-        if committed && !done {
+        if unfinished_commit(&records) {
             tracing::info!("finishing an interrupted zfs transaction {tx}");
             self.finish(&tx)?;
             let _ = std::fs::remove_file(self.journal_path());
@@ -595,6 +600,14 @@ fn process_alive(pid: i32) -> bool {
         ),
         None => false,
     }
+}
+
+/// Committed (the new snapshot exists) but not `done`.
+fn unfinished_commit(records: &[ZRecord]) -> bool {
+    records
+        .iter()
+        .any(|r| matches!(r, ZRecord::Committed { .. }))
+        && !records.iter().any(|r| matches!(r, ZRecord::Done { .. }))
 }
 
 /// A snapshot's files, readable at `path` while this lives.
