@@ -205,7 +205,7 @@ fn open_connected() -> Result<(Project, dsg_repo::RepoClient), EngineError> {
     let project = open_project()?;
     let mut client = dsg_repo::RepoClient::connect(&project.config)?;
     client.recover()?;
-    dsg_sync::sync::recover_sync(&project, Some(&mut client))?;
+    dsg_sync::local_tx::recover_sync(&project, Some(&mut client))?;
     Ok((project, client))
 }
 
@@ -470,7 +470,7 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
 fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
     let (project, mut client) = if offline {
         let p = open_project()?;
-        if let Err(e) = dsg_sync::sync::recover_sync(&p, None) {
+        if let Err(e) = dsg_sync::local_tx::recover_sync(&p, None) {
             out.warn(&e.to_string());
         }
         (p, None)

@@ -3,6 +3,7 @@
 //! transaction with local recovery. The CLI only parses and prints.
 
 pub mod init;
+pub mod local_tx;
 pub mod project;
 pub mod recover;
 pub mod status;
