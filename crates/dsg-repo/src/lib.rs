@@ -6,11 +6,12 @@
 pub mod agent;
 pub mod backend;
 pub mod client;
-pub mod failpoint;
-pub mod journal;
 pub mod posix;
 pub mod protocol;
 pub mod ssh;
 pub mod zfs;
+
+/// Failpoints live with the transactions; re-exported for the agent's users.
+pub use dsg_txn::failpoint;
 
 pub use client::{Incoming, Meta, RepoClient, RepoError};

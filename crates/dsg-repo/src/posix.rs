@@ -27,15 +27,26 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dsg_core::atomic::{sync_dir, write_atomic};
-use dsg_core::hash::Hash;
 use dsg_core::manifest::{EntryKind, Manifest};
 use dsg_core::paths::{check_link_target, check_relpath};
 use xxhash_rust::xxh3::Xxh3;
 
+use dsg_txn::failpoint::failpoint;
+use dsg_txn::{Aside, Journal, Layout, Log, Op, Record, TxError};
+use serde::{Deserialize, Serialize};
+
 use crate::backend::{AgentError, Backend, CommitData, Stored};
-use crate::failpoint::failpoint;
-use crate::journal::{unfinished_commit, Journal, Op, Record};
 use crate::protocol::{ErrorKind, StagedFile};
+
+/// What a repository directory's journal remembers of a `begin`: the head
+/// the transaction builds on (a resume must find the same one).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct RepoBegin {
+    base: String,
+}
+
+type RepoRecord = Record<RepoBegin>;
+type RepoLog = Log<RepoBegin>;
 
 #[derive(Clone, Copy)]
 enum LockMode {
@@ -297,10 +308,10 @@ impl PosixBackend {
         }
         let dsg = self.dsg();
         let jpath = dsg.join("journal");
-        if let Some(records) =
-            Journal::read(&jpath).map_err(|e| AgentError::io("cannot read the journal", e))?
+        if let Some(log) =
+            RepoLog::read(&jpath).map_err(|e| AgentError::io("cannot read the journal", e))?
         {
-            if let Some((tx, ops)) = unfinished_commit(&records) {
+            if let Some((tx, ops, _)) = log.unfinished_commit() {
                 tracing::info!("rolling forward committed transaction {tx}");
                 self.apply(&self.dir(), tx, ops)?;
             }
@@ -337,213 +348,72 @@ impl PosixBackend {
         Ok(())
     }
 
-    /// Applies committed operations. Every step is idempotent: it checks
-    /// what is already done, so a crash anywhere here can be rolled forward.
-    fn apply(&self, root: &Path, tx: &str, ops: &[Op]) -> Result<(), AgentError> {
-        let dir = root.to_path_buf();
+    /// Where a transaction rooted at `root` stages, and where it puts
+    /// what it replaces: the object store, or nothing for ZFS, whose
+    /// snapshots keep every old version.
+    fn layout_dirs(&self, root: &Path, tx: &str) -> LayoutDirs {
         let dsg = root.join(".dsg");
-        // ZFS snapshots keep every old version; a plain directory needs the
-        // object store for that.
-        let keep_objects = self.zfs.is_none();
         let staging = dsg.join("staging").join(tx);
-        let mut touched_dirs: Vec<PathBuf> = Vec::new();
-        let installs: std::collections::HashSet<&str> = ops
-            .iter()
-            .filter_map(|o| match o {
-                Op::Install { path } => Some(path.as_str()),
-                _ => None,
-            })
-            .collect();
-        for (i, op) in ops.iter().enumerate() {
-            failpoint(&format!("repo.apply.{i}"));
-            match op {
-                Op::Retire { path, hash } => {
-                    let p = dir.join(path);
-                    if let Some(parent) = p.parent() {
-                        touched_dirs.push(parent.to_path_buf());
-                    }
-                    // On a re-run after a crash: a path whose staged file is
-                    // gone was already installed; what is there is the new
-                    // version, not something to retire.
-                    if installs.contains(path.as_str())
-                        && fs::symlink_metadata(staging.join(path)).is_err()
-                    {
-                        continue;
-                    }
-                    match fs::symlink_metadata(&p) {
-                        Ok(md) if md.is_file() => {
-                            let h = match hash {
-                                Some(h) => Hash(*h),
-                                None => {
-                                    dsg_core::hash::hash_file(&p)
-                                        .map_err(|e| AgentError::io(p.display(), e))?
-                                        .0
-                                }
-                            };
-                            let obj = object_path(&dsg, h);
-                            if !keep_objects || obj.exists() {
-                                fs::remove_file(&p).map_err(|e| AgentError::io(p.display(), e))?;
-                            } else {
-                                fs::create_dir_all(obj.parent().unwrap())
-                                    .map_err(|e| AgentError::io(obj.display(), e))?;
-                                fs::rename(&p, &obj).map_err(|e| AgentError::io(p.display(), e))?;
-                            }
-                        }
-                        Ok(md) if md.is_dir() => {
-                            // A directory where a file or link is going: its
-                            // tracked files were retired before it (deepest
-                            // first), so only empty directories remain.
-                            remove_empty_tree(&p)?;
-                        }
-                        Ok(_) => fs::remove_file(&p).map_err(|e| AgentError::io(p.display(), e))?,
-                        // Nothing there, or a parent is now a file (a
-                        // file→directory change): nothing to retire.
-                        Err(e)
-                            if e.kind() == std::io::ErrorKind::NotFound
-                                || e.raw_os_error() == Some(libc::ENOTDIR) => {}
-                        Err(e) => return Err(AgentError::io(p.display(), e)),
-                    }
-                }
-                Op::Install { path } => {
-                    let src = staging.join(path);
-                    let dst = dir.join(path);
-                    if fs::symlink_metadata(&src).is_ok() {
-                        if let Some(parent) = dst.parent() {
-                            fs::create_dir_all(parent)
-                                .map_err(|e| AgentError::io(parent.display(), e))?;
-                            touched_dirs.push(parent.to_path_buf());
-                        }
-                        fs::rename(&src, &dst).map_err(|e| AgentError::io(dst.display(), e))?;
-                    }
-                }
-            }
+        LayoutDirs {
+            root: root.to_path_buf(),
+            meta: staging.join(".dsg-meta"),
+            files: staging,
+            keep_objects: self.zfs.is_none(),
+            dsg,
         }
-        // Metadata last: last-sync.json switches the head that readers see.
-        let meta = staging.join(".dsg-meta");
-        let archive_dir = dsg.join("archive");
-        fs::create_dir_all(&archive_dir).map_err(|e| AgentError::io(archive_dir.display(), e))?;
-        if let Ok(rd) = fs::read_dir(meta.join("archive")) {
-            for de in rd.flatten() {
-                let dst = archive_dir.join(de.file_name());
-                fs::rename(de.path(), &dst).map_err(|e| AgentError::io(dst.display(), e))?;
-            }
-            sync_dir(&archive_dir).map_err(|e| AgentError::io(archive_dir.display(), e))?;
-        }
-        failpoint("repo.apply.meta");
-        for name in ["sync-messages.json", "last-sync.json"] {
-            let src = meta.join(name);
-            if src.exists() {
-                fs::rename(&src, dsg.join(name))
-                    .map_err(|e| AgentError::io(dsg.join(name).display(), e))?;
-            }
-        }
-        touched_dirs.sort();
-        touched_dirs.dedup();
-        for d in touched_dirs.iter().rev() {
-            // Deleting files can leave empty directories behind (the
-            // original kept them forever); remove those up to the root.
-            let mut cur = d.clone();
-            while cur.starts_with(&dir) && cur != dir {
-                if fs::remove_dir(&cur).is_err() {
-                    break;
-                }
-                cur = cur.parent().unwrap().to_path_buf();
-            }
-        }
-        syncfs(&dir)?;
-        Ok(())
+    }
+
+    fn apply(&self, root: &Path, tx: &str, ops: &[Op]) -> Result<(), AgentError> {
+        let d = self.layout_dirs(root, tx);
+        dsg_txn::apply::apply(&d.layout(), ops).map_err(tx_error)
     }
 }
 
-/// Removes a directory tree that holds only directories. Anything else in
-/// it is an error: it is not ours to delete.
-pub fn remove_empty_tree(p: &Path) -> Result<(), AgentError> {
-    for de in fs::read_dir(p).map_err(|e| AgentError::io(p.display(), e))? {
-        let de = de.map_err(|e| AgentError::io(p.display(), e))?;
-        let ft = de
-            .file_type()
-            .map_err(|e| AgentError::io(de.path().display(), e))?;
-        if ft.is_dir() {
-            remove_empty_tree(&de.path())?;
-        } else {
-            return Err(AgentError::new(
-                ErrorKind::Exists,
-                format!(
-                    "{} is in the way and is not in any snapshot",
-                    de.path().display()
-                ),
-            )
-            .hint("move it out of the repository directory, then run the command again"));
-        }
-    }
-    fs::remove_dir(p).map_err(|e| AgentError::io(p.display(), e))
+/// The owned paths of a transaction's `Layout`.
+struct LayoutDirs {
+    root: PathBuf,
+    files: PathBuf,
+    meta: PathBuf,
+    dsg: PathBuf,
+    keep_objects: bool,
 }
 
-/// Before the commit point: every directory the apply will change must be
-/// writable, so that a permission problem fails the sync cleanly instead of
-/// stopping a committed apply halfway (which only recovery could finish).
-fn check_writable(root: &Path, ops: &[Op], keep_objects: bool) -> Result<(), AgentError> {
-    let mut seen = std::collections::HashSet::new();
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    // A link that this transaction retires may have a directory in its place.
-    let retired: std::collections::HashSet<&str> = ops
-        .iter()
-        .filter_map(|o| match o {
-            Op::Retire { path, .. } => Some(path.as_str()),
-            _ => None,
-        })
-        .collect();
-    if keep_objects {
-        dirs.push(root.join(".dsg"));
-    }
-    for op in ops {
-        let path = match op {
-            Op::Retire { path, .. } | Op::Install { path } => path,
-        };
-        // Never write through a symlink that is in the repository tree: a
-        // link is a leaf, and following one could lead out of the repository.
-        let mut cur = root.to_path_buf();
-        let comps: Vec<&str> = path.split('/').collect();
-        for (i, c) in comps[..comps.len() - 1].iter().enumerate() {
-            cur.push(c);
-            let rel = comps[..=i].join("/");
-            if !retired.contains(rel.as_str())
-                && fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink())
-            {
-                return Err(AgentError::new(
-                    ErrorKind::Unsafe,
-                    format!(
-                        "{path}: its parent {} is a symlink in the repository",
-                        cur.display()
-                    ),
-                ));
-            }
-        }
-        // The nearest existing ancestor is the one that gets modified.
-        let mut cur = root.join(path);
-        while let Some(parent) = cur.parent() {
-            cur = parent.to_path_buf();
-            if cur.is_dir() || cur == root {
-                break;
-            }
-        }
-        if seen.insert(cur.clone()) {
-            dirs.push(cur);
+impl LayoutDirs {
+    fn layout(&self) -> Layout<'_> {
+        Layout {
+            root: &self.root,
+            files: &self.files,
+            meta: &self.meta,
+            dsg: &self.dsg,
+            aside: if self.keep_objects {
+                Aside::Objects { dsg: &self.dsg }
+            } else {
+                Aside::Discard
+            },
+            keep_top_level: false,
+            fp: "repo",
         }
     }
-    for d in dirs {
-        if rustix::fs::access(&d, rustix::fs::Access::WRITE_OK).is_err() {
-            return Err(AgentError::new(
-                ErrorKind::Io,
-                format!(
-                    "{}: Permission denied (cannot write this repository directory)",
-                    d.display()
-                ),
-            )
-            .hint("ask the repository's owner to make it writable for you; nothing was changed"));
-        }
-    }
-    Ok(())
+}
+
+/// The agent's error for an engine error, with the hint a repository
+/// user needs.
+fn tx_error(e: TxError) -> AgentError {
+    let kind = match &e {
+        TxError::ThroughLink { .. } => ErrorKind::Unsafe,
+        TxError::InTheWay { .. } => ErrorKind::Exists,
+        _ => ErrorKind::Io,
+    };
+    let hint = if e.is_no_space() {
+        "the repository's filesystem is full; free space there and run the command again"
+    } else if e.is_not_writable() {
+        "ask the repository's owner to make it writable for you, then run the command again"
+    } else if matches!(e, TxError::InTheWay { .. }) {
+        "move it out of the repository directory, then run the command again"
+    } else {
+        "run the command again; if it persists, check the repository's filesystem"
+    };
+    AgentError::new(kind, e.to_string()).hint(hint)
 }
 
 /// The repository's name: the last component of `<mountpoint>/<name>`.
@@ -567,15 +437,8 @@ fn hostname() -> String {
         .to_string()
 }
 
-pub fn object_path(dsg: &Path, h: Hash) -> PathBuf {
-    let hex = h.to_hex();
-    dsg.join("objects").join(&hex[..2]).join(hex)
-}
-
 fn syncfs(p: &Path) -> Result<(), AgentError> {
-    let f = File::open(p).map_err(|e| AgentError::io(p.display(), e))?;
-    rustix::fs::syncfs(f.as_fd())
-        .map_err(|e| AgentError::io(format!("syncfs {}", p.display()), e.into()))
+    dsg_txn::apply::syncfs(p).map_err(tx_error)
 }
 
 fn remove_dir_all_if_exists(p: &Path) -> Result<(), AgentError> {
@@ -875,9 +738,11 @@ impl Backend for PosixBackend {
                 if self.zfs.is_none() {
                     let j = Journal::create(&self.dsg().join("journal"))
                         .map_err(|e| AgentError::io("cannot create the journal", e))?;
-                    j.append(&Record::Begin {
+                    j.append(&RepoRecord::Begin {
                         tx: tx_id.into(),
-                        base: base_id.into(),
+                        begin: RepoBegin {
+                            base: base_id.into(),
+                        },
                     })
                     .map_err(|e| AgentError::io("cannot write the journal", e))?;
                     failpoint("repo.journal.begin");
@@ -1116,10 +981,10 @@ impl Backend for PosixBackend {
                 self.lock(&lock_path)?;
                 let dsg = self.dsg();
                 let staging = dsg.join("staging").join(tx_id);
-                let records = Journal::read(&dsg.join("journal")).ok().flatten();
+                let log = RepoLog::read(&dsg.join("journal")).ok().flatten();
                 let ours = matches!(
-                    records.as_deref(),
-                    Some([Record::Begin { tx, base }]) if tx == tx_id && base == base_id
+                    log.as_ref().map(|l| l.records.as_slice()),
+                    Some([Record::Begin { tx, begin }]) if tx == tx_id && begin.base == base_id
                 );
                 let head = self.head().ok().flatten();
                 let is_dir = fs::symlink_metadata(&staging)
@@ -1184,10 +1049,10 @@ impl Backend for PosixBackend {
             // Committed in the journal but not rolled forward (the roll
             // forward failed too): recovery finishes it; never "failed".
             let committed = self.zfs.is_none()
-                && Journal::read(&self.dsg().join("journal"))
+                && RepoLog::read(&self.dsg().join("journal"))
                     .ok()
                     .flatten()
-                    .is_some_and(|rs| unfinished_commit(&rs).is_some_and(|(t, _)| t == tx_id));
+                    .is_some_and(|l| l.unfinished_commit().is_some_and(|(t, ..)| t == tx_id));
             self.unlock();
             return if landed {
                 Ok(())
@@ -1337,10 +1202,10 @@ impl Backend for PosixBackend {
                 .unwrap_or(false);
         let jpath = dsg.join("journal");
         let unfinished = || {
-            Journal::read(&jpath)
+            RepoLog::read(&jpath)
                 .ok()
                 .flatten()
-                .is_some_and(|rs| unfinished_commit(&rs).is_some())
+                .is_some_and(|l| l.unfinished_commit().is_some())
         };
         if pending && self.may_recover(&dsg, &dsg.join("lock"), &unfinished)? {
             // A live writer holds the lock: its transaction is not ours to touch.
@@ -1474,8 +1339,8 @@ impl PosixBackend {
             Some(b) => {
                 let ours = matches!(
                     z.journal().as_deref(),
-                    Some([crate::zfs::ZRecord::Begin { tx, base, replace: false, .. }])
-                        if tx == tx_id && base == b
+                    Some([crate::zfs::ZRecord::Begin { tx, begin }])
+                        if tx == tx_id && begin.base == b && !begin.replace
                 );
                 let head = self.head().ok().flatten();
                 let staging = mp.join(".dsg/staging").join(tx_id);
@@ -1752,6 +1617,7 @@ impl PosixBackend {
             ops.push(Op::Retire {
                 path: p.into(),
                 hash: old_hash(p),
+                expect: None,
             });
         }
         let mut installs: Vec<&str> = tx.staged.iter().map(|s| s.0.as_str()).collect();
@@ -1759,7 +1625,10 @@ impl PosixBackend {
         for p in installs {
             ops.push(Op::Install { path: p.into() });
         }
-        check_writable(&tx.root, &ops, !zfs_tx)?;
+        // Everything the apply needs is made and checked now, before the
+        // commit point: after it, only renames remain.
+        let dirs = self.layout_dirs(&tx.root, &tx.id);
+        let prepared = dsg_txn::apply::prepare(&dirs.layout(), &mut ops).map_err(tx_error)?;
         if zfs_tx {
             // Everything happens inside the clone; nobody sees it until the
             // swap. Staging must not end up in the snapshot.
@@ -1772,18 +1641,30 @@ impl PosixBackend {
                 .expect("zfs")
                 .commit(&tx.id, &c.snapshot_id);
         }
-        let j = Journal::open(&self.dsg().join("journal"))
-            .map_err(|e| AgentError::io("cannot open the journal", e))?;
-        j.append(&Record::Committed {
-            tx: tx.id.clone(),
-            ops: ops.clone(),
-        })
-        .map_err(|e| AgentError::io("cannot write the journal", e))?;
+        let committed = Journal::open(&self.dsg().join("journal"))
+            .map_err(|e| AgentError::io("cannot open the journal", e))
+            .and_then(|j| {
+                j.append(&RepoRecord::Committed {
+                    tx: tx.id.clone(),
+                    ops: ops.clone(),
+                    snap: None,
+                })
+                .map_err(|e| AgentError::io("cannot write the journal", e))?;
+                Ok(j)
+            });
+        let j = match committed {
+            Ok(j) => j,
+            Err(e) => {
+                prepared.undo();
+                return Err(e);
+            }
+        };
+        drop(prepared);
         // The commit point has passed: from here on, errors are finished by
         // recovery (roll forward), never undone.
         failpoint("repo.journal.committed");
         self.apply(&self.dir(), &tx.id, &ops)?;
-        j.append(&Record::Done { tx: tx.id.clone() })
+        j.append(&RepoRecord::Done { tx: tx.id.clone() })
             .map_err(|e| AgentError::io("cannot write the journal", e))?;
         failpoint("repo.journal.done");
         self.recover_locked()?;

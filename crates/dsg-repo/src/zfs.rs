@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use dsg_txn::failpoint::failpoint;
+use dsg_txn::{Journal, Log, Record};
+
 use crate::backend::AgentError;
-use crate::failpoint::failpoint;
-use crate::journal::Journal;
 use crate::protocol::ErrorKind;
 
 #[derive(Debug, Clone)]
@@ -39,29 +40,24 @@ pub struct Zfs {
     timeout: Duration,
 }
 
+/// What the ZFS journal remembers of a `begin`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "rec", rename_all = "snake_case")]
-pub enum ZRecord {
-    Begin {
-        tx: String,
-        clone: String,
-        base: String,
-        /// An init replacing the live dataset (`init --force`, confirmed):
-        /// `clone` is a new dataset, not a clone, and rolling back destroys
-        /// it all the same; past the commit point the swap is a sync's.
-        #[serde(default)]
-        replace: bool,
-    },
-    /// The commit point: the clone holds the new snapshot `snap`.
-    Committed {
-        tx: String,
-        clone: String,
-        snap: String,
-    },
-    Done {
-        tx: String,
-    },
+pub struct ZBegin {
+    /// The transaction's dataset.
+    pub clone: String,
+    /// The head snapshot it was cloned from (empty for a replacing init).
+    pub base: String,
+    /// An init replacing the live dataset (`init --force`, confirmed):
+    /// `clone` is a new dataset, not a clone, and rolling back destroys
+    /// it all the same; past the commit point the swap is a sync's.
+    #[serde(default)]
+    pub replace: bool,
 }
+
+/// The commit point of a ZFS transaction is its `committed` record,
+/// written once the clone holds the new snapshot (`snap`).
+pub type ZRecord = Record<ZBegin>;
+type ZLog = Log<ZBegin>;
 
 impl Zfs {
     pub fn new(pool: &str, repo_dir: &Path) -> Result<Zfs, AgentError> {
@@ -94,9 +90,11 @@ impl Zfs {
 
     /// The journal's records, if it exists and reads.
     pub fn journal(&self) -> Option<Vec<ZRecord>> {
-        Journal::read::<ZRecord>(&self.journal_path())
-            .ok()
-            .flatten()
+        self.log().map(|l| l.records)
+    }
+
+    fn log(&self) -> Option<ZLog> {
+        ZLog::read(&self.journal_path()).ok().flatten()
     }
 
     pub fn journal_path(&self) -> PathBuf {
@@ -283,9 +281,11 @@ impl Zfs {
             .map_err(|e| AgentError::io("cannot create the zfs journal", e))?;
         j.append(&ZRecord::Begin {
             tx: tx.into(),
-            clone: self.tx_dataset(tx),
-            base: String::new(),
-            replace: true,
+            begin: ZBegin {
+                clone: self.tx_dataset(tx),
+                base: String::new(),
+                replace: true,
+            },
         })
         .map_err(|e| AgentError::io("cannot write the zfs journal", e))?;
         failpoint("zfs.replace.journal");
@@ -340,13 +340,8 @@ impl Zfs {
     }
 
     fn journal_mentions(&self, ds: &str) -> bool {
-        Journal::read::<ZRecord>(&self.journal_path())
-            .ok()
-            .flatten()
-            .is_some_and(|rs| {
-                rs.iter()
-                    .any(|r| matches!(r, ZRecord::Begin { clone, .. } if clone == ds))
-            })
+        self.log()
+            .is_some_and(|l| l.begin().is_some_and(|(_, b)| b.clone == ds))
     }
 
     fn children(&self) -> Result<Vec<String>, AgentError> {
@@ -370,9 +365,11 @@ impl Zfs {
             .map_err(|e| AgentError::io("cannot create the zfs journal", e))?;
         j.append(&ZRecord::Begin {
             tx: tx.into(),
-            clone: clone.clone(),
-            base: base.into(),
-            replace: false,
+            begin: ZBegin {
+                clone: clone.clone(),
+                base: base.into(),
+                replace: false,
+            },
         })
         .map_err(|e| AgentError::io("cannot write the zfs journal", e))?;
         failpoint("zfs.journal.begin");
@@ -391,18 +388,16 @@ impl Zfs {
     /// Whether the journal holds a transaction past its commit point that
     /// is not finished (the swap still to complete).
     pub fn has_unfinished_commit(&self) -> bool {
-        self.journal().is_some_and(|rs| unfinished_commit(&rs))
+        self.log().is_some_and(|l| l.unfinished_commit().is_some())
     }
 
     /// Whether the journal records transaction `tx` as committed.
     pub fn is_committed(&self, tx: &str) -> bool {
-        Journal::read::<ZRecord>(&self.journal_path())
-            .ok()
-            .flatten()
-            .is_some_and(|rs| {
-                rs.iter()
-                    .any(|r| matches!(r, ZRecord::Committed { tx: t, .. } if t == tx))
-            })
+        self.log().is_some_and(|l| {
+            l.records
+                .iter()
+                .any(|r| matches!(r, ZRecord::Committed { tx: t, .. } if t == tx))
+        })
     }
 
     /// Snapshots the clone and passes the commit point.
@@ -414,8 +409,8 @@ impl Zfs {
             .map_err(|e| AgentError::io("cannot open the zfs journal", e))?;
         j.append(&ZRecord::Committed {
             tx: tx.into(),
-            clone,
-            snap: snap.into(),
+            ops: Vec::new(),
+            snap: Some(snap.into()),
         })
         .map_err(|e| AgentError::io("cannot write the zfs journal", e))?;
         failpoint("zfs.journal.committed");
@@ -495,13 +490,9 @@ impl Zfs {
         let clone = self.tx_dataset(tx);
         // A replacing init's dataset is new (no origin) and, before the
         // commit point, never live: it may be destroyed.
-        let replacing = Journal::read::<ZRecord>(&self.journal_path())
-            .ok()
-            .flatten()
-            .is_some_and(|rs| {
-                rs.iter()
-                    .any(|r| matches!(r, ZRecord::Begin { tx: t, replace: true, .. } if t == tx))
-            });
+        let replacing = self
+            .log()
+            .is_some_and(|l| l.begin().is_some_and(|(t, b)| t == tx && b.replace));
         if self.exists(&clone)? {
             // A promoted clone is the live data: never destroy that here.
             if !replacing && self.origin(&clone)?.is_none() {
@@ -520,22 +511,17 @@ impl Zfs {
 
     /// Finishes or undoes whatever the journal says was interrupted.
     pub fn recover(&self) -> Result<(), AgentError> {
-        let Some(records) = Journal::read::<ZRecord>(&self.journal_path())
+        let Some(log) = ZLog::read(&self.journal_path())
             .map_err(|e| AgentError::io("cannot read the zfs journal", e))?
         else {
             return self.cleanup_init();
         };
-        let tx = match records.first() {
-            Some(ZRecord::Begin { tx, .. }) => tx.clone(),
-            _ => {
-                let _ = std::fs::remove_file(self.journal_path());
-                return Ok(());
-            }
+        let Some(tx) = log.begin().map(|(tx, _)| tx.to_string()) else {
+            let _ = std::fs::remove_file(self.journal_path());
+            return Ok(());
         };
-        let committed = records
-            .iter()
-            .any(|r| matches!(r, ZRecord::Committed { .. }));
-        if unfinished_commit(&records) {
+        let committed = log.is_committed();
+        if log.unfinished_commit().is_some() {
             tracing::info!("finishing an interrupted zfs transaction {tx}");
             self.finish(&tx)?;
             let _ = std::fs::remove_file(self.journal_path());
@@ -600,14 +586,6 @@ fn process_alive(pid: i32) -> bool {
         ),
         None => false,
     }
-}
-
-/// Committed (the new snapshot exists) but not `done`.
-fn unfinished_commit(records: &[ZRecord]) -> bool {
-    records
-        .iter()
-        .any(|r| matches!(r, ZRecord::Committed { .. }))
-        && !records.iter().any(|r| matches!(r, ZRecord::Done { .. }))
 }
 
 /// A snapshot's files, readable at `path` while this lives.

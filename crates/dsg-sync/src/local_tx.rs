@@ -7,54 +7,23 @@
 use std::path::{Path, PathBuf};
 
 use dsg_core::atomic::sync_dir;
-use dsg_core::scan::Stat;
-use dsg_repo::failpoint::failpoint;
-use dsg_repo::journal::Journal;
 use dsg_repo::RepoClient;
+use dsg_txn::{Aside, Layout, Log, Op, Prepared, Record, TxError};
 use serde::{Deserialize, Serialize};
 
 use crate::project::DSG_DIR;
 use crate::status::fetch_remote;
 use crate::{EngineError, Project, Result};
 
+/// What the client's journal remembers of a `begin`: whether the
+/// transaction is a clone (a clone that does not commit leaves no `.dsg/`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "rec", rename_all = "snake_case")]
-pub enum LocalRecord {
-    Begin {
-        tx: String,
-        clone: bool,
-    },
-    /// Everything is staged. `new_hash`: the snapshot the repository will
-    /// hold after its commit (None: no repository commit in this sync).
-    Prepared {
-        tx: String,
-        new_hash: Option<String>,
-        ops: Vec<LocalOp>,
-    },
-    /// The commit point has passed.
-    Committed {
-        tx: String,
-    },
-    Done {
-        tx: String,
-    },
+pub struct ClientBegin {
+    pub clone: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum LocalOp {
-    /// Move the local path (if any) into the backup area. `expect` is its
-    /// stat when planned (size, mtime ns, inode); a file that no longer
-    /// matches was changed by someone during the sync and is kept beside
-    /// the path as a conflict backup instead.
-    Remove {
-        path: String,
-        #[serde(default)]
-        expect: Option<(u64, i64, u64)>,
-    },
-    /// Move the staged download into place.
-    Install { path: String },
-}
+pub type LocalRecord = Record<ClientBegin>;
+type LocalLog = Log<ClientBegin>;
 
 pub(crate) fn journal_path(root: &Path) -> PathBuf {
     root.join(DSG_DIR).join("journal")
@@ -69,15 +38,7 @@ pub(crate) fn jerr(root: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
 }
 
 pub(crate) fn sync_fs(root: &Path) -> Result<()> {
-    // One syncfs makes every staged file durable: far cheaper than an fsync
-    // per small file, and the journal record that follows is what makes the
-    // staged state count.
-    let f = std::fs::File::open(root).map_err(|e| EngineError::io(root, e))?;
-    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
-    if rc != 0 {
-        return Err(EngineError::io(root, std::io::Error::last_os_error()));
-    }
-    Ok(())
+    dsg_txn::apply::syncfs(root).map_err(local_error)
 }
 
 pub(crate) fn make_parent(base: &Path, rel: &str) -> Result<()> {
@@ -88,159 +49,85 @@ pub(crate) fn make_parent(base: &Path, rel: &str) -> Result<()> {
     Ok(())
 }
 
-/// `YYYYMMDDTHHMMSS+0000` in UTC, the conflict-backup suffix format.
-pub(crate) fn chrono_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let m = dsg_core::manifest::Mtime::Fixed {
-        utc_secs: secs,
-        offset_min: 0,
+/// The places of the local transaction `tx` (owned, for `Layout`).
+struct LocalDirs {
+    root: PathBuf,
+    files: PathBuf,
+    meta: PathBuf,
+    dsg: PathBuf,
+    backup: PathBuf,
+}
+
+impl LocalDirs {
+    fn new(root: &Path, tx: &str) -> LocalDirs {
+        let staging = staging_dir(root, tx);
+        LocalDirs {
+            root: root.to_path_buf(),
+            files: staging.join("files"),
+            meta: staging.join("meta"),
+            backup: staging.join("backup"),
+            dsg: root.join(DSG_DIR),
+        }
     }
-    .to_string();
-    // 2025-06-01T10:00:00+00:00 -> 20250601T100000+0000
-    format!(
-        "{}{}{}T{}{}{}+0000",
-        &m[0..4],
-        &m[5..7],
-        &m[8..10],
-        &m[11..13],
-        &m[14..16],
-        &m[17..19]
-    )
+
+    fn layout(&self) -> Layout<'_> {
+        Layout {
+            root: &self.root,
+            files: &self.files,
+            meta: &self.meta,
+            dsg: &self.dsg,
+            aside: Aside::Backup { dir: &self.backup },
+            keep_top_level: true,
+            fp: "client",
+        }
+    }
+}
+
+/// The engine's error as the user of a working tree needs it.
+fn local_error(e: TxError) -> EngineError {
+    let hint = if e.is_no_space() {
+        format!(
+            "the local disk holding {} is full; free space there and run the command again",
+            e.path().display()
+        )
+    } else if e.is_not_writable() {
+        format!(
+            "make {} writable for you (or move it away), then run the command again",
+            e.path().display()
+        )
+    } else if let TxError::ThroughLink { .. } = e {
+        "replace the symlink by a folder, or ignore the path (ignore.paths in .dsgconfig.yml)"
+            .to_string()
+    } else {
+        "run the command again".to_string()
+    };
+    EngineError::State {
+        message: e.to_string(),
+        hint,
+    }
+}
+
+/// Before the commit point: makes and checks everything `apply_local`
+/// needs (folders for downloads, write permission, a little free space),
+/// so a local cause fails the sync while nothing was changed.
+pub(crate) fn prepare_local(root: &Path, tx: &str, ops: &mut [Op]) -> Result<Prepared> {
+    let d = LocalDirs::new(root, tx);
+    dsg_txn::apply::prepare(&d.layout(), ops).map_err(|e| {
+        let EngineError::State { message, hint } = local_error(e) else {
+            unreachable!("local_error gives State")
+        };
+        EngineError::State {
+            message: format!("{message}; nothing was changed"),
+            hint,
+        }
+    })
 }
 
 /// Applies committed local operations. Idempotent: each step looks at what
 /// is already done, so recovery can run it again after a crash.
-pub fn apply_local(root: &Path, tx: &str, ops: &[LocalOp]) -> Result<()> {
-    let staging = staging_dir(root, tx);
-    let files = staging.join("files");
-    let backup = staging.join("backup");
-    let mut parents: Vec<PathBuf> = Vec::new();
-    let installs: std::collections::HashSet<&str> = ops
-        .iter()
-        .filter_map(|o| match o {
-            LocalOp::Install { path } => Some(path.as_str()),
-            _ => None,
-        })
-        .collect();
-    for (i, op) in ops.iter().enumerate() {
-        failpoint(&format!("client.apply.{i}"));
-        match op {
-            LocalOp::Remove { path, expect } => {
-                let p = root.join(path);
-                let b = backup.join(path);
-                if let Some(par) = p.parent() {
-                    parents.push(par.to_path_buf());
-                }
-                // Already moved (a recovery re-run). Backups are files or
-                // links; a directory there only holds backups of children.
-                if std::fs::symlink_metadata(&b).is_ok_and(|m| !m.is_dir()) {
-                    continue;
-                }
-                // Already replaced by its download (a recovery re-run).
-                if installs.contains(path.as_str())
-                    && std::fs::symlink_metadata(files.join(path)).is_err()
-                {
-                    continue;
-                }
-                if let Ok(md) = std::fs::symlink_metadata(&p) {
-                    let st = Stat::of(&md);
-                    let now = (st.size, st.mtime_ns, st.ino);
-                    if !md.is_dir() && *expect != Some(now) {
-                        // Changed (or created) while we synced: never lose
-                        // it. Keep it beside the path under a conflict-backup
-                        // name, which scans ignore.
-                        let stamp = chrono_stamp();
-                        let keep = p.with_file_name(format!(
-                            "{}~{stamp}~",
-                            p.file_name()
-                                .map(|n| n.to_string_lossy().to_string())
-                                .unwrap_or_default()
-                        ));
-                        std::fs::rename(&p, &keep).map_err(|e| EngineError::io(&p, e))?;
-                        tracing::warn!(
-                            "{} changed during the sync; your version is kept as {}",
-                            p.display(),
-                            keep.display()
-                        );
-                        continue;
-                    }
-                }
-                match std::fs::symlink_metadata(&p) {
-                    Ok(md) if md.is_dir() => {
-                        // Its tracked files went first (deepest first). What
-                        // is left is empty directories — or files dsg does
-                        // not track, which are kept under a backup name.
-                        if dsg_repo::posix::remove_empty_tree(&p).is_err() {
-                            let keep = p.with_file_name(format!(
-                                "{}~{}~",
-                                p.file_name()
-                                    .map(|n| n.to_string_lossy().to_string())
-                                    .unwrap_or_default(),
-                                chrono_stamp()
-                            ));
-                            std::fs::rename(&p, &keep).map_err(|e| EngineError::io(&p, e))?;
-                            tracing::warn!(
-                                "{} held untracked files; kept as {}",
-                                p.display(),
-                                keep.display()
-                            );
-                        }
-                    }
-                    Ok(_) => {
-                        make_parent(&backup, path)?;
-                        std::fs::rename(&p, &b).map_err(|e| EngineError::io(&p, e))?;
-                    }
-                    Err(_) => {}
-                }
-            }
-            LocalOp::Install { path } => {
-                let src = files.join(path);
-                if std::fs::symlink_metadata(&src).is_err() {
-                    continue;
-                }
-                let dst = root.join(path);
-                if let Some(par) = dst.parent() {
-                    std::fs::create_dir_all(par).map_err(|e| EngineError::io(par, e))?;
-                }
-                std::fs::rename(&src, &dst).map_err(|e| EngineError::io(&dst, e))?;
-            }
-        }
-    }
-    // Directories emptied by deletions go too (below the top level).
-    parents.sort();
-    parents.dedup();
-    for d in parents.iter().rev() {
-        let mut cur = d.clone();
-        while cur.starts_with(root) && cur.parent() != Some(root) && cur != root {
-            if std::fs::remove_dir(&cur).is_err() {
-                break;
-            }
-            cur = cur.parent().unwrap().to_path_buf();
-        }
-    }
-    let meta = staging.join("meta");
-    let dsg = root.join(DSG_DIR);
-    let archive = dsg.join("archive");
-    std::fs::create_dir_all(&archive).map_err(|e| EngineError::io(&archive, e))?;
-    if let Ok(rd) = std::fs::read_dir(meta.join("archive")) {
-        for de in rd.flatten() {
-            let dst = archive.join(de.file_name());
-            std::fs::rename(de.path(), &dst).map_err(|e| EngineError::io(&dst, e))?;
-        }
-    }
-    failpoint("client.apply.meta");
-    for name in ["sync-messages.json", "last-sync.json"] {
-        let src = meta.join(name);
-        if src.exists() {
-            std::fs::rename(&src, dsg.join(name))
-                .map_err(|e| EngineError::io(dsg.join(name), e))?;
-        }
-    }
-    sync_fs(root)?;
-    Ok(())
+pub fn apply_local(root: &Path, tx: &str, ops: &[Op]) -> Result<()> {
+    let d = LocalDirs::new(root, tx);
+    dsg_txn::apply::apply(&d.layout(), ops).map_err(local_error)
 }
 
 pub(crate) fn rollback_local(root: &Path, tx: &str, is_clone: bool) {
@@ -267,8 +154,8 @@ pub fn recover_sync(project: &Project, client: Option<&mut RepoClient>) -> Resul
     // init's .dsgconfig.yml in the project root).
     dsg_core::atomic::remove_stale_temps(&project.dsg());
     dsg_core::atomic::remove_stale_temps(root);
-    let records: Vec<LocalRecord> = match Journal::read(&journal_path(root)).map_err(jerr(root))? {
-        Some(r) => r,
+    let log = match LocalLog::read(&journal_path(root)).map_err(jerr(root))? {
+        Some(l) => l,
         None => {
             // No journal: any staging is from before a journal existed.
             if root.join(DSG_DIR).join("staging").exists() {
@@ -277,34 +164,23 @@ pub fn recover_sync(project: &Project, client: Option<&mut RepoClient>) -> Resul
             return Ok(());
         }
     };
-    let (tx, is_clone) = match records.first() {
-        Some(LocalRecord::Begin { tx, clone }) => (tx.clone(), *clone),
-        _ => {
-            cleanup_local(root);
-            return Ok(());
-        }
+    let Some((tx, is_clone)) = log.begin().map(|(tx, b)| (tx.to_string(), b.clone)) else {
+        cleanup_local(root);
+        return Ok(());
     };
-    if records
-        .iter()
-        .any(|r| matches!(r, LocalRecord::Done { .. }))
-    {
+    if log.is_done() {
         cleanup_local(root);
         return Ok(());
     }
-    let prepared = records.iter().find_map(|r| match r {
-        LocalRecord::Prepared { new_hash, ops, .. } => Some((new_hash.clone(), ops.clone())),
-        _ => None,
-    });
-    let committed = records
-        .iter()
-        .any(|r| matches!(r, LocalRecord::Committed { .. }));
-    let Some((new_hash, ops)) = prepared else {
+    let committed = log.is_committed();
+    let Some((new_hash, ops)) = log.prepared() else {
         rollback_local(root, &tx, is_clone);
         return Ok(());
     };
     let forward = if committed {
         true
     } else if let Some(h) = new_hash {
+        let h = h.to_string();
         // The repository decides: did it commit our snapshot?
         let Some(c) = client else {
             return Err(EngineError::State {
@@ -322,7 +198,7 @@ pub fn recover_sync(project: &Project, client: Option<&mut RepoClient>) -> Resul
     };
     if forward {
         tracing::info!("finishing an interrupted sync ({tx})");
-        apply_local(root, &tx, &ops)?;
+        apply_local(root, &tx, ops)?;
         // The stat cache may be stale for the installed files; drop it.
         let _ = std::fs::remove_file(project.stat_cache_path());
         cleanup_local(root);

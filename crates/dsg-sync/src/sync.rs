@@ -29,16 +29,16 @@ use dsg_core::manifest::{
 use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
 use dsg_repo::failpoint::failpoint;
-use dsg_repo::journal::Journal;
 use dsg_repo::protocol::ErrorKind;
 use dsg_repo::{Incoming, Meta, RepoClient, RepoError};
+use dsg_txn::{Journal, Op};
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::init::{block_on_problems, settle_names, RenameOut};
 use crate::local_tx::{
-    apply_local, cleanup_local, jerr, journal_path, make_parent, recover_sync, rollback_local,
-    staging_dir, sync_fs, LocalOp, LocalRecord,
+    apply_local, cleanup_local, jerr, journal_path, make_parent, prepare_local, recover_sync,
+    rollback_local, staging_dir, sync_fs, ClientBegin, LocalRecord,
 };
 use crate::status::{compare, fetch_remote, CompareOpts, Comparison, Row};
 use crate::upload::{upload, Item, Retries, Target};
@@ -306,12 +306,12 @@ fn sync_once(
     journal
         .append(&LocalRecord::Begin {
             tx: tx.clone(),
-            clone: is_clone,
+            begin: ClientBegin { clone: is_clone },
         })
         .map_err(jerr(root))?;
     failpoint("client.journal.begin");
     let staging = staging_dir(root, &tx);
-    let result = (|| -> Result<Vec<LocalOp>> {
+    let result = (|| -> Result<(Vec<Op>, dsg_txn::Prepared)> {
         std::fs::create_dir_all(staging.join("meta/archive"))
             .map_err(|e| EngineError::io(&staging, e))?;
         if needs_snapshot {
@@ -380,35 +380,43 @@ fn sync_once(
                 w(meta.join("archive").join(&name), &b)?;
             }
         }
-        let mut ops: Vec<LocalOp> = Vec::new();
+        let mut ops: Vec<Op> = Vec::new();
         let mut removes: Vec<&str> = deletes_local.clone();
         removes.extend(downloads.iter().map(|e| &*e.path));
         removes.sort_by(|a, b| b.cmp(a));
         removes.dedup();
-        ops.extend(removes.into_iter().map(|p| LocalOp::Remove {
+        ops.extend(removes.into_iter().map(|p| Op::Retire {
             path: p.into(),
+            hash: None,
             expect: cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino)),
         }));
         let mut installs: Vec<&str> = downloads.iter().map(|e| &*e.path).collect();
         installs.sort();
-        ops.extend(
-            installs
-                .into_iter()
-                .map(|p| LocalOp::Install { path: p.into() }),
-        );
-        sync_fs(root)?;
-        journal
-            .append(&LocalRecord::Prepared {
-                tx: tx.clone(),
-                new_hash: new_hash.clone(),
-                ops: ops.clone(),
-            })
-            .map_err(jerr(root))?;
-        failpoint("client.journal.prepared");
-        check_interrupt()?;
-        Ok(ops)
+        ops.extend(installs.into_iter().map(|p| Op::Install { path: p.into() }));
+        // Folders for the downloads, write permission, space: checked
+        // now, so that nothing local can stop the apply after the commit.
+        let prepared = prepare_local(root, &tx, &mut ops)?;
+        let sealed = (|| {
+            sync_fs(root)?;
+            journal
+                .append(&LocalRecord::Prepared {
+                    tx: tx.clone(),
+                    new_hash: new_hash.clone(),
+                    ops: ops.clone(),
+                })
+                .map_err(jerr(root))?;
+            failpoint("client.journal.prepared");
+            check_interrupt()
+        })();
+        match sealed {
+            Ok(()) => Ok((ops, prepared)),
+            Err(e) => {
+                prepared.undo();
+                Err(e)
+            }
+        }
     })();
-    let ops = match result {
+    let (ops, prepared) = match result {
         Ok(ops) => ops,
         Err(e) => {
             // Before the commit point: nothing of ours is visible anywhere.
@@ -453,16 +461,22 @@ fn sync_once(
             };
             if !committed {
                 rollback_local(root, &tx, is_clone);
+                prepared.undo();
                 return Err(e.into());
             }
         }
         failpoint("client.repo_committed");
     }
     journal
-        .append(&LocalRecord::Committed { tx: tx.clone() })
+        .append(&LocalRecord::Committed {
+            tx: tx.clone(),
+            ops: Vec::new(),
+            snap: None,
+        })
         .map_err(jerr(root))?;
     failpoint("client.journal.committed");
     // Past the commit point: Ctrl-C no longer aborts; we finish.
+    drop(prepared);
     apply_local(root, &tx, &ops)?;
     update_stat_cache(project, &cmp, &downloads, &deletes_local);
     // The next command finds the new cache already in binary form (a JSON

@@ -9,42 +9,103 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::apply::Op;
+
+/// One journal record. Both sides of a sync and the ZFS store write the
+/// same four phases; what differs is what a `begin` needs to remember
+/// (`B`: the base snapshot, whether it is a clone, the ZFS clone's name).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "rec", rename_all = "snake_case")]
-pub enum Record {
+pub enum Record<B> {
     Begin {
         tx: String,
-        base: String,
+        #[serde(flatten)]
+        begin: B,
     },
-    /// The commit point: after this record, the transaction is applied.
+    /// Everything is staged and checked. `new_hash`: the snapshot the
+    /// repository will hold once it commits (`None`: no repository commit).
+    Prepared {
+        tx: String,
+        #[serde(default)]
+        new_hash: Option<String>,
+        ops: Vec<Op>,
+    },
+    /// The commit point: after this record the transaction is applied.
+    /// `ops` when they were not prepared first; `snap` for a ZFS commit.
     Committed {
         tx: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         ops: Vec<Op>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snap: Option<String>,
     },
     Done {
         tx: String,
     },
 }
 
-/// The transaction the records commit but do not finish (no `done`): the
-/// one recovery rolls forward, and the one readers must not read past.
-pub fn unfinished_commit(records: &[Record]) -> Option<(&str, &[Op])> {
-    if records.iter().any(|r| matches!(r, Record::Done { .. })) {
-        return None;
-    }
-    records.iter().find_map(|r| match r {
-        Record::Committed { tx, ops } => Some((tx.as_str(), ops.as_slice())),
-        _ => None,
-    })
+/// A journal's valid records, read back for recovery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log<B> {
+    pub records: Vec<Record<B>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Op {
-    /// Move the current file at `path` (if any) into the object store.
-    Retire { path: String, hash: Option<u64> },
-    /// Move the staged `path` into place.
-    Install { path: String },
+impl<B: for<'de> Deserialize<'de>> Log<B> {
+    /// `None` when there is no journal.
+    pub fn read(path: &Path) -> io::Result<Option<Log<B>>> {
+        Ok(Journal::read(path)?.map(|records| Log { records }))
+    }
+}
+
+impl<B> Log<B> {
+    /// The transaction and what its `begin` recorded; `None` for a journal
+    /// that does not start with one (nothing to act on).
+    pub fn begin(&self) -> Option<(&str, &B)> {
+        match self.records.first() {
+            Some(Record::Begin { tx, begin }) => Some((tx, begin)),
+            _ => None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.records
+            .iter()
+            .any(|r| matches!(r, Record::Done { .. }))
+    }
+
+    pub fn is_committed(&self) -> bool {
+        self.records
+            .iter()
+            .any(|r| matches!(r, Record::Committed { .. }))
+    }
+
+    /// The prepared operations and the snapshot hash the repository will
+    /// hold, if the transaction got that far.
+    pub fn prepared(&self) -> Option<(Option<&str>, &[Op])> {
+        self.records.iter().find_map(|r| match r {
+            Record::Prepared { new_hash, ops, .. } => Some((new_hash.as_deref(), ops.as_slice())),
+            _ => None,
+        })
+    }
+
+    /// The transaction the records commit but do not finish (no `done`):
+    /// the one recovery rolls forward, and the one readers must not read
+    /// past. With the operations to apply (the committed or the prepared
+    /// ones) and the ZFS snapshot, if any.
+    pub fn unfinished_commit(&self) -> Option<(&str, &[Op], Option<&str>)> {
+        if self.is_done() {
+            return None;
+        }
+        let ops = self.prepared().map(|(_, ops)| ops).unwrap_or_default();
+        self.records.iter().find_map(|r| match r {
+            Record::Committed { tx, ops: c, snap } => Some((
+                tx.as_str(),
+                if c.is_empty() { ops } else { c.as_slice() },
+                snap.as_deref(),
+            )),
+            _ => None,
+        })
+    }
 }
 
 pub struct Journal {
@@ -114,6 +175,11 @@ impl Journal {
 mod tests {
     use super::*;
 
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    struct Base {
+        base: String,
+    }
+
     #[test]
     fn torn_tail_is_ignored() {
         let d = tempfile::tempdir().unwrap();
@@ -121,26 +187,26 @@ mod tests {
         let j = Journal::create(&p).unwrap();
         j.append(&Record::Begin {
             tx: "t".into(),
-            base: "s1".into(),
+            begin: Base { base: "s1".into() },
         })
         .unwrap();
-        j.append(&Record::Done { tx: "t".into() }).unwrap();
+        j.append(&Record::<Base>::Done { tx: "t".into() }).unwrap();
         let full = std::fs::read(&p).unwrap();
         for cut in 0..full.len() {
             std::fs::write(&p, &full[..cut]).unwrap();
-            let recs: Vec<Record> = Journal::read(&p).unwrap().unwrap();
+            let recs: Vec<Record<Base>> = Journal::read(&p).unwrap().unwrap();
             assert!(recs.len() <= 1 || cut == full.len());
         }
         let mut bad = full.clone();
         let n = bad.len();
         bad[n - 2] ^= 0xff;
         std::fs::write(&p, &bad).unwrap();
-        let recs: Vec<Record> = Journal::read(&p).unwrap().unwrap();
+        let recs: Vec<Record<Base>> = Journal::read(&p).unwrap().unwrap();
         assert_eq!(
             recs,
             vec![Record::Begin {
                 tx: "t".into(),
-                base: "s1".into()
+                begin: Base { base: "s1".into() }
             }]
         );
     }

@@ -1,0 +1,657 @@
+//! The one apply engine: what a committed transaction does to a tree, on
+//! the repository (its browsable mirror) and on the client (the working
+//! tree) alike.
+//!
+//! A transaction stages its new files and metadata beside the tree, then
+//! `prepare` checks and creates everything the apply will need — folders,
+//! write permission, a little free space — *before* the commit point, so a
+//! cause that would stop the apply halfway fails the transaction while
+//! nothing was changed. After the commit point `apply` only renames: each
+//! step looks at what is already done, so recovery can run it again after
+//! a crash anywhere inside it.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use dsg_core::hash::Hash;
+use dsg_core::scan::Stat;
+use serde::{Deserialize, Serialize};
+
+use crate::failpoint::failpoint;
+
+/// One committed operation. Retires run deepest path first, so a folder
+/// is emptied before something else takes its place; installs follow.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Move what is at `path` (if anything) aside. `hash`: its content
+    /// hash when known (names its object); `expect`: its stat (size, mtime
+    /// ns, inode) when planned — a file that no longer matches was changed
+    /// by someone during the sync and is kept beside its path instead.
+    #[serde(alias = "remove")]
+    Retire {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<(u64, i64, u64)>,
+    },
+    /// Move the staged `path` into place.
+    Install { path: String },
+}
+
+impl Op {
+    pub fn path(&self) -> &str {
+        match self {
+            Op::Retire { path, .. } | Op::Install { path } => path,
+        }
+    }
+}
+
+/// Where retired versions go.
+#[derive(Debug, Clone, Copy)]
+pub enum Aside<'a> {
+    /// A repository directory keeps every version: into its object store
+    /// (`<dsg>/objects/<hh>/<hash>`), deleted if the object is already there.
+    Objects { dsg: &'a Path },
+    /// The version is kept elsewhere (a ZFS snapshot): delete it.
+    Discard,
+    /// A working tree: into the transaction's backup folder, which is
+    /// removed once the transaction is done. A version changed since it
+    /// was planned, or a folder holding untracked files, stays beside its
+    /// path under a conflict-backup name (`name~STAMP~`), which scans ignore.
+    Backup { dir: &'a Path },
+}
+
+/// The places a transaction works with.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout<'a> {
+    /// The tree the transaction changes.
+    pub root: &'a Path,
+    /// The staged files, at their paths.
+    pub files: &'a Path,
+    /// The staged metadata: `archive/*`, `sync-messages.json`,
+    /// `last-sync.json` (installed last: it switches the head).
+    pub meta: &'a Path,
+    /// Where the metadata goes (`<root>/.dsg`).
+    pub dsg: &'a Path,
+    pub aside: Aside<'a>,
+    /// Folders directly under the root (the data folders) stay when a
+    /// transaction empties them.
+    pub keep_top_level: bool,
+    /// Failpoint names: `<fp>.apply.<i>`, `<fp>.apply.meta`.
+    pub fp: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: permission denied (this folder is not writable)", path.display())]
+    NotWritable { path: PathBuf },
+    #[error("{}: the filesystem has {free} bytes free, and committing needs at least {need}", path.display())]
+    NoSpace { path: PathBuf, free: u64, need: u64 },
+    #[error("{path}: its parent {} is a symlink", link.display())]
+    ThroughLink { path: String, link: PathBuf },
+    #[error("{} is in the way and is not in any snapshot", path.display())]
+    InTheWay { path: PathBuf },
+}
+
+impl TxError {
+    fn io(path: impl Into<PathBuf>, source: io::Error) -> TxError {
+        TxError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The path the error is about.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            TxError::Io { path, .. }
+            | TxError::NotWritable { path }
+            | TxError::NoSpace { path, .. }
+            | TxError::InTheWay { path } => path.clone(),
+            TxError::ThroughLink { link, .. } => link.clone(),
+        }
+    }
+
+    /// The filesystem is full (a disk or a quota).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            TxError::NoSpace { .. } => true,
+            TxError::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(c) if c == ENOSPC || c == EDQUOT)
+            }
+            _ => false,
+        }
+    }
+
+    /// Permission or a read-only filesystem.
+    pub fn is_not_writable(&self) -> bool {
+        match self {
+            TxError::NotWritable { .. } => true,
+            TxError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(c) if c == EACCES || c == EPERM || c == EROFS
+            ),
+            _ => false,
+        }
+    }
+}
+
+const ENOSPC: i32 = rustix::io::Errno::NOSPC.raw_os_error();
+const EDQUOT: i32 = rustix::io::Errno::DQUOT.raw_os_error();
+const EACCES: i32 = rustix::io::Errno::ACCESS.raw_os_error();
+const EPERM: i32 = rustix::io::Errno::PERM.raw_os_error();
+const EROFS: i32 = rustix::io::Errno::ROFS.raw_os_error();
+
+/// What `prepare` made, so a transaction that does not commit can take it
+/// back (best effort: a crash leaves at most empty folders).
+#[derive(Debug, Default)]
+#[must_use = "undo() what prepare made when the transaction does not commit"]
+pub struct Prepared {
+    created: Vec<PathBuf>,
+}
+
+impl Prepared {
+    /// Removes the folders `prepare` created, if they are still empty.
+    pub fn undo(self) {
+        for d in self.created.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+/// Free space the apply may still need after the commit point: its journal
+/// records, and directory blocks for the entries it moves. Renames allocate
+/// no data, so this margin is small and fixed per operation.
+fn space_needed(ops: &[Op], new_dirs: usize) -> u64 {
+    // A folder costs an inode and a directory block (XFS allocates inodes
+    // in chunks of 64: count a chunk's share generously).
+    256 * 1024 + 512 * ops.len() as u64 + 64 * 1024 * new_dirs as u64
+}
+
+/// Before the commit point: checks everything `apply` needs and creates
+/// what it can out of sight (object folders, backup folders), so that
+/// after the commit point nothing foreseeable can fail: the folders the
+/// tree changes are writable and free of links, and the space the apply
+/// needs (its new folders, its journal) is there. Fills in
+/// the hash of a retired file that has none (its object's name).
+pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<Prepared, TxError> {
+    let mut made = Prepared::default();
+    let r = prepare_into(l, ops, &mut made);
+    match r {
+        Ok(()) => Ok(made),
+        Err(e) => {
+            made.undo();
+            Err(e)
+        }
+    }
+}
+
+fn prepare_into(l: &Layout, ops: &mut [Op], made: &mut Prepared) -> Result<(), TxError> {
+    let retired: std::collections::HashSet<String> = ops
+        .iter()
+        .filter(|o| matches!(o, Op::Retire { .. }))
+        .map(|o| o.path().to_string())
+        .collect();
+    let mut writable: std::collections::BTreeSet<PathBuf> = Default::default();
+    let mut to_make: std::collections::BTreeSet<PathBuf> = Default::default();
+    writable.insert(l.dsg.to_path_buf());
+    let archive = l.dsg.join("archive");
+    mkdir(&archive, made)?;
+    writable.insert(archive);
+    for op in ops.iter_mut() {
+        let path = op.path().to_string();
+        let install = matches!(op, Op::Install { .. });
+        let parent = parent_dir(l, &path, &retired, install, &mut to_make)?;
+        writable.insert(parent);
+        match (op, l.aside) {
+            (Op::Retire { path, hash, .. }, Aside::Objects { dsg }) => {
+                let p = l.root.join(&*path);
+                if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+                    continue;
+                }
+                let h = match hash {
+                    Some(h) => Hash(*h),
+                    None => {
+                        let h = dsg_core::hash::hash_file(&p)
+                            .map_err(|e| TxError::io(&p, e))?
+                            .0;
+                        *hash = Some(h.0);
+                        h
+                    }
+                };
+                let obj = object_path(dsg, h);
+                let dir = obj.parent().expect("objects/<hh>");
+                mkdir(&dsg.join("objects"), made)?;
+                mkdir(dir, made)?;
+                writable.insert(dir.to_path_buf());
+            }
+            (Op::Retire { path, .. }, Aside::Backup { dir }) => {
+                if let Some(par) = Path::new(&*path).parent() {
+                    mkdir_all(&dir.join(par), made)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    for d in &writable {
+        if d.exists() && rustix::fs::access(d, rustix::fs::Access::WRITE_OK).is_err() {
+            return Err(TxError::NotWritable { path: d.clone() });
+        }
+    }
+    let need = space_needed(ops, to_make.len());
+    let free = free_bytes(l.root)?;
+    if free < need {
+        return Err(TxError::NoSpace {
+            path: l.root.to_path_buf(),
+            free,
+            need,
+        });
+    }
+    Ok(())
+}
+
+/// The folder that an operation on `path` changes; for an install, the
+/// folders the apply will have to make are added to `to_make`. Refuses to go through a symlink in the tree: a
+/// link is a leaf, and following one could lead out of the tree. A parent
+/// that is a file or link retired by this transaction is replaced by a
+/// folder only during the apply; its own parent is the one changed.
+fn parent_dir(
+    l: &Layout,
+    path: &str,
+    retired: &std::collections::HashSet<String>,
+    install: bool,
+    to_make: &mut std::collections::BTreeSet<PathBuf>,
+) -> Result<PathBuf, TxError> {
+    let comps: Vec<&str> = path.split('/').collect();
+    let mut cur = l.root.to_path_buf();
+    for (i, c) in comps[..comps.len() - 1].iter().enumerate() {
+        let next = cur.join(c);
+        match fs::symlink_metadata(&next) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) if retired.contains(&comps[..=i].join("/")) => return Ok(cur),
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(TxError::ThroughLink {
+                    path: path.to_string(),
+                    link: next,
+                })
+            }
+            Ok(_) => return Err(TxError::InTheWay { path: next }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !install {
+                    return Ok(cur);
+                }
+                // The apply makes the rest of the chain (made now, a
+                // transaction that does not commit would leave empty
+                // folders in the tree); `cur` is the folder it changes.
+                let mut rest = next.clone();
+                for c in &comps[i + 1..comps.len() - 1] {
+                    to_make.insert(rest.clone());
+                    rest.push(c);
+                }
+                to_make.insert(rest);
+                return Ok(cur);
+            }
+            Err(e) => return Err(TxError::io(next, e)),
+        }
+        cur = next;
+    }
+    Ok(cur)
+}
+
+fn mkdir(d: &Path, made: &mut Prepared) -> Result<(), TxError> {
+    match fs::create_dir(d) {
+        Ok(()) => {
+            made.created.push(d.to_path_buf());
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => Ok(()),
+        Err(e) => Err(TxError::io(d, e)),
+    }
+}
+
+fn mkdir_all(d: &Path, made: &mut Prepared) -> Result<(), TxError> {
+    if d.is_dir() {
+        return Ok(());
+    }
+    if let Some(p) = d.parent() {
+        mkdir_all(p, made)?;
+    }
+    mkdir(d, made)
+}
+
+fn free_bytes(p: &Path) -> Result<u64, TxError> {
+    let s = rustix::fs::statvfs(p).map_err(|e| TxError::io(p, e.into()))?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+pub fn object_path(dsg: &Path, h: Hash) -> PathBuf {
+    let hex = h.to_hex();
+    dsg.join("objects").join(&hex[..2]).join(hex)
+}
+
+/// Applies committed operations, then the metadata, then makes it all
+/// durable. Idempotent: a re-run after a crash skips what is done.
+pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
+    let installs: std::collections::HashSet<&str> = ops
+        .iter()
+        .filter(|o| matches!(o, Op::Install { .. }))
+        .map(|o| o.path())
+        .collect();
+    let mut touched: Vec<PathBuf> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        failpoint(&format!("{}.apply.{i}", l.fp));
+        let dst = l.root.join(op.path());
+        if let Some(parent) = dst.parent() {
+            touched.push(parent.to_path_buf());
+        }
+        match op {
+            Op::Retire { path, hash, expect } => {
+                // A re-run after a crash: a path whose staged file is gone
+                // was already installed; what is there is the new version.
+                if installs.contains(path.as_str())
+                    && fs::symlink_metadata(l.files.join(path)).is_err()
+                {
+                    continue;
+                }
+                retire(l, path, &dst, *hash, *expect)?;
+            }
+            Op::Install { path } => {
+                let src = l.files.join(path);
+                if fs::symlink_metadata(&src).is_err() {
+                    continue;
+                }
+                if let Some(parent) = dst.parent() {
+                    fs::create_dir_all(parent).map_err(|e| TxError::io(parent, e))?;
+                }
+                fs::rename(&src, &dst).map_err(|e| TxError::io(&dst, e))?;
+            }
+        }
+    }
+    prune_emptied(l, touched);
+    install_meta(l)?;
+    syncfs(l.root)
+}
+
+fn retire(
+    l: &Layout,
+    path: &str,
+    p: &Path,
+    hash: Option<u64>,
+    expect: Option<(u64, i64, u64)>,
+) -> Result<(), TxError> {
+    if let Aside::Backup { dir } = l.aside {
+        // Already moved (a re-run). Backups are files or links; a folder
+        // there only holds backups of its children.
+        if fs::symlink_metadata(dir.join(path)).is_ok_and(|m| !m.is_dir()) {
+            return Ok(());
+        }
+    }
+    let md = match fs::symlink_metadata(p) {
+        Ok(md) => md,
+        // Nothing there, or a parent is now a file (a file→folder change).
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
+        {
+            return Ok(())
+        }
+        Err(e) => return Err(TxError::io(p, e)),
+    };
+    if md.is_dir() {
+        // Its tracked files were retired before it (deepest first), so
+        // only empty folders should remain.
+        return match (remove_empty_tree(p), l.aside) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Aside::Backup { .. }) => keep_beside(p, "held untracked files"),
+            (Err(e), _) => Err(e),
+        };
+    }
+    match l.aside {
+        Aside::Backup { dir } => {
+            let st = Stat::of(&md);
+            if expect != Some((st.size, st.mtime_ns, st.ino)) {
+                return keep_beside(p, "changed during the sync");
+            }
+            let b = dir.join(path);
+            if let Some(par) = b.parent() {
+                fs::create_dir_all(par).map_err(|e| TxError::io(par, e))?;
+            }
+            fs::rename(p, &b).map_err(|e| TxError::io(p, e))
+        }
+        Aside::Objects { dsg } if md.is_file() => {
+            let h = match hash {
+                Some(h) => Hash(h),
+                None => {
+                    dsg_core::hash::hash_file(p)
+                        .map_err(|e| TxError::io(p, e))?
+                        .0
+                }
+            };
+            let obj = object_path(dsg, h);
+            if obj.exists() {
+                return fs::remove_file(p).map_err(|e| TxError::io(p, e));
+            }
+            let dir = obj.parent().expect("objects/<hh>");
+            if !dir.is_dir() {
+                // Made by prepare; only a re-run of an older journal lacks it.
+                fs::create_dir_all(dir).map_err(|e| TxError::io(dir, e))?;
+            }
+            fs::rename(p, &obj).map_err(|e| TxError::io(p, e))
+        }
+        Aside::Objects { .. } | Aside::Discard => fs::remove_file(p).map_err(|e| TxError::io(p, e)),
+    }
+}
+
+/// Never lose what the user has: keep it beside its path under a
+/// conflict-backup name.
+fn keep_beside(p: &Path, why: &str) -> Result<(), TxError> {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let keep = p.with_file_name(format!("{name}~{}~", backup_stamp()));
+    fs::rename(p, &keep).map_err(|e| TxError::io(p, e))?;
+    tracing::warn!(
+        "{} {why}; your version is kept as {}",
+        p.display(),
+        keep.display()
+    );
+    Ok(())
+}
+
+/// `YYYYMMDDTHHMMSS+0000` in UTC, the conflict-backup suffix format.
+pub fn backup_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let m = dsg_core::manifest::Mtime::Fixed {
+        utc_secs: secs,
+        offset_min: 0,
+    }
+    .to_string();
+    // 2025-06-01T10:00:00+00:00 -> 20250601T100000+0000
+    format!(
+        "{}{}{}T{}{}{}+0000",
+        &m[0..4],
+        &m[5..7],
+        &m[8..10],
+        &m[11..13],
+        &m[14..16],
+        &m[17..19]
+    )
+}
+
+/// Deleting files can leave empty folders behind (the original kept them
+/// forever); remove those, up to the root.
+fn prune_emptied(l: &Layout, mut touched: Vec<PathBuf>) {
+    touched.sort();
+    touched.dedup();
+    for d in touched.iter().rev() {
+        let mut cur = d.clone();
+        while cur.starts_with(l.root)
+            && cur != l.root
+            && !(l.keep_top_level && cur.parent() == Some(l.root))
+        {
+            if fs::remove_dir(&cur).is_err() {
+                break;
+            }
+            cur = cur.parent().expect("below the root").to_path_buf();
+        }
+    }
+}
+
+/// Metadata last: `last-sync.json` switches the head readers see.
+fn install_meta(l: &Layout) -> Result<(), TxError> {
+    let archive = l.dsg.join("archive");
+    fs::create_dir_all(&archive).map_err(|e| TxError::io(&archive, e))?;
+    if let Ok(rd) = fs::read_dir(l.meta.join("archive")) {
+        for de in rd.flatten() {
+            let dst = archive.join(de.file_name());
+            fs::rename(de.path(), &dst).map_err(|e| TxError::io(&dst, e))?;
+        }
+        dsg_core::atomic::sync_dir(&archive).map_err(|e| TxError::io(&archive, e))?;
+    }
+    failpoint(&format!("{}.apply.meta", l.fp));
+    for name in ["sync-messages.json", "last-sync.json"] {
+        let src = l.meta.join(name);
+        if src.exists() {
+            let dst = l.dsg.join(name);
+            fs::rename(&src, &dst).map_err(|e| TxError::io(dst, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a folder tree that holds only folders. Anything else in it is
+/// an error: it is not ours to delete.
+pub fn remove_empty_tree(p: &Path) -> Result<(), TxError> {
+    for de in fs::read_dir(p).map_err(|e| TxError::io(p, e))? {
+        let de = de.map_err(|e| TxError::io(p, e))?;
+        let ft = de.file_type().map_err(|e| TxError::io(de.path(), e))?;
+        if !ft.is_dir() {
+            return Err(TxError::InTheWay { path: de.path() });
+        }
+        remove_empty_tree(&de.path())?;
+    }
+    fs::remove_dir(p).map_err(|e| TxError::io(p, e))
+}
+
+/// One `syncfs` makes everything staged or moved durable: far cheaper than
+/// an fsync per small file, and the journal record that follows is what
+/// makes the state count.
+pub fn syncfs(p: &Path) -> Result<(), TxError> {
+    let f = fs::File::open(p).map_err(|e| TxError::io(p, e))?;
+    rustix::fs::syncfs(f.as_fd()).map_err(|e| TxError::io(p, e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout<'a>(root: &'a Path, st: &'a Path, aside: Aside<'a>) -> (Layout<'a>, PathBuf) {
+        let dsg = root.join(".dsg");
+        fs::create_dir_all(&dsg).unwrap();
+        let dsg: &'a Path = Box::leak(dsg.into_boxed_path());
+        let files: &'a Path = Box::leak(st.join("files").into_boxed_path());
+        let meta: &'a Path = Box::leak(st.join("meta").into_boxed_path());
+        (
+            Layout {
+                root,
+                files,
+                meta,
+                dsg,
+                aside,
+                keep_top_level: false,
+                fp: "test",
+            },
+            files.to_path_buf(),
+        )
+    }
+
+    #[test]
+    fn prepare_creates_object_folders_and_apply_moves_into_them() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let st = d.path().join("st");
+        fs::create_dir_all(root.join("in")).unwrap();
+        fs::write(root.join("in/a"), b"old").unwrap();
+        let dsg = root.join(".dsg");
+        let (l, files) = layout(&root, &st, Aside::Objects { dsg: &dsg });
+        fs::create_dir_all(files.join("in/new")).unwrap();
+        fs::write(files.join("in/a"), b"new").unwrap();
+        fs::write(files.join("in/new/b"), b"b").unwrap();
+        let mut ops = vec![
+            Op::Retire {
+                path: "in/a".into(),
+                hash: None,
+                expect: None,
+            },
+            Op::Install {
+                path: "in/a".into(),
+            },
+            Op::Install {
+                path: "in/new/b".into(),
+            },
+        ];
+        let _p = prepare(&l, &mut ops).unwrap();
+        let Op::Retire { hash: Some(h), .. } = ops[0] else {
+            panic!("hash filled in")
+        };
+        let obj = object_path(&dsg, Hash(h));
+        assert!(
+            obj.parent().unwrap().is_dir(),
+            "objects/<hh> exists before commit"
+        );
+        assert!(
+            !root.join("in/new").exists(),
+            "the tree is unchanged before commit"
+        );
+        apply(&l, &ops).unwrap();
+        assert_eq!(fs::read(&obj).unwrap(), b"old");
+        assert_eq!(fs::read(root.join("in/a")).unwrap(), b"new");
+        // A re-run (recovery after a crash at the end) changes nothing.
+        apply(&l, &ops).unwrap();
+        assert_eq!(fs::read(root.join("in/a")).unwrap(), b"new");
+        assert_eq!(fs::read(&obj).unwrap(), b"old");
+    }
+
+    #[test]
+    fn prepare_refuses_a_link_in_the_path() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let st = d.path().join("st");
+        fs::create_dir_all(root.join("in")).unwrap();
+        std::os::unix::fs::symlink("/tmp", root.join("in/l")).unwrap();
+        let (l, _) = layout(&root, &st, Aside::Discard);
+        let mut ops = vec![Op::Install {
+            path: "in/l/x".into(),
+        }];
+        let e = prepare(&l, &mut ops).unwrap_err();
+        assert!(matches!(e, TxError::ThroughLink { .. }), "{e}");
+    }
+
+    #[test]
+    fn op_reads_the_client_journal_of_older_versions() {
+        let old = r#"{"op":"remove","path":"a","expect":[1,2,3]}"#;
+        let op: Op = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            op,
+            Op::Retire {
+                path: "a".into(),
+                hash: None,
+                expect: Some((1, 2, 3))
+            }
+        );
+    }
+}
