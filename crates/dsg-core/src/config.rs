@@ -153,8 +153,7 @@ impl ProjectConfig {
     }
 
     pub fn parse(text: &str, file: &Path) -> Result<ProjectConfig, ConfigError> {
-        let (mut v, ambiguous) = yaml::load(text)
-            .map_err(|e| invalid(file, format!("not valid YAML: {e}"), "fix the syntax"))?;
+        let (mut v, ambiguous) = yaml::load(text).map_err(|e| yaml_error(file, e))?;
         reject_ambiguous(file, &ambiguous)?;
         let obj = v.as_object_mut().ok_or_else(|| {
             invalid(
@@ -295,6 +294,18 @@ fn normalize_ignore_path(p: &str) -> String {
         .filter(|c| !c.is_empty() && *c != ".")
         .collect::<Vec<_>>()
         .join("/")
+}
+
+fn yaml_error(file: &Path, e: yaml::YamlError) -> ConfigError {
+    match e {
+        yaml::YamlError::Duplicate { ref key, .. } => {
+            let hint = format!(
+                "keep only one '{key}'; YAML tools differ in which one they use (the original dsg took the last)"
+            );
+            invalid(file, e.to_string(), hint)
+        }
+        e => invalid(file, format!("not valid YAML: {e}"), "fix the syntax"),
+    }
 }
 
 fn reject_ambiguous(file: &Path, amb: &[yaml::Ambiguous]) -> Result<(), ConfigError> {
@@ -536,8 +547,7 @@ impl UserConfig {
                     })
                 }
             };
-            let (v, amb) = yaml::load(&text)
-                .map_err(|e| invalid(p, format!("not valid YAML: {e}"), "fix the syntax"))?;
+            let (v, amb) = yaml::load(&text).map_err(|e| yaml_error(p, e))?;
             reject_ambiguous(p, &amb)?;
             let obj = match v {
                 Value::Object(o) => o,
@@ -738,6 +748,46 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("both"), "{e}");
+    }
+
+    const REPO: &str = "repository: {type: xfs, host: localhost, mountpoint: /r}\n";
+
+    #[test]
+    fn duplicate_keys_are_named_with_their_lines() {
+        let e = parse(&format!("name: a\n{REPO}name: b\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/p/.dsgconfig.yml")
+                && e.contains("line 3: duplicate key 'name' (first at line 1)")
+                && e.contains("hint:"),
+            "{e}"
+        );
+        let e = parse(
+            "name: a\nrepository:\n  type: xfs\n  host: h\n  mountpoint: /r\n  host: localhost\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 6: duplicate key 'repository.host' (first at line 4)"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "name: a\n{REPO}ignore:\n  names: [x]\n  names: [y]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 5: duplicate key 'ignore.names' (first at line 4)"),
+            "{e}"
+        );
+        let e = parse("name: a\nrepository: {type: xfs, type: zfs, host: h, mountpoint: /r}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate key 'repository.type'"), "{e}");
+        // The same key in sibling mappings is not a duplicate.
+        parse("name: a\nrepository: {type: xfs, host: localhost, mountpoint: /r}\nignore: {names: [x]}\nproject: {names: 1}\n")
+            .unwrap();
     }
 
     #[test]
