@@ -153,9 +153,9 @@ impl ProjectConfig {
     }
 
     pub fn parse(text: &str, file: &Path) -> Result<ProjectConfig, ConfigError> {
-        let (mut v, ambiguous) = yaml::load(text)
-            .map_err(|e| invalid(file, format!("not valid YAML: {e}"), "fix the syntax"))?;
+        let (mut v, ambiguous) = yaml::load(text).map_err(|e| yaml_error(file, e))?;
         reject_ambiguous(file, &ambiguous)?;
+        reject_control_chars(file, "", &v)?;
         let obj = v.as_object_mut().ok_or_else(|| {
             invalid(
                 file,
@@ -220,6 +220,9 @@ impl ProjectConfig {
             None | Some(Value::Null) => ProjectConfig::default_data_dirs(),
             Some(v) => string_set(file, "data_dirs", v)?,
         };
+        for d in &data_dirs {
+            check_data_dir(file, d)?;
+        }
         let mut ignore = IgnoreRules::defaults();
         match obj.get("ignore") {
             None | Some(Value::Null) => {}
@@ -295,6 +298,72 @@ fn normalize_ignore_path(p: &str) -> String {
         .filter(|c| !c.is_empty() && *c != ".")
         .collect::<Vec<_>>()
         .join("/")
+}
+
+fn yaml_error(file: &Path, e: yaml::YamlError) -> ConfigError {
+    match e {
+        yaml::YamlError::Duplicate { ref key, .. } => {
+            let hint = format!(
+                "keep only one '{key}'; YAML tools differ in which one they use (the original dsg took the last)"
+            );
+            invalid(file, e.to_string(), hint)
+        }
+        e => invalid(file, format!("not valid YAML: {e}"), "fix the syntax"),
+    }
+}
+
+/// Every string in the project config ends up as a file name, a path, a host
+/// or a command argument, where a NUL truncates and other control
+/// characters garble messages or change meaning.
+fn reject_control_chars(file: &Path, key: &str, v: &Value) -> Result<(), ConfigError> {
+    let bad = |s: &str| s.chars().any(char::is_control);
+    match v {
+        Value::String(s) if bad(s) => Err(invalid(
+            file,
+            format!("key '{key}': {s:?} contains a control character"),
+            "remove it; names and paths in the config must be printable text",
+        )),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, x)| reject_control_chars(file, &format!("{key}[{i}]"), x)),
+        Value::Object(m) => m.iter().try_for_each(|(k, x)| {
+            let child = if key.is_empty() {
+                k.clone()
+            } else {
+                format!("{key}.{k}")
+            };
+            if bad(k) {
+                return Err(invalid(
+                    file,
+                    format!("key {child:?} contains a control character"),
+                    "remove it",
+                ));
+            }
+            reject_control_chars(file, &child, x)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The scanner compares `data_dirs` with single path components, so
+/// anything that is not one plain name (or `*`) would silently track
+/// nothing.
+fn check_data_dir(file: &Path, d: &str) -> Result<(), ConfigError> {
+    let why = if d.trim().is_empty() {
+        "is empty"
+    } else if d.contains('/') {
+        "is a path, not a directory name"
+    } else if d == "." || d == ".." {
+        "is not a directory name"
+    } else {
+        return Ok(());
+    };
+    Err(invalid(
+        file,
+        format!("key 'data_dirs': {d:?} {why}"),
+        "data_dirs lists directory names such as input or output; a directory of that name is tracked wherever it is in the project ('*' tracks everything)",
+    ))
 }
 
 fn reject_ambiguous(file: &Path, amb: &[yaml::Ambiguous]) -> Result<(), ConfigError> {
@@ -536,8 +605,7 @@ impl UserConfig {
                     })
                 }
             };
-            let (v, amb) = yaml::load(&text)
-                .map_err(|e| invalid(p, format!("not valid YAML: {e}"), "fix the syntax"))?;
+            let (v, amb) = yaml::load(&text).map_err(|e| yaml_error(p, e))?;
             reject_ambiguous(p, &amb)?;
             let obj = match v {
                 Value::Object(o) => o,
@@ -738,6 +806,94 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("both"), "{e}");
+    }
+
+    const REPO: &str = "repository: {type: xfs, host: localhost, mountpoint: /r}\n";
+
+    #[test]
+    fn duplicate_keys_are_named_with_their_lines() {
+        let e = parse(&format!("name: a\n{REPO}name: b\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/p/.dsgconfig.yml")
+                && e.contains("line 3: duplicate key 'name' (first at line 1)")
+                && e.contains("hint:"),
+            "{e}"
+        );
+        let e = parse(
+            "name: a\nrepository:\n  type: xfs\n  host: h\n  mountpoint: /r\n  host: localhost\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 6: duplicate key 'repository.host' (first at line 4)"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "name: a\n{REPO}ignore:\n  names: [x]\n  names: [y]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 5: duplicate key 'ignore.names' (first at line 4)"),
+            "{e}"
+        );
+        let e = parse("name: a\nrepository: {type: xfs, type: zfs, host: h, mountpoint: /r}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate key 'repository.type'"), "{e}");
+        // The same key in sibling mappings is not a duplicate.
+        parse("name: a\nrepository: {type: xfs, host: localhost, mountpoint: /r}\nignore: {names: [x]}\nproject: {names: 1}\n")
+            .unwrap();
+    }
+
+    #[test]
+    fn data_dirs_must_be_plain_directory_names() {
+        for bad in [
+            "../..", "..", ".", "/etc", "a/../b", "a/b", "", "in\tput", "x\u{0}",
+        ] {
+            let text = format!("name: a\n{REPO}data_dirs: [input, {}]\n", yaml_quote(bad));
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains("data_dirs") && e.contains(&format!("{bad:?}")) && e.contains("hint:"),
+                "{bad:?}: {e}"
+            );
+        }
+        let c = parse(&format!("name: a\n{REPO}data_dirs: [\"*\", in put]\n")).unwrap();
+        assert!(c.data_dirs.contains("*") && c.data_dirs.contains("in put"));
+    }
+
+    #[test]
+    fn control_characters_are_refused_where_they_become_names_or_paths() {
+        let cases = [
+            ("name: \"a\\0b\"\n".to_string() + REPO, "name", "a\u{0}b"),
+            ("name: \"a\\nb\"\n".to_string() + REPO, "name", "a\nb"),
+            (
+                "name: a\nrepository: {type: xfs, host: \"h\\x01\", mountpoint: /r}\n".into(),
+                "repository.host",
+                "h\u{1}",
+            ),
+            (
+                "name: a\nrepository: {type: xfs, host: h, mountpoint: \"/r\\0\"}\n".into(),
+                "repository.mountpoint",
+                "/r\u{0}",
+            ),
+            (
+                format!("name: a\n{REPO}ignore: {{paths: [\"a\\0\"]}}\n"),
+                "ignore.paths[0]",
+                "a\u{0}",
+            ),
+        ];
+        for (text, key, val) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("'{key}'"))
+                    && e.contains(&format!("{val:?}"))
+                    && e.contains("hint:"),
+                "{key}: {e}"
+            );
+        }
     }
 
     #[test]

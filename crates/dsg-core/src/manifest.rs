@@ -902,6 +902,10 @@ impl<'de> serde::de::Visitor<'de> for EntriesVisitor {
 struct RawEntry<'a> {
     #[serde(rename = "type", borrow)]
     kind: std::borrow::Cow<'a, str>,
+    /// Redundant with the key, which is what we use; but the original reads
+    /// this field, and the file is copied verbatim into clients' caches.
+    #[serde(default, borrow)]
+    path: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     user: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, deserialize_with = "lax_size")]
@@ -952,6 +956,11 @@ fn lax_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Er
 impl RawEntry<'_> {
     fn into_entry(self, key: &str, users: &mut Vec<Arc<str>>) -> Result<Entry, String> {
         check_relpath(key).map_err(|e| e.to_string())?;
+        if let Some(p) = self.path.as_deref().filter(|p| *p != key) {
+            return Err(format!(
+                "path field {p:?} differs from its key; the manifest was altered or damaged"
+            ));
+        }
         let u = self.user.as_deref().unwrap_or("");
         let user = match users.iter().find(|a| &***a == u) {
             Some(a) => a.clone(),

@@ -4,6 +4,10 @@
 //! such as `name: no` therefore means different things to different tools.
 //! We load with YAML 1.2 core-schema typing and report each such scalar so the
 //! caller can refuse it instead of silently picking one meaning.
+//! Duplicate keys are an error: loaders keep the last one silently, so a
+//! second `name:` further down would quietly win.
+
+use std::collections::HashMap;
 
 use serde_json::{Map, Number, Value};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
@@ -24,10 +28,19 @@ pub enum YamlError {
     Syntax(String),
     #[error("line {line}: {msg}")]
     Unsupported { line: usize, msg: String },
+    #[error("line {line}: duplicate key '{key}' (first at line {first})")]
+    Duplicate {
+        /// Dotted key path, as in [`Ambiguous::key`].
+        key: String,
+        line: usize,
+        first: usize,
+    },
 }
 
 enum Frame {
-    Map(Map<String, Value>, Option<String>),
+    /// The mapping so far, the key awaiting its value, and the line of each
+    /// key seen (for the duplicate-key error).
+    Map(Map<String, Value>, Option<String>, HashMap<String, usize>),
     Seq(Vec<Value>),
 }
 
@@ -44,17 +57,28 @@ impl Builder {
         self.keys.join(".").replace(".[", "[")
     }
 
-    fn push_value(&mut self, v: Value) {
+    fn push_value(&mut self, v: Value, line: usize) {
         match self.stack.last_mut() {
             None => self.root = Some(v),
             Some(Frame::Seq(items)) => items.push(v),
-            Some(Frame::Map(m, pending)) => match pending.take() {
+            Some(Frame::Map(m, pending, lines)) => match pending.take() {
                 None => {
                     let k = match v {
                         Value::String(s) => s,
                         Value::Null => "null".into(),
                         other => other.to_string(),
                     };
+                    if let Some(&first) = lines.get(&k) {
+                        let mut key = self.keys.join(".").replace(".[", "[");
+                        key = if key.is_empty() {
+                            k
+                        } else {
+                            format!("{key}.{k}")
+                        };
+                        self.error = Some(YamlError::Duplicate { key, line, first });
+                        return;
+                    }
+                    lines.insert(k.clone(), line);
                     *pending = Some(k);
                 }
                 Some(k) => {
@@ -67,7 +91,7 @@ impl Builder {
     /// The key path a value about to be pushed will get.
     fn child_key(&self) -> Option<String> {
         match self.stack.last() {
-            Some(Frame::Map(_, Some(k))) => Some(k.clone()),
+            Some(Frame::Map(_, Some(k), _)) => Some(k.clone()),
             Some(Frame::Seq(items)) => Some(format!("[{}]", items.len())),
             _ => None,
         }
@@ -117,7 +141,7 @@ impl MarkedEventReceiver for Builder {
                     });
                     return;
                 }
-                let is_value = !matches!(self.stack.last(), Some(Frame::Map(_, None)));
+                let is_value = !matches!(self.stack.last(), Some(Frame::Map(_, None, _)));
                 let v = if style == TScalarStyle::Plain {
                     if is_value && is_yaml11_bool_word(&text) {
                         let mut key = self.path();
@@ -142,7 +166,7 @@ impl MarkedEventReceiver for Builder {
                 } else {
                     Value::String(text)
                 };
-                self.push_value(v);
+                self.push_value(v, mark.line());
             }
             Event::MappingStart(..) | Event::SequenceStart(..) => {
                 if let Some(k) = self.child_key() {
@@ -151,21 +175,21 @@ impl MarkedEventReceiver for Builder {
                     self.keys.push("?".into());
                 }
                 self.stack.push(if matches!(ev, Event::MappingStart(..)) {
-                    Frame::Map(Map::new(), None)
+                    Frame::Map(Map::new(), None, HashMap::new())
                 } else {
                     Frame::Seq(Vec::new())
                 });
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 let v = match self.stack.pop() {
-                    Some(Frame::Map(m, _)) => Value::Object(m),
+                    Some(Frame::Map(m, _, _)) => Value::Object(m),
                     Some(Frame::Seq(s)) => Value::Array(s),
                     None => return,
                 };
                 if !self.stack.is_empty() {
                     self.keys.pop();
                 }
-                self.push_value(v);
+                self.push_value(v, mark.line());
             }
             Event::Alias(_) => {
                 self.error = Some(YamlError::Unsupported {
@@ -212,6 +236,19 @@ mod tests {
         let keys: Vec<_> = amb.iter().map(|a| a.key.as_str()).collect();
         assert_eq!(keys, ["name", "list[1]", "repo.host"]);
         assert_eq!(amb[0].line, 1);
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let e = load("a: 1\nb:\n  c: 2\n  c: 3\n").unwrap_err();
+        assert!(
+            matches!(&e, YamlError::Duplicate { key, line: 4, first: 3 } if key == "b.c"),
+            "{e:?}"
+        );
+        let e = load("l:\n  - {x: 1, x: 2}\n").unwrap_err().to_string();
+        assert_eq!(e, "line 2: duplicate key 'l[0].x' (first at line 2)");
+        // Equal keys in different mappings are not duplicates.
+        load("a: {x: 1}\nb: {x: 1}\nl: [{x: 1}, {x: 2}]\n").unwrap();
     }
 
     #[test]

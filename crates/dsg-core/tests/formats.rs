@@ -293,3 +293,45 @@ fn original_archives_and_messages() {
     }
     assert!(n >= 3);
 }
+
+/// The key decides where a file goes, but the `path` field is what the
+/// original (and anything reading our cache copy) uses, so they must agree.
+#[test]
+fn entry_path_field_must_equal_its_key() {
+    let bad = [
+        (
+            "a",
+            "../../etc/passwd",
+            r#"{"entries": {"a": {"type":"file","path":"../../etc/passwd","filesize":1,"mtime":"x"}}}"#,
+        ),
+        (
+            "input/l",
+            "input/other",
+            r#"{"entries": {"input/l": {"type":"link","path":"input/other","reference":"x"}}}"#,
+        ),
+        (
+            "b",
+            "",
+            r#"{"entries": {"b": {"type":"file","path":"","filesize":1,"mtime":"x"}}}"#,
+        ),
+    ];
+    for (key, path, text) in bad {
+        let msg = Manifest::from_json_bytes(text.as_bytes(), Path::new("/x/last-sync.json"))
+            .expect_err(key)
+            .to_string();
+        assert!(msg.contains("/x/last-sync.json"), "{msg}");
+        assert!(msg.contains(&format!("{key:?}")), "key not named: {msg}");
+        assert!(
+            msg.contains(&format!("path field {path:?}")),
+            "path field not named: {msg}"
+        );
+    }
+    // A `path` field that is not a string is as corrupt as a wrong one.
+    let text = r#"{"entries": {"a": {"type":"file","path":7,"filesize":1,"mtime":"x"}}}"#;
+    assert!(Manifest::from_json_bytes(text.as_bytes(), Path::new("x")).is_err());
+    // Equal, even when spelled with escapes, is fine.
+    let ok =
+        r#"{"entries": {"a\u00e9": {"type":"file","path":"a\u00e9","filesize":1,"mtime":"x"}}}"#;
+    let m = Manifest::from_json_bytes(ok.as_bytes(), Path::new("x")).unwrap();
+    assert_eq!(m.entries()[0].path.as_ref(), "a\u{e9}");
+}
