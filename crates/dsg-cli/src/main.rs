@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use dsg_core::config::{self, ProjectConfig, RepoType, UserConfig, PROJECT_CONFIG};
 use dsg_core::scan::LocalKind;
 use dsg_sync::init::InitArgs;
@@ -92,11 +92,31 @@ enum Cmd {
     Agent {
         #[arg(long)]
         repo: PathBuf,
-        #[arg(long, default_value = "xfs")]
-        r#type: String,
+        #[arg(long, value_enum, default_value_t = RepoTypeArg::Xfs)]
+        r#type: RepoTypeArg,
         #[arg(long)]
         pool: Option<String>,
     },
+}
+
+/// `RepoType` for clap, so that a bad value is a usage error listing the
+/// choices; kept here to spare dsg-core a clap dependency. The names must stay
+/// `RepoType::as_str`'s: the SSH transport passes that to `dsg agent --type`.
+#[derive(Clone, Copy, ValueEnum)]
+enum RepoTypeArg {
+    // No doc comments: clap would turn `--help`'s one-line
+    // "[possible values: xfs, zfs]" into a list.
+    Xfs,
+    Zfs,
+}
+
+impl From<RepoTypeArg> for RepoType {
+    fn from(a: RepoTypeArg) -> RepoType {
+        match a {
+            RepoTypeArg::Xfs => RepoType::Xfs,
+            RepoTypeArg::Zfs => RepoType::Zfs,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -110,9 +130,9 @@ struct InitCmd {
     /// Repository (project) name
     #[arg(long)]
     repo_name: Option<String>,
-    /// xfs (any POSIX filesystem) or zfs
-    #[arg(long)]
-    repo_type: Option<String>,
+    /// Repository type, xfs (any POSIX filesystem) or zfs; xfs when not given
+    #[arg(long, value_enum)]
+    repo_type: Option<RepoTypeArg>,
     /// ZFS pool (zfs only)
     #[arg(long)]
     pool: Option<String>,
@@ -188,7 +208,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Clone { dry_run } => cmd_clone(dry_run, out),
         Cmd::ListFiles { path } => cmd_list_files(path, out),
         Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
-        Cmd::Agent { repo, r#type, pool } => cmd_agent(repo, &r#type, pool),
+        Cmd::Agent { repo, r#type, pool } => cmd_agent(repo, r#type.into(), pool),
     }
 }
 
@@ -405,15 +425,19 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
         "--repo-path",
         None,
     )?;
-    let repo_type_s = need(
-        a.repo_type,
-        "Repository type (xfs or zfs)",
-        "--repo-type",
-        Some("xfs"),
-    )?;
-    let repo_type = RepoType::parse(&repo_type_s).ok_or_else(|| {
-        EngineError::Usage(format!("--repo-type {repo_type_s:?}: use xfs or zfs"))
-    })?;
+    let repo_type = match a.repo_type {
+        Some(t) => t.into(),
+        None => {
+            let s = need(
+                None,
+                "Repository type (xfs or zfs)",
+                "--repo-type",
+                Some("xfs"),
+            )?;
+            RepoType::parse(&s)
+                .ok_or_else(|| EngineError::Usage(format!("--repo-type {s:?}: use xfs or zfs")))?
+        }
+    };
     let pool = if repo_type == RepoType::Zfs {
         Some(need(a.pool, "ZFS pool", "--pool", None)?)
     } else {
@@ -705,14 +729,12 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
     }
 }
 
-fn cmd_agent(repo: PathBuf, kind: &str, pool: Option<String>) -> Result<(), EngineError> {
+fn cmd_agent(repo: PathBuf, kind: RepoType, pool: Option<String>) -> Result<(), EngineError> {
     let backend = match (kind, pool) {
-        ("xfs", _) => dsg_repo::posix::PosixBackend::new(&repo),
-        ("zfs", Some(pool)) => dsg_repo::posix::PosixBackend::new_zfs(&repo, &pool),
-        _ => {
-            return Err(EngineError::Usage(format!(
-                "agent: unsupported repository type {kind:?} (zfs needs --pool)"
-            )))
+        (RepoType::Xfs, _) => dsg_repo::posix::PosixBackend::new(&repo),
+        (RepoType::Zfs, Some(pool)) => dsg_repo::posix::PosixBackend::new_zfs(&repo, &pool),
+        (RepoType::Zfs, None) => {
+            return Err(EngineError::Usage("agent: --type zfs needs --pool".into()))
         }
     };
     let mut backend = backend.map_err(|e| EngineError::State {
