@@ -168,7 +168,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let g = cli.global;
     output::init_logging(g.debug, g.verbose);
     let out = Out::new(g.json, g.quiet, g.verbose);
@@ -190,6 +193,34 @@ fn main() -> ExitCode {
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// clap's own errors (bad values, unknown options) are usage errors too:
+/// under `--json` they also get the one JSON document on stdout.
+fn usage_error(e: clap::Error) -> ExitCode {
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if !json || !e.use_stderr() {
+        // --help and --version print to stdout and exit 0.
+        e.exit();
+    }
+    let _ = e.print();
+    let text = e.render().to_string();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default();
+    let rest = lines.collect::<Vec<_>>().join("\n");
+    let rest = rest.trim();
+    let code = e.exit_code();
+    Out::new(true, false, false).json_doc(&json!({
+        "status": "error",
+        "error": first.strip_prefix("error: ").unwrap_or(first),
+        "hint": (!rest.is_empty()).then_some(rest),
+        "paths": [],
+        "exit_code": code,
+    }));
+    ExitCode::from(code as u8)
 }
 
 fn cwd() -> Result<PathBuf, EngineError> {
