@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use dsg_core::config::{self, ProjectConfig, RepoType, UserConfig, PROJECT_CONFIG};
 use dsg_core::scan::LocalKind;
 use dsg_sync::init::InitArgs;
@@ -92,11 +92,31 @@ enum Cmd {
     Agent {
         #[arg(long)]
         repo: PathBuf,
-        #[arg(long, default_value = "xfs")]
-        r#type: String,
+        #[arg(long, value_enum, default_value_t = RepoTypeArg::Xfs)]
+        r#type: RepoTypeArg,
         #[arg(long)]
         pool: Option<String>,
     },
+}
+
+/// `RepoType` for clap, so that a bad value is a usage error listing the
+/// choices; kept here to spare dsg-core a clap dependency. The names must stay
+/// `RepoType::as_str`'s: the SSH transport passes that to `dsg agent --type`.
+#[derive(Clone, Copy, ValueEnum)]
+enum RepoTypeArg {
+    // No doc comments: clap would turn `--help`'s one-line
+    // "[possible values: xfs, zfs]" into a list.
+    Xfs,
+    Zfs,
+}
+
+impl From<RepoTypeArg> for RepoType {
+    fn from(a: RepoTypeArg) -> RepoType {
+        match a {
+            RepoTypeArg::Xfs => RepoType::Xfs,
+            RepoTypeArg::Zfs => RepoType::Zfs,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -110,9 +130,9 @@ struct InitCmd {
     /// Repository (project) name
     #[arg(long)]
     repo_name: Option<String>,
-    /// xfs (any POSIX filesystem) or zfs
-    #[arg(long)]
-    repo_type: Option<String>,
+    /// Repository type, xfs (any POSIX filesystem) or zfs; xfs when not given
+    #[arg(long, value_enum)]
+    repo_type: Option<RepoTypeArg>,
     /// ZFS pool (zfs only)
     #[arg(long)]
     pool: Option<String>,
@@ -148,7 +168,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let g = cli.global;
     output::init_logging(g.debug, g.verbose);
     let out = Out::new(g.json, g.quiet, g.verbose);
@@ -172,6 +195,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap's own errors (bad values, unknown options) are usage errors too:
+/// under `--json` they also get the one JSON document on stdout.
+fn usage_error(e: clap::Error) -> ExitCode {
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if !json || !e.use_stderr() {
+        // --help and --version print to stdout and exit 0.
+        e.exit();
+    }
+    let _ = e.print();
+    let text = e.render().to_string();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default();
+    let rest = lines.collect::<Vec<_>>().join("\n");
+    let rest = rest.trim();
+    let code = e.exit_code();
+    Out::new(true, false, false).json_doc(&json!({
+        "status": "error",
+        "error": first.strip_prefix("error: ").unwrap_or(first),
+        "hint": (!rest.is_empty()).then_some(rest),
+        "paths": [],
+        "exit_code": code,
+    }));
+    ExitCode::from(code as u8)
+}
+
 fn cwd() -> Result<PathBuf, EngineError> {
     std::env::current_dir().map_err(|e| EngineError::io(".", e))
 }
@@ -188,7 +239,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Clone { dry_run } => cmd_clone(dry_run, out),
         Cmd::ListFiles { path } => cmd_list_files(path, out),
         Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
-        Cmd::Agent { repo, r#type, pool } => cmd_agent(repo, &r#type, pool),
+        Cmd::Agent { repo, r#type, pool } => cmd_agent(repo, r#type.into(), pool),
     }
 }
 
@@ -405,15 +456,19 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
         "--repo-path",
         None,
     )?;
-    let repo_type_s = need(
-        a.repo_type,
-        "Repository type (xfs or zfs)",
-        "--repo-type",
-        Some("xfs"),
-    )?;
-    let repo_type = RepoType::parse(&repo_type_s).ok_or_else(|| {
-        EngineError::Usage(format!("--repo-type {repo_type_s:?}: use xfs or zfs"))
-    })?;
+    let repo_type = match a.repo_type {
+        Some(t) => t.into(),
+        None => {
+            let s = need(
+                None,
+                "Repository type (xfs or zfs)",
+                "--repo-type",
+                Some("xfs"),
+            )?;
+            RepoType::parse(&s)
+                .ok_or_else(|| EngineError::Usage(format!("--repo-type {s:?}: use xfs or zfs")))?
+        }
+    };
     let pool = if repo_type == RepoType::Zfs {
         Some(need(a.pool, "ZFS pool", "--pool", None)?)
     } else {
@@ -705,14 +760,12 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
     }
 }
 
-fn cmd_agent(repo: PathBuf, kind: &str, pool: Option<String>) -> Result<(), EngineError> {
+fn cmd_agent(repo: PathBuf, kind: RepoType, pool: Option<String>) -> Result<(), EngineError> {
     let backend = match (kind, pool) {
-        ("xfs", _) => dsg_repo::posix::PosixBackend::new(&repo),
-        ("zfs", Some(pool)) => dsg_repo::posix::PosixBackend::new_zfs(&repo, &pool),
-        _ => {
-            return Err(EngineError::Usage(format!(
-                "agent: unsupported repository type {kind:?} (zfs needs --pool)"
-            )))
+        (RepoType::Xfs, _) => dsg_repo::posix::PosixBackend::new(&repo),
+        (RepoType::Zfs, Some(pool)) => dsg_repo::posix::PosixBackend::new_zfs(&repo, &pool),
+        (RepoType::Zfs, None) => {
+            return Err(EngineError::Usage("agent: --type zfs needs --pool".into()))
         }
     };
     let mut backend = backend.map_err(|e| EngineError::State {

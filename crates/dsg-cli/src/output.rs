@@ -86,9 +86,13 @@ impl Out {
             eprintln!("{l}");
         }
         if self.json {
-            self.json_doc(
-                &serde_json::json!({"status": "error", "error": text, "exit_code": code}),
-            );
+            self.json_doc(&serde_json::json!({
+                "status": "error",
+                "error": e.message(),
+                "hint": e.hint(),
+                "paths": e.paths(),
+                "exit_code": code,
+            }));
         }
     }
 }

@@ -68,6 +68,45 @@ impl EngineError {
             _ => 1,
         }
     }
+
+    /// What the user can do about it, for `--json` consumers that should not
+    /// have to parse the message.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            EngineError::State { hint, .. } => Some(hint.clone()).filter(|h| !h.is_empty()),
+            EngineError::Config(ConfigError::Invalid { hint, .. }) => Some(hint.clone()),
+            EngineError::Repo(RepoError::Remote { err, .. }) => err.hint.clone(),
+            // Many messages (blocked syncs, config, manifest and transport
+            // errors) are built elsewhere with the hint as their last part.
+            _ => split_hint(&self.to_string()).1.map(String::from),
+        }
+    }
+
+    /// The message without its hint.
+    pub fn message(&self) -> String {
+        match self {
+            EngineError::State { message, .. } => message.clone(),
+            _ => split_hint(&self.to_string()).0.to_string(),
+        }
+    }
+
+    /// The project paths that caused it (conflicts, invalid names, unsafe
+    /// links); empty when it is not about particular paths.
+    pub fn paths(&self) -> &[String] {
+        match self {
+            EngineError::Blocked { paths, .. } => paths,
+            _ => &[],
+        }
+    }
+}
+
+/// Splits "message\nhint: hint" at its first hint line; a hint may span
+/// several lines (e.g. the missing user config's example file).
+fn split_hint(text: &str) -> (&str, Option<&str>) {
+    match text.find("\nhint: ") {
+        Some(i) => (&text[..i], Some(&text[i + "\nhint: ".len()..])),
+        None => (text, None),
+    }
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
