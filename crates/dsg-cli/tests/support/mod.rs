@@ -7,6 +7,10 @@
 //! importing only `common::*`, `sync_support::*`, `ssh_support::*` or
 //! `zfs_support::*`.
 //!
+//! The suites that run on every repository kind (crash, faults, replace,
+//! states) declare only `mod world;`: `world/mod.rs` includes this module,
+//! `sync_support`, `zfs_support` and `ssh_support` by path.
+//!
 //! - [`env`]: CI detection, the `dsg` binary, unique names, repository
 //!   parent directories, the isolated user config, `dsg init` arguments.
 //! - [`proc`]: command output (show/stdout/stderr, JSON), exit-status

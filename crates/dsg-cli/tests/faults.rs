@@ -1,10 +1,30 @@
-//! Faults during sync: a full disk on either side, permission errors in the
-//! repository, a file modified while it is uploaded (G3), and a corrupt,
-//! tampered or missing repository manifest (G4). Each must fail cleanly:
-//! a clear error, nothing changed anywhere, no leftovers.
+//! Faults during sync and init, on every repository kind where the fault
+//! can be made. Each must fail cleanly: a clear error, nothing changed
+//! anywhere (or, past the commit point, exactly the old or the new state
+//! after the next command), no leftovers.
+//!
+//! - A full disk on either side (a small tmpfs: posix repositories),
+//!   permission errors in the repository and users who may only read it
+//!   (xfs: they need a repository on this machine's filesystem, switched
+//!   users and `chmod`), a file modified while it is uploaded (G3; xfs: the
+//!   test watches the repository's staging directory).
+//! - A corrupt, tampered, missing or empty repository manifest (G4): every
+//!   kind.
+//! - A `zfs` command that fails in the middle of a transaction or an init
+//!   (zfs: a wrapper named `zfs`, first in the PATH of the dsg process
+//!   only, runs the real zfs but exits 1 for one chosen command).
+//!
+//! | test                                               | xfs | zfs | ssh |
+//! |----------------------------------------------------|-----|-----|-----|
+//! | repository_disk_full, client_disk_full             |  x  |     |     |
+//! | permission_denied_*, read_only_user_*              |  x  |     |     |
+//! | file_modified_while_uploading                      |  x  |     |     |
+//! | {corrupt,tampered,missing,empty}_repository_manifest | x |  x  |  x  |
+//! | failing_* (sync), init_with_a_failing_*            |     |  x  |     |
+//!
+//! Formerly sync_faults.rs (xfs) and zfs_faults.rs (zfs).
 
-mod support;
-mod sync_support;
+mod world;
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
@@ -13,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sync_support::*;
+use world::*;
 
 const IN: &str = "task/input";
 
@@ -70,7 +90,7 @@ impl Drop for Tmpfs {
 }
 
 fn listings(
-    env: &Env,
+    env: &World,
     clients: &[&str],
 ) -> Vec<std::collections::BTreeMap<String, (Node, i64, i64)>> {
     let mut v: Vec<_> = clients
@@ -83,7 +103,7 @@ fn listings(
 
 #[track_caller]
 fn assert_unchanged(
-    env: &Env,
+    env: &World,
     clients: &[&str],
     before: &[std::collections::BTreeMap<String, (Node, i64, i64)>],
 ) {
@@ -99,12 +119,13 @@ fn assert_unchanged(
 }
 
 /// The repository's filesystem fills up while a sync uploads.
-#[test]
-fn repository_disk_full() {
+fn repository_disk_full(kind: Kind) {
     let Some(fs8) = Tmpfs::mount("8m") else {
         return;
     };
-    let env = Env::on(&fs8.dir);
+    let Some(env) = World::on(kind, &fs8.dir) else {
+        return;
+    };
     env.write("A", &p("a.txt"), "a");
     env.write("A", &p("mod.txt"), "m0");
     env.write("A", &p("del.txt"), "d");
@@ -136,12 +157,11 @@ fn repository_disk_full() {
 }
 
 /// The client's filesystem fills up while a sync downloads.
-#[test]
-fn client_disk_full() {
+fn client_disk_full(kind: Kind) {
     let Some(fs8) = Tmpfs::mount("8m") else {
         return;
     };
-    let env = Env::new("clientfull");
+    let env = world_or_skip!(kind, "clientfull");
     env.write("A", &p("a.txt"), "a");
     env.init("A");
     // Client B lives on the small filesystem.
@@ -218,7 +238,7 @@ fn chmod(p: &Path, mode: u32) {
 
 /// A world whose files belong to the unprivileged user; returns the
 /// command prefix to run dsg as that user.
-fn unprivileged_world(env: &Env) -> Option<Vec<String>> {
+fn unprivileged_world(env: &World) -> Option<Vec<String>> {
     let pre = unprivileged()?;
     chmod(env.tmp.path(), 0o755);
     chown_nobody(&[env.tmp.path(), &env.repo_parent]);
@@ -228,7 +248,7 @@ fn unprivileged_world(env: &Env) -> Option<Vec<String>> {
 /// The prefix that runs dsg as another, unprivileged user who may only
 /// read the repository (switching users needs root). Skips outside CI
 /// when that is impossible; fails under CI.
-fn other_reader(env: &Env) -> Option<Vec<String>> {
+fn other_reader(env: &World) -> Option<Vec<String>> {
     let pre = unprivileged()?;
     if pre.is_empty() {
         assert!(
@@ -242,15 +262,14 @@ fn other_reader(env: &Env) -> Option<Vec<String>> {
     Some(pre)
 }
 
-fn run_as(env: &Env, pre: &[String], who: &str, args: &[&str]) -> std::process::Output {
+fn run_as(env: &World, pre: &[String], who: &str, args: &[&str]) -> std::process::Output {
     env.command_as(pre, who, args).output().unwrap()
 }
 
 /// The repository's `.dsg/` is not writable: the sync fails before its
 /// commit point, cleanly.
-#[test]
-fn permission_denied_on_repository_metadata() {
-    let env = Env::new("perm1");
+fn permission_denied_on_repository_metadata(kind: Kind) {
+    let env = world_or_skip!(kind, "perm1");
     env.write("A", &p("a.txt"), "a");
     env.init("A");
     let Some(pre) = unprivileged_world(&env) else {
@@ -278,9 +297,8 @@ fn permission_denied_on_repository_metadata() {
 /// A data directory inside the repository is read-only: the sync must fail
 /// cleanly (exit 1, the path named), leave both sides as they were, and
 /// leave the repository usable by everyone.
-#[test]
-fn permission_denied_in_repository_data_dir() {
-    let env = Env::new("perm2");
+fn permission_denied_in_repository_data_dir(kind: Kind) {
+    let env = world_or_skip!(kind, "perm2");
     env.write("A", &p("a.txt"), "a");
     env.write("A", &p("sub/s.txt"), "s");
     env.init("A");
@@ -315,9 +333,8 @@ fn permission_denied_in_repository_data_dir() {
 
 /// A user who may only read the repository can still clone it (clone never
 /// writes the repository).
-#[test]
-fn read_only_user_can_clone() {
-    let env = Env::new("roclone");
+fn read_only_user_can_clone(kind: Kind) {
+    let env = world_or_skip!(kind, "roclone");
     env.write("A", &p("a.txt"), "a");
     env.init("A");
     env.ok("A", &["status"]);
@@ -348,9 +365,8 @@ fn read_only_user_can_clone() {
 /// stop a user who may only read it: the leftovers do not touch the head,
 /// so the reader reads past them, writes nothing, and a writer's next
 /// command removes them.
-#[test]
-fn read_only_user_reads_past_an_abandoned_upload() {
-    let env = Env::new("roabandon");
+fn read_only_user_reads_past_an_abandoned_upload(kind: Kind) {
+    let env = world_or_skip!(kind, "roabandon");
     env.write("A", &p("a.txt"), "a");
     env.init("A");
     let Some(pre) = other_reader(&env) else {
@@ -387,9 +403,8 @@ fn read_only_user_reads_past_an_abandoned_upload() {
 /// A reader who may not write finds another client's commit between its
 /// `committed` record and its end: it waits for that writer and reads the
 /// finished snapshot, instead of failing "not finished".
-#[test]
-fn read_only_user_waits_out_a_commit_in_progress() {
-    let env = Env::new("rowait");
+fn read_only_user_waits_out_a_commit_in_progress(kind: Kind) {
+    let env = world_or_skip!(kind, "rowait");
     env.write("A", &p("a.txt"), "a");
     env.init("A");
     let Some(pre) = other_reader(&env) else {
@@ -428,12 +443,11 @@ fn read_only_user_waits_out_a_commit_in_progress() {
 
 /// G3: a file rewritten while it is being uploaded is detected, never
 /// recorded with a hash its bytes do not have.
-#[test]
-fn file_modified_while_uploading() {
+fn file_modified_while_uploading(kind: Kind) {
     const SIZE: u64 = 200 << 20;
     let mut observed = false;
     for attempt in 0..4 {
-        let env = Env::new("modupload");
+        let env = world_or_skip!(kind, "modupload");
         env.write("A", &p("small.txt"), "s");
         env.init("A");
         let big = env.client("A").join(p("big.bin"));
@@ -530,8 +544,8 @@ fn file_modified_while_uploading() {
 
 /// G4: a damaged, tampered or missing repository manifest is an error that
 /// names it, never an empty repository; nothing is changed.
-fn bad_manifest(damage: fn(&Path), expect: &[&str]) {
-    let env = Env::new("badmanifest");
+fn bad_manifest(kind: Kind, damage: fn(&Path), expect: &[&str]) {
+    let env = world_or_skip!(kind, "badmanifest");
     env.write("A", &p("a.txt"), "a");
     env.write("A", &p("b.txt"), "b");
     env.init("A");
@@ -567,15 +581,18 @@ fn bad_manifest(damage: fn(&Path), expect: &[&str]) {
     assert!(!env.client("C").join(".dsg").exists());
 }
 
-#[test]
-fn corrupt_repository_manifest() {
-    bad_manifest(|m| fs::write(m, b"{\"entries\": {\"task/in").unwrap(), &[]);
+fn corrupt_repository_manifest(kind: Kind) {
+    bad_manifest(
+        kind,
+        |m| fs::write(m, b"{\"entries\": {\"task/in").unwrap(),
+        &[],
+    );
 }
 
-#[test]
-fn tampered_repository_manifest() {
+fn tampered_repository_manifest(kind: Kind) {
     // Valid JSON whose entries no longer match its entries_hash.
     bad_manifest(
+        kind,
         |m| {
             let mut v = read_json(m);
             let e = v["entries"].as_object_mut().unwrap();
@@ -587,12 +604,249 @@ fn tampered_repository_manifest() {
     );
 }
 
-#[test]
-fn missing_repository_manifest() {
-    bad_manifest(|m| fs::remove_file(m).unwrap(), &["does not exist"]);
+fn missing_repository_manifest(kind: Kind) {
+    bad_manifest(kind, |m| fs::remove_file(m).unwrap(), &["does not exist"]);
 }
 
-#[test]
-fn empty_repository_manifest() {
-    bad_manifest(|m| fs::write(m, b"").unwrap(), &[]);
+fn empty_repository_manifest(kind: Kind) {
+    bad_manifest(kind, |m| fs::write(m, b"").unwrap(), &[]);
 }
+
+// ---------------------------------------------------------------- zfs commands failing
+
+fn zfs_setup(z: &World) {
+    z.write("A", &p("keep.txt"), "keep");
+    z.write("A", &p("mod.txt"), "m0");
+    z.write("A", &p("del.txt"), "d0");
+    z.write("A", &p("f2l"), "file then link");
+    z.write("A", &format!("{OUT}/deep/x.txt"), "x0");
+    z.init("A");
+    z.write("A", &p("mod.txt"), "m1");
+    z.remove("A", &p("del.txt"));
+    z.remove("A", &format!("{OUT}/deep"));
+    z.write("A", &p("new/a.txt"), "new");
+    z.remove("A", &p("f2l"));
+    z.link("A", &p("f2l"), "keep.txt");
+}
+
+/// OLD: exactly as captured before. NEW: the repository and the client
+/// both hold the local tree `want` under the next snapshot, cache = head.
+#[track_caller]
+fn classify(z: &World, old: &State, want: &Tree, ctx: &str) -> Outcome {
+    let now = z.capture("A");
+    let vs_old = now
+        .pair
+        .mismatch_old(&old.pair)
+        .or_else(|| (now.snaps != old.snaps).then(|| format!("snapshots {:?}\n", now.snaps)));
+    let Some(vs_old) = vs_old else {
+        return Outcome::Old;
+    };
+    let k = old.snaps.len() as u64;
+    let repo = tracked(&now.pair.repo.tree);
+    let local = tracked(&now.pair.local.tree);
+    let mut vs_new = String::new();
+    if &repo != want {
+        vs_new += &format!("repository tree:\n{}", diff(want, &repo));
+    }
+    if &local != want {
+        vs_new += &format!("local tree:\n{}", diff(want, &local));
+    }
+    if now.pair.local.manifest != now.pair.repo.manifest {
+        vs_new += "cache is not the repository head\n";
+    }
+    if now.pair.repo.snapshot() != Some(format!("s{}", k + 1)) {
+        vs_new += &format!("head {:?}\n", now.pair.repo.snapshot());
+    }
+    if now.snaps != chain(k + 1) {
+        vs_new += &format!("snapshots {:?}\n", now.snaps);
+    }
+    if vs_new.is_empty() {
+        return Outcome::New;
+    }
+    panic!("{ctx}: neither OLD nor NEW\n--- vs OLD:\n{vs_old}--- vs NEW:\n{vs_new}");
+}
+
+/// Runs `dsg ARGS` in A with zfs failing for `glob`; checks what follows.
+/// `pre_commit`: the failure is before the commit point, so the command
+/// must fail and leave OLD at once.
+fn fault(kind: Kind, name: &str, glob: &str, pre_commit: bool) -> Option<Outcome> {
+    let z = World::new(kind, name)?;
+    zfs_setup(&z);
+    let old = z.capture("A");
+    let want = tracked(&old.pair.local.tree);
+    let ctx = format!("zfs failing for `{glob}`");
+    let path = z.zfs().failing_zfs_path(glob);
+    let o = z.run_env("A", &["sync", "-m", "fault"], &[("PATH", &path)]);
+    let calls = z.zfs().wrapper_calls(&path);
+    let hit = calls.iter().any(|c| {
+        let first = glob.split(' ').next().unwrap();
+        c.starts_with(first)
+    });
+    assert!(hit, "{ctx}: no such zfs call was made: {calls:?}");
+    assert!(!killed(&o.status), "{ctx}: {}", show(&o));
+    if o.status.code() != Some(0) {
+        assert!(
+            stderr(&o).contains("injected failure"),
+            "{ctx}: the error names the failed zfs command: {}",
+            show(&o)
+        );
+    }
+    if pre_commit {
+        assert_eq!(o.status.code(), Some(1), "{ctx}: {}", show(&o));
+        assert_eq!(classify(&z, &old, &want, &ctx), Outcome::Old);
+        z.zfs()
+            .assert_no_zfs_leftovers(&format!("{ctx}, right after the failure"));
+        assert_no_leftovers(&z.client("A"));
+    }
+    eprintln!(
+        "{ctx}: exit {:?}; datasets right after: {:?}",
+        o.status.code(),
+        z.zfs().datasets()
+    );
+    // The next command (real zfs) recovers.
+    let st = z.run("A", &["status"]);
+    assert!(
+        z.zfs().datasets().contains(&z.zfs().dataset()),
+        "{ctx}: {} missing after recovery: {:?}",
+        z.zfs().dataset(),
+        z.zfs().datasets()
+    );
+    assert_eq!(st.status.code(), Some(0), "{ctx}: status: {}", show(&st));
+    let outcome = classify(&z, &old, &want, &format!("{ctx}, after recovery"));
+    z.zfs().assert_repo_dataset(&ctx);
+    z.zfs()
+        .assert_no_zfs_leftovers(&format!("{ctx}, after recovery"));
+    assert_no_leftovers(&z.client("A"));
+    // Syncing again reaches NEW.
+    z.ok("A", &["sync", "-m", "fault"]);
+    assert_eq!(
+        classify(&z, &old, &want, &format!("{ctx}, after a rerun")),
+        Outcome::New
+    );
+    z.zfs()
+        .assert_repo_dataset(&format!("{ctx}, after a rerun"));
+    z.zfs()
+        .assert_no_zfs_leftovers(&format!("{ctx}, after a rerun"));
+    z.assert_clean("A");
+    eprintln!("{ctx}: after recovery {outcome:?}");
+    Some(outcome)
+}
+
+fn failing_clone_rolls_back(kind: Kind) {
+    fault(kind, "zfclone", "clone *", true);
+}
+
+fn failing_snapshot_rolls_back(kind: Kind) {
+    fault(kind, "zfsnap", "snapshot *", true);
+}
+
+/// Promote is the first step after the `committed` record; the product
+/// destroys the (still unpromoted) clone. OLD or NEW, both consistent.
+fn failing_promote_is_consistent(kind: Kind) {
+    fault(kind, "zfprom", "promote *", false);
+}
+
+fn failing_rename_of_the_old_dataset_is_consistent(kind: Kind) {
+    fault(kind, "zfrenold", "rename * *--old-*", false);
+}
+
+fn failing_rename_of_the_clone_is_consistent(kind: Kind) {
+    fault(kind, "zfrennew", "rename *--tx-* *", false);
+}
+
+fn failing_unmount_of_the_old_dataset_is_consistent(kind: Kind) {
+    fault(kind, "zfunm", "set mountpoint=none *", false);
+}
+
+fn failing_destroy_of_the_old_dataset_is_consistent(kind: Kind) {
+    fault(kind, "zfdestroy", "destroy *--old-*", false);
+}
+
+// ---------------------------------------------------------------- init
+
+fn init_fault(kind: Kind, name: &str, glob: &str) {
+    let Some(z) = World::new(kind, name) else {
+        return;
+    };
+    z.write("A", &p("a.csv"), "a");
+    z.link("A", &p("l"), "a.csv");
+    let data = tracked(&data_tree(&z.client("A")));
+    let ctx = format!("init with zfs failing for `{glob}`");
+    let path = z.zfs().failing_zfs_path(glob);
+    let mut args = z.init_args();
+    args.push("--force".into());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = z.run_env("A", &a, &[("PATH", &path)]);
+    assert_eq!(o.status.code(), Some(1), "{ctx}: {}", show(&o));
+    assert!(
+        stderr(&o).contains("injected failure"),
+        "{ctx}: names the failure: {}",
+        show(&o)
+    );
+    // Nothing at all, at once and after the next command.
+    for when in ["right after", "after status"] {
+        if when == "after status" {
+            let st = z.run("A", &["status"]);
+            assert!(st.status.code().is_some());
+        }
+        assert_eq!(z.zfs().datasets(), Vec::<String>::new(), "{ctx}, {when}");
+        assert_eq!(
+            z.zfs().all_snapshots(),
+            Vec::<String>::new(),
+            "{ctx}, {when}"
+        );
+        let left = z.zfs().parent_leftovers();
+        assert!(left.is_empty(), "{ctx}, {when}: leftovers {left:?}");
+        assert!(!z.repo().exists(), "{ctx}, {when}");
+        assert!(!z.client("A").join(".dsg").exists(), "{ctx}, {when}");
+        assert_same(&ctx, &data, &tracked(&data_tree(&z.client("A"))));
+    }
+    // Init then works with the real zfs.
+    z.ok("A", &a);
+    assert_eq!(z.zfs().assert_repo_dataset(&ctx), 1);
+    z.zfs().assert_no_zfs_leftovers(&ctx);
+    assert_eq!(
+        std::fs::read(z.client("A").join(".dsg/last-sync.json")).unwrap(),
+        std::fs::read(z.repo().join(".dsg/last-sync.json")).unwrap()
+    );
+    z.assert_clean("A");
+}
+
+fn init_with_a_failing_create_leaves_nothing(kind: Kind) {
+    init_fault(kind, "zficreate", "create *");
+}
+
+fn init_with_a_failing_snapshot_leaves_nothing(kind: Kind) {
+    init_fault(kind, "zfisnap", "snapshot *");
+}
+
+fn init_with_a_failing_rename_leaves_nothing(kind: Kind) {
+    init_fault(kind, "zfiren", "rename *");
+}
+
+// ---------------------------------------------------------------- kinds
+
+per_kind!(
+    repository_disk_full: xfs;
+    client_disk_full: xfs;
+    permission_denied_on_repository_metadata: xfs;
+    permission_denied_in_repository_data_dir: xfs;
+    read_only_user_can_clone: xfs;
+    read_only_user_reads_past_an_abandoned_upload: xfs;
+    read_only_user_waits_out_a_commit_in_progress: xfs;
+    file_modified_while_uploading: xfs;
+    corrupt_repository_manifest: xfs, zfs, ssh;
+    tampered_repository_manifest: xfs, zfs, ssh;
+    missing_repository_manifest: xfs, zfs, ssh;
+    empty_repository_manifest: xfs, zfs, ssh;
+    failing_clone_rolls_back: zfs;
+    failing_snapshot_rolls_back: zfs;
+    failing_promote_is_consistent: zfs;
+    failing_rename_of_the_old_dataset_is_consistent: zfs;
+    failing_rename_of_the_clone_is_consistent: zfs;
+    failing_unmount_of_the_old_dataset_is_consistent: zfs;
+    failing_destroy_of_the_old_dataset_is_consistent: zfs;
+    init_with_a_failing_create_leaves_nothing: zfs;
+    init_with_a_failing_snapshot_leaves_nothing: zfs;
+    init_with_a_failing_rename_leaves_nothing: zfs;
+);

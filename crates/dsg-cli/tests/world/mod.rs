@@ -1,0 +1,490 @@
+//! One test world for the suites that run on every repository kind (crash,
+//! faults, replace, states): a user config, any number of clients and one
+//! repository, built by `World::new(Kind::Xfs | Kind::Zfs | Kind::Ssh,
+//! prefix)`.
+//!
+//! - `Kind::Xfs`: a posix repository on the XFS mount (`sync_support::Env`).
+//! - `Kind::Zfs`: the dataset `POOL/N` on the test pool
+//!   (`zfs_support::ZEnv`); `None` (skipped) without `DSG_TEST_ZFS_POOL`
+//!   outside CI.
+//! - `Kind::Ssh`: the same XFS repository reached through the test sshd
+//!   (`--host dsgtest`, `dsg agent` behind it); `None` (skipped) without
+//!   `DSG_TEST_SSH_CONFIG` outside CI. The failpoints of the remote agent
+//!   (`repo.*`) do not fire over ssh (the agent does not get the client's
+//!   `DSG_FAILPOINT`); the client's do.
+//!
+//! A test crate declares only `mod world;` and `use world::*;`: this module
+//! brings in the other support modules itself and re-exports `support`,
+//! `sync_support` and `zfs_support` (not `ssh_support`, whose listings have
+//! the same names as `support`'s but other rules).
+//!
+//! [`per_kind!`] turns a body `fn name(kind: Kind)` into one `#[test]` per
+//! kind: `name::xfs`, `name::zfs`, `name::ssh`.
+#![allow(dead_code)]
+
+#[path = "../ssh_support/mod.rs"]
+pub mod ssh_support;
+#[path = "../support/mod.rs"]
+pub mod support;
+#[path = "../sync_support/mod.rs"]
+pub mod sync_support;
+#[path = "../zfs_support/mod.rs"]
+pub mod zfs_support;
+
+use std::process::{Command, Output};
+
+pub use ssh_support::Ssh;
+pub use sync_support::World as Pair;
+pub use sync_support::*;
+pub use zfs_support::*;
+
+/// The kind of repository a world's tests run against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Xfs,
+    Zfs,
+    Ssh,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Xfs => "xfs",
+            Kind::Zfs => "zfs",
+            Kind::Ssh => "ssh",
+        }
+    }
+
+    /// The repository's commit record of a sync (the last step before
+    /// which a crash rolls back).
+    pub fn repo_committed(self) -> &'static str {
+        match self {
+            Kind::Zfs => "zfs.journal.committed",
+            Kind::Xfs | Kind::Ssh => "repo.journal.committed",
+        }
+    }
+
+    /// The steps of the repository's side of a sync that a sync must pass
+    /// (`DSG_FAILPOINT=list`), in order; none over ssh (the agent's
+    /// failpoints are not reported to the client).
+    pub fn repo_sync_steps(self) -> &'static [&'static str] {
+        match self {
+            Kind::Xfs => &[
+                "repo.journal.begin",
+                "repo.stage_file",
+                "repo.before_commit",
+                "repo.journal.committed",
+                "repo.apply.0",
+                "repo.apply.meta",
+                "repo.journal.done",
+            ],
+            Kind::Zfs => &[
+                "zfs.journal.begin",
+                "zfs.clone",
+                "zfs.snapshot",
+                "zfs.journal.committed",
+                "zfs.promote",
+                "zfs.rename_old",
+                "zfs.unmount_old",
+                "zfs.rename_new",
+                "zfs.mount_new",
+                "zfs.destroy_old",
+                "zfs.journal.done",
+            ],
+            Kind::Ssh => &[],
+        }
+    }
+
+    /// The steps an init must pass and its commit point (a crash at or
+    /// after it leaves the new repository).
+    pub fn init_steps(self) -> (&'static [&'static str], &'static str) {
+        match self {
+            Kind::Zfs => (&["zfs.init.snapshot", "zfs.init.rename"], "zfs.init.rename"),
+            Kind::Xfs | Kind::Ssh => (
+                &["repo.init.before_rename", "repo.init.after_rename"],
+                "repo.init.after_rename",
+            ),
+        }
+    }
+
+    /// The steps a replacing init (`init --force`) must pass and its commit
+    /// point.
+    pub fn replace_steps(self) -> (&'static [&'static str], &'static str) {
+        match self {
+            Kind::Zfs => (
+                &[
+                    "zfs.replace.journal",
+                    "zfs.snapshot",
+                    "zfs.journal.committed",
+                    "zfs.rename_old",
+                    "zfs.rename_new",
+                    "zfs.destroy_old",
+                ],
+                "zfs.journal.committed",
+            ),
+            Kind::Xfs | Kind::Ssh => (&["repo.replace.exchanged"], "repo.replace.exchanged"),
+        }
+    }
+
+    /// Whether a world that recovered to exactly OLD is crashed again at the
+    /// next point instead of building a fresh one (zfs: a world costs
+    /// several `zfs` commands).
+    pub fn reuses_old_worlds(self) -> bool {
+        self == Kind::Zfs
+    }
+}
+
+/// The repository side of a world.
+enum Backend {
+    Posix(Env),
+    Zfs(ZEnv),
+}
+
+/// One test world (see the module docs). Derefs to `sync_support::Env`:
+/// `client`, `write`, `link`, `remove`, `read`, `prepare_clone`, `repo`,
+/// `repo_parent`, `repo_name`, `tmp`.
+pub struct World {
+    pub kind: Kind,
+    backend: Backend,
+    ssh: Option<Ssh>,
+}
+
+impl std::ops::Deref for World {
+    type Target = Env;
+    fn deref(&self) -> &Env {
+        match &self.backend {
+            Backend::Posix(e) => e,
+            Backend::Zfs(z) => z,
+        }
+    }
+}
+
+/// A world's state: the G1 pair (client and repository trees, manifests,
+/// messages, archives) and, on zfs, the repository dataset's snapshots.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub pair: Pair,
+    pub snaps: Vec<String>,
+}
+
+impl State {
+    /// Exactly OLD or exactly NEW (with the snapshot lists); panics with
+    /// both differences otherwise.
+    #[track_caller]
+    pub fn classify(&self, old: &State, new: &State, ctx: &str) -> Outcome {
+        let o = self.pair.mismatch_old(&old.pair).or_else(|| {
+            (self.snaps != old.snaps)
+                .then(|| format!("snapshots {:?}, expected {:?}\n", self.snaps, old.snaps))
+        });
+        let Some(o) = o else { return Outcome::Old };
+        let n = self.pair.mismatch_new(&new.pair).or_else(|| {
+            (self.snaps != new.snaps)
+                .then(|| format!("snapshots {:?}, expected {:?}\n", self.snaps, new.snaps))
+        });
+        let Some(n) = n else { return Outcome::New };
+        panic!("{ctx}: the world is neither OLD nor NEW\n--- vs OLD:\n{o}--- vs NEW:\n{n}");
+    }
+
+    /// What differs from NEW (`None`: nothing).
+    pub fn mismatch_new(&self, new: &State) -> Option<String> {
+        self.pair.mismatch_new(&new.pair).or_else(|| {
+            (self.snaps != new.snaps)
+                .then(|| format!("snapshots {:?}, expected {:?}\n", self.snaps, new.snaps))
+        })
+    }
+
+    /// What differs from OLD (`None`: nothing).
+    pub fn mismatch_old(&self, old: &State) -> Option<String> {
+        self.pair.mismatch_old(&old.pair).or_else(|| {
+            (self.snaps != old.snaps)
+                .then(|| format!("snapshots {:?}, expected {:?}\n", self.snaps, old.snaps))
+        })
+    }
+}
+
+impl World {
+    /// A fresh world of `kind`, or `None` (after printing why) when its
+    /// service is not set up; under `CI=true` a missing service fails.
+    pub fn new(kind: Kind, prefix: &str) -> Option<World> {
+        let (backend, ssh) = match kind {
+            Kind::Xfs => (Backend::Posix(Env::new(prefix)), None),
+            Kind::Zfs => (Backend::Zfs(ZEnv::new(prefix)?), None),
+            Kind::Ssh => {
+                let ssh = ssh_support::ssh_or_skip()?;
+                (Backend::Posix(Env::new(prefix)), Some(ssh))
+            }
+        };
+        Some(World { kind, backend, ssh })
+    }
+
+    /// Like `new` where the service was already found present (a second
+    /// world of the same test): panics instead of skipping.
+    pub fn again(kind: Kind, prefix: &str) -> World {
+        World::new(kind, prefix).expect("the service was there a moment ago")
+    }
+
+    /// A posix world (xfs, or ssh when `ssh` is given) whose repository
+    /// parent is `parent` (e.g. a small tmpfs); left in place on drop.
+    pub fn on(kind: Kind, parent: &std::path::Path) -> Option<World> {
+        let ssh = match kind {
+            Kind::Xfs => None,
+            Kind::Ssh => Some(ssh_support::ssh_or_skip()?),
+            Kind::Zfs => panic!("World::on: a zfs repository lives on its pool"),
+        };
+        Some(World {
+            kind,
+            backend: Backend::Posix(Env::on(parent)),
+            ssh,
+        })
+    }
+
+    pub fn env(&self) -> &Env {
+        self
+    }
+
+    /// The zfs side (zfs worlds only).
+    pub fn zfs(&self) -> &ZEnv {
+        match &self.backend {
+            Backend::Zfs(z) => z,
+            Backend::Posix(_) => panic!("{}: not a zfs world", self.kind.label()),
+        }
+    }
+
+    /// The `--host` of this world's repository.
+    pub fn host(&self) -> String {
+        match &self.ssh {
+            Some(s) => s.host.clone(),
+            None => "localhost".into(),
+        }
+    }
+
+    /// `dsg init` arguments for this kind (`--repo-type`, `--pool`,
+    /// `--host`, `--remote-dsg`).
+    pub fn init_args(&self) -> Vec<String> {
+        match &self.backend {
+            Backend::Zfs(z) => z.init_args(),
+            Backend::Posix(e) => {
+                let mut v = init_args_for(&self.host(), &e.repo_parent, &e.repo_name, "xfs");
+                if self.ssh.is_some() {
+                    v.push("--remote-dsg".into());
+                    v.push(dsg_bin().to_str().unwrap().into());
+                }
+                v
+            }
+        }
+    }
+
+    /// `init_args` plus `--force` and, when given, `--confirm-replace C`.
+    pub fn replace_args(&self, confirm: Option<&str>) -> Vec<String> {
+        let mut v = self.init_args();
+        v.push("--force".into());
+        if let Some(c) = confirm {
+            v.push("--confirm-replace".into());
+            v.push(c.into());
+        }
+        v
+    }
+
+    /// `dsg args` in client `name` (see `Env::command`); over ssh with
+    /// `DSG_SSH_COMMAND` for the test sshd.
+    pub fn command(&self, name: &str, args: &[&str]) -> Command {
+        self.command_as(&[], name, args)
+    }
+
+    /// Like `command`, run through `prefix` (e.g. `setpriv …`).
+    pub fn command_as(&self, prefix: &[String], name: &str, args: &[&str]) -> Command {
+        let mut c = self.env().command_as(prefix, name, args);
+        if let Some(s) = &self.ssh {
+            c.env("DSG_SSH_COMMAND", s.command());
+        }
+        c
+    }
+
+    pub fn run(&self, name: &str, args: &[&str]) -> Output {
+        self.run_env(name, args, &[])
+    }
+
+    /// Runs `dsg` with extra environment. On zfs: killed after `DSG_LIMIT`,
+    /// and after a success the dataset must be mounted where it belongs.
+    pub fn run_env(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
+        match &self.backend {
+            Backend::Zfs(z) => z.run_env(name, args, envs),
+            Backend::Posix(_) => {
+                let mut c = self.command(name, args);
+                for (k, v) in envs {
+                    c.env(k, v);
+                }
+                c.output().unwrap()
+            }
+        }
+    }
+
+    /// `run_env` with owned arguments.
+    pub fn run_args(&self, name: &str, args: &[String], envs: &[(&str, &str)]) -> Output {
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        self.run_env(name, &a, envs)
+    }
+
+    /// Runs and asserts exit status 0.
+    #[track_caller]
+    pub fn ok(&self, name: &str, args: &[&str]) -> Output {
+        let o = self.run(name, args);
+        assert_ok(
+            &o,
+            &format!("[{}] dsg {args:?} in {name}", self.kind.label()),
+        );
+        o
+    }
+
+    /// `dsg init` in client `name` (which must hold the data already).
+    #[track_caller]
+    pub fn init(&self, name: &str) -> Output {
+        let args = self.init_args();
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        self.ok(name, &a)
+    }
+
+    /// Prepares and runs `dsg clone` in client `to`.
+    #[track_caller]
+    pub fn clone_client(&self, from: &str, to: &str) -> Output {
+        self.prepare_clone(from, to);
+        self.ok(to, &["clone"])
+    }
+
+    /// `status --json` rows as (path, state, action).
+    pub fn status_rows(&self, name: &str) -> Vec<(String, String, String)> {
+        let o = self.ok(name, &["status", "--json"]);
+        rows_of(&json_of(&o), "files")
+    }
+
+    #[track_caller]
+    pub fn assert_clean(&self, name: &str) {
+        let rows = self.status_rows(name);
+        assert!(
+            rows.is_empty(),
+            "[{}] status in {name} not clean: {rows:?}",
+            self.kind.label()
+        );
+    }
+
+    /// The repository's head manifest (read on its disk).
+    pub fn head(&self) -> serde_json::Value {
+        read_json(&self.repo().join(".dsg/last-sync.json"))
+    }
+
+    /// The repository's snapshots (zfs: the dataset's, in creation order;
+    /// the other kinds keep none).
+    pub fn snapshots(&self) -> Vec<String> {
+        match &self.backend {
+            Backend::Zfs(z) => z.snapshots(),
+            Backend::Posix(_) => Vec::new(),
+        }
+    }
+
+    /// The state of client `client` and the repository.
+    pub fn capture(&self, client: &str) -> State {
+        State {
+            pair: self.env().capture(client),
+            snaps: self.snapshots(),
+        }
+    }
+
+    /// The repository exists (zfs: its dataset `POOL/N`; else its head).
+    #[track_caller]
+    pub fn assert_repo_present(&self, ctx: &str) {
+        match &self.backend {
+            Backend::Zfs(z) => assert!(
+                z.datasets().contains(&z.dataset()),
+                "{ctx}: {} is missing; datasets: {:?}",
+                z.dataset(),
+                z.datasets()
+            ),
+            Backend::Posix(e) => assert!(
+                e.repo().join(".dsg/last-sync.json").is_file(),
+                "{ctx}: repository missing"
+            ),
+        }
+    }
+
+    /// The repository is sound after a command: its tree equals its head
+    /// manifest and no transaction is left (zfs: also the dataset is
+    /// `POOL/N`, not a clone, mounted, snapshots `s1..sN`; no `POOL/N--*`,
+    /// `.dsg-tx.*` or journal). Returns the head's number N.
+    #[track_caller]
+    pub fn assert_repo_sound(&self, ctx: &str) -> u64 {
+        match &self.backend {
+            Backend::Zfs(z) => {
+                let n = z.assert_repo_dataset(ctx);
+                z.assert_no_zfs_leftovers(ctx);
+                n
+            }
+            Backend::Posix(e) => {
+                let head = self.head();
+                assert_tree_matches_manifest(&e.repo(), &head, &format!("{ctx}: repository"));
+                assert_no_repo_leftovers(&e.repo_parent, &e.repo());
+                snap_num(&snapshot_id(&head))
+            }
+        }
+    }
+
+    /// No repository at all and nothing beside where it would be (after a
+    /// rolled-back init).
+    #[track_caller]
+    pub fn assert_no_repo(&self, ctx: &str) {
+        match &self.backend {
+            Backend::Zfs(z) => {
+                assert_eq!(z.datasets(), Vec::<String>::new(), "{ctx}: datasets");
+                assert_eq!(z.all_snapshots(), Vec::<String>::new(), "{ctx}: snapshots");
+                let left = z.parent_leftovers();
+                assert!(left.is_empty(), "{ctx}: leftovers beside it: {left:?}");
+            }
+            Backend::Posix(e) => assert_no_repo_leftovers(&e.repo_parent, &e.repo()),
+        }
+        assert!(!self.repo().exists(), "{ctx}: repository directory exists");
+    }
+}
+
+/// `per_kind!(name: xfs, zfs, ssh);` — one `#[test]` per listed kind for
+/// the body `fn name(kind: Kind)`: `name::xfs`, `name::zfs`, `name::ssh`
+/// (so `cargo test xfs` picks one kind). Several at once:
+/// `per_kind!(a: xfs, zfs; b: xfs);`.
+#[macro_export]
+macro_rules! per_kind {
+    ($($name:ident : $($kind:ident),+);+ $(;)?) => {
+        $(
+            mod $name {
+                $( $crate::per_kind!(@test $name $kind); )+
+            }
+        )+
+    };
+    (@test $name:ident xfs) => {
+        #[test]
+        fn xfs() {
+            super::$name($crate::world::Kind::Xfs)
+        }
+    };
+    (@test $name:ident zfs) => {
+        #[test]
+        fn zfs() {
+            super::$name($crate::world::Kind::Zfs)
+        }
+    };
+    (@test $name:ident ssh) => {
+        #[test]
+        fn ssh() {
+            super::$name($crate::world::Kind::Ssh)
+        }
+    };
+}
+
+/// `let w = world_or_skip!(kind, "prefix");` — a fresh world, or return
+/// from the test (skipped) when the kind's service is missing outside CI.
+#[macro_export]
+macro_rules! world_or_skip {
+    ($kind:expr, $prefix:expr) => {
+        match $crate::world::World::new($kind, $prefix) {
+            Some(w) => w,
+            None => return,
+        }
+    };
+}
