@@ -17,6 +17,9 @@
 //! | test                                               | xfs | zfs | ssh |
 //! |----------------------------------------------------|-----|-----|-----|
 //! | repository_disk_full, client_disk_full             |  x  |     |     |
+//! | repository_full_for_new_object_folder              |  x  |     |     |
+//! | repository_objects_not_writable                    |  x  |     |     |
+//! | client_target_folder_not_writable                  |  x  |  x  |     |
 //! | permission_denied_*, read_only_user_*              |  x  |     |     |
 //! | file_modified_while_uploading                      |  x  |     |     |
 //! | {corrupt,tampered,missing,empty}_repository_manifest | x |  x  |  x  |
@@ -824,10 +827,163 @@ fn init_with_a_failing_rename_leaves_nothing(kind: Kind) {
     init_fault(kind, "zfiren", "rename *");
 }
 
+/// A tmpfs with few inodes: its filesystem fills up by inodes, which is
+/// what a new folder needs even when bytes are plentiful.
+fn inode_tmpfs(inodes: u32) -> Option<Tmpfs> {
+    let t = Tmpfs::mount("64m")?;
+    let ok = Command::new("mount")
+        .args(["-o", &format!("remount,nr_inodes={inodes}"), "tmpfs"])
+        .arg(&t.dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "remount {} with nr_inodes", t.dir.display());
+    Some(t)
+}
+
+/// The repository's filesystem has room for the upload but not for the
+/// new object folder the superseded version moves into. For every number
+/// of free inodes from none up, the sync is all or nothing: it either
+/// fails saying nothing was changed (both sides exactly as before, every
+/// command still works) or succeeds — never "committed but applying
+/// failed" with the repository out of step with its head.
+fn repository_full_for_new_object_folder(kind: Kind) {
+    let Some(fs) = inode_tmpfs(400) else {
+        return;
+    };
+    let Some(env) = World::on(kind, &fs.dir) else {
+        return;
+    };
+    env.write("A", &p("a.txt"), "a0");
+    env.init("A");
+    env.clone_client("A", "B");
+    let filler = fs.dir.join("filler");
+    fs::create_dir(&filler).unwrap();
+    let mut n = 0;
+    while fs::write(filler.join(n.to_string()), b"").is_ok() {
+        n += 1;
+    }
+    let mut committed = false;
+    for attempt in 0..40 {
+        env.write("A", &p("a.txt"), &format!("a{}", attempt + 1));
+        let before = listings(&env, &["A"]);
+        let o = env.run("A", &["sync"]);
+        let err = stderr(&o);
+        assert!(
+            !err.contains("committed but"),
+            "free inodes {attempt}: the sync failed after its commit point: {err}"
+        );
+        if o.status.code() == Some(0) {
+            committed = true;
+            break;
+        }
+        assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+        assert!(
+            err.contains("space") || err.contains("No space"),
+            "free inodes {attempt}: {err}"
+        );
+        assert_unchanged(&env, &["A"], &before);
+        for who in ["A", "B"] {
+            let o = env.run(who, &["status"]);
+            assert_eq!(o.status.code(), Some(0), "{who}: {}", show(&o));
+        }
+        n -= 1;
+        fs::remove_file(filler.join(n.to_string())).unwrap();
+    }
+    assert!(committed, "the sync never went through");
+    env.ok("B", &["sync"]);
+    assert_same(
+        "repository vs B",
+        &tracked(&data_tree(&env.client("B"))),
+        &tracked(&data_tree(&env.repo())),
+    );
+    env.assert_clean("A");
+    drop(env);
+}
+
+/// The repository's object store is not writable: superseding a file
+/// needs a new folder in it. The sync fails before its commit point.
+fn repository_objects_not_writable(kind: Kind) {
+    let env = world_or_skip!(kind, "objperm");
+    env.write("A", &p("a.txt"), "a0");
+    env.init("A");
+    env.clone_client("A", "B");
+    let Some(pre) = unprivileged_world(&env) else {
+        return;
+    };
+    let objects = env.repo().join(".dsg/objects");
+    fs::create_dir_all(&objects).unwrap();
+    chown_nobody(&[&objects]);
+    chmod(&objects, 0o555);
+    env.write("A", &p("a.txt"), "a1");
+    chown_nobody(&[&env.client("A")]);
+    let before = listings(&env, &["A", "B"]);
+    let o = run_as(&env, &pre, "A", &["sync"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        err.contains("objects") && err.contains("nothing was changed"),
+        "{}",
+        show(&o)
+    );
+    assert_unchanged(&env, &["A", "B"], &before);
+    for who in ["A", "B"] {
+        let o = run_as(&env, &pre, who, &["status"]);
+        assert_eq!(o.status.code(), Some(0), "{who}: {}", show(&o));
+    }
+    chmod(&objects, 0o755);
+    let o = run_as(&env, &pre, "A", &["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(fs::read(env.repo().join(p("a.txt"))).unwrap(), b"a1");
+}
+
+/// A local folder a download goes into is not writable: found before the
+/// client's commit point, so the sync changes nothing and every later
+/// command still works.
+fn client_target_folder_not_writable(kind: Kind) {
+    let env = world_or_skip!(kind, "clientperm");
+    env.write("A", &p("a.txt"), "a0");
+    env.write("A", "task/output/sub/s.txt", "s");
+    env.init("A");
+    env.clone_client("A", "B");
+    let Some(pre) = unprivileged_world(&env) else {
+        return;
+    };
+    env.write("A", "task/output/sub/new.txt", "from A");
+    env.write("A", &p("a.txt"), "a1");
+    env.ok("A", &["sync"]);
+    chown_nobody(&[&env.client("B")]);
+    let sub = env.client("B").join("task/output/sub");
+    chmod(&sub, 0o555);
+    let before = listings(&env, &["B"]);
+    let o = run_as(&env, &pre, "B", &["sync"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        err.contains("output/sub") && err.contains("nothing was changed"),
+        "{}",
+        show(&o)
+    );
+    assert_unchanged(&env, &["B"], &before);
+    let o = run_as(&env, &pre, "B", &["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    chmod(&sub, 0o755);
+    let o = run_as(&env, &pre, "B", &["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(
+        fs::read(env.client("B").join("task/output/sub/new.txt")).unwrap(),
+        b"from A"
+    );
+    assert_eq!(fs::read(env.client("B").join(p("a.txt"))).unwrap(), b"a1");
+}
+
 // ---------------------------------------------------------------- kinds
 
 per_kind!(
     repository_disk_full: xfs;
+    repository_full_for_new_object_folder: xfs;
+    repository_objects_not_writable: xfs;
+    client_target_folder_not_writable: xfs, zfs;
     client_disk_full: xfs;
     permission_denied_on_repository_metadata: xfs;
     permission_denied_in_repository_data_dir: xfs;

@@ -733,18 +733,40 @@ impl Backend for PosixBackend {
                     None => self.dir(),
                 };
                 let staging = root.join(".dsg/staging").join(tx_id);
-                fs::create_dir_all(staging.join(".dsg-meta/archive"))
-                    .map_err(|e| AgentError::io(staging.display(), e))?;
+                let started = fs::create_dir_all(staging.join(".dsg-meta/archive"))
+                    .map_err(|e| AgentError::io(staging.display(), e))
+                    .and_then(|()| {
+                        if self.zfs.is_some() {
+                            return Ok(());
+                        }
+                        let j = Journal::create(&self.dsg().join("journal"))
+                            .map_err(|e| AgentError::io("cannot create the journal", e))?;
+                        j.append(&RepoRecord::Begin {
+                            tx: tx_id.into(),
+                            begin: RepoBegin {
+                                base: base_id.into(),
+                            },
+                        })
+                        .map_err(|e| AgentError::io("cannot write the journal", e))
+                    });
+                if let Err(e) = started {
+                    // A full disk, say: leave the repository as it was
+                    // (the next command's recovery would, but a reader
+                    // must not find leftovers now).
+                    match &self.zfs {
+                        Some(z) => {
+                            let _ = z.rollback(tx_id);
+                        }
+                        None => {
+                            let _ = remove_dir_all_if_exists(&staging);
+                            let _ = fs::remove_dir(self.dsg().join("staging"));
+                            let _ = fs::remove_file(self.dsg().join("journal"));
+                        }
+                    }
+                    self.unlock();
+                    return Err(e);
+                }
                 if self.zfs.is_none() {
-                    let j = Journal::create(&self.dsg().join("journal"))
-                        .map_err(|e| AgentError::io("cannot create the journal", e))?;
-                    j.append(&RepoRecord::Begin {
-                        tx: tx_id.into(),
-                        begin: RepoBegin {
-                            base: base_id.into(),
-                        },
-                    })
-                    .map_err(|e| AgentError::io("cannot write the journal", e))?;
                     failpoint("repo.journal.begin");
                 }
                 self.tx = Some(OpenTx::new(tx_id, root, staging, false, head));
@@ -1628,7 +1650,11 @@ impl PosixBackend {
         // Everything the apply needs is made and checked now, before the
         // commit point: after it, only renames remain.
         let dirs = self.layout_dirs(&tx.root, &tx.id);
-        let prepared = dsg_txn::apply::prepare(&dirs.layout(), &mut ops).map_err(tx_error)?;
+        let prepared = dsg_txn::apply::prepare(&dirs.layout(), &mut ops).map_err(|e| {
+            let mut e = tx_error(e);
+            e.message.push_str("; nothing was changed");
+            e
+        })?;
         if zfs_tx {
             // Everything happens inside the clone; nobody sees it until the
             // swap. Staging must not end up in the snapshot.
