@@ -35,13 +35,14 @@ use dsg_repo::{Incoming, Meta, RepoClient, RepoError};
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::init::{block_on_problems, settle_names, RenameOut};
 use crate::local_tx::{
     apply_local, cleanup_local, jerr, journal_path, make_parent, recover_sync, rollback_local,
     staging_dir, sync_fs, LocalOp, LocalRecord,
 };
+use crate::names::{block_on_problems, settle_names, RenameOut};
+use crate::retry::Retries;
 use crate::status::{compare, fetch_remote, CompareOpts, Comparison, Row};
-use crate::upload::{upload, Item, Retries, Target};
+use crate::upload::{upload, Item, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
 #[derive(Default, Clone)]
@@ -573,13 +574,6 @@ fn read_repo_messages(client: &mut RepoClient) -> Result<SyncMessages> {
         )?,
         _ => SyncMessages::default(),
     })
-}
-
-/// Exponential backoff with jitter: 0.5 s, 1 s, 2 s … ± 50 %.
-pub fn backoff(attempt: u32) -> std::time::Duration {
-    let base = 0.5 * 2f64.powi(attempt.saturating_sub(1) as i32);
-    let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
-    std::time::Duration::from_secs_f64(base * (0.5 + jitter))
 }
 
 fn entry_size(e: &Entry) -> u64 {
