@@ -950,7 +950,8 @@ fn download_error(
             ),
             hint: format!(
                 "free space on the filesystem holding {} (this sync downloads {bytes} bytes, and keeps the files it replaces until it is done), then run the command again",
-                staging.display()
+                // The project, not the staging directory (gone by now).
+                staging.ancestors().nth(3).unwrap_or(staging).display()
             ),
         }
     } else if not_writable {
@@ -1001,4 +1002,49 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
         cmp.scan.started_ns,
         map.into_iter().map(|(p, (st, h))| (p, st, h)),
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint_for(err: Option<std::io::Error>) -> String {
+        let staging = Path::new("/p/.dsg/staging/tx-1");
+        let at = staging.join("files/a/b.bin");
+        download_error(
+            Path::new("a/b.bin"),
+            "the text",
+            err.map(|e| (at, e)),
+            staging,
+            10,
+        )
+        .to_string()
+    }
+
+    #[test]
+    fn download_errors_name_their_real_cause() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let m = hint_for(Some(std::io::Error::from_raw_os_error(errno)));
+            assert!(m.contains("the local disk is full"), "{m}");
+            assert!(m.contains("/p/.dsg/staging/tx-1/files/a/b.bin"), "{m}");
+            assert!(m.contains("nothing was changed"), "{m}");
+            assert!(
+                m.contains("hint: free space on the filesystem holding /p "),
+                "{m}"
+            );
+            assert!(!m.contains("damaged"), "{m}");
+        }
+        for errno in [libc::EACCES, libc::EROFS] {
+            let m = hint_for(Some(std::io::Error::from_raw_os_error(errno)));
+            assert!(m.contains("the local folder is not writable"), "{m}");
+            assert!(m.contains("/p/.dsg/staging/tx-1/files/a/b.bin"), "{m}");
+            assert!(!m.contains("damaged"), "{m}");
+        }
+        let m = hint_for(Some(std::io::Error::from_raw_os_error(libc::EIO)));
+        assert!(m.contains("b.bin") && !m.contains("damaged"), "{m}");
+        // Only what the repository sent (a verification mismatch) points
+        // at the repository.
+        let m = hint_for(None);
+        assert!(m.contains("may be damaged"), "{m}");
+    }
 }
