@@ -150,8 +150,10 @@ pub fn existing_repository(args: &InitArgs) -> Result<Option<Existing>> {
     }))
 }
 
-pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitReport> {
-    let dir = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
+/// The project `init` makes in `dir`, and whether it had a config already.
+/// Refuses an initialized project, and a config naming another repository
+/// unless forced.
+fn new_project(dir: &Path, args: &InitArgs) -> Result<(Project, bool)> {
     if dir.join(DSG_DIR).exists() {
         return Err(EngineError::State {
             message: format!(
@@ -162,8 +164,8 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         });
     }
     let cfg_path = dir.join(PROJECT_CONFIG);
-    let config = config_of(&args);
-    check_args(&args)?;
+    let config = config_of(args);
+    check_args(args)?;
     let existing_cfg = cfg_path.exists();
     if existing_cfg && !args.force {
         let old = ProjectConfig::load(&cfg_path)?;
@@ -187,10 +189,17 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         config
     };
     let project = Project {
-        root: dir.clone(),
+        root: dir.to_path_buf(),
         config,
         user,
     };
+    Ok((project, existing_cfg))
+}
+
+pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitReport> {
+    let dir = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
+    let (project, existing_cfg) = new_project(&dir, &args)?;
+    let cfg_path = dir.join(PROJECT_CONFIG);
     let mut scan = project.scan(reporter);
     let renames = settle_names(
         &project,
