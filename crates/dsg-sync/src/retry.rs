@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use dsg_repo::protocol::{ErrorKind, RemoteError};
 use dsg_repo::RepoError;
 
-use crate::{Reporter, Result};
+use crate::{check_interrupt, Reporter, Result};
 
 /// Exponential backoff with jitter: 0.5 s, 1 s, 2 s … ± 50 %.
 pub fn backoff(attempt: u32) -> Duration {
@@ -125,7 +125,8 @@ impl Replans {
             wait.as_secs_f64()
         );
         std::thread::sleep(wait);
-        Ok(())
+        // A Ctrl-C during the wait: nothing was begun, stop here.
+        check_interrupt()
     }
 }
 
