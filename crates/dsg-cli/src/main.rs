@@ -270,14 +270,14 @@ fn print_renames(out: &Out, renames: &[dsg_sync::init::RenameOut], dry_run: bool
 fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
     if out.json {
         out.json_doc(
-            &json!({"status": "ok", "command": verb, "result": report, "files": report.files}),
+            &json!({"status": "ok", "command": verb, "result": report, "files": report.plan.files}),
         );
         return;
     }
     print_renames(out, &report.renames, report.dry_run);
     if report.dry_run {
         out.line("Dry run: nothing was written. Plan:");
-        for r in &report.files {
+        for r in &report.plan.files {
             out.line(&format!(
                 "  {:<13} {}  ({})",
                 serde_json::to_value(r.action)
@@ -300,13 +300,13 @@ fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
                 Some(id) => format!("Snapshot {id}: "),
                 None => String::new(),
             },
-            report.uploaded,
-            report.uploaded_bytes,
-            report.downloaded,
-            report.downloaded_bytes,
-            report.deleted_local,
-            report.deleted_remote,
-            report.cache_updated
+            report.plan.uploaded,
+            report.plan.uploaded_bytes,
+            report.plan.downloaded,
+            report.plan.downloaded_bytes,
+            report.plan.deleted_local,
+            report.plan.deleted_remote,
+            report.plan.cache_updated
         ));
     }
 }

@@ -175,15 +175,35 @@ fn client_disk_full(kind: Kind) {
     env.ok("A", &["sync"]);
     env.write("B", &p("b.txt"), "b's own change");
     let before = listings(&env, &["A", "B"]);
+    let last = fs::read(env.client("B").join(".dsg/last-sync.json")).unwrap();
     let o = env.run("B", &["sync"]);
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     let err = stderr(&o);
+    // The real cause, the local disk, and where: not the repository.
     assert!(
-        err.contains("space"),
-        "the error says the disk is full: {err}"
+        err.contains("local disk is full") && err.contains("space"),
+        "the error says the local disk is full: {err}"
+    );
+    assert!(
+        err.contains(&p("big.bin")) && err.contains(".dsg/staging/"),
+        "the error names the file being written: {err}"
+    );
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert!(err.contains("hint: free space"), "{err}");
+    assert!(
+        !err.contains("damaged"),
+        "a full local disk is not repository damage: {err}"
     );
     assert_unchanged(&env, &["A", "B"], &before);
+    assert_eq!(
+        fs::read(env.client("B").join(".dsg/last-sync.json")).unwrap(),
+        last
+    );
     env.ok("B", &["status"]);
+    assert!(
+        !env.client("B").join(".dsg/staging").exists(),
+        "no staging left after the next command"
+    );
     drop(env);
 }
 

@@ -824,6 +824,102 @@ fn temp_files_of_killed_writers_are_removed_by_the_next_command(kind: Kind) {
     std::fs::remove_file(live).unwrap();
 }
 
+/// `sync --dry-run --json` prints the whole plan: every row (as `status
+/// --json` prints it) and the lists the transaction would carry out, with
+/// counts and bytes; and it changes nothing, on disk or in the repository.
+fn dry_run_json_is_the_full_plan(kind: Kind) {
+    let env = world_or_skip!(kind, "plan");
+    env.write("A", &p(IN, "keep.txt"), "k");
+    env.write("A", &p(IN, "gone_here.txt"), "g1");
+    env.write("A", &p(IN, "gone_there.txt"), "g2");
+    env.init("A");
+    env.clone_client("A", "B");
+    // B: a new file and a deletion, published.
+    env.write("B", &p(IN, "from_b.txt"), "from b");
+    env.remove("B", &p(IN, "gone_there.txt"));
+    env.ok("B", &["sync"]);
+    // A: an upload and a deletion of its own.
+    env.write("A", &p(IN, "from_a.txt"), "from a!");
+    env.remove("A", &p(IN, "gone_here.txt"));
+
+    let before_a = full_listing(&env.client("A"));
+    let before_r = full_listing(&env.repo());
+    let head = fs::read(env.repo().join(".dsg/last-sync.json")).unwrap();
+    let last = fs::read(env.client("A").join(".dsg/last-sync.json")).unwrap();
+    let v = json_of(&env.ok("A", &["sync", "--dry-run", "--json"]));
+
+    let mut rows = rows_of(&v, "files");
+    rows.sort();
+    let want: Vec<(String, String, String)> = [
+        ("from_a.txt", "sLxCxR__only_L", "upload"),
+        ("from_b.txt", "sxLCxR__only_R", "download"),
+        ("gone_here.txt", "sxLCR__C_eq_R", "delete_remote"),
+        ("gone_there.txt", "sLCxR__L_eq_C", "delete_local"),
+    ]
+    .into_iter()
+    .map(|(a, b, c)| (p(IN, a), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(rows, want, "{v}");
+    let r = &v["result"];
+    assert_eq!(r["files"], v["files"], "the result holds the same rows");
+    let list = |k: &str| -> Vec<String> {
+        r[k].as_array()
+            .unwrap_or_else(|| panic!("result.{k} is a list: {r}"))
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(list("uploads"), [p(IN, "from_a.txt")]);
+    assert_eq!(list("downloads"), [p(IN, "from_b.txt")]);
+    assert_eq!(list("remote_deletions"), [p(IN, "gone_here.txt")]);
+    assert_eq!(list("local_deletions"), [p(IN, "gone_there.txt")]);
+    assert_eq!(r["uploaded"], 1);
+    assert_eq!(r["uploaded_bytes"], 7);
+    assert_eq!(r["downloaded"], 1);
+    assert_eq!(r["downloaded_bytes"], 6);
+    assert_eq!(r["deleted_local"], 1);
+    assert_eq!(r["deleted_remote"], 1);
+    assert_eq!(r["needs_snapshot"], true);
+    assert_eq!(r["needs_local"], true);
+    assert_eq!(r["dry_run"], true);
+    assert_eq!(r["up_to_date"], false);
+    assert!(r["snapshot_id"].is_null());
+
+    // Nothing changed: not the files, not the last sync, not the head.
+    assert_eq!(
+        fs::read(env.repo().join(".dsg/last-sync.json")).unwrap(),
+        head
+    );
+    assert_eq!(
+        fs::read(env.client("A").join(".dsg/last-sync.json")).unwrap(),
+        last
+    );
+    assert_same("repository", &before_r, &full_listing(&env.repo()));
+    let mut after_a = full_listing(&env.client("A"));
+    let mut before_a = before_a;
+    for l in [&mut before_a, &mut after_a] {
+        // A scan may refresh its own derived cache; nothing else moves.
+        l.retain(|k, _| !k.starts_with(".dsg/stat-cache"));
+        if let Some(d) = l.get_mut(".dsg") {
+            d.1 = 0;
+            d.2 = 0;
+        }
+    }
+    assert_same("client A", &before_a, &after_a);
+    assert_eq!(
+        fs::read(env.client("A").join(p(IN, "from_a.txt"))).unwrap(),
+        b"from a!"
+    );
+    assert!(!env.client("A").join(p(IN, "from_b.txt")).exists());
+    assert!(env.client("A").join(p(IN, "gone_there.txt")).exists());
+    assert!(env.repo().join(p(IN, "gone_here.txt")).exists());
+
+    // The real sync carries the plan out.
+    let done = json_of(&env.ok("A", &["sync", "--json"]));
+    assert_eq!(done["files"], v["files"]);
+    env.assert_clean("A");
+}
+
 per_kind!(
     every_state_two_clients: xfs, zfs, ssh;
     file_to_directory_both_ways: xfs;
@@ -836,6 +932,7 @@ per_kind!(
     superseded_versions_kept_in_objects: xfs;
     dry_run_plan_and_no_writes_outside_caches: xfs;
     dry_run_writes_nothing_at_all: xfs;
+    dry_run_json_is_the_full_plan: xfs;
     clone_is_faithful_and_read_only: xfs;
     clone_right_after_init_is_read_only: xfs;
     clone_refuses_existing_dsg: xfs;

@@ -1650,7 +1650,7 @@ impl PosixBackend {
         // Everything the apply needs is made and checked now, before the
         // commit point: after it, only renames remain.
         let dirs = self.layout_dirs(&tx.root, &tx.id);
-        let prepared = dsg_txn::apply::prepare(&dirs.layout(), &mut ops).map_err(|e| {
+        dsg_txn::apply::prepare(&dirs.layout(), &mut ops).map_err(|e| {
             let mut e = tx_error(e);
             e.message.push_str("; nothing was changed");
             e
@@ -1667,25 +1667,14 @@ impl PosixBackend {
                 .expect("zfs")
                 .commit(&tx.id, &c.snapshot_id);
         }
-        let committed = Journal::open(&self.dsg().join("journal"))
-            .map_err(|e| AgentError::io("cannot open the journal", e))
-            .and_then(|j| {
-                j.append(&RepoRecord::Committed {
-                    tx: tx.id.clone(),
-                    ops: ops.clone(),
-                    snap: None,
-                })
-                .map_err(|e| AgentError::io("cannot write the journal", e))?;
-                Ok(j)
-            });
-        let j = match committed {
-            Ok(j) => j,
-            Err(e) => {
-                prepared.undo();
-                return Err(e);
-            }
-        };
-        drop(prepared);
+        let j = Journal::open(&self.dsg().join("journal"))
+            .map_err(|e| AgentError::io("cannot open the journal", e))?;
+        j.append(&RepoRecord::Committed {
+            tx: tx.id.clone(),
+            ops: ops.clone(),
+            snap: None,
+        })
+        .map_err(|e| AgentError::io("cannot write the journal", e))?;
         // The commit point has passed: from here on, errors are finished by
         // recovery (roll forward), never undone.
         failpoint("repo.journal.committed");

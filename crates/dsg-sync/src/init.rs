@@ -15,13 +15,16 @@ use std::path::{Path, PathBuf};
 use dsg_core::atomic::{sync_dir, write_atomic};
 use dsg_core::config::{ProjectConfig, RepoType, Repository, UserConfig, PROJECT_CONFIG};
 use dsg_core::manifest::{Manifest, SyncMessages};
-use dsg_core::names::{apply_normalization, plan_normalization, NormalizePlan, Rename};
-use dsg_core::scan::{to_manifest, LocalKind, Problem, ProblemKind, ScanResult, StatCache};
+use dsg_core::scan::{to_manifest, LocalKind, ScanResult, StatCache};
 use dsg_repo::failpoint::failpoint;
 use dsg_repo::{Meta, RepoClient};
 
+pub use crate::names::RenameOut;
+use crate::names::{block_on_problems, settle_names};
 use crate::project::DSG_DIR;
-use crate::upload::{upload, Item, Retries, Target};
+use crate::recover::finish_local_init;
+use crate::retry::Retries;
+use crate::upload::{upload, Item, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
 pub struct InitArgs {
@@ -53,107 +56,6 @@ pub struct InitReport {
     pub bytes: u64,
     pub repository: String,
     pub renames: Vec<RenameOut>,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct RenameOut {
-    pub from: String,
-    pub to: String,
-}
-
-impl From<&Rename> for RenameOut {
-    fn from(r: &Rename) -> Self {
-        RenameOut {
-            from: r.from.clone(),
-            to: r.to.clone(),
-        }
-    }
-}
-
-/// With `normalize`, plans (and unless `dry_run`, applies) renames for
-/// invalid names among `paths`; returns them. A caller that gets renames
-/// back (not in a dry run) must scan again, then call `block_on_problems`.
-/// Without `normalize`, any problem blocks.
-pub fn settle_names(
-    project: &Project,
-    problems: &[Problem],
-    paths: impl Iterator<Item = String>,
-    normalize: bool,
-    dry_run: bool,
-    verb: &str,
-) -> Result<Vec<RenameOut>> {
-    let has_name_problems = problems.iter().any(|p| p.kind == ProblemKind::Name);
-    if !(has_name_problems && normalize) {
-        block_on_problems(problems, verb)?;
-        return Ok(Vec::new());
-    }
-    let mut all: Vec<String> = paths.collect();
-    all.extend(problems.iter().map(|p| p.path.clone()));
-    let plan: NormalizePlan = plan_normalization(&all);
-    if !plan.conflicts.is_empty() || !plan.unfixable.is_empty() {
-        let mut paths: Vec<String> = Vec::new();
-        let mut lines = Vec::new();
-        for (p, why) in plan.conflicts.iter().chain(plan.unfixable.iter()) {
-            lines.push(format!("  {p}: {why}"));
-            paths.push(p.clone());
-        }
-        return Err(EngineError::Blocked {
-            message: format!(
-                "{verb} blocked: {} path(s) cannot be normalized automatically:\n{}\nhint: rename them by hand",
-                paths.len(),
-                lines.join("\n")
-            ),
-            paths,
-        });
-    }
-    let renames: Vec<RenameOut> = plan.renames.iter().map(RenameOut::from).collect();
-    if dry_run {
-        // Problems the plan does not fix still block, even in a preview.
-        let other: Vec<Problem> = problems
-            .iter()
-            .filter(|p| p.kind != ProblemKind::Name)
-            .cloned()
-            .collect();
-        block_on_problems(&other, verb)?;
-        return Ok(renames);
-    }
-    apply_normalization(&project.root, &plan).map_err(|e| EngineError::State {
-        message: format!("normalization stopped: {e}"),
-        hint: "fix the path by hand and run the command again".into(),
-    })?;
-    Ok(renames)
-}
-
-/// Invalid names, unsafe links and unreadable files block (exit 3).
-pub fn block_on_problems(problems: &[Problem], verb: &str) -> Result<()> {
-    if problems.is_empty() {
-        return Ok(());
-    }
-    let paths: Vec<String> = problems.iter().map(|p| p.path.clone()).collect();
-    let lines: Vec<String> = problems
-        .iter()
-        .take(20)
-        .map(|p| format!("  {}: {}", p.path, p.message))
-        .collect();
-    let more = if paths.len() > 20 {
-        format!("\n  … and {} more", paths.len() - 20)
-    } else {
-        String::new()
-    };
-    let fixable = problems.iter().any(|p| p.kind == ProblemKind::Name);
-    Err(EngineError::Blocked {
-        message: format!(
-            "{verb} blocked: {} path(s) cannot be synced:\n{}{more}\nhint: {}",
-            paths.len(),
-            lines.join("\n"),
-            if fixable {
-                "run with --normalize to rename invalid names (add --dry-run to preview), or fix them by hand"
-            } else {
-                "fix these paths by hand (links must be relative and stay inside the project)"
-            }
-        ),
-        paths,
-    })
 }
 
 /// The project config an init with these arguments writes.
@@ -248,8 +150,10 @@ pub fn existing_repository(args: &InitArgs) -> Result<Option<Existing>> {
     }))
 }
 
-pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitReport> {
-    let dir = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
+/// The project `init` makes in `dir`, and whether it had a config already.
+/// Refuses an initialized project, and a config naming another repository
+/// unless forced.
+fn new_project(dir: &Path, args: &InitArgs) -> Result<(Project, bool)> {
     if dir.join(DSG_DIR).exists() {
         return Err(EngineError::State {
             message: format!(
@@ -260,8 +164,8 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         });
     }
     let cfg_path = dir.join(PROJECT_CONFIG);
-    let config = config_of(&args);
-    check_args(&args)?;
+    let config = config_of(args);
+    check_args(args)?;
     let existing_cfg = cfg_path.exists();
     if existing_cfg && !args.force {
         let old = ProjectConfig::load(&cfg_path)?;
@@ -285,10 +189,17 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         config
     };
     let project = Project {
-        root: dir.clone(),
+        root: dir.to_path_buf(),
         config,
         user,
     };
+    Ok((project, existing_cfg))
+}
+
+pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitReport> {
+    let dir = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
+    let (project, existing_cfg) = new_project(&dir, &args)?;
+    let cfg_path = dir.join(PROJECT_CONFIG);
     let mut scan = project.scan(reporter);
     let renames = settle_names(
         &project,
@@ -465,12 +376,4 @@ fn init_tx(
     finish_local_init(&project.root, staging)?;
     let _ = client.close();
     Ok(md.snapshot_hash)
-}
-
-/// Moves a staged `.dsg.init-<tx>` into place (also used by recovery).
-pub fn finish_local_init(root: &Path, staging: &Path) -> Result<()> {
-    let dst = root.join(DSG_DIR);
-    std::fs::rename(staging, &dst).map_err(|e| EngineError::io(&dst, e))?;
-    sync_dir(root).map_err(|e| EngineError::io(root, e))?;
-    Ok(())
 }

@@ -4,8 +4,10 @@
 
 pub mod init;
 pub mod local_tx;
+pub mod names;
 pub mod project;
 pub mod recover;
+pub mod retry;
 pub mod status;
 pub mod sync;
 pub mod upload;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use dsg_core::atomic::sync_dir;
 use dsg_repo::RepoClient;
-use dsg_txn::{Aside, Layout, Log, Op, Prepared, Record, TxError};
+use dsg_txn::{Aside, Layout, Log, Op, Record, TxError};
 use serde::{Deserialize, Serialize};
 
 use crate::project::DSG_DIR;
@@ -110,7 +110,7 @@ fn local_error(e: TxError) -> EngineError {
 /// Before the commit point: makes and checks everything `apply_local`
 /// needs (folders for downloads, write permission, a little free space),
 /// so a local cause fails the sync while nothing was changed.
-pub(crate) fn prepare_local(root: &Path, tx: &str, ops: &mut [Op]) -> Result<Prepared> {
+pub(crate) fn prepare_local(root: &Path, tx: &str, ops: &mut [Op]) -> Result<()> {
     let d = LocalDirs::new(root, tx);
     dsg_txn::apply::prepare(&d.layout(), ops).map_err(|e| {
         let EngineError::State { message, hint } = local_error(e) else {

@@ -3,12 +3,13 @@
 
 use std::path::Path;
 
+use dsg_core::atomic::sync_dir;
 use dsg_core::manifest::Manifest;
 use dsg_repo::RepoClient;
 
 use crate::project::DSG_DIR;
 use crate::status::fetch_remote;
-use crate::{init, Result};
+use crate::{EngineError, Result};
 
 /// Handles `.dsg.init-<tx>` directories: an init that crashed after the
 /// repository committed is rolled forward; any other is removed.
@@ -77,10 +78,18 @@ pub fn recover_init(root: &Path, connect: impl FnOnce() -> Option<RepoClient>) -
             .and_then(|m| m.snapshot_hash.clone());
         if staged_hash.is_some() && staged_hash == remote_hash {
             tracing::info!("finishing an interrupted init: the repository has its snapshot");
-            init::finish_local_init(root, &staged)?;
+            finish_local_init(root, &staged)?;
         } else {
             let _ = std::fs::remove_dir_all(&staged);
         }
     }
+    Ok(())
+}
+
+/// Moves a staged `.dsg.init-<tx>` into place (init's own last step, and recovery's roll-forward).
+pub fn finish_local_init(root: &Path, staging: &Path) -> Result<()> {
+    let dst = root.join(DSG_DIR);
+    std::fs::rename(staging, &dst).map_err(|e| EngineError::io(&dst, e))?;
+    sync_dir(root).map_err(|e| EngineError::io(root, e))?;
     Ok(())
 }

@@ -24,24 +24,26 @@ use std::path::{Path, PathBuf};
 use dsg_core::atomic::write_atomic;
 use dsg_core::hash::Hash;
 use dsg_core::manifest::{
-    archive_name, compress_archive, snapshot_number, Entry, EntryKind, Manifest, SyncMessages,
+    archive_name, compress_archive, snapshot_number, Entry, EntryKind, Manifest, Metadata,
+    SyncMessages,
 };
 use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
-use dsg_repo::failpoint::failpoint;
-use dsg_repo::protocol::ErrorKind;
+use dsg_repo::failpoint::{failpoint, injected_error};
+use dsg_repo::protocol::{ErrorKind, RemoteError};
 use dsg_repo::{Incoming, Meta, RepoClient, RepoError};
 use dsg_txn::{Journal, Op};
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::init::{block_on_problems, settle_names, RenameOut};
 use crate::local_tx::{
     apply_local, cleanup_local, jerr, journal_path, make_parent, prepare_local, recover_sync,
     rollback_local, staging_dir, sync_fs, ClientBegin, LocalRecord,
 };
+use crate::names::{block_on_problems, settle_names, RenameOut};
+use crate::retry::{Replans, Retries};
 use crate::status::{compare, fetch_remote, CompareOpts, Comparison, Row};
-use crate::upload::{upload, Item, Retries, Target};
+use crate::upload::{upload, Item, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
 #[derive(Default, Clone)]
@@ -51,11 +53,16 @@ pub struct SyncOpts {
     pub message: Option<String>,
 }
 
-#[derive(Debug, Default, Serialize)]
-pub struct SyncReport {
-    pub dry_run: bool,
-    pub up_to_date: bool,
-    pub snapshot_id: Option<String>,
+/// What a sync will do, decided from L/C/R alone before anything is
+/// written: `--dry-run` prints it, the transaction carries it out.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Plan {
+    /// Every path that is not in sync, in the shape of `status --json`.
+    pub files: Vec<Row>,
+    pub uploads: Vec<String>,
+    pub downloads: Vec<String>,
+    pub local_deletions: Vec<String>,
+    pub remote_deletions: Vec<String>,
     pub uploaded: u64,
     pub uploaded_bytes: u64,
     pub downloaded: u64,
@@ -63,8 +70,26 @@ pub struct SyncReport {
     pub deleted_local: u64,
     pub deleted_remote: u64,
     pub cache_updated: u64,
-    /// The plan, in the shape of `status --json`.
-    pub files: Vec<Row>,
+    /// Uploads or remote deletions: the repository gets a new snapshot.
+    pub needs_snapshot: bool,
+    /// The project's files or its last sync change.
+    pub needs_local: bool,
+}
+
+impl Plan {
+    pub fn up_to_date(&self) -> bool {
+        !self.needs_snapshot && !self.needs_local
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SyncReport {
+    pub dry_run: bool,
+    pub up_to_date: bool,
+    pub snapshot_id: Option<String>,
+    /// Flattened so that `result` keeps the counters it always had.
+    #[serde(flatten)]
+    pub plan: Plan,
     pub renames: Vec<RenameOut>,
     pub attempts: u32,
 }
@@ -82,13 +107,15 @@ pub fn sync(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Resul
     let mut attempts = 0;
     // Reconnections for the whole command (upload resumes included).
     let retries = Retries::new(3);
+    let replans = Replans::new();
     loop {
         attempts += 1;
         match sync_once(project, &opts, reporter, false, &retries) {
             // Another client committed between our plan and our begin: plan
-            // again against the new head (G2). Bounded, in case of a storm.
-            Err(EngineError::Repo(e)) if e.kind() == Some(ErrorKind::Moved) && attempts < 4 => {
-                tracing::info!("the repository moved; planning again");
+            // again against the new head (G2), after a jittered wait so that
+            // clients which collided do not collide again in step.
+            Err(EngineError::Repo(e)) if e.kind() == Some(ErrorKind::Moved) => {
+                replans.wait_after(e, attempts)?;
                 continue;
             }
             // A dropped connection outside the uploads (which resume on
@@ -127,6 +154,8 @@ pub fn clone(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Resu
     sync_once(project, &opts, reporter, true, &Retries::new(0))
 }
 
+/// One plan and, unless it is a dry run or there is nothing to do, the
+/// transaction that carries it out.
 fn sync_once(
     project: &Project,
     opts: &SyncOpts,
@@ -139,19 +168,63 @@ fn sync_once(
     if !is_clone {
         recover_sync(project, Some(&mut client))?;
     }
+    let (cmp, repo_messages, renames) =
+        compare_settled(project, opts, &mut client, is_clone, reporter)?;
+    let plan = plan(&cmp, is_clone)?;
+    if is_clone {
+        warn_left_alone(&plan, reporter);
+    }
+    let mut report = SyncReport {
+        dry_run: opts.dry_run,
+        up_to_date: plan.up_to_date(),
+        renames,
+        ..Default::default()
+    };
+    if opts.dry_run {
+        report.plan = plan;
+        return Ok(report);
+    }
+    if plan.up_to_date() {
+        let _ = client.close();
+        cmp.save_stat_cache(project);
+        report.plan = plan;
+        return Ok(report);
+    }
+    let next = new_metadata(project, opts, &cmp, &plan, repo_messages, &mut client)?;
+    let tx = Tx {
+        project,
+        id: format!("tx-{}", uuid::Uuid::new_v4().simple()),
+        is_clone,
+    };
+    transact(&tx, client, &cmp, &plan, &next, retries, reporter)?;
+    report.snapshot_id = next.snapshot_id;
+    report.plan = plan;
+    Ok(report)
+}
+
+/// Compares L/C/R with every name settled (renamed with `--normalize`)
+/// and the history checked; returns the comparison, the repository's
+/// sync-messages if they were read, and the renames.
+fn compare_settled(
+    project: &Project,
+    opts: &SyncOpts,
+    client: &mut RepoClient,
+    is_clone: bool,
+    reporter: &dyn Reporter,
+) -> Result<(Comparison, Option<SyncMessages>, Vec<RenameOut>)> {
     let copts = CompareOpts {
         save_stat_cache: false,
         keep_remote_bytes: true,
         no_cache: is_clone,
         dry_run: opts.dry_run,
     };
-    let mut cmp = compare(project, Some(&mut client), copts, reporter)?;
+    let mut cmp = compare(project, Some(&mut *client), copts, reporter)?;
     // Before anything is renamed: a sync this check refuses changes nothing.
     let renames_pending = opts.normalize && !cmp.scan.problems.is_empty();
     let mut repo_messages = if is_clone {
         None
     } else {
-        check_same_history(&cmp, &mut client, renames_pending)?
+        check_same_history(&cmp, client, renames_pending)?
     };
     let renames = settle_names(
         project,
@@ -164,336 +237,488 @@ fn sync_once(
     if !renames.is_empty() && !opts.dry_run {
         // Names changed on disk: compare again (the head may have moved
         // meanwhile: its index is read again too).
-        cmp = compare(project, Some(&mut client), copts, reporter)?;
+        cmp = compare(project, Some(&mut *client), copts, reporter)?;
         block_on_problems(&cmp.scan.problems, "sync")?;
         repo_messages = None;
     }
-    let rows = cmp.rows();
-    let mut report = SyncReport {
-        dry_run: opts.dry_run,
-        files: rows.clone(),
-        renames,
-        ..Default::default()
-    };
-    let conflicts: Vec<String> = rows
+    Ok((cmp, repo_messages, renames))
+}
+
+/// The plan for `cmp`, a pure function of it. Conflicts block here, before
+/// anything is written. A clone never writes the repository, so it plans
+/// no uploads and no remote deletions.
+pub fn plan(cmp: &Comparison, is_clone: bool) -> Result<Plan> {
+    let files = cmp.rows();
+    block_on_conflicts(&files)?;
+    let remote = cmp.remote();
+    let mut p = Plan::default();
+    for r in &files {
+        let path = r.path.clone();
+        match r.action {
+            Action::Upload if !is_clone => {
+                p.uploaded_bytes += entry_size(cmp.local.get(&r.path).expect("L has it"));
+                p.uploads.push(path);
+            }
+            Action::DeleteRemote if !is_clone => p.remote_deletions.push(path),
+            Action::Download => {
+                p.downloaded_bytes += entry_size(remote.get(&r.path).expect("R has it"));
+                p.downloads.push(path);
+            }
+            Action::DeleteLocal => p.local_deletions.push(path),
+            Action::UpdateCache => p.cache_updated += 1,
+            Action::Upload | Action::DeleteRemote | Action::None | Action::Conflict => {}
+        }
+    }
+    p.uploaded = p.uploads.len() as u64;
+    p.deleted_remote = p.remote_deletions.len() as u64;
+    p.downloaded = p.downloads.len() as u64;
+    p.deleted_local = p.local_deletions.len() as u64;
+    p.needs_snapshot = !p.uploads.is_empty() || !p.remote_deletions.is_empty();
+    p.needs_local =
+        !p.downloads.is_empty() || !p.local_deletions.is_empty() || p.cache_updated > 0 || is_clone;
+    p.files = files;
+    Ok(p)
+}
+
+fn block_on_conflicts(rows: &[Row]) -> Result<()> {
+    let conflicts: Vec<&Row> = rows
         .iter()
         .filter(|r| r.action == Action::Conflict)
-        .map(|r| r.path.clone())
         .collect();
-    if !conflicts.is_empty() {
-        let shown: Vec<String> = rows
-            .iter()
-            .filter(|r| r.action == Action::Conflict)
-            .take(20)
-            .map(|r| format!("  {}  ({})", r.path, r.state.label()))
-            .collect();
-        return Err(EngineError::Blocked {
-            message: format!(
-                "sync blocked by {} conflict(s); nothing was changed:\n{}{}\nhint: decide each path (keep the local or the repository version by copying or deleting it), then sync again",
-                conflicts.len(),
-                shown.join("\n"),
-                if conflicts.len() > 20 { format!("\n  … and {} more", conflicts.len() - 20) } else { String::new() }
-            ),
-            paths: conflicts,
-        });
+    if conflicts.is_empty() {
+        return Ok(());
     }
-    let remote = cmp.remote();
-    let mut uploads: Vec<&Entry> = Vec::new();
-    let mut deletes_remote: Vec<&str> = Vec::new();
-    let mut downloads: Vec<&Entry> = Vec::new();
-    let mut deletes_local: Vec<&str> = Vec::new();
-    for r in &rows {
-        match r.action {
-            Action::Upload => uploads.push(cmp.local.get(&r.path).expect("L has it")),
-            Action::DeleteRemote => deletes_remote.push(&r.path),
-            Action::Download => downloads.push(remote.get(&r.path).expect("R has it")),
-            Action::DeleteLocal => deletes_local.push(&r.path),
-            Action::UpdateCache => report.cache_updated += 1,
-            Action::None | Action::Conflict => {}
-        }
-    }
-    if is_clone && (!uploads.is_empty() || !deletes_remote.is_empty()) {
-        // Local files that the repository does not have stay untouched and
-        // unsynced; clone never writes the repository.
-        for e in &uploads {
-            reporter.warn(&format!(
-                "{}: exists only locally; clone leaves it alone (not uploaded)",
-                e.path
-            ));
-        }
-        uploads.clear();
-        deletes_remote.clear();
-    }
-    let needs_snapshot = !uploads.is_empty() || !deletes_remote.is_empty();
-    let needs_local =
-        !downloads.is_empty() || !deletes_local.is_empty() || report.cache_updated > 0 || is_clone;
-    report.uploaded = uploads.len() as u64;
-    report.deleted_remote = deletes_remote.len() as u64;
-    report.downloaded = downloads.len() as u64;
-    report.deleted_local = deletes_local.len() as u64;
-    report.uploaded_bytes = uploads.iter().map(|e| entry_size(e)).sum();
-    report.downloaded_bytes = downloads.iter().map(|e| entry_size(e)).sum();
-    if opts.dry_run {
-        report.up_to_date = !needs_snapshot && !needs_local;
-        return Ok(report);
-    }
-    if !needs_snapshot && !needs_local {
-        report.up_to_date = true;
-        let _ = client.close();
-        cmp.save_stat_cache(project);
-        return Ok(report);
-    }
+    let shown: Vec<String> = conflicts
+        .iter()
+        .take(20)
+        .map(|r| format!("  {}  ({})", r.path, r.state.label()))
+        .collect();
+    Err(EngineError::Blocked {
+        message: format!(
+            "sync blocked by {} conflict(s); nothing was changed:\n{}{}\nhint: decide each path (keep the local or the repository version by copying or deleting it), then sync again",
+            conflicts.len(),
+            shown.join("\n"),
+            if conflicts.len() > 20 { format!("\n  … and {} more", conflicts.len() - 20) } else { String::new() }
+        ),
+        paths: conflicts.iter().map(|r| r.path.clone()).collect(),
+    })
+}
 
-    let root = &project.root;
-    let tx = format!("tx-{}", uuid::Uuid::new_v4().simple());
-    let remote_bytes = cmp.remote_bytes.clone().ok_or_else(|| EngineError::State {
+/// Local files that the repository does not have stay untouched and
+/// unsynced by a clone; say so.
+fn warn_left_alone(plan: &Plan, reporter: &dyn Reporter) {
+    for r in plan.files.iter().filter(|r| r.action == Action::Upload) {
+        reporter.warn(&format!(
+            "{}: exists only locally; clone leaves it alone (not uploaded)",
+            r.path
+        ));
+    }
+}
+
+/// The repository's metadata as the sync leaves it: its head manifest and
+/// sync-messages (identical on both sides), and the snapshot it is based on.
+struct NextMeta {
+    base: Metadata,
+    base_bytes: Vec<u8>,
+    /// The new snapshot's manifest; `None` when there is no new snapshot
+    /// (the head stays as it is).
+    manifest: Option<Manifest>,
+    manifest_bytes: Vec<u8>,
+    messages_bytes: Vec<u8>,
+    snapshot_id: Option<String>,
+    snapshot_hash: Option<String>,
+}
+
+fn new_metadata(
+    project: &Project,
+    opts: &SyncOpts,
+    cmp: &Comparison,
+    plan: &Plan,
+    repo_messages: Option<SyncMessages>,
+    client: &mut RepoClient,
+) -> Result<NextMeta> {
+    let remote = cmp.remote();
+    let base_bytes = cmp.remote_bytes.clone().ok_or_else(|| EngineError::State {
         message: "internal: repository manifest bytes missing".into(),
         hint: "report this".into(),
     })?;
-    let remote_md = remote.metadata.clone().ok_or_else(|| EngineError::State {
+    let base = remote.metadata.clone().ok_or_else(|| EngineError::State {
         message: "the repository manifest has no metadata (no snapshot id)".into(),
         hint: "the repository was not written by dsg; ask its maintainer".into(),
     })?;
-
-    // New manifest N and new sync-messages (identical on both sides).
-    let mut new_manifest_bytes = remote_bytes.clone();
-    let mut new_manifest: Option<Manifest> = None;
-    let mut new_hash = None;
-    let mut new_id = None;
     let mut messages = match repo_messages {
         Some(m) => m,
-        None => read_repo_messages(&mut client)?,
+        None => read_repo_messages(client)?,
     };
-    if !messages.snapshots.contains_key(&remote_md.snapshot_id) {
-        messages.add(&remote_md);
+    if !messages.snapshots.contains_key(&base.snapshot_id) {
+        messages.add(&base);
     }
-    if needs_snapshot {
-        let mut entries: Vec<Entry> = remote.entries().to_vec();
-        let drop: std::collections::HashSet<&str> = deletes_remote
+    let mut next = NextMeta {
+        manifest: None,
+        manifest_bytes: base_bytes.clone(),
+        messages_bytes: Vec::new(),
+        snapshot_id: None,
+        snapshot_hash: None,
+        base,
+        base_bytes,
+    };
+    if plan.needs_snapshot {
+        let drop: std::collections::HashSet<&str> = plan
+            .remote_deletions
             .iter()
-            .copied()
-            .chain(uploads.iter().map(|e| &*e.path))
+            .chain(&plan.uploads)
+            .map(|p| p.as_str())
             .collect();
+        let mut entries: Vec<Entry> = remote.entries().to_vec();
         entries.retain(|e| !drop.contains(&*e.path));
-        entries.extend(uploads.iter().map(|e| (*e).clone()));
+        entries.extend(
+            plan.uploads
+                .iter()
+                .map(|p| cmp.local.get(p).expect("L has it").clone()),
+        );
         let mut n = Manifest::from_entries(entries);
-        let next = snapshot_number(&remote_md.snapshot_id)
+        let number = snapshot_number(&next.base.snapshot_id)
             .or_else(|| messages.head_number())
             .unwrap_or(0)
             + 1;
-        let id = format!("s{next}");
+        let id = format!("s{number}");
         n.seal(
             &id,
             &project.user.user_id,
             opts.message.as_deref().unwrap_or("Sync operation"),
             "sync",
-            Some(&remote_md),
+            Some(&next.base),
         );
         let md = n.metadata.clone().expect("sealed");
         messages.add(&md);
-        new_hash = md.snapshot_hash.clone();
-        new_id = Some(id);
-        new_manifest_bytes = n.to_json_bytes();
-        new_manifest = Some(n);
+        next.snapshot_hash = md.snapshot_hash.clone();
+        next.snapshot_id = Some(id);
+        next.manifest_bytes = n.to_json_bytes();
+        next.manifest = Some(n);
     }
-    let messages_bytes = messages.to_json_bytes();
+    next.messages_bytes = messages.to_json_bytes();
+    Ok(next)
+}
 
-    // --- the transaction ---
-    if is_clone {
-        std::fs::create_dir(project.dsg()).map_err(|e| EngineError::io(project.dsg(), e))?;
+/// The transaction's identity, the same for all its steps.
+struct Tx<'a> {
+    project: &'a Project,
+    id: String,
+    is_clone: bool,
+}
+
+impl Tx<'_> {
+    fn root(&self) -> &Path {
+        &self.project.root
     }
-    let journal = Journal::create(&journal_path(root)).map_err(jerr(root))?;
-    journal
-        .append(&LocalRecord::Begin {
-            tx: tx.clone(),
-            begin: ClientBegin { clone: is_clone },
-        })
-        .map_err(jerr(root))?;
-    failpoint("client.journal.begin");
-    let staging = staging_dir(root, &tx);
-    let result = (|| -> Result<(Vec<Op>, dsg_txn::Prepared)> {
-        std::fs::create_dir_all(staging.join("meta/archive"))
-            .map_err(|e| EngineError::io(&staging, e))?;
-        if needs_snapshot {
-            let items: Vec<Item> = uploads
-                .iter()
-                .map(|e| match &e.kind {
-                    EntryKind::File { size, hash, .. } => Item::File {
-                        path: &e.path,
-                        size: *size,
-                        hash: hash.expect("scanned").0,
-                        mtime_ns: cmp.local_stat(&e.path).expect("scanned").mtime_ns,
-                    },
-                    EntryKind::Link { target } => Item::Link {
-                        path: &e.path,
-                        target,
-                    },
-                })
-                .collect();
-            upload(
-                project,
-                &mut client,
-                &tx,
-                Target::Sync {
-                    base: &remote_md.snapshot_id,
-                    base_hash: remote_md.snapshot_hash.as_deref(),
-                },
-                &items,
-                retries,
-                reporter,
-            )?;
-            failpoint("client.uploaded");
-        }
-        download(
-            &mut client,
-            &staging,
-            &downloads,
-            report.downloaded_bytes,
-            reporter,
-        )?;
-        failpoint("client.downloaded");
-        check_interrupt()?;
-        // Stage metadata: the new cache, the index, archives we lack.
-        let meta = staging.join("meta");
-        let w =
-            |p: PathBuf, b: &[u8]| write_atomic(&p, b).map_err(|e| EngineError::io(p, e.source));
-        w(meta.join("last-sync.json"), &new_manifest_bytes)?;
-        w(meta.join("sync-messages.json"), &messages_bytes)?;
-        let local_archive = project.dsg().join("archive");
-        if needs_snapshot {
-            let name = archive_name(&remote_md.snapshot_id);
-            if !local_archive.join(&name).exists() {
-                w(
-                    meta.join("archive").join(&name),
-                    &compress_archive(&remote_bytes),
-                )?;
-            }
-        }
-        for name in client.list_archives()? {
-            if local_archive.join(&name).exists() || meta.join("archive").join(&name).exists() {
-                continue;
-            }
-            if name.contains('/') || name.starts_with('.') {
-                continue;
-            }
-            if let Meta::Data(b) = client.read_meta(&format!("archive/{name}"), None)? {
-                w(meta.join("archive").join(&name), &b)?;
-            }
-        }
-        let mut ops: Vec<Op> = Vec::new();
-        let mut removes: Vec<&str> = deletes_local.clone();
-        removes.extend(downloads.iter().map(|e| &*e.path));
-        removes.sort_by(|a, b| b.cmp(a));
-        removes.dedup();
-        ops.extend(removes.into_iter().map(|p| Op::Retire {
-            path: p.into(),
-            hash: None,
-            expect: cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino)),
-        }));
-        let mut installs: Vec<&str> = downloads.iter().map(|e| &*e.path).collect();
-        installs.sort();
-        ops.extend(installs.into_iter().map(|p| Op::Install { path: p.into() }));
-        // Folders for the downloads, write permission, space: checked
-        // now, so that nothing local can stop the apply after the commit.
-        let prepared = prepare_local(root, &tx, &mut ops)?;
-        let sealed = (|| {
-            sync_fs(root)?;
-            journal
-                .append(&LocalRecord::Prepared {
-                    tx: tx.clone(),
-                    new_hash: new_hash.clone(),
-                    ops: ops.clone(),
-                })
-                .map_err(jerr(root))?;
-            failpoint("client.journal.prepared");
-            check_interrupt()
-        })();
-        match sealed {
-            Ok(()) => Ok((ops, prepared)),
-            Err(e) => {
-                prepared.undo();
-                Err(e)
-            }
-        }
-    })();
-    let (ops, prepared) = match result {
+}
+
+/// Carries out `plan`: begin, stage, commit point, finish.
+fn transact(
+    tx: &Tx<'_>,
+    mut client: RepoClient,
+    cmp: &Comparison,
+    plan: &Plan,
+    next: &NextMeta,
+    retries: &Retries,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let root = tx.root();
+    let journal = begin(tx)?;
+    let ops = match stage(
+        tx,
+        &journal,
+        &mut client,
+        cmp,
+        plan,
+        next,
+        retries,
+        reporter,
+    ) {
         Ok(ops) => ops,
         Err(e) => {
             // Before the commit point: nothing of ours is visible anywhere.
             let _ = client.rollback();
-            rollback_local(root, &tx, is_clone);
+            rollback_local(root, &tx.id, tx.is_clone);
             return Err(e);
         }
     };
-    if needs_snapshot {
-        let id = new_id.clone().expect("snapshot id");
-        if let Err(e) = client.commit(&id, &new_manifest_bytes, &messages_bytes) {
-            if e.kind() == Some(ErrorKind::Incomplete) {
-                // Committed on the repository side; recovery finishes both
-                // sides (our journal says prepared, the head will match).
-                return Err(e.into());
-            }
-            // Did the repository commit anyway (the reply was lost)? Ask,
-            // on a new connection if this one is gone.
-            // `settle` waits until our old agent (if still running) has
-            // finished, so the head read next is the final outcome.
-            let unknown = |e: &dyn std::fmt::Display| {
-                EngineError::State {
-                message: format!("the commit's outcome is unknown: {e}"),
-                hint: "run any dsg command when the repository is reachable; it finishes or undoes this sync".into(),
-            }
-            };
-            let committed = match RepoClient::connect(&project.config) {
-                Ok(mut c) => {
-                    if c.settle().is_err() {
-                        return Err(unknown(&e));
-                    }
-                    match fetch_remote(&mut c, None) {
-                        Ok(Some((m, _))) => {
-                            m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == new_hash
-                        }
-                        Ok(None) => false,
-                        Err(_) => return Err(unknown(&e)),
-                    }
-                }
-                // Unknown: keep the journal; the next command decides.
-                Err(_) => return Err(unknown(&e)),
-            };
-            if !committed {
-                rollback_local(root, &tx, is_clone);
-                prepared.undo();
-                return Err(e.into());
-            }
-        }
+    if plan.needs_snapshot {
+        commit_snapshot(tx, &mut client, next)?;
         failpoint("client.repo_committed");
     }
+    finish(tx, &journal, &ops, cmp, plan, next)?;
+    let _ = client.close();
+    Ok(())
+}
+
+fn begin(tx: &Tx<'_>) -> Result<Journal> {
+    let root = tx.root();
+    if tx.is_clone {
+        let dsg = tx.project.dsg();
+        std::fs::create_dir(&dsg).map_err(|e| EngineError::io(&dsg, e))?;
+    }
+    let journal = Journal::create(&journal_path(root)).map_err(jerr(root))?;
+    journal
+        .append(&LocalRecord::Begin {
+            tx: tx.id.clone(),
+            begin: ClientBegin { clone: tx.is_clone },
+        })
+        .map_err(jerr(root))?;
+    failpoint("client.journal.begin");
+    Ok(journal)
+}
+
+/// Everything before the commit point: uploads, downloads and metadata
+/// staged, the local operations journaled as `prepared`. The caller rolls
+/// back on error.
+#[allow(clippy::too_many_arguments)]
+fn stage(
+    tx: &Tx<'_>,
+    journal: &Journal,
+    client: &mut RepoClient,
+    cmp: &Comparison,
+    plan: &Plan,
+    next: &NextMeta,
+    retries: &Retries,
+    reporter: &dyn Reporter,
+) -> Result<Vec<Op>> {
+    let root = tx.root();
+    let staging = staging_dir(root, &tx.id);
+    std::fs::create_dir_all(staging.join("meta/archive"))
+        .map_err(|e| EngineError::io(&staging, e))?;
+    if plan.needs_snapshot {
+        upload_changes(tx, client, cmp, plan, next, retries, reporter)?;
+        failpoint("client.uploaded");
+    }
+    let remote = cmp.remote();
+    let downloads: Vec<&Entry> = plan
+        .downloads
+        .iter()
+        .map(|p| remote.get(p).expect("R has it"))
+        .collect();
+    download(
+        client,
+        &staging,
+        &downloads,
+        plan.downloaded_bytes,
+        reporter,
+    )?;
+    failpoint("client.downloaded");
+    check_interrupt()?;
+    stage_meta(tx, client, &staging.join("meta"), plan, next)?;
+    let mut ops = local_ops(cmp, plan);
+    // Folders for the downloads, write permission, space: checked now, so
+    // that nothing local can stop the apply after the commit point.
+    prepare_local(root, &tx.id, &mut ops)?;
+    sync_fs(root)?;
+    journal
+        .append(&LocalRecord::Prepared {
+            tx: tx.id.clone(),
+            new_hash: next.snapshot_hash.clone(),
+            ops: ops.clone(),
+        })
+        .map_err(jerr(root))?;
+    failpoint("client.journal.prepared");
+    check_interrupt()?;
+    Ok(ops)
+}
+
+fn upload_changes(
+    tx: &Tx<'_>,
+    client: &mut RepoClient,
+    cmp: &Comparison,
+    plan: &Plan,
+    next: &NextMeta,
+    retries: &Retries,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let items: Vec<Item> = plan
+        .uploads
+        .iter()
+        .map(|p| {
+            let e = cmp.local.get(p).expect("L has it");
+            match &e.kind {
+                EntryKind::File { size, hash, .. } => Item::File {
+                    path: &e.path,
+                    size: *size,
+                    hash: hash.expect("scanned").0,
+                    mtime_ns: cmp.local_stat(&e.path).expect("scanned").mtime_ns,
+                },
+                EntryKind::Link { target } => Item::Link {
+                    path: &e.path,
+                    target,
+                },
+            }
+        })
+        .collect();
+    if injected_error("client.begin.moved") {
+        // For tests: a repository that moves before every begin.
+        return Err(moved_for_test(client, &next.base.snapshot_id).into());
+    }
+    upload(
+        tx.project,
+        client,
+        &tx.id,
+        Target::Sync {
+            base: &next.base.snapshot_id,
+            base_hash: next.base.snapshot_hash.as_deref(),
+        },
+        &items,
+        retries,
+        reporter,
+    )
+}
+
+fn moved_for_test(client: &RepoClient, base: &str) -> RepoError {
+    RepoError::Remote {
+        host: client.host().into(),
+        repo: client.repo().into(),
+        err: RemoteError {
+            kind: ErrorKind::Moved,
+            message: format!(
+                "the repository moved (injected): this sync was planned against {base}"
+            ),
+            hint: None,
+        },
+    }
+}
+
+/// Stages the metadata: the new cache, the index, archives we lack.
+fn stage_meta(
+    tx: &Tx<'_>,
+    client: &mut RepoClient,
+    meta: &Path,
+    plan: &Plan,
+    next: &NextMeta,
+) -> Result<()> {
+    let w = |p: PathBuf, b: &[u8]| write_atomic(&p, b).map_err(|e| EngineError::io(p, e.source));
+    w(meta.join("last-sync.json"), &next.manifest_bytes)?;
+    w(meta.join("sync-messages.json"), &next.messages_bytes)?;
+    let local_archive = tx.project.dsg().join("archive");
+    if plan.needs_snapshot {
+        let name = archive_name(&next.base.snapshot_id);
+        if !local_archive.join(&name).exists() {
+            w(
+                meta.join("archive").join(&name),
+                &compress_archive(&next.base_bytes),
+            )?;
+        }
+    }
+    for name in client.list_archives()? {
+        if local_archive.join(&name).exists() || meta.join("archive").join(&name).exists() {
+            continue;
+        }
+        if name.contains('/') || name.starts_with('.') {
+            continue;
+        }
+        if let Meta::Data(b) = client.read_meta(&format!("archive/{name}"), None)? {
+            w(meta.join("archive").join(&name), &b)?;
+        }
+    }
+    Ok(())
+}
+
+/// What the client does to its files after the commit point: remove what
+/// is deleted or replaced (deepest first), then install the downloads.
+fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
+    let mut removes: Vec<&str> = plan
+        .local_deletions
+        .iter()
+        .chain(&plan.downloads)
+        .map(|p| p.as_str())
+        .collect();
+    removes.sort_by(|a, b| b.cmp(a));
+    removes.dedup();
+    let mut ops: Vec<Op> = removes
+        .into_iter()
+        .map(|p| Op::Retire {
+            path: p.into(),
+            hash: None,
+            expect: cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino)),
+        })
+        .collect();
+    let mut installs: Vec<&str> = plan.downloads.iter().map(|p| p.as_str()).collect();
+    installs.sort();
+    ops.extend(installs.into_iter().map(|p| Op::Install { path: p.into() }));
+    ops
+}
+
+/// The commit point of a snapshot sync: the agent commits. When its reply
+/// is lost, the head read on a new connection tells the outcome.
+fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta) -> Result<()> {
+    let id = next.snapshot_id.clone().expect("snapshot id");
+    let Err(e) = client.commit(&id, &next.manifest_bytes, &next.messages_bytes) else {
+        return Ok(());
+    };
+    if e.kind() == Some(ErrorKind::Incomplete) {
+        // Committed on the repository side; recovery finishes both
+        // sides (our journal says prepared, the head will match).
+        return Err(e.into());
+    }
+    let unknown = |e: &dyn std::fmt::Display| EngineError::State {
+        message: format!("the commit's outcome is unknown: {e}"),
+        hint:
+            "run any dsg command when the repository is reachable; it finishes or undoes this sync"
+                .into(),
+    };
+    // Did the repository commit anyway (the reply was lost)? Ask, on a new
+    // connection if this one is gone. `settle` waits until our old agent
+    // (if still running) has finished, so the head read next is the final
+    // outcome. If the repository cannot be asked, the journal stays: the
+    // next command decides.
+    let mut c = RepoClient::connect(&tx.project.config).map_err(|_| unknown(&e))?;
+    if c.settle().is_err() {
+        return Err(unknown(&e));
+    }
+    let committed = match fetch_remote(&mut c, None) {
+        Ok(Some((m, _))) => {
+            m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == next.snapshot_hash
+        }
+        Ok(None) => false,
+        Err(_) => return Err(unknown(&e)),
+    };
+    if !committed {
+        rollback_local(tx.root(), &tx.id, tx.is_clone);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// After the commit point: Ctrl-C no longer aborts; the local side is
+/// brought to the committed state and the journal closed.
+fn finish(
+    tx: &Tx<'_>,
+    journal: &Journal,
+    ops: &[Op],
+    cmp: &Comparison,
+    plan: &Plan,
+    next: &NextMeta,
+) -> Result<()> {
+    let root = tx.root();
     journal
         .append(&LocalRecord::Committed {
-            tx: tx.clone(),
+            tx: tx.id.clone(),
             ops: Vec::new(),
             snap: None,
         })
         .map_err(jerr(root))?;
     failpoint("client.journal.committed");
-    // Past the commit point: Ctrl-C no longer aborts; we finish.
-    drop(prepared);
-    apply_local(root, &tx, &ops)?;
-    update_stat_cache(project, &cmp, &downloads, &deletes_local);
+    apply_local(root, &tx.id, ops)?;
+    update_stat_cache(tx.project, cmp, plan);
     // The next command finds the new cache already in binary form (a JSON
     // parse of every entry saved); tagged by the JSON's hash, so a stale
     // copy is never used.
-    project.write_manifest_cache(
-        new_manifest.as_ref().unwrap_or(cmp.remote()),
-        xxhash_rust::xxh3::xxh3_64(&new_manifest_bytes),
+    tx.project.write_manifest_cache(
+        next.manifest.as_ref().unwrap_or(cmp.remote()),
+        xxhash_rust::xxh3::xxh3_64(&next.manifest_bytes),
     );
     journal
-        .append(&LocalRecord::Done { tx: tx.clone() })
+        .append(&LocalRecord::Done { tx: tx.id.clone() })
         .map_err(jerr(root))?;
     failpoint("client.journal.done");
     cleanup_local(root);
-    let _ = client.close();
-    report.snapshot_id = new_id;
-    Ok(report)
+    Ok(())
 }
 
 /// Refuses to sync a project whose last sync the repository no longer
@@ -589,13 +814,6 @@ fn read_repo_messages(client: &mut RepoClient) -> Result<SyncMessages> {
     })
 }
 
-/// Exponential backoff with jitter: 0.5 s, 1 s, 2 s … ± 50 %.
-pub fn backoff(attempt: u32) -> std::time::Duration {
-    let base = 0.5 * 2f64.powi(attempt.saturating_sub(1) as i32);
-    let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
-    std::time::Duration::from_secs_f64(base * (0.5 + jitter))
-}
-
 fn entry_size(e: &Entry) -> u64 {
     match e.kind {
         EntryKind::File { size, .. } => size,
@@ -635,27 +853,21 @@ fn download(
     reporter.transfer_start("downloading", fetch.len() as u64, bytes);
     let (mut nf, mut nb) = (0u64, 0u64);
     let mut buf = vec![0u8; 1 << 20];
+    // The first local write that failed, kept whole: the agent's error
+    // type has only its text, and the hint depends on the cause.
+    let mut write_failed: Option<(PathBuf, std::io::Error)> = None;
     let res = client.get_files(fetch, |inc| {
         let Incoming::File { path, size: _, data } = inc else {
             return Err(std::io::Error::other("the repository holds a link where its manifest has a file"));
         };
         let e = want.get(path.as_str()).ok_or_else(|| std::io::Error::other("unexpected file"))?;
         let EntryKind::File { size, mtime, hash } = &e.kind else { unreachable!() };
-        make_parent(&files, &path).map_err(std::io::Error::other)?;
         let dst = files.join(&path);
-        let mut f = std::fs::File::create(&dst)?;
-        let mut h = Xxh3::new();
-        let mut n = 0u64;
-        loop {
-            let k = data.read(&mut buf)?;
-            if k == 0 {
-                break;
-            }
-            h.update(&buf[..k]);
-            f.write_all(&buf[..k])?;
-            n += k as u64;
-        }
-        let got = Hash(h.digest());
+        let (n, got, f) = receive(&files, &path, &dst, data, &mut buf).map_err(|(at, err)| {
+            let copy = std::io::Error::new(err.kind(), err.to_string());
+            write_failed.get_or_insert((at, err));
+            copy
+        })?;
         if n != *size || hash.is_some_and(|want| want != got) {
             return Err(std::io::Error::other(format!(
                 "downloaded {n} bytes hashing to {got}, the repository manifest says {size} bytes hashing to {}",
@@ -674,22 +886,102 @@ fn download(
     });
     reporter.transfer_done();
     res.map_err(|e| match e {
-        RepoError::Local { path, msg } => EngineError::State {
-            message: format!("download of {} failed: {msg}", path.display()),
-            hint: "nothing was changed; run the command again (if it persists, the repository may be damaged: run 'dsg validate-config')".into(),
-        },
+        RepoError::Local { path, msg } => download_error(&path, &msg, write_failed, staging, bytes),
         other => other.into(),
     })
 }
 
+/// Writes one incoming file to `dst`; returns its length, hash and open
+/// file, or the local path whose write failed.
+fn receive(
+    files: &Path,
+    rel: &str,
+    dst: &Path,
+    data: &mut dyn std::io::Read,
+    buf: &mut [u8],
+) -> std::result::Result<(u64, Hash, std::fs::File), (PathBuf, std::io::Error)> {
+    make_parent(files, rel).map_err(|e| match e {
+        EngineError::Io { path, source } => (path, source),
+        other => (dst.to_path_buf(), std::io::Error::other(other.to_string())),
+    })?;
+    let at = |e| (dst.to_path_buf(), e);
+    let mut f = std::fs::File::create(dst).map_err(at)?;
+    let mut h = Xxh3::new();
+    let mut n = 0u64;
+    loop {
+        // A read error is the connection's, not the local disk's.
+        let k = data.read(buf).map_err(|e| (PathBuf::new(), e))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        f.write_all(&buf[..k]).map_err(at)?;
+        n += k as u64;
+    }
+    Ok((n, Hash(h.digest()), f))
+}
+
+/// The error for a failed download, with a hint that names its real cause:
+/// the local disk (full, or not writable), or else what the repository sent
+/// (a verification mismatch: possible damage there).
+fn download_error(
+    rel: &Path,
+    msg: &str,
+    write_failed: Option<(PathBuf, std::io::Error)>,
+    staging: &Path,
+    bytes: u64,
+) -> EngineError {
+    use std::io::ErrorKind as K;
+    let Some((at, err)) = write_failed.filter(|(at, _)| !at.as_os_str().is_empty()) else {
+        return EngineError::State {
+            message: format!("download of {} failed: {msg}", rel.display()),
+            hint: "nothing was changed; run the command again (if it persists, the repository may be damaged: run 'dsg validate-config')".into(),
+        };
+    };
+    let errno = err.raw_os_error();
+    let full = matches!(errno, Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || matches!(err.kind(), K::StorageFull | K::QuotaExceeded);
+    let not_writable = matches!(
+        errno,
+        Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)
+    ) || matches!(err.kind(), K::PermissionDenied | K::ReadOnlyFilesystem);
+    if full {
+        EngineError::State {
+            message: format!(
+                "the local disk is full: writing {} (downloading {}) failed: {err}; nothing was changed",
+                at.display(),
+                rel.display()
+            ),
+            hint: format!(
+                "free space on the filesystem holding {} (this sync downloads {bytes} bytes, and keeps the files it replaces until it is done), then run the command again",
+                // The project, not the staging directory (gone by now).
+                staging.ancestors().nth(3).unwrap_or(staging).display()
+            ),
+        }
+    } else if not_writable {
+        EngineError::State {
+            message: format!(
+                "the local folder is not writable: writing {} (downloading {}) failed: {err}; nothing was changed",
+                at.display(),
+                rel.display()
+            ),
+            hint: "make the project folder and its .dsg/ writable by you (check their permissions, and that the filesystem is not mounted read-only), then run the command again".into(),
+        }
+    } else {
+        EngineError::State {
+            message: format!(
+                "writing {} (downloading {}) failed: {err}; nothing was changed",
+                at.display(),
+                rel.display()
+            ),
+            hint: "check the local disk holding the project, then run the command again".into(),
+        }
+    }
+}
+
 /// The stat cache after a sync: the scan's entries, minus deletions, plus
 /// the downloaded files as they now are on disk.
-fn update_stat_cache(
-    project: &Project,
-    cmp: &crate::status::Comparison,
-    downloads: &[&Entry],
-    deleted: &[&str],
-) {
+fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
     let mut map: std::collections::BTreeMap<&str, (Stat, Hash)> = cmp
         .local
         .entries()
@@ -697,11 +989,13 @@ fn update_stat_cache(
         .zip(&cmp.local_stats)
         .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, (*st, h))))
         .collect();
-    for p in deleted {
-        map.remove(*p);
+    for p in &plan.local_deletions {
+        map.remove(p.as_str());
     }
-    for e in downloads {
-        map.remove(&*e.path);
+    let remote = cmp.remote();
+    for p in &plan.downloads {
+        map.remove(p.as_str());
+        let e = remote.get(p).expect("R has it");
         if let EntryKind::File { hash: Some(h), .. } = &e.kind {
             if let Ok(md) = std::fs::symlink_metadata(project.root.join(&*e.path)) {
                 map.insert(&e.path, (Stat::of(&md), *h));
@@ -712,4 +1006,49 @@ fn update_stat_cache(
         cmp.scan.started_ns,
         map.into_iter().map(|(p, (st, h))| (p, st, h)),
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint_for(err: Option<std::io::Error>) -> String {
+        let staging = Path::new("/p/.dsg/staging/tx-1");
+        let at = staging.join("files/a/b.bin");
+        download_error(
+            Path::new("a/b.bin"),
+            "the text",
+            err.map(|e| (at, e)),
+            staging,
+            10,
+        )
+        .to_string()
+    }
+
+    #[test]
+    fn download_errors_name_their_real_cause() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let m = hint_for(Some(std::io::Error::from_raw_os_error(errno)));
+            assert!(m.contains("the local disk is full"), "{m}");
+            assert!(m.contains("/p/.dsg/staging/tx-1/files/a/b.bin"), "{m}");
+            assert!(m.contains("nothing was changed"), "{m}");
+            assert!(
+                m.contains("hint: free space on the filesystem holding /p "),
+                "{m}"
+            );
+            assert!(!m.contains("damaged"), "{m}");
+        }
+        for errno in [libc::EACCES, libc::EROFS] {
+            let m = hint_for(Some(std::io::Error::from_raw_os_error(errno)));
+            assert!(m.contains("the local folder is not writable"), "{m}");
+            assert!(m.contains("/p/.dsg/staging/tx-1/files/a/b.bin"), "{m}");
+            assert!(!m.contains("damaged"), "{m}");
+        }
+        let m = hint_for(Some(std::io::Error::from_raw_os_error(libc::EIO)));
+        assert!(m.contains("b.bin") && !m.contains("damaged"), "{m}");
+        // Only what the repository sent (a verification mismatch) points
+        // at the repository.
+        let m = hint_for(None);
+        assert!(m.contains("may be damaged"), "{m}");
+    }
 }

@@ -10,10 +10,9 @@
 //! agent cannot resume (its staging was recovered by another command, or
 //! the repository moved), it begins afresh and everything is sent again.
 
-use std::cell::Cell;
-
 use dsg_repo::{RepoClient, RepoError};
 
+use crate::retry::Retries;
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
 /// One thing to upload.
@@ -45,56 +44,6 @@ pub enum Target<'a> {
         base: &'a str,
         base_hash: Option<&'a str>,
     },
-}
-
-/// How many times one command may reconnect after a dropped connection,
-/// shared by all its steps so that nested retries stay bounded.
-pub struct Retries {
-    used: Cell<u32>,
-    max: u32,
-}
-
-impl Retries {
-    pub fn new(max: u32) -> Retries {
-        Retries {
-            used: Cell::new(0),
-            max,
-        }
-    }
-
-    /// Spends one retry and returns how long to wait first, or `None`
-    /// when the budget is spent.
-    pub fn next_wait(&self) -> Option<std::time::Duration> {
-        let n = self.used.get();
-        if n >= self.max {
-            return None;
-        }
-        self.used.set(n + 1);
-        Some(crate::sync::backoff(n + 1))
-    }
-
-    /// After a lost connection `lost`: says so and waits out the backoff,
-    /// or returns `lost` when the budget is spent.
-    pub fn wait_after(
-        &self,
-        lost: RepoError,
-        during: &str,
-        then: &str,
-        reporter: &dyn Reporter,
-    ) -> Result<()> {
-        let RepoError::Connection { host, source } = &lost else {
-            return Err(lost.into());
-        };
-        let Some(wait) = self.next_wait() else {
-            return Err(lost.into());
-        };
-        reporter.warn(&format!(
-            "lost the connection to {host} {during} ({source}); retrying in {:.1} s, {then}",
-            wait.as_secs_f64()
-        ));
-        std::thread::sleep(wait);
-        Ok(())
-    }
 }
 
 /// Begins transaction `tx` for `target`, sends `items`

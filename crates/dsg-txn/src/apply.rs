@@ -152,23 +152,6 @@ const EACCES: i32 = rustix::io::Errno::ACCESS.raw_os_error();
 const EPERM: i32 = rustix::io::Errno::PERM.raw_os_error();
 const EROFS: i32 = rustix::io::Errno::ROFS.raw_os_error();
 
-/// What `prepare` made, so a transaction that does not commit can take it
-/// back (best effort: a crash leaves at most empty folders).
-#[derive(Debug, Default)]
-#[must_use = "undo() what prepare made when the transaction does not commit"]
-pub struct Prepared {
-    created: Vec<PathBuf>,
-}
-
-impl Prepared {
-    /// Removes the folders `prepare` created, if they are still empty.
-    pub fn undo(self) {
-        for d in self.created.iter().rev() {
-            let _ = fs::remove_dir(d);
-        }
-    }
-}
-
 /// Free space the apply may still need after the commit point: its journal
 /// records, and directory blocks for the entries it moves. Renames allocate
 /// no data, so this margin is small and fixed per operation.
@@ -184,19 +167,10 @@ fn space_needed(ops: &[Op], new_dirs: usize) -> u64 {
 /// tree changes are writable and free of links, and the space the apply
 /// needs (its new folders, its journal) is there. Fills in
 /// the hash of a retired file that has none (its object's name).
-pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<Prepared, TxError> {
-    let mut made = Prepared::default();
-    let r = prepare_into(l, ops, &mut made);
-    match r {
-        Ok(()) => Ok(made),
-        Err(e) => {
-            made.undo();
-            Err(e)
-        }
-    }
-}
-
-fn prepare_into(l: &Layout, ops: &mut [Op], made: &mut Prepared) -> Result<(), TxError> {
+///
+/// Folders it makes are out of sight (in `.dsg`) and stay if the
+/// transaction does not commit; the tree itself is not touched.
+pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
     let retired: std::collections::HashSet<String> = ops
         .iter()
         .filter(|o| matches!(o, Op::Retire { .. }))
@@ -206,7 +180,7 @@ fn prepare_into(l: &Layout, ops: &mut [Op], made: &mut Prepared) -> Result<(), T
     let mut to_make: std::collections::BTreeSet<PathBuf> = Default::default();
     writable.insert(l.dsg.to_path_buf());
     let archive = l.dsg.join("archive");
-    mkdir(&archive, made)?;
+    mkdir(&archive)?;
     writable.insert(archive);
     for op in ops.iter_mut() {
         let path = op.path().to_string();
@@ -231,13 +205,13 @@ fn prepare_into(l: &Layout, ops: &mut [Op], made: &mut Prepared) -> Result<(), T
                 };
                 let obj = object_path(dsg, h);
                 let dir = obj.parent().expect("objects/<hh>");
-                mkdir(&dsg.join("objects"), made)?;
-                mkdir(dir, made)?;
+                mkdir(&dsg.join("objects"))?;
+                mkdir(dir)?;
                 writable.insert(dir.to_path_buf());
             }
             (Op::Retire { path, .. }, Aside::Backup { dir }) => {
                 if let Some(par) = Path::new(&*path).parent() {
-                    mkdir_all(&dir.join(par), made)?;
+                    fs::create_dir_all(dir.join(par)).map_err(|e| TxError::io(dir, e))?;
                 }
             }
             _ => {}
@@ -308,25 +282,12 @@ fn parent_dir(
     Ok(cur)
 }
 
-fn mkdir(d: &Path, made: &mut Prepared) -> Result<(), TxError> {
+fn mkdir(d: &Path) -> Result<(), TxError> {
     match fs::create_dir(d) {
-        Ok(()) => {
-            made.created.push(d.to_path_buf());
-            Ok(())
-        }
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => Ok(()),
         Err(e) => Err(TxError::io(d, e)),
     }
-}
-
-fn mkdir_all(d: &Path, made: &mut Prepared) -> Result<(), TxError> {
-    if d.is_dir() {
-        return Ok(());
-    }
-    if let Some(p) = d.parent() {
-        mkdir_all(p, made)?;
-    }
-    mkdir(d, made)
 }
 
 fn free_bytes(p: &Path) -> Result<u64, TxError> {
@@ -604,7 +565,7 @@ mod tests {
                 path: "in/new/b".into(),
             },
         ];
-        let _p = prepare(&l, &mut ops).unwrap();
+        prepare(&l, &mut ops).unwrap();
         let Op::Retire { hash: Some(h), .. } = ops[0] else {
             panic!("hash filled in")
         };

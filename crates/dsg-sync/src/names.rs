@@ -1,0 +1,108 @@
+//! Settling path names before a scan is trusted: invalid names block, or
+//! with `--normalize` are renamed. Shared by `init` and `sync`.
+
+use dsg_core::names::{apply_normalization, plan_normalization, NormalizePlan, Rename};
+use dsg_core::scan::{Problem, ProblemKind};
+
+use crate::{EngineError, Project, Result};
+
+#[derive(Debug, serde::Serialize)]
+pub struct RenameOut {
+    pub from: String,
+    pub to: String,
+}
+
+impl From<&Rename> for RenameOut {
+    fn from(r: &Rename) -> Self {
+        RenameOut {
+            from: r.from.clone(),
+            to: r.to.clone(),
+        }
+    }
+}
+
+/// With `normalize`, plans (and unless `dry_run`, applies) renames for
+/// invalid names among `paths`; returns them. A caller that gets renames
+/// back (not in a dry run) must scan again, then call `block_on_problems`.
+/// Without `normalize`, any problem blocks.
+pub fn settle_names(
+    project: &Project,
+    problems: &[Problem],
+    paths: impl Iterator<Item = String>,
+    normalize: bool,
+    dry_run: bool,
+    verb: &str,
+) -> Result<Vec<RenameOut>> {
+    let has_name_problems = problems.iter().any(|p| p.kind == ProblemKind::Name);
+    if !(has_name_problems && normalize) {
+        block_on_problems(problems, verb)?;
+        return Ok(Vec::new());
+    }
+    let mut all: Vec<String> = paths.collect();
+    all.extend(problems.iter().map(|p| p.path.clone()));
+    let plan: NormalizePlan = plan_normalization(&all);
+    if !plan.conflicts.is_empty() || !plan.unfixable.is_empty() {
+        let mut paths: Vec<String> = Vec::new();
+        let mut lines = Vec::new();
+        for (p, why) in plan.conflicts.iter().chain(plan.unfixable.iter()) {
+            lines.push(format!("  {p}: {why}"));
+            paths.push(p.clone());
+        }
+        return Err(EngineError::Blocked {
+            message: format!(
+                "{verb} blocked: {} path(s) cannot be normalized automatically:\n{}\nhint: rename them by hand",
+                paths.len(),
+                lines.join("\n")
+            ),
+            paths,
+        });
+    }
+    let renames: Vec<RenameOut> = plan.renames.iter().map(RenameOut::from).collect();
+    if dry_run {
+        // Problems the plan does not fix still block, even in a preview.
+        let other: Vec<Problem> = problems
+            .iter()
+            .filter(|p| p.kind != ProblemKind::Name)
+            .cloned()
+            .collect();
+        block_on_problems(&other, verb)?;
+        return Ok(renames);
+    }
+    apply_normalization(&project.root, &plan).map_err(|e| EngineError::State {
+        message: format!("normalization stopped: {e}"),
+        hint: "fix the path by hand and run the command again".into(),
+    })?;
+    Ok(renames)
+}
+
+/// Invalid names, unsafe links and unreadable files block (exit 3).
+pub fn block_on_problems(problems: &[Problem], verb: &str) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<String> = problems.iter().map(|p| p.path.clone()).collect();
+    let lines: Vec<String> = problems
+        .iter()
+        .take(20)
+        .map(|p| format!("  {}: {}", p.path, p.message))
+        .collect();
+    let more = if paths.len() > 20 {
+        format!("\n  … and {} more", paths.len() - 20)
+    } else {
+        String::new()
+    };
+    let fixable = problems.iter().any(|p| p.kind == ProblemKind::Name);
+    Err(EngineError::Blocked {
+        message: format!(
+            "{verb} blocked: {} path(s) cannot be synced:\n{}{more}\nhint: {}",
+            paths.len(),
+            lines.join("\n"),
+            if fixable {
+                "run with --normalize to rename invalid names (add --dry-run to preview), or fix them by hand"
+            } else {
+                "fix these paths by hand (links must be relative and stay inside the project)"
+            }
+        ),
+        paths,
+    })
+}
