@@ -885,7 +885,7 @@ fn repository_full_for_new_object_folder(kind: Kind) {
     }
     let mut committed = false;
     for attempt in 0..40 {
-        env.write("A", &p("a.txt"), &format!("a{}", attempt + 1));
+        env.write("A", &p("a.txt"), format!("a{}", attempt + 1));
         let before = listings(&env, &["A"]);
         let o = env.run("A", &["sync"]);
         let err = stderr(&o);
