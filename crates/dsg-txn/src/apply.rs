@@ -10,6 +10,7 @@
 //! step looks at what is already done, so recovery can run it again after
 //! a crash anywhere inside it.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::fd::AsFd;
@@ -93,9 +94,9 @@ pub enum TxError {
         #[source]
         source: io::Error,
     },
-    #[error("{}: permission denied (this folder is not writable)", path.display())]
+    #[error("{}: Permission denied (this folder is not writable)", path.display())]
     NotWritable { path: PathBuf },
-    #[error("{}: the filesystem has {free} bytes free, and committing needs at least {need}", path.display())]
+    #[error("{}: no space left: the filesystem has {free} bytes free (or too few inodes), and committing needs at least {need} bytes", path.display())]
     NoSpace { path: PathBuf, free: u64, need: u64 },
     #[error("{path}: its parent {} is a symlink", link.display())]
     ThroughLink { path: String, link: PathBuf },
@@ -156,9 +157,12 @@ const EROFS: i32 = rustix::io::Errno::ROFS.raw_os_error();
 /// records, and directory blocks for the entries it moves. Renames allocate
 /// no data, so this margin is small and fixed per operation.
 fn space_needed(ops: &[Op], new_dirs: usize) -> u64 {
-    // A folder costs an inode and a directory block (XFS allocates inodes
-    // in chunks of 64: count a chunk's share generously).
-    256 * 1024 + 512 * ops.len() as u64 + 64 * 1024 * new_dirs as u64
+    // An entry moved into a folder grows it by its name and a few bytes
+    // (128 is generous); a new folder costs a directory block and an
+    // inode (XFS allocates inodes in chunks: count a share of one). Sized
+    // so that a clone of a million files into an empty tree asks for
+    // space it really needs, not gigabytes.
+    256 * 1024 + 128 * ops.len() as u64 + (4096 + 512) * new_dirs as u64
 }
 
 /// Before the commit point: checks everything `apply` needs and creates
@@ -176,12 +180,12 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
         .filter(|o| matches!(o, Op::Retire { .. }))
         .map(|o| o.path().to_string())
         .collect();
-    let mut writable: std::collections::BTreeSet<PathBuf> = Default::default();
-    let mut to_make: std::collections::BTreeSet<PathBuf> = Default::default();
+    let mut writable: BTreeSet<PathBuf> = Default::default();
+    let mut to_make: BTreeSet<PathBuf> = Default::default();
+    // Folders made now, out of sight in `.dsg`, deepest last.
+    let mut make_now: BTreeSet<PathBuf> = Default::default();
     writable.insert(l.dsg.to_path_buf());
-    let archive = l.dsg.join("archive");
-    mkdir(&archive)?;
-    writable.insert(archive);
+    make_now.insert(l.dsg.join("archive"));
     for op in ops.iter_mut() {
         let path = op.path().to_string();
         let install = matches!(op, Op::Install { .. });
@@ -205,28 +209,60 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
                 };
                 let obj = object_path(dsg, h);
                 let dir = obj.parent().expect("objects/<hh>");
-                mkdir(&dsg.join("objects"))?;
-                mkdir(dir)?;
-                writable.insert(dir.to_path_buf());
+                make_now.insert(dsg.join("objects"));
+                make_now.insert(dir.to_path_buf());
             }
             (Op::Retire { path, .. }, Aside::Backup { dir }) => {
-                if let Some(par) = Path::new(&*path).parent() {
-                    fs::create_dir_all(dir.join(par)).map_err(|e| TxError::io(dir, e))?;
+                make_now.insert(dir.to_path_buf());
+                let mut par = Path::new(&*path).parent();
+                while let Some(p) = par.filter(|p| !p.as_os_str().is_empty()) {
+                    make_now.insert(dir.join(p));
+                    par = p.parent();
                 }
             }
             _ => {}
         }
+    }
+    // A folder made now needs its parent writable; one that exists, itself.
+    for d in &make_now {
+        let existing = if d.is_dir() {
+            d
+        } else {
+            d.parent().unwrap_or(d)
+        };
+        writable.insert(existing.to_path_buf());
     }
     for d in &writable {
         if d.exists() && rustix::fs::access(d, rustix::fs::Access::WRITE_OK).is_err() {
             return Err(TxError::NotWritable { path: d.clone() });
         }
     }
-    let need = space_needed(ops, to_make.len());
-    let free = free_bytes(l.root)?;
-    if free < need {
+    let missing: Vec<&PathBuf> = make_now.iter().filter(|d| !d.is_dir()).collect();
+    check_space(l.root, ops, to_make.len() + missing.len())?;
+    // Parents sort before their children.
+    let mut made: Vec<&PathBuf> = Vec::new();
+    for d in missing {
+        if let Err(e) = mkdir(d) {
+            for m in made.iter().rev() {
+                let _ = fs::remove_dir(m);
+            }
+            return Err(e);
+        }
+        made.push(d);
+    }
+    Ok(())
+}
+
+/// The filesystem has the space and the inodes the apply still needs.
+fn check_space(root: &Path, ops: &[Op], new_dirs: usize) -> Result<(), TxError> {
+    let st = rustix::fs::statvfs(root).map_err(|e| TxError::io(root, e.into()))?;
+    let need = space_needed(ops, new_dirs);
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    // Filesystems without a fixed inode count report none.
+    let inodes_short = st.f_files > 0 && st.f_favail < new_dirs as u64 + 4;
+    if free < need || inodes_short {
         return Err(TxError::NoSpace {
-            path: l.root.to_path_buf(),
+            path: root.to_path_buf(),
             free,
             need,
         });
@@ -235,8 +271,8 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
 }
 
 /// The folder that an operation on `path` changes; for an install, the
-/// folders the apply will have to make are added to `to_make`. Refuses to go through a symlink in the tree: a
-/// link is a leaf, and following one could lead out of the tree. A parent
+/// folders the apply will have to make are added to `to_make`. Refuses to
+/// go through a symlink in the tree: a link is a leaf, and following one could lead out of the tree. A parent
 /// that is a file or link retired by this transaction is replaced by a
 /// folder only during the apply; its own parent is the one changed.
 fn parent_dir(
@@ -244,7 +280,7 @@ fn parent_dir(
     path: &str,
     retired: &std::collections::HashSet<String>,
     install: bool,
-    to_make: &mut std::collections::BTreeSet<PathBuf>,
+    to_make: &mut BTreeSet<PathBuf>,
 ) -> Result<PathBuf, TxError> {
     let comps: Vec<&str> = path.split('/').collect();
     let mut cur = l.root.to_path_buf();
@@ -288,11 +324,6 @@ fn mkdir(d: &Path) -> Result<(), TxError> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => Ok(()),
         Err(e) => Err(TxError::io(d, e)),
     }
-}
-
-fn free_bytes(p: &Path) -> Result<u64, TxError> {
-    let s = rustix::fs::statvfs(p).map_err(|e| TxError::io(p, e.into()))?;
-    Ok(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 pub fn object_path(dsg: &Path, h: Hash) -> PathBuf {
