@@ -66,12 +66,11 @@ pub struct PosixBackend {
     /// costs an mmap and page faults each time).
     buf: Vec<u8>,
     mountpoint: PathBuf,
-    read_lock: Option<File>,
+    /// The shared lock of a read of several files (`read_lock`).
+    read_lock: Option<Lock>,
     name: String,
-    lock: Option<File>,
-    /// A replacing init on a plain directory holds the repository's lock
-    /// as well as the init lock.
-    lock2: Option<File>,
+    /// The open transaction owns the locks it holds: they are released
+    /// when it is committed, rolled back, detached or dropped.
     tx: Option<OpenTx>,
     lock_timeout: Duration,
     who: String,
@@ -79,7 +78,15 @@ pub struct PosixBackend {
     zfs: Option<crate::zfs::Zfs>,
 }
 
+/// A `flock` held on an open lock file, released when dropped (closing
+/// the file releases it). The holder text written into an exclusive lock
+/// file stays; it is only read while someone holds the lock.
+struct Lock(File);
+
 struct OpenTx {
+    /// Held for the transaction's life (a replacing init of a plain
+    /// directory holds the init lock and the repository's).
+    _locks: Vec<Lock>,
     id: String,
     /// Where uploads go: the init staging dir, or `.dsg/staging/<tx>`.
     staging: PathBuf,
@@ -100,6 +107,7 @@ impl OpenTx {
     /// are the new repository's directory); `base` is the head a sync
     /// builds on.
     fn new(
+        lock: Lock,
         id: &str,
         root: PathBuf,
         staging: PathBuf,
@@ -107,6 +115,7 @@ impl OpenTx {
         base: Option<Manifest>,
     ) -> OpenTx {
         OpenTx {
+            _locks: vec![lock],
             id: id.into(),
             root,
             staging,
@@ -132,8 +141,6 @@ impl PosixBackend {
             mountpoint,
             read_lock: None,
             name,
-            lock: None,
-            lock2: None,
             tx: None,
             lock_timeout: Duration::from_secs_f64(secs),
             who: String::new(),
@@ -174,11 +181,8 @@ impl PosixBackend {
         }
     }
 
-    /// Takes the exclusive repository lock, waiting up to the timeout.
-    fn lock(&mut self, path: &Path) -> Result<(), AgentError> {
-        if self.lock.is_some() {
-            return Ok(());
-        }
+    /// Takes the exclusive lock at `path`, waiting up to the timeout.
+    fn lock(&self, path: &Path) -> Result<Lock, AgentError> {
         let f = self
             .take_flock(path, LockMode::Exclusive, true)?
             .expect("waited");
@@ -195,10 +199,9 @@ impl PosixBackend {
             hostname(),
             dsg_core::timefmt::now_la()
         );
-        let _ = f.set_len(0);
-        let _ = (&f).write_all(info.as_bytes());
-        self.lock = Some(f);
-        Ok(())
+        let _ = f.0.set_len(0);
+        let _ = (&f.0).write_all(info.as_bytes());
+        Ok(f)
     }
 
     /// `wait = false`: returns `Ok(None)` at once when the lock is taken.
@@ -207,7 +210,7 @@ impl PosixBackend {
         path: &Path,
         mode: LockMode,
         wait: bool,
-    ) -> Result<Option<File>, AgentError> {
+    ) -> Result<Option<Lock>, AgentError> {
         // Readers never create the lock file, and open it read-only:
         // reading must not write, and read-only users must be able to read.
         // A repository made by dsg always has one; one made by the original
@@ -259,7 +262,7 @@ impl PosixBackend {
                             })?,
                     };
                 }
-                Ok(()) => return Ok(Some(f)),
+                Ok(()) => return Ok(Some(Lock(f))),
                 Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
                     if !wait {
                         return Ok(None);
@@ -288,13 +291,6 @@ impl PosixBackend {
         }
     }
 
-    fn unlock(&mut self) {
-        // Dropping the file releases the flock; the holder text stays (it
-        // is only read while someone holds the lock).
-        self.lock = None;
-        self.lock2 = None;
-    }
-
     fn head(&self) -> Result<Option<Manifest>, AgentError> {
         let p = self.dsg().join("last-sync.json");
         Manifest::load_optional(&p).map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))
@@ -302,7 +298,7 @@ impl PosixBackend {
 
     /// Finishes or undoes an interrupted transaction, and removes leftovers.
     /// Must be called with the lock held.
-    fn recover_locked(&mut self) -> Result<(), AgentError> {
+    fn recover_locked(&self) -> Result<(), AgentError> {
         if let Some(z) = &self.zfs {
             return z.recover();
         }
@@ -575,7 +571,7 @@ impl Backend for PosixBackend {
 
     fn open_meta(&self, name: &str) -> Result<Option<File>, AgentError> {
         let first = self.open_meta_once(name)?;
-        if first.is_none() && self.zfs.is_some() && self.lock.is_none() {
+        if first.is_none() && self.zfs.is_some() && self.tx.is_none() {
             // A ZFS commit swaps datasets: for a moment the repository is
             // not mounted. Wait for the writer (shared lock), then look again.
             if let Some(z) = &self.zfs {
@@ -618,15 +614,11 @@ impl Backend for PosixBackend {
                     )
                     .hint("create it on the repository host, or pass the right --repo-path"));
                 }
-                self.lock(&self.init_lock_path())?;
+                let lock = self.lock(&self.init_lock_path())?;
                 if let Some(z) = &self.zfs {
-                    if let Err(e) = z.recover() {
-                        self.unlock();
-                        return Err(e);
-                    }
+                    z.recover()?;
                     let ds = z.dataset();
                     if z.exists(&ds).unwrap_or(false) {
-                        self.unlock();
                         let hint = if self.exists() {
                             "choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)".to_string()
                         } else {
@@ -642,7 +634,6 @@ impl Backend for PosixBackend {
                     self.cleanup_init_leftovers()?;
                 }
                 if fs::symlink_metadata(self.dir()).is_ok() {
-                    self.unlock();
                     let hint = if self.exists() {
                         "choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)"
                     } else {
@@ -655,13 +646,7 @@ impl Backend for PosixBackend {
                     .hint(hint));
                 }
                 let staging = match &self.zfs {
-                    Some(z) => match z.create_init(tx_id) {
-                        Ok(mp) => mp,
-                        Err(e) => {
-                            self.unlock();
-                            return Err(e);
-                        }
-                    },
+                    Some(z) => z.create_init(tx_id)?,
                     None => {
                         let st = self.init_staging(tx_id);
                         fs::create_dir(&st).map_err(|e| AgentError::io(st.display(), e))?;
@@ -670,7 +655,14 @@ impl Backend for PosixBackend {
                 };
                 fs::create_dir_all(staging.join(".dsg/archive"))
                     .map_err(|e| AgentError::io(staging.display(), e))?;
-                self.tx = Some(OpenTx::new(tx_id, staging.clone(), staging, true, None));
+                self.tx = Some(OpenTx::new(
+                    lock,
+                    tx_id,
+                    staging.clone(),
+                    staging,
+                    true,
+                    None,
+                ));
             }
             Some(base_id) => {
                 if !self.exists() {
@@ -683,24 +675,14 @@ impl Backend for PosixBackend {
                     ));
                 }
                 let lock_path = self.repo_lock_path();
-                self.lock(&lock_path)?;
-                if let Err(e) = self.recover_locked() {
-                    self.unlock();
-                    return Err(e);
-                }
-                let head = match self.head() {
-                    Ok(h) => h,
-                    Err(e) => {
-                        self.unlock();
-                        return Err(e);
-                    }
-                };
+                let lock = self.lock(&lock_path)?;
+                self.recover_locked()?;
+                let head = self.head()?;
                 let head_id = head
                     .as_ref()
                     .and_then(|h| h.metadata.as_ref())
                     .map(|m| m.snapshot_id.clone());
                 if head_id.as_deref() != Some(base_id) {
-                    self.unlock();
                     return Err(AgentError::new(
                         ErrorKind::Moved,
                         format!(
@@ -711,7 +693,6 @@ impl Backend for PosixBackend {
                     .hint("run the command again; dsg will plan against the new head"));
                 }
                 if !is_base(head.as_ref(), base_id, base_hash) {
-                    self.unlock();
                     return Err(AgentError::new(
                         ErrorKind::Moved,
                         format!(
@@ -726,7 +707,6 @@ impl Backend for PosixBackend {
                         Ok(mp) => mp,
                         Err(e) => {
                             let _ = z.rollback(tx_id);
-                            self.unlock();
                             return Err(e);
                         }
                     },
@@ -763,13 +743,12 @@ impl Backend for PosixBackend {
                             let _ = fs::remove_file(self.dsg().join("journal"));
                         }
                     }
-                    self.unlock();
                     return Err(e);
                 }
                 if self.zfs.is_none() {
                     failpoint("repo.journal.begin");
                 }
-                self.tx = Some(OpenTx::new(tx_id, root, staging, false, head));
+                self.tx = Some(OpenTx::new(lock, tx_id, root, staging, false, head));
             }
         }
         Ok(())
@@ -887,8 +866,12 @@ impl Backend for PosixBackend {
         // repository runs meanwhile), then recovery, then the check that
         // the head is the one the user confirmed, and only then is
         // anything created.
-        let locked = match self.zfs.clone() {
-            Some(z) => self.lock(&z.lock_path()).and_then(|()| z.recover()),
+        let locks = match self.zfs.clone() {
+            Some(z) => {
+                let lock = self.lock(&z.lock_path())?;
+                z.recover()?;
+                vec![lock]
+            }
             None => {
                 if !self.dsg().is_dir() {
                     return Err(AgentError::new(
@@ -897,20 +880,13 @@ impl Backend for PosixBackend {
                     )
                     .hint("dsg replaces only a dsg repository; move it away or choose another --repo-name"));
                 }
-                self.lock(&self.init_lock_path())
-                    .and_then(|()| {
-                        self.lock2 =
-                            self.take_flock(&self.repo_lock_path(), LockMode::Exclusive, true)?;
-                        Ok(())
-                    })
-                    .and_then(|()| self.recover_locked())
-                    .and_then(|()| self.cleanup_init_leftovers())
+                let init = self.lock(&self.init_lock_path())?;
+                let repo = self.lock(&self.repo_lock_path())?;
+                self.recover_locked()?;
+                self.cleanup_init_leftovers()?;
+                vec![init, repo]
             }
         };
-        if let Err(e) = locked {
-            self.unlock();
-            return Err(e);
-        }
         // What the user confirmed replacing must be what is replaced: a
         // sync committed since then would be lost unseen. The head file's
         // own hash: it exists even for a head without a snapshot hash.
@@ -919,7 +895,6 @@ impl Backend for PosixBackend {
                 .map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b)))
                 .unwrap_or_default();
             if now != expect {
-                self.unlock();
                 return Err(AgentError::new(
                     ErrorKind::Moved,
                     "the repository changed since you confirmed replacing it; nothing was replaced",
@@ -928,27 +903,21 @@ impl Backend for PosixBackend {
             }
         }
         let staging = match self.zfs.clone() {
-            Some(z) => match z.create_replace(tx_id) {
-                Ok(mp) => mp,
-                Err(e) => {
-                    let _ = z.rollback(tx_id);
-                    self.unlock();
-                    return Err(e);
-                }
-            },
+            Some(z) => z.create_replace(tx_id).inspect_err(|_| {
+                let _ = z.rollback(tx_id);
+            })?,
             None => {
                 let st = self.init_staging(tx_id);
-                if let Err(e) = fs::create_dir(&st) {
-                    self.unlock();
-                    return Err(AgentError::io(st.display(), e));
-                }
+                fs::create_dir(&st).map_err(|e| AgentError::io(st.display(), e))?;
                 st
             }
         };
-        self.tx = Some(OpenTx {
-            replace: true,
-            ..OpenTx::new(tx_id, staging.clone(), staging.clone(), true, None)
-        });
+        let mut locks = locks.into_iter();
+        let first = locks.next().expect("a lock");
+        let mut tx = OpenTx::new(first, tx_id, staging.clone(), staging.clone(), true, None);
+        tx._locks.extend(locks);
+        tx.replace = true;
+        self.tx = Some(tx);
         fs::create_dir_all(staging.join(".dsg/archive"))
             .map_err(|e| AgentError::io(staging.display(), e))?;
         Ok(())
@@ -977,20 +946,21 @@ impl Backend for PosixBackend {
                         .begin(tx_id, base, base_hash, user)
                         .map(|()| Vec::new());
                 }
-                self.lock(&self.init_lock_path())?;
+                let lock = self.lock(&self.init_lock_path())?;
                 let st = self.init_staging(tx_id);
                 let is_dir = fs::symlink_metadata(&st)
                     .map(|m| m.is_dir())
                     .unwrap_or(false);
                 if !is_dir || fs::symlink_metadata(self.dir()).is_ok() {
-                    // begin() reuses the lock we hold, and reports why not.
+                    // begin() takes the lock again, and reports why not.
+                    drop(lock);
                     return self
                         .begin(tx_id, base, base_hash, user)
                         .map(|()| Vec::new());
                 }
                 self.cleanup_init_leftovers_except(Some(&st))?;
                 let staged = list_staged(&st, ".dsg")?;
-                self.tx = Some(OpenTx::new(tx_id, st.clone(), st, true, None));
+                self.tx = Some(OpenTx::new(lock, tx_id, st.clone(), st, true, None));
                 Ok(staged)
             }
             Some(base_id) => {
@@ -999,8 +969,7 @@ impl Backend for PosixBackend {
                         .begin(tx_id, base, base_hash, user)
                         .map(|()| Vec::new());
                 }
-                let lock_path = self.repo_lock_path();
-                self.lock(&lock_path)?;
+                let lock = self.lock(&self.repo_lock_path())?;
                 let dsg = self.dsg();
                 let staging = dsg.join("staging").join(tx_id);
                 let log = RepoLog::read(&dsg.join("journal")).ok().flatten();
@@ -1013,6 +982,7 @@ impl Backend for PosixBackend {
                     .map(|m| m.is_dir())
                     .unwrap_or(false);
                 if !ours || !is_dir || !is_base(head.as_ref(), base_id, base_hash) {
+                    drop(lock);
                     return self
                         .begin(tx_id, base, base_hash, user)
                         .map(|()| Vec::new());
@@ -1027,76 +997,71 @@ impl Backend for PosixBackend {
                 }
                 remove_temp_files(&dsg)?;
                 let staged = list_staged(&staging, ".dsg-meta")?;
-                self.tx = Some(OpenTx::new(tx_id, self.dir(), staging, false, head));
+                self.tx = Some(OpenTx::new(lock, tx_id, self.dir(), staging, false, head));
                 Ok(staged)
             }
         }
     }
 
     fn commit(&mut self, c: &CommitData) -> Result<(), AgentError> {
-        let tx = self
+        let mut tx = self
             .tx
             .take()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
-        let result = self.commit_tx(&tx, c);
-        if let Err(e) = result {
-            if let Some(z) = &self.zfs {
-                // Past the zfs commit point the journal says so: finish
-                // (roll forward) or report that recovery will; never undo.
-                if z.is_committed(&tx.id) {
-                    let r = z.recover();
-                    self.unlock();
-                    return match r {
-                        Ok(()) => Ok(()),
-                        Err(e2) => Err(AgentError::new(
-                            ErrorKind::Incomplete,
-                            format!("the snapshot was committed but finishing it failed: {e2} (first error: {e})"),
-                        )
-                        .hint("run any dsg command to complete it once the problem is fixed")),
-                    };
-                }
+        // On success the transaction, and with it its locks, goes here.
+        let Err(e) = self.commit_tx(&tx, c) else {
+            return Ok(());
+        };
+        if let Some(z) = &self.zfs {
+            // Past the zfs commit point the journal says so: finish
+            // (roll forward) or report that recovery will; never undo.
+            if z.is_committed(&tx.id) {
+                return z.recover().map_err(|e2| {
+                    AgentError::new(
+                        ErrorKind::Incomplete,
+                        format!("the snapshot was committed but finishing it failed: {e2} (first error: {e})"),
+                    )
+                    .hint("run any dsg command to complete it once the problem is fixed")
+                });
             }
-            let tx_id = tx.id.clone();
-            self.tx = Some(tx);
-            // Before the commit point this rolls back; after it, it rolls
-            // forward, and then the commit did happen. Decided under the
-            // lock, by the exact bytes: an id alone could be an older
-            // repository's (a replaced one starts again at s1).
-            let _ = self.rollback_keep_lock();
-            if let Some(z) = &self.zfs {
-                // An init renamed into place whose mount did not finish.
-                let _ = z.cleanup_init();
-            }
-            let landed = fs::read(self.dsg().join("last-sync.json")).is_ok_and(|b| b == c.manifest);
-            // Committed in the journal but not rolled forward (the roll
-            // forward failed too): recovery finishes it; never "failed".
-            let committed = self.zfs.is_none()
-                && RepoLog::read(&self.dsg().join("journal"))
-                    .ok()
-                    .flatten()
-                    .is_some_and(|l| l.unfinished_commit().is_some_and(|(t, ..)| t == tx_id));
-            self.unlock();
-            return if landed {
-                Ok(())
-            } else if committed {
-                Err(AgentError::new(
-                    ErrorKind::Incomplete,
-                    format!("the snapshot was committed but applying it failed: {e}"),
-                )
-                .hint("run any dsg command to complete it once the problem is fixed"))
-            } else {
-                Err(e)
-            };
         }
-        self.unlock();
-        Ok(())
+        // Before the commit point this rolls back; after it, it rolls
+        // forward, and then the commit did happen. Decided under the
+        // locks, by the exact bytes: an id alone could be an older
+        // repository's (a replaced one starts again at s1).
+        let _locks = std::mem::take(&mut tx._locks);
+        let tx_id = tx.id.clone();
+        let _ = self.undo(tx);
+        if let Some(z) = &self.zfs {
+            // An init renamed into place whose mount did not finish.
+            let _ = z.cleanup_init();
+        }
+        let landed = fs::read(self.dsg().join("last-sync.json")).is_ok_and(|b| b == c.manifest);
+        // Committed in the journal but not rolled forward (the roll
+        // forward failed too): recovery finishes it; never "failed".
+        let committed = self.zfs.is_none()
+            && RepoLog::read(&self.dsg().join("journal"))
+                .ok()
+                .flatten()
+                .is_some_and(|l| l.unfinished_commit().is_some_and(|(t, ..)| t == tx_id));
+        if landed {
+            Ok(())
+        } else if committed {
+            Err(AgentError::new(
+                ErrorKind::Incomplete,
+                format!("the snapshot was committed but applying it failed: {e}"),
+            )
+            .hint("run any dsg command to complete it once the problem is fixed"))
+        } else {
+            Err(e)
+        }
     }
 
     fn rollback(&mut self) -> Result<(), AgentError> {
-        let r = self.rollback_keep_lock();
-        // Also after a `begin` that failed holding the lock.
-        self.unlock();
-        r
+        match self.tx.take() {
+            Some(tx) => self.undo(tx),
+            None => Ok(()),
+        }
     }
 
     fn detach(&mut self) {
@@ -1109,8 +1074,8 @@ impl Backend for PosixBackend {
         // What was staged stays — the staging directory and the journal's
         // `begin` record; for ZFS the transaction's clone or init dataset —
         // for `resume` to continue, or for the next `recover` to remove.
+        // Dropping the transaction releases its locks.
         self.tx = None;
-        self.unlock();
     }
 
     fn open(&self, path: &str) -> Result<Stored, AgentError> {
@@ -1158,7 +1123,7 @@ impl Backend for PosixBackend {
     }
 
     fn read_lock(&mut self) -> Result<(), AgentError> {
-        if self.lock.is_some()
+        if self.tx.is_some()
             || self.read_lock.is_some()
             || (self.zfs.is_none() && !self.dsg().is_dir())
         {
@@ -1201,11 +1166,8 @@ impl Backend for PosixBackend {
                     .unwrap_or(false);
             let unfinished = || z.has_unfinished_commit();
             if pending && self.may_recover(&self.mountpoint, &z.lock_path(), &unfinished)? {
-                if let Some(f) = self.take_flock(&z.lock_path(), LockMode::Exclusive, false)? {
-                    self.lock = Some(f);
-                    let r = self.zfs.as_ref().expect("zfs").recover();
-                    self.unlock();
-                    r?;
+                if let Some(_lock) = self.take_flock(&z.lock_path(), LockMode::Exclusive, false)? {
+                    z.recover()?;
                 }
             }
             return Ok(());
@@ -1231,13 +1193,10 @@ impl Backend for PosixBackend {
         };
         if pending && self.may_recover(&dsg, &dsg.join("lock"), &unfinished)? {
             // A live writer holds the lock: its transaction is not ours to touch.
-            if let Some(f) =
+            if let Some(_lock) =
                 self.take_flock(&self.dsg().join("lock"), LockMode::Exclusive, false)?
             {
-                self.lock = Some(f);
-                let r = self.recover_locked();
-                self.unlock();
-                r?;
+                self.recover_locked()?;
             }
         }
         let prefix = format!(".dsg-init.{}.", self.name);
@@ -1252,11 +1211,10 @@ impl Backend for PosixBackend {
         if init_leftovers
             && self.may_recover(&self.mountpoint, &self.init_lock_path(), &|| false)?
         {
-            if let Some(f) = self.take_flock(&self.init_lock_path(), LockMode::Exclusive, false)? {
-                self.lock = Some(f);
-                let r = self.cleanup_init_leftovers();
-                self.unlock();
-                r?;
+            if let Some(_lock) =
+                self.take_flock(&self.init_lock_path(), LockMode::Exclusive, false)?
+            {
+                self.cleanup_init_leftovers()?;
             }
         }
         Ok(())
@@ -1282,11 +1240,9 @@ impl Backend for PosixBackend {
 }
 
 impl PosixBackend {
-    /// Undoes the open transaction (a no-op without one), keeping the lock.
-    fn rollback_keep_lock(&mut self) -> Result<(), AgentError> {
-        let Some(tx) = self.tx.take() else {
-            return Ok(());
-        };
+    /// Undoes transaction `tx`; its locks (if it still holds them) are
+    /// released when it drops, after the undo.
+    fn undo(&self, tx: OpenTx) -> Result<(), AgentError> {
         match (&self.zfs, tx.init) {
             (Some(z), true) if tx.replace => z.rollback(&tx.id),
             (Some(z), true) => z.run(&["destroy", "-r", &z.tx_dataset(&tx.id)]).map(|_| {
@@ -1346,7 +1302,7 @@ impl PosixBackend {
         user: &str,
     ) -> Result<Vec<StagedFile>, AgentError> {
         self.who = user.to_string();
-        self.lock(&z.lock_path())?;
+        let lock = self.lock(&z.lock_path())?;
         let ds = z.tx_dataset(tx_id);
         let mp = z.tx_mountpoint(tx_id);
         let (staging, skip, head) = match base {
@@ -1375,14 +1331,15 @@ impl PosixBackend {
             }
         };
         let Some(staging) = staging else {
-            // begin() reuses the lock we hold, recovers what is left and
-            // says why not, if it cannot begin either.
+            // begin() takes the lock again, recovers what is left and says
+            // why not, if it cannot begin either.
+            drop(lock);
             return self
                 .begin(tx_id, base, base_hash, user)
                 .map(|()| Vec::new());
         };
         let staged = list_staged(&staging, skip)?;
-        self.tx = Some(OpenTx::new(tx_id, mp, staging, base.is_none(), head));
+        self.tx = Some(OpenTx::new(lock, tx_id, mp, staging, base.is_none(), head));
         Ok(staged)
     }
 
