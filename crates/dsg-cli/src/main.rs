@@ -761,19 +761,16 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
 }
 
 fn cmd_agent(repo: PathBuf, kind: RepoType, pool: Option<String>) -> Result<(), EngineError> {
-    let backend = match (kind, pool) {
-        (RepoType::Xfs, _) => dsg_repo::posix::PosixBackend::new(&repo),
-        (RepoType::Zfs, Some(pool)) => dsg_repo::posix::PosixBackend::new_zfs(&repo, &pool),
-        (RepoType::Zfs, None) => {
-            return Err(EngineError::Usage("agent: --type zfs needs --pool".into()))
-        }
-    };
+    if kind == RepoType::Zfs && pool.is_none() {
+        return Err(EngineError::Usage("agent: --type zfs needs --pool".into()));
+    }
+    let backend = dsg_repo::open(kind, &repo, pool.as_deref());
     let mut backend = backend.map_err(|e| EngineError::State {
         message: e.message.clone(),
         hint: e.hint.clone().unwrap_or_default(),
     })?;
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    dsg_repo::agent::serve(&mut backend, Box::new(stdin) as Box<dyn Read>, stdout)
+    dsg_repo::agent::serve(&mut *backend, Box::new(stdin) as Box<dyn Read>, stdout)
         .map_err(|e| EngineError::io("agent stdio", e))
 }

@@ -320,7 +320,6 @@ fn serve_loop<R: Read, W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::posix::PosixBackend;
     use crate::protocol::{read_json, write_json, Response};
 
     /// An agent serving a remote client must not read local paths for it.
@@ -351,8 +350,13 @@ mod tests {
             write_json(&mut input, &q).unwrap();
         }
         let mut out = Vec::new();
-        let mut b = PosixBackend::new(&d.path().join("repos/r")).unwrap();
-        serve(&mut b, &input[..], &mut out).unwrap();
+        let mut b = crate::open(
+            dsg_core::config::RepoType::Xfs,
+            &d.path().join("repos/r"),
+            None,
+        )
+        .unwrap();
+        serve(&mut *b, &input[..], &mut out).unwrap();
         let mut r = &out[..];
         assert!(matches!(
             read_json::<_, Response>(&mut r).unwrap(),

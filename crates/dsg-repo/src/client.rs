@@ -6,10 +6,9 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use dsg_core::config::{ProjectConfig, RepoType};
+use dsg_core::config::ProjectConfig;
 
 use crate::backend::Backend;
-use crate::posix::PosixBackend;
 use crate::protocol::{
     read_data_to_vec, read_json, write_data, write_frame, write_json, DataStream, ErrorKind,
     RemoteError, Request, Response, StagedFile, CHUNK, PROTOCOL_VERSION,
@@ -90,27 +89,14 @@ impl RepoClient {
         if !repo.is_local() {
             return crate::ssh::connect(cfg);
         }
-        let backend: Box<dyn Backend> = match repo.kind {
-            RepoType::Xfs => {
-                Box::new(
-                    PosixBackend::new(&cfg.repo_dir()).map_err(|e| RepoError::Remote {
-                        host: repo.host.clone(),
-                        repo: cfg.repo_dir().display().to_string(),
-                        err: e.to_remote(),
-                    })?,
-                )
-            }
-            RepoType::Zfs => {
-                let pool = repo.pool.clone().unwrap_or_default();
-                Box::new(PosixBackend::new_zfs(&cfg.repo_dir(), &pool).map_err(|e| {
-                    RepoError::Remote {
-                        host: repo.host.clone(),
-                        repo: cfg.repo_dir().display().to_string(),
-                        err: e.to_remote(),
-                    }
-                })?)
-            }
-        };
+        let backend: Box<dyn Backend> =
+            crate::open(repo.kind, &cfg.repo_dir(), repo.pool.as_deref()).map_err(|e| {
+                RepoError::Remote {
+                    host: repo.host.clone(),
+                    repo: cfg.repo_dir().display().to_string(),
+                    err: e.to_remote(),
+                }
+            })?;
         RepoClient::in_process(backend, &repo.host)
     }
 

@@ -27,10 +27,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use dsg_txn::failpoint::failpoint;
-use dsg_txn::{Journal, Log, Record};
+use dsg_txn::{Journal, Log, Op, Record};
 
 use crate::backend::AgentError;
 use crate::protocol::ErrorKind;
+use crate::site::{
+    is_base, list_staged, remove_dir_all_if_exists, repo_name_of, syncfs, Lock, LockMode, Site,
+};
+use crate::store::{Resumable, Store, TxRef};
 
 #[derive(Debug, Clone)]
 pub struct Zfs {
@@ -61,7 +65,7 @@ type ZLog = Log<ZBegin>;
 
 impl Zfs {
     pub fn new(pool: &str, repo_dir: &Path) -> Result<Zfs, AgentError> {
-        let name = crate::posix::repo_name_of(repo_dir)?;
+        let name = repo_name_of(repo_dir)?;
         let secs = std::env::var("DSG_ZFS_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -601,5 +605,207 @@ impl Drop for SnapshotView {
             let _ = self.zfs.run(&["destroy", &ds]);
             let _ = std::fs::remove_dir(&self.path);
         }
+    }
+}
+
+/// A ZFS dataset is a repository whose transactions are clones: see the
+/// module's header.
+impl Store for Zfs {
+    fn describe(&self, site: &Site) -> String {
+        format!("zfs {} at {}", self.dataset(), site.dir().display())
+    }
+
+    /// One lock beside the dataset (which is renamed during a commit)
+    /// serialises writers and inits alike.
+    fn repo_lock(&self, _site: &Site) -> PathBuf {
+        self.lock_path()
+    }
+
+    fn init_lock(&self, _site: &Site) -> PathBuf {
+        self.lock_path()
+    }
+
+    fn keeps_objects(&self) -> bool {
+        false
+    }
+
+    fn swaps(&self) -> bool {
+        true
+    }
+
+    fn recover_locked(&self, _site: &Site) -> Result<(), AgentError> {
+        Zfs::recover(self)
+    }
+
+    fn recover(&self, site: &Site) -> Result<(), AgentError> {
+        // A dataset that is not mounted where it belongs (a crash between a
+        // rename and its mount) also needs recovery.
+        let prefix = format!(".dsg-tx.{}.", site.name);
+        let pending = self.journal_path().exists()
+            || !site.dsg().is_dir()
+            || site
+                .mountpoint
+                .read_dir()
+                .map(|rd| {
+                    rd.flatten()
+                        .any(|d| d.file_name().to_string_lossy().starts_with(&prefix))
+                })
+                .unwrap_or(false);
+        let unfinished = || self.has_unfinished_commit();
+        if pending && site.may_recover(&site.mountpoint, &self.lock_path(), &unfinished)? {
+            if let Some(_lock) = site.take_flock(&self.lock_path(), LockMode::Exclusive, false)? {
+                Zfs::recover(self)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_init(&self, site: &Site, tx: &str) -> Result<PathBuf, AgentError> {
+        Zfs::recover(self)?;
+        let ds = self.dataset();
+        if self.exists(&ds).unwrap_or(false) {
+            let hint = if site.exists() {
+                "choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)".to_string()
+            } else {
+                format!("it is not a dsg repository: choose another --repo-name, or destroy it yourself (zfs destroy -r {ds})")
+            };
+            return Err(
+                AgentError::new(ErrorKind::Exists, format!("dataset {ds} already exists"))
+                    .hint(hint),
+            );
+        }
+        self.create_init(tx)
+    }
+
+    fn begin_sync(&self, _site: &Site, tx: &str, base: &str) -> Result<PathBuf, AgentError> {
+        // The clone is the transaction: changes are made in it.
+        Zfs::begin(self, tx, base).inspect_err(|_| {
+            let _ = self.rollback(tx);
+        })
+    }
+
+    fn occupied(&self, _site: &Site) -> Result<bool, AgentError> {
+        self.exists(&self.dataset())
+    }
+
+    fn lock_for_replace(&self, site: &Site) -> Result<Vec<Lock>, AgentError> {
+        let lock = site.lock(&self.lock_path())?;
+        Zfs::recover(self)?;
+        Ok(vec![lock])
+    }
+
+    fn begin_replace(&self, _site: &Site, tx: &str) -> Result<PathBuf, AgentError> {
+        self.create_replace(tx).inspect_err(|_| {
+            let _ = self.rollback(tx);
+        })
+    }
+
+    /// The transaction's dataset (a clone of the base for a sync, a new
+    /// dataset for an init) is still there, mounted, with its staging, and
+    /// nothing else happened since.
+    fn resumable(
+        &self,
+        site: &Site,
+        tx: &str,
+        base: Option<&str>,
+        base_hash: Option<&str>,
+    ) -> Result<Option<Resumable>, AgentError> {
+        let lock = site.lock(&self.lock_path())?;
+        let ds = self.tx_dataset(tx);
+        let mp = self.tx_mountpoint(tx);
+        let (staging, skip, head) = match base {
+            None => {
+                let ok = !self.exists(&self.dataset())?
+                    && self.exists(&ds)?
+                    && self.origin(&ds)?.is_none()
+                    && !self.journal_path().exists()
+                    && mp.join(".dsg").is_dir();
+                (ok.then(|| mp.clone()), ".dsg", None)
+            }
+            Some(b) => {
+                let ours = matches!(
+                    self.journal().as_deref(),
+                    Some([ZRecord::Begin { tx: t, begin }])
+                        if t == tx && begin.base == b && !begin.replace
+                );
+                let head = site.head().ok().flatten();
+                let staging = mp.join(".dsg/staging").join(tx);
+                let ok = ours
+                    && is_base(head.as_ref(), b, base_hash)
+                    && self.exists(&ds)?
+                    && self.origin(&ds)?.is_some()
+                    && staging.is_dir();
+                (ok.then_some(staging), ".dsg-meta", head)
+            }
+        };
+        let Some(staging) = staging else {
+            return Ok(None);
+        };
+        Ok(Some(Resumable {
+            lock,
+            staged: list_staged(&staging, skip)?,
+            root: mp,
+            staging,
+            head,
+        }))
+    }
+
+    fn commit_init(&self, _site: &Site, tx: &TxRef) -> Result<(), AgentError> {
+        if tx.replace {
+            self.commit_replace(tx.id)
+        } else {
+            Zfs::commit_init(self, tx.id)
+        }
+    }
+
+    fn commit_sync(
+        &self,
+        site: &Site,
+        tx: &TxRef,
+        ops: &[Op],
+        snapshot_id: &str,
+    ) -> Result<(), AgentError> {
+        // Everything happens inside the clone; nobody sees it until the
+        // swap. Staging must not end up in the snapshot.
+        site.apply(tx.root, tx.id, ops, false)?;
+        remove_dir_all_if_exists(&tx.root.join(".dsg/staging"))?;
+        syncfs(tx.root)?;
+        self.commit(tx.id, snapshot_id)
+    }
+
+    fn finish_failed_commit(&self, _site: &Site, tx: &str) -> Option<Result<(), AgentError>> {
+        // Past the zfs commit point the journal says so: finish (roll
+        // forward) or report that recovery will; never undo.
+        if !self.is_committed(tx) {
+            return None;
+        }
+        Some(Zfs::recover(self).map_err(|e| {
+            AgentError::new(
+                ErrorKind::Incomplete,
+                format!("the snapshot was committed but finishing it failed: {e}"),
+            )
+            .hint("run any dsg command to complete it once the problem is fixed")
+        }))
+    }
+
+    fn committed_unfinished(&self, _site: &Site, _tx: &str) -> bool {
+        // `finish_failed_commit` has settled a committed one already.
+        false
+    }
+
+    fn undo(&self, _site: &Site, tx: &TxRef) -> Result<(), AgentError> {
+        let r = match (tx.init, tx.replace) {
+            (true, false) => self
+                .run(&["destroy", "-r", &self.tx_dataset(tx.id)])
+                .map(|_| {
+                    let _ = std::fs::remove_dir(tx.staging);
+                }),
+            _ => self.rollback(tx.id),
+        };
+        if tx.init {
+            // An init renamed into place whose mount did not finish.
+            let _ = self.cleanup_init();
+        }
+        r
     }
 }

@@ -7,10 +7,10 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
+use dsg_core::config::RepoType;
 use dsg_core::hash::Hash;
 use dsg_core::manifest::{Entry, EntryKind, Manifest, Mtime, SyncMessages};
 use dsg_repo::backend::{Backend, CommitData};
-use dsg_repo::posix::PosixBackend;
 use dsg_repo::protocol::{ErrorKind, StagedFile};
 
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
@@ -94,20 +94,20 @@ fn repo_at_s1(dir: &Path) -> (std::path::PathBuf, Manifest) {
     let root = dir.join("repos/r");
     std::fs::create_dir_all(dir.join("repos")).unwrap();
     let a = bytes(1, 1000);
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     b.begin("tx-init", None, None, "t").unwrap();
-    stage(&mut b, "input/a", &a, 0).unwrap();
+    stage(&mut *b, "input/a", &a, 0).unwrap();
     let m = manifest("s1", &[("input/a", &a)], None);
-    commit(&mut b, &m).unwrap();
+    commit(&mut *b, &m).unwrap();
     (root, m)
 }
 
 /// Starts a sync transaction that stages `input/big` until the "connection"
 /// is cut `cut` bytes in, with `input/small` fully staged before it.
 fn cut_upload(root: &Path, big: &[u8], small: &[u8], cut: usize) {
-    let mut b = PosixBackend::new(root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, root, None).unwrap();
     b.begin("tx-1", Some("s1"), None, "t").unwrap();
-    stage(&mut b, "input/small", small, 0).unwrap();
+    stage(&mut *b, "input/small", small, 0).unwrap();
     let mut r = CutAfter {
         data: big,
         limit: cut,
@@ -133,7 +133,7 @@ fn a_resumed_transaction_keeps_its_staging_and_commits_the_whole_files() {
     let small = bytes(3, 5000);
     cut_upload(&root, &big, &small, 1_234_567);
 
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     let staged = sorted(b.resume("tx-1", Some("s1"), None, "t").unwrap());
     assert_eq!(
         staged,
@@ -150,8 +150,8 @@ fn a_resumed_transaction_keeps_its_staging_and_commits_the_whole_files() {
     );
     // The client sends only what is missing: nothing of `small`, the rest
     // of `big`.
-    stage(&mut b, "input/small", &small, small.len() as u64).unwrap();
-    stage(&mut b, "input/big", &big, 1_234_567).unwrap();
+    stage(&mut *b, "input/small", &small, small.len() as u64).unwrap();
+    stage(&mut *b, "input/big", &big, 1_234_567).unwrap();
     let a = std::fs::read(root.join("input/a")).unwrap();
     let m = manifest(
         "s2",
@@ -162,7 +162,7 @@ fn a_resumed_transaction_keeps_its_staging_and_commits_the_whole_files() {
         ],
         Some(&s1),
     );
-    commit(&mut b, &m).unwrap();
+    commit(&mut *b, &m).unwrap();
     drop(b);
     assert!(std::fs::read(root.join("input/big")).unwrap() == big);
     assert_eq!(std::fs::read(root.join("input/small")).unwrap(), small);
@@ -183,15 +183,15 @@ fn a_staged_prefix_damaged_on_the_server_fails_verification() {
     staged[999] ^= 0xff;
     std::fs::write(&p, &staged).unwrap();
 
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     b.resume("tx-1", Some("s1"), None, "t").unwrap();
     assert_eq!(
-        stage(&mut b, "input/big", &big, 1_000_000),
+        stage(&mut *b, "input/big", &big, 1_000_000),
         Err(ErrorKind::Verify)
     );
     // An offset beyond what is staged is refused, not zero-filled.
     assert_eq!(
-        stage(&mut b, "input/small", &bytes(6, 100), 50),
+        stage(&mut *b, "input/small", &bytes(6, 100), 50),
         Err(ErrorKind::Protocol)
     );
     b.rollback().unwrap();
@@ -207,16 +207,16 @@ fn recovery_by_another_command_wins_over_a_later_resume() {
     assert!(root.join(".dsg/staging/tx-1").is_dir());
 
     // Another client's command recovers the abandoned transaction.
-    let mut other = PosixBackend::new(&root).unwrap();
+    let mut other = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     other.recover(false).unwrap();
     drop(other);
     assert!(!root.join(".dsg/staging").exists());
     assert!(!root.join(".dsg/journal").exists());
 
     // The resume finds nothing and begins afresh.
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     assert_eq!(b.resume("tx-1", Some("s1"), None, "t").unwrap(), vec![]);
-    stage(&mut b, "input/big", &big, 0).unwrap();
+    stage(&mut *b, "input/big", &big, 0).unwrap();
     b.rollback().unwrap();
 }
 
@@ -225,11 +225,11 @@ fn a_resume_against_a_moved_head_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let (root, _) = repo_at_s1(d.path());
     cut_upload(&root, &bytes(8, 100_000), b"x", 10_000);
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     let e = b.resume("tx-1", Some("s0"), None, "t").unwrap_err();
     assert_eq!(e.kind, ErrorKind::Moved, "{e}");
     // The refused resume still cleaned up the abandoned staging.
-    let mut c = PosixBackend::new(&root).unwrap();
+    let mut c = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     c.recover(false).unwrap();
     assert!(!root.join(".dsg/staging").exists());
 }
@@ -241,7 +241,7 @@ fn an_init_resumes_into_its_own_staging_directory() {
     let root = d.path().join("repos/r");
     let big = bytes(9, 2 << 20);
     {
-        let mut b = PosixBackend::new(&root).unwrap();
+        let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
         b.begin("tx-i", None, None, "t").unwrap();
         let mut r = CutAfter {
             data: &big,
@@ -253,7 +253,7 @@ fn an_init_resumes_into_its_own_staging_directory() {
         b.detach();
     }
     assert!(!root.exists(), "no repository before the commit");
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     let staged = b.resume("tx-i", None, None, "t").unwrap();
     assert_eq!(
         staged,
@@ -262,8 +262,8 @@ fn an_init_resumes_into_its_own_staging_directory() {
             len: 777_777
         }]
     );
-    stage(&mut b, "input/big", &big, 777_777).unwrap();
-    commit(&mut b, &manifest("s1", &[("input/big", &big)], None)).unwrap();
+    stage(&mut *b, "input/big", &big, 777_777).unwrap();
+    commit(&mut *b, &manifest("s1", &[("input/big", &big)], None)).unwrap();
     assert!(std::fs::read(root.join("input/big")).unwrap() == big);
     let leftovers: Vec<_> = std::fs::read_dir(d.path().join("repos"))
         .unwrap()
@@ -281,19 +281,19 @@ fn begin_and_resume_check_the_base_hash_not_just_the_id() {
     let d = tempfile::tempdir().unwrap();
     let (root, s1) = repo_at_s1(d.path());
     let right = s1.metadata.as_ref().unwrap().snapshot_hash.clone().unwrap();
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     let e = b
         .begin("tx-2", Some("s1"), Some("0123456789abcdef"), "t")
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Moved, "{e}");
     // The failed begin released the lock: another writer gets it at once.
     b.rollback().unwrap();
-    let mut other = PosixBackend::new(&root).unwrap();
+    let mut other = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     other.begin("tx-3", Some("s1"), Some(&right), "t").unwrap();
     other.rollback().unwrap();
 
     cut_upload(&root, &bytes(10, 100_000), b"x", 50_000);
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     let e = b
         .resume("tx-1", Some("s1"), Some("0123456789abcdef"), "t")
         .unwrap_err();
@@ -309,7 +309,7 @@ fn a_replace_confirmed_against_an_older_head_is_refused() {
     let before = std::fs::read(root.join(".dsg/last-sync.json")).unwrap();
     // What the user saw: the head manifest file, by its XXH3.
     let seen = format!("{:016x}", h(&before));
-    let mut b = PosixBackend::new(&root).unwrap();
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     let e = b
         .begin_replace("tx-r", "t", Some("0123456789abcdef"))
         .unwrap_err();

@@ -1,0 +1,904 @@
+//! The repository the agent drives, for every kind of store.
+//!
+//! Uploads are staged and verified here the same way for a directory and
+//! for ZFS; the new manifest is checked against what was staged and the
+//! base; the apply is prepared (`dsg_txn::apply::prepare`) before the
+//! store's commit point. The store (`store.rs`) makes, commits, undoes
+//! and recovers transactions its own way.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dsg_core::atomic::write_atomic;
+use dsg_core::manifest::{EntryKind, Manifest};
+use dsg_core::paths::{check_link_target, check_relpath};
+use dsg_txn::failpoint::failpoint;
+use dsg_txn::Op;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::backend::{AgentError, Backend, CommitData, Stored};
+use crate::protocol::{ErrorKind, StagedFile};
+use crate::site::{is_base, syncfs, tx_error, LayoutDirs, Lock, LockMode, Site};
+use crate::store::{Store, TxRef};
+
+/// What was staged at a path, checked against the new manifest at commit.
+#[derive(Clone, Debug, PartialEq)]
+enum StagedKind {
+    File { size: u64, hash: u64 },
+    Link { target: String },
+}
+
+/// A repository served to the agent: its place, its store, and the open
+/// transaction, which owns the locks it holds (released when it is
+/// committed, rolled back, detached or dropped).
+pub struct Repository {
+    /// Reused for every received file (a fresh 1 MiB buffer per small file
+    /// costs an mmap and page faults each time).
+    buf: Vec<u8>,
+    site: Site,
+    store: Box<dyn Store>,
+    /// The shared lock of a read of several files (`read_lock`).
+    read_lock: Option<Lock>,
+    tx: Option<OpenTx>,
+}
+
+struct OpenTx {
+    /// Held for the transaction's life (a replacing init of a plain
+    /// directory holds the init lock and the repository's).
+    _locks: Vec<Lock>,
+    id: String,
+    /// Where uploads go: the init staging dir, or `.dsg/staging/<tx>`.
+    staging: PathBuf,
+    /// Where the transaction's data lives: the repository directory, or
+    /// for ZFS the clone's mountpoint.
+    root: PathBuf,
+    init: bool,
+    /// An init that replaces an existing repository (confirmed by the user).
+    replace: bool,
+    staged: Vec<(String, StagedKind)>,
+    /// Staging directories known to exist (saves a stat per path component).
+    dirs: std::collections::HashSet<String>,
+    base: Option<Manifest>,
+}
+
+impl OpenTx {
+    /// Uploads go to `staging` and are applied in `root` (for an init both
+    /// are the new repository's directory); `base` is the head a sync
+    /// builds on.
+    fn new(
+        lock: Lock,
+        id: &str,
+        root: PathBuf,
+        staging: PathBuf,
+        init: bool,
+        base: Option<Manifest>,
+    ) -> OpenTx {
+        OpenTx {
+            _locks: vec![lock],
+            id: id.into(),
+            root,
+            staging,
+            init,
+            replace: false,
+            staged: Vec::new(),
+            dirs: Default::default(),
+            base,
+        }
+    }
+}
+
+impl OpenTx {
+    fn as_ref(&self) -> TxRef<'_> {
+        TxRef {
+            id: &self.id,
+            root: &self.root,
+            staging: &self.staging,
+            init: self.init,
+            replace: self.replace,
+        }
+    }
+}
+
+impl Repository {
+    pub(crate) fn new(repo_dir: &Path, store: Box<dyn Store>) -> Result<Repository, AgentError> {
+        Ok(Repository {
+            buf: vec![0u8; 1 << 20],
+            site: Site::new(repo_dir)?,
+            store,
+            read_lock: None,
+            tx: None,
+        })
+    }
+
+    /// `begin` of an init: the new repository is made aside.
+    fn begin_init(&mut self, tx_id: &str) -> Result<OpenTx, AgentError> {
+        let site = &self.site;
+        if !site.mountpoint.is_dir() {
+            return Err(AgentError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "repository path {} does not exist",
+                    site.mountpoint.display()
+                ),
+            )
+            .hint("create it on the repository host, or pass the right --repo-path"));
+        }
+        let lock = site.lock(&self.store.init_lock(site))?;
+        if fs::symlink_metadata(site.dir()).is_ok() {
+            let hint = if site.exists() {
+                "choose another --repo-name, or replace it with 'dsg init --force' (asks for confirmation)"
+            } else {
+                "it is not a dsg repository: choose another --repo-name, or move it away yourself"
+            };
+            return Err(AgentError::new(
+                ErrorKind::Exists,
+                format!("{} already exists", site.dir().display()),
+            )
+            .hint(hint));
+        }
+        let staging = self.store.begin_init(site, tx_id)?;
+        let tx = OpenTx::new(lock, tx_id, staging.clone(), staging.clone(), true, None);
+        fs::create_dir_all(staging.join(".dsg/archive")).map_err(|e| {
+            let _ = self.store.undo(site, &tx.as_ref());
+            AgentError::io(staging.display(), e)
+        })?;
+        Ok(tx)
+    }
+
+    /// `begin` of a sync: locked, recovered, and only on the planned base.
+    fn begin_sync(
+        &mut self,
+        tx_id: &str,
+        base_id: &str,
+        base_hash: Option<&str>,
+    ) -> Result<OpenTx, AgentError> {
+        let site = &self.site;
+        if !site.exists() {
+            return Err(AgentError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{} is not a dsg repository (no .dsg/last-sync.json)",
+                    site.dir().display()
+                ),
+            ));
+        }
+        let lock = site.lock(&self.store.repo_lock(site))?;
+        self.store.recover_locked(site)?;
+        let head = site.head()?;
+        let head_id = head
+            .as_ref()
+            .and_then(|h| h.metadata.as_ref())
+            .map(|m| m.snapshot_id.clone());
+        if head_id.as_deref() != Some(base_id) {
+            return Err(AgentError::new(
+                ErrorKind::Moved,
+                format!(
+                    "the repository moved: its head is {}, this sync was planned against {base_id}",
+                    head_id.as_deref().unwrap_or("nothing")
+                ),
+            )
+            .hint("run the command again; dsg will plan against the new head"));
+        }
+        if !is_base(head.as_ref(), base_id, base_hash) {
+            return Err(AgentError::new(
+                ErrorKind::Moved,
+                format!(
+                    "the repository was replaced: its head {base_id} is not the {base_id} this sync was planned against"
+                ),
+            )
+            .hint("run the command again; dsg will plan against the new head"));
+        }
+        let root = self.store.begin_sync(site, tx_id, base_id)?;
+        let staging = root.join(".dsg/staging").join(tx_id);
+        let tx = OpenTx::new(lock, tx_id, root, staging.clone(), false, head);
+        if let Err(e) = fs::create_dir_all(staging.join(".dsg-meta/archive")) {
+            // A full disk, say: leave the repository as it was (the next
+            // command's recovery would, but a reader must not find
+            // leftovers now).
+            let _ = self.store.undo(site, &tx.as_ref());
+            return Err(AgentError::io(staging.display(), e));
+        }
+        Ok(tx)
+    }
+
+    /// The new manifest, checked against what was staged and the base:
+    /// the repository must equal its manifest afterwards. Returns it with
+    /// the base's paths it drops.
+    fn verify_commit(tx: &OpenTx, c: &CommitData) -> Result<Vec<String>, AgentError> {
+        let new = Manifest::from_json_bytes(&c.manifest, Path::new("uploaded manifest"))
+            .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))?;
+        new.verify_integrity()
+            .map_err(|e| AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")))?;
+        if new.metadata.as_ref().map(|m| m.snapshot_id.as_str()) != Some(c.snapshot_id.as_str()) {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                "manifest snapshot id does not match the commit",
+            ));
+        }
+        // Every entry of the new manifest must be staged now (and staged as
+        // the manifest says) or unchanged from the base: the repository must
+        // equal its manifest afterwards.
+        let staged: std::collections::HashMap<&str, &StagedKind> =
+            tx.staged.iter().map(|(p, k)| (p.as_str(), k)).collect();
+        for e in new.entries() {
+            if let Some(k) = staged.get(&*e.path) {
+                let matches = match (&e.kind, k) {
+                    (
+                        EntryKind::File { size, hash, .. },
+                        StagedKind::File { size: s2, hash: h2 },
+                    ) => size == s2 && hash.map(|h| h.0) == Some(*h2),
+                    (EntryKind::Link { target }, StagedKind::Link { target: t2 }) => {
+                        &**target == t2.as_str()
+                    }
+                    _ => false,
+                };
+                if !matches {
+                    return Err(AgentError::new(
+                        ErrorKind::Verify,
+                        format!(
+                            "{}: the uploaded content does not match the new manifest",
+                            e.path
+                        ),
+                    ));
+                }
+                continue;
+            }
+            let same = tx
+                .base
+                .as_ref()
+                .and_then(|b| b.get(&e.path))
+                .is_some_and(|b| b.same_content(e));
+            if !same {
+                return Err(AgentError::new(
+                    ErrorKind::Protocol,
+                    format!(
+                        "{}: in the new manifest but neither uploaded nor unchanged",
+                        e.path
+                    ),
+                ));
+            }
+        }
+        for p in staged.keys() {
+            if new.get(p).is_none() {
+                return Err(AgentError::new(
+                    ErrorKind::Protocol,
+                    format!("{p}: uploaded but not in the new manifest"),
+                ));
+            }
+        }
+        let deletes: Vec<String> = tx
+            .base
+            .as_ref()
+            .map(|b| {
+                b.entries()
+                    .iter()
+                    .filter(|e| new.get(&e.path).is_none())
+                    .map(|e| e.path.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(deletes)
+    }
+
+    /// An init's commit: the new repository's metadata, durable, then the
+    /// store's commit point.
+    fn commit_init(&self, tx: &OpenTx, c: &CommitData) -> Result<(), AgentError> {
+        let dsg = tx.staging.join(".dsg");
+        write_atomic(&dsg.join("last-sync.json"), &c.manifest)
+            .map_err(|e| AgentError::io("staging manifest", e.source))?;
+        write_atomic(&dsg.join("sync-messages.json"), &c.sync_messages)
+            .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
+        File::create(dsg.join("lock")).map_err(|e| AgentError::io("creating the lock file", e))?;
+        syncfs(&tx.staging)?;
+        failpoint("repo.init.before_rename");
+        if dsg_txn::failpoint::injected_error("repo.init.before_rename") {
+            return Err(AgentError::new(
+                ErrorKind::Io,
+                "injected failure before the init's commit point (DSG_FAILPOINT)",
+            ));
+        }
+        self.store.commit_init(&self.site, &tx.as_ref())
+    }
+
+    /// A sync's commit: the metadata and the old head's archive staged and
+    /// durable, the apply prepared, then the store's commit point.
+    fn commit_sync(
+        &self,
+        tx: &OpenTx,
+        c: &CommitData,
+        deletes: &[String],
+    ) -> Result<(), AgentError> {
+        // Sync: stage the metadata, make everything durable, then commit.
+        let meta = tx.staging.join(".dsg-meta");
+        write_atomic(&meta.join("last-sync.json"), &c.manifest)
+            .map_err(|e| AgentError::io("staging manifest", e.source))?;
+        write_atomic(&meta.join("sync-messages.json"), &c.sync_messages)
+            .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
+        // Archive the old head exactly as it is on disk, so its stored
+        // entries_hash still verifies; never overwrite an archived snapshot.
+        let base_id = tx
+            .base
+            .as_ref()
+            .and_then(|b| b.metadata.as_ref())
+            .map(|m| m.snapshot_id.clone());
+        if let Some(base_id) = base_id {
+            let name = dsg_core::manifest::archive_name(&base_id);
+            if !self.site.dsg().join("archive").join(&name).exists() {
+                let raw = fs::read(self.site.dsg().join("last-sync.json"))
+                    .map_err(|e| AgentError::io("reading the head manifest", e))?;
+                write_atomic(
+                    &meta.join("archive").join(&name),
+                    &dsg_core::manifest::compress_archive(&raw),
+                )
+                .map_err(|e| AgentError::io("staging archive", e.source))?;
+            }
+        }
+        syncfs(&tx.staging)?;
+        failpoint("repo.before_commit");
+        let mut ops = Self::sync_ops(tx, deletes);
+        // Everything the apply needs is made and checked now, before the
+        // commit point: after it, only renames remain.
+        let dirs = LayoutDirs::new(&tx.root, &tx.id, self.store.keeps_objects());
+        dsg_txn::apply::prepare(&dirs.layout(), &mut ops).map_err(|e| {
+            let mut e = tx_error(e);
+            e.message.push_str("; nothing was changed");
+            e
+        })?;
+        self.store
+            .commit_sync(&self.site, &tx.as_ref(), &ops, &c.snapshot_id)
+    }
+
+    /// Retire what is deleted or replaced (deepest first, so a folder is
+    /// emptied before it may be replaced), then install what was staged.
+    fn sync_ops(tx: &OpenTx, deletes: &[String]) -> Vec<Op> {
+        let base = tx.base.as_ref();
+        let old_hash = |p: &str| -> Option<u64> {
+            base.and_then(|b| b.get(p)).and_then(|e| match &e.kind {
+                EntryKind::File { hash, .. } => hash.map(|h| h.0),
+                _ => None,
+            })
+        };
+        let mut ops = Vec::new();
+        let mut retire: Vec<&str> = deletes.iter().map(|s| s.as_str()).collect();
+        retire.extend(tx.staged.iter().map(|s| s.0.as_str()));
+        // Deepest first, so a directory is emptied before it may be replaced.
+        retire.sort_by(|a, b| b.cmp(a));
+        retire.dedup();
+        for p in retire {
+            ops.push(Op::Retire {
+                path: p.into(),
+                hash: old_hash(p),
+                expect: None,
+            });
+        }
+        let mut installs: Vec<&str> = tx.staged.iter().map(|s| s.0.as_str()).collect();
+        installs.sort();
+        for p in installs {
+            ops.push(Op::Install { path: p.into() });
+        }
+        ops
+    }
+
+    /// Opens the staging file for `path` in the open transaction, keeping
+    /// its first `keep` bytes (a resumed upload) and positioned after them.
+    fn open_staged(&mut self, path: &str, keep: u64) -> Result<(PathBuf, File), AgentError> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        checked(path)?;
+        let parent = staged_parent(tx, path)?;
+        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let err = |e| AgentError::io(format!("cannot stage {path}"), e);
+        // Readable too: a resumed prefix is hashed, and a local copy
+        // verified, through this handle. O_NOFOLLOW: a staged path is ours,
+        // but never write through a link.
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
+        if keep == 0 {
+            let f = opts.create(true).truncate(true).open(&dst).map_err(err)?;
+            return Ok((dst, f));
+        }
+        let f = opts.open(&dst).map_err(err)?;
+        let len = f.metadata().map_err(err)?.len();
+        if len < keep {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!("{path}: cannot resume at byte {keep}, only {len} are staged"),
+            ));
+        }
+        f.set_len(keep).map_err(err)?;
+        Ok((dst, f))
+    }
+
+    /// Accepts a staged file only if what arrived is what was promised.
+    fn accept_staged(
+        &mut self,
+        path: &str,
+        dst: &Path,
+        f: File,
+        (n, got): (u64, u64),
+        (size, hash): (u64, u64),
+        mtime_ns: i64,
+    ) -> Result<(), AgentError> {
+        if n != size || got != hash {
+            drop(f);
+            let _ = fs::remove_file(dst);
+            return Err(AgentError::new(
+                ErrorKind::Verify,
+                format!("{path}: received {n} bytes hashing to {got:016x}, expected {size} bytes hashing to {hash:016x}"),
+            )
+            .hint("the file changed while it was sent, or the transfer was damaged; nothing was committed, run the command again"));
+        }
+        // On the open file: no second open per file.
+        let t = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
+        let _ = f.set_modified(t);
+        drop(f);
+        let tx = self.tx.as_mut().expect("open transaction");
+        tx.staged
+            .push((path.into(), StagedKind::File { size, hash }));
+        failpoint("repo.stage_file");
+        Ok(())
+    }
+
+    fn open_meta_once(&self, name: &str) -> Result<Option<File>, AgentError> {
+        let ok = matches!(name, "last-sync.json" | "sync-messages.json")
+            || (name.starts_with("archive/")
+                && !name[8..].contains('/')
+                && !name[8..].starts_with('.'));
+        if !ok {
+            return Err(AgentError::new(
+                ErrorKind::Unsafe,
+                format!("refusing to read .dsg/{name}"),
+            ));
+        }
+        match File::open(self.site.dsg().join(name)) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AgentError::io(
+                format!("cannot read {}", self.site.dsg().join(name).display()),
+                e,
+            )),
+        }
+    }
+}
+
+/// Creates the parent directories of `rel` under `base`, refusing to go
+/// through a symlink (a repository path must never lead outside it).
+fn safe_parent(base: &Path, rel: &str) -> Result<PathBuf, AgentError> {
+    let mut cur = base.to_path_buf();
+    let comps: Vec<&str> = rel.split('/').collect();
+    for c in &comps[..comps.len() - 1] {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(AgentError::new(
+                    ErrorKind::Unsafe,
+                    format!("{rel}: {} is not a directory", cur.display()),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir(&cur).map_err(|e| AgentError::io(cur.display(), e))?;
+            }
+            Err(e) => return Err(AgentError::io(cur.display(), e)),
+        }
+    }
+    Ok(cur)
+}
+
+/// The staging directory for `path`'s parent, created as needed. Staging is
+/// ours alone, so directories made once in this transaction are trusted.
+fn staged_parent(tx: &mut OpenTx, path: &str) -> Result<PathBuf, AgentError> {
+    let parent_rel = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+    if parent_rel.is_empty() || tx.dirs.contains(parent_rel) {
+        return Ok(tx.staging.join(parent_rel));
+    }
+    let p = safe_parent(&tx.staging, path)?;
+    let mut cur = parent_rel;
+    loop {
+        tx.dirs.insert(cur.to_string());
+        match cur.rsplit_once('/') {
+            Some((up, _)) => cur = up,
+            None => break,
+        }
+    }
+    Ok(p)
+}
+
+fn valid_tx_id(tx_id: &str) -> bool {
+    !tx_id.is_empty() && tx_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn checked(path: &str) -> Result<(), AgentError> {
+    check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))
+}
+
+impl Backend for Repository {
+    fn describe(&self) -> String {
+        self.store.describe(&self.site)
+    }
+
+    fn exists(&self) -> bool {
+        self.site.exists()
+    }
+
+    fn open_meta(&self, name: &str) -> Result<Option<File>, AgentError> {
+        let first = self.open_meta_once(name)?;
+        if first.is_none() && self.store.swaps() && self.tx.is_none() {
+            // A commit may swap the repository: for a moment it is not
+            // mounted. Wait for the writer (shared lock), then look again.
+            let lock = self.store.repo_lock(&self.site);
+            let _guard = self.site.take_flock(&lock, LockMode::Shared, true)?;
+            return self.open_meta_once(name);
+        }
+        Ok(first)
+    }
+
+    fn begin(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        base_hash: Option<&str>,
+        user: &str,
+    ) -> Result<(), AgentError> {
+        self.site.who = user.to_string();
+        if self.tx.is_some() {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                "a transaction is already open",
+            ));
+        }
+        if !valid_tx_id(tx_id) {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!("bad transaction id {tx_id:?}"),
+            ));
+        }
+        let tx = match base {
+            None => self.begin_init(tx_id)?,
+            Some(base_id) => self.begin_sync(tx_id, base_id, base_hash)?,
+        };
+        self.tx = Some(tx);
+        Ok(())
+    }
+
+    fn stage_file(
+        &mut self,
+        path: &str,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+        offset: u64,
+        data: &mut dyn Read,
+    ) -> Result<(), AgentError> {
+        let (dst, mut f) = self.open_staged(path, offset)?;
+        let mut h = Xxh3::new();
+        let buf = &mut self.buf;
+        let mut n = 0u64;
+        if offset > 0 {
+            // The staged prefix is verified with the rest: hash it as it is
+            // on disk now, not as it was meant to be written.
+            let mut prefix = (&f).take(offset);
+            loop {
+                let k = prefix
+                    .read(buf)
+                    .map_err(|e| AgentError::io(format!("reading staged {path}"), e))?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+                n += k as u64;
+            }
+        }
+        loop {
+            let k = data
+                .read(buf)
+                .map_err(|e| AgentError::io(format!("receiving {path}"), e))?;
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            f.write_all(&buf[..k])
+                .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+            n += k as u64;
+        }
+        self.accept_staged(path, &dst, f, (n, h.digest()), (size, hash), mtime_ns)
+    }
+
+    fn stage_file_from(
+        &mut self,
+        path: &str,
+        size: u64,
+        hash: u64,
+        mtime_ns: i64,
+        src: &Path,
+    ) -> Result<(), AgentError> {
+        let (dst, mut to) = self.open_staged(path, 0)?;
+        let mut from = dsg_core::hash::open_nofollow(src)
+            .map_err(|e| AgentError::io(format!("cannot read {}", src.display()), e))?;
+        // std's copy uses copy_file_range between files: a reflink on XFS
+        // and btrfs, an in-kernel copy elsewhere.
+        std::io::copy(&mut from, &mut to)
+            .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+        // Verify what landed, not what was meant to be sent.
+        let verified =
+            std::io::Seek::rewind(&mut to).and_then(|()| dsg_core::hash::hash_reader(&mut to));
+        let (got, n) = verified.map_err(|e| AgentError::io(format!("verifying {path}"), e))?;
+        self.accept_staged(path, &dst, to, (n, got.0), (size, hash), mtime_ns)
+    }
+
+    fn stage_link(&mut self, path: &str, target: &str) -> Result<(), AgentError> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        checked(path)?;
+        check_link_target(path, target)
+            .map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
+        let parent = staged_parent(tx, path)?;
+        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let _ = fs::remove_file(&dst);
+        symlink(target, &dst)
+            .map_err(|e| AgentError::io(format!("cannot stage link {path}"), e))?;
+        tx.staged.push((
+            path.into(),
+            StagedKind::Link {
+                target: target.into(),
+            },
+        ));
+        Ok(())
+    }
+
+    fn begin_replace(
+        &mut self,
+        tx_id: &str,
+        user: &str,
+        expect_hash: Option<&str>,
+    ) -> Result<(), AgentError> {
+        if self.tx.is_some() || !valid_tx_id(tx_id) {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!("cannot begin transaction {tx_id:?} here"),
+            ));
+        }
+        if !self.store.occupied(&self.site)? {
+            return self.begin(tx_id, None, None, user);
+        }
+        self.site.who = user.to_string();
+        // Locks first, then recovery, then the check that the head is the
+        // one the user confirmed, and only then is anything created.
+        let mut locks = self.store.lock_for_replace(&self.site)?.into_iter();
+        // What the user confirmed replacing must be what is replaced: a
+        // sync committed since then would be lost unseen. The head file's
+        // own hash: it exists even for a head without a snapshot hash.
+        if let Some(expect) = expect_hash {
+            let now = fs::read(self.site.dsg().join("last-sync.json"))
+                .map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b)))
+                .unwrap_or_default();
+            if now != expect {
+                return Err(AgentError::new(
+                    ErrorKind::Moved,
+                    "the repository changed since you confirmed replacing it; nothing was replaced",
+                )
+                .hint("run the command again to see what it holds now and confirm again"));
+            }
+        }
+        let staging = self.store.begin_replace(&self.site, tx_id)?;
+        let first = locks.next().expect("a replace holds a lock");
+        let mut tx = OpenTx::new(first, tx_id, staging.clone(), staging.clone(), true, None);
+        tx._locks.extend(locks);
+        tx.replace = true;
+        self.tx = Some(tx);
+        fs::create_dir_all(staging.join(".dsg/archive"))
+            .map_err(|e| AgentError::io(staging.display(), e))?;
+        Ok(())
+    }
+
+    fn resume(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        base_hash: Option<&str>,
+        user: &str,
+    ) -> Result<Vec<StagedFile>, AgentError> {
+        if self.tx.is_some() || !valid_tx_id(tx_id) {
+            return self
+                .begin(tx_id, base, base_hash, user)
+                .map(|()| Vec::new());
+        }
+        self.site.who = user.to_string();
+        let Some(r) = self.store.resumable(&self.site, tx_id, base, base_hash)? else {
+            // begin() recovers what is left and says why not, if it cannot
+            // begin either.
+            return self
+                .begin(tx_id, base, base_hash, user)
+                .map(|()| Vec::new());
+        };
+        self.tx = Some(OpenTx::new(
+            r.lock,
+            tx_id,
+            r.root,
+            r.staging,
+            base.is_none(),
+            r.head,
+        ));
+        Ok(r.staged)
+    }
+
+    fn commit(&mut self, c: &CommitData) -> Result<(), AgentError> {
+        let mut tx = self
+            .tx
+            .take()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        // On success the transaction, and with it its locks, goes here.
+        let result = Self::verify_commit(&tx, c).and_then(|deletes| {
+            if tx.init {
+                self.commit_init(&tx, c)
+            } else {
+                self.commit_sync(&tx, c, &deletes)
+            }
+        });
+        let Err(e) = result else {
+            return Ok(());
+        };
+        if let Some(done) = self.store.finish_failed_commit(&self.site, &tx.id) {
+            return done.map_err(|mut e2| {
+                e2.message.push_str(&format!(" (first error: {e})"));
+                e2
+            });
+        }
+        // Before the commit point this rolls back; after it, it rolls
+        // forward, and then the commit did happen. Decided under the
+        // locks, by the exact bytes: an id alone could be an older
+        // repository's (a replaced one starts again at s1).
+        let _locks = std::mem::take(&mut tx._locks);
+        let _ = self.store.undo(&self.site, &tx.as_ref());
+        let landed =
+            fs::read(self.site.dsg().join("last-sync.json")).is_ok_and(|b| b == c.manifest);
+        // Committed in the journal but not rolled forward (the roll
+        // forward failed too): recovery finishes it; never "failed".
+        if landed {
+            Ok(())
+        } else if self.store.committed_unfinished(&self.site, &tx.id) {
+            Err(AgentError::new(
+                ErrorKind::Incomplete,
+                format!("the snapshot was committed but applying it failed: {e}"),
+            )
+            .hint("run any dsg command to complete it once the problem is fixed"))
+        } else {
+            Err(e)
+        }
+    }
+
+    fn rollback(&mut self) -> Result<(), AgentError> {
+        match self.tx.take() {
+            // Its locks are released after the undo, when it drops.
+            Some(tx) => self.store.undo(&self.site, &tx.as_ref()),
+            None => Ok(()),
+        }
+    }
+
+    fn detach(&mut self) {
+        // A replacing init starts over rather than resume (its journal
+        // and dataset are undone now).
+        if self.tx.as_ref().is_none_or(|t| t.replace) {
+            let _ = self.rollback();
+            return;
+        }
+        // What was staged stays — the staging directory and the journal's
+        // `begin` record; for ZFS the transaction's clone or init dataset —
+        // for `resume` to continue, or for the next `recover` to remove.
+        // Dropping the transaction releases its locks.
+        self.tx = None;
+    }
+
+    fn open(&self, path: &str) -> Result<Stored, AgentError> {
+        checked(path)?;
+        let p = self.site.dir().join(path);
+        // Refuse to follow a symlinked parent out of the repository.
+        if let Some(parent) = Path::new(path).parent() {
+            let mut cur = self.site.dir();
+            for c in parent.components() {
+                cur.push(c);
+                if fs::symlink_metadata(&cur)
+                    .map(|m| m.file_type().is_symlink())
+                    .unwrap_or(false)
+                {
+                    return Err(AgentError::new(
+                        ErrorKind::Unsafe,
+                        format!("{path}: a parent is a symlink"),
+                    ));
+                }
+            }
+        }
+        let md = fs::symlink_metadata(&p)
+            .map_err(|e| AgentError::io(format!("{path} in the repository"), e))?;
+        if md.file_type().is_symlink() {
+            let t = fs::read_link(&p).map_err(|e| AgentError::io(path, e))?;
+            return Ok(Stored::Link {
+                target: t.to_string_lossy().into(),
+            });
+        }
+        if !md.is_file() {
+            return Err(AgentError::new(
+                ErrorKind::Corrupt,
+                format!("{path} in the repository is not a file"),
+            ));
+        }
+        let file = File::open(&p).map_err(|e| AgentError::io(path, e))?;
+        Ok(Stored::File {
+            file,
+            size: md.size(),
+        })
+    }
+
+    fn root(&self) -> PathBuf {
+        self.site.dir()
+    }
+
+    fn read_lock(&mut self) -> Result<(), AgentError> {
+        if self.tx.is_some()
+            || self.read_lock.is_some()
+            || (!self.store.swaps() && !self.site.dsg().is_dir())
+        {
+            return Ok(());
+        }
+        let lock = self.store.repo_lock(&self.site);
+        self.read_lock = self.site.take_flock(&lock, LockMode::Shared, true)?;
+        Ok(())
+    }
+
+    fn read_unlock(&mut self) {
+        self.read_lock = None;
+    }
+
+    fn recover(&mut self, wait: bool) -> Result<(), AgentError> {
+        if self.tx.is_some() {
+            return Ok(());
+        }
+        if wait {
+            // A shared lock is granted once the writer's exclusive one is
+            // released (a finished commit, or a dead agent).
+            for path in [
+                self.store.repo_lock(&self.site),
+                self.store.init_lock(&self.site),
+            ] {
+                drop(self.site.take_flock(&path, LockMode::Shared, true)?);
+            }
+        }
+        self.store.recover(&self.site)
+    }
+
+    fn list_archives(&self) -> Result<Vec<String>, AgentError> {
+        let mut names = Vec::new();
+        match fs::read_dir(self.site.dsg().join("archive")) {
+            Ok(rd) => {
+                for de in rd.flatten() {
+                    let n = de.file_name().to_string_lossy().to_string();
+                    if !n.starts_with('.') && de.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                        names.push(n);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io("listing archives", e)),
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+impl Drop for Repository {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            let _ = self.rollback();
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_object_safe(_: &dyn Backend) {}

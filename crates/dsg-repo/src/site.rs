@@ -1,0 +1,385 @@
+//! Where a repository lives and how it is locked: what both kinds of
+//! repository (a directory, a ZFS dataset) share.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dsg_core::manifest::Manifest;
+use dsg_txn::{Aside, Layout, Op, TxError};
+
+use crate::backend::AgentError;
+use crate::protocol::{ErrorKind, StagedFile};
+
+#[derive(Clone, Copy)]
+pub(crate) enum LockMode {
+    Exclusive,
+    Shared,
+}
+
+/// A `flock` held on an open lock file, released when dropped (closing
+/// the file releases it). The holder text written into an exclusive lock
+/// file stays; it is only read while someone holds the lock.
+pub(crate) struct Lock(File);
+
+/// A repository: `<mountpoint>/<name>`, its lock timeout, and who works
+/// on it (shown to others waiting for its lock).
+pub(crate) struct Site {
+    pub mountpoint: PathBuf,
+    pub name: String,
+    pub lock_timeout: Duration,
+    pub who: String,
+}
+
+impl Site {
+    pub fn new(repo_dir: &Path) -> Result<Site, AgentError> {
+        let name = repo_name_of(repo_dir)?;
+        let mountpoint = repo_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let secs = std::env::var("DSG_LOCK_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(30.0);
+        Ok(Site {
+            mountpoint,
+            name,
+            lock_timeout: Duration::from_secs_f64(secs),
+            who: String::new(),
+        })
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.mountpoint.join(&self.name)
+    }
+
+    pub fn dsg(&self) -> PathBuf {
+        self.dir().join(".dsg")
+    }
+
+    /// True when the repository exists (has a manifest).
+    pub fn exists(&self) -> bool {
+        self.dsg().join("last-sync.json").is_file()
+    }
+
+    pub fn head(&self) -> Result<Option<Manifest>, AgentError> {
+        let p = self.dsg().join("last-sync.json");
+        Manifest::load_optional(&p).map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))
+    }
+
+    /// Applies committed operations to the tree at `root` (the repository,
+    /// or a ZFS transaction's clone).
+    pub fn apply(
+        &self,
+        root: &Path,
+        tx: &str,
+        ops: &[Op],
+        keep_objects: bool,
+    ) -> Result<(), AgentError> {
+        let d = LayoutDirs::new(root, tx, keep_objects);
+        dsg_txn::apply::apply(&d.layout(), ops).map_err(tx_error)
+    }
+
+    /// Takes the exclusive lock at `path`, waiting up to the timeout.
+    pub fn lock(&self, path: &Path) -> Result<Lock, AgentError> {
+        let f = self
+            .take_flock(path, LockMode::Exclusive, true)?
+            .expect("waited");
+        // Who holds it, for the message a waiting client prints. The flock is
+        // the truth; this text is only informative.
+        let info = format!(
+            "{} (pid {} on {}, since {})",
+            if self.who.is_empty() {
+                "unknown user"
+            } else {
+                &self.who
+            },
+            std::process::id(),
+            hostname(),
+            dsg_core::timefmt::now_la()
+        );
+        let _ = f.0.set_len(0);
+        let _ = (&f.0).write_all(info.as_bytes());
+        Ok(f)
+    }
+
+    /// `wait = false`: returns `Ok(None)` at once when the lock is taken.
+    pub fn take_flock(
+        &self,
+        path: &Path,
+        mode: LockMode,
+        wait: bool,
+    ) -> Result<Option<Lock>, AgentError> {
+        // Readers never create the lock file, and open it read-only:
+        // reading must not write, and read-only users must be able to read.
+        // A repository made by dsg always has one; one made by the original
+        // needs no lock for readers until dsg first writes to it.
+        let f = match mode {
+            LockMode::Shared => match File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(AgentError::io(
+                        format!("cannot open lock {}", path.display()),
+                        e,
+                    ))
+                }
+            },
+            LockMode::Exclusive => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| AgentError::io(format!("cannot open lock {}", path.display()), e))?,
+        };
+        let op = match mode {
+            LockMode::Exclusive => rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            LockMode::Shared => rustix::fs::FlockOperation::NonBlockingLockShared,
+        };
+        let start = Instant::now();
+        let mut f = f;
+        loop {
+            match rustix::fs::flock(f.as_fd(), op) {
+                // A replacing init swaps the whole directory, lock file and
+                // all: a lock taken on the file that was moved away locks
+                // nothing. Take it again on the one now at the path.
+                Ok(()) if !same_file(&f, path) => {
+                    f = match mode {
+                        LockMode::Shared => match File::open(path) {
+                            Ok(f) => f,
+                            Err(_) => return Ok(None),
+                        },
+                        LockMode::Exclusive => OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(path)
+                            .map_err(|e| {
+                                AgentError::io(format!("cannot open lock {}", path.display()), e)
+                            })?,
+                    };
+                }
+                Ok(()) => return Ok(Some(Lock(f))),
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                    if !wait {
+                        return Ok(None);
+                    }
+                    if start.elapsed() >= self.lock_timeout {
+                        let holder = fs::read_to_string(path).unwrap_or_default();
+                        return Err(AgentError::new(
+                            ErrorKind::Busy,
+                            format!(
+                                "repository {} is busy: locked by {}",
+                                self.dir().display(),
+                                if holder.trim().is_empty() { "another dsg process" } else { holder.trim() }
+                            ),
+                        )
+                        .hint("wait for the other sync to finish and run the command again (DSG_LOCK_TIMEOUT sets the wait in seconds)"));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(AgentError::io(
+                        format!("cannot lock {}", path.display()),
+                        e.into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Whether this user can run a recovery in `dir`. A reader who may not
+    /// write there skips leftovers that do not touch the head (an upload's
+    /// staging, an init's) — a writer's next command removes them — but
+    /// cannot read past a committed transaction that is not finished:
+    /// after waiting for the writer holding `lock` (it may be finishing it
+    /// right now), it fails if `unfinished` still says so.
+    pub fn may_recover(
+        &self,
+        dir: &Path,
+        lock: &Path,
+        unfinished: &dyn Fn() -> bool,
+    ) -> Result<bool, AgentError> {
+        if rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok() {
+            return Ok(true);
+        }
+        if unfinished() {
+            // Held across the re-check: no new writer slips in between.
+            let _shared = self.take_flock(lock, LockMode::Shared, true)?;
+            if unfinished() {
+                return Err(AgentError::new(
+                    ErrorKind::Incomplete,
+                    format!(
+                        "{} holds a committed transaction that is not finished yet, and this user may not finish it",
+                        self.dir().display()
+                    ),
+                )
+                .hint("run any dsg command as a user who may write the repository; it finishes the transaction"));
+            }
+        }
+        tracing::debug!(
+            "{}: leftovers of an unfinished upload; not ours to remove (read-only)",
+            dir.display()
+        );
+        Ok(false)
+    }
+}
+
+/// The owned paths of a transaction's `Layout`.
+pub(crate) struct LayoutDirs {
+    root: PathBuf,
+    files: PathBuf,
+    meta: PathBuf,
+    dsg: PathBuf,
+    keep_objects: bool,
+}
+
+impl LayoutDirs {
+    /// Where a transaction rooted at `root` stages, and where it puts
+    /// what it replaces: the object store, or nothing (ZFS snapshots
+    /// keep every old version).
+    pub fn new(root: &Path, tx: &str, keep_objects: bool) -> LayoutDirs {
+        let dsg = root.join(".dsg");
+        let staging = dsg.join("staging").join(tx);
+        LayoutDirs {
+            root: root.to_path_buf(),
+            meta: staging.join(".dsg-meta"),
+            files: staging,
+            keep_objects,
+            dsg,
+        }
+    }
+
+    pub fn layout(&self) -> Layout<'_> {
+        Layout {
+            root: &self.root,
+            files: &self.files,
+            meta: &self.meta,
+            dsg: &self.dsg,
+            aside: if self.keep_objects {
+                Aside::Objects { dsg: &self.dsg }
+            } else {
+                Aside::Discard
+            },
+            keep_top_level: false,
+            fp: "repo",
+        }
+    }
+}
+
+/// The agent's error for an engine error, with the hint a repository
+/// user needs.
+pub(crate) fn tx_error(e: TxError) -> AgentError {
+    let kind = match &e {
+        TxError::ThroughLink { .. } => ErrorKind::Unsafe,
+        TxError::InTheWay { .. } => ErrorKind::Exists,
+        _ => ErrorKind::Io,
+    };
+    let hint = if e.is_no_space() {
+        "the repository's filesystem is full; free space there and run the command again"
+    } else if e.is_not_writable() {
+        "ask the repository's owner to make it writable for you, then run the command again"
+    } else if matches!(e, TxError::InTheWay { .. }) {
+        "move it out of the repository directory, then run the command again"
+    } else {
+        "run the command again; if it persists, check the repository's filesystem"
+    };
+    AgentError::new(kind, e.to_string()).hint(hint)
+}
+
+/// The repository's name: the last component of `<mountpoint>/<name>`.
+pub fn repo_name_of(repo_dir: &Path) -> Result<String, AgentError> {
+    repo_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(String::from)
+        .ok_or_else(|| {
+            AgentError::new(
+                ErrorKind::NotFound,
+                format!("{} is not a repository path", repo_dir.display()),
+            )
+        })
+}
+
+pub(crate) fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .to_string()
+}
+
+pub(crate) fn syncfs(p: &Path) -> Result<(), AgentError> {
+    dsg_txn::apply::syncfs(p).map_err(tx_error)
+}
+
+pub(crate) fn remove_dir_all_if_exists(p: &Path) -> Result<(), AgentError> {
+    match fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::io(format!("cannot remove {}", p.display()), e)),
+    }
+}
+
+pub(crate) fn remove_temp_files(dir: &Path) -> Result<(), AgentError> {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for de in rd.flatten() {
+            if dsg_core::atomic::is_temp_name(&de.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(de.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the open file `f` is still the file at `path`.
+fn same_file(f: &File, path: &Path) -> bool {
+    match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Whether `head` is the snapshot a client planned against: its id, and
+/// its hash when the client sent one (ids start again at s1 in a replaced
+/// repository, so an id alone can name another repository's snapshot).
+pub(crate) fn is_base(head: Option<&Manifest>, id: &str, hash: Option<&str>) -> bool {
+    let md = head.and_then(|h| h.metadata.as_ref());
+    md.is_some_and(|m| m.snapshot_id == id)
+        && hash.is_none_or(|h| md.and_then(|m| m.snapshot_hash.as_deref()) == Some(h))
+}
+
+/// Regular files under a transaction's staging directory (not `skip`, its
+/// own metadata) with their lengths: what a resumed upload can build on.
+pub(crate) fn list_staged(staging: &Path, skip: &str) -> Result<Vec<StagedFile>, AgentError> {
+    let mut out = Vec::new();
+    let mut stack = vec![(staging.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let rd = fs::read_dir(&dir).map_err(|e| AgentError::io(dir.display(), e))?;
+        for de in rd {
+            let de = de.map_err(|e| AgentError::io(dir.display(), e))?;
+            let Some(name) = de.file_name().to_str().map(String::from) else {
+                continue;
+            };
+            if rel.is_empty() && name == skip {
+                continue;
+            }
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let m = de
+                .metadata()
+                .map_err(|e| AgentError::io(de.path().display(), e))?;
+            if m.is_dir() {
+                stack.push((de.path(), path));
+            } else if m.is_file() {
+                out.push(StagedFile { path, len: m.len() });
+            }
+        }
+    }
+    Ok(out)
+}
