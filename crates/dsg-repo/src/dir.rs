@@ -230,15 +230,17 @@ impl Store for DirStore {
     }
 
     fn begin_sync(&self, site: &Site, tx: &str, base: &str) -> Result<PathBuf, AgentError> {
-        let j = Journal::create(&Self::journal(site))
-            .map_err(|e| AgentError::io("cannot create the journal", e))?;
+        let path = Self::journal(site);
+        let j = Journal::create(&path).map_err(|e| {
+            AgentError::io(format!("cannot create the journal {}", path.display()), e)
+        })?;
         j.append(&DirRecord::Begin {
             tx: tx.into(),
             begin: DirBegin { base: base.into() },
         })
         .map_err(|e| {
-            let _ = fs::remove_file(Self::journal(site));
-            AgentError::io("cannot write the journal", e)
+            let _ = fs::remove_file(&path);
+            AgentError::io(format!("cannot write the journal {}", path.display()), e)
         })?;
         failpoint("repo.journal.begin");
         Ok(site.dir())

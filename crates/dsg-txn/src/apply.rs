@@ -184,12 +184,13 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
     let mut to_make: BTreeSet<PathBuf> = Default::default();
     // Folders made now, out of sight in `.dsg`, deepest last.
     let mut make_now: BTreeSet<PathBuf> = Default::default();
+    let mut known_dirs = std::collections::HashSet::new();
     writable.insert(l.dsg.to_path_buf());
     make_now.insert(l.dsg.join("archive"));
     for op in ops.iter_mut() {
         let path = op.path().to_string();
         let install = matches!(op, Op::Install { .. });
-        let parent = parent_dir(l, &path, &retired, install, &mut to_make)?;
+        let parent = parent_dir(l, &path, &retired, install, &mut to_make, &mut known_dirs)?;
         writable.insert(parent);
         match (op, l.aside) {
             (Op::Retire { path, hash, .. }, Aside::Objects { dsg }) => {
@@ -213,10 +214,13 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
                 make_now.insert(dir.to_path_buf());
             }
             (Op::Retire { path, .. }, Aside::Backup { dir }) => {
+                // Its folders inside the backup are made when a version
+                // actually moves there: made now, one could stand where a
+                // retired file of the same name is going.
                 make_now.insert(dir.to_path_buf());
                 let mut par = Path::new(&*path).parent();
                 while let Some(p) = par.filter(|p| !p.as_os_str().is_empty()) {
-                    make_now.insert(dir.join(p));
+                    to_make.insert(dir.join(p));
                     par = p.parent();
                 }
             }
@@ -281,13 +285,21 @@ fn parent_dir(
     retired: &std::collections::HashSet<String>,
     install: bool,
     to_make: &mut BTreeSet<PathBuf>,
+    known_dirs: &mut std::collections::HashSet<PathBuf>,
 ) -> Result<PathBuf, TxError> {
     let comps: Vec<&str> = path.split('/').collect();
     let mut cur = l.root.to_path_buf();
     for (i, c) in comps[..comps.len() - 1].iter().enumerate() {
         let next = cur.join(c);
+        // Siblings share their parents: one lstat per folder, not per path.
+        if known_dirs.contains(&next) {
+            cur = next;
+            continue;
+        }
         match fs::symlink_metadata(&next) {
-            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.is_dir() => {
+                known_dirs.insert(next.clone());
+            }
             Ok(_) if retired.contains(&comps[..=i].join("/")) => return Ok(cur),
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(TxError::ThroughLink {
