@@ -14,24 +14,71 @@ use crate::yaml;
 pub const PROJECT_CONFIG: &str = ".dsgconfig.yml";
 pub const USER_CONFIG: &str = "dsg.yml";
 
+/// Display is the message, then the hint on its own line (`hint: …`), as
+/// the CLI prints it; `message()` and `hint()` give the two apart for
+/// `--json`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("no {PROJECT_CONFIG} found in {start} or any parent directory\nhint: run dsg inside a project, or create one with 'dsg init'")]
-    NoProject { start: PathBuf },
-    #[error("cannot read {file}: {source}")]
+    NoProject {
+        start: PathBuf,
+    },
     Io {
         file: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{file}: {msg}\nhint: {hint}")]
     Invalid {
         file: PathBuf,
         msg: String,
         hint: String,
     },
-    #[error("no {USER_CONFIG} found (looked in: {looked})\nhint: create ~/.config/dsg/dsg.yml with\n  user_name: Your Name\n  user_id: you@example.org\nor point DSG_CONFIG_HOME at a directory holding dsg.yml")]
-    NoUserConfig { looked: String },
+    NoUserConfig {
+        looked: String,
+    },
+}
+
+impl ConfigError {
+    /// The message without its hint.
+    pub fn message(&self) -> String {
+        match self {
+            ConfigError::NoProject { start } => format!(
+                "no {PROJECT_CONFIG} found in {} or any parent directory",
+                start.display()
+            ),
+            ConfigError::Io { file, source } => {
+                format!("cannot read {}: {source}", file.display())
+            }
+            ConfigError::Invalid { file, msg, .. } => format!("{}: {msg}", file.display()),
+            ConfigError::NoUserConfig { looked } => {
+                format!("no {USER_CONFIG} found (looked in: {looked})")
+            }
+        }
+    }
+
+    /// What the user can do about it; a read failure names the file and its
+    /// cause, which says enough.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            ConfigError::NoProject { .. } => {
+                Some("run dsg inside a project, or create one with 'dsg init'")
+            }
+            ConfigError::Io { .. } => None,
+            ConfigError::Invalid { hint, .. } => Some(hint),
+            ConfigError::NoUserConfig { .. } => Some(
+                "create ~/.config/dsg/dsg.yml with\n  user_name: Your Name\n  user_id: you@example.org\nor point DSG_CONFIG_HOME at a directory holding dsg.yml",
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())?;
+        match self.hint() {
+            Some(h) => write!(f, "\nhint: {h}"),
+            None => Ok(()),
+        }
+    }
 }
 
 fn invalid(file: &Path, msg: impl Into<String>, hint: impl Into<String>) -> ConfigError {
