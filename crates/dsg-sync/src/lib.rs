@@ -162,7 +162,7 @@ mod tests {
     }
 
     #[test]
-    fn hints_are_data_and_display_is_message_then_hint() {
+    fn config_errors_give_message_and_hint_apart() {
         check(
             ConfigError::NoProject {
                 start: "/x".into(),
@@ -201,6 +201,10 @@ mod tests {
             "cannot read /c: boom",
             None,
         );
+    }
+
+    #[test]
+    fn manifest_errors_give_message_and_hint_apart() {
         check(
             ManifestError::Corrupt {
                 path: "/m.json".into(),
@@ -221,6 +225,10 @@ mod tests {
             "cannot read manifest /m.json: boom",
             Some("check the file exists and is readable"),
         );
+    }
+
+    #[test]
+    fn repository_errors_give_message_and_hint_apart() {
         let remote = |hint: Option<&str>| RepoError::Remote {
             host: "h".into(),
             repo: "/r".into(),
@@ -268,6 +276,10 @@ mod tests {
             "protocol error talking to h: odd",
             None,
         );
+    }
+
+    #[test]
+    fn engine_errors_give_message_and_hint_apart() {
         check(
             EngineError::Blocked {
                 message: "sync blocked:\n  a".into(),
