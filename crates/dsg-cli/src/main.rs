@@ -754,7 +754,8 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
         Ok(())
     } else {
         Err(EngineError::Reported {
-            message: "configuration check failed\nhint: fix the items marked ✗ above".into(),
+            message: "configuration check failed".into(),
+            hint: "fix the items marked ✗ above".into(),
             code: 1,
         })
     }

@@ -104,10 +104,65 @@ fn sync_blocked_by_a_conflict_names_it() {
         v["hint"].as_str().is_some_and(|h| h.contains("sync again")),
         "{v:#}"
     );
+    assert_hint_printed(&o, &v);
     assert_eq!(
         fs::read_to_string(b.join("input/x.csv")).unwrap(),
         "two from b\n"
     );
+}
+
+/// The hint is a non-empty field of its own, and humans still read it on
+/// stderr as its own line after the error.
+fn assert_hint_printed(o: &Output, v: &Value) {
+    let hint = v["hint"].as_str().unwrap_or_default();
+    assert!(!hint.is_empty(), "{v:#}");
+    let first = hint.lines().next().unwrap();
+    assert!(
+        stderr(o).contains(&format!("\nhint: {first}")),
+        "{}",
+        describe(o)
+    );
+}
+
+#[test]
+fn invalid_project_config_gives_its_hint_apart() {
+    let env = TestEnv::new();
+    let dir = env.project("p");
+    write(&dir, ".dsgconfig.yml", "name: a\nname: b\n");
+    let o = env.run(&dir, &["--json", "status"]);
+    let v = error_doc(&o, 1, "status with a duplicate key");
+    assert!(
+        v["error"].as_str().unwrap().contains(".dsgconfig.yml"),
+        "{v:#}"
+    );
+    assert!(
+        v["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("keep only one")),
+        "{v:#}"
+    );
+    assert_hint_printed(&o, &v);
+}
+
+#[test]
+fn corrupt_last_sync_gives_its_hint_apart() {
+    let env = TestEnv::new();
+    let dir = env.project("p");
+    write(&dir, "input/a.csv", "a\n");
+    env.init_ok(&dir, "corrupt");
+    fs::write(dir.join(".dsg/last-sync.json"), "{ not json").unwrap();
+    let o = env.run(&dir, &["--json", "status"]);
+    let v = error_doc(&o, 1, "status with a corrupt last-sync.json");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("last-sync.json") && error.contains("corrupt"),
+        "{v:#}"
+    );
+    assert!(
+        v["hint"].as_str().is_some_and(|h| h.contains("restore it")),
+        "{v:#}"
+    );
+    assert_hint_printed(&o, &v);
 }
 
 #[test]

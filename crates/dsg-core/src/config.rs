@@ -14,24 +14,71 @@ use crate::yaml;
 pub const PROJECT_CONFIG: &str = ".dsgconfig.yml";
 pub const USER_CONFIG: &str = "dsg.yml";
 
+/// Display is the message, then the hint on its own line (`hint: …`), as
+/// the CLI prints it; `message()` and `hint()` give the two apart for
+/// `--json`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("no {PROJECT_CONFIG} found in {start} or any parent directory\nhint: run dsg inside a project, or create one with 'dsg init'")]
-    NoProject { start: PathBuf },
-    #[error("cannot read {file}: {source}")]
+    NoProject {
+        start: PathBuf,
+    },
     Io {
         file: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{file}: {msg}\nhint: {hint}")]
     Invalid {
         file: PathBuf,
         msg: String,
         hint: String,
     },
-    #[error("no {USER_CONFIG} found (looked in: {looked})\nhint: create ~/.config/dsg/dsg.yml with\n  user_name: Your Name\n  user_id: you@example.org\nor point DSG_CONFIG_HOME at a directory holding dsg.yml")]
-    NoUserConfig { looked: String },
+    NoUserConfig {
+        looked: String,
+    },
+}
+
+impl ConfigError {
+    /// The message without its hint.
+    pub fn message(&self) -> String {
+        match self {
+            ConfigError::NoProject { start } => format!(
+                "no {PROJECT_CONFIG} found in {} or any parent directory",
+                start.display()
+            ),
+            ConfigError::Io { file, source } => {
+                format!("cannot read {}: {source}", file.display())
+            }
+            ConfigError::Invalid { file, msg, .. } => format!("{}: {msg}", file.display()),
+            ConfigError::NoUserConfig { looked } => {
+                format!("no {USER_CONFIG} found (looked in: {looked})")
+            }
+        }
+    }
+
+    /// What the user can do about it; a read failure names the file and its
+    /// cause, which says enough.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            ConfigError::NoProject { .. } => {
+                Some("run dsg inside a project, or create one with 'dsg init'")
+            }
+            ConfigError::Io { .. } => None,
+            ConfigError::Invalid { hint, .. } => Some(hint),
+            ConfigError::NoUserConfig { .. } => Some(
+                "create ~/.config/dsg/dsg.yml with\n  user_name: Your Name\n  user_id: you@example.org\nor point DSG_CONFIG_HOME at a directory holding dsg.yml",
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())?;
+        match self.hint() {
+            Some(h) => write!(f, "\nhint: {h}"),
+            None => Ok(()),
+        }
+    }
 }
 
 fn invalid(file: &Path, msg: impl Into<String>, hint: impl Into<String>) -> ConfigError {
@@ -172,50 +219,8 @@ impl ProjectConfig {
                 }
             }
         }
-        let has_repo = obj.contains_key("repository");
-        let has_transport = obj.contains_key("transport");
-        let repository = match (has_repo, has_transport) {
-            (true, true) => {
-                return Err(invalid(
-                    file,
-                    "both 'repository' (new format) and 'transport' (legacy format) are set",
-                    "keep only the 'repository:' section",
-                ))
-            }
-            (false, false) => {
-                return Err(invalid(
-                    file,
-                    "no 'repository' section",
-                    "add:\n  repository:\n    type: xfs\n    host: localhost\n    mountpoint: /path/to/repos",
-                ))
-            }
-            (true, false) => parse_repository(file, obj.get("repository").unwrap())?,
-            (false, true) => parse_legacy(file, obj)?,
-        };
-        let name = match obj.get("name") {
-            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-            Some(Value::String(_)) | None => {
-                return Err(invalid(
-                    file,
-                    "key 'name' is missing or empty",
-                    "add 'name: <repository name>'",
-                ))
-            }
-            Some(other) => {
-                return Err(invalid(
-                    file,
-                    format!("key 'name' must be a string, got {other}"),
-                    "quote the value: name: \"...\"",
-                ))
-            }
-        };
-        if name.contains('/') || name == "." || name == ".." {
-            return Err(invalid(
-                file,
-                format!("key 'name': {name:?} is not a valid directory name"),
-                "use a plain name",
-            ));
-        }
+        let (repository, legacy_format) = repository_section(file, obj)?;
+        let name = parse_name(file, obj)?;
         let data_dirs = match obj.get("data_dirs") {
             None | Some(Value::Null) => ProjectConfig::default_data_dirs(),
             Some(v) => string_set(file, "data_dirs", v)?,
@@ -223,46 +228,13 @@ impl ProjectConfig {
         for d in &data_dirs {
             check_data_dir(file, d)?;
         }
-        let mut ignore = IgnoreRules::defaults();
-        match obj.get("ignore") {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(ig)) => {
-                for (k, v) in ig {
-                    let set = string_set(file, &format!("ignore.{k}"), v)?;
-                    match k.as_str() {
-                        "paths" => {
-                            ignore.paths = set
-                                .into_iter()
-                                .map(|p| normalize_ignore_path(&p))
-                                .filter(|p| !p.is_empty())
-                                .collect()
-                        }
-                        "names" => ignore.names = set,
-                        "suffixes" => ignore.suffixes = set,
-                        other => {
-                            return Err(invalid(
-                                file,
-                                format!("unknown key 'ignore.{other}'"),
-                                "ignore takes 'paths', 'names' and 'suffixes'",
-                            ))
-                        }
-                    }
-                }
-            }
-            Some(other) => {
-                return Err(invalid(
-                    file,
-                    format!("key 'ignore' must be a mapping, got {other}"),
-                    "see README",
-                ))
-            }
-        }
+        let ignore = parse_ignore(file, obj.get("ignore"))?;
         Ok(ProjectConfig {
             name,
             repository,
             data_dirs,
             ignore,
-            legacy_format: has_transport,
+            legacy_format,
         })
     }
 
@@ -310,6 +282,98 @@ fn yaml_error(file: &Path, e: yaml::YamlError) -> ConfigError {
         }
         e => invalid(file, format!("not valid YAML: {e}"), "fix the syntax"),
     }
+}
+
+/// The repository, from the `repository:` section or the legacy layout
+/// (exactly one of them), and whether it was the legacy one.
+fn repository_section(
+    file: &Path,
+    obj: &mut serde_json::Map<String, Value>,
+) -> Result<(Repository, bool), ConfigError> {
+    let has_repo = obj.contains_key("repository");
+    let has_transport = obj.contains_key("transport");
+    match (has_repo, has_transport) {
+        (true, true) => Err(invalid(
+            file,
+            "both 'repository' (new format) and 'transport' (legacy format) are set",
+            "keep only the 'repository:' section",
+        )),
+        (false, false) => Err(invalid(
+            file,
+            "no 'repository' section",
+            "add:\n  repository:\n    type: xfs\n    host: localhost\n    mountpoint: /path/to/repos",
+        )),
+        (true, false) => Ok((parse_repository(file, obj.get("repository").unwrap())?, false)),
+        (false, true) => Ok((parse_legacy(file, obj)?, true)),
+    }
+}
+
+/// The repository name: a plain directory name.
+fn parse_name(file: &Path, obj: &serde_json::Map<String, Value>) -> Result<String, ConfigError> {
+    let name = match obj.get("name") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) | None => {
+            return Err(invalid(
+                file,
+                "key 'name' is missing or empty",
+                "add 'name: <repository name>'",
+            ))
+        }
+        Some(other) => {
+            return Err(invalid(
+                file,
+                format!("key 'name' must be a string, got {other}"),
+                "quote the value: name: \"...\"",
+            ))
+        }
+    };
+    if name.contains('/') || name == "." || name == ".." {
+        return Err(invalid(
+            file,
+            format!("key 'name': {name:?} is not a valid directory name"),
+            "use a plain name",
+        ));
+    }
+    Ok(name)
+}
+
+/// The defaults, with the `ignore:` section's sets in place of theirs.
+fn parse_ignore(file: &Path, ignore: Option<&Value>) -> Result<IgnoreRules, ConfigError> {
+    let mut rules = IgnoreRules::defaults();
+    match ignore {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(ig)) => {
+            for (k, v) in ig {
+                let set = string_set(file, &format!("ignore.{k}"), v)?;
+                match k.as_str() {
+                    "paths" => {
+                        rules.paths = set
+                            .into_iter()
+                            .map(|p| normalize_ignore_path(&p))
+                            .filter(|p| !p.is_empty())
+                            .collect()
+                    }
+                    "names" => rules.names = set,
+                    "suffixes" => rules.suffixes = set,
+                    other => {
+                        return Err(invalid(
+                            file,
+                            format!("unknown key 'ignore.{other}'"),
+                            "ignore takes 'paths', 'names' and 'suffixes'",
+                        ))
+                    }
+                }
+            }
+        }
+        Some(other) => {
+            return Err(invalid(
+                file,
+                format!("key 'ignore' must be a mapping, got {other}"),
+                "see README",
+            ))
+        }
+    }
+    Ok(rules)
 }
 
 /// Every string in the project config ends up as a file name, a path, a host
@@ -595,70 +659,40 @@ impl UserConfig {
         let mut merged = serde_json::Map::new();
         let mut sources = Vec::new();
         for (i, p) in paths.iter().enumerate() {
-            let text = match std::fs::read_to_string(p) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(ConfigError::Io {
-                        file: p.clone(),
-                        source: e,
-                    })
-                }
-            };
-            let (v, amb) = yaml::load(&text).map_err(|e| yaml_error(p, e))?;
-            reject_ambiguous(p, &amb)?;
-            let obj = match v {
-                Value::Object(o) => o,
-                Value::Null => Default::default(),
-                _ => {
-                    return Err(invalid(
-                        p,
-                        "the file is not a mapping of keys",
-                        "see README",
-                    ))
-                }
-            };
-            if i == 0 && p.starts_with("/etc") {
-                let personal: Vec<&str> = ["user_id", "user_name"]
-                    .into_iter()
-                    .filter(|k| obj.contains_key(*k))
-                    .collect();
-                if !personal.is_empty() {
-                    return Err(invalid(
-                        p,
-                        format!(
-                            "the system config contains personal fields: {}",
-                            personal.join(", ")
-                        ),
-                        "move them to ~/.config/dsg/dsg.yml",
-                    ));
-                }
+            if let Some(obj) = read_user_file(p, i == 0)? {
+                merged.extend(obj);
+                sources.push(p.clone());
             }
-            merged.extend(obj);
-            sources.push(p.clone());
         }
-        let last = match sources.last() {
-            Some(l) => l.clone(),
-            None => {
-                return Err(ConfigError::NoUserConfig {
-                    looked: paths
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })
-            }
+        let Some(last) = sources.last().cloned() else {
+            return Err(ConfigError::NoUserConfig {
+                looked: paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
         };
+        UserConfig::from_merged(&merged, &last, sources)
+    }
+
+    /// The settings from the merged keys; errors name `last`, the file
+    /// read last.
+    fn from_merged(
+        merged: &serde_json::Map<String, Value>,
+        last: &Path,
+        sources: Vec<PathBuf>,
+    ) -> Result<UserConfig, ConfigError> {
         let req = |k: &str| -> Result<String, ConfigError> {
             match merged.get(k) {
                 Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
                 Some(Value::String(_)) | None | Some(Value::Null) => Err(invalid(
-                    &last,
+                    last,
                     format!("key '{k}' is missing"),
                     format!("add '{k}: ...' to one of your dsg.yml files"),
                 )),
                 Some(other) => Err(invalid(
-                    &last,
+                    last,
                     format!("key '{k}' must be a string, got {other}"),
                     "quote it",
                 )),
@@ -668,7 +702,7 @@ impl UserConfig {
         let user_name = req("user_name")?;
         let user_id = normalize_email(&req("user_id")?).map_err(|why| {
             invalid(
-                &last,
+                last,
                 format!("key 'user_id': {why}"),
                 "user_id must be an e-mail address such as you@example.org",
             )
@@ -678,7 +712,7 @@ impl UserConfig {
             Some(Value::Bool(b)) => *b,
             Some(other) => {
                 return Err(invalid(
-                    &last,
+                    last,
                     format!("key 'backup_on_conflict' must be true or false, got {other}"),
                     "use true or false",
                 ))
@@ -693,6 +727,55 @@ impl UserConfig {
             sources,
         })
     }
+}
+
+/// One user config file's keys; `None` when it does not exist. `first`: the
+/// lowest-priority file, where a system config under /etc must not hold
+/// personal fields.
+fn read_user_file(
+    p: &Path,
+    first: bool,
+) -> Result<Option<serde_json::Map<String, Value>>, ConfigError> {
+    let text = match std::fs::read_to_string(p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ConfigError::Io {
+                file: p.to_path_buf(),
+                source: e,
+            })
+        }
+    };
+    let (v, amb) = yaml::load(&text).map_err(|e| yaml_error(p, e))?;
+    reject_ambiguous(p, &amb)?;
+    let obj = match v {
+        Value::Object(o) => o,
+        Value::Null => Default::default(),
+        _ => {
+            return Err(invalid(
+                p,
+                "the file is not a mapping of keys",
+                "see README",
+            ))
+        }
+    };
+    if first && p.starts_with("/etc") {
+        let personal: Vec<&str> = ["user_id", "user_name"]
+            .into_iter()
+            .filter(|k| obj.contains_key(*k))
+            .collect();
+        if !personal.is_empty() {
+            return Err(invalid(
+                p,
+                format!(
+                    "the system config contains personal fields: {}",
+                    personal.join(", ")
+                ),
+                "move them to ~/.config/dsg/dsg.yml",
+            ));
+        }
+    }
+    Ok(Some(obj))
 }
 
 /// E-mail syntax check and normalisation (domain lower-cased), following the

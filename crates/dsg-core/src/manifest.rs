@@ -24,19 +24,50 @@ use crate::timefmt;
 /// the original's value space (a package version string).
 pub const MANIFEST_VERSION: &str = "0.5.0";
 
+/// Display is the message, then `hint: …` on its own line; `message()` and
+/// `hint()` give the two apart for `--json`.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read manifest {path}: {source}\nhint: check the file exists and is readable")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("manifest {path} is corrupt: {msg}\nhint: restore it from the repository or a backup; dsg never treats a damaged manifest as empty")]
-    Corrupt { path: PathBuf, msg: String },
+    Corrupt {
+        path: PathBuf,
+        msg: String,
+    },
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}\nhint: {}", self.message(), self.hint())
+    }
 }
 
 impl ManifestError {
+    /// The message without its hint.
+    pub fn message(&self) -> String {
+        match self {
+            ManifestError::Io { path, source } => {
+                format!("cannot read manifest {}: {source}", path.display())
+            }
+            ManifestError::Corrupt { path, msg } => {
+                format!("manifest {} is corrupt: {msg}", path.display())
+            }
+        }
+    }
+
+    /// What the user can do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            ManifestError::Io { .. } => "check the file exists and is readable",
+            ManifestError::Corrupt { .. } => {
+                "restore it from the repository or a backup; dsg never treats a damaged manifest as empty"
+            }
+        }
+    }
+
     fn corrupt(path: &Path, msg: impl Into<String>) -> Self {
         ManifestError::Corrupt {
             path: path.to_path_buf(),

@@ -594,22 +594,76 @@ enum Decision {
     Blocked,
 }
 
+/// A child of a directory: its name, its node and what becomes of it.
+type Decided<'a> = (&'a str, &'a Node, Decision);
+/// The children that would get each fixed name.
+type Claims<'a> = BTreeMap<String, Vec<&'a str>>;
+
 /// Plan one directory level, then recurse. `orig_dir` is the directory's path
 /// in the input (used in reports), `cur_dir` its path once earlier renames are
 /// applied (used in renames).
 fn plan_children(node: &Node, orig_dir: &str, cur_dir: &str, plan: &mut NormalizePlan) {
-    let below_note = |child: &Node| {
-        if child.children.is_empty() {
-            ""
-        } else {
-            "; nothing below it was planned"
+    let (decisions, claimed) = decide_children(node, orig_dir, cur_dir, plan);
+    for (name, child, decision) in decisions {
+        let orig = join(orig_dir, name);
+        match decision {
+            Decision::Blocked => {}
+            Decision::Keep => {
+                let cur = join(cur_dir, name);
+                // A valid component can still make an invalid path on its own
+                // (rules 6/7: a lone `é:`); only a leaf is a whole path.
+                if child.is_leaf {
+                    if let Err(e) = validate_path(&cur) {
+                        plan.unfixable.push((orig.clone(), e.to_string()));
+                    }
+                }
+                plan_children(child, &orig, &cur, plan);
+            }
+            Decision::Rename { fixed, problem } => {
+                if let Some(why) = rename_conflict(node, name, &fixed, &claimed, orig_dir) {
+                    plan.conflicts.push((
+                        orig,
+                        format!(
+                            "{problem}; cannot rename it to '{fixed}': {why}{}",
+                            below_note(child)
+                        ),
+                    ));
+                } else {
+                    let to = join(cur_dir, &fixed);
+                    plan.renames.push(Rename {
+                        from: join(cur_dir, name),
+                        to: to.clone(),
+                        is_dir: !child.children.is_empty(),
+                    });
+                    // The renamed leaf's destination was validated above.
+                    plan_children(child, &orig, &to, plan);
+                }
+            }
         }
-    };
+    }
+}
 
-    // Decide every child first: collisions are only possible between siblings
-    // (parents map injectively because their own collisions are refused).
-    let mut decisions: Vec<(&str, &Node, Decision)> = Vec::with_capacity(node.children.len());
-    let mut claimed: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+/// Added to a refusal: what it means for the subtree.
+fn below_note(child: &Node) -> &'static str {
+    if child.children.is_empty() {
+        ""
+    } else {
+        "; nothing below it was planned"
+    }
+}
+
+/// What becomes of each child of `node`, and which children claim each
+/// fixed name. Every child is decided before any is renamed: collisions are
+/// only possible between siblings (parents map injectively because their
+/// own collisions are refused). Unfixable names go to `plan`.
+fn decide_children<'a>(
+    node: &'a Node,
+    orig_dir: &str,
+    cur_dir: &str,
+    plan: &mut NormalizePlan,
+) -> (Vec<Decided<'a>>, Claims<'a>) {
+    let mut decisions: Vec<Decided> = Vec::with_capacity(node.children.len());
+    let mut claimed = Claims::new();
     for (name, child) in &node.children {
         let Some(problem) = component_problem(name) else {
             decisions.push((name, child, Decision::Keep));
@@ -641,67 +695,29 @@ fn plan_children(node: &Node, orig_dir: &str, cur_dir: &str, plan: &mut Normaliz
         };
         decisions.push((name, child, decision));
     }
+    (decisions, claimed)
+}
 
-    for (name, child, decision) in decisions {
-        let orig = join(orig_dir, name);
-        match decision {
-            Decision::Blocked => {}
-            Decision::Keep => {
-                let cur = join(cur_dir, name);
-                // A valid component can still make an invalid path on its own
-                // (rules 6/7: a lone `é:`); only a leaf is a whole path.
-                if child.is_leaf {
-                    if let Err(e) = validate_path(&cur) {
-                        plan.unfixable.push((orig.clone(), e.to_string()));
-                    }
-                }
-                plan_children(child, &orig, &cur, plan);
-            }
-            Decision::Rename { fixed, problem } => {
-                let rivals: Vec<&str> = claimed[&fixed]
-                    .iter()
-                    .copied()
-                    .filter(|n| *n != name)
-                    .collect();
-                // Every existing sibling counts, even one that is itself
-                // renamed away: such a sibling is invalid, so it can never be
-                // equal to a (valid) fixed name anyway.
-                if node.children.contains_key(&fixed) {
-                    plan.conflicts.push((
-                        orig,
-                        format!(
-                            "{problem}; cannot rename it to '{fixed}': an entry with that name \
-                             already exists in the same directory{}",
-                            below_note(child)
-                        ),
-                    ));
-                } else if !rivals.is_empty() {
-                    plan.conflicts.push((
-                        orig,
-                        format!(
-                            "{problem}; cannot rename it to '{fixed}': {} would get the same \
-                             name{}",
-                            rivals
-                                .iter()
-                                .map(|r| format!("'{}'", join(orig_dir, r)))
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                            below_note(child)
-                        ),
-                    ));
-                } else {
-                    let to = join(cur_dir, &fixed);
-                    plan.renames.push(Rename {
-                        from: join(cur_dir, name),
-                        to: to.clone(),
-                        is_dir: !child.children.is_empty(),
-                    });
-                    // The renamed leaf's destination was validated above.
-                    plan_children(child, &orig, &to, plan);
-                }
-            }
-        }
+/// Why `name` cannot be renamed to `fixed`, if it cannot.
+fn rename_conflict(
+    node: &Node,
+    name: &str,
+    fixed: &str,
+    claimed: &Claims,
+    orig_dir: &str,
+) -> Option<String> {
+    // Every existing sibling counts, even one that is itself renamed away:
+    // such a sibling is invalid, so it can never be equal to a (valid)
+    // fixed name anyway.
+    if node.children.contains_key(fixed) {
+        return Some("an entry with that name already exists in the same directory".into());
     }
+    let rivals: Vec<String> = claimed[fixed]
+        .iter()
+        .filter(|n| **n != name)
+        .map(|r| format!("'{}'", join(orig_dir, r)))
+        .collect();
+    (!rivals.is_empty()).then(|| format!("{} would get the same name", rivals.join(", ")))
 }
 
 // ---------------------------------------------------------------------------

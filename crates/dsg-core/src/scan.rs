@@ -303,6 +303,7 @@ type HashOutcome = std::io::Result<(Hash, u64, Stat)>;
 /// second covers filesystems with coarse timestamps and small clock steps.
 const RACY_WINDOW_NS: i64 = 1_000_000_000;
 
+#[derive(Default)]
 struct WalkOut {
     /// Files carry a placeholder hash until the hashing pass.
     cands: Vec<LocalEntry>,
@@ -318,34 +319,67 @@ fn now_ns() -> i64 {
     d.as_nanos() as i64
 }
 
+fn problem(path: impl Into<String>, kind: ProblemKind, message: impl Into<String>) -> Problem {
+    Problem {
+        path: path.into(),
+        kind,
+        message: message.into(),
+    }
+}
+
 /// Scans `root` (the project root). `only` restricts the scan to paths under
 /// a relpath prefix (for `list-files --path`).
 pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -> ScanResult {
     let started_ns = now_ns();
+    let WalkOut {
+        cands: mut entries,
+        mut problems,
+        ignored,
+        hidden,
+    } = walk(root, rules, cache.len(), progress);
+    let (need, dirty) = reuse_cached_hashes(&mut entries, &cache);
+    drop(cache);
+    let results = hash_files(root, &entries, &need, progress);
+    let (hashed_files, hashed_bytes) = record_hashes(&mut entries, results, &mut problems);
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    ScanResult {
+        entries,
+        problems,
+        ignored,
+        hidden,
+        hashed_files,
+        hashed_bytes,
+        cache_dirty: dirty,
+        started_ns,
+    }
+}
+
+/// The walk's findings, entries and ignored paths sorted.
+fn walk(root: &Path, rules: &Rules, cached: usize, progress: &Progress) -> WalkOut {
     // The last scan's size is the best guess of this one's: growing a
     // large Vec by doubling would hold two copies for a moment.
     let out = Mutex::new(WalkOut {
-        cands: Vec::with_capacity(cache.len() + cache.len() / 32 + 16),
-        problems: Vec::new(),
-        ignored: Vec::new(),
-        hidden: 0,
+        cands: Vec::with_capacity(cached + cached / 32 + 16),
+        ..WalkOut::default()
     });
     let t0 = std::time::Instant::now();
     walk_dir(root, String::new(), rules.all(), rules, &out, progress);
     tracing::debug!("walked in {:?}", t0.elapsed());
-    let WalkOut {
-        cands: mut entries,
-        mut problems,
-        mut ignored,
-        hidden,
-    } = out.into_inner().unwrap();
-    entries.sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    ignored.sort();
+    let mut out = out.into_inner().unwrap();
+    out.cands
+        .sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    out.ignored.sort();
+    out
+}
 
-    // Decide which files need hashing, walking the (sorted) cache alongside.
+/// Gives files whose stat the cache trusts their cached hash. Returns the
+/// indexes of the files still to hash, and whether the cache must be
+/// rewritten.
+fn reuse_cached_hashes(entries: &mut [LocalEntry], cache: &StatCache) -> (Vec<usize>, bool) {
     let mut need: Vec<usize> = Vec::new();
     let mut dirty = cache.is_empty() && !entries.is_empty();
     let mut cached_files = 0usize;
+    // Both are sorted by path: walk the cache alongside.
     let mut recs = cache.records().peekable();
     for (i, e) in entries.iter_mut().enumerate() {
         let LocalKind::File { hash, .. } = &mut e.kind else {
@@ -373,15 +407,22 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
     if cached_files != cache.len() {
         dirty = true;
     }
-    drop(cache);
+    (need, dirty)
+}
+
+/// Hashes the files at `need` in parallel, each with its stat after reading.
+fn hash_files(
+    root: &Path,
+    entries: &[LocalEntry],
+    need: &[usize],
+    progress: &Progress,
+) -> Vec<(usize, HashOutcome)> {
     let bytes: u64 = need.iter().map(|&i| entries[i].stat.size).sum();
     progress
         .files_to_hash
         .store(need.len() as u64, Ordering::Relaxed);
     progress.bytes_to_hash.store(bytes, Ordering::Relaxed);
-
-    let results: Vec<(usize, HashOutcome)> = need
-        .par_iter()
+    need.par_iter()
         .map(|&i| {
             let p = root.join(&*entries[i].path);
             let r = hash_file(&p).and_then(|(h, n)| {
@@ -396,7 +437,17 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
                 .fetch_add(entries[i].stat.size, Ordering::Relaxed);
             (i, r)
         })
-        .collect();
+        .collect()
+}
+
+/// Records the hashes; a file that could not be read, or changed while it
+/// was, becomes a problem and leaves the entries. Returns the files and
+/// bytes hashed.
+fn record_hashes(
+    entries: &mut Vec<LocalEntry>,
+    results: Vec<(usize, HashOutcome)>,
+    problems: &mut Vec<Problem>,
+) -> (u64, u64) {
     let mut hashed_files = 0;
     let mut hashed_bytes = 0;
     let mut failed: Vec<usize> = Vec::new();
@@ -412,19 +463,19 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
             }
             Ok(_) => {
                 failed.push(i);
-                problems.push(Problem {
-                    path: e.path.to_string(),
-                    kind: ProblemKind::Unreadable,
-                    message: "file changed while it was being read; run the command again".into(),
-                });
+                problems.push(problem(
+                    &*e.path,
+                    ProblemKind::Unreadable,
+                    "file changed while it was being read; run the command again",
+                ));
             }
             Err(err) => {
                 failed.push(i);
-                problems.push(Problem {
-                    path: e.path.to_string(),
-                    kind: ProblemKind::Unreadable,
-                    message: format!("cannot read: {err}"),
-                });
+                problems.push(problem(
+                    &*e.path,
+                    ProblemKind::Unreadable,
+                    format!("cannot read: {err}"),
+                ));
             }
         }
     }
@@ -441,17 +492,7 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
             keep
         });
     }
-    problems.sort_by(|a, b| a.path.cmp(&b.path));
-    ScanResult {
-        entries,
-        problems,
-        ignored,
-        hidden,
-        hashed_files,
-        hashed_bytes,
-        cache_dirty: dirty,
-        started_ns,
-    }
+    (hashed_files, hashed_bytes)
 }
 
 fn join_rel(parent: &str, name: &str) -> String {
@@ -466,6 +507,8 @@ fn join_rel(parent: &str, name: &str) -> String {
     }
 }
 
+/// Walks one directory, then its subdirectories in parallel. Findings are
+/// gathered per directory so that the shared `out` is locked once each.
 fn walk_dir(
     root: &Path,
     rel: String,
@@ -482,182 +525,22 @@ fn walk_dir(
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
         Err(e) => {
-            out.lock().unwrap().problems.push(Problem {
-                path: if rel.is_empty() {
-                    ".".into()
-                } else {
-                    rel.clone()
-                },
-                kind: ProblemKind::Unreadable,
-                message: format!("cannot read directory: {e}"),
-            });
+            let path = if rel.is_empty() { "." } else { &rel };
+            out.lock().unwrap().problems.push(problem(
+                path,
+                ProblemKind::Unreadable,
+                format!("cannot read directory: {e}"),
+            ));
             return;
         }
     };
     let mut subdirs: Vec<(String, bool)> = Vec::new();
-    let mut local = WalkOut {
-        cands: Vec::new(),
-        problems: Vec::new(),
-        ignored: Vec::new(),
-        hidden: 0,
-    };
+    let mut local = WalkOut::default();
     for de in rd {
-        let de = match de {
-            Ok(d) => d,
-            Err(e) => {
-                local.problems.push(Problem {
-                    path: rel.clone(),
-                    kind: ProblemKind::Unreadable,
-                    message: format!("cannot list directory: {e}"),
-                });
-                continue;
-            }
-        };
-        let name_os = de.file_name();
-        let bytes = name_os.as_bytes();
-        if bytes.first() == Some(&b'.') {
-            local.hidden += 1;
-            continue;
-        }
-        let name = match std::str::from_utf8(bytes) {
-            Ok(n) => n.to_string(),
-            Err(_) => {
-                let lossy = join_rel(&rel, &String::from_utf8_lossy(bytes));
-                local.problems.push(Problem {
-                    path: lossy,
-                    kind: ProblemKind::Name,
-                    message: "Path must be UTF-8 encodable".into(),
-                });
-                continue;
-            }
-        };
-        let child_rel = join_rel(&rel, &name);
-        let ft = match de.file_type() {
-            Ok(ft) => ft,
-            Err(e) => {
-                local.problems.push(Problem {
-                    path: child_rel,
-                    kind: ProblemKind::Unreadable,
-                    message: format!("cannot stat: {e}"),
-                });
-                continue;
-            }
-        };
-        let here_data = in_data || rules.data_dirs.contains(&name);
-        if rules.ignored_name(&name) || (ft.is_dir() && names::is_conflict_backup_name(&name)) {
-            if here_data {
-                local.ignored.push(child_rel);
-            }
-            continue;
-        }
-        if ft.is_dir() {
-            if rules.ignored_path(&child_rel) {
-                if here_data {
-                    local.ignored.push(child_rel);
-                }
-                continue;
-            }
-            subdirs.push((child_rel, here_data));
-            continue;
-        }
-        if !here_data {
-            continue;
-        }
-        progress.files_seen.fetch_add(1, Ordering::Relaxed);
-        if rules.ignored_file(&child_rel, &name) {
-            local.ignored.push(child_rel);
-            continue;
-        }
-        // fstatat on the open directory: no path walk per file.
-        let md = match de.metadata() {
-            Ok(m) => m,
-            Err(e) => {
-                local.problems.push(Problem {
-                    path: child_rel,
-                    kind: ProblemKind::Unreadable,
-                    message: format!("cannot stat: {e}"),
-                });
-                continue;
-            }
-        };
-        let ft = md.file_type();
-        if let Err(p) = names::validate_path(&child_rel) {
-            local.problems.push(Problem {
-                path: child_rel.clone(),
-                kind: ProblemKind::Name,
-                message: p.to_string(),
-            });
-        }
-        if ft.is_symlink() {
-            let target = match std::fs::read_link(dir.join(&name_os)) {
-                Ok(t) => t,
-                Err(e) => {
-                    local.problems.push(Problem {
-                        path: child_rel,
-                        kind: ProblemKind::Unreadable,
-                        message: format!("cannot read symlink: {e}"),
-                    });
-                    continue;
-                }
-            };
-            let t = match std::str::from_utf8(OsStr::as_bytes(target.as_os_str())) {
-                Ok(t) => t.to_string(),
-                Err(_) => {
-                    local.problems.push(Problem {
-                        path: child_rel,
-                        kind: ProblemKind::Link,
-                        message: "symlink target is not UTF-8".into(),
-                    });
-                    continue;
-                }
-            };
-            // The text check, then the real one: a target may leave the
-            // project through another link (`up -> ../..`, `x -> up/..`).
-            let escapes = std::fs::canonicalize(dir.join(&name_os))
-                .ok()
-                .zip(std::fs::canonicalize(root).ok())
-                .is_some_and(|(real, top)| !real.starts_with(&top));
-            let checked = check_link_target(&child_rel, &t).and_then(|()| {
-                if escapes {
-                    Err(crate::paths::UnsafePath {
-                        path: format!("{child_rel} -> {t}"),
-                        why: "symlink target leaves the project through another link",
-                    })
-                } else {
-                    Ok(())
-                }
-            });
-            if let Err(e) = checked {
-                local.problems.push(Problem {
-                    path: child_rel,
-                    kind: ProblemKind::Link,
-                    message: format!(
-                        "{}; only relative links inside the project can be synced",
-                        e.why
-                    ),
-                });
-                continue;
-            }
-            local.cands.push(LocalEntry {
-                path: child_rel.into(),
-                kind: LocalKind::Link { target: t.into() },
-                stat: Stat::of(&md),
-            });
-        } else if ft.is_file() {
-            local.cands.push(LocalEntry {
-                path: child_rel.into(),
-                kind: LocalKind::File {
-                    size: md.len(),
-                    hash: Hash(0),
-                },
-                stat: Stat::of(&md),
-            });
-        } else if !ft.is_dir() {
-            local.problems.push(Problem {
-                path: child_rel,
-                kind: ProblemKind::Special,
-                message: "not a regular file, directory or symlink; not synced".into(),
-            });
+        match sort_entry(de, &rel, in_data, rules, progress, &mut local) {
+            Sorted::Done => {}
+            Sorted::Subdir(child_rel, here_data) => subdirs.push((child_rel, here_data)),
+            Sorted::Data(de, child_rel) => data_entry(root, &dir, &de, child_rel, &mut local),
         }
     }
     if !local.cands.is_empty()
@@ -674,6 +557,193 @@ fn walk_dir(
     subdirs
         .into_par_iter()
         .for_each(|(r, d)| walk_dir(root, r, d, rules, out, progress));
+}
+
+/// Where one directory entry goes next.
+enum Sorted {
+    /// Hidden, ignored, outside the data or unreadable (then in `local`).
+    Done,
+    /// A directory to walk: its path and whether it is inside the data.
+    Subdir(String, bool),
+    /// A tracked non-directory, with its path.
+    Data(std::fs::DirEntry, String),
+}
+
+/// Applies the name, hidden and ignore rules to one directory entry.
+fn sort_entry(
+    de: std::io::Result<std::fs::DirEntry>,
+    rel: &str,
+    in_data: bool,
+    rules: &Rules,
+    progress: &Progress,
+    local: &mut WalkOut,
+) -> Sorted {
+    let de = match de {
+        Ok(d) => d,
+        Err(e) => {
+            local.problems.push(problem(
+                rel,
+                ProblemKind::Unreadable,
+                format!("cannot list directory: {e}"),
+            ));
+            return Sorted::Done;
+        }
+    };
+    let name_os = de.file_name();
+    let bytes = name_os.as_bytes();
+    if bytes.first() == Some(&b'.') {
+        local.hidden += 1;
+        return Sorted::Done;
+    }
+    let Ok(name) = std::str::from_utf8(bytes) else {
+        let lossy = join_rel(rel, &String::from_utf8_lossy(bytes));
+        local.problems.push(problem(
+            lossy,
+            ProblemKind::Name,
+            "Path must be UTF-8 encodable",
+        ));
+        return Sorted::Done;
+    };
+    let child_rel = join_rel(rel, name);
+    let ft = match de.file_type() {
+        Ok(ft) => ft,
+        Err(e) => {
+            local.problems.push(problem(
+                child_rel,
+                ProblemKind::Unreadable,
+                format!("cannot stat: {e}"),
+            ));
+            return Sorted::Done;
+        }
+    };
+    let here_data = in_data || rules.data_dirs.contains(name);
+    if rules.ignored_name(name) || (ft.is_dir() && names::is_conflict_backup_name(name)) {
+        if here_data {
+            local.ignored.push(child_rel);
+        }
+        return Sorted::Done;
+    }
+    if ft.is_dir() {
+        if rules.ignored_path(&child_rel) {
+            if here_data {
+                local.ignored.push(child_rel);
+            }
+            return Sorted::Done;
+        }
+        return Sorted::Subdir(child_rel, here_data);
+    }
+    if !here_data {
+        return Sorted::Done;
+    }
+    progress.files_seen.fetch_add(1, Ordering::Relaxed);
+    if rules.ignored_file(&child_rel, name) {
+        local.ignored.push(child_rel);
+        return Sorted::Done;
+    }
+    Sorted::Data(de, child_rel)
+}
+
+/// A tracked file or link becomes a candidate; anything else, a problem.
+fn data_entry(
+    root: &Path,
+    dir: &Path,
+    de: &std::fs::DirEntry,
+    child_rel: String,
+    local: &mut WalkOut,
+) {
+    // fstatat on the open directory: no path walk per file.
+    let md = match de.metadata() {
+        Ok(m) => m,
+        Err(e) => {
+            local.problems.push(problem(
+                child_rel,
+                ProblemKind::Unreadable,
+                format!("cannot stat: {e}"),
+            ));
+            return;
+        }
+    };
+    let ft = md.file_type();
+    if let Err(p) = names::validate_path(&child_rel) {
+        local
+            .problems
+            .push(problem(&child_rel, ProblemKind::Name, p.to_string()));
+    }
+    if ft.is_symlink() {
+        match link_entry(root, &dir.join(de.file_name()), child_rel, &md) {
+            Ok(e) => local.cands.push(e),
+            Err(p) => local.problems.push(p),
+        }
+    } else if ft.is_file() {
+        local.cands.push(LocalEntry {
+            path: child_rel.into(),
+            kind: LocalKind::File {
+                size: md.len(),
+                hash: Hash(0),
+            },
+            stat: Stat::of(&md),
+        });
+    } else if !ft.is_dir() {
+        local.problems.push(problem(
+            child_rel,
+            ProblemKind::Special,
+            "not a regular file, directory or symlink; not synced",
+        ));
+    }
+}
+
+/// The symlink at `path` as an entry, if its target stays inside the project.
+fn link_entry(
+    root: &Path,
+    path: &Path,
+    child_rel: String,
+    md: &std::fs::Metadata,
+) -> Result<LocalEntry, Problem> {
+    let target = std::fs::read_link(path).map_err(|e| {
+        problem(
+            &child_rel,
+            ProblemKind::Unreadable,
+            format!("cannot read symlink: {e}"),
+        )
+    })?;
+    let Ok(t) = std::str::from_utf8(OsStr::as_bytes(target.as_os_str())) else {
+        return Err(problem(
+            child_rel,
+            ProblemKind::Link,
+            "symlink target is not UTF-8",
+        ));
+    };
+    // The text check, then the real one: a target may leave the
+    // project through another link (`up -> ../..`, `x -> up/..`).
+    let escapes = std::fs::canonicalize(path)
+        .ok()
+        .zip(std::fs::canonicalize(root).ok())
+        .is_some_and(|(real, top)| !real.starts_with(&top));
+    let checked = check_link_target(&child_rel, t).and_then(|()| {
+        if escapes {
+            Err(crate::paths::UnsafePath {
+                path: format!("{child_rel} -> {t}"),
+                why: "symlink target leaves the project through another link",
+            })
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = checked {
+        return Err(problem(
+            child_rel,
+            ProblemKind::Link,
+            format!(
+                "{}; only relative links inside the project can be synced",
+                e.why
+            ),
+        ));
+    }
+    Ok(LocalEntry {
+        path: child_rel.into(),
+        kind: LocalKind::Link { target: t.into() },
+        stat: Stat::of(md),
+    })
 }
 
 /// Turns a scan into the L manifest, plus each entry's stat (same order).

@@ -14,26 +14,34 @@ use crate::protocol::{
     RemoteError, Request, Response, StagedFile, CHUNK, PROTOCOL_VERSION,
 };
 
+/// Display is the message, then `hint: …` on its own line when there is
+/// one; `message()` and `hint()` give the two apart for `--json`.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("repository {repo} on {host}: {}{}", .err.message, .err.hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
     Remote {
         host: String,
         repo: String,
         err: RemoteError,
     },
-    #[error("lost the connection to the repository agent on {host}: {source}\nhint: the next dsg command recovers any interrupted transaction")]
     Connection {
         host: String,
         #[source]
         source: io::Error,
     },
-    #[error("protocol error talking to {host}: {msg}")]
-    Protocol { host: String, msg: String },
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("{path}: {msg}")]
-    Local { path: PathBuf, msg: String },
+    Protocol {
+        host: String,
+        msg: String,
+        hint: Option<String>,
+    },
+    /// The transport cannot reach the repository (ssh missing or refusing).
+    Unsupported {
+        message: String,
+        hint: Option<String>,
+    },
+    Local {
+        path: PathBuf,
+        msg: String,
+    },
 }
 
 impl RepoError {
@@ -41,6 +49,64 @@ impl RepoError {
         match self {
             RepoError::Remote { err, .. } => Some(err.kind),
             _ => None,
+        }
+    }
+
+    /// A transport error without a hint.
+    pub fn unsupported(message: impl Into<String>) -> RepoError {
+        RepoError::Unsupported {
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// A protocol error without a hint.
+    pub fn protocol(host: &str, msg: impl Into<String>) -> RepoError {
+        RepoError::Protocol {
+            host: host.to_string(),
+            msg: msg.into(),
+            hint: None,
+        }
+    }
+
+    /// The message without its hint.
+    pub fn message(&self) -> String {
+        match self {
+            RepoError::Remote { host, repo, err } => {
+                format!("repository {repo} on {host}: {}", err.message)
+            }
+            RepoError::Connection { host, source } => {
+                format!("lost the connection to the repository agent on {host}: {source}")
+            }
+            RepoError::Protocol { host, msg, .. } => {
+                format!("protocol error talking to {host}: {msg}")
+            }
+            RepoError::Unsupported { message, .. } => message.clone(),
+            RepoError::Local { path, msg } => format!("{}: {msg}", path.display()),
+        }
+    }
+
+    /// What the user can do about it, when dsg knows.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            RepoError::Remote { err, .. } => err.hint.as_deref(),
+            RepoError::Connection { .. } => {
+                Some("the next dsg command recovers any interrupted transaction")
+            }
+            RepoError::Protocol { hint, .. } | RepoError::Unsupported { hint, .. } => {
+                hint.as_deref()
+            }
+            RepoError::Local { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RepoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())?;
+        match self.hint() {
+            Some(h) => write!(f, "\nhint: {h}"),
+            None => Ok(()),
         }
     }
 }
@@ -174,10 +240,10 @@ impl RepoClient {
     fn expect_ok(&mut self) -> Result<(), RepoError> {
         match self.recv()? {
             Response::Ok => Ok(()),
-            other => Err(RepoError::Protocol {
-                host: self.host.clone(),
-                msg: format!("unexpected reply {other:?}"),
-            }),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
         }
     }
 
@@ -197,18 +263,19 @@ impl RepoClient {
                     return Err(RepoError::Protocol {
                         host: self.host.clone(),
                         msg: format!(
-                            "the agent (dsg {version}) speaks protocol {protocol}, this dsg ({}) speaks {PROTOCOL_VERSION}\nhint: install the same dsg version on both machines",
+                            "the agent (dsg {version}) speaks protocol {protocol}, this dsg ({}) speaks {PROTOCOL_VERSION}",
                             env!("CARGO_PKG_VERSION")
                         ),
+                        hint: Some("install the same dsg version on both machines".into()),
                     });
                 }
                 self.repo_exists = repo_exists;
                 Ok(())
             }
-            other => Err(RepoError::Protocol {
-                host: self.host.clone(),
-                msg: format!("unexpected handshake reply {other:?}"),
-            }),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected handshake reply {other:?}"),
+            )),
         }
     }
 
@@ -224,10 +291,10 @@ impl RepoClient {
             Response::Data { .. } => Ok(Meta::Data(
                 read_data_to_vec(&mut self.r).map_err(|e| self.conn(e))?,
             )),
-            other => Err(RepoError::Protocol {
-                host: self.host.clone(),
-                msg: format!("unexpected reply {other:?}"),
-            }),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
         }
     }
 
@@ -292,18 +359,16 @@ impl RepoClient {
         match self.recv()? {
             Response::Resumed { .. } => {}
             other => {
-                return Err(RepoError::Protocol {
-                    host: self.host.clone(),
-                    msg: format!("unexpected reply {other:?}"),
-                })
+                return Err(RepoError::protocol(
+                    &self.host,
+                    format!("unexpected reply {other:?}"),
+                ))
             }
         }
         let bytes = read_data_to_vec(&mut self.r).map_err(|e| self.conn(e))?;
-        let staged: Vec<StagedFile> =
-            serde_json::from_slice(&bytes).map_err(|e| RepoError::Protocol {
-                host: self.host.clone(),
-                msg: format!("bad list of staged files: {e}"),
-            })?;
+        let staged: Vec<StagedFile> = serde_json::from_slice(&bytes).map_err(|e| {
+            RepoError::protocol(&self.host, format!("bad list of staged files: {e}"))
+        })?;
         let total = staged.iter().map(|f| f.len).sum();
         let n = staged.len() as u64;
         self.staged = staged.into_iter().map(|f| (f.path, f.len)).collect();
@@ -428,10 +493,10 @@ impl RepoClient {
         io.map_err(|e| self.conn(e))?;
         match self.recv()? {
             Response::Committed { .. } => Ok(()),
-            other => Err(RepoError::Protocol {
-                host: self.host.clone(),
-                msg: format!("unexpected reply {other:?}"),
-            }),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
         }
     }
 
@@ -453,10 +518,10 @@ impl RepoClient {
         self.send(&Request::ListArchives)?;
         match self.recv()? {
             Response::Names { names } => Ok(names),
-            other => Err(RepoError::Protocol {
-                host: self.host.clone(),
-                msg: format!("unexpected reply {other:?}"),
-            }),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
         }
     }
 
@@ -520,10 +585,10 @@ impl RepoClient {
                     first_err.get_or_insert(self.remote(e));
                 }
                 other => {
-                    return Err(RepoError::Protocol {
-                        host: self.host.clone(),
-                        msg: format!("unexpected reply {other:?}"),
-                    })
+                    return Err(RepoError::protocol(
+                        &self.host,
+                        format!("unexpected reply {other:?}"),
+                    ))
                 }
             }
         }

@@ -42,7 +42,10 @@ impl SshChild {
         let code = status.and_then(|s| s.code());
         let host = self.host.clone();
         let last = err.lines().last().unwrap_or("").to_string();
-        let msg = |m: String, hint: &str| RepoError::Unsupported(format!("{m}\nhint: {hint}"));
+        let msg = |message: String, hint: &str| RepoError::Unsupported {
+            message,
+            hint: Some(hint.to_string()),
+        };
         if err.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
             return msg(
                 format!("the host key of {host} has CHANGED since you last connected ({last})"),
@@ -98,7 +101,7 @@ impl SshChild {
 fn ssh_argv() -> Result<Vec<String>, RepoError> {
     match std::env::var("DSG_SSH_COMMAND") {
         Ok(s) if !s.trim().is_empty() => shell_words::split(&s).map_err(|e| {
-            RepoError::Unsupported(format!(
+            RepoError::unsupported(format!(
                 "DSG_SSH_COMMAND {s:?} is not a valid command line: {e}"
             ))
         }),
@@ -148,11 +151,9 @@ pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     tracing::debug!("running {prog} {:?} -T -- {} {remote_cmd}", argv, repo.host);
-    let mut child = cmd.spawn().map_err(|e| {
-        RepoError::Unsupported(format!(
-            "cannot run {prog:?} to reach {}: {e}\nhint: install an OpenSSH client, or set DSG_SSH_COMMAND",
-            repo.host
-        ))
+    let mut child = cmd.spawn().map_err(|e| RepoError::Unsupported {
+        message: format!("cannot run {prog:?} to reach {}: {e}", repo.host),
+        hint: Some("install an OpenSSH client, or set DSG_SSH_COMMAND".into()),
     })?;
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");

@@ -264,8 +264,9 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
                 return Ok(report);
             }
             if staging.exists() {
+                // The lost commit's own hint would contradict this one.
                 return Err(EngineError::State {
-                    message: format!("the init's outcome is unknown: {e}"),
+                    message: format!("the init's outcome is unknown: {}", e.message()),
                     hint: "run 'dsg status' here when the repository is reachable; it finishes or undoes this init".into(),
                 });
             }

@@ -37,8 +37,12 @@ pub enum EngineError {
     },
     /// Something the user must fix first (conflicts, invalid names, unsafe
     /// links). Nothing was changed.
-    #[error("{message}")]
-    Blocked { message: String, paths: Vec<String> },
+    #[error("{message}\nhint: {hint}")]
+    Blocked {
+        message: String,
+        hint: String,
+        paths: Vec<String>,
+    },
     #[error("{0}")]
     Usage(String),
     #[error("{message}\nhint: {hint}")]
@@ -47,8 +51,12 @@ pub enum EngineError {
     Interrupted,
     /// Already reported to the user (e.g. a failing check list); only the
     /// exit code is left to give.
-    #[error("{message}")]
-    Reported { message: String, code: i32 },
+    #[error("{message}\nhint: {hint}")]
+    Reported {
+        message: String,
+        hint: String,
+        code: i32,
+    },
 }
 
 impl EngineError {
@@ -74,21 +82,30 @@ impl EngineError {
     /// What the user can do about it, for `--json` consumers that should not
     /// have to parse the message.
     pub fn hint(&self) -> Option<String> {
-        match self {
-            EngineError::State { hint, .. } => Some(hint.clone()).filter(|h| !h.is_empty()),
-            EngineError::Config(ConfigError::Invalid { hint, .. }) => Some(hint.clone()),
-            EngineError::Repo(RepoError::Remote { err, .. }) => err.hint.clone(),
-            // Many messages (blocked syncs, config, manifest and transport
-            // errors) are built elsewhere with the hint as their last part.
-            _ => split_hint(&self.to_string()).1.map(String::from),
-        }
+        let hint = match self {
+            EngineError::Config(e) => e.hint(),
+            EngineError::Manifest(e) => Some(e.hint()),
+            EngineError::Repo(e) => e.hint(),
+            EngineError::Blocked { hint, .. }
+            | EngineError::State { hint, .. }
+            | EngineError::Reported { hint, .. } => Some(hint.as_str()),
+            EngineError::Io { .. } | EngineError::Usage(_) | EngineError::Interrupted => None,
+        };
+        hint.filter(|h| !h.is_empty()).map(String::from)
     }
 
     /// The message without its hint.
     pub fn message(&self) -> String {
         match self {
-            EngineError::State { message, .. } => message.clone(),
-            _ => split_hint(&self.to_string()).0.to_string(),
+            EngineError::Config(e) => e.message(),
+            EngineError::Manifest(e) => e.message(),
+            EngineError::Repo(e) => e.message(),
+            EngineError::Blocked { message, .. }
+            | EngineError::State { message, .. }
+            | EngineError::Reported { message, .. } => message.clone(),
+            EngineError::Io { .. } | EngineError::Usage(_) | EngineError::Interrupted => {
+                self.to_string()
+            }
         }
     }
 
@@ -99,15 +116,6 @@ impl EngineError {
             EngineError::Blocked { paths, .. } => paths,
             _ => &[],
         }
-    }
-}
-
-/// Splits "message\nhint: hint" at its first hint line; a hint may span
-/// several lines (e.g. the missing user config's example file).
-fn split_hint(text: &str) -> (&str, Option<&str>) {
-    match text.find("\nhint: ") {
-        Some(i) => (&text[..i], Some(&text[i + "\nhint: ".len()..])),
-        None => (text, None),
     }
 }
 
@@ -136,5 +144,162 @@ pub fn check_interrupt() -> Result<()> {
         Err(EngineError::Interrupted)
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsg_repo::protocol::RemoteError;
+
+    /// Each error as the CLI prints it (Display), and as `--json` gives it
+    /// (message and hint apart): the human text is the message, then the
+    /// hint line.
+    fn check(e: EngineError, text: &str, message: &str, hint: Option<&str>) {
+        assert_eq!(e.to_string(), text);
+        assert_eq!(e.message(), message);
+        assert_eq!(e.hint().as_deref(), hint);
+    }
+
+    #[test]
+    fn config_errors_give_message_and_hint_apart() {
+        check(
+            ConfigError::NoProject {
+                start: "/x".into(),
+            }
+            .into(),
+            "no .dsgconfig.yml found in /x or any parent directory\nhint: run dsg inside a project, or create one with 'dsg init'",
+            "no .dsgconfig.yml found in /x or any parent directory",
+            Some("run dsg inside a project, or create one with 'dsg init'"),
+        );
+        check(
+            ConfigError::Invalid {
+                file: "/x/.dsgconfig.yml".into(),
+                msg: "bad key".into(),
+                hint: "fix it".into(),
+            }
+            .into(),
+            "/x/.dsgconfig.yml: bad key\nhint: fix it",
+            "/x/.dsgconfig.yml: bad key",
+            Some("fix it"),
+        );
+        let e: EngineError = ConfigError::NoUserConfig {
+            looked: "/h".into(),
+        }
+        .into();
+        assert!(e
+            .to_string()
+            .starts_with("no dsg.yml found (looked in: /h)\nhint: create ~/.config/dsg/dsg.yml with\n  user_name: "));
+        assert!(e.hint().unwrap().ends_with("a directory holding dsg.yml"));
+        check(
+            ConfigError::Io {
+                file: "/c".into(),
+                source: std::io::Error::other("boom"),
+            }
+            .into(),
+            "cannot read /c: boom",
+            "cannot read /c: boom",
+            None,
+        );
+    }
+
+    #[test]
+    fn manifest_errors_give_message_and_hint_apart() {
+        check(
+            ManifestError::Corrupt {
+                path: "/m.json".into(),
+                msg: "bad".into(),
+            }
+            .into(),
+            "manifest /m.json is corrupt: bad\nhint: restore it from the repository or a backup; dsg never treats a damaged manifest as empty",
+            "manifest /m.json is corrupt: bad",
+            Some("restore it from the repository or a backup; dsg never treats a damaged manifest as empty"),
+        );
+        check(
+            ManifestError::Io {
+                path: "/m.json".into(),
+                source: std::io::Error::other("boom"),
+            }
+            .into(),
+            "cannot read manifest /m.json: boom\nhint: check the file exists and is readable",
+            "cannot read manifest /m.json: boom",
+            Some("check the file exists and is readable"),
+        );
+    }
+
+    #[test]
+    fn repository_errors_give_message_and_hint_apart() {
+        let remote = |hint: Option<&str>| RepoError::Remote {
+            host: "h".into(),
+            repo: "/r".into(),
+            err: RemoteError {
+                kind: ErrorKind::Busy,
+                message: "locked".into(),
+                hint: hint.map(String::from),
+            },
+        };
+        check(
+            remote(Some("wait")).into(),
+            "repository /r on h: locked\nhint: wait",
+            "repository /r on h: locked",
+            Some("wait"),
+        );
+        check(
+            remote(None).into(),
+            "repository /r on h: locked",
+            "repository /r on h: locked",
+            None,
+        );
+        check(
+            RepoError::Connection {
+                host: "h".into(),
+                source: std::io::Error::other("eof"),
+            }
+            .into(),
+            "lost the connection to the repository agent on h: eof\nhint: the next dsg command recovers any interrupted transaction",
+            "lost the connection to the repository agent on h: eof",
+            Some("the next dsg command recovers any interrupted transaction"),
+        );
+        check(
+            RepoError::Unsupported {
+                message: "cannot run \"ssh\"".into(),
+                hint: Some("install it".into()),
+            }
+            .into(),
+            "cannot run \"ssh\"\nhint: install it",
+            "cannot run \"ssh\"",
+            Some("install it"),
+        );
+        check(
+            RepoError::protocol("h", "odd").into(),
+            "protocol error talking to h: odd",
+            "protocol error talking to h: odd",
+            None,
+        );
+    }
+
+    #[test]
+    fn engine_errors_give_message_and_hint_apart() {
+        check(
+            EngineError::Blocked {
+                message: "sync blocked:\n  a".into(),
+                hint: "decide".into(),
+                paths: vec!["a".into()],
+            },
+            "sync blocked:\n  a\nhint: decide",
+            "sync blocked:\n  a",
+            Some("decide"),
+        );
+        check(
+            EngineError::Reported {
+                message: "check failed".into(),
+                hint: "fix".into(),
+                code: 1,
+            },
+            "check failed\nhint: fix",
+            "check failed",
+            Some("fix"),
+        );
+        check(EngineError::Usage("bad".into()), "bad", "bad", None);
     }
 }

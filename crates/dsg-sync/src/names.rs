@@ -50,10 +50,11 @@ pub fn settle_names(
         }
         return Err(EngineError::Blocked {
             message: format!(
-                "{verb} blocked: {} path(s) cannot be normalized automatically:\n{}\nhint: rename them by hand",
+                "{verb} blocked: {} path(s) cannot be normalized automatically:\n{}",
                 paths.len(),
                 lines.join("\n")
             ),
+            hint: "rename them by hand".into(),
             paths,
         });
     }
@@ -92,17 +93,18 @@ pub fn block_on_problems(problems: &[Problem], verb: &str) -> Result<()> {
         String::new()
     };
     let fixable = problems.iter().any(|p| p.kind == ProblemKind::Name);
+    let hint = if fixable {
+        "run with --normalize to rename invalid names (add --dry-run to preview), or fix them by hand"
+    } else {
+        "fix these paths by hand (links must be relative and stay inside the project)"
+    };
     Err(EngineError::Blocked {
         message: format!(
-            "{verb} blocked: {} path(s) cannot be synced:\n{}{more}\nhint: {}",
+            "{verb} blocked: {} path(s) cannot be synced:\n{}{more}",
             paths.len(),
             lines.join("\n"),
-            if fixable {
-                "run with --normalize to rename invalid names (add --dry-run to preview), or fix them by hand"
-            } else {
-                "fix these paths by hand (links must be relative and stay inside the project)"
-            }
         ),
+        hint: hint.into(),
         paths,
     })
 }

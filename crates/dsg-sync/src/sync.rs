@@ -295,11 +295,12 @@ fn block_on_conflicts(rows: &[Row]) -> Result<()> {
         .collect();
     Err(EngineError::Blocked {
         message: format!(
-            "sync blocked by {} conflict(s); nothing was changed:\n{}{}\nhint: decide each path (keep the local or the repository version by copying or deleting it), then sync again",
+            "sync blocked by {} conflict(s); nothing was changed:\n{}{}",
             conflicts.len(),
             shown.join("\n"),
             if conflicts.len() > 20 { format!("\n  … and {} more", conflicts.len() - 20) } else { String::new() }
         ),
+        hint: "decide each path (keep the local or the repository version by copying or deleting it), then sync again".into(),
         paths: conflicts.iter().map(|r| r.path.clone()).collect(),
     })
 }
@@ -656,8 +657,9 @@ fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta) -> Res
         // sides (our journal says prepared, the head will match).
         return Err(e.into());
     }
-    let unknown = |e: &dyn std::fmt::Display| EngineError::State {
-        message: format!("the commit's outcome is unknown: {e}"),
+    // The lost commit's own hint would contradict this one.
+    let unknown = |e: &RepoError| EngineError::State {
+        message: format!("the commit's outcome is unknown: {}", e.message()),
         hint:
             "run any dsg command when the repository is reachable; it finishes or undoes this sync"
                 .into(),
@@ -773,9 +775,10 @@ fn check_same_history(
         // not worth the risk; the renames can wait.
         return Err(EngineError::Blocked {
             message: format!(
-                "the repository's history no longer holds this project's last sync ({}; its head is now {}): it was replaced, rewritten or forked since, so --normalize will not rename files against it; nothing was changed\nhint: sync without --normalize first, or 'dsg clone' the repository into a new directory and compare",
+                "the repository's history no longer holds this project's last sync ({}; its head is now {}): it was replaced, rewritten or forked since, so --normalize will not rename files against it; nothing was changed",
                 ours.snapshot_id, head.snapshot_id
             ),
+            hint: "sync without --normalize first, or 'dsg clone' the repository into a new directory and compare".into(),
             paths: Vec::new(),
         });
     }
@@ -788,7 +791,7 @@ fn check_same_history(
     }
     Err(EngineError::Blocked {
         message: format!(
-            "the repository's history no longer holds this project's last sync ({} {}; its head is now {} {}): it was replaced, rewritten or forked since. Syncing would delete or overwrite {} local file(s) (e.g. {}) on the strength of that stale last sync; nothing was changed\nhint: your files here may be the only copies: 'dsg clone' the repository into a new directory and compare; to follow the repository as it is now, keep what you need, move this project's .dsg away and run 'dsg clone' here",
+            "the repository's history no longer holds this project's last sync ({} {}; its head is now {} {}): it was replaced, rewritten or forked since. Syncing would delete or overwrite {} local file(s) (e.g. {}) on the strength of that stale last sync; nothing was changed",
             ours.snapshot_id,
             ours.snapshot_hash.as_deref().unwrap_or("?"),
             head.snapshot_id,
@@ -796,6 +799,7 @@ fn check_same_history(
             at_risk.len(),
             at_risk.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
         ),
+        hint: "your files here may be the only copies: 'dsg clone' the repository into a new directory and compare; to follow the repository as it is now, keep what you need, move this project's .dsg away and run 'dsg clone' here".into(),
         paths: at_risk,
     })
 }
