@@ -768,7 +768,10 @@ fn cmd_agent(repo: PathBuf, kind: RepoType, pool: Option<String>) -> Result<(), 
     let backend = dsg_repo::open(kind, &repo, pool.as_deref());
     let mut backend = backend.map_err(|e| EngineError::State {
         message: e.message.clone(),
-        hint: e.hint.clone().unwrap_or_default(),
+        hint: e
+            .hint
+            .clone()
+            .unwrap_or_else(|| "check --repo, --type and --pool of 'dsg agent'".into()),
     })?;
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
