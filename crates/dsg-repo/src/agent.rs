@@ -77,60 +77,10 @@ fn serve_loop<R: Read, W: Write>(
             Err(e) => return Err(e),
         };
         match req {
-            Request::Hello { protocol, .. } => {
-                if protocol != PROTOCOL_VERSION {
-                    reply_err(
-                        &mut w,
-                        &AgentError::new(
-                            ErrorKind::Protocol,
-                            format!(
-                                "protocol mismatch: the client speaks {protocol}, this agent (dsg {}) speaks {PROTOCOL_VERSION}",
-                                env!("CARGO_PKG_VERSION")
-                            ),
-                        )
-                        .hint("install the same dsg version on both machines"),
-                    )?;
-                } else {
-                    write_json(
-                        &mut w,
-                        &Response::Hello {
-                            protocol: PROTOCOL_VERSION,
-                            version: env!("CARGO_PKG_VERSION").into(),
-                            repo_exists: backend.exists(),
-                            backend: backend.describe(),
-                        },
-                    )?;
-                }
+            Request::Hello { protocol, .. } => hello(backend, &mut w, protocol)?,
+            Request::ReadMeta { name, unless_hash } => {
+                read_meta(backend, &mut w, buf, &name, unless_hash)?
             }
-            Request::ReadMeta { name, unless_hash } => match backend.open_meta(&name) {
-                Ok(None) => write_json(&mut w, &Response::Missing)?,
-                Ok(Some(mut f)) => {
-                    // Hash by streaming first: an unchanged manifest (the
-                    // common case of `status`) is never held in memory.
-                    let same = match unless_hash {
-                        Some(h) => match dsg_core::hash::hash_reader(&mut f) {
-                            Ok((got, _)) => got.0 == h,
-                            Err(e) => {
-                                reply_err(
-                                    &mut w,
-                                    &AgentError::io(format!("reading .dsg/{name}"), e),
-                                )?;
-                                continue;
-                            }
-                        },
-                        None => false,
-                    };
-                    if same {
-                        write_json(&mut w, &Response::Unchanged)?;
-                    } else {
-                        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                        std::io::Seek::rewind(&mut f)?;
-                        write_json(&mut w, &Response::Data { size })?;
-                        copy_as_data(&mut f, &mut w, buf)?;
-                    }
-                }
-                Err(e) => reply_err(&mut w, &e)?,
-            },
             Request::Begin {
                 tx_id,
                 base,
@@ -140,93 +90,24 @@ fn serve_loop<R: Read, W: Write>(
                 base_hash,
             } => {
                 *sticky = None;
-                let hash = base_hash.as_deref();
-                // `Some(staged)`: answer a resume with what is staged.
-                let outcome = if replace && base.is_none() {
-                    // A replacing init starts over after a lost connection.
-                    backend
-                        .begin_replace(&tx_id, &user, hash)
-                        .map(|()| resume.then(Vec::new))
-                } else if resume {
-                    backend
-                        .resume(&tx_id, base.as_deref(), hash, &user)
-                        .map(Some)
-                } else {
-                    backend
-                        .begin(&tx_id, base.as_deref(), hash, &user)
-                        .map(|()| None)
-                };
-                match outcome {
-                    Ok(None) => write_json(&mut w, &Response::Ok)?,
-                    Ok(Some(staged)) => {
-                        write_json(
-                            &mut w,
-                            &Response::Resumed {
-                                files: staged.len() as u64,
-                            },
-                        )?;
-                        let list = serde_json::to_vec(&staged).map_err(io::Error::other)?;
-                        write_data(&mut w, &list)?;
-                    }
-                    Err(e) => {
-                        // A failed begin may hold the lock: release it (not
-                        // after a protocol misuse, which may come with a
-                        // transaction already open).
-                        if e.kind != ErrorKind::Protocol {
-                            let _ = backend.rollback();
-                        }
-                        reply_err(&mut w, &e)?
-                    }
-                }
+                let how = BeginHow { resume, replace };
+                begin(
+                    backend,
+                    &mut w,
+                    &tx_id,
+                    base.as_deref(),
+                    base_hash.as_deref(),
+                    &user,
+                    how,
+                )?
             }
-            Request::PutFile {
-                path,
-                size,
-                hash,
-                mtime_ns,
-                offset,
-            } => {
-                let mut dr = DataStream::new(&mut r);
-                if sticky.is_none() {
-                    if let Err(e) = backend.stage_file(&path, size, hash, mtime_ns, offset, &mut dr)
-                    {
-                        *sticky = Some(e);
-                    }
-                }
-                dr.drain()?;
-            }
-            Request::PutFileLocal {
-                path,
-                size,
-                hash,
-                mtime_ns,
-                src,
-            } => {
-                if sticky.is_none() {
-                    let r = if local_sources {
-                        backend.stage_file_from(
-                            &path,
-                            size,
-                            hash,
-                            mtime_ns,
-                            std::path::Path::new(&src),
-                        )
-                    } else {
-                        Err(AgentError::new(
-                            ErrorKind::Protocol,
-                            "put_file_local is only for a local client",
-                        ))
-                    };
-                    if let Err(e) = r {
-                        *sticky = Some(e);
-                    }
-                }
-            }
-            Request::PutLink { path, target } => {
-                if sticky.is_none() {
-                    if let Err(e) = backend.stage_link(&path, &target) {
-                        *sticky = Some(e);
-                    }
+            put @ (Request::PutFile { .. }
+            | Request::PutFileLocal { .. }
+            | Request::PutLink { .. }) => {
+                // Uploads are not answered one by one: the first failure
+                // is kept and reported at the next barrier.
+                if let Err(e) = stage(backend, &mut r, put, sticky.is_some(), local_sources)? {
+                    *sticky = Some(e);
                 }
             }
             Request::Flush => match sticky.take() {
@@ -239,20 +120,12 @@ fn serve_loop<R: Read, W: Write>(
             Request::Commit { snapshot_id } => {
                 let manifest = read_data_to_vec(&mut r)?;
                 let sync_messages = read_data_to_vec(&mut r)?;
-                if let Some(e) = sticky.take() {
-                    let _ = backend.rollback();
-                    reply_err(&mut w, &e)?;
-                } else {
-                    let data = CommitData {
-                        snapshot_id: snapshot_id.clone(),
-                        manifest,
-                        sync_messages,
-                    };
-                    match backend.commit(&data) {
-                        Ok(()) => write_json(&mut w, &Response::Committed { snapshot_id })?,
-                        Err(e) => reply_err(&mut w, &e)?,
-                    }
-                }
+                let data = CommitData {
+                    snapshot_id,
+                    manifest,
+                    sync_messages,
+                };
+                commit(backend, &mut w, sticky.take(), data)?
             }
             Request::Recover { wait } => match backend.recover(wait) {
                 Ok(()) => write_json(&mut w, &Response::Ok)?,
@@ -269,42 +142,7 @@ fn serve_loop<R: Read, W: Write>(
                     Err(e) => reply_err(&mut w, &e)?,
                 }
             }
-            Request::GetFiles { paths } => {
-                if let Err(e) = backend.read_lock() {
-                    reply_err(&mut w, &e)?;
-                    continue;
-                }
-                for p in paths {
-                    match backend.open(&p) {
-                        Ok(Stored::File { mut file, size }) => {
-                            write_json(
-                                &mut w,
-                                &Response::File {
-                                    path: p,
-                                    kind: "file".into(),
-                                    size,
-                                    target: None,
-                                },
-                            )?;
-                            copy_as_data(&mut file, &mut w, buf)?;
-                        }
-                        Ok(Stored::Link { target }) => {
-                            write_json(
-                                &mut w,
-                                &Response::File {
-                                    path: p,
-                                    kind: "link".into(),
-                                    size: 0,
-                                    target: Some(target),
-                                },
-                            )?;
-                        }
-                        Err(e) => reply_err(&mut w, &e)?,
-                    }
-                }
-                backend.read_unlock();
-                write_json(&mut w, &Response::Ok)?;
-            }
+            Request::GetFiles { paths } => get_files(backend, &mut w, buf, paths)?,
             Request::Bye => {
                 write_json(&mut w, &Response::Ok)?;
                 w.flush()?;
@@ -315,6 +153,223 @@ fn serve_loop<R: Read, W: Write>(
         // sending puts there is nothing to flush.
         w.flush()?;
     }
+}
+
+fn hello<W: Write>(backend: &mut dyn Backend, w: &mut W, protocol: u32) -> io::Result<()> {
+    if protocol != PROTOCOL_VERSION {
+        return reply_err(
+            w,
+            &AgentError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "protocol mismatch: the client speaks {protocol}, this agent (dsg {}) speaks {PROTOCOL_VERSION}",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            )
+            .hint("install the same dsg version on both machines"),
+        );
+    }
+    write_json(
+        w,
+        &Response::Hello {
+            protocol: PROTOCOL_VERSION,
+            version: env!("CARGO_PKG_VERSION").into(),
+            repo_exists: backend.exists(),
+            backend: backend.describe(),
+        },
+    )
+}
+
+fn read_meta<W: Write>(
+    backend: &mut dyn Backend,
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    name: &str,
+    unless_hash: Option<u64>,
+) -> io::Result<()> {
+    let mut f = match backend.open_meta(name) {
+        Ok(None) => return write_json(w, &Response::Missing),
+        Ok(Some(f)) => f,
+        Err(e) => return reply_err(w, &e),
+    };
+    // Hash by streaming first: an unchanged manifest (the common case of
+    // `status`) is never held in memory.
+    if let Some(h) = unless_hash {
+        match dsg_core::hash::hash_reader(&mut f) {
+            Ok((got, _)) if got.0 == h => return write_json(w, &Response::Unchanged),
+            Ok(_) => {}
+            Err(e) => return reply_err(w, &AgentError::io(format!("reading .dsg/{name}"), e)),
+        }
+    }
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    std::io::Seek::rewind(&mut f)?;
+    write_json(w, &Response::Data { size })?;
+    copy_as_data(&mut f, w, buf).map(|_| ())
+}
+
+/// How a `Begin` begins: afresh, continuing a dropped upload, or
+/// replacing the repository (a confirmed `init --force`).
+struct BeginHow {
+    resume: bool,
+    replace: bool,
+}
+
+fn begin<W: Write>(
+    backend: &mut dyn Backend,
+    w: &mut W,
+    tx_id: &str,
+    base: Option<&str>,
+    hash: Option<&str>,
+    user: &str,
+    how: BeginHow,
+) -> io::Result<()> {
+    // `Some(staged)`: answer a resume with what is staged.
+    let outcome = if how.replace && base.is_none() {
+        // A replacing init starts over after a lost connection.
+        backend
+            .begin_replace(tx_id, user, hash)
+            .map(|()| how.resume.then(Vec::new))
+    } else if how.resume {
+        backend.resume(tx_id, base, hash, user).map(Some)
+    } else {
+        backend.begin(tx_id, base, hash, user).map(|()| None)
+    };
+    match outcome {
+        Ok(None) => write_json(w, &Response::Ok),
+        Ok(Some(staged)) => {
+            write_json(
+                w,
+                &Response::Resumed {
+                    files: staged.len() as u64,
+                },
+            )?;
+            let list = serde_json::to_vec(&staged).map_err(io::Error::other)?;
+            write_data(w, &list)
+        }
+        Err(e) => {
+            // Not after a protocol misuse, which may come with a
+            // transaction already open: that one stays.
+            if e.kind != ErrorKind::Protocol {
+                let _ = backend.rollback();
+            }
+            reply_err(w, &e)
+        }
+    }
+}
+
+/// One upload: a file's bytes (always read off the stream, even after a
+/// failure, to stay in step), a local file, or a link. `skip`: an earlier
+/// upload failed, so this one is not staged. The outer `Result` is the
+/// connection's, the inner the upload's.
+fn stage<R: Read>(
+    backend: &mut dyn Backend,
+    r: &mut R,
+    put: Request,
+    skip: bool,
+    local_sources: bool,
+) -> io::Result<Result<(), AgentError>> {
+    let staged = match put {
+        Request::PutFile {
+            path,
+            size,
+            hash,
+            mtime_ns,
+            offset,
+        } => {
+            let mut dr = DataStream::new(r);
+            let staged = if skip {
+                Ok(())
+            } else {
+                backend.stage_file(&path, size, hash, mtime_ns, offset, &mut dr)
+            };
+            dr.drain()?;
+            staged
+        }
+        _ if skip => Ok(()),
+        Request::PutFileLocal {
+            path,
+            size,
+            hash,
+            mtime_ns,
+            src,
+        } if local_sources => {
+            backend.stage_file_from(&path, size, hash, mtime_ns, std::path::Path::new(&src))
+        }
+        // Only a client in this process may name a local file.
+        Request::PutFileLocal { .. } => Err(AgentError::new(
+            ErrorKind::Protocol,
+            "put_file_local is only for a local client",
+        )),
+        Request::PutLink { path, target } => backend.stage_link(&path, &target),
+        _ => unreachable!("stage() is called with uploads only"),
+    };
+    Ok(staged)
+}
+
+/// Commits, unless an upload failed since the last barrier (`sticky`):
+/// then the transaction is rolled back and that failure reported.
+fn commit<W: Write>(
+    backend: &mut dyn Backend,
+    w: &mut W,
+    sticky: Option<AgentError>,
+    data: CommitData,
+) -> io::Result<()> {
+    if let Some(e) = sticky {
+        let _ = backend.rollback();
+        return reply_err(w, &e);
+    }
+    match backend.commit(&data) {
+        Ok(()) => write_json(
+            w,
+            &Response::Committed {
+                snapshot_id: data.snapshot_id,
+            },
+        ),
+        Err(e) => reply_err(w, &e),
+    }
+}
+
+/// Streams the files at `paths` under a shared lock, so no commit runs
+/// underneath the read.
+fn get_files<W: Write>(
+    backend: &mut dyn Backend,
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    paths: Vec<String>,
+) -> io::Result<()> {
+    if let Err(e) = backend.read_lock() {
+        return reply_err(w, &e);
+    }
+    for p in paths {
+        match backend.open(&p) {
+            Ok(Stored::File { mut file, size }) => {
+                write_json(
+                    w,
+                    &Response::File {
+                        path: p,
+                        kind: "file".into(),
+                        size,
+                        target: None,
+                    },
+                )?;
+                copy_as_data(&mut file, w, buf)?;
+            }
+            Ok(Stored::Link { target }) => {
+                write_json(
+                    w,
+                    &Response::File {
+                        path: p,
+                        kind: "link".into(),
+                        size: 0,
+                        target: Some(target),
+                    },
+                )?;
+            }
+            Err(e) => reply_err(w, &e)?,
+        }
+    }
+    backend.read_unlock();
+    write_json(w, &Response::Ok)
 }
 
 #[cfg(test)]

@@ -205,8 +205,8 @@ impl Repository {
     }
 
     /// The new manifest, checked against what was staged and the base:
-    /// the repository must equal its manifest afterwards. Returns it with
-    /// the base's paths it drops.
+    /// the repository must equal its manifest afterwards. Returns the
+    /// base's paths it no longer holds.
     fn verify_commit(tx: &OpenTx, c: &CommitData) -> Result<Vec<String>, AgentError> {
         let new = Manifest::from_json_bytes(&c.manifest, Path::new("uploaded manifest"))
             .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))?;
