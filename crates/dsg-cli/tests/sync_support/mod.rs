@@ -130,45 +130,6 @@ impl Env {
         self.command(name, args).output().unwrap()
     }
 
-    pub fn run_env(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
-        let mut c = self.command(name, args);
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    }
-
-    /// Runs and asserts exit status 0.
-    pub fn ok(&self, name: &str, args: &[&str]) -> Output {
-        let o = self.run(name, args);
-        assert_ok(&o, &format!("dsg {args:?} in {name}"));
-        o
-    }
-
-    /// `dsg init` in client `name` (which must hold the data already).
-    pub fn init(&self, name: &str) -> Output {
-        let args = init_args_for("localhost", &self.repo_parent, &self.repo_name, "xfs");
-        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        self.ok(name, &args)
-    }
-
-    /// Prepares and runs `dsg clone` in client `to`.
-    pub fn clone_client(&self, from: &str, to: &str) -> Output {
-        self.prepare_clone(from, to);
-        self.ok(to, &["clone"])
-    }
-
-    /// `status --json` rows as (path, state, action).
-    pub fn status_rows(&self, name: &str) -> Vec<(String, String, String)> {
-        let o = self.ok(name, &["status", "--json"]);
-        rows_of(&json_of(&o), "files")
-    }
-
-    pub fn assert_clean(&self, name: &str) {
-        let rows = self.status_rows(name);
-        assert!(rows.is_empty(), "status in {name} not clean: {rows:?}");
-    }
-
     pub fn capture(&self, client: &str) -> World {
         World::capture(&self.client(client), &self.repo())
     }
