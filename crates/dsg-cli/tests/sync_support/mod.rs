@@ -1,11 +1,13 @@
-//! Shared helpers for the `sync_*` integration tests: isolated user config,
+//! The posix side of the shared test world (`world::World` of `Kind::Xfs`
+//! and `Kind::Ssh` holds an `Env`) and the state listings of its G1 checks:
+//! isolated user config,
 //! repositories on the real XFS mount when the test script provides it,
 //! clients driven through the real `dsg` binary, and listings of both trees
 //! to check the atomicity invariants (DESIGN §2 G1) after crashes.
 //!
-//! Builds on `support` (declare `mod support;` in the test crate too) and
-//! re-exports it: tree listings, output helpers, file writers and byte
-//! generators come from there.
+//! Included only by `world/mod.rs` (test crates declare `mod world;`).
+//! Builds on `support` and re-exports it: tree listings, output helpers,
+//! file writers and byte generators come from there.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -440,16 +442,6 @@ impl World {
 pub enum Outcome {
     Old,
     New,
-}
-
-/// G1: the world is exactly OLD or exactly NEW; panics with both diffs.
-#[track_caller]
-pub fn classify(now: &World, old: &World, new: &World, ctx: &str) -> Outcome {
-    let o = now.mismatch_old(old);
-    let Some(o) = o else { return Outcome::Old };
-    let n = now.mismatch_new(new);
-    let Some(n) = n else { return Outcome::New };
-    panic!("{ctx}: the world is neither OLD nor NEW\n--- vs OLD:\n{o}--- vs NEW:\n{n}");
 }
 
 // ---------------------------------------------------------------- processes

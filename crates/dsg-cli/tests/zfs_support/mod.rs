@@ -1,5 +1,6 @@
-//! Shared helpers for the `zfs_*` tests: a repository that is the ZFS
-//! dataset `POOL/<name>` mounted at `<parent>/<name>` on the test pool
+//! The zfs side of the shared test world (`world::World` of `Kind::Zfs`
+//! holds a `ZEnv`; tests reach it with `w.zfs()`): a repository that is the
+//! ZFS dataset `POOL/<name>` mounted at `<parent>/<name>` on the test pool
 //! (`DSG_TEST_ZFS_POOL`; parents under `DSG_TEST_ZFS_ROOT`, both exported by
 //! scripts/setup-services), driven through the real `dsg` binary, with the
 //! ZFS side (datasets, snapshots, mounts, journal) checked through the real
@@ -7,10 +8,10 @@
 //! `ZEnv` drops; names carry `-p<PID>-` so that setup-services can sweep
 //! what a killed test run left.
 //!
-//! Needs `mod support;` and `mod sync_support;` declared beside
-//! `mod zfs_support;` in the test crate (it builds on `sync_support::Env`
-//! and the tree listings and command helpers of `support`, which
-//! `sync_support` re-exports).
+//! Included only by `world/mod.rs` (beside `support` and `sync_support`):
+//! it builds on `sync_support::Env` and the tree listings and command
+//! helpers of `support`, which `sync_support` re-exports. Test crates
+//! declare `mod world;`, not this module.
 #![allow(dead_code)]
 
 use std::fs;
