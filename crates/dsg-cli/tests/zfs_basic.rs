@@ -4,21 +4,21 @@
 //! equals its manifest; every snapshot holds its state (read through
 //! `dsg_repo::zfs::Zfs::open_snapshot`, the history path no command uses
 //! yet). Skipped without `DSG_TEST_ZFS_POOL` (fails under CI=true).
+//!
+//! These tests look at the pool (`zfs list`, mounts, snapshot clones): they
+//! run on zfs worlds only (`World::new(Kind::Zfs, ..)`, `w.zfs()` for the
+//! ZFS side).
 
-mod support;
-mod sync_support;
-mod zfs_support;
+mod world;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
 
-use sync_support::*;
-use zfs_support::*;
+use world::*;
 
 /// A small project: nested dirs, an empty file, a binary file, symlinks
 /// (relative, into a subdirectory, dangling-free), an untracked file.
-fn project(z: &ZEnv, c: &str) {
+fn project(z: &World, c: &str) {
     z.write(c, &p(IN, "a.csv"), "a,b\n1,2\n");
     z.write(c, &p(IN, "empty.txt"), "");
     z.write(c, &p(IN, "sub/deeper/b.bin"), bytes(7, 100_000));
@@ -30,10 +30,13 @@ fn project(z: &ZEnv, c: &str) {
 
 #[test]
 fn init_creates_the_dataset_with_s1() {
-    let Some(z) = ZEnv::new("zinit") else { return };
-    project(&z, "A");
+    let Some(w) = World::new(Kind::Zfs, "zinit") else {
+        return;
+    };
+    let z = w.zfs();
+    project(&w, "A");
     let before = tracked(&data_tree(&z.client("A")));
-    let o = z.init("A");
+    let o = w.init("A");
     assert!(stdout(&o).contains("s1"), "{}", show(&o));
     let ds = z.dataset();
     assert_eq!(
@@ -66,7 +69,7 @@ fn init_creates_the_dataset_with_s1() {
         fs::read(z.client("A").join(".dsg/last-sync.json")).unwrap(),
         fs::read(z.repo().join(".dsg/last-sync.json")).unwrap()
     );
-    z.assert_clean("A");
+    w.assert_clean("A");
     z.assert_no_zfs_leftovers("after init");
     assert_no_leftovers(&z.client("A"));
     // @s1 holds the same files.
@@ -74,12 +77,12 @@ fn init_creates_the_dataset_with_s1() {
     assert_same("@s1 vs project", &before, &t);
     assert_eq!(snapshot_id(&head), "s1");
     // A second init of the same name is refused and changes nothing.
-    z.env.prepare_clone("A", "B");
+    w.prepare_clone("A", "B");
     fs::remove_file(z.client("B").join(".dsgconfig.yml")).unwrap();
     z.write("B", &p(IN, "other.txt"), "other");
-    let args = z.init_args();
+    let args = w.init_args();
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let o = z.run("B", &a);
+    let o = w.run("B", &a);
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
     assert_eq!(z.assert_repo_dataset("after a refused init"), 1);
     assert_same(
@@ -91,7 +94,7 @@ fn init_creates_the_dataset_with_s1() {
 }
 
 /// One step of the sync run: what client A changes.
-fn change(z: &ZEnv, step: usize) {
+fn change(z: &World, step: usize) {
     match step {
         // edit, add (new dir), delete
         0 => {
@@ -132,16 +135,19 @@ fn change(z: &ZEnv, step: usize) {
 
 #[test]
 fn several_syncs_make_one_snapshot_each() {
-    let Some(z) = ZEnv::new("zsyncs") else { return };
-    project(&z, "A");
-    z.init("A");
+    let Some(w) = World::new(Kind::Zfs, "zsyncs") else {
+        return;
+    };
+    let z = w.zfs();
+    project(&w, "A");
+    w.init("A");
     let mut expect: BTreeMap<String, Tree> = BTreeMap::new();
     expect.insert("s1".into(), tracked(&data_tree(&z.client("A"))));
     let steps = 5;
     for step in 0..steps {
-        change(&z, step);
+        change(&w, step);
         let want = tracked(&data_tree(&z.client("A")));
-        let o = z.ok("A", &["sync", "-m", &format!("step {step}")]);
+        let o = w.ok("A", &["sync", "-m", &format!("step {step}")]);
         let id = format!("s{}", step + 2);
         assert!(stdout(&o).contains(&id), "{}", show(&o));
         let ctx = format!("after sync {id}");
@@ -155,11 +161,11 @@ fn several_syncs_make_one_snapshot_each() {
         );
         z.assert_no_zfs_leftovers(&ctx);
         assert_no_leftovers(&z.client("A"));
-        z.assert_clean("A");
+        w.assert_clean("A");
         expect.insert(id, want);
     }
     // A sync with nothing to do makes no snapshot.
-    let o = z.ok("A", &["sync"]);
+    let o = w.ok("A", &["sync"]);
     assert!(stdout(&o).contains("Everything up to date"), "{}", show(&o));
     let n = steps as u64 + 1;
     assert_eq!(z.snapshots(), chain(n));
@@ -202,11 +208,14 @@ fn several_syncs_make_one_snapshot_each() {
 
 #[test]
 fn snapshot_views_are_read_only_and_leave_nothing() {
-    let Some(z) = ZEnv::new("zview") else { return };
-    project(&z, "A");
-    z.init("A");
+    let Some(w) = World::new(Kind::Zfs, "zview") else {
+        return;
+    };
+    let z = w.zfs();
+    project(&w, "A");
+    w.init("A");
     z.write("A", &p(IN, "a.csv"), "changed");
-    z.ok("A", &["sync"]);
+    w.ok("A", &["sync"]);
     let zf = dsg_repo::zfs::Zfs::new(&z.pool, &z.repo()).unwrap();
     {
         let v1 = zf.open_snapshot("s1").expect("open s1");
@@ -228,7 +237,7 @@ fn snapshot_views_are_read_only_and_leave_nothing() {
     z.assert_no_zfs_leftovers("after a failed open");
     // The views changed nothing.
     assert_eq!(z.assert_repo_dataset("after views"), 2);
-    z.assert_clean("A");
+    w.assert_clean("A");
 }
 
 /// A history read whose process was killed leaves its temporary clone;
@@ -236,13 +245,14 @@ fn snapshot_views_are_read_only_and_leave_nothing() {
 /// still alive.
 #[test]
 fn the_next_command_removes_read_clones_of_killed_readers() {
-    let Some(z) = ZEnv::new("zreadkill") else {
+    let Some(w) = World::new(Kind::Zfs, "zreadkill") else {
         return;
     };
-    project(&z, "A");
-    z.init("A");
+    let z = w.zfs();
+    project(&w, "A");
+    w.init("A");
     z.write("A", &p(IN, "a.csv"), "changed");
-    z.ok("A", &["sync"]);
+    w.ok("A", &["sync"]);
     // A dead pid: a child that has exited and been reaped.
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let dead = child.id();
@@ -265,7 +275,7 @@ fn the_next_command_removes_read_clones_of_killed_readers() {
     let killed_reader = mk(dead, "deadbeef");
     let live_reader = mk(std::process::id(), "cafef00d");
     assert!(z.datasets().contains(&killed_reader));
-    z.ok("A", &["status"]);
+    w.ok("A", &["status"]);
     let left = z.datasets();
     assert!(
         !left.contains(&killed_reader),
@@ -289,15 +299,18 @@ fn the_next_command_removes_read_clones_of_killed_readers() {
 
 #[test]
 fn repository_stays_mounted_after_every_sync() {
-    let Some(z) = ZEnv::new("zmount") else { return };
-    project(&z, "A");
-    z.init("A");
+    let Some(w) = World::new(Kind::Zfs, "zmount") else {
+        return;
+    };
+    let z = w.zfs();
+    project(&w, "A");
+    w.init("A");
     let ds = z.dataset();
     let mut unmounted = Vec::new();
     for i in 0..6 {
         z.write("A", &p(IN, &format!("m{i}.txt")), format!("{i}"));
         // Through Env: the product alone, checked after each sync.
-        let o = z.env.run("A", &["sync"]);
+        let o = w.env().run("A", &["sync"]);
         assert_eq!(o.status.code(), Some(0), "sync {i}: {}", show(&o));
         if z.prop(&ds, "mounted") != "yes" {
             unmounted.push(format!("s{}", i + 2));
@@ -312,24 +325,23 @@ fn repository_stays_mounted_after_every_sync() {
 
 #[test]
 fn init_with_repo_path_inside_the_pools_mount() {
-    let Some((pool, _)) = zfs_config() else {
-        return;
-    };
-    let pool_mnt = zfs_ok(&["get", "-H", "-o", "value", "mountpoint", &pool]);
     // Repository path = a directory on the pool's root filesystem, as on a
     // server whose pool is mounted at the repository path.
-    let z = ZEnv::new_in("znest", &pool, Path::new(pool_mnt.trim()));
-    project(&z, "A");
-    let args = z.init_args();
+    let Some(w) = World::zfs_in_pool_mount("znest") else {
+        return;
+    };
+    let z = w.zfs();
+    project(&w, "A");
+    let args = w.init_args();
     let repo = z.repo();
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let o = z.env.run("A", &a);
+    let o = w.env().run("A", &a);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(repo.join(".dsg/last-sync.json").is_file());
     assert_eq!(z.snapshots(), chain(1));
     for i in 0..3 {
         z.write("A", &p(IN, &format!("n{i}.txt")), "n");
-        let o = z.env.run("A", &["sync"]);
+        let o = w.env().run("A", &["sync"]);
         assert_eq!(o.status.code(), Some(0), "sync {i}: {}", show(&o));
         assert_eq!(z.snapshots(), chain(i + 2));
         assert!(repo.join(".dsg/last-sync.json").is_file(), "sync {i}");
@@ -338,13 +350,16 @@ fn init_with_repo_path_inside_the_pools_mount() {
 
 #[test]
 fn file_replaced_by_a_directory() {
-    let Some(z) = ZEnv::new("zf2d") else { return };
-    project(&z, "A");
-    z.init("A");
+    let Some(w) = World::new(Kind::Zfs, "zf2d") else {
+        return;
+    };
+    let z = w.zfs();
+    project(&w, "A");
+    w.init("A");
     z.remove("A", &p(IN, "a.csv"));
     z.write("A", &p(IN, "a.csv/inside.txt"), "a directory now");
     let want = tracked(&data_tree(&z.client("A")));
-    let o = z.run("A", &["sync"]);
+    let o = w.run("A", &["sync"]);
     z.assert_no_zfs_leftovers("after the sync");
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert_eq!(z.assert_repo_dataset("after the sync"), 2);

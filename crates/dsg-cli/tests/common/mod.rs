@@ -526,14 +526,6 @@ impl Mf {
         self
     }
 
-    pub fn remove(&mut self, path: &str) -> &mut Mf {
-        assert!(
-            self.entries.shift_remove(path).is_some(),
-            "{path} not in manifest"
-        );
-        self
-    }
-
     /// §1.7: XXH3-64 over the compact JSON of each entry, in file order.
     pub fn entries_hash(&self) -> String {
         entries_hash_of(&self.entries)

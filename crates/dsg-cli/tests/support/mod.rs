@@ -2,14 +2,17 @@
 //! `common` (cli_* tests), `sync_support`, `ssh_support` and `zfs_support`
 //! all need, each written once here.
 //!
-//! A test crate declares `mod support;` beside its own support module(s);
-//! those re-export (or `use`) what they take from here, so test files keep
-//! importing only `common::*`, `sync_support::*`, `ssh_support::*` or
-//! `zfs_support::*`.
+//! The test crates come in three families:
+//! - the repository suites (crash, faults, replace, states,
+//!   sync_concurrency, two_clients, zfs_basic, zfs_ssh) declare only
+//!   `mod world;`: `world/mod.rs` includes this module, `sync_support`,
+//!   `zfs_support` and `ssh_support` by path;
+//! - the `ssh_*` suites declare `mod support;` and `mod ssh_support;` (see
+//!   there why they keep their own world);
+//! - the `cli_*` tests declare `mod support;` and `mod common;`.
 //!
-//! The suites that run on every repository kind (crash, faults, replace,
-//! states) declare only `mod world;`: `world/mod.rs` includes this module,
-//! `sync_support`, `zfs_support` and `ssh_support` by path.
+//! The support modules re-export (or `use`) what they take from here, so
+//! test files import only `world::*`, `ssh_support::*` or `common::*`.
 //!
 //! - [`env`]: CI detection, the `dsg` binary, unique names, repository
 //!   parent directories, the isolated user config, `dsg init` arguments.

@@ -1,11 +1,13 @@
-//! Shared helpers for the `sync_*` integration tests: isolated user config,
+//! The posix side of the shared test world (`world::World` of `Kind::Xfs`
+//! and `Kind::Ssh` holds an `Env`) and the state listings of its G1 checks:
+//! isolated user config,
 //! repositories on the real XFS mount when the test script provides it,
 //! clients driven through the real `dsg` binary, and listings of both trees
 //! to check the atomicity invariants (DESIGN §2 G1) after crashes.
 //!
-//! Builds on `support` (declare `mod support;` in the test crate too) and
-//! re-exports it: tree listings, output helpers, file writers and byte
-//! generators come from there.
+//! Included only by `world/mod.rs` (test crates declare `mod world;`).
+//! Builds on `support` and re-exports it: tree listings, output helpers,
+//! file writers and byte generators come from there.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -128,45 +130,6 @@ impl Env {
 
     pub fn run(&self, name: &str, args: &[&str]) -> Output {
         self.command(name, args).output().unwrap()
-    }
-
-    pub fn run_env(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
-        let mut c = self.command(name, args);
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    }
-
-    /// Runs and asserts exit status 0.
-    pub fn ok(&self, name: &str, args: &[&str]) -> Output {
-        let o = self.run(name, args);
-        assert_ok(&o, &format!("dsg {args:?} in {name}"));
-        o
-    }
-
-    /// `dsg init` in client `name` (which must hold the data already).
-    pub fn init(&self, name: &str) -> Output {
-        let args = init_args_for("localhost", &self.repo_parent, &self.repo_name, "xfs");
-        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        self.ok(name, &args)
-    }
-
-    /// Prepares and runs `dsg clone` in client `to`.
-    pub fn clone_client(&self, from: &str, to: &str) -> Output {
-        self.prepare_clone(from, to);
-        self.ok(to, &["clone"])
-    }
-
-    /// `status --json` rows as (path, state, action).
-    pub fn status_rows(&self, name: &str) -> Vec<(String, String, String)> {
-        let o = self.ok(name, &["status", "--json"]);
-        rows_of(&json_of(&o), "files")
-    }
-
-    pub fn assert_clean(&self, name: &str) {
-        let rows = self.status_rows(name);
-        assert!(rows.is_empty(), "status in {name} not clean: {rows:?}");
     }
 
     pub fn capture(&self, client: &str) -> World {
@@ -479,16 +442,6 @@ impl World {
 pub enum Outcome {
     Old,
     New,
-}
-
-/// G1: the world is exactly OLD or exactly NEW; panics with both diffs.
-#[track_caller]
-pub fn classify(now: &World, old: &World, new: &World, ctx: &str) -> Outcome {
-    let o = now.mismatch_old(old);
-    let Some(o) = o else { return Outcome::Old };
-    let n = now.mismatch_new(new);
-    let Some(n) = n else { return Outcome::New };
-    panic!("{ctx}: the world is neither OLD nor NEW\n--- vs OLD:\n{o}--- vs NEW:\n{n}");
 }
 
 // ---------------------------------------------------------------- processes

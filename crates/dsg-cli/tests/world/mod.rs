@@ -13,6 +13,10 @@
 //!   (`repo.*`) do not fire over ssh (the agent does not get the client's
 //!   `DSG_FAILPOINT`); the client's do.
 //!
+//! Besides the kinds: `World::zfs_over_ssh` (a zfs repository reached
+//! through the test sshd; its kind is `Zfs`) and `World::zfs_in_pool_mount`
+//! (a zfs repository whose parent is a directory on the pool's own mount).
+//!
 //! A test crate declares only `mod world;` and `use world::*;`: this module
 //! brings in the other support modules itself and re-exports `support`,
 //! `sync_support` and `zfs_support` (not `ssh_support`, whose listings have
@@ -223,6 +227,38 @@ impl World {
         World::new(kind, prefix).expect("the service was there a moment ago")
     }
 
+    /// A zfs world whose repository is reached through the test sshd
+    /// (`dsg agent --type zfs` behind it); `None` (skipped) without the sshd
+    /// or the pool outside CI. Its kind is `Zfs`.
+    pub fn zfs_over_ssh(prefix: &str) -> Option<World> {
+        let ssh = ssh_support::ssh_or_skip()?;
+        let z = ZEnv::new(prefix)?;
+        Some(World {
+            kind: Kind::Zfs,
+            backend: Backend::Zfs(z),
+            ssh: Some(ssh),
+        })
+    }
+
+    /// A zfs world whose repository parent is a new directory on the
+    /// pool's root filesystem (as on a server whose pool is mounted at the
+    /// repository path); `None` (skipped) without the pool outside CI.
+    pub fn zfs_in_pool_mount(prefix: &str) -> Option<World> {
+        let (pool, _) = zfs_config()?;
+        let mnt = zfs_ok(&["get", "-H", "-o", "value", "mountpoint", &pool]);
+        let z = ZEnv::new_in(prefix, &pool, std::path::Path::new(mnt.trim()));
+        Some(World {
+            kind: Kind::Zfs,
+            backend: Backend::Zfs(z),
+            ssh: None,
+        })
+    }
+
+    /// The test sshd of an ssh world (`Kind::Ssh`, `zfs_over_ssh`).
+    pub fn ssh(&self) -> &Ssh {
+        self.ssh.as_ref().expect("not a world over ssh")
+    }
+
     /// A posix world (xfs, or ssh when `ssh` is given) whose repository
     /// parent is `parent` (e.g. a small tmpfs); left in place on drop.
     pub fn on(kind: Kind, parent: &std::path::Path) -> Option<World> {
@@ -261,17 +297,19 @@ impl World {
     /// `dsg init` arguments for this kind (`--repo-type`, `--pool`,
     /// `--host`, `--remote-dsg`).
     pub fn init_args(&self) -> Vec<String> {
-        match &self.backend {
-            Backend::Zfs(z) => z.init_args(),
-            Backend::Posix(e) => {
-                let mut v = init_args_for(&self.host(), &e.repo_parent, &e.repo_name, "xfs");
-                if self.ssh.is_some() {
-                    v.push("--remote-dsg".into());
-                    v.push(dsg_bin().to_str().unwrap().into());
-                }
+        let mut v = match &self.backend {
+            Backend::Zfs(z) => {
+                let mut v = init_args_for(&self.host(), &z.repo_parent, &z.repo_name, "zfs");
+                v.extend(["--pool".to_string(), z.pool.clone()]);
                 v
             }
+            Backend::Posix(e) => init_args_for(&self.host(), &e.repo_parent, &e.repo_name, "xfs"),
+        };
+        if self.ssh.is_some() {
+            v.push("--remote-dsg".into());
+            v.push(dsg_bin().to_str().unwrap().into());
         }
+        v
     }
 
     /// `init_args` plus `--force` and, when given, `--confirm-replace C`.
@@ -304,11 +342,20 @@ impl World {
         self.run_env(name, args, &[])
     }
 
-    /// Runs `dsg` with extra environment. On zfs: killed after `DSG_LIMIT`,
-    /// and after a success the dataset must be mounted where it belongs.
+    /// Runs `dsg` with extra environment (which may replace
+    /// `DSG_SSH_COMMAND`). On zfs: killed after `DSG_LIMIT`, and after a
+    /// success the dataset must be mounted where it belongs.
     pub fn run_env(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
         match &self.backend {
-            Backend::Zfs(z) => z.run_env(name, args, envs),
+            Backend::Zfs(z) => match &self.ssh {
+                None => z.run_env(name, args, envs),
+                Some(s) => {
+                    let sc = s.command();
+                    let mut all = vec![("DSG_SSH_COMMAND", sc.as_str())];
+                    all.extend_from_slice(envs);
+                    z.run_env(name, args, &all)
+                }
+            },
             Backend::Posix(_) => {
                 let mut c = self.command(name, args);
                 for (k, v) in envs {
@@ -317,6 +364,19 @@ impl World {
                 c.output().unwrap()
             }
         }
+    }
+
+    /// Starts `dsg args` in client `name` with extra environment, its
+    /// output piped (wait with `wait_within`).
+    pub fn spawn(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> std::process::Child {
+        let mut c = self.command(name, args);
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     /// `run_env` with owned arguments.

@@ -1,5 +1,6 @@
-//! Shared helpers for the `zfs_*` tests: a repository that is the ZFS
-//! dataset `POOL/<name>` mounted at `<parent>/<name>` on the test pool
+//! The zfs side of the shared test world (`world::World` of `Kind::Zfs`
+//! holds a `ZEnv`; tests reach it with `w.zfs()`): a repository that is the
+//! ZFS dataset `POOL/<name>` mounted at `<parent>/<name>` on the test pool
 //! (`DSG_TEST_ZFS_POOL`; parents under `DSG_TEST_ZFS_ROOT`, both exported by
 //! scripts/setup-services), driven through the real `dsg` binary, with the
 //! ZFS side (datasets, snapshots, mounts, journal) checked through the real
@@ -7,10 +8,10 @@
 //! `ZEnv` drops; names carry `-p<PID>-` so that setup-services can sweep
 //! what a killed test run left.
 //!
-//! Needs `mod support;` and `mod sync_support;` declared beside
-//! `mod zfs_support;` in the test crate (it builds on `sync_support::Env`
-//! and the tree listings and command helpers of `support`, which
-//! `sync_support` re-exports).
+//! Included only by `world/mod.rs` (beside `support` and `sync_support`):
+//! it builds on `sync_support::Env` and the tree listings and command
+//! helpers of `support`, which `sync_support` re-exports. Test crates
+//! declare `mod world;`, not this module.
 #![allow(dead_code)]
 
 use std::fs;
@@ -235,29 +236,6 @@ impl ZEnv {
         format!("{}/{}", self.pool, self.env.repo_name)
     }
 
-    pub fn init_args(&self) -> Vec<String> {
-        let mut v = init_args_for(
-            "localhost",
-            &self.env.repo_parent,
-            &self.env.repo_name,
-            "zfs",
-        );
-        v.extend(["--pool".to_string(), self.pool.clone()]);
-        v
-    }
-
-    /// `dsg init` of a zfs repository in client `name`.
-    pub fn init(&self, name: &str) -> Output {
-        let args = self.init_args();
-        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        self.ok(name, &a)
-    }
-
-    /// Runs `dsg` (see `run_env`).
-    pub fn run(&self, name: &str, args: &[&str]) -> Output {
-        self.run_env(name, args, &[])
-    }
-
     /// Runs `dsg` with extra environment (killed after `DSG_LIMIT`). After a
     /// successful command the repository dataset, when it has its final
     /// mountpoint, must be mounted there (a failed or killed one may leave a
@@ -272,29 +250,6 @@ impl ZEnv {
             self.assert_mounted_if_final(&format!("after dsg {args:?}"));
         }
         o
-    }
-
-    #[track_caller]
-    pub fn ok(&self, name: &str, args: &[&str]) -> Output {
-        let o = self.run(name, args);
-        assert_ok(&o, &format!("dsg {args:?} in {name}"));
-        o
-    }
-
-    pub fn clone_client(&self, from: &str, to: &str) -> Output {
-        self.env.prepare_clone(from, to);
-        self.ok(to, &["clone"])
-    }
-
-    pub fn status_rows(&self, name: &str) -> Vec<(String, String, String)> {
-        let o = self.ok(name, &["status", "--json"]);
-        rows_of(&json_of(&o), "files")
-    }
-
-    #[track_caller]
-    pub fn assert_clean(&self, name: &str) {
-        let rows = self.status_rows(name);
-        assert!(rows.is_empty(), "status in {name} not clean: {rows:?}");
     }
 
     /// When `POOL/NAME` exists with its final mountpoint `P/NAME`, it is
@@ -375,11 +330,6 @@ impl ZEnv {
         zfs_ok(&["get", "-H", "-o", "value", prop, ds])
             .trim()
             .to_string()
-    }
-
-    pub fn journal_path(&self) -> PathBuf {
-        self.repo_parent
-            .join(format!(".dsg-zfs.{}.journal", self.repo_name))
     }
 
     /// Entries of the repository parent other than the repository's own
@@ -507,40 +457,6 @@ impl ZEnv {
             .lines()
             .map(String::from)
             .collect()
-    }
-}
-
-/// One world's state including ZFS: the G1 triple plus the repository
-/// dataset's snapshot list.
-#[derive(Clone, Debug)]
-pub struct ZWorld {
-    pub world: World,
-    pub snaps: Vec<String>,
-}
-
-impl ZWorld {
-    pub fn capture(z: &ZEnv, client: &str) -> ZWorld {
-        ZWorld {
-            world: z.capture(client),
-            snaps: z.snapshots(),
-        }
-    }
-
-    /// Exactly OLD or exactly NEW (trees, manifests, messages, archives,
-    /// snapshot lists); panics with both differences otherwise.
-    #[track_caller]
-    pub fn classify(&self, old: &ZWorld, new: &ZWorld, ctx: &str) -> Outcome {
-        let o = self.world.mismatch_old(&old.world).or_else(|| {
-            (self.snaps != old.snaps)
-                .then(|| format!("snapshots {:?}, expected {:?}\n", self.snaps, old.snaps))
-        });
-        let Some(o) = o else { return Outcome::Old };
-        let n = self.world.mismatch_new(&new.world).or_else(|| {
-            (self.snaps != new.snaps)
-                .then(|| format!("snapshots {:?}, expected {:?}\n", self.snaps, new.snaps))
-        });
-        let Some(n) = n else { return Outcome::New };
-        panic!("{ctx}: the world is neither OLD nor NEW\n--- vs OLD:\n{o}--- vs NEW:\n{n}");
     }
 }
 
