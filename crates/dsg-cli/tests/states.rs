@@ -252,6 +252,46 @@ fn file_to_directory_both_ways(kind: Kind) {
     env.assert_clean("B");
 }
 
+/// A link replaced by a folder of the same name: `input/lsub → sub` in s2,
+/// then in s3 the link is gone and `input/lsub/c.txt` is a file of its own.
+/// Retiring what was at `input/lsub/c.txt` must not follow the old link to
+/// the tracked `input/sub/c.txt` — not on the repository (which would move
+/// it into its object store under a head that still lists it), and not on
+/// a client that still has the link (which would lose its own copy).
+fn link_replaced_by_a_folder_is_not_followed(kind: Kind) {
+    let env = world_or_skip!(kind, "linkdir");
+    env.write("A", &p(IN, "sub/c.txt"), "tracked c");
+    env.write("A", &p(IN, "keep.txt"), "keep");
+    env.init("A");
+    env.link("A", &p(IN, "lsub"), "sub");
+    env.ok("A", &["sync"]);
+    env.clone_client("A", "B");
+    assert_eq!(
+        fs::read(env.client("B").join(p(IN, "lsub/c.txt"))).unwrap(),
+        b"tracked c",
+        "B's link resolves to the tracked file"
+    );
+    env.remove("A", &p(IN, "lsub"));
+    env.write("A", &p(IN, "lsub/c.txt"), "a file of its own");
+    env.ok("A", &["sync"]);
+    let mut expected = Tree::new();
+    expected.insert(p(IN, "sub/c.txt"), file("tracked c"));
+    expected.insert(p(IN, "keep.txt"), file("keep"));
+    expected.insert(p(IN, "lsub/c.txt"), file("a file of its own"));
+    let repo = env.repo();
+    assert_same("repository", &expected, &tracked(&data_tree(&repo)));
+    let head = read_json(&repo.join(".dsg/last-sync.json"));
+    assert_tree_matches_manifest(&repo, &head, "repository");
+    // The client that still has the link receives the folder and keeps
+    // its own tracked file.
+    env.ok("B", &["sync"]);
+    assert_same("B", &expected, &tracked(&data_tree(&env.client("B"))));
+    env.assert_clean("B");
+    // A fresh clone gets every file of the head.
+    env.clone_client("A", "C");
+    assert_same("C", &expected, &tracked(&data_tree(&env.client("C"))));
+}
+
 /// A directory holding one file replaced by a file at the same path, on
 /// the uploading side.
 fn directory_to_file_upload_flat(kind: Kind) {
@@ -923,6 +963,7 @@ fn dry_run_json_is_the_full_plan(kind: Kind) {
 per_kind!(
     every_state_two_clients: xfs, zfs, ssh;
     file_to_directory_both_ways: xfs;
+    link_replaced_by_a_folder_is_not_followed: xfs, zfs;
     directory_to_file_upload_flat: xfs;
     directory_to_file_upload_nested: xfs;
     directory_to_file_download: xfs;

@@ -352,6 +352,7 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
         .map(|o| o.path())
         .collect();
     let mut touched: Vec<PathBuf> = Vec::new();
+    let mut parents = Parents::new(l.root);
     for (i, op) in ops.iter().enumerate() {
         failpoint(&format!("{}.apply.{i}", l.fp));
         let dst = l.root.join(op.path());
@@ -367,12 +368,26 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
                 {
                     continue;
                 }
+                // Below a link (or a file) nothing of this tree is at the
+                // path: a link is a leaf, and what lies beyond it is
+                // another path, tracked or not, never this one.
+                if parents.check(path)? != Way::Folders {
+                    continue;
+                }
                 retire(l, path, &dst, *hash, *expect)?;
+                parents.forget(&dst);
             }
             Op::Install { path } => {
                 let src = l.files.join(path);
                 if fs::symlink_metadata(&src).is_err() {
                     continue;
+                }
+                if let Way::Link(link) = parents.check(path)? {
+                    // `prepare` refuses this before the commit point.
+                    return Err(TxError::ThroughLink {
+                        path: path.clone(),
+                        link,
+                    });
                 }
                 if let Some(parent) = dst.parent() {
                     fs::create_dir_all(parent).map_err(|e| TxError::io(parent, e))?;
@@ -384,6 +399,62 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
     prune_emptied(l, touched);
     install_meta(l)?;
     syncfs(l.root)
+}
+
+/// What lies on the way from the root to a path's parent.
+#[derive(Debug, PartialEq)]
+enum Way {
+    /// Real folders all the way (or folders still to be made).
+    Folders,
+    /// A symlink at this place.
+    Link(PathBuf),
+    /// A file or something else where a folder would be.
+    Blocked,
+}
+
+/// Walks paths' parents under a root without following links, looking at
+/// each folder once per apply.
+struct Parents<'a> {
+    root: &'a Path,
+    real: std::collections::HashSet<PathBuf>,
+}
+
+impl<'a> Parents<'a> {
+    fn new(root: &'a Path) -> Parents<'a> {
+        Parents {
+            root,
+            real: Default::default(),
+        }
+    }
+
+    fn check(&mut self, path: &str) -> Result<Way, TxError> {
+        let mut cur = self.root.to_path_buf();
+        let comps: Vec<&str> = path.split('/').collect();
+        for c in &comps[..comps.len() - 1] {
+            cur.push(c);
+            if self.real.contains(&cur) {
+                continue;
+            }
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.is_dir() => {
+                    self.real.insert(cur.clone());
+                }
+                Ok(m) if m.file_type().is_symlink() => return Ok(Way::Link(cur)),
+                Ok(_) => return Ok(Way::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Way::Folders),
+                Err(e) => return Err(TxError::io(cur, e)),
+            }
+        }
+        Ok(Way::Folders)
+    }
+
+    /// `p` was retired: if it was a folder, it is gone, with any folders
+    /// it still held.
+    fn forget(&mut self, p: &Path) {
+        if self.real.remove(p) {
+            self.real.retain(|d| !d.starts_with(p));
+        }
+    }
 }
 
 fn retire(
