@@ -1,6 +1,7 @@
 //! `dsg`: the command line. Thin by design: parse, call the engine, print.
 
 mod output;
+mod restrict;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -89,14 +90,22 @@ enum Cmd {
     },
     /// Repository side of the protocol (run by dsg itself, locally or over SSH)
     #[command(hide = true)]
-    Agent {
-        #[arg(long)]
-        repo: PathBuf,
-        #[arg(long, value_enum, default_value_t = RepoTypeArg::Xfs)]
-        r#type: RepoTypeArg,
-        #[arg(long)]
-        pool: Option<String>,
-    },
+    Agent(AgentCmd),
+}
+
+#[derive(Args)]
+struct AgentCmd {
+    #[arg(long, required_unless_present = "restrict_to")]
+    repo: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = RepoTypeArg::Xfs)]
+    r#type: RepoTypeArg,
+    #[arg(long)]
+    pool: Option<String>,
+    /// Serve only repositories in or below DIR (repeatable). Without
+    /// --repo, the repository comes from SSH_ORIGINAL_COMMAND, for a forced
+    /// command in authorized_keys: command="dsg agent --restrict-to DIR"
+    #[arg(long, value_name = "DIR")]
+    restrict_to: Vec<PathBuf>,
 }
 
 /// `RepoType` for clap, so that a bad value is a usage error listing the
@@ -239,7 +248,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Clone { dry_run } => cmd_clone(dry_run, out),
         Cmd::ListFiles { path } => cmd_list_files(path, out),
         Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
-        Cmd::Agent { repo, r#type, pool } => cmd_agent(repo, r#type.into(), pool),
+        Cmd::Agent(a) => cmd_agent(a),
     }
 }
 
@@ -761,7 +770,72 @@ fn cmd_validate_config(no_backend: bool, out: &Out) -> Result<(), EngineError> {
     }
 }
 
-fn cmd_agent(repo: PathBuf, kind: RepoType, pool: Option<String>) -> Result<(), EngineError> {
+fn cmd_agent(a: AgentCmd) -> Result<(), EngineError> {
+    if a.restrict_to.is_empty() {
+        let repo = a.repo.expect("clap requires --repo without --restrict-to");
+        return serve_agent(repo, a.r#type.into(), a.pool);
+    }
+    let target = match a.repo {
+        Some(repo) => restrict::Target {
+            repo,
+            kind: a.r#type.into(),
+            pool: a.pool,
+        },
+        None => forced_command_target()?,
+    };
+    match restrict::check(&target.repo, &a.restrict_to) {
+        Ok(real) => serve_agent(real, target.kind, target.pool),
+        Err(refusal) => {
+            refuse_first_request(&refusal);
+            Err(EngineError::State {
+                message: refusal.message,
+                hint: refusal.hint,
+            })
+        }
+    }
+}
+
+/// The client's request when sshd ran us as a forced command: sshd puts
+/// what the client asked to run in SSH_ORIGINAL_COMMAND, and that is all
+/// the client controls. Refusals are usage errors (exit 2) on stderr only:
+/// a client that sent a shell command does not speak the protocol.
+fn forced_command_target() -> Result<restrict::Target, EngineError> {
+    let hint = "this SSH key only runs the dsg repository agent: connect with dsg (init, sync, \
+                clone), which sends `dsg agent --repo DIR --type T`";
+    let Some(cmd) = std::env::var_os("SSH_ORIGINAL_COMMAND") else {
+        return Err(EngineError::Usage(format!(
+            "agent: --restrict-to without --repo takes the repository from SSH_ORIGINAL_COMMAND, \
+             which is not set (no command was requested)\nhint: {hint}; or give --repo"
+        )));
+    };
+    let cmd = cmd.to_string_lossy();
+    restrict::parse_original_command(&cmd).map_err(|why| {
+        EngineError::Usage(format!(
+            "agent: refused to run {cmd:?}: {why}\nhint: {hint}"
+        ))
+    })
+}
+
+/// A dsg client reads nothing from stderr until its connection fails, so
+/// the refusal is also the answer to its first request (its `hello`),
+/// where it becomes the client's error message.
+fn refuse_first_request(refusal: &restrict::Refusal) {
+    use dsg_repo::protocol::{read_frame, write_json, ErrorKind, RemoteError, Response};
+    use std::io::Write;
+    let mut stdin = std::io::stdin().lock();
+    if read_frame(&mut stdin).is_err() {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    let reply = Response::Err(RemoteError {
+        kind: ErrorKind::Unsafe,
+        message: refusal.message.clone(),
+        hint: Some(refusal.hint.clone()),
+    });
+    let _ = write_json(&mut stdout, &reply).and_then(|()| stdout.flush());
+}
+
+fn serve_agent(repo: PathBuf, kind: RepoType, pool: Option<String>) -> Result<(), EngineError> {
     if kind == RepoType::Zfs && pool.is_none() {
         return Err(EngineError::Usage("agent: --type zfs needs --pool".into()));
     }
