@@ -19,6 +19,18 @@ pub const PROTOCOL_VERSION: u32 = 3;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
+/// The largest manifest the agent accepts with a `Commit`. The commit
+/// needs it whole in memory (it is parsed and checked there), so a client
+/// must not choose how much: a manifest entry is 250–350 bytes of JSON, so
+/// this holds a snapshot of well over a million files.
+pub const MAX_MANIFEST_BYTES: u64 = 512 << 20;
+/// The largest sync-messages file the agent accepts with a `Commit`: it
+/// grows by one entry of a few hundred bytes per sync.
+pub const MAX_MESSAGES_BYTES: u64 = 64 << 20;
+/// Lowers or raises both limits above on the repository host, in bytes
+/// (for tests, or a repository that outgrew them).
+pub const MAX_META_ENV: &str = "DSG_AGENT_MAX_META";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -277,6 +289,24 @@ pub fn read_data_to_vec<R: Read>(r: &mut R) -> io::Result<Vec<u8>> {
     }
 }
 
+/// Reads a data stream into memory, at most `limit` bytes of it. A longer
+/// stream is read to its end but not kept, so the connection stays in step
+/// without the memory: `Ok(Err(n))` says it held `n` bytes (or more).
+pub fn read_data_bounded<R: Read>(r: &mut R, limit: u64) -> io::Result<Result<Vec<u8>, u64>> {
+    let mut ds = DataStream::new(r);
+    let mut out = Vec::new();
+    (&mut ds)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut out)?;
+    let kept = out.len() as u64;
+    if kept <= limit {
+        return Ok(Ok(out));
+    }
+    drop(out);
+    let rest = io::copy(&mut ds, &mut io::sink())?;
+    Ok(Err(kept.saturating_add(rest)))
+}
+
 /// A data stream (frames until `End`) read as a `Read`. Frame bodies are
 /// read straight into the caller's buffer: a large file crosses this layer
 /// without an allocation or an extra copy per chunk.
@@ -385,6 +415,22 @@ mod tests {
                 Request::Flush
             ));
         }
+    }
+
+    #[test]
+    fn bounded_read_keeps_up_to_its_limit_and_stays_in_step() {
+        let mut wire = Vec::new();
+        write_data(&mut wire, &[1u8; 3 * CHUNK]).unwrap();
+        write_data(&mut wire, &[2u8; 10]).unwrap();
+        write_json(&mut wire, &Request::Flush).unwrap();
+        let mut r = &wire[..];
+        let too_long = read_data_bounded(&mut r, CHUNK as u64).unwrap();
+        assert_eq!(too_long, Err(3 * CHUNK as u64));
+        assert_eq!(read_data_bounded(&mut r, 10).unwrap(), Ok(vec![2u8; 10]));
+        assert!(matches!(
+            read_json::<_, Request>(&mut r).unwrap(),
+            Request::Flush
+        ));
     }
 
     #[test]
