@@ -373,8 +373,11 @@ fn get_files<W: Write>(
     buf: &mut Vec<u8>,
     paths: Vec<String>,
 ) -> io::Result<()> {
+    // Still ended by `Ok`: the client reads replies until it, however
+    // many paths it asked for.
     if let Err(e) = backend.read_lock() {
-        return reply_err(w, &e);
+        reply_err(w, &e)?;
+        return write_json(w, &Response::Ok);
     }
     for p in paths {
         match backend.open(&p) {

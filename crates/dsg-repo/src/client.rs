@@ -537,13 +537,15 @@ impl RepoClient {
         paths: Vec<String>,
         mut sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
     ) -> Result<(), RepoError> {
-        let n = paths.len();
         self.send(&Request::GetFiles { paths })?;
         self.w.flush().map_err(|e| self.conn(e))?;
         let mut first_err: Option<RepoError> = None;
-        for _ in 0..n {
+        // Until `Ok`, not one reply per path: a busy repository answers
+        // one error for all of them.
+        loop {
             let resp: Response = read_json(&mut self.r).map_err(|e| self.conn(e))?;
             match resp {
+                Response::Ok => break,
                 Response::File {
                     path,
                     kind,
@@ -592,7 +594,6 @@ impl RepoClient {
                 }
             }
         }
-        self.expect_ok()?;
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),

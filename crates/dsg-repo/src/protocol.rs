@@ -116,7 +116,9 @@ pub enum Request {
     /// Names of the files in `.dsg/archive/`.
     ListArchives,
     Rollback,
-    /// Streams the named files back, in order.
+    /// Streams the named files back, in order: a `File` (with its data
+    /// stream) or an `Err` per path, then `Ok`. When none can be read (the
+    /// repository is busy), one `Err`, then `Ok`.
     GetFiles {
         paths: Vec<String>,
     },
