@@ -172,3 +172,27 @@ fn clone_while_locked_exits_busy() {
     let o = run_bounded(c, std::time::Duration::from_secs(10));
     assert_exit(&o, 4, "clone while locked");
 }
+
+/// `ReadMeta` of something that is not a regular file costs one error,
+/// with or without `unless_hash`, not the connection.
+#[test]
+fn read_meta_of_a_directory_is_one_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _) = init_repo(d.path());
+    let mut a = Agent::spawn(&dsg_bin(), &repo, &[]);
+    a.hello();
+    for unless_hash in [None, Some(0)] {
+        a.send(&Request::ReadMeta {
+            name: "archive/".into(),
+            unless_hash,
+        });
+        let e = err_of("read_meta archive/", a.recv_json("read_meta archive/", 10));
+        assert!(e.hint.is_some(), "{e:?}");
+        assert!(matches!(a.hello(), Response::Hello { .. }));
+        a.send(&Request::ListArchives);
+        assert!(matches!(
+            a.recv_json("list after read_meta", 10),
+            Response::Names { .. }
+        ));
+    }
+}

@@ -228,6 +228,22 @@ fn read_meta<W: Write>(
         Ok(Some(f)) => f,
         Err(e) => return reply_err(w, &e),
     };
+    // Only a regular file has bytes to send: anything else (a directory
+    // named `archive/`) is refused before a `Data` promises them.
+    let size = match f.metadata() {
+        Ok(md) if md.is_file() => md.len(),
+        Ok(_) => {
+            return reply_err(
+                w,
+                &AgentError::new(
+                    ErrorKind::Unsafe,
+                    format!("refusing to read .dsg/{name}: not a regular file"),
+                )
+                .hint("name a file: last-sync.json, sync-messages.json or archive/<file>"),
+            )
+        }
+        Err(e) => return reply_err(w, &AgentError::io(format!("reading .dsg/{name}"), e)),
+    };
     // Hash by streaming first: an unchanged manifest (the common case of
     // `status`) is never held in memory.
     if let Some(h) = unless_hash {
@@ -237,10 +253,11 @@ fn read_meta<W: Write>(
             Err(e) => return reply_err(w, &AgentError::io(format!("reading .dsg/{name}"), e)),
         }
     }
-    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-    std::io::Seek::rewind(&mut f)?;
+    if let Err(e) = std::io::Seek::rewind(&mut f) {
+        return reply_err(w, &AgentError::io(format!("reading .dsg/{name}"), e));
+    }
     write_json(w, &Response::Data { size })?;
-    copy_as_data(&mut f, w, buf).map(|_| ())
+    copy_as_data(&mut f, w, buf, &format!(".dsg/{name}")).map(|_| ())
 }
 
 /// How a `Begin` begins: afresh, continuing a dropped upload, or
@@ -385,13 +402,13 @@ fn get_files<W: Write>(
                 write_json(
                     w,
                     &Response::File {
-                        path: p,
+                        path: p.clone(),
                         kind: "file".into(),
                         size,
                         target: None,
                     },
                 )?;
-                copy_as_data(&mut file, w, buf)?;
+                copy_as_data(&mut file, w, buf, &p)?;
             }
             Ok(Stored::Link { target }) => {
                 write_json(
