@@ -6,8 +6,8 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::protocol::{
-    copy_as_data, read_data_to_vec, read_json, write_data, write_json, DataStream, ErrorKind,
-    Request, Response, PROTOCOL_VERSION,
+    copy_as_data, read_data_bounded, read_json, write_data, write_json, DataStream, ErrorKind,
+    Request, Response, MAX_MANIFEST_BYTES, MAX_MESSAGES_BYTES, MAX_META_ENV, PROTOCOL_VERSION,
 };
 
 fn reply_err<W: Write>(w: &mut W, e: &AgentError) -> io::Result<()> {
@@ -118,14 +118,28 @@ fn serve_loop<R: Read, W: Write>(
                 }
             },
             Request::Commit { snapshot_id } => {
-                let manifest = read_data_to_vec(&mut r)?;
-                let sync_messages = read_data_to_vec(&mut r)?;
-                let data = CommitData {
-                    snapshot_id,
-                    manifest,
-                    sync_messages,
-                };
-                commit(backend, &mut w, sticky.take(), data)?
+                let (max_manifest, max_messages) = meta_limits();
+                let manifest = read_data_bounded(&mut r, max_manifest)?;
+                let sync_messages = read_data_bounded(&mut r, max_messages)?;
+                match (manifest, sync_messages) {
+                    (Ok(manifest), Ok(sync_messages)) => {
+                        let data = CommitData {
+                            snapshot_id,
+                            manifest,
+                            sync_messages,
+                        };
+                        commit(backend, &mut w, sticky.take(), data)?
+                    }
+                    (manifest, _) => {
+                        *sticky = None;
+                        let _ = backend.rollback();
+                        let (what, limit) = match manifest {
+                            Err(_) => ("manifest", max_manifest),
+                            Ok(_) => ("sync-messages", max_messages),
+                        };
+                        reply_err(&mut w, &too_large(what, limit))?
+                    }
+                }
             }
             Request::Recover { wait } => match backend.recover(wait) {
                 Ok(()) => write_json(&mut w, &Response::Ok)?,
@@ -153,6 +167,28 @@ fn serve_loop<R: Read, W: Write>(
         // sending puts there is nothing to flush.
         w.flush()?;
     }
+}
+
+/// The most bytes of manifest and of sync-messages a `Commit` may bring:
+/// both are held in memory for the commit.
+fn meta_limits() -> (u64, u64) {
+    match std::env::var(MAX_META_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(n) => (n, n),
+        None => (MAX_MANIFEST_BYTES, MAX_MESSAGES_BYTES),
+    }
+}
+
+fn too_large(what: &str, limit: u64) -> AgentError {
+    AgentError::new(
+        ErrorKind::Protocol,
+        format!("the {what} sent with the commit is larger than this agent's limit of {limit} bytes"),
+    )
+    .hint(format!(
+        "nothing was committed; {MAX_META_ENV} (bytes) in the repository host's environment raises the limit"
+    ))
 }
 
 fn hello<W: Write>(backend: &mut dyn Backend, w: &mut W, protocol: u32) -> io::Result<()> {
@@ -192,6 +228,22 @@ fn read_meta<W: Write>(
         Ok(Some(f)) => f,
         Err(e) => return reply_err(w, &e),
     };
+    // Only a regular file has bytes to send: anything else (a directory
+    // named `archive/`) is refused before a `Data` promises them.
+    let size = match f.metadata() {
+        Ok(md) if md.is_file() => md.len(),
+        Ok(_) => {
+            return reply_err(
+                w,
+                &AgentError::new(
+                    ErrorKind::Unsafe,
+                    format!("refusing to read .dsg/{name}: not a regular file"),
+                )
+                .hint("name a file: last-sync.json, sync-messages.json or archive/<file>"),
+            )
+        }
+        Err(e) => return reply_err(w, &AgentError::io(format!("reading .dsg/{name}"), e)),
+    };
     // Hash by streaming first: an unchanged manifest (the common case of
     // `status`) is never held in memory.
     if let Some(h) = unless_hash {
@@ -201,10 +253,11 @@ fn read_meta<W: Write>(
             Err(e) => return reply_err(w, &AgentError::io(format!("reading .dsg/{name}"), e)),
         }
     }
-    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-    std::io::Seek::rewind(&mut f)?;
+    if let Err(e) = std::io::Seek::rewind(&mut f) {
+        return reply_err(w, &AgentError::io(format!("reading .dsg/{name}"), e));
+    }
     write_json(w, &Response::Data { size })?;
-    copy_as_data(&mut f, w, buf).map(|_| ())
+    copy_as_data(&mut f, w, buf, &format!(".dsg/{name}")).map(|_| ())
 }
 
 /// How a `Begin` begins: afresh, continuing a dropped upload, or
@@ -337,8 +390,11 @@ fn get_files<W: Write>(
     buf: &mut Vec<u8>,
     paths: Vec<String>,
 ) -> io::Result<()> {
+    // Still ended by `Ok`: the client reads replies until it, however
+    // many paths it asked for.
     if let Err(e) = backend.read_lock() {
-        return reply_err(w, &e);
+        reply_err(w, &e)?;
+        return write_json(w, &Response::Ok);
     }
     for p in paths {
         match backend.open(&p) {
@@ -346,13 +402,13 @@ fn get_files<W: Write>(
                 write_json(
                     w,
                     &Response::File {
-                        path: p,
+                        path: p.clone(),
                         kind: "file".into(),
                         size,
                         target: None,
                     },
                 )?;
-                copy_as_data(&mut file, w, buf)?;
+                copy_as_data(&mut file, w, buf, &p)?;
             }
             Ok(Stored::Link { target }) => {
                 write_json(

@@ -10,8 +10,8 @@ use dsg_core::config::ProjectConfig;
 
 use crate::backend::Backend;
 use crate::protocol::{
-    read_data_to_vec, read_json, write_data, write_frame, write_json, DataStream, ErrorKind,
-    RemoteError, Request, Response, StagedFile, CHUNK, PROTOCOL_VERSION,
+    read_data_to_vec, read_json, remote_error, write_data, write_frame, write_json, DataStream,
+    ErrorKind, RemoteError, Request, Response, StagedFile, CHUNK, PROTOCOL_VERSION,
 };
 
 /// Display is the message, then `hint: …` on its own line when there is
@@ -288,9 +288,13 @@ impl RepoClient {
         match self.recv()? {
             Response::Missing => Ok(Meta::Missing),
             Response::Unchanged => Ok(Meta::Unchanged),
-            Response::Data { .. } => Ok(Meta::Data(
-                read_data_to_vec(&mut self.r).map_err(|e| self.conn(e))?,
-            )),
+            Response::Data { .. } => match read_data_to_vec(&mut self.r) {
+                Ok(bytes) => Ok(Meta::Data(bytes)),
+                Err(e) => Err(match remote_error(&e) {
+                    Some(remote) => self.remote(remote.clone()),
+                    None => self.conn(e),
+                }),
+            },
             other => Err(RepoError::protocol(
                 &self.host,
                 format!("unexpected reply {other:?}"),
@@ -537,13 +541,15 @@ impl RepoClient {
         paths: Vec<String>,
         mut sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
     ) -> Result<(), RepoError> {
-        let n = paths.len();
         self.send(&Request::GetFiles { paths })?;
         self.w.flush().map_err(|e| self.conn(e))?;
         let mut first_err: Option<RepoError> = None;
-        for _ in 0..n {
+        // Until `Ok`, not one reply per path: a busy repository answers
+        // one error for all of them.
+        loop {
             let resp: Response = read_json(&mut self.r).map_err(|e| self.conn(e))?;
             match resp {
+                Response::Ok => break,
                 Response::File {
                     path,
                     kind,
@@ -569,6 +575,9 @@ impl RepoClient {
                         });
                         // Always consume the rest of this file's frames.
                         let drained = dr.drain();
+                        if let Some(e) = dr.failed().cloned() {
+                            first_err.get_or_insert(self.remote(e));
+                        }
                         if let Err(e) = res {
                             first_err.get_or_insert(RepoError::Local {
                                 path: path.into(),
@@ -592,7 +601,6 @@ impl RepoClient {
                 }
             }
         }
-        self.expect_ok()?;
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),

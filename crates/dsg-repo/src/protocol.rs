@@ -19,6 +19,18 @@ pub const PROTOCOL_VERSION: u32 = 3;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
+/// The largest manifest the agent accepts with a `Commit`. The commit
+/// needs it whole in memory (it is parsed and checked there), so a client
+/// must not choose how much: a manifest entry is 250–350 bytes of JSON, so
+/// this holds a snapshot of well over a million files.
+pub const MAX_MANIFEST_BYTES: u64 = 512 << 20;
+/// The largest sync-messages file the agent accepts with a `Commit`: it
+/// grows by one entry of a few hundred bytes per sync.
+pub const MAX_MESSAGES_BYTES: u64 = 64 << 20;
+/// Lowers or raises both limits above on the repository host, in bytes
+/// (for tests, or a repository that outgrew them).
+pub const MAX_META_ENV: &str = "DSG_AGENT_MAX_META";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -104,7 +116,9 @@ pub enum Request {
     /// Names of the files in `.dsg/archive/`.
     ListArchives,
     Rollback,
-    /// Streams the named files back, in order.
+    /// Streams the named files back, in order: a `File` (with its data
+    /// stream) or an `Err` per path, then `Ok`. When none can be read (the
+    /// repository is busy), one `Err`, then `Ok`.
     GetFiles {
         paths: Vec<String>,
     },
@@ -162,6 +176,36 @@ pub struct RemoteError {
     pub hint: Option<String>,
 }
 
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A data stream the sender could not finish ends with an `Err` control
+/// message instead of its end frame; readers hand it out as the source of
+/// an `io::Error` (see [`remote_error`]).
+impl std::error::Error for RemoteError {}
+
+/// The sender's error that ended a data stream early, if that is what `e`
+/// is: the connection is still in step after it, unlike after any other
+/// error reading a stream.
+pub fn remote_error(e: &io::Error) -> Option<&RemoteError> {
+    e.get_ref().and_then(|x| x.downcast_ref::<RemoteError>())
+}
+
+/// The `Err` frame that ends a stream early, read into an `io::Error`;
+/// any other control message is out of step.
+fn stream_error(body: &[u8]) -> io::Error {
+    match serde_json::from_slice::<Response>(body) {
+        Ok(Response::Err(e)) => io::Error::other(e),
+        _ => io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control message inside a data stream",
+        ),
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
@@ -207,8 +251,16 @@ pub fn write_data<W: Write>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
     write_frame(w, b'E', &[])
 }
 
-/// Streams a reader as data frames; returns the number of bytes sent.
-pub fn copy_as_data<R: Read, W: Write>(r: &mut R, w: &mut W, buf: &mut Vec<u8>) -> io::Result<u64> {
+/// Streams a reader as data frames; returns the number of bytes sent. A
+/// read that fails once the stream has begun ends it with an `Err` naming
+/// `what` (the receiver is waiting for frames: it must hear why they stop)
+/// and the connection goes on.
+pub fn copy_as_data<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    what: &str,
+) -> io::Result<u64> {
     buf.resize(CHUNK, 0);
     let mut total = 0u64;
     loop {
@@ -216,7 +268,17 @@ pub fn copy_as_data<R: Read, W: Write>(r: &mut R, w: &mut W, buf: &mut Vec<u8>) 
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => {
+                let err = RemoteError {
+                    kind: ErrorKind::Io,
+                    message: format!("reading {what} failed after {total} bytes: {e}"),
+                    hint: Some(
+                        "nothing was changed by this read; run the command again, and check the repository host's disk if it fails again".into(),
+                    ),
+                };
+                write_json(w, &Response::Err(err))?;
+                return Ok(total);
+            }
         };
         write_frame(w, b'D', &buf[..n])?;
         total += n as u64;
@@ -267,14 +329,27 @@ pub fn read_data_to_vec<R: Read>(r: &mut R) -> io::Result<Vec<u8>> {
         match read_frame(r)? {
             Frame::Data(d) => out.extend_from_slice(&d),
             Frame::End => return Ok(out),
-            Frame::Json(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "expected data, got a control message",
-                ))
-            }
+            Frame::Json(b) => return Err(stream_error(&b)),
         }
     }
+}
+
+/// Reads a data stream into memory, at most `limit` bytes of it. A longer
+/// stream is read to its end but not kept, so the connection stays in step
+/// without the memory: `Ok(Err(n))` says it held `n` bytes (or more).
+pub fn read_data_bounded<R: Read>(r: &mut R, limit: u64) -> io::Result<Result<Vec<u8>, u64>> {
+    let mut ds = DataStream::new(r);
+    let mut out = Vec::new();
+    (&mut ds)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut out)?;
+    let kept = out.len() as u64;
+    if kept <= limit {
+        return Ok(Ok(out));
+    }
+    drop(out);
+    let rest = io::copy(&mut ds, &mut io::sink())?;
+    Ok(Err(kept.saturating_add(rest)))
 }
 
 /// A data stream (frames until `End`) read as a `Read`. Frame bodies are
@@ -285,6 +360,8 @@ pub struct DataStream<'a, R: Read> {
     /// Bytes of the current data frame not yet read.
     remaining: usize,
     done: bool,
+    /// The sender's error that ended the stream early.
+    failed: Option<RemoteError>,
 }
 
 impl<'a, R: Read> DataStream<'a, R> {
@@ -293,18 +370,31 @@ impl<'a, R: Read> DataStream<'a, R> {
             r,
             remaining: 0,
             done: false,
+            failed: None,
         }
     }
 
     /// Consumes the rest of the stream (after the reader stopped early).
+    /// A stream the sender ended with an error is over, in step: `Ok`.
     pub fn drain(&mut self) -> io::Result<()> {
-        io::copy(self, &mut io::sink()).map(|_| ())
+        match io::copy(self, &mut io::sink()) {
+            Err(_) if self.failed.is_some() => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// The error the sender ended the stream with, if it did.
+    pub fn failed(&self) -> Option<&RemoteError> {
+        self.failed.as_ref()
     }
 }
 
 impl<R: Read> Read for DataStream<'_, R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.remaining == 0 {
+            if let Some(e) = &self.failed {
+                return Err(io::Error::other(e.clone()));
+            }
             if self.done || out.is_empty() {
                 return Ok(0);
             }
@@ -326,11 +416,15 @@ impl<R: Read> Read for DataStream<'_, R> {
                         format!("end frame with a {len}-byte body"),
                     ))
                 }
-                b'J' => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "control message inside a data stream",
-                    ))
+                b'J' if len <= MAX_JSON => {
+                    let mut body = vec![0u8; len];
+                    self.r.read_exact(&mut body)?;
+                    let e = stream_error(&body);
+                    if let Some(remote) = remote_error(&e) {
+                        self.done = true;
+                        self.failed = Some(remote.clone());
+                    }
+                    return Err(e);
                 }
                 t => {
                     return Err(io::Error::new(
@@ -385,6 +479,58 @@ mod tests {
                 Request::Flush
             ));
         }
+    }
+
+    #[test]
+    fn bounded_read_keeps_up_to_its_limit_and_stays_in_step() {
+        let mut wire = Vec::new();
+        write_data(&mut wire, &[1u8; 3 * CHUNK]).unwrap();
+        write_data(&mut wire, &[2u8; 10]).unwrap();
+        write_json(&mut wire, &Request::Flush).unwrap();
+        let mut r = &wire[..];
+        let too_long = read_data_bounded(&mut r, CHUNK as u64).unwrap();
+        assert_eq!(too_long, Err(3 * CHUNK as u64));
+        assert_eq!(read_data_bounded(&mut r, 10).unwrap(), Ok(vec![2u8; 10]));
+        assert!(matches!(
+            read_json::<_, Request>(&mut r).unwrap(),
+            Request::Flush
+        ));
+    }
+
+    #[test]
+    fn a_stream_ended_by_an_error_is_an_error_and_stays_in_step() {
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("disk on fire"));
+                }
+                self.0 -= 1;
+                out[0] = 1;
+                Ok(1)
+            }
+        }
+        let mut wire = Vec::new();
+        let mut buf = Vec::new();
+        for _ in 0..2 {
+            copy_as_data(&mut Failing(3), &mut wire, &mut buf, "f").unwrap();
+            write_json(&mut wire, &Request::Flush).unwrap();
+        }
+        let mut r = &wire[..];
+        let e = read_data_to_vec(&mut r).unwrap_err();
+        assert!(remote_error(&e).unwrap().message.contains("disk on fire"));
+        assert!(matches!(
+            read_json::<_, Request>(&mut r).unwrap(),
+            Request::Flush
+        ));
+        let mut ds = DataStream::new(&mut r);
+        assert!(io::copy(&mut ds, &mut io::sink()).is_err());
+        ds.drain().unwrap();
+        assert_eq!(ds.failed().unwrap().kind, ErrorKind::Io);
+        assert!(matches!(
+            read_json::<_, Request>(&mut r).unwrap(),
+            Request::Flush
+        ));
     }
 
     #[test]

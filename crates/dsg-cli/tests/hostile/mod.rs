@@ -14,7 +14,7 @@ use std::time::Duration;
 
 #[allow(unused_imports)]
 pub use dsg_repo::protocol::{
-    read_json, write_data, write_frame, write_json, Request, Response, PROTOCOL_VERSION,
+    read_json, write_data, write_frame, write_json, ErrorKind, Request, Response, PROTOCOL_VERSION,
 };
 
 pub struct Agent {
@@ -75,6 +75,11 @@ impl Agent {
         let w = self.stdin.as_mut().expect("stdin open");
         w.write_all(bytes).expect("send raw");
         w.flush().expect("flush");
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Closes the agent's input (the client went away).
