@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// 2: resumable uploads (`Begin.resume`, `PutFile.offset`, `Resumed`).
 /// 3: `Begin.base_hash` and `Begin.replace`, which an agent of 2 would
 /// silently ignore.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
