@@ -324,3 +324,79 @@ fn garbage_sync_messages_are_refused() {
     assert_eq!(outside(&w), before_out, "something appeared outside");
     honest_sync_works(&w, "after\n");
 }
+
+/// A head read off disk whose id is a path (a repository altered, or
+/// written by another tool) is refused with a clear error, not used to
+/// name the archive it would be moved to.
+#[test]
+fn a_head_whose_id_is_a_path_is_refused() {
+    let w = world();
+    let escape_dir = w.env.base.join("escape-here");
+    fs::create_dir_all(&escape_dir).unwrap();
+    let weird = format!("{}/escape", escape_dir.display());
+    let head_path = w.repo.join(".dsg/last-sync.json");
+    let mut head = Manifest::load(&head_path).unwrap();
+    head.metadata.as_mut().unwrap().snapshot_id = weird.clone();
+    fs::write(&head_path, head.to_json_bytes()).unwrap();
+    let before_out = outside(&w);
+    let before = repo_content(&w);
+
+    let mut a = Agent::spawn(&support::dsg_bin(), &w.repo, &[]);
+    assert!(matches!(a.hello(), Response::Hello { .. }));
+    a.send(&Request::Begin {
+        tx_id: "hostile2".into(),
+        base: Some(weird.clone()),
+        user: "mallory".into(),
+        resume: false,
+        replace: false,
+        base_hash: None,
+    });
+    let begun = a.recv_json("begin", 30);
+    if matches!(begun, Response::Ok) {
+        // Without the check, a commit on it archives the head as
+        // `<weird>-sync.json.lz4`: outside the repository.
+        let r = hostile_commit_on(&mut a, &w.repo, &head, "s2");
+        let written: Vec<_> = fs::read_dir(&escape_dir)
+            .unwrap()
+            .flatten()
+            .map(|d| d.path())
+            .collect();
+        panic!("a head with id {weird:?} was used as a base; commit: {r:?}; written outside: {written:?}");
+    }
+    assert_refused(&begun, &[ErrorKind::Corrupt], &[&weird, "s<N>"]);
+    assert_eq!(repo_content(&w), before, "the repository changed");
+    assert_eq!(outside(&w), before_out, "something appeared outside");
+    assert!(fs::read_dir(&escape_dir).unwrap().next().is_none());
+    // An honest client is told too, and writes nothing outside either.
+    common::write(&w.project, "input/honest.txt", "x\n");
+    let o = w.env.run(&w.project, &["sync"]);
+    assert_ne!(o.status.code(), Some(0), "a sync on a strange head");
+    assert!(fs::read_dir(&escape_dir).unwrap().next().is_none());
+}
+
+/// Stages `input/b.txt` and commits `id` on `head` in an open transaction.
+fn hostile_commit_on(a: &mut Agent, repo: &Path, head: &Manifest, id: &str) -> Response {
+    let bytes = b"bravo\n";
+    a.send(&Request::PutFile {
+        path: "input/b.txt".into(),
+        size: bytes.len() as u64,
+        hash: Hash::of_bytes(bytes).0,
+        mtime_ns: 0,
+        offset: 0,
+    });
+    a.data(bytes);
+    let mut entries = head.entries().to_vec();
+    entries.push(file_entry("input/b.txt", bytes));
+    let mut m = Manifest::from_entries(entries);
+    m.seal(id, "mallory", "hostile", "sync", head.metadata.as_ref());
+    let mut sm = SyncMessages::load_optional(&repo.join(".dsg/sync-messages.json"))
+        .unwrap()
+        .unwrap_or_default();
+    sm.add(m.metadata.as_ref().unwrap());
+    a.send(&Request::Commit {
+        snapshot_id: id.into(),
+    });
+    a.data(&m.to_json_bytes());
+    a.data(&sm.to_json_bytes());
+    a.recv_json("commit", 60)
+}
