@@ -400,3 +400,65 @@ fn hostile_commit_on(a: &mut Agent, repo: &Path, head: &Manifest, id: &str) -> R
     a.data(&sm.to_json_bytes());
     a.recv_json("commit", 60)
 }
+
+/// An init is checked the same way: its id can only be `s1`, and its
+/// sync-messages must parse. Nothing is created when it is refused.
+#[test]
+fn a_hostile_init_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("r");
+    let bytes = b"alpha\n";
+    let cases: [(&str, Option<&[u8]>); 3] = [
+        ("../escape", None),
+        ("s2", None),
+        ("s1", Some(b"\xff not json")),
+    ];
+    for (id, messages) in cases {
+        let mut a = Agent::spawn(&support::dsg_bin(), &repo, &[]);
+        assert!(matches!(a.hello(), Response::Hello { .. }));
+        a.send(&Request::Begin {
+            tx_id: "hostile3".into(),
+            base: None,
+            user: "mallory".into(),
+            resume: false,
+            replace: false,
+            base_hash: None,
+        });
+        let begun = a.recv_json("begin", 30);
+        assert!(matches!(begun, Response::Ok), "begin: {begun:?}");
+        a.send(&Request::PutFile {
+            path: "input/a.txt".into(),
+            size: bytes.len() as u64,
+            hash: Hash::of_bytes(bytes).0,
+            mtime_ns: 0,
+            offset: 0,
+        });
+        a.data(bytes);
+        let mut m = Manifest::from_entries(vec![file_entry("input/a.txt", bytes)]);
+        m.seal(id, "mallory", "hostile", "init", None);
+        let messages = messages.map(<[u8]>::to_vec).unwrap_or_else(|| {
+            let mut sm = SyncMessages::default();
+            sm.add(m.metadata.as_ref().unwrap());
+            sm.to_json_bytes()
+        });
+        a.send(&Request::Commit {
+            snapshot_id: id.into(),
+        });
+        a.data(&m.to_json_bytes());
+        a.data(&messages);
+        let r = a.recv_json("commit", 60);
+        let needle = if messages.starts_with(b"\xff") {
+            "sync-messages"
+        } else {
+            id
+        };
+        assert_refused(&r, &[ErrorKind::Protocol, ErrorKind::Corrupt], &[needle]);
+        drop(a);
+        let mut left = Vec::new();
+        paths(d.path(), Path::new("/"), &mut left);
+        assert!(
+            left.iter().all(|p| p.to_string_lossy().contains("lock")),
+            "{id}: a refused init left {left:?}"
+        );
+    }
+}
