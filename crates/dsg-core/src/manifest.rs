@@ -461,6 +461,20 @@ impl Metadata {
     }
 }
 
+/// `N` of an id exactly of the form `sN` (N a positive decimal without
+/// leading zeros): the only ids a repository accepts, since an id becomes
+/// a file name (`archive/<id>-sync.json.lz4`) and a ZFS snapshot name.
+pub fn strict_snapshot_number(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix('s')?;
+    if digits.is_empty() || digits.len() > 19 || digits.starts_with('0') {
+        return None;
+    }
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 pub fn snapshot_number(id: &str) -> Option<u64> {
     id.strip_prefix('s')
         .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
@@ -822,6 +836,43 @@ impl Manifest {
         for (path, target) in &links {
             resolve_through_links(path, target, &links, 0)
                 .map_err(|why| format!("link {path:?} -> {target:?}: {why}"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the entries can be one tree on disk: no entry lies below
+    /// another (every entry is a file or a link, so it cannot also be a
+    /// directory), and no two paths are one name after Unicode NFC
+    /// normalisation (one file on macOS, two here). The error names both
+    /// paths.
+    pub fn check_shape(&self) -> Result<(), String> {
+        use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+        let nfc = |p: &str| -> String {
+            match is_nfc_quick(p.chars()) {
+                IsNormalized::Yes => p.to_string(),
+                _ => p.nfc().collect(),
+            }
+        };
+        let mut by_nfc: std::collections::HashMap<String, &str> =
+            std::collections::HashMap::with_capacity(self.entries.len());
+        for e in &self.entries {
+            if let Some(other) = by_nfc.insert(nfc(&e.path), &e.path) {
+                return Err(format!(
+                    "{other:?} and {:?} are the same name after Unicode normalisation",
+                    e.path
+                ));
+            }
+        }
+        for (key, path) in &by_nfc {
+            let mut p = key.as_str();
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                if let Some(above) = by_nfc.get(parent) {
+                    return Err(format!(
+                        "{path:?} lies below {above:?}, which is a file or a link, not a directory"
+                    ));
+                }
+                p = parent;
+            }
         }
         Ok(())
     }
@@ -1523,6 +1574,73 @@ mod mtime_format_tests {
                 offset_min: off,
             };
             assert_eq!(m.to_string(), general(secs, off), "{secs} {off}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    fn m(paths: &[&str]) -> Manifest {
+        Manifest::from_entries(
+            paths
+                .iter()
+                .map(|p| Entry {
+                    path: (*p).into(),
+                    user: "u".into(),
+                    kind: EntryKind::File {
+                        size: 0,
+                        mtime: Mtime::from_unix(0, 0),
+                        hash: None,
+                    },
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_tree_passes() {
+        m(&["a/b", "a/c/d", "ab", "a.txt", "a0/x"])
+            .check_shape()
+            .unwrap();
+    }
+
+    #[test]
+    fn an_entry_below_an_entry_is_refused() {
+        let e = m(&["in/a.txt", "in/a.txt/x/y"]).check_shape().unwrap_err();
+        assert!(
+            e.contains("\"in/a.txt\"") && e.contains("\"in/a.txt/x/y\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn names_equal_after_nfc_are_refused() {
+        let e = m(&["caf\u{e9}", "cafe\u{301}"]).check_shape().unwrap_err();
+        assert!(e.contains("normalisation"), "{e}");
+        let e = m(&["caf\u{e9}", "cafe\u{301}/x"])
+            .check_shape()
+            .unwrap_err();
+        assert!(e.contains("below"), "{e}");
+    }
+
+    #[test]
+    fn only_canonical_snapshot_ids_are_strict() {
+        assert_eq!(strict_snapshot_number("s1"), Some(1));
+        assert_eq!(strict_snapshot_number("s120"), Some(120));
+        for bad in [
+            "s0",
+            "s01",
+            "s",
+            "1",
+            "s1/..",
+            "../s1",
+            "/s1",
+            "s+1",
+            "s99999999999999999999",
+        ] {
+            assert_eq!(strict_snapshot_number(bad), None, "{bad}");
         }
     }
 }

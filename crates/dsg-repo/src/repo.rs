@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dsg_core::atomic::write_atomic;
-use dsg_core::manifest::{EntryKind, Manifest};
+use dsg_core::manifest::{strict_snapshot_number, EntryKind, Manifest, SyncMessages};
 use dsg_core::paths::{check_link_target, check_relpath};
 use dsg_txn::failpoint::failpoint;
 use dsg_txn::Op;
@@ -191,6 +191,9 @@ impl Repository {
             )
             .hint("run the command again; dsg will plan against the new head"));
         }
+        // The id names the store's base (a ZFS snapshot) and, at commit,
+        // the archive file: refuse a strange one before it is used.
+        checked_head_id(base_id)?;
         let root = self.store.begin_sync(site, tx_id, base_id)?;
         let staging = root.join(".dsg/staging").join(tx_id);
         let tx = OpenTx::new(lock, tx_id, root, staging.clone(), false, head);
@@ -208,15 +211,51 @@ impl Repository {
     /// the repository must equal its manifest afterwards. Returns the
     /// base's paths it no longer holds.
     fn verify_commit(tx: &OpenTx, c: &CommitData) -> Result<Vec<String>, AgentError> {
+        // The id becomes a file name and a ZFS snapshot name: only the one
+        // id this commit can have is accepted, before anything is read or
+        // written on its behalf.
+        let expected = format!("s{}", base_number(tx)?.unwrap_or(0) + 1);
+        if c.snapshot_id != expected {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "refusing snapshot id {:?}: this commit can only be {expected}",
+                    c.snapshot_id
+                ),
+            )
+            .hint("nothing was changed; run the command again with dsg, which numbers snapshots itself"));
+        }
         let new = Manifest::from_json_bytes(&c.manifest, Path::new("uploaded manifest"))
-            .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))?;
-        new.verify_integrity()
-            .map_err(|e| AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")))?;
+            .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
+        new.verify_integrity().map_err(|e| {
+            AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
+        })?;
         if new.metadata.as_ref().map(|m| m.snapshot_id.as_str()) != Some(c.snapshot_id.as_str()) {
             return Err(AgentError::new(
                 ErrorKind::Protocol,
                 "manifest snapshot id does not match the commit",
-            ));
+            )
+            .hint(REFUSED));
+        }
+        // A manifest that cannot be one tree on disk would pass the commit
+        // point and then fail to apply, leaving every later command stuck.
+        new.check_shape().map_err(|e| {
+            AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
+        })?;
+        // Every later command reads the sync-messages: they must parse, and
+        // record the snapshot they are committed with.
+        let messages =
+            SyncMessages::from_json_bytes(&c.sync_messages, Path::new("uploaded sync-messages"))
+                .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
+        if !messages.snapshots.contains_key(&c.snapshot_id) {
+            return Err(AgentError::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "uploaded sync-messages do not record snapshot {}",
+                    c.snapshot_id
+                ),
+            )
+            .hint(REFUSED));
         }
         // Every entry of the new manifest must be staged now (and staged as
         // the manifest says) or unchanged from the base: the repository must
@@ -319,13 +358,10 @@ impl Repository {
             .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
         // Archive the old head exactly as it is on disk, so its stored
         // entries_hash still verifies; never overwrite an archived snapshot.
-        let base_id = tx
-            .base
-            .as_ref()
-            .and_then(|b| b.metadata.as_ref())
-            .map(|m| m.snapshot_id.clone());
-        if let Some(base_id) = base_id {
-            let name = dsg_core::manifest::archive_name(&base_id);
+        // The name is built from the validated number, never from the text
+        // read off disk.
+        if let Some(n) = base_number(tx)? {
+            let name = dsg_core::manifest::archive_name(&format!("s{n}"));
             if !self.site.dsg().join("archive").join(&name).exists() {
                 let raw = fs::read(self.site.dsg().join("last-sync.json"))
                     .map_err(|e| AgentError::io("reading the head manifest", e))?;
@@ -507,6 +543,39 @@ fn staged_parent(tx: &mut OpenTx, path: &str) -> Result<PathBuf, AgentError> {
         }
     }
     Ok(p)
+}
+
+/// What a refused commit tells its client.
+const REFUSED: &str =
+    "nothing was changed; the client sent what no dsg client sends: run the command again with dsg";
+
+/// The number of the base's snapshot id (none for an init). The id was read
+/// off disk and is used in paths: one not of the form `sN` (a repository
+/// written by another tool, or tampered with) is refused, not used.
+fn base_number(tx: &OpenTx) -> Result<Option<u64>, AgentError> {
+    if tx.init {
+        return Ok(None);
+    }
+    let id = tx
+        .base
+        .as_ref()
+        .and_then(|b| b.metadata.as_ref())
+        .map(|m| m.snapshot_id.as_str())
+        .unwrap_or("");
+    checked_head_id(id).map(Some)
+}
+
+/// `N` of a head id `sN`, or an error naming the id.
+fn checked_head_id(id: &str) -> Result<u64, AgentError> {
+    strict_snapshot_number(id)
+        .filter(|n| *n < u64::MAX)
+        .ok_or_else(|| {
+            AgentError::new(
+                ErrorKind::Corrupt,
+                format!("the repository's head has snapshot id {id:?}, which is not of the form s<N>"),
+            )
+            .hint("the head manifest (.dsg/last-sync.json) was not written by dsg or was altered; restore it from a backup")
+        })
 }
 
 fn valid_tx_id(tx_id: &str) -> bool {
