@@ -482,9 +482,9 @@ impl Repository {
 
     fn open_meta_once(&self, name: &str) -> Result<Option<File>, AgentError> {
         let ok = matches!(name, "last-sync.json" | "sync-messages.json")
-            || (name.starts_with("archive/")
-                && !name[8..].contains('/')
-                && !name[8..].starts_with('.'));
+            || name
+                .strip_prefix("archive/")
+                .is_some_and(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.'));
         if !ok {
             return Err(AgentError::new(
                 ErrorKind::Unsafe,
