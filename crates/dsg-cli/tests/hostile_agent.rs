@@ -179,14 +179,22 @@ fn clone_while_locked_exits_busy() {
 fn read_meta_of_a_directory_is_one_error() {
     let d = tempfile::tempdir().unwrap();
     let (repo, _) = init_repo(d.path());
+    // A folder where an archive file would be: refused by its type (the
+    // name is one a client may read); `archive/` itself: by its name.
+    std::fs::create_dir_all(repo.join(".dsg/archive/s9-sync.json.lz4")).unwrap();
     let mut a = Agent::spawn(&dsg_bin(), &repo, &[]);
     a.hello();
-    for unless_hash in [None, Some(0)] {
+    for (name, unless_hash) in [
+        ("archive/", None),
+        ("archive/", Some(0)),
+        ("archive/s9-sync.json.lz4", None),
+        ("archive/s9-sync.json.lz4", Some(0)),
+    ] {
         a.send(&Request::ReadMeta {
-            name: "archive/".into(),
+            name: name.into(),
             unless_hash,
         });
-        let e = err_of("read_meta archive/", a.recv_json("read_meta archive/", 10));
+        let e = err_of(name, a.recv_json(name, 10));
         assert!(e.hint.is_some(), "{e:?}");
         assert!(matches!(a.hello(), Response::Hello { .. }));
         a.send(&Request::ListArchives);

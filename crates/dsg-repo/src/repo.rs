@@ -489,7 +489,8 @@ impl Repository {
             return Err(AgentError::new(
                 ErrorKind::Unsafe,
                 format!("refusing to read .dsg/{name}"),
-            ));
+            )
+            .hint("a client reads only last-sync.json, sync-messages.json and archive/<file>"));
         }
         match File::open(self.site.dsg().join(name)) {
             Ok(f) => Ok(Some(f)),
