@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::AgentError;
 use crate::protocol::ErrorKind;
-use crate::site::{is_base, list_staged, remove_dir_all_if_exists, remove_temp_files, LockMode};
+use crate::site::{
+    is_base, list_staged, original_busy, remove_dir_all_if_exists, remove_temp_files, LockMode,
+};
 use crate::site::{Lock, Site};
 use crate::store::{Resumable, Store, TxRef};
 
@@ -153,6 +155,18 @@ impl Store for DirStore {
 
     fn swaps(&self) -> bool {
         false
+    }
+
+    fn original_transaction(&self, site: &Site) -> Option<PathBuf> {
+        // The original stages at `<mountpoint>/.staging-<tx>` whatever the
+        // repository's name: any one of them may be for this repository.
+        let rd = fs::read_dir(&site.mountpoint).ok()?;
+        rd.flatten()
+            .find(|d| {
+                d.file_name().to_string_lossy().starts_with(".staging-")
+                    && fs::symlink_metadata(d.path()).is_ok_and(|m| m.is_dir())
+            })
+            .map(|d| d.path())
     }
 
     fn recover_locked(&self, site: &Site) -> Result<(), AgentError> {
@@ -327,6 +341,14 @@ impl Store for DirStore {
         ops: &[Op],
         _snapshot_id: &str,
     ) -> Result<(), AgentError> {
+        // The original dsg copied the repository before this commit and
+        // will swap its copy in over it: refuse while that can still be
+        // undone. One that begins right after this look still copies a
+        // repository in the middle of our apply: it takes no lock, so no
+        // check of ours closes that window.
+        if let Some(st) = self.original_transaction(site) {
+            return Err(original_busy(site, &st, None));
+        }
         let j = Journal::open(&Self::journal(site))
             .map_err(|e| AgentError::io("cannot open the journal", e))?;
         j.append(&DirRecord::Committed {

@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dsg_core::atomic::write_atomic;
 use dsg_core::manifest::{strict_snapshot_number, EntryKind, Manifest, SyncMessages};
@@ -21,7 +21,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::protocol::{ErrorKind, StagedFile};
-use crate::site::{is_base, syncfs, tx_error, LayoutDirs, Lock, LockMode, Site};
+use crate::site::{is_base, original_busy, syncfs, tx_error, LayoutDirs, Lock, LockMode, Site};
 use crate::store::{Store, TxRef};
 
 /// What was staged at a path, checked against the new manifest at commit.
@@ -156,16 +156,28 @@ impl Repository {
         base_hash: Option<&str>,
     ) -> Result<OpenTx, AgentError> {
         let site = &self.site;
-        if !site.exists() {
-            return Err(AgentError::new(
-                ErrorKind::NotFound,
-                format!(
-                    "{} is not a dsg repository (no .dsg/last-sync.json)",
-                    site.dir().display()
-                ),
-            ));
-        }
-        let lock = site.lock(&self.store.repo_lock(site))?;
+        let start = Instant::now();
+        let lock = loop {
+            // Before the existence check: between the two renames of the
+            // original's commit the repository is missing for a moment.
+            self.wait_for_original(start)?;
+            if !site.exists() {
+                return Err(AgentError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "{} is not a dsg repository (no .dsg/last-sync.json)",
+                        site.dir().display()
+                    ),
+                ));
+            }
+            let lock = site.lock(&self.store.repo_lock(site))?;
+            if self.store.original_transaction(site).is_none() {
+                break lock;
+            }
+            // It began while we took the lock. Its commit swaps in a copy
+            // of the directory, lock file and all, so our lock would then
+            // hold nothing: let go, wait, and take the one there then.
+        };
         self.store.recover_locked(site)?;
         let head = site.head()?;
         let head_id = head
@@ -205,6 +217,18 @@ impl Repository {
             return Err(AgentError::io(staging.display(), e));
         }
         Ok(tx)
+    }
+
+    /// Waits, up to the lock timeout counted from `start`, while the
+    /// original dsg has a transaction open on the repository.
+    fn wait_for_original(&self, start: Instant) -> Result<(), AgentError> {
+        while let Some(st) = self.store.original_transaction(&self.site) {
+            if start.elapsed() >= self.site.lock_timeout {
+                return Err(original_busy(&self.site, &st, Some(start.elapsed())));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     /// The new manifest, checked against what was staged and the base:

@@ -228,6 +228,39 @@ impl Site {
     }
 }
 
+/// The original dsg's transaction `staging` is open beside `site`'s
+/// repository (`waited`: at begin, for how long; `None`: it appeared while
+/// this sync uploaded). A crashed original leaves it for good, and which
+/// repository it was for cannot be told from its name: the hint says how
+/// to clear it rather than dsg guessing.
+pub(crate) fn original_busy(site: &Site, staging: &Path, waited: Option<Duration>) -> AgentError {
+    let (dir, st) = (site.dir(), staging.display());
+    let message = match waited {
+        Some(w) => format!(
+            "repository {} is busy: the original dsg is writing it ({st} exists beside it; waited {:.1} s); nothing was changed",
+            dir.display(),
+            w.as_secs_f64()
+        ),
+        None => format!(
+            "repository {} is busy: the original dsg began writing it while this sync uploaded ({st} exists beside it), and its commit would discard this snapshot; nothing was changed",
+            dir.display()
+        ),
+    };
+    let crashed = if fs::symlink_metadata(&dir).is_ok() {
+        format!("a crashed one left it: remove it (rm -r {st})")
+    } else {
+        format!(
+            "a crashed one left it in the middle of its commit, and it holds the repository: mv {st} {} and remove {}.old-*",
+            dir.display(),
+            dir.display()
+        )
+    };
+    AgentError::new(ErrorKind::Busy, message).hint(format!(
+        "the original dsg takes no lock and replaces the whole repository when it commits; let its sync or clone finish, then run the command again (DSG_LOCK_TIMEOUT sets the wait in seconds). If no original dsg is working on a repository in {} (the name does not say which), {crashed}",
+        site.mountpoint.display()
+    ))
+}
+
 /// The owned paths of a transaction's `Layout`.
 pub(crate) struct LayoutDirs {
     root: PathBuf,

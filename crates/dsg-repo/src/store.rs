@@ -54,6 +54,16 @@ pub(crate) trait Store: Send {
     /// (readers then wait for the writer and look again).
     fn swaps(&self) -> bool;
 
+    /// A transaction of the original (Python) dsg open on the repository:
+    /// it takes no lock and replaces the repository with its own copy when
+    /// it commits, so a snapshot we commit meanwhile would vanish. Only
+    /// directories are concerned: on ZFS the original clones the dataset
+    /// (and cannot build such a transaction from a config at its last
+    /// version), which leaves no such trace.
+    fn original_transaction(&self, _site: &Site) -> Option<PathBuf> {
+        None
+    }
+
     /// With the repository lock held: finishes or undoes an interrupted
     /// transaction and removes its leftovers.
     fn recover_locked(&self, site: &Site) -> Result<(), AgentError>;
