@@ -265,3 +265,32 @@ fn a_fork_with_no_file_to_change_is_adopted_too() {
     assert_eq!(v["files"], json!([]), "{v:#}");
     assert_eq!(v["adopts_history"], Value::Null, "{v:#}");
 }
+
+/// Past the history check, a conflict is what sync refuses: status names
+/// that refusal, not the fork.
+#[test]
+fn a_conflict_beyond_the_fork_is_the_refusal_status_shows() {
+    let fx = state_c();
+    take_the_repository_versions(&fx);
+    write(
+        &fx.rosa,
+        "output/report.md",
+        "# Report\n\nrosa's own recount\n",
+    );
+    let v = fx.env.status_json(&fx.rosa, &[]);
+    let blocked = &v["blocked"];
+    assert!(
+        blocked["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("sync blocked by 1 conflict(s)"),
+        "{v:#}"
+    );
+    assert_eq!(blocked["paths"], json!(["output/report.md"]), "{v:#}");
+    let o = fx.env.run(&fx.rosa, &["sync", "--json"]);
+    assert_code(&o, 3, "sync with a conflict");
+    let e = one_json(&o.stdout);
+    assert_eq!(e["error"], blocked["reason"], "{e:#}");
+    assert_eq!(e["paths"], blocked["paths"], "{e:#}");
+    assert_eq!(e["hint"], blocked["hint"], "{e:#}");
+}
