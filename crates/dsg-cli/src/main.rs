@@ -277,6 +277,9 @@ fn print_renames(out: &Out, renames: &[dsg_sync::init::RenameOut], dry_run: bool
 }
 
 fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
+    if let Some(f) = &report.adopted_history {
+        out.note(&f.note(!report.dry_run));
+    }
     if out.json {
         out.json_doc(
             &json!({"status": "ok", "command": verb, "result": report, "files": report.plan.files}),
@@ -548,6 +551,11 @@ fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
         ..Default::default()
     };
     let cmp = dsg_sync::status::compare(&project, client.as_mut(), opts, &reporter)?;
+    // Offline, R is the cache: there is no history to check.
+    let outlook = match client.as_mut() {
+        Some(c) => dsg_sync::sync::outlook(&cmp, c)?,
+        None => Default::default(),
+    };
     if let Some(c) = client {
         let _ = c.close();
     }
@@ -565,10 +573,13 @@ fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
             "has_cache": cmp.has_cache,
             "files": rows,
             "problems": problems,
+            "blocked": outlook.blocked,
+            "adopts_history": outlook.adopts_history,
         }));
         return Ok(());
     }
     output::print_status(out, &rows, cmp.problems(), offline, cmp.has_cache);
+    output::print_outlook(out, &outlook);
     Ok(())
 }
 

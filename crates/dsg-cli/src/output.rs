@@ -65,6 +65,14 @@ impl Out {
         }
     }
 
+    /// Something the user should know about an outcome that is not a
+    /// problem; on stderr, so that it reaches them under --json too.
+    pub fn note(&self, s: &str) {
+        if !self.quiet {
+            eprintln!("note: {s}");
+        }
+    }
+
     pub fn json_doc(&self, v: &serde_json::Value) {
         let mut o = std::io::stdout().lock();
         let _ = serde_json::to_writer_pretty(&mut o, v);
@@ -149,6 +157,30 @@ pub fn print_status(out: &Out, rows: &[Row], problems: &[Problem], offline: bool
             counts[2],
             problems.len()
         ));
+    }
+}
+
+/// What the next sync would refuse, or the history it would adopt: after
+/// the summary, so that a status listing downloads never reads as if the
+/// sync will simply do them.
+pub fn print_outlook(out: &Out, outlook: &dsg_sync::sync::Outlook) {
+    if let Some(b) = &outlook.blocked {
+        out.line("");
+        out.line("Sync is blocked (exit 3; nothing would be changed):");
+        for l in b.reason.lines() {
+            out.line(&format!("  {l}"));
+        }
+        if !b.paths.is_empty() {
+            out.line("  paths:");
+            for p in &b.paths {
+                out.line(&format!("    {p}"));
+            }
+        }
+        out.line(&format!("  hint: {}", b.hint));
+    }
+    if let Some(f) = &outlook.adopts_history {
+        out.line("");
+        out.line(&format!("Note: {}.", f.note(false)));
     }
 }
 

@@ -92,6 +92,9 @@ pub struct SyncReport {
     pub plan: Plan,
     pub renames: Vec<RenameOut>,
     pub attempts: u32,
+    /// The repository's history this sync took over (or, in a dry run,
+    /// would take over) because it no longer holds our last sync.
+    pub adopted_history: Option<Fork>,
 }
 
 pub fn sync(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Result<SyncReport> {
@@ -168,9 +171,19 @@ fn sync_once(
     if !is_clone {
         recover_sync(project, Some(&mut client))?;
     }
-    let (cmp, repo_messages, renames) =
-        compare_settled(project, opts, &mut client, is_clone, reporter)?;
-    let plan = plan(&cmp, is_clone)?;
+    let Settled {
+        cmp,
+        repo_messages,
+        renames,
+        adopt,
+    } = compare_settled(project, opts, &mut client, is_clone, reporter)?;
+    let mut plan = plan(&cmp, is_clone)?;
+    if adopt.is_some() {
+        // Even with no file to change, the last sync becomes the
+        // repository's head: left on the stale chain, every later change
+        // from the repository would look like an overwrite at risk.
+        plan.needs_local = true;
+    }
     if is_clone {
         warn_left_alone(&plan, reporter);
     }
@@ -178,6 +191,7 @@ fn sync_once(
         dry_run: opts.dry_run,
         up_to_date: plan.up_to_date(),
         renames,
+        adopted_history: adopt,
         ..Default::default()
     };
     if opts.dry_run {
@@ -202,16 +216,24 @@ fn sync_once(
     Ok(report)
 }
 
+/// L/C/R compared with every name settled and the history checked.
+struct Settled {
+    cmp: Comparison,
+    /// The repository's sync-messages, if they were read.
+    repo_messages: Option<SyncMessages>,
+    renames: Vec<RenameOut>,
+    adopt: Option<Fork>,
+}
+
 /// Compares L/C/R with every name settled (renamed with `--normalize`)
-/// and the history checked; returns the comparison, the repository's
-/// sync-messages if they were read, and the renames.
+/// and the history checked.
 fn compare_settled(
     project: &Project,
     opts: &SyncOpts,
     client: &mut RepoClient,
     is_clone: bool,
     reporter: &dyn Reporter,
-) -> Result<(Comparison, Option<SyncMessages>, Vec<RenameOut>)> {
+) -> Result<Settled> {
     let copts = CompareOpts {
         save_stat_cache: false,
         keep_remote_bytes: true,
@@ -221,11 +243,12 @@ fn compare_settled(
     let mut cmp = compare(project, Some(&mut *client), copts, reporter)?;
     // Before anything is renamed: a sync this check refuses changes nothing.
     let renames_pending = opts.normalize && !cmp.scan.problems.is_empty();
-    let mut repo_messages = if is_clone {
-        None
+    let history = if is_clone {
+        History::default()
     } else {
-        check_same_history(&cmp, client, renames_pending)?
+        check_history(&cmp, client, renames_pending)?
     };
+    let mut repo_messages = history.messages;
     let renames = settle_names(
         project,
         &cmp.scan.problems,
@@ -241,7 +264,12 @@ fn compare_settled(
         block_on_problems(&cmp.scan.problems, "sync")?;
         repo_messages = None;
     }
-    Ok((cmp, repo_messages, renames))
+    Ok(Settled {
+        cmp,
+        repo_messages,
+        renames,
+        adopt: history.adopt,
+    })
 }
 
 /// The plan for `cmp`, a pure function of it. Conflicts block here, before
@@ -723,24 +751,61 @@ fn finish(
     Ok(())
 }
 
+/// This project's last sync and the repository's head, when the head's
+/// history no longer holds the former.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fork {
+    pub last_sync_id: String,
+    pub last_sync_hash: Option<String>,
+    pub head_id: String,
+    pub head_hash: Option<String>,
+}
+
+impl Fork {
+    /// The note a sync or status gives when it adopts (or would adopt) the
+    /// repository's history: the project's own chain ends here.
+    pub fn note(&self, done: bool) -> String {
+        format!(
+            "{} the repository's history at {} {}: it no longer holds this project's last sync ({} {}), and nothing local {} at risk",
+            if done { "adopted" } else { "sync will adopt" },
+            self.head_id,
+            self.head_hash.as_deref().unwrap_or("?"),
+            self.last_sync_id,
+            self.last_sync_hash.as_deref().unwrap_or("?"),
+            if done { "was" } else { "is" },
+        )
+    }
+}
+
+/// What the history check found, when it let the sync through.
+#[derive(Debug, Default)]
+pub struct History {
+    /// The repository's sync-messages, when the check had to read them.
+    pub messages: Option<SyncMessages>,
+    /// Set when the histories forked but nothing local is at risk: the
+    /// sync takes the repository's head as its new base.
+    pub adopt: Option<Fork>,
+}
+
 /// Refuses to sync a project whose last sync the repository no longer
 /// holds — replaced (`init --force`), rewritten, or forked by the original
 /// dsg — when the plan would delete or overwrite local files on the
 /// strength of that stale last sync: they may be the last copies of what
 /// the repository held. Without such actions there is nothing to lose, and
-/// the sync goes ahead (the original's forked indexes are common).
-/// Returns the repository's sync-messages when it had to read them.
-fn check_same_history(
+/// the sync goes ahead on the repository's history (the original's forked
+/// indexes are common). `status` calls it too, so that what it reports is
+/// what `sync` will do.
+pub fn check_history(
     cmp: &Comparison,
     client: &mut RepoClient,
     renames_pending: bool,
-) -> Result<Option<SyncMessages>> {
+) -> Result<History> {
     let (Some(ours), Some(head)) = (cmp.cache.metadata.as_ref(), cmp.remote().metadata.as_ref())
     else {
-        return Ok(None);
+        return Ok(History::default());
     };
     if ours.snapshot_id == head.snapshot_id && ours.snapshot_hash == head.snapshot_hash {
-        return Ok(None);
+        return Ok(History::default());
     }
     let messages = read_repo_messages(client)?;
     let recorded = messages
@@ -756,14 +821,19 @@ fn check_same_history(
         || matches!((recorded, ours.snapshot_hash.as_deref()), (Some(r), Some(o)) if r != o)
         || (ours.snapshot_id == head.snapshot_id && ours.snapshot_hash != head.snapshot_hash);
     if !diverged {
-        return Ok(Some(messages));
+        return Ok(History {
+            messages: Some(messages),
+            adopt: None,
+        });
     }
     let at_risk: Vec<String> = cmp
         .rows()
         .into_iter()
         // Deleting a file, or overwriting one that equals the stale last
-        // sync; a download of a file that is only in the repository (or
-        // only missing here) loses nothing.
+        // sync: nothing in the repository's history says its version was
+        // made on top of ours, so ours may be the last copy. A download of
+        // a file that is only in the repository (or only missing here), or
+        // a file already equal to the repository's, loses nothing.
         .filter(|r| {
             r.action == Action::DeleteLocal
                 || (r.action == Action::Download && r.state == dsg_core::state::State::LeqCneR)
@@ -783,11 +853,15 @@ fn check_same_history(
         });
     }
     if at_risk.is_empty() {
-        tracing::info!(
-            "the repository's history does not hold this project's last sync ({}); nothing local is at risk",
-            ours.snapshot_id
-        );
-        return Ok(Some(messages));
+        return Ok(History {
+            messages: Some(messages),
+            adopt: Some(Fork {
+                last_sync_id: ours.snapshot_id.clone(),
+                last_sync_hash: ours.snapshot_hash.clone(),
+                head_id: head.snapshot_id.clone(),
+                head_hash: head.snapshot_hash.clone(),
+            }),
+        });
     }
     Err(EngineError::Blocked {
         message: format!(
@@ -801,6 +875,54 @@ fn check_same_history(
         ),
         hint: "your files here may be the only copies: 'dsg clone' the repository into a new directory and compare; to follow the repository as it is now, keep what you need, move this project's .dsg away and run 'dsg clone' here".into(),
         paths: at_risk,
+    })
+}
+
+/// A refusal `sync` would give, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Blocked {
+    pub reason: String,
+    pub paths: Vec<String>,
+    pub hint: String,
+}
+
+/// What `sync` (without `--normalize`) would make of `cmp` before writing
+/// anything, in its order: the history check, invalid names, conflicts.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Outlook {
+    pub blocked: Option<Blocked>,
+    pub adopts_history: Option<Fork>,
+}
+
+/// `status`'s view of the sync to come, from the same checks `sync` runs,
+/// so that the two never disagree. Errors other than a refusal (the
+/// repository unreachable) are errors here too.
+pub fn outlook(cmp: &Comparison, client: &mut RepoClient) -> Result<Outlook> {
+    let refusal = |e: EngineError| match e {
+        EngineError::Blocked {
+            message,
+            hint,
+            paths,
+        } => Ok(Outlook {
+            blocked: Some(Blocked {
+                reason: message,
+                paths,
+                hint,
+            }),
+            adopts_history: None,
+        }),
+        other => Err(other),
+    };
+    let adopt = match check_history(cmp, client, false) {
+        Ok(h) => h.adopt,
+        Err(e) => return refusal(e),
+    };
+    if let Err(e) = block_on_problems(&cmp.scan.problems, "sync").and_then(|_| plan(cmp, false)) {
+        return refusal(e);
+    }
+    Ok(Outlook {
+        blocked: None,
+        adopts_history: adopt,
     })
 }
 
