@@ -191,10 +191,15 @@ fn agent_refuses_to_write_through_a_symlink_in_the_repository() {
         let mut m = base.clone();
         m.set_file("task/input/up2/evil.txt", content);
         m.seal("s2", "evil", Some(("s1", &prev_hash)));
-        let messages = fs::read(w.repo().join(".dsg/sync-messages.json")).unwrap();
+        // Sync-messages that record s2, as an honest client's would: the
+        // commit must be refused for the path, not for its metadata.
+        let mut messages: serde_json::Value =
+            serde_json::from_slice(&fs::read(w.repo().join(".dsg/sync-messages.json")).unwrap())
+                .unwrap();
+        messages["snapshots"]["s2"] = m.metadata.clone();
         a.send(json!({"op": "commit", "snapshot_id": "s2"}));
         a.send_data(&m.to_bytes());
-        a.send_data(&messages);
+        a.send_data(&serde_json::to_vec(&messages).unwrap());
         a.flush();
         let r = a.recv();
         let escaped = w.repo_parent.join("evil.txt").exists();
