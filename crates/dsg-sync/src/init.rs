@@ -214,8 +214,10 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
     let cfg_path = dir.join(PROJECT_CONFIG);
     // `--remote-dsg` goes to the user's configuration, not the project file,
     // which must stay readable by the original dsg (its models refuse the
-    // key). Checked now, written once the repository has (or may have) the
-    // snapshot: a path that did not work must not stay behind for the host.
+    // key). Checked now, written just before the commit point, once the
+    // connection has proven the path: a path that did not work must not
+    // stay behind for the host, and a crash after the commit must leave the
+    // path for the command that finishes this init.
     let remote_dsg_edit: Option<RemoteDsgEdit> = match &args.remote_dsg {
         Some(p) if !project.config.repository.is_local() => {
             Some(plan_remote_dsg(&user_config_paths(), &args.host, p)?)
@@ -265,26 +267,15 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
     let tx = format!("tx-{}", uuid::Uuid::new_v4().simple());
     let staging = dir.join(format!(".dsg.init-{tx}"));
     let committing = std::cell::Cell::new(false);
-    let result = init_tx(&project, &scan, &tx, &staging, &args, reporter, &committing);
-    if let (Some(edit), true) = (&remote_dsg_edit, committing.get()) {
-        if let Err(e) = edit.write() {
-            if result.is_ok() {
-                return Err(EngineError::State {
-                    message: format!(
-                        "the repository was initialized, but the server's dsg path could not be saved: {}",
-                        e.message()
-                    ),
-                    hint: format!(
-                        "add to {}:\n  remote_dsg:\n    {}: {}\nor set DSG_REMOTE_DSG",
-                        edit.file.display(),
-                        args.host,
-                        args.remote_dsg.as_deref().unwrap_or("dsg")
-                    ),
-                });
-            }
-            tracing::debug!("saving the remote dsg path failed: {e}");
-        }
-    }
+    let result = init_tx(
+        &project,
+        &scan,
+        &tx,
+        &staging,
+        (&args, remote_dsg_edit.as_ref()),
+        reporter,
+        &committing,
+    );
     match result {
         Ok(hash) => {
             report.snapshot_hash = hash;
@@ -334,7 +325,7 @@ fn init_tx(
     scan: &ScanResult,
     tx: &str,
     staging: &Path,
-    args: &InitArgs,
+    (args, remote_dsg_edit): (&InitArgs, Option<&RemoteDsgEdit>),
     reporter: &dyn Reporter,
     committing: &std::cell::Cell<bool>,
 ) -> Result<Option<String>> {
@@ -402,6 +393,9 @@ fn init_tx(
             &StatCache::encode_entries(scan.started_ns, &scan.entries),
         )?;
         sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
+        if let Some(edit) = remote_dsg_edit {
+            edit.write()?;
+        }
         failpoint("client.init.staged");
         check_interrupt()
     })();
