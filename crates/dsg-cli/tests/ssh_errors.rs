@@ -197,8 +197,15 @@ fn init_saves_remote_dsg_in_the_user_config_not_the_project_file() {
     let ssh = need_ssh!();
     let w = World::new("remote-dsg-home", Transport::Ssh, Some(&ssh));
     w.write("a", "task/input/a.txt", "hello\n");
-    let o = w.init("a");
     let ucfg = user_config(&w);
+    // A dry run says where it would go and writes nothing.
+    let mut dry = w.init_args();
+    dry.push("--dry-run".into());
+    let dry: Vec<&str> = dry.iter().map(|s| s.as_str()).collect();
+    let out = stdout(&w.ok("a", &dry));
+    assert!(out.contains("would be saved in"), "{out}");
+    assert_eq!(fs::read_to_string(&ucfg).unwrap(), IDENTITY);
+    let o = w.init("a");
     let out = stdout(&o);
     assert!(
         out.contains("saved in") && out.contains(&ucfg.display().to_string()),
