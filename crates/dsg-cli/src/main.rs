@@ -145,7 +145,9 @@ struct InitCmd {
     /// ZFS pool (zfs only)
     #[arg(long)]
     pool: Option<String>,
-    /// Path of dsg on the repository host (default: dsg on its PATH)
+    /// Path of dsg on the repository host (default: dsg on its PATH);
+    /// saved for the host in your dsg.yml (remote_dsg), not in the project
+    /// file
     #[arg(long)]
     remote_dsg: Option<String>,
     /// Never prompt; fail when a value is missing
@@ -514,6 +516,7 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
             args.confirmed_hash = ex.head_file_hash.clone();
         }
     }
+    let (host, remote_dsg) = (args.host.clone(), args.remote_dsg.clone());
     let report = dsg_sync::init::init(&cwd()?, args, &reporter)?;
     if out.json {
         out.json_doc(&json!({"status": "ok", "command": "init", "result": report}));
@@ -529,6 +532,17 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
         out.line(&format!(
             "Initialized {} with snapshot s1: {} files, {} links, {} bytes",
             report.repository, report.files, report.links, report.bytes
+        ));
+    }
+    if let (Some(file), Some(path)) = (&report.remote_dsg_config, &remote_dsg) {
+        let verb = match (report.dry_run, report.remote_dsg_changed) {
+            (_, false) => "is already in",
+            (true, true) => "would be saved in",
+            (false, true) => "saved in",
+        };
+        out.line(&format!(
+            "The server's dsg ({path}) for host {host} {verb} your user config {} (not in {PROJECT_CONFIG}, which the original dsg must be able to read)",
+            file.display()
         ));
     }
     Ok(())

@@ -32,7 +32,7 @@ pub struct Refusal {
 pub fn parse_original_command(cmd: &str) -> Result<Target, String> {
     let words = shell_words::split(cmd).map_err(|e| format!("not a valid command line ({e})"))?;
     // argv[0] is never run (this process is the agent already); any path
-    // is accepted because clients may set repository.remote_dsg.
+    // is accepted because clients choose it (remote_dsg, DSG_REMOTE_DSG).
     let (argv0, rest) = words
         .split_first()
         .ok_or_else(|| "an empty command".to_string())?;

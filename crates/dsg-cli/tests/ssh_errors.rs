@@ -135,31 +135,154 @@ fn changed_host_key_is_refused_with_a_hint() {
     );
 }
 
+/// The user's own config of world `w` (`DSG_CONFIG_HOME`), where
+/// `--remote-dsg` is saved.
+fn user_config(w: &World) -> std::path::PathBuf {
+    w.client("a").parent().unwrap().join("cfg/dsg.yml")
+}
+
+const IDENTITY: &str = "user_name: Alice\nuser_id: alice@example.org\n";
+
 #[test]
 fn missing_remote_dsg_names_remote_dsg() {
     let ssh = need_ssh!();
     let w = initialised("no-remote-dsg", &ssh);
     // init with a remote dsg that does not exist.
+    let ucfg = user_config(&w);
+    let saved = fs::read_to_string(&ucfg).unwrap();
     let mut args = w.init_args();
     let i = args.iter().position(|a| a == "--remote-dsg").unwrap();
     args[i + 1] = "/nonexistent/dsg".into();
     assert_init_refused(&w, &ssh.command(), args, &["hint:", "remote_dsg"]);
+    // A path that did not work is not saved for the host.
+    assert_eq!(fs::read_to_string(&ucfg).unwrap(), saved);
 
-    // An existing project whose config names a missing remote dsg.
-    let cfg = w.client("a").join(".dsgconfig.yml");
-    let text = fs::read_to_string(&cfg).unwrap();
+    // An existing project whose user config names a missing remote dsg.
     let bin = dsg_bin().to_str().unwrap().to_string();
-    assert!(text.contains(&bin), "remote_dsg in config:\n{text}");
-    fs::write(&cfg, text.replace(&bin, "/nonexistent/dsg")).unwrap();
+    assert!(saved.contains(&bin), "remote_dsg in user config:\n{saved}");
+    fs::write(&ucfg, saved.replace(&bin, "/nonexistent/dsg")).unwrap();
     for args in [&["status"][..], &["sync", "-m", "x"][..]] {
         let client = state_listing(&w.client("a"));
         let repo = state_listing(&w.repo());
         let o = w.run("a", args);
-        assert_fails_with(&o, &format!("{args:?}"), &["hint:", "remote_dsg"]);
+        assert_fails_with(
+            &o,
+            &format!("{args:?}"),
+            &["hint:", "remote_dsg", "dsg.yml"],
+        );
         assert_same("client", &client, &state_listing(&w.client("a")));
         assert_same("repository", &repo, &state_listing(&w.repo()));
     }
-    fs::write(&cfg, text).unwrap();
+    fs::write(&ucfg, saved).unwrap();
+    w.ok("a", &["status"]);
+}
+
+/// The keys the original dsg accepts in `.dsgconfig.yml`
+/// (spec-data-model §5.2/§5.2.1); `repository` refuses any other key.
+const ORIGINAL_TOP: &[&str] = &[
+    "name",
+    "repository",
+    "transport",
+    "ssh",
+    "rclone",
+    "ipfs",
+    "data_dirs",
+    "ignore",
+    "migrated",
+];
+const ORIGINAL_REPOSITORY: &[&str] = &["type", "host", "pool", "mountpoint"];
+
+#[test]
+fn init_saves_remote_dsg_in_the_user_config_not_the_project_file() {
+    let ssh = need_ssh!();
+    let w = World::new("remote-dsg-home", Transport::Ssh, Some(&ssh));
+    w.write("a", "task/input/a.txt", "hello\n");
+    let ucfg = user_config(&w);
+    // A dry run says where it would go and writes nothing.
+    let mut dry = w.init_args();
+    dry.push("--dry-run".into());
+    let dry: Vec<&str> = dry.iter().map(|s| s.as_str()).collect();
+    let out = stdout(&w.ok("a", &dry));
+    assert!(out.contains("would be saved in"), "{out}");
+    assert_eq!(fs::read_to_string(&ucfg).unwrap(), IDENTITY);
+    let o = w.init("a");
+    let out = stdout(&o);
+    assert!(
+        out.contains("saved in") && out.contains(&ucfg.display().to_string()),
+        "{out}"
+    );
+
+    let project = fs::read_to_string(w.client("a").join(".dsgconfig.yml")).unwrap();
+    assert!(!project.contains("remote_dsg"), "{project}");
+    let mut section = "";
+    for line in project.lines() {
+        let (indented, key) = (
+            line.starts_with(' '),
+            line.trim().split(':').next().unwrap(),
+        );
+        if indented {
+            assert_eq!(section, "repository", "{project}");
+            assert!(
+                ORIGINAL_REPOSITORY.contains(&key),
+                "repository.{key}:\n{project}"
+            );
+        } else {
+            assert!(ORIGINAL_TOP.contains(&key), "{key}:\n{project}");
+            section = key;
+        }
+    }
+
+    let user = fs::read_to_string(&ucfg).unwrap();
+    let bin = dsg_bin().to_str().unwrap().to_string();
+    assert!(user.starts_with(IDENTITY), "{user}");
+    assert!(
+        user.contains(&format!("remote_dsg:\n  \"{}\": \"{bin}\"\n", ssh.host)),
+        "{user}"
+    );
+    // A second client of the same user reaches the server through it.
+    w.clone_client("a", "b");
+    w.ok("b", &["status"]);
+}
+
+#[test]
+fn legacy_remote_dsg_in_the_project_file_still_works() {
+    let ssh = need_ssh!();
+    let w = initialised("legacy-remote-dsg", &ssh);
+    let bin = dsg_bin().to_str().unwrap().to_string();
+    let cfg = w.client("a").join(".dsgconfig.yml");
+    let ucfg = user_config(&w);
+    let text = fs::read_to_string(&cfg).unwrap();
+    let legacy = |p: &str| {
+        text.replace(
+            "repository:\n",
+            &format!("repository:\n  remote_dsg: {p:?}\n"),
+        )
+    };
+
+    // As an earlier dsg wrote it: only in the project file.
+    fs::write(&cfg, legacy(&bin)).unwrap();
+    fs::write(&ucfg, IDENTITY).unwrap();
+    w.ok("a", &["status"]);
+    w.write("a", "task/input/more.txt", "more\n");
+    w.ok("a", &["sync", "-m", "legacy"]);
+
+    // A wrong legacy path is named as such.
+    fs::write(&cfg, legacy("/nonexistent/dsg")).unwrap();
+    let o = w.run("a", &["status"]);
+    assert_fails_with(&o, "status", &["repository.remote_dsg", "hint:"]);
+
+    // DSG_REMOTE_DSG and the user config both come before it.
+    let mut c = w.command("a", &["status"], None);
+    c.env("DSG_REMOTE_DSG", &bin);
+    assert_ok(
+        &run_bounded(c, std::time::Duration::from_secs(90)),
+        "status with DSG_REMOTE_DSG",
+    );
+    fs::write(
+        &ucfg,
+        format!("{IDENTITY}remote_dsg:\n  {}: {bin:?}\n", ssh.host),
+    )
+    .unwrap();
     w.ok("a", &["status"]);
 }
 
@@ -243,7 +366,7 @@ fn client_reports_a_protocol_mismatch_over_ssh() {
     .unwrap();
     fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
-    let cfg = w.client("a").join(".dsgconfig.yml");
+    let cfg = user_config(&w);
     let text = fs::read_to_string(&cfg).unwrap();
     let bin = dsg_bin().to_str().unwrap().to_string();
     fs::write(&cfg, text.replace(&bin, script.to_str().unwrap())).unwrap();

@@ -3,7 +3,7 @@
 //! `repository:` format and the legacy `transport: ssh` format. Errors name
 //! the file, the key and what to do.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -120,14 +120,93 @@ pub struct Repository {
     pub host: String,
     pub mountpoint: PathBuf,
     pub pool: Option<String>,
-    /// The dsg binary to run on an SSH host (default: `dsg` on its PATH).
-    pub remote_dsg: Option<String>,
+    /// The dsg binary to run on an SSH host, when this run was told one;
+    /// see [`Repository::remote_dsg_command`] for the other places it comes
+    /// from.
+    pub remote_dsg: Option<RemoteDsg>,
+}
+
+/// A path of the server's dsg that came with the repository.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RemoteDsg {
+    /// `--remote-dsg` of this command: the user's latest word, above all
+    /// else.
+    Given(String),
+    /// `repository.remote_dsg` of a `.dsgconfig.yml` written by an earlier
+    /// dsg. The original refuses such a file, so we no longer write the key,
+    /// but files that have it must keep working: it is the last resort
+    /// before `dsg` on the server's PATH.
+    Legacy(String),
+}
+
+/// The environment variable naming the server's dsg for every host.
+pub const REMOTE_DSG_ENV: &str = "DSG_REMOTE_DSG";
+
+/// The server's dsg to run, and where that choice came from (for messages).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteDsgChoice {
+    pub path: String,
+    pub from: String,
+}
+
+/// The precedence of the server's dsg, from the already-read sources:
+/// `--remote-dsg`, then `DSG_REMOTE_DSG`, then the user config's
+/// `remote_dsg` entry for `host`, then the project file's legacy key, then
+/// `dsg` on the server's PATH. The environment beats the user config
+/// because it is the more specific, per-session setting.
+pub fn choose_remote_dsg(
+    host: &str,
+    repo: Option<&RemoteDsg>,
+    env: Option<&str>,
+    user: Option<(&BTreeMap<String, String>, &Path)>,
+) -> RemoteDsgChoice {
+    let pick = |path: &str, from: String| RemoteDsgChoice {
+        path: path.to_string(),
+        from,
+    };
+    if let Some(RemoteDsg::Given(p)) = repo {
+        return pick(p, "--remote-dsg".into());
+    }
+    if let Some(p) = env.filter(|s| !s.is_empty()) {
+        return pick(p, REMOTE_DSG_ENV.into());
+    }
+    if let Some((map, file)) = user {
+        if let Some(p) = map.get(host) {
+            return pick(p, format!("remote_dsg.{host} in {}", file.display()));
+        }
+    }
+    if let Some(RemoteDsg::Legacy(p)) = repo {
+        return pick(p, format!("repository.remote_dsg in {PROJECT_CONFIG}"));
+    }
+    pick("dsg", "the default: dsg on the server's PATH".into())
 }
 
 impl Repository {
     /// The one "is this machine" rule (the original had two, defect 17).
     pub fn is_local(&self) -> bool {
         is_local_host(&self.host)
+    }
+
+    /// Same place (type, host, directory, pool); which dsg runs there does
+    /// not make it another repository.
+    pub fn same_location(&self, other: &Repository) -> bool {
+        self.kind == other.kind
+            && self.host == other.host
+            && self.mountpoint == other.mountpoint
+            && self.pool == other.pool
+    }
+
+    /// The server's dsg for this repository's host, reading the environment
+    /// and the user config files (see [`choose_remote_dsg`]).
+    pub fn remote_dsg_command(&self) -> Result<RemoteDsgChoice, ConfigError> {
+        let env = std::env::var(REMOTE_DSG_ENV).ok();
+        let user = user_remote_dsg(&user_config_paths())?;
+        Ok(choose_remote_dsg(
+            &self.host,
+            self.remote_dsg.as_ref(),
+            env.as_deref(),
+            user.as_ref().map(|(m, f)| (m, f.as_path())),
+        ))
     }
 }
 
@@ -238,7 +317,11 @@ impl ProjectConfig {
         })
     }
 
-    /// The `repository:` layout we write.
+    /// The `repository:` layout we write. Only keys the original dsg
+    /// accepts (spec-data-model §5.2): its models forbid unknown keys inside
+    /// `repository`, so one extra key makes it refuse the whole file. Ignore
+    /// rules are written only where they differ from the defaults, as the
+    /// original leaves defaults out.
     pub fn to_yaml(&self) -> String {
         let r = &self.repository;
         let mut s = format!(
@@ -251,13 +334,28 @@ impl ProjectConfig {
         if let Some(p) = &r.pool {
             s.push_str(&format!("  pool: {}\n", yaml_quote(p)));
         }
-        if let Some(d) = &r.remote_dsg {
-            s.push_str(&format!("  remote_dsg: {}\n", yaml_quote(d)));
+        s.push_str(&format!("data_dirs: {}\n", yaml_list(&self.data_dirs)));
+        let d = IgnoreRules::defaults();
+        let ig = &self.ignore;
+        let lists = [
+            ("paths", &ig.paths, &d.paths),
+            ("names", &ig.names, &d.names),
+            ("suffixes", &ig.suffixes, &d.suffixes),
+        ];
+        let changed: Vec<_> = lists.iter().filter(|(_, v, d)| v != d).collect();
+        if !changed.is_empty() {
+            s.push_str("ignore:\n");
+            for (k, v, _) in changed {
+                s.push_str(&format!("  {k}: {}\n", yaml_list(v)));
+            }
         }
-        let dirs: Vec<String> = self.data_dirs.iter().map(|d| yaml_quote(d)).collect();
-        s.push_str(&format!("data_dirs: [{}]\n", dirs.join(", ")));
         s
     }
+}
+
+fn yaml_list(items: &BTreeSet<String>) -> String {
+    let v: Vec<String> = items.iter().map(|d| yaml_quote(d)).collect();
+    format!("[{}]", v.join(", "))
 }
 
 /// Quotes always: a bare `no` or `1.0` would change type in some YAML tools.
@@ -473,6 +571,7 @@ struct RawRepository {
     host: String,
     mountpoint: String,
     pool: Option<String>,
+    /// Written by earlier versions of dsg; read so their files still work.
     remote_dsg: Option<String>,
 }
 
@@ -483,7 +582,7 @@ fn parse_repository(file: &Path, v: &Value) -> Result<Repository, ConfigError> {
         invalid(
             file,
             format!("key 'repository{key}': {}", e.inner()),
-            "repository takes type (xfs|zfs), host, mountpoint, pool (zfs only) and remote_dsg; quote string values",
+            "repository takes type (xfs|zfs), host, mountpoint and pool (zfs only); quote string values",
         )
     })?;
     let kind = RepoType::parse(&raw.kind).ok_or_else(|| {
@@ -535,7 +634,7 @@ fn parse_repository(file: &Path, v: &Value) -> Result<Repository, ConfigError> {
         host: raw.host,
         mountpoint: PathBuf::from(raw.mountpoint),
         pool: raw.pool,
-        remote_dsg: raw.remote_dsg,
+        remote_dsg: raw.remote_dsg.map(RemoteDsg::Legacy),
     })
 }
 
@@ -623,6 +722,8 @@ pub struct UserConfig {
     pub default_host: Option<String>,
     pub default_project_path: Option<String>,
     pub backup_on_conflict: bool,
+    /// `remote_dsg`: ssh host → path of dsg on it.
+    pub remote_dsg: BTreeMap<String, String>,
     /// Files that were read, lowest priority first.
     pub sources: Vec<PathBuf>,
 }
@@ -718,15 +819,267 @@ impl UserConfig {
                 ))
             }
         };
+        let remote_dsg = match merged.get("remote_dsg") {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(v) => parse_remote_dsg_map(last, v)?,
+        };
         Ok(UserConfig {
             user_name,
             user_id,
             default_host: opt("default_host"),
             default_project_path: opt("default_project_path"),
             backup_on_conflict,
+            remote_dsg,
             sources,
         })
     }
+}
+
+const REMOTE_DSG_HINT: &str = "write remote_dsg as a map from ssh host to the path of dsg on it, e.g.\n  remote_dsg:\n    myserver: /opt/dsg/bin/dsg";
+
+/// Checks one path of the server's dsg: it becomes the first word of the
+/// remote command, where an option-like word is refused by the server's
+/// forced-command guard and a control character changes meaning.
+fn check_remote_dsg_path(file: &Path, key: &str, p: &str) -> Result<(), ConfigError> {
+    let why = if p.trim().is_empty() {
+        "is empty"
+    } else if p.starts_with('-') {
+        "starts with '-'"
+    } else if p.chars().any(char::is_control) {
+        "contains a control character"
+    } else {
+        return Ok(());
+    };
+    Err(invalid(
+        file,
+        format!("key '{key}': {p:?} {why}"),
+        "give the path of the dsg program on the server, such as /opt/dsg/bin/dsg",
+    ))
+}
+
+fn parse_remote_dsg_map(file: &Path, v: &Value) -> Result<BTreeMap<String, String>, ConfigError> {
+    let Value::Object(m) = v else {
+        return Err(invalid(
+            file,
+            format!("key 'remote_dsg' must be a mapping of host to path, got {v}"),
+            REMOTE_DSG_HINT,
+        ));
+    };
+    let mut out = BTreeMap::new();
+    for (host, p) in m {
+        let key = format!("remote_dsg.{host}");
+        let Value::String(p) = p else {
+            return Err(invalid(
+                file,
+                format!("key '{key}' must be a path, got {p}"),
+                REMOTE_DSG_HINT,
+            ));
+        };
+        if host.trim().is_empty() || host.chars().any(char::is_control) {
+            return Err(invalid(
+                file,
+                format!("key {key:?}: {host:?} is not a host name"),
+                REMOTE_DSG_HINT,
+            ));
+        }
+        check_remote_dsg_path(file, &key, p)?;
+        out.insert(host.clone(), p.clone());
+    }
+    Ok(out)
+}
+
+/// ssh host → path of dsg on it.
+pub type RemoteDsgMap = BTreeMap<String, String>;
+
+/// The user config's `remote_dsg` map and the file it came from, without
+/// the rest of the user config (whose required keys an ssh connection
+/// does not need). Merged like [`UserConfig::load_from`]: the last file
+/// with the key gives the whole map.
+pub fn user_remote_dsg(paths: &[PathBuf]) -> Result<Option<(RemoteDsgMap, PathBuf)>, ConfigError> {
+    let mut found = None;
+    for (i, p) in paths.iter().enumerate() {
+        if let Some(obj) = read_user_file(p, i == 0)? {
+            match obj.get("remote_dsg") {
+                None => {}
+                Some(Value::Null) => found = None,
+                Some(v) => found = Some((parse_remote_dsg_map(p, v)?, p.clone())),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A prepared change of the user config that records the server's dsg for
+/// a host: checked before anything else is written, applied with
+/// [`RemoteDsgEdit::write`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteDsgEdit {
+    /// The file as the user knows it (what messages name).
+    pub file: PathBuf,
+    /// `None` when the user config already says so: nothing to write.
+    text: Option<String>,
+    /// Where the bytes go: the file, or the target of a symlink to it (so
+    /// a symlinked dotfile stays a symlink).
+    real: PathBuf,
+    mode: Option<u32>,
+}
+
+impl RemoteDsgEdit {
+    pub fn changes(&self) -> bool {
+        self.text.is_some()
+    }
+
+    pub fn write(&self) -> Result<(), ConfigError> {
+        let Some(text) = &self.text else {
+            return Ok(());
+        };
+        let io = |source| ConfigError::Io {
+            file: self.file.clone(),
+            source,
+        };
+        if let Some(dir) = self.real.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        crate::atomic::write_atomic(&self.real, text.as_bytes()).map_err(|e| io(e.source))?;
+        // The new file has the umask's mode; a user who made theirs private
+        // (it may hold passphrases) keeps it private.
+        #[cfg(unix)]
+        if let Some(mode) = self.mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.real, std::fs::Permissions::from_mode(mode))
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+/// Plans recording `path` as the server's dsg for `host` in the user's own
+/// configuration: the highest-priority file of `paths` (the one that wins
+/// the merge), created if missing. Its other keys, comments and layout are
+/// kept; only its `remote_dsg` block is replaced, holding the map in effect
+/// plus this host (so entries from lower files are not hidden by it).
+pub fn plan_remote_dsg(
+    paths: &[PathBuf],
+    host: &str,
+    path: &str,
+) -> Result<RemoteDsgEdit, ConfigError> {
+    let file = paths
+        .iter()
+        .rev()
+        .find(|p| !p.starts_with("/etc"))
+        .cloned()
+        .ok_or_else(|| ConfigError::NoUserConfig {
+            looked: "HOME, XDG_CONFIG_HOME and DSG_CONFIG_HOME are all unset".into(),
+        })?;
+    check_remote_dsg_path(&file, &format!("remote_dsg.{host}"), path)?;
+    let mut map = user_remote_dsg(paths)?.map(|(m, _)| m).unwrap_or_default();
+    let real = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+    if map.get(host).map(String::as_str) == Some(path) {
+        return Ok(RemoteDsgEdit {
+            file,
+            text: None,
+            real,
+            mode: None,
+        });
+    }
+    map.insert(host.to_string(), path.to_string());
+    let (old, mode) = match std::fs::read_to_string(&real) {
+        Ok(t) => {
+            #[cfg(unix)]
+            let mode = {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::metadata(&real)
+                    .ok()
+                    .map(|m| m.permissions().mode() & 0o7777)
+            };
+            #[cfg(not(unix))]
+            let mode = None;
+            (t, mode)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), None),
+        Err(e) => {
+            return Err(ConfigError::Io {
+                file: file.clone(),
+                source: e,
+            })
+        }
+    };
+    let text = replace_remote_dsg_block(&old, &map);
+    // The text edit is line-based; prove it changed nothing but the map.
+    let keys = |t: &str| -> Option<serde_json::Map<String, Value>> {
+        match yaml::load(t).ok()?.0 {
+            Value::Object(m) => Some(m),
+            Value::Null => Some(Default::default()),
+            _ => None,
+        }
+    };
+    let expected = keys(&old).map(|mut m| {
+        m.insert(
+            "remote_dsg".into(),
+            Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            ),
+        );
+        m
+    });
+    if expected.is_none() || keys(&text) != expected {
+        let mut block = String::from("remote_dsg:\n");
+        for (h, p) in &map {
+            block.push_str(&format!("  {}: {}\n", yaml_quote(h), yaml_quote(p)));
+        }
+        return Err(invalid(
+            &file,
+            "cannot add the server's dsg path to this file safely (its layout is unusual)",
+            format!("edit it by hand so that it has\n{block}or set {REMOTE_DSG_ENV} instead"),
+        ));
+    }
+    Ok(RemoteDsgEdit {
+        file,
+        text: Some(text),
+        real,
+        mode,
+    })
+}
+
+const REMOTE_DSG_COMMENT: &str =
+    "# The path of dsg on each ssh host (written by 'dsg init --remote-dsg').";
+
+/// `text` without its top-level `remote_dsg:` block (the key's line and the
+/// indented or blank lines after it), and with the block for `map` at the
+/// end.
+fn replace_remote_dsg_block(text: &str, map: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in text.split_inclusive('\n') {
+        let starts_block = line.starts_with("remote_dsg:")
+            || line.starts_with("remote_dsg :")
+            || line.starts_with("\"remote_dsg\":")
+            || line.starts_with("'remote_dsg':");
+        if starts_block {
+            skipping = true;
+            continue;
+        }
+        if line.trim_end() == REMOTE_DSG_COMMENT {
+            continue;
+        }
+        if skipping && (line.trim().is_empty() || line.starts_with([' ', '\t'])) {
+            continue;
+        }
+        skipping = false;
+        out.push_str(line);
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(REMOTE_DSG_COMMENT);
+    out.push('\n');
+    out.push_str("remote_dsg:\n");
+    for (h, p) in map {
+        out.push_str(&format!("  {}: {}\n", yaml_quote(h), yaml_quote(p)));
+    }
+    out
 }
 
 /// One user config file's keys; `None` when it does not exist. `first`: the
@@ -1010,5 +1363,289 @@ mod tests {
             UserConfig::load_from(&[d.path().join("none")]),
             Err(ConfigError::NoUserConfig { .. })
         ));
+    }
+
+    /// The keys the original dsg accepts in `.dsgconfig.yml`
+    /// (spec-data-model §5.2, §5.2.1): top level (unknown keys are ignored
+    /// there, but we write none), `repository` per type (unknown keys are
+    /// rejected: pydantic `extra=forbid`), and `ignore`.
+    const ORIGINAL_TOP: &[&str] = &[
+        "name",
+        "repository",
+        "transport",
+        "ssh",
+        "rclone",
+        "ipfs",
+        "data_dirs",
+        "ignore",
+        "migrated",
+    ];
+    const ORIGINAL_REPOSITORY_ZFS: &[&str] = &["type", "host", "pool", "mountpoint"];
+    const ORIGINAL_REPOSITORY_XFS: &[&str] = &["type", "host", "mountpoint"];
+    const ORIGINAL_IGNORE: &[&str] = &["paths", "names", "suffixes"];
+
+    /// Every key, at every level, against the original's accepted set.
+    fn assert_original_accepts(text: &str) {
+        let (v, amb) = yaml::load(text).unwrap();
+        assert!(amb.is_empty(), "{text}");
+        let top = v.as_object().unwrap();
+        for (k, v) in top {
+            assert!(ORIGINAL_TOP.contains(&k.as_str()), "top key {k}:\n{text}");
+            match k.as_str() {
+                "repository" => {
+                    let r = v.as_object().unwrap();
+                    let allowed = match r["type"].as_str().unwrap() {
+                        "zfs" => ORIGINAL_REPOSITORY_ZFS,
+                        "xfs" => ORIGINAL_REPOSITORY_XFS,
+                        t => panic!("type {t}"),
+                    };
+                    for rk in r.keys() {
+                        assert!(allowed.contains(&rk.as_str()), "repository.{rk}:\n{text}");
+                    }
+                    for need in allowed {
+                        assert!(r.contains_key(*need), "repository.{need} missing:\n{text}");
+                    }
+                }
+                "ignore" => {
+                    for (ik, iv) in v.as_object().unwrap() {
+                        assert!(ORIGINAL_IGNORE.contains(&ik.as_str()), "ignore.{ik}");
+                        assert!(iv.as_array().unwrap().iter().all(Value::is_string));
+                    }
+                }
+                "data_dirs" => assert!(v.as_array().unwrap().iter().all(Value::is_string)),
+                "name" => assert!(v.is_string()),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn writer_keys_are_the_originals() {
+        let set = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<BTreeSet<_>>();
+        let kinds = [(RepoType::Xfs, None), (RepoType::Zfs, Some("dsgdata"))];
+        let hosts = ["localhost", "scott", "alice@server.example.org"];
+        let remote = [
+            None,
+            Some(RemoteDsg::Given("/opt/dsg/bin/dsg".into())),
+            Some(RemoteDsg::Legacy("/usr/local/bin/dsg".into())),
+        ];
+        let mut ignores = vec![IgnoreRules::defaults(), IgnoreRules::default()];
+        let mut custom = IgnoreRules::defaults();
+        custom.paths = set(&["task1/input/secret.txt", "a b/c"]);
+        ignores.push(custom.clone());
+        custom.names = set(&["no", ".DS_Store"]);
+        ignores.push(custom.clone());
+        custom.suffixes = set(&[".bak"]);
+        ignores.push(custom);
+        let dirs = [
+            ProjectConfig::default_data_dirs(),
+            set(&["*"]),
+            set(&["input", "yes", "1.0"]),
+        ];
+        let mut n = 0;
+        for (kind, pool) in &kinds {
+            for host in hosts {
+                for rd in &remote {
+                    for ig in &ignores {
+                        for dd in &dirs {
+                            let c = ProjectConfig {
+                                name: "BB".into(),
+                                repository: Repository {
+                                    kind: *kind,
+                                    host: host.into(),
+                                    mountpoint: "/var/repos/zsd".into(),
+                                    pool: pool.map(String::from),
+                                    remote_dsg: rd.clone(),
+                                },
+                                data_dirs: dd.clone(),
+                                ignore: ig.clone(),
+                                legacy_format: false,
+                            };
+                            let text = c.to_yaml();
+                            assert!(!text.contains("remote_dsg"), "{text}");
+                            assert_original_accepts(&text);
+                            // What we write reads back the same, less the
+                            // remote dsg, which lives elsewhere now.
+                            let back = parse(&text).unwrap();
+                            let mut want = c.clone();
+                            want.repository.remote_dsg = None;
+                            assert_eq!(back, want, "{text}");
+                            n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(n, 2 * 3 * 3 * 5 * 3);
+    }
+
+    #[test]
+    fn legacy_remote_dsg_in_the_project_file_still_loads() {
+        let c = parse(
+            "name: a\nrepository: {type: xfs, host: h, mountpoint: /r, remote_dsg: /opt/dsg}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.repository.remote_dsg,
+            Some(RemoteDsg::Legacy("/opt/dsg".into()))
+        );
+        assert!(!c.to_yaml().contains("remote_dsg"));
+    }
+
+    #[test]
+    fn remote_dsg_precedence() {
+        let f = PathBuf::from("/u/dsg.yml");
+        let map: BTreeMap<String, String> = [("h".to_string(), "/user/dsg".to_string())].into();
+        let user = Some((&map, f.as_path()));
+        let given = RemoteDsg::Given("/given/dsg".into());
+        let legacy = RemoteDsg::Legacy("/legacy/dsg".into());
+        let pick = |host, repo, env, user| choose_remote_dsg(host, repo, env, user).path;
+        assert_eq!(pick("h", Some(&given), Some("/env"), user), "/given/dsg");
+        assert_eq!(pick("h", Some(&legacy), Some("/env"), user), "/env");
+        assert_eq!(pick("h", Some(&legacy), Some(""), user), "/user/dsg");
+        assert_eq!(pick("h", Some(&legacy), None, user), "/user/dsg");
+        assert_eq!(pick("other", Some(&legacy), None, user), "/legacy/dsg");
+        assert_eq!(pick("other", None, None, user), "dsg");
+        assert_eq!(pick("h", None, None, None), "dsg");
+        let c = choose_remote_dsg("h", Some(&legacy), None, user);
+        assert!(c.from.contains("remote_dsg.h") && c.from.contains("/u/dsg.yml"));
+        let c = choose_remote_dsg("x", Some(&legacy), None, user);
+        assert!(c.from.contains("repository.remote_dsg"), "{}", c.from);
+    }
+
+    #[test]
+    fn user_config_remote_dsg_map() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.yml");
+        let b = d.path().join("b.yml");
+        std::fs::write(
+            &a,
+            "user_name: A\nuser_id: a@example.org\nremote_dsg:\n  h1: /a/dsg\n",
+        )
+        .unwrap();
+        std::fs::write(&b, "remote_dsg: {h2: /b/dsg}\n").unwrap();
+        let paths = [a.clone(), b.clone()];
+        let u = UserConfig::load_from(&paths).unwrap();
+        // Shallow merge, like every user-config key: the later file's map.
+        assert_eq!(u.remote_dsg.keys().collect::<Vec<_>>(), ["h2"]);
+        let (m, from) = user_remote_dsg(&paths).unwrap().unwrap();
+        assert_eq!((m["h2"].as_str(), from), ("/b/dsg", b.clone()));
+        for (bad, key) in [
+            ("remote_dsg: /opt/dsg\n", "'remote_dsg'"),
+            ("remote_dsg: {h: [x]}\n", "'remote_dsg.h'"),
+            ("remote_dsg: {h: \"-oProxyCommand=x\"}\n", "'remote_dsg.h'"),
+            ("remote_dsg: {h: \"\"}\n", "'remote_dsg.h'"),
+        ] {
+            std::fs::write(&b, bad).unwrap();
+            for e in [
+                UserConfig::load_from(&paths).unwrap_err(),
+                user_remote_dsg(&paths).unwrap_err(),
+            ] {
+                let e = e.to_string();
+                assert!(
+                    e.contains("b.yml") && e.contains(key) && e.contains("hint:"),
+                    "{bad}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn remote_dsg_is_saved_in_the_users_own_config() {
+        let d = tempfile::tempdir().unwrap();
+        let low = d.path().join("low/dsg.yml");
+        let high = d.path().join("high/dsg.yml");
+        std::fs::create_dir_all(low.parent().unwrap()).unwrap();
+        std::fs::write(
+            &low,
+            "user_name: A\nuser_id: a@example.org\nremote_dsg: {old: /old/dsg}\n",
+        )
+        .unwrap();
+        let paths = [PathBuf::from("/etc/dsg/dsg.yml"), low.clone(), high.clone()];
+
+        // The highest-priority file is created, carrying the map in effect.
+        let e = plan_remote_dsg(&paths, "srv", "/opt/dsg").unwrap();
+        assert_eq!(e.file, high);
+        assert!(e.changes() && !high.exists());
+        e.write().unwrap();
+        let m = user_remote_dsg(&paths).unwrap().unwrap().0;
+        assert_eq!(m["srv"], "/opt/dsg");
+        assert_eq!(m["old"], "/old/dsg");
+        assert_eq!(UserConfig::load_from(&paths).unwrap().user_name, "A");
+
+        // Saying it again changes nothing.
+        assert!(!plan_remote_dsg(&paths, "srv", "/opt/dsg")
+            .unwrap()
+            .changes());
+
+        // An existing file keeps its other keys and comments; its block is
+        // replaced, not repeated.
+        std::fs::write(
+            &high,
+            "# mine\nuser_name: B\nremote_dsg:\n  srv: /x\n  # note\n  other: /y\ndefault_host: srv\n",
+        )
+        .unwrap();
+        plan_remote_dsg(&paths, "srv", "/new/dsg")
+            .unwrap()
+            .write()
+            .unwrap();
+        plan_remote_dsg(&paths, "third", "/t/dsg")
+            .unwrap()
+            .write()
+            .unwrap();
+        let text = std::fs::read_to_string(&high).unwrap();
+        assert!(text.starts_with("# mine\nuser_name: B\n"), "{text}");
+        assert_eq!(text.matches("remote_dsg:").count(), 1, "{text}");
+        assert_eq!(text.matches(REMOTE_DSG_COMMENT).count(), 1, "{text}");
+        let u = UserConfig::load_from(&paths).unwrap();
+        assert_eq!(u.default_host.as_deref(), Some("srv"));
+        assert_eq!(u.user_name, "B");
+        let want: BTreeMap<String, String> = [
+            ("srv".to_string(), "/new/dsg".to_string()),
+            ("other".into(), "/y".into()),
+            ("third".into(), "/t/dsg".into()),
+        ]
+        .into();
+        assert_eq!(u.remote_dsg, want);
+
+        // A layout the line edit cannot handle is refused, not mangled.
+        std::fs::write(&high, "{user_name: B,\n remote_dsg: {a: /b}}\n").unwrap();
+        let err = plan_remote_dsg(&paths, "srv", "/z")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("high/dsg.yml") && err.contains("hint:") && err.contains("srv"),
+            "{err}"
+        );
+
+        // A bad path is refused naming the key.
+        let err = plan_remote_dsg(&paths, "srv", "-x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("remote_dsg.srv"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn saving_remote_dsg_keeps_a_symlinked_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("dotfiles/dsg.yml");
+        std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+        std::fs::write(&real, "user_name: A\nuser_id: a@example.org\n").unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = d.path().join("dsg.yml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        plan_remote_dsg(std::slice::from_ref(&link), "h", "/d")
+            .unwrap()
+            .write()
+            .unwrap();
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+        let mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            UserConfig::load_from(&[link]).unwrap().remote_dsg["h"],
+            "/d"
+        );
     }
 }

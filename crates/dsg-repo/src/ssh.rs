@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use dsg_core::config::ProjectConfig;
+use dsg_core::config::{ProjectConfig, REMOTE_DSG_ENV};
 
 use crate::client::{RepoClient, RepoError};
 
@@ -17,6 +17,8 @@ pub struct SshChild {
     child: Child,
     host: String,
     remote_cmd: String,
+    /// Where the server's dsg path came from, for the hint when it fails.
+    remote_dsg_from: String,
     stderr: Arc<Mutex<Vec<u8>>>,
     stderr_thread: Option<JoinHandle<()>>,
 }
@@ -71,8 +73,13 @@ impl SshChild {
             || err.contains("No such file or directory")
         {
             return msg(
-                format!("dsg could not be started on {host}: `{}` failed ({last})", self.remote_cmd),
-                "install dsg on the server (the same version as here), or set repository.remote_dsg in .dsgconfig.yml to its path",
+                format!(
+                    "dsg could not be started on {host}: `{}` failed ({last}); its path came from {}",
+                    self.remote_cmd, self.remote_dsg_from
+                ),
+                &format!(
+                    "install dsg on the server (the same version as here), or give its path: in your dsg.yml\n  remote_dsg:\n    {host}: /path/to/dsg\n(or 'dsg init --remote-dsg PATH', or {REMOTE_DSG_ENV}=PATH for this shell)"
+                ),
             );
         }
         if code == Some(255) {
@@ -112,17 +119,13 @@ fn ssh_argv() -> Result<Vec<String>, RepoError> {
 pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
     let repo = &cfg.repository;
     let dir = cfg.repo_dir();
-    // The server's dsg: the config's `remote_dsg`, else DSG_REMOTE_DSG, else
-    // `dsg` on the server's PATH.
-    let remote_dsg = repo
-        .remote_dsg
-        .clone()
-        .or_else(|| {
-            std::env::var("DSG_REMOTE_DSG")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-        .unwrap_or_else(|| "dsg".into());
+    let choice = repo
+        .remote_dsg_command()
+        .map_err(|e| RepoError::Unsupported {
+            message: e.message(),
+            hint: e.hint().map(String::from),
+        })?;
+    let remote_dsg = choice.path;
     // ssh joins the remote command into one string for the remote shell:
     // quote every word so paths with spaces or metacharacters stay intact.
     let dir_s = dir.to_string_lossy().to_string();
@@ -183,6 +186,7 @@ pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
         child,
         host: repo.host.clone(),
         remote_cmd,
+        remote_dsg_from: choice.from,
         stderr: buf,
         stderr_thread: Some(stderr_thread),
     };

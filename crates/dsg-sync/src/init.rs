@@ -13,7 +13,10 @@
 use std::path::{Path, PathBuf};
 
 use dsg_core::atomic::{sync_dir, write_atomic};
-use dsg_core::config::{ProjectConfig, RepoType, Repository, UserConfig, PROJECT_CONFIG};
+use dsg_core::config::{
+    plan_remote_dsg, user_config_paths, ProjectConfig, RemoteDsg, RemoteDsgEdit, RepoType,
+    Repository, UserConfig, PROJECT_CONFIG,
+};
 use dsg_core::manifest::{Manifest, SyncMessages};
 use dsg_core::scan::{to_manifest, LocalKind, ScanResult, StatCache};
 use dsg_repo::failpoint::failpoint;
@@ -56,6 +59,11 @@ pub struct InitReport {
     pub bytes: u64,
     pub repository: String,
     pub renames: Vec<RenameOut>,
+    /// The user config file that holds (or, in a dry run, would hold) the
+    /// `--remote-dsg` path for this host.
+    pub remote_dsg_config: Option<PathBuf>,
+    /// Whether that file was (or would be) changed for it.
+    pub remote_dsg_changed: bool,
 }
 
 /// The project config an init with these arguments writes.
@@ -67,7 +75,7 @@ fn config_of(args: &InitArgs) -> ProjectConfig {
             host: args.host.clone(),
             mountpoint: args.repo_path.clone(),
             pool: args.pool.clone(),
-            remote_dsg: args.remote_dsg.clone(),
+            remote_dsg: args.remote_dsg.clone().map(RemoteDsg::Given),
         },
         data_dirs: ProjectConfig::default_data_dirs(),
         ignore: dsg_core::config::IgnoreRules::defaults(),
@@ -169,7 +177,7 @@ fn new_project(dir: &Path, args: &InitArgs) -> Result<(Project, bool)> {
     let existing_cfg = cfg_path.exists();
     if existing_cfg && !args.force {
         let old = ProjectConfig::load(&cfg_path)?;
-        if old.repository != config.repository || old.name != config.name {
+        if !old.repository.same_location(&config.repository) || old.name != config.name {
             return Err(EngineError::State {
                 message: format!(
                     "{} already exists and names another repository",
@@ -184,7 +192,11 @@ fn new_project(dir: &Path, args: &InitArgs) -> Result<(Project, bool)> {
     let user = UserConfig::load()?;
     // The project's own data_dirs/ignore settings win when a config exists.
     let config = if existing_cfg && !args.force {
-        ProjectConfig::load(&cfg_path)?
+        let mut old = ProjectConfig::load(&cfg_path)?;
+        if let Some(p) = &args.remote_dsg {
+            old.repository.remote_dsg = Some(RemoteDsg::Given(p.clone()));
+        }
+        old
     } else {
         config
     };
@@ -200,6 +212,18 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
     let dir = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
     let (project, existing_cfg) = new_project(&dir, &args)?;
     let cfg_path = dir.join(PROJECT_CONFIG);
+    // `--remote-dsg` goes to the user's configuration, not the project file,
+    // which must stay readable by the original dsg (its models refuse the
+    // key). Checked now, written just before the commit point, once the
+    // connection has proven the path: a path that did not work must not
+    // stay behind for the host, and a crash after the commit must leave the
+    // path for the command that finishes this init.
+    let remote_dsg_edit: Option<RemoteDsgEdit> = match &args.remote_dsg {
+        Some(p) if !project.config.repository.is_local() => {
+            Some(plan_remote_dsg(&user_config_paths(), &args.host, p)?)
+        }
+        _ => None,
+    };
     let mut scan = project.scan(reporter);
     let renames = settle_names(
         &project,
@@ -218,6 +242,8 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         snapshot_id: "s1".into(),
         repository: format!("{}:{}", args.host, project.config.repo_dir().display()),
         renames,
+        remote_dsg_config: remote_dsg_edit.as_ref().map(|e| e.file.clone()),
+        remote_dsg_changed: remote_dsg_edit.as_ref().is_some_and(|e| e.changes()),
         ..Default::default()
     };
     for e in &scan.entries {
@@ -241,7 +267,15 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
     let tx = format!("tx-{}", uuid::Uuid::new_v4().simple());
     let staging = dir.join(format!(".dsg.init-{tx}"));
     let committing = std::cell::Cell::new(false);
-    let result = init_tx(&project, &scan, &tx, &staging, &args, reporter, &committing);
+    let result = init_tx(
+        &project,
+        &scan,
+        &tx,
+        &staging,
+        (&args, remote_dsg_edit.as_ref()),
+        reporter,
+        &committing,
+    );
     match result {
         Ok(hash) => {
             report.snapshot_hash = hash;
@@ -291,7 +325,7 @@ fn init_tx(
     scan: &ScanResult,
     tx: &str,
     staging: &Path,
-    args: &InitArgs,
+    (args, remote_dsg_edit): (&InitArgs, Option<&RemoteDsgEdit>),
     reporter: &dyn Reporter,
     committing: &std::cell::Cell<bool>,
 ) -> Result<Option<String>> {
@@ -359,6 +393,9 @@ fn init_tx(
             &StatCache::encode_entries(scan.started_ns, &scan.entries),
         )?;
         sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
+        if let Some(edit) = remote_dsg_edit {
+            edit.write()?;
+        }
         failpoint("client.init.staged");
         check_interrupt()
     })();
