@@ -169,8 +169,8 @@ fn space_needed(ops: &[Op], new_dirs: usize) -> u64 {
 /// what it can out of sight (object folders, backup folders), so that
 /// after the commit point nothing foreseeable can fail: the folders the
 /// tree changes are writable and free of links, and the space the apply
-/// needs (its new folders, its journal) is there. Fills in
-/// the hash of a retired file that has none (its object's name).
+/// needs (its new folders, its journal) is there. Fills in the hash of a
+/// retired file that has none (its object's name).
 ///
 /// Folders it makes are out of sight (in `.dsg`) and stay if the
 /// transaction does not commit; the tree itself is not touched.
@@ -276,9 +276,10 @@ fn check_space(root: &Path, ops: &[Op], new_dirs: usize) -> Result<(), TxError> 
 
 /// The folder that an operation on `path` changes; for an install, the
 /// folders the apply will have to make are added to `to_make`. Refuses to
-/// go through a symlink in the tree: a link is a leaf, and following one could lead out of the tree. A parent
-/// that is a file or link retired by this transaction is replaced by a
-/// folder only during the apply; its own parent is the one changed.
+/// go through a symlink in the tree: a link is a leaf, and following one
+/// could lead out of the tree. A parent that is a file or link retired by
+/// this transaction is replaced by a folder only during the apply; its own
+/// parent is the one changed.
 fn parent_dir(
     l: &Layout,
     path: &str,
