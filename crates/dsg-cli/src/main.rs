@@ -565,15 +565,15 @@ fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
         ..Default::default()
     };
     let cmp = dsg_sync::status::compare(&project, client.as_mut(), opts, &reporter)?;
+    let rows = cmp.rows();
     // Offline, R is the cache: there is no history to check.
     let outlook = match client.as_mut() {
-        Some(c) => dsg_sync::sync::outlook(&cmp, c)?,
+        Some(c) => dsg_sync::sync::outlook(&cmp, &rows, c)?,
         None => Default::default(),
     };
     if let Some(c) = client {
         let _ = c.close();
     }
-    let rows = cmp.rows();
     if out.json {
         let problems: Vec<_> = cmp
             .problems()

@@ -896,8 +896,10 @@ pub struct Outlook {
 
 /// `status`'s view of the sync to come, from the same checks `sync` runs,
 /// so that the two never disagree. Errors other than a refusal (the
-/// repository unreachable) are errors here too.
-pub fn outlook(cmp: &Comparison, client: &mut RepoClient) -> Result<Outlook> {
+/// repository unreachable) are errors here too. `rows` are `cmp.rows()`,
+/// which the caller prints anyway: classifying every file again (and
+/// building a whole plan) would double the cost of `status`.
+pub fn outlook(cmp: &Comparison, rows: &[Row], client: &mut RepoClient) -> Result<Outlook> {
     let refusal = |e: EngineError| match e {
         EngineError::Blocked {
             message,
@@ -917,7 +919,10 @@ pub fn outlook(cmp: &Comparison, client: &mut RepoClient) -> Result<Outlook> {
         Ok(h) => h.adopt,
         Err(e) => return refusal(e),
     };
-    if let Err(e) = block_on_problems(&cmp.scan.problems, "sync").and_then(|_| plan(cmp, false)) {
+    // The plan's only refusal is a conflict.
+    if let Err(e) =
+        block_on_problems(&cmp.scan.problems, "sync").and_then(|_| block_on_conflicts(rows))
+    {
         return refusal(e);
     }
     Ok(Outlook {
