@@ -21,7 +21,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::protocol::{ErrorKind, StagedFile};
-use crate::site::{is_base, original_busy, syncfs, tx_error, LayoutDirs, Lock, LockMode, Site};
+use crate::site::{is_base, original_busy, syncfs, tx_error, Lock, LockMode, Site};
 use crate::store::{Store, TxRef};
 
 /// What was staged at a path, checked against the new manifest at commit.
@@ -401,8 +401,8 @@ impl Repository {
         let mut ops = Self::sync_ops(tx, deletes);
         // Everything the apply needs is made and checked now, before the
         // commit point: after it, only renames remain.
-        let dirs = LayoutDirs::new(&tx.root, &tx.id, self.store.keeps_objects());
-        dsg_txn::apply::prepare(&dirs.layout(), &mut ops).map_err(|e| {
+        let layout = crate::site::layout(&tx.root, &tx.id, self.store.keeps_objects());
+        dsg_txn::apply::prepare(&layout, &mut ops).map_err(|e| {
             let mut e = tx_error(e);
             e.message.push_str("; nothing was changed");
             e

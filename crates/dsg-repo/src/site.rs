@@ -77,8 +77,7 @@ impl Site {
         ops: &[Op],
         keep_objects: bool,
     ) -> Result<(), AgentError> {
-        let d = LayoutDirs::new(root, tx, keep_objects);
-        dsg_txn::apply::apply(&d.layout(), ops).map_err(tx_error)
+        dsg_txn::apply::apply(&layout(root, tx, keep_objects), ops).map_err(tx_error)
     }
 
     /// Takes the exclusive lock at `path`, waiting up to the timeout.
@@ -261,45 +260,24 @@ pub(crate) fn original_busy(site: &Site, staging: &Path, waited: Option<Duration
     ))
 }
 
-/// The owned paths of a transaction's `Layout`.
-pub(crate) struct LayoutDirs {
-    root: PathBuf,
-    files: PathBuf,
-    meta: PathBuf,
-    dsg: PathBuf,
-    keep_objects: bool,
-}
-
-impl LayoutDirs {
-    /// Where a transaction rooted at `root` stages, and where it puts
-    /// what it replaces: the object store, or nothing (ZFS snapshots
-    /// keep every old version).
-    pub fn new(root: &Path, tx: &str, keep_objects: bool) -> LayoutDirs {
-        let dsg = root.join(".dsg");
-        let staging = dsg.join("staging").join(tx);
-        LayoutDirs {
-            root: root.to_path_buf(),
-            meta: staging.join(".dsg-meta"),
-            files: staging,
-            keep_objects,
-            dsg,
-        }
-    }
-
-    pub fn layout(&self) -> Layout<'_> {
-        Layout {
-            root: &self.root,
-            files: &self.files,
-            meta: &self.meta,
-            dsg: &self.dsg,
-            aside: if self.keep_objects {
-                Aside::Objects { dsg: &self.dsg }
-            } else {
-                Aside::Discard
-            },
-            keep_top_level: false,
-            fp: "repo",
-        }
+/// Where a repository transaction rooted at `root` stages, and where it
+/// puts what it replaces: the object store, or nothing (ZFS snapshots keep
+/// every old version).
+pub(crate) fn layout(root: &Path, tx: &str, keep_objects: bool) -> Layout {
+    let dsg = root.join(".dsg");
+    let staging = dsg.join("staging").join(tx);
+    Layout {
+        root: root.to_path_buf(),
+        meta: staging.join(".dsg-meta"),
+        files: staging,
+        dsg,
+        aside: if keep_objects {
+            Aside::Objects
+        } else {
+            Aside::Discard
+        },
+        keep_top_level: false,
+        fp: "repo",
     }
 }
 

@@ -49,37 +49,20 @@ pub(crate) fn make_parent(base: &Path, rel: &str) -> Result<()> {
     Ok(())
 }
 
-/// The places of the local transaction `tx` (owned, for `Layout`).
-struct LocalDirs {
-    root: PathBuf,
-    files: PathBuf,
-    meta: PathBuf,
-    dsg: PathBuf,
-    backup: PathBuf,
-}
-
-impl LocalDirs {
-    fn new(root: &Path, tx: &str) -> LocalDirs {
-        let staging = staging_dir(root, tx);
-        LocalDirs {
-            root: root.to_path_buf(),
-            files: staging.join("files"),
-            meta: staging.join("meta"),
-            backup: staging.join("backup"),
-            dsg: root.join(DSG_DIR),
-        }
-    }
-
-    fn layout(&self) -> Layout<'_> {
-        Layout {
-            root: &self.root,
-            files: &self.files,
-            meta: &self.meta,
-            dsg: &self.dsg,
-            aside: Aside::Backup { dir: &self.backup },
-            keep_top_level: true,
-            fp: "client",
-        }
+/// The places of the local transaction `tx`: what it replaces or deletes
+/// goes to its backup folder, removed once it is done.
+fn local_layout(root: &Path, tx: &str) -> Layout {
+    let staging = staging_dir(root, tx);
+    Layout {
+        root: root.to_path_buf(),
+        files: staging.join("files"),
+        meta: staging.join("meta"),
+        dsg: root.join(DSG_DIR),
+        aside: Aside::Backup {
+            dir: staging.join("backup"),
+        },
+        keep_top_level: true,
+        fp: "client",
     }
 }
 
@@ -111,8 +94,7 @@ fn local_error(e: TxError) -> EngineError {
 /// needs (folders for downloads, write permission, a little free space),
 /// so a local cause fails the sync while nothing was changed.
 pub(crate) fn prepare_local(root: &Path, tx: &str, ops: &mut [Op]) -> Result<()> {
-    let d = LocalDirs::new(root, tx);
-    dsg_txn::apply::prepare(&d.layout(), ops).map_err(|e| {
+    dsg_txn::apply::prepare(&local_layout(root, tx), ops).map_err(|e| {
         let EngineError::State { message, hint } = local_error(e) else {
             unreachable!("local_error gives State")
         };
@@ -126,8 +108,7 @@ pub(crate) fn prepare_local(root: &Path, tx: &str, ops: &mut [Op]) -> Result<()>
 /// Applies committed local operations. Idempotent: each step looks at what
 /// is already done, so recovery can run it again after a crash.
 pub fn apply_local(root: &Path, tx: &str, ops: &[Op]) -> Result<()> {
-    let d = LocalDirs::new(root, tx);
-    dsg_txn::apply::apply(&d.layout(), ops).map_err(local_error)
+    dsg_txn::apply::apply(&local_layout(root, tx), ops).map_err(local_error)
 }
 
 pub(crate) fn rollback_local(root: &Path, tx: &str, is_clone: bool) {

@@ -52,38 +52,39 @@ impl Op {
 }
 
 /// Where retired versions go.
-#[derive(Debug, Clone, Copy)]
-pub enum Aside<'a> {
+#[derive(Debug, Clone)]
+pub enum Aside {
     /// A repository directory keeps every version: into its object store
     /// (`<dsg>/objects/<hh>/<hash>`), deleted if the object is already there.
-    Objects { dsg: &'a Path },
+    Objects,
     /// The version is kept elsewhere (a ZFS snapshot): delete it.
     Discard,
     /// A working tree: into the transaction's backup folder, which is
     /// removed once the transaction is done. A version changed since it
     /// was planned, or a folder holding untracked files, stays beside its
     /// path under a conflict-backup name (`name~STAMP~`), which scans ignore.
-    Backup { dir: &'a Path },
+    Backup { dir: PathBuf },
 }
 
 /// The places a transaction works with.
-#[derive(Debug, Clone, Copy)]
-pub struct Layout<'a> {
+#[derive(Debug, Clone)]
+pub struct Layout {
     /// The tree the transaction changes.
-    pub root: &'a Path,
+    pub root: PathBuf,
     /// The staged files, at their paths.
-    pub files: &'a Path,
+    pub files: PathBuf,
     /// The staged metadata: `archive/*`, `sync-messages.json`,
     /// `last-sync.json` (installed last: it switches the head).
-    pub meta: &'a Path,
-    /// Where the metadata goes (`<root>/.dsg`).
-    pub dsg: &'a Path,
-    pub aside: Aside<'a>,
+    pub meta: PathBuf,
+    /// Where the metadata (and, for `Aside::Objects`, the object store)
+    /// goes: `<root>/.dsg`.
+    pub dsg: PathBuf,
+    pub aside: Aside,
     /// Folders directly under the root (the data folders) stay when a
     /// transaction empties them.
     pub keep_top_level: bool,
     /// Failpoint names: `<fp>.apply.<i>`, `<fp>.apply.meta`.
-    pub fp: &'a str,
+    pub fp: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,8 +193,9 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
         let install = matches!(op, Op::Install { .. });
         let parent = parent_dir(l, &path, &retired, install, &mut to_make, &mut known_dirs)?;
         writable.insert(parent);
-        match (op, l.aside) {
-            (Op::Retire { path, hash, .. }, Aside::Objects { dsg }) => {
+        match (op, &l.aside) {
+            (Op::Retire { path, hash, .. }, Aside::Objects) => {
+                let dsg = &l.dsg;
                 let p = l.root.join(&*path);
                 if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
                     continue;
@@ -242,7 +244,7 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
         }
     }
     let missing: Vec<&PathBuf> = make_now.iter().filter(|d| !d.is_dir()).collect();
-    check_space(l.root, ops, to_make.len() + missing.len())?;
+    check_space(&l.root, ops, to_make.len() + missing.len())?;
     // Parents sort before their children.
     let mut made: Vec<&PathBuf> = Vec::new();
     for d in missing {
@@ -353,7 +355,7 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
         .map(|o| o.path())
         .collect();
     let mut touched: Vec<PathBuf> = Vec::new();
-    let mut parents = Parents::new(l.root);
+    let mut parents = Parents::new(&l.root);
     for (i, op) in ops.iter().enumerate() {
         failpoint(&format!("{}.apply.{i}", l.fp));
         let dst = l.root.join(op.path());
@@ -399,7 +401,7 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
     }
     prune_emptied(l, touched);
     install_meta(l)?;
-    syncfs(l.root)
+    syncfs(&l.root)
 }
 
 /// What lies on the way from the root to a path's parent.
@@ -465,7 +467,7 @@ fn retire(
     hash: Option<u64>,
     expect: Option<(u64, i64, u64)>,
 ) -> Result<(), TxError> {
-    if let Aside::Backup { dir } = l.aside {
+    if let Aside::Backup { dir } = &l.aside {
         // Already moved (a re-run). Backups are files or links; a folder
         // there only holds backups of its children.
         if fs::symlink_metadata(dir.join(path)).is_ok_and(|m| !m.is_dir()) {
@@ -486,13 +488,13 @@ fn retire(
     if md.is_dir() {
         // Its tracked files were retired before it (deepest first), so
         // only empty folders should remain.
-        return match (remove_empty_tree(p), l.aside) {
+        return match (remove_empty_tree(p), &l.aside) {
             (Ok(()), _) => Ok(()),
             (Err(_), Aside::Backup { .. }) => keep_beside(p, "held untracked files"),
             (Err(e), _) => Err(e),
         };
     }
-    match l.aside {
+    match &l.aside {
         Aside::Backup { dir } => {
             let st = Stat::of(&md);
             if expect != Some((st.size, st.mtime_ns, st.ino)) {
@@ -504,7 +506,8 @@ fn retire(
             }
             fs::rename(p, &b).map_err(|e| TxError::io(p, e))
         }
-        Aside::Objects { dsg } if md.is_file() => {
+        Aside::Objects if md.is_file() => {
+            let dsg = &l.dsg;
             let h = match hash {
                 Some(h) => Hash(h),
                 None => {
@@ -524,7 +527,7 @@ fn retire(
             }
             fs::rename(p, &obj).map_err(|e| TxError::io(p, e))
         }
-        Aside::Objects { .. } | Aside::Discard => fs::remove_file(p).map_err(|e| TxError::io(p, e)),
+        Aside::Objects | Aside::Discard => fs::remove_file(p).map_err(|e| TxError::io(p, e)),
     }
 }
 
@@ -575,9 +578,9 @@ fn prune_emptied(l: &Layout, mut touched: Vec<PathBuf>) {
     touched.dedup();
     for d in touched.iter().rev() {
         let mut cur = d.clone();
-        while cur.starts_with(l.root)
+        while cur.starts_with(&l.root)
             && cur != l.root
-            && !(l.keep_top_level && cur.parent() == Some(l.root))
+            && !(l.keep_top_level && cur.parent() == Some(l.root.as_path()))
         {
             if fs::remove_dir(&cur).is_err() {
                 break;
@@ -635,24 +638,20 @@ pub fn syncfs(p: &Path) -> Result<(), TxError> {
 mod tests {
     use super::*;
 
-    fn layout<'a>(root: &'a Path, st: &'a Path, aside: Aside<'a>) -> (Layout<'a>, PathBuf) {
+    fn layout(root: &Path, st: &Path, aside: Aside) -> (Layout, PathBuf) {
         let dsg = root.join(".dsg");
         fs::create_dir_all(&dsg).unwrap();
-        let dsg: &'a Path = Box::leak(dsg.into_boxed_path());
-        let files: &'a Path = Box::leak(st.join("files").into_boxed_path());
-        let meta: &'a Path = Box::leak(st.join("meta").into_boxed_path());
-        (
-            Layout {
-                root,
-                files,
-                meta,
-                dsg,
-                aside,
-                keep_top_level: false,
-                fp: "test",
-            },
-            files.to_path_buf(),
-        )
+        let l = Layout {
+            root: root.to_path_buf(),
+            files: st.join("files"),
+            meta: st.join("meta"),
+            dsg,
+            aside,
+            keep_top_level: false,
+            fp: "test",
+        };
+        let files = l.files.clone();
+        (l, files)
     }
 
     #[test]
@@ -663,7 +662,7 @@ mod tests {
         fs::create_dir_all(root.join("in")).unwrap();
         fs::write(root.join("in/a"), b"old").unwrap();
         let dsg = root.join(".dsg");
-        let (l, files) = layout(&root, &st, Aside::Objects { dsg: &dsg });
+        let (l, files) = layout(&root, &st, Aside::Objects);
         fs::create_dir_all(files.join("in/new")).unwrap();
         fs::write(files.join("in/a"), b"new").unwrap();
         fs::write(files.join("in/new/b"), b"b").unwrap();
