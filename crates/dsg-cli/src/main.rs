@@ -69,6 +69,12 @@ enum Cmd {
         /// Rename files whose names break the filename rules
         #[arg(long)]
         normalize: bool,
+        /// Settle the conflicts as conflicts.txt says (written by the sync they blocked)
+        #[arg(long = "continue")]
+        resume: bool,
+        /// When the repository's history no longer holds this project's last sync, rebase on its head (what it would overwrite or delete here becomes a conflict)
+        #[arg(long)]
+        adopt_repository_history: bool,
     },
     /// Setup: fetch the repository's head into a project that has only .dsgconfig.yml
     Clone {
@@ -246,7 +252,18 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
             message,
             dry_run,
             normalize,
-        } => cmd_sync(message, dry_run, normalize, out),
+            resume,
+            adopt_repository_history,
+        } => cmd_sync(
+            dsg_sync::sync::SyncOpts {
+                dry_run,
+                normalize,
+                message,
+                resume_conflicts: resume,
+                adopt_history: adopt_repository_history,
+            },
+            out,
+        ),
         Cmd::Clone { dry_run } => cmd_clone(dry_run, out),
         Cmd::ListFiles { path } => cmd_list_files(path, out),
         Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
@@ -280,7 +297,10 @@ fn print_renames(out: &Out, renames: &[dsg_sync::init::RenameOut], dry_run: bool
 
 fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
     if let Some(f) = &report.adopted_history {
-        out.note(&f.note(!report.dry_run));
+        out.note(&f.note(!report.dry_run, !report.plan.resolved.is_empty()));
+    }
+    if report.stale_conflicts_file_removed {
+        out.note("no conflict is left: conflicts.txt was stale and is removed; syncing normally");
     }
     if out.json {
         out.json_doc(
@@ -325,12 +345,7 @@ fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
     }
 }
 
-fn cmd_sync(
-    message: Option<String>,
-    dry_run: bool,
-    normalize: bool,
-    out: &Out,
-) -> Result<(), EngineError> {
+fn cmd_sync(opts: dsg_sync::sync::SyncOpts, out: &Out) -> Result<(), EngineError> {
     let project = open_project()?;
     if project.root != cwd()? {
         // Sync changes the whole tree; running it from a subdirectory would
@@ -338,15 +353,7 @@ fn cmd_sync(
         tracing::info!("project root is {}", project.root.display());
     }
     let reporter = TermReporter::new(out);
-    let report = dsg_sync::sync::sync(
-        &project,
-        dsg_sync::sync::SyncOpts {
-            dry_run,
-            normalize,
-            message,
-        },
-        &reporter,
-    )?;
+    let report = dsg_sync::sync::sync(&project, opts, &reporter)?;
     print_plan(out, &report, "sync");
     Ok(())
 }
@@ -568,7 +575,7 @@ fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
     let rows = cmp.rows();
     // Offline, R is the cache: there is no history to check.
     let outlook = match client.as_mut() {
-        Some(c) => dsg_sync::sync::outlook(&cmp, &rows, c)?,
+        Some(c) => dsg_sync::sync::outlook(&project, &cmp, &rows, c)?,
         None => Default::default(),
     };
     if let Some(c) = client {
@@ -589,6 +596,7 @@ fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
             "problems": problems,
             "blocked": outlook.blocked,
             "adopts_history": outlook.adopts_history,
+            "conflicts": outlook.conflicts,
         }));
         return Ok(());
     }

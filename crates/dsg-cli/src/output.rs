@@ -180,7 +180,7 @@ pub fn print_outlook(out: &Out, outlook: &dsg_sync::sync::Outlook) {
     }
     if let Some(f) = &outlook.adopts_history {
         out.line("");
-        out.line(&format!("Note: {}.", f.note(false)));
+        out.line(&format!("Note: {}.", f.note(false, false)));
     }
 }
 

@@ -36,7 +36,7 @@ fn facts() -> Value {
 }
 
 const AT_RISK: [&str; 2] = ["output/latest.csv", "output/report.md"];
-const HISTORY_GONE: &str = "the repository's history no longer holds this project's last sync";
+const HISTORY_GONE: &str = "is no longer in the repository's history";
 
 struct Fx {
     env: TestEnv,
@@ -121,9 +121,21 @@ fn state_c_status_shows_the_refusal_that_sync_gives() {
     );
     assert_eq!(blocked["paths"], json!(AT_RISK), "{v:#}");
     assert!(
-        blocked["hint"].as_str().unwrap().contains("dsg clone"),
+        blocked["hint"]
+            .as_str()
+            .unwrap()
+            .contains("dsg sync --adopt-repository-history"),
         "{v:#}"
     );
+    // The lost snapshot named with its time, and the repository's head.
+    let ours = head(&fx.rosa.join(".dsg/last-sync.json"));
+    let reason = blocked["reason"].as_str().unwrap();
+    for key in ["snapshot_id", "created_at"] {
+        assert!(
+            reason.contains(ours[key].as_str().unwrap()),
+            "{key}: {reason}"
+        );
+    }
     assert_eq!(v["adopts_history"], Value::Null, "{v:#}");
 
     // Status reports; it does not fail.
@@ -283,7 +295,7 @@ fn a_conflict_beyond_the_fork_is_the_refusal_status_shows() {
         blocked["reason"]
             .as_str()
             .unwrap()
-            .starts_with("sync blocked by 1 conflict(s)"),
+            .starts_with("sync blocked by 1 conflict;"),
         "{v:#}"
     );
     assert_eq!(blocked["paths"], json!(["output/report.md"]), "{v:#}");

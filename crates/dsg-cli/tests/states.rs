@@ -458,18 +458,34 @@ fn conflict_case(kind: Kind, c: &Conflict) {
         rows.contains(&(path.to_string(), state.to_string(), "conflict".to_string())),
         "status of A: {rows:?}"
     );
+    // Everything but the conflicts.txt the blocked sync writes (and so
+    // the project folder's own mtime).
+    let listing_a = || {
+        let mut l = full_listing(&env.client("A"));
+        l.remove("conflicts.txt");
+        l.remove(".");
+        l
+    };
     let before = (
-        full_listing(&env.client("A")),
+        listing_a(),
         full_listing(&env.client("B")),
         full_listing(&env.repo()),
     );
     for args in [&["sync"][..], &["sync", "-m", "x"], &["sync", "--json"]] {
+        let _ = std::fs::remove_file(env.client("A").join("conflicts.txt"));
         let o = env.run("A", args);
         assert_eq!(o.status.code(), Some(3), "{args:?}: {}", show(&o));
         let msg = format!("{}{}", stdout(&o), stderr(&o));
         assert!(msg.contains(path), "the conflict names {path}: {msg}");
+        let txt = std::fs::read_to_string(env.client("A").join("conflicts.txt"))
+            .expect("the blocked sync writes conflicts.txt");
+        assert!(
+            txt.contains(&format!("\n# File: {path}\n# Conflict: ")),
+            "{txt}"
+        );
+        assert_eq!(txt.matches("\n# File: ").count(), 1, "{txt}");
         let after = (
-            full_listing(&env.client("A")),
+            listing_a(),
             full_listing(&env.client("B")),
             full_listing(&env.repo()),
         );

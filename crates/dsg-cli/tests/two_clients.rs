@@ -120,7 +120,15 @@ fn conflicts_block_with_exit_3_and_change_nothing(kind: Kind) {
         );
     }
     assert_same("repository", &repo_before, &state_listing(&z.repo()));
-    assert_same("client A", &a_before, &state_listing(&z.client("A")));
+    let mut a_after = state_listing(&z.client("A"));
+    assert!(
+        a_after.remove("conflicts.txt").is_some(),
+        "the blocked sync wrote conflicts.txt"
+    );
+    a_after.remove(".");
+    let mut a_before = a_before;
+    a_before.remove(".");
+    assert_same("client A", &a_before, &a_after);
     assert_eq!(z.snapshots(), snaps_before, "no snapshot");
     if let Some(all_before) = all_before {
         assert_eq!(z.zfs().all_snapshots(), all_before);
@@ -131,6 +139,10 @@ fn conflicts_block_with_exit_3_and_change_nothing(kind: Kind) {
     z.write("A", &p(IN, "shared.txt"), "B's edit");
     z.write("A", &p(IN, "del_by_a.txt"), "B edits what A deletes");
     z.ok("A", &["sync"]);
+    assert!(
+        !z.client("A").join("conflicts.txt").exists(),
+        "a sync with no conflict left removes the stale conflicts.txt"
+    );
     z.ok("B", &["sync"]);
     assert_eq!(assert_converged(&z, "after resolving"), 3);
 }

@@ -17,7 +17,7 @@
 //! Recovery (`recover_sync`) rolls back before the commit point and forward
 //! after it; every apply step checks what is already done.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +36,7 @@ use dsg_txn::{Journal, Op};
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::conflicts::{self, Choice, Conflict};
 use crate::local_tx::{
     apply_local, cleanup_local, jerr, journal_path, make_parent, prepare_local, recover_sync,
     rollback_local, staging_dir, sync_fs, ClientBegin, LocalRecord,
@@ -51,6 +52,12 @@ pub struct SyncOpts {
     pub dry_run: bool,
     pub normalize: bool,
     pub message: Option<String>,
+    /// `--continue`: settle the conflicts as `conflicts.txt` says.
+    pub resume_conflicts: bool,
+    /// `--adopt-repository-history`: when the repository's history no
+    /// longer holds our last sync, rebase on its head; what that would
+    /// overwrite or delete here becomes a conflict instead of a refusal.
+    pub adopt_history: bool,
 }
 
 /// What a sync will do, decided from L/C/R alone before anything is
@@ -74,6 +81,12 @@ pub struct Plan {
     pub needs_snapshot: bool,
     /// The project's files or its last sync change.
     pub needs_local: bool,
+    /// The conflicts this sync settles (`--continue`), with the choice
+    /// taken for each.
+    pub resolved: Vec<(String, Choice)>,
+    /// Local files a resolution replaces or deletes: kept beside
+    /// themselves as `<name>~<time>~` first (`backup_on_conflict`).
+    pub backups: Vec<String>,
 }
 
 impl Plan {
@@ -95,6 +108,8 @@ pub struct SyncReport {
     /// The repository's history this sync took over (or, in a dry run,
     /// would take over) because it no longer holds our last sync.
     pub adopted_history: Option<Fork>,
+    /// `--continue` found no conflict left and removed `conflicts.txt`.
+    pub stale_conflicts_file_removed: bool,
 }
 
 pub fn sync(project: &Project, opts: SyncOpts, reporter: &dyn Reporter) -> Result<SyncReport> {
@@ -171,13 +186,63 @@ fn sync_once(
     if !is_clone {
         recover_sync(project, Some(&mut client))?;
     }
+    let resolutions = if opts.resume_conflicts {
+        Some(conflicts::read(&project.root)?)
+    } else {
+        None
+    };
+    let adopt_history = opts.adopt_history || resolutions.as_ref().is_some_and(|r| r.adopt);
     let Settled {
         cmp,
         repo_messages,
         renames,
         adopt,
-    } = compare_settled(project, opts, &mut client, is_clone, reporter)?;
-    let mut plan = plan(&cmp, is_clone)?;
+        at_risk,
+    } = compare_settled(
+        project,
+        opts,
+        adopt_history,
+        &mut client,
+        is_clone,
+        reporter,
+    )?;
+    let rows = rows_at_risk(&cmp, &at_risk);
+    let found = conflicts::conflicts(&cmp, &rows, adopt.as_ref());
+    let mut stale_conflicts_file_removed = false;
+    let choices = match &resolutions {
+        Some(_) if found.is_empty() => {
+            // Settled meanwhile (by hand, or by another client): the file
+            // is stale, and a normal sync goes ahead.
+            if !opts.dry_run {
+                remove_conflicts_file(project);
+            }
+            stale_conflicts_file_removed = true;
+            None
+        }
+        Some(res) => {
+            conflicts::check_complete(res, &found, &project.root)?;
+            Some(&res.choices)
+        }
+        None if !found.is_empty() => {
+            return Err(blocked_by_conflicts(
+                project,
+                &found,
+                adopt.as_ref(),
+                opts.dry_run,
+                false,
+            ))
+        }
+        None => {
+            // A conflicts.txt of ours left from a sync whose conflicts were
+            // since settled by hand would only mislead.
+            if !opts.dry_run && conflicts::is_ours(&project.root) {
+                remove_conflicts_file(project);
+                stale_conflicts_file_removed = true;
+            }
+            None
+        }
+    };
+    let mut plan = plan(&cmp, rows, choices, is_clone)?;
     if adopt.is_some() {
         // Even with no file to change, the last sync becomes the
         // repository's head: left on the stale chain, every later change
@@ -192,6 +257,7 @@ fn sync_once(
         up_to_date: plan.up_to_date(),
         renames,
         adopted_history: adopt,
+        stale_conflicts_file_removed,
         ..Default::default()
     };
     if opts.dry_run {
@@ -211,6 +277,9 @@ fn sync_once(
         is_clone,
     };
     transact(&tx, client, &cmp, &plan, &next, retries, reporter)?;
+    if resolutions.is_some() {
+        remove_conflicts_file(project);
+    }
     report.snapshot_id = next.snapshot_id;
     report.plan = plan;
     Ok(report)
@@ -223,6 +292,9 @@ struct Settled {
     repo_messages: Option<SyncMessages>,
     renames: Vec<RenameOut>,
     adopt: Option<Fork>,
+    /// Adopting the repository's history, the paths that sync would
+    /// otherwise overwrite or delete here: conflicts now.
+    at_risk: Vec<String>,
 }
 
 /// Compares L/C/R with every name settled (renamed with `--normalize`)
@@ -230,6 +302,7 @@ struct Settled {
 fn compare_settled(
     project: &Project,
     opts: &SyncOpts,
+    adopt_history: bool,
     client: &mut RepoClient,
     is_clone: bool,
     reporter: &dyn Reporter,
@@ -246,7 +319,7 @@ fn compare_settled(
     let history = if is_clone {
         History::default()
     } else {
-        check_history(&cmp, client, renames_pending)?
+        check_history(&cmp, client, renames_pending, adopt_history)?
     };
     let mut repo_messages = history.messages;
     let renames = settle_names(
@@ -269,20 +342,133 @@ fn compare_settled(
         repo_messages,
         renames,
         adopt: history.adopt,
+        at_risk: history.at_risk,
     })
+}
+
+/// `cmp`'s rows, with the paths a forked history put at risk turned into
+/// conflicts.
+fn rows_at_risk(cmp: &Comparison, at_risk: &[String]) -> Vec<Row> {
+    let mut rows = cmp.rows();
+    if !at_risk.is_empty() {
+        let set: std::collections::HashSet<&str> = at_risk.iter().map(|s| s.as_str()).collect();
+        for r in rows.iter_mut().filter(|r| set.contains(r.path.as_str())) {
+            r.action = Action::Conflict;
+        }
+    }
+    rows
+}
+
+fn remove_conflicts_file(project: &Project) {
+    let p = conflicts::path(&project.root);
+    if let Err(e) = std::fs::remove_file(&p) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", p.display());
+        }
+    }
+}
+
+/// Writes `conflicts.txt` (not in a dry run) and says what blocks.
+fn blocked_by_conflicts(
+    project: &Project,
+    found: &[Conflict],
+    fork: Option<&Fork>,
+    dry_run: bool,
+    status: bool,
+) -> EngineError {
+    let file = conflicts::path(&project.root);
+    let mut written = false;
+    if !dry_run && !status {
+        let text = conflicts::render(
+            found,
+            &project.user.user_id,
+            project.user.backup_on_conflict,
+            fork,
+        );
+        match write_atomic(&file, text.as_bytes()) {
+            Ok(()) => written = true,
+            Err(e) => tracing::warn!("cannot write {}: {e}", file.display()),
+        }
+    }
+    let shown: Vec<String> = found
+        .iter()
+        .take(20)
+        .map(|c| {
+            let ch: Vec<String> = c.choices.iter().map(|x| x.letter().to_string()).collect();
+            format!("  {}  ({}; choices {})", c.path, c.reason, ch.join(", "))
+        })
+        .collect();
+    EngineError::Blocked {
+        message: format!(
+            "sync blocked by {}; nothing was changed:\n{}{}{}",
+            plural(found.len(), "conflict"),
+            shown.join("\n"),
+            if found.len() > 20 {
+                format!("\n  … and {} more", found.len() - 20)
+            } else {
+                String::new()
+            },
+            if written || status || dry_run {
+                String::new()
+            } else {
+                format!("\n({} could not be written)", file.display())
+            }
+        ),
+        // The same words from status and sync: status says what sync does.
+        hint: "'dsg sync' writes conflicts.txt at the project root with the choices for each file (L: keep the local version, R: take the repository's, C: restore the last synced one); keep one option line per file, then run 'dsg sync --continue'".into(),
+        paths: found.iter().map(|c| c.path.clone()).collect(),
+    }
+}
+
+pub(crate) fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
 }
 
 /// The plan for `cmp`, a pure function of it. Conflicts block here, before
 /// anything is written. A clone never writes the repository, so it plans
 /// no uploads and no remote deletions.
-pub fn plan(cmp: &Comparison, is_clone: bool) -> Result<Plan> {
-    let files = cmp.rows();
-    block_on_conflicts(&files)?;
+pub fn plan(
+    cmp: &Comparison,
+    mut files: Vec<Row>,
+    choices: Option<&BTreeMap<String, Choice>>,
+    is_clone: bool,
+) -> Result<Plan> {
+    if choices.is_none() {
+        block_on_conflicts(&files)?;
+    }
     let remote = cmp.remote();
     let mut p = Plan::default();
-    for r in &files {
+    for r in &mut files {
         let path = r.path.clone();
-        match r.action {
+        let action = match (r.action, choices.and_then(|c| c.get(&r.path))) {
+            (Action::Conflict, Some(&ch)) => {
+                let (l, rem) = (cmp.local.get(&r.path), remote.get(&r.path));
+                p.resolved.push((path.clone(), ch));
+                if ch != Choice::Local && l.is_some() {
+                    p.backups.push(path.clone());
+                }
+                match ch {
+                    Choice::Local if l.is_some() => Action::Upload,
+                    Choice::Local => Action::DeleteRemote,
+                    Choice::Remote if rem.is_some() => Action::Download,
+                    Choice::Remote => Action::DeleteLocal,
+                    Choice::Cache => {
+                        return Err(EngineError::Blocked {
+                            message: format!("{}: restoring the last-synced version (C) needs the repository's history, which this build cannot read yet; nothing was changed", r.path),
+                            hint: "choose L or R for it in conflicts.txt".into(),
+                            paths: vec![r.path.clone()],
+                        })
+                    }
+                }
+            }
+            (a, _) => a,
+        };
+        r.action = action;
+        match action {
             Action::Upload if !is_clone => {
                 p.uploaded_bytes += entry_size(cmp.local.get(&r.path).expect("L has it"));
                 p.uploads.push(path);
@@ -454,6 +640,21 @@ fn transact(
 ) -> Result<()> {
     let root = tx.root();
     let journal = begin(tx)?;
+    // Before the commit point, like everything that can fail: a backup
+    // that cannot be made stops the sync with nothing changed. A crash
+    // after this leaves at most the backups (hard links to unchanged
+    // files, never scanned).
+    let backups = if tx.project.user.backup_on_conflict && !plan.backups.is_empty() {
+        match conflicts::make_backups(root, &plan.backups, &cmp.local) {
+            Ok(b) => b,
+            Err(e) => {
+                rollback_local(root, &tx.id, tx.is_clone);
+                return Err(e);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let ops = match stage(
         tx,
         &journal,
@@ -469,6 +670,9 @@ fn transact(
             // Before the commit point: nothing of ours is visible anywhere.
             let _ = client.rollback();
             rollback_local(root, &tx.id, tx.is_clone);
+            for b in &backups {
+                let _ = std::fs::remove_file(b);
+            }
             return Err(e);
         }
     };
@@ -764,15 +968,20 @@ pub struct Fork {
 impl Fork {
     /// The note a sync or status gives when it adopts (or would adopt) the
     /// repository's history: the project's own chain ends here.
-    pub fn note(&self, done: bool) -> String {
+    pub fn note(&self, done: bool, settled: bool) -> String {
         format!(
-            "{} the repository's history at {} {}: it no longer holds this project's last sync ({} {}), and nothing local {} at risk",
+            "{} the repository's history at {} {}: it no longer holds this project's last sync ({} {}); {}",
             if done { "adopted" } else { "sync will adopt" },
             self.head_id,
             self.head_hash.as_deref().unwrap_or("?"),
             self.last_sync_id,
             self.last_sync_hash.as_deref().unwrap_or("?"),
-            if done { "was" } else { "is" },
+            match (settled, done) {
+                (true, true) => "what it put at risk here was settled as conflicts.txt said",
+                (true, false) => "what it puts at risk here is settled as conflicts.txt says",
+                (false, true) => "nothing local was at risk",
+                (false, false) => "nothing local is at risk",
+            }
         )
     }
 }
@@ -782,9 +991,13 @@ impl Fork {
 pub struct History {
     /// The repository's sync-messages, when the check had to read them.
     pub messages: Option<SyncMessages>,
-    /// Set when the histories forked but nothing local is at risk: the
-    /// sync takes the repository's head as its new base.
+    /// Set when the histories forked and the sync takes the repository's
+    /// head as its new base: nothing local is at risk, or the caller asked
+    /// to adopt it anyway.
     pub adopt: Option<Fork>,
+    /// Adopting anyway, the paths whose overwrite or deletion here rests on
+    /// the lost last sync: they must become conflicts.
+    pub at_risk: Vec<String>,
 }
 
 /// Refuses to sync a project whose last sync the repository no longer
@@ -799,6 +1012,7 @@ pub fn check_history(
     cmp: &Comparison,
     client: &mut RepoClient,
     renames_pending: bool,
+    adopt: bool,
 ) -> Result<History> {
     let (Some(ours), Some(head)) = (cmp.cache.metadata.as_ref(), cmp.remote().metadata.as_ref())
     else {
@@ -823,7 +1037,7 @@ pub fn check_history(
     if !diverged {
         return Ok(History {
             messages: Some(messages),
-            adopt: None,
+            ..Default::default()
         });
     }
     let at_risk: Vec<String> = cmp
@@ -852,28 +1066,38 @@ pub fn check_history(
             paths: Vec::new(),
         });
     }
-    if at_risk.is_empty() {
+    let fork = Fork {
+        last_sync_id: ours.snapshot_id.clone(),
+        last_sync_hash: ours.snapshot_hash.clone(),
+        head_id: head.snapshot_id.clone(),
+        head_hash: head.snapshot_hash.clone(),
+    };
+    if at_risk.is_empty() || adopt {
         return Ok(History {
             messages: Some(messages),
-            adopt: Some(Fork {
-                last_sync_id: ours.snapshot_id.clone(),
-                last_sync_hash: ours.snapshot_hash.clone(),
-                head_id: head.snapshot_id.clone(),
-                head_hash: head.snapshot_hash.clone(),
-            }),
+            adopt: Some(fork),
+            at_risk,
         });
+    }
+    let mut shown: Vec<String> = at_risk.iter().take(5).cloned().collect();
+    if at_risk.len() > 5 {
+        shown.push(format!("… and {} more", at_risk.len() - 5));
     }
     Err(EngineError::Blocked {
         message: format!(
-            "the repository's history no longer holds this project's last sync ({} {}; its head is now {} {}): it was replaced, rewritten or forked since. Syncing would delete or overwrite {} local file(s) (e.g. {}) on the strength of that stale last sync; nothing was changed",
+            "this project's last sync, {} {} (made {}{}), is no longer in the repository's history: its head is now {} {} (made {}{}). The repository was replaced, rewritten, or forked by another program (the original dsg, which swaps in its own copy of the repository, can drop a snapshot published meanwhile). Syncing would overwrite or delete {} here on the strength of that lost snapshot: {}; nothing was changed",
             ours.snapshot_id,
             ours.snapshot_hash.as_deref().unwrap_or("?"),
+            ours.created_at,
+            ours.created_by.as_deref().map(|u| format!(" by {u}")).unwrap_or_default(),
             head.snapshot_id,
             head.snapshot_hash.as_deref().unwrap_or("?"),
-            at_risk.len(),
-            at_risk.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+            head.created_at,
+            head.created_by.as_deref().map(|u| format!(" by {u}")).unwrap_or_default(),
+            plural(at_risk.len(), "local file"),
+            shown.join(", "),
         ),
-        hint: "your files here may be the only copies: 'dsg clone' the repository into a new directory and compare; to follow the repository as it is now, keep what you need, move this project's .dsg away and run 'dsg clone' here".into(),
+        hint: "run 'dsg sync --adopt-repository-history' to rebase on the repository's head: your local changes are uploaded, and every file it would overwrite or delete here becomes a conflict in conflicts.txt (a backup is kept of what you replace); 'dsg sync --dry-run --adopt-repository-history' shows the plan".into(),
         paths: at_risk,
     })
 }
@@ -892,6 +1116,9 @@ pub struct Blocked {
 pub struct Outlook {
     pub blocked: Option<Blocked>,
     pub adopts_history: Option<Fork>,
+    /// Each conflict with its reason and the choices `conflicts.txt` will
+    /// offer.
+    pub conflicts: Vec<Conflict>,
 }
 
 /// `status`'s view of the sync to come, from the same checks `sync` runs,
@@ -899,7 +1126,12 @@ pub struct Outlook {
 /// repository unreachable) are errors here too. `rows` are `cmp.rows()`,
 /// which the caller prints anyway: classifying every file again (and
 /// building a whole plan) would double the cost of `status`.
-pub fn outlook(cmp: &Comparison, rows: &[Row], client: &mut RepoClient) -> Result<Outlook> {
+pub fn outlook(
+    project: &Project,
+    cmp: &Comparison,
+    rows: &[Row],
+    client: &mut RepoClient,
+) -> Result<Outlook> {
     let refusal = |e: EngineError| match e {
         EngineError::Blocked {
             message,
@@ -912,22 +1144,28 @@ pub fn outlook(cmp: &Comparison, rows: &[Row], client: &mut RepoClient) -> Resul
                 hint,
             }),
             adopts_history: None,
+            conflicts: Vec::new(),
         }),
         other => Err(other),
     };
-    let adopt = match check_history(cmp, client, false) {
+    let adopt = match check_history(cmp, client, false, false) {
         Ok(h) => h.adopt,
         Err(e) => return refusal(e),
     };
-    // The plan's only refusal is a conflict.
-    if let Err(e) =
-        block_on_problems(&cmp.scan.problems, "sync").and_then(|_| block_on_conflicts(rows))
-    {
+    if let Err(e) = block_on_problems(&cmp.scan.problems, "sync") {
         return refusal(e);
+    }
+    // The plan's only refusal is a conflict.
+    let found = conflicts::conflicts(cmp, rows, None);
+    if !found.is_empty() {
+        let mut o = refusal(blocked_by_conflicts(project, &found, None, true, true))?;
+        o.conflicts = found;
+        return Ok(o);
     }
     Ok(Outlook {
         blocked: None,
         adopts_history: adopt,
+        conflicts: Vec::new(),
     })
 }
 

@@ -1,0 +1,359 @@
+//! Conflict resolution on every repository kind: a blocked sync writes
+//! `conflicts.txt` (the original's layout, one block per file with the
+//! choices its state offers), `sync --continue` settles each file as
+//! chosen inside one sync (a new snapshot; local and repository
+//! byte-identical; local files a choice replaces kept as
+//! `<name>~<time>~`), and every malformed or incomplete resolution changes
+//! nothing.
+
+mod world;
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use world::*;
+
+/// A's view after B synced: four conflicts, one of each kind the table
+/// has, and one unrelated change on each side.
+///
+/// | file        | A (local)       | last sync | repository (B) | state |
+/// |-------------|-----------------|-----------|----------------|-------|
+/// | shared.txt  | A's edit        | v0        | B's edit       | 111   |
+/// | gone.txt    | deleted         | g0        | B's edit       | 011   |
+/// | kept.txt    | A's edit        | k0        | deleted        | 110   |
+/// | both.txt    | A's new file    | –         | B's new file   | 101   |
+fn four_conflicts(z: &World) {
+    z.write("A", &p(IN, "shared.txt"), "v0");
+    z.write("A", &p(IN, "gone.txt"), "g0");
+    z.write("A", &p(IN, "kept.txt"), "k0");
+    z.write("A", &p(OUT, "calm.txt"), "c0");
+    z.init("A");
+    z.clone_client("A", "B");
+    z.write("B", &p(IN, "shared.txt"), "B's edit");
+    z.write("B", &p(IN, "gone.txt"), "B's edit of gone");
+    z.remove("B", &p(IN, "kept.txt"));
+    z.write("B", &p(IN, "both.txt"), "B's both");
+    z.write("B", &p(OUT, "from_b.txt"), "unrelated B");
+    z.ok("B", &["sync", "-m", "B"]);
+    z.write("A", &p(IN, "shared.txt"), "A's edit");
+    z.remove("A", &p(IN, "gone.txt"));
+    z.write("A", &p(IN, "kept.txt"), "A's edit of kept");
+    z.write("A", &p(IN, "both.txt"), "A's both");
+    z.write("A", &p(OUT, "from_a.txt"), "unrelated A");
+}
+
+/// `conflicts.txt` parsed the simple way a test can trust: file -> the
+/// option letters offered, in order.
+fn offered(text: &str) -> BTreeMap<String, Vec<char>> {
+    let mut out: BTreeMap<String, Vec<char>> = BTreeMap::new();
+    let mut cur = None;
+    for l in text.lines() {
+        if let Some(f) = l.strip_prefix("# File: ") {
+            cur = Some(f.to_string());
+            out.insert(f.to_string(), Vec::new());
+        } else if let (Some(f), Some(rest)) = (&cur, l.strip_prefix('_')) {
+            out.get_mut(f).unwrap().push(rest.chars().next().unwrap());
+        }
+    }
+    out
+}
+
+/// Keeps `choice` (a letter) for each file: the underscore removed, the
+/// comment kept, the other option lines deleted — the instructions,
+/// followed literally.
+fn choose(text: &str, choices: &[(&str, char)]) -> String {
+    let mut out = String::new();
+    let mut cur = String::new();
+    for l in text.lines() {
+        if let Some(f) = l.strip_prefix("# File: ") {
+            cur = f.to_string();
+        }
+        if let Some(rest) = l.strip_prefix('_') {
+            let want = choices.iter().find(|(f, _)| p(IN, f) == cur).map(|c| c.1);
+            if want == rest.chars().next() {
+                out.push_str(rest);
+                out.push('\n');
+            }
+            continue;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+fn head_id(z: &World) -> String {
+    z.head()["metadata"]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn conflicts_txt(z: &World, c: &str) -> std::path::PathBuf {
+    z.client(c).join("conflicts.txt")
+}
+
+/// Backups beside `rel` in client `c`: (name, bytes).
+fn backups_of(z: &World, c: &str, rel: &str) -> Vec<(String, Vec<u8>)> {
+    let path = z.client(c).join(rel);
+    let dir = path.parent().unwrap();
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(&format!("{name}~")) && n.ends_with('~'))
+        .map(|n| {
+            let b = fs::read(dir.join(&n)).unwrap();
+            (n, b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn continue_settles_each_file_as_chosen(kind: Kind) {
+    let z = world_or_skip!(kind, "cfl");
+    four_conflicts(&z);
+    let repo_before = state_listing(&z.repo());
+    let a_data_before = data_tree(&z.client("A"));
+    let snaps = z.snapshots();
+    assert_eq!(head_id(&z), "s2");
+
+    let o = z.run("A", &["sync"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    let text = fs::read_to_string(conflicts_txt(&z, "A")).expect("conflicts.txt written");
+    assert!(text.starts_with("# DSG Conflict Resolution\n# Generated: "));
+    assert!(text.contains("\n# Backup on conflict: enabled\n"), "{text}");
+    assert!(text.contains("run 'dsg sync --continue'"), "{text}");
+    let got = offered(&text);
+    let mut want: BTreeMap<String, Vec<char>> = BTreeMap::new();
+    want.insert(p(IN, "gone.txt"), vec!['R', 'C']);
+    want.insert(p(IN, "kept.txt"), vec!['L', 'C']);
+    assert_eq!(got.len(), 4, "{text}");
+    for (f, w) in &want {
+        assert_eq!(&got[f], w, "{f}: {text}");
+    }
+    let mut s = got[&p(IN, "shared.txt")].clone();
+    s.sort();
+    assert_eq!(s, vec!['C', 'L', 'R'], "{text}");
+    let mut b = got[&p(IN, "both.txt")].clone();
+    b.sort();
+    assert_eq!(b, vec!['L', 'R'], "{text}");
+    // Blocks sorted by path.
+    let order: Vec<&String> = got.keys().collect();
+    let in_text: Vec<usize> = order
+        .iter()
+        .map(|f| text.find(f.as_str()).unwrap())
+        .collect();
+    assert!(in_text.windows(2).all(|w| w[0] < w[1]), "{text}");
+
+    // Blocked: nothing but conflicts.txt changed anywhere.
+    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    let mut a_after = data_tree(&z.client("A"));
+    a_after.remove("conflicts.txt");
+    assert_same("A's data", &a_data_before, &a_after);
+    assert_eq!(z.snapshots(), snaps);
+
+    // Untouched file: two option lines under one header.
+    let o = z.run("A", &["sync", "--continue"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("line "),
+        "{}",
+        show(&o)
+    );
+    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_eq!(z.snapshots(), snaps);
+
+    // One file left without a choice: refused, naming it.
+    let partial = choose(
+        &text,
+        &[("shared.txt", 'L'), ("gone.txt", 'R'), ("kept.txt", 'L')],
+    );
+    fs::write(conflicts_txt(&z, "A"), &partial).unwrap();
+    let o = z.run("A", &["sync", "--continue", "--json"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    let e = json_of(&o);
+    assert_eq!(e["paths"], serde_json::json!([p(IN, "both.txt")]), "{e:#}");
+    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+
+    // A choice the conflict does not offer (C for a file with no last sync).
+    let bad = choose(
+        &text,
+        &[
+            ("shared.txt", 'L'),
+            ("gone.txt", 'R'),
+            ("kept.txt", 'L'),
+            ("both.txt", 'R'),
+        ],
+    )
+    .replace(
+        "# File: task/input/both.txt\n# Conflict: 101: cache missing; local and remote differ\nR",
+        "# File: task/input/both.txt\n# Conflict: 101: cache missing; local and remote differ\nC",
+    );
+    assert!(
+        bad.contains("both.txt\n# Conflict: 101: cache missing; local and remote differ\nC"),
+        "{bad}"
+    );
+    fs::write(conflicts_txt(&z, "A"), &bad).unwrap();
+    let o = z.run("A", &["sync", "--continue"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+
+    // The real choices: shared L, gone R, kept L, both R.
+    let good = choose(
+        &text,
+        &[
+            ("shared.txt", 'L'),
+            ("gone.txt", 'R'),
+            ("kept.txt", 'L'),
+            ("both.txt", 'R'),
+        ],
+    );
+    fs::write(conflicts_txt(&z, "A"), &good).unwrap();
+    let o = z.run("A", &["sync", "--continue", "-m", "settled"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!conflicts_txt(&z, "A").exists(), "conflicts.txt removed");
+    assert_eq!(head_id(&z), "s3", "one new snapshot on B's s2");
+    let repo = z.repo();
+    let read_repo = |f: &str| fs::read(repo.join(p(IN, f))).ok();
+    assert_eq!(read_repo("shared.txt").as_deref(), Some(&b"A's edit"[..]));
+    assert_eq!(
+        read_repo("kept.txt").as_deref(),
+        Some(&b"A's edit of kept"[..])
+    );
+    assert_eq!(
+        read_repo("gone.txt").as_deref(),
+        Some(&b"B's edit of gone"[..])
+    );
+    assert_eq!(read_repo("both.txt").as_deref(), Some(&b"B's both"[..]));
+    assert_eq!(z.read("A", &p(IN, "gone.txt")), b"B's edit of gone");
+    assert_eq!(z.read("A", &p(IN, "both.txt")), b"B's both");
+    // The unrelated changes went through in the same sync.
+    assert_eq!(z.read("A", &p(OUT, "from_b.txt")), b"unrelated B");
+    assert!(repo.join(p(OUT, "from_a.txt")).is_file());
+    // Only the file R replaced here was backed up, with its bytes.
+    let bk = backups_of(&z, "A", &p(IN, "both.txt"));
+    assert_eq!(bk.len(), 1, "{bk:?}");
+    assert_eq!(bk[0].1, b"A's both");
+    assert!(
+        dsg_core::names::is_conflict_backup_name(&bk[0].0),
+        "{}",
+        bk[0].0
+    );
+    for f in ["shared.txt", "kept.txt", "gone.txt"] {
+        assert!(backups_of(&z, "A", &p(IN, f)).is_empty(), "{f}");
+    }
+    // Backups are never tracked: status is clean, the repository lacks them.
+    z.assert_clean("A");
+    assert!(!repo.join(p(IN, &bk[0].0)).exists());
+    assert_no_leftovers(&z.client("A"));
+    z.ok("B", &["sync"]);
+    z.assert_clean("B");
+    let mut a = tracked(&data_tree(&z.client("A")));
+    a.retain(|k, _| !dsg_core::names::is_conflict_backup_name(k));
+    assert_same("A vs B", &a, &tracked(&data_tree(&z.client("B"))));
+    z.assert_repo_sound("after --continue");
+    // The backup stays through later syncs.
+    z.ok("A", &["sync"]);
+    assert_eq!(backups_of(&z, "A", &p(IN, "both.txt")).len(), 1);
+}
+
+/// `--continue` with nothing to continue, and with choices for files that
+/// are no longer in conflict: refused, nothing changed; a stale file with
+/// no conflict left is removed and the sync goes on.
+fn continue_refuses_what_it_cannot_settle(kind: Kind) {
+    let z = world_or_skip!(kind, "cfr");
+    four_conflicts(&z);
+    let o = z.run("A", &["sync", "--continue"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("conflicts.txt not found"),
+        "{}",
+        show(&o)
+    );
+    assert!(!conflicts_txt(&z, "A").exists());
+
+    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
+    let text = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
+    // Settled by hand meanwhile: A takes B's versions of two files.
+    z.write("A", &p(IN, "shared.txt"), "B's edit");
+    z.write("A", &p(IN, "both.txt"), "B's both");
+    let all = choose(
+        &text,
+        &[
+            ("shared.txt", 'L'),
+            ("gone.txt", 'R'),
+            ("kept.txt", 'L'),
+            ("both.txt", 'R'),
+        ],
+    );
+    fs::write(conflicts_txt(&z, "A"), &all).unwrap();
+    let repo_before = state_listing(&z.repo());
+    let o = z.run("A", &["sync", "--continue", "--json"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    let e = json_of(&o);
+    let mut extra: Vec<String> = e["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    extra.sort();
+    assert_eq!(extra, vec![p(IN, "both.txt"), p(IN, "shared.txt")], "{e:#}");
+    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert!(conflicts_txt(&z, "A").exists(), "kept for the user to fix");
+
+    // Everything settled by hand: --continue says so, removes the stale
+    // file and syncs normally.
+    z.write("A", &p(IN, "gone.txt"), "B's edit of gone");
+    z.remove("A", &p(IN, "kept.txt"));
+    let o = z.run("A", &["sync", "--continue"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("conflicts.txt was stale"),
+        "{}",
+        show(&o)
+    );
+    assert!(!conflicts_txt(&z, "A").exists());
+    z.assert_clean("A");
+    assert!(!z.repo().join(p(IN, "kept.txt")).exists());
+}
+
+/// With `backup_on_conflict: false` a replaced file is not kept.
+fn no_backup_when_switched_off(kind: Kind) {
+    let z = world_or_skip!(kind, "cfb");
+    four_conflicts(&z);
+    let cfg = z.client("A").parent().unwrap().join("cfg/dsg.yml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    fs::write(&cfg, format!("{text}\nbackup_on_conflict: false\n")).unwrap();
+    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
+    let text = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
+    assert!(
+        text.contains("\n# Backup on conflict: disabled\n"),
+        "{text}"
+    );
+    let good = choose(
+        &text,
+        &[
+            ("shared.txt", 'R'),
+            ("gone.txt", 'R'),
+            ("kept.txt", 'L'),
+            ("both.txt", 'R'),
+        ],
+    );
+    fs::write(conflicts_txt(&z, "A"), &good).unwrap();
+    z.ok("A", &["sync", "--continue"]);
+    assert_eq!(z.read("A", &p(IN, "shared.txt")), b"B's edit");
+    for f in ["shared.txt", "both.txt"] {
+        assert!(backups_of(&z, "A", &p(IN, f)).is_empty(), "{f}");
+    }
+    z.assert_clean("A");
+}
+
+per_kind!(
+    continue_settles_each_file_as_chosen: xfs, zfs, ssh;
+    continue_refuses_what_it_cannot_settle: xfs, zfs, ssh;
+    no_backup_when_switched_off: xfs;
+);
