@@ -94,7 +94,7 @@ fn describe(cmp: &Comparison, r: &Row, fork: Option<&Fork>) -> Conflict {
         State::AllNe => {
             let mut by_age = vec![(Local, mtime(l)), (Remote, mtime(rem)), (Cache, mtime(c))];
             // Newest first; the sort is stable, so ties keep L, R, C.
-            by_age.sort_by(|a, b| b.1.cmp(&a.1));
+            by_age.sort_by_key(|a| std::cmp::Reverse(a.1));
             (
                 "111: all three copies differ".to_string(),
                 by_age.into_iter().map(|(ch, _)| ch).collect(),
@@ -469,11 +469,11 @@ mod tests {
             if let Some(p) = l.strip_prefix("# File: ") {
                 file = p.to_string();
             }
-            if l.starts_with('_') {
+            if let Some(rest) = l.strip_prefix('_') {
                 if !seen.insert(file.clone()) {
                     continue;
                 }
-                edited.push_str(&l[1..]);
+                edited.push_str(rest);
                 edited.push('\n');
                 continue;
             }
