@@ -306,3 +306,160 @@ fn a_conflict_beyond_the_fork_is_the_refusal_status_shows() {
     assert_eq!(e["paths"], blocked["paths"], "{e:#}");
     assert_eq!(e["hint"], blocked["hint"], "{e:#}");
 }
+
+/// The rebase: rosa has edits of her own (one file changed, one added)
+/// and the repository has oskar's two (the files at risk). Adopting the
+/// repository's history uploads hers, turns his into conflicts in
+/// conflicts.txt, and `--continue` settles them as chosen: nothing of
+/// either side is lost, and what rosa replaces is kept as a backup.
+#[test]
+fn adopting_the_forked_history_rebases_local_edits_through_conflicts() {
+    let fx = state_c();
+    write(&fx.rosa, "input/notes.txt", "rosa's new notes\n");
+    write(&fx.rosa, "input/extra.txt", "from rosa\n");
+    let rosa_report = fs::read(fx.rosa.join("output/report.md")).unwrap();
+    let rosa_latest = fs::read_link(fx.rosa.join("output/latest.csv")).unwrap();
+    let oskar = head(&fx.repo.join(".dsg/last-sync.json"));
+    let repo_before = repo_tree_sans_locks(&fx.env.repos);
+    let project_before = without_dir_mtimes(&tree(&fx.rosa));
+
+    // Refused without the flag; the hint names it.
+    let o = fx.env.run(&fx.rosa, &["sync"]);
+    assert_code(&o, 3, "sync on a forked history");
+    assert!(
+        stderr(&o).contains("--adopt-repository-history"),
+        "{}",
+        describe(&o)
+    );
+    assert!(!fx.rosa.join("conflicts.txt").exists());
+
+    // A dry run shows the conflicts and writes nothing.
+    let o = fx.env.run(
+        &fx.rosa,
+        &["sync", "--adopt-repository-history", "--dry-run"],
+    );
+    assert_code(&o, 3, "dry run");
+    assert!(!fx.rosa.join("conflicts.txt").exists());
+
+    let o = fx
+        .env
+        .run(&fx.rosa, &["sync", "--adopt-repository-history"]);
+    assert_code(&o, 3, "the rebase stops at its conflicts");
+    let text = fs::read_to_string(fx.rosa.join("conflicts.txt")).expect("conflicts.txt");
+    assert!(
+        text.contains(&format!(
+            "\n# Adopting the repository's history: s2 {} ",
+            oskar["snapshot_hash"].as_str().unwrap()
+        )),
+        "{text}"
+    );
+    for p in AT_RISK {
+        assert!(
+            text.contains(&format!(
+                "# File: {p}\n# Conflict: fork: unchanged here since s2, which the repository's history no longer holds"
+            )),
+            "{p}: {text}"
+        );
+    }
+    assert_eq!(text.matches("\n# File: ").count(), 2, "{text}");
+    assert_same_tree(
+        &repo_before,
+        &repo_tree_sans_locks(&fx.env.repos),
+        "the repository after the blocked rebase",
+    );
+    let mut now = without_dir_mtimes(&tree(&fx.rosa));
+    now.remove("conflicts.txt");
+    let keep =
+        |t: &std::collections::BTreeMap<String, Node>| -> std::collections::BTreeMap<String, Node> {
+            t.iter()
+                .filter(|(k, _)| !k.starts_with(".dsg/stat-cache"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+    assert_same_tree(&keep(&project_before), &keep(&now), "rosa's project");
+
+    // rosa takes oskar's latest.csv and keeps her report.md.
+    // The instructions followed literally: the chosen line's underscore
+    // removed, the other option line deleted.
+    let mut file = "";
+    let chosen: String = text
+        .lines()
+        .filter_map(|l| {
+            if let Some(f) = l.strip_prefix("# File: ") {
+                file = f;
+            }
+            match (file, l) {
+                ("output/latest.csv", "_R  # Use Remote version (download)") => {
+                    Some("R  # Use Remote version (download)\n".to_string())
+                }
+                ("output/report.md", "_L  # Use Local version (upload)") => Some("L\n".to_string()),
+                (_, l) if l.starts_with('_') => None,
+                (_, l) => Some(format!("{l}\n")),
+            }
+        })
+        .collect();
+    fs::write(fx.rosa.join("conflicts.txt"), &chosen).unwrap();
+    let o = fx
+        .env
+        .run(&fx.rosa, &["sync", "--continue", "-m", "rosa rebased"]);
+    assert_code(&o, 0, "sync --continue");
+    assert!(
+        stderr(&o).contains("adopted the repository's history at s2"),
+        "{}",
+        describe(&o)
+    );
+    assert!(!fx.rosa.join("conflicts.txt").exists());
+
+    let new = head(&fx.repo.join(".dsg/last-sync.json"));
+    assert_eq!(new["snapshot_id"], "s3");
+    assert_eq!(new["snapshot_previous"], "s2");
+    assert_eq!(
+        fs::read(fx.repo.join(".dsg/last-sync.json")).unwrap(),
+        fs::read(fx.rosa.join(".dsg/last-sync.json")).unwrap()
+    );
+    // rosa's edits published; her report kept; oskar's latest.csv taken.
+    assert_eq!(
+        fs::read(fx.repo.join("input/notes.txt")).unwrap(),
+        b"rosa's new notes\n"
+    );
+    assert_eq!(
+        fs::read(fx.repo.join("input/extra.txt")).unwrap(),
+        b"from rosa\n"
+    );
+    assert_eq!(
+        fs::read(fx.repo.join("output/report.md")).unwrap(),
+        rosa_report
+    );
+    assert_eq!(
+        fs::read(fx.rosa.join("output/report.md")).unwrap(),
+        rosa_report
+    );
+    assert_eq!(
+        fs::read(fx.rosa.join("output/latest.csv")).unwrap(),
+        fs::read(fx.repo.join("output/latest.csv")).unwrap()
+    );
+    assert!(!fs::symlink_metadata(fx.rosa.join("output/latest.csv"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // What rosa replaced is kept beside it: her link.
+    let backups: Vec<PathBuf> = fs::read_dir(fx.rosa.join("output"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            n.starts_with("latest.csv~") && dsg_core::names::is_conflict_backup_name(&n)
+        })
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(fs::read_link(&backups[0]).unwrap(), rosa_latest);
+    // Never tracked, never published.
+    let v = fx.env.status_json(&fx.rosa, &[]);
+    assert_eq!(v["files"], json!([]), "{v:#}");
+    assert_eq!(v["blocked"], Value::Null, "{v:#}");
+    assert!(!fx
+        .repo
+        .join("output")
+        .join(backups[0].file_name().unwrap())
+        .exists());
+}

@@ -137,7 +137,105 @@ fn a_staging_that_appears_during_the_upload_stops_the_commit(kind: Kind) {
     env.assert_clean("A");
 }
 
+/// The original's commit swapped in a copy made before our sync: our
+/// published snapshot is gone from the repository while our files are
+/// here. Status and sync say so plainly (the snapshot, when it was made,
+/// the files at stake) and offer the rebase, which publishes them again.
+fn a_vanished_snapshot_of_ours_is_named_and_can_be_published_again(kind: Kind) {
+    let env = world_or_skip!(kind, "origswap");
+    env.write("A", &p("base.txt"), "base");
+    env.init("A");
+    // The original's begin: a copy of the whole repository (under another
+    // name: our sync would wait for a `.staging-*`; the original can still
+    // begin after our check, and a restored backup does the same).
+    let copy = env.repo_parent.join("copy-of-repo");
+    let o = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(env.repo())
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    env.write("A", &p("base.txt"), "base, edited by A");
+    env.write("A", &p("new.txt"), "new by A");
+    env.ok("A", &["sync", "-m", "A's work"]);
+    let ours = read_json(&env.client("A").join(".dsg/last-sync.json"))["metadata"].clone();
+    assert_eq!(ours["snapshot_id"], "s2");
+    // The original's commit: its copy replaces the repository.
+    fs::remove_dir_all(env.repo()).unwrap();
+    fs::rename(&copy, env.repo()).unwrap();
+
+    let o = env.ok("A", &["status", "--json"]);
+    let v = json_of(&o);
+    let blocked = &v["blocked"];
+    let reason = blocked["reason"].as_str().unwrap_or_default();
+    for want in [
+        "this project's last sync, s2",
+        ours["snapshot_hash"].as_str().unwrap(),
+        ours["created_at"].as_str().unwrap(),
+        "is no longer in the repository's history",
+        "original dsg",
+    ] {
+        assert!(reason.contains(want), "{want:?} in {v:#}");
+    }
+    let mut at_stake: Vec<&str> = blocked["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    at_stake.sort();
+    assert_eq!(at_stake, vec![p("base.txt"), p("new.txt")], "{v:#}");
+    assert!(
+        blocked["hint"]
+            .as_str()
+            .unwrap()
+            .contains("dsg sync --adopt-repository-history"),
+        "{v:#}"
+    );
+    let o = env.run("A", &["sync"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert_eq!(fs::read(env.repo().join(p("base.txt"))).unwrap(), b"base");
+
+    // The rebase: keep A's versions (L, the first choice of each).
+    let o = env.run("A", &["sync", "--adopt-repository-history"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    let txt = env.client("A").join("conflicts.txt");
+    let text = fs::read_to_string(&txt).unwrap();
+    let mut seen_file = false;
+    let chosen: String = text
+        .lines()
+        .filter_map(|l| {
+            if l.starts_with("# File: ") {
+                seen_file = true;
+            }
+            match l.strip_prefix('_') {
+                Some(rest) if seen_file => {
+                    seen_file = false;
+                    Some(format!("{rest}\n"))
+                }
+                Some(_) => None,
+                None => Some(format!("{l}\n")),
+            }
+        })
+        .collect();
+    assert_eq!(chosen.matches("\nL  # Use Local").count(), 2, "{chosen}");
+    fs::write(&txt, chosen).unwrap();
+    env.ok("A", &["sync", "--continue"]);
+    assert_eq!(
+        fs::read(env.repo().join(p("base.txt"))).unwrap(),
+        b"base, edited by A"
+    );
+    assert_eq!(
+        fs::read(env.repo().join(p("new.txt"))).unwrap(),
+        b"new by A"
+    );
+    assert_eq!(assert_chain(&env.repo()), 2);
+    env.assert_clean("A");
+}
+
 per_kind!(
     a_staging_of_the_original_makes_a_sync_wait_then_exit_4: xfs;
     a_staging_that_appears_during_the_upload_stops_the_commit: xfs;
+    a_vanished_snapshot_of_ours_is_named_and_can_be_published_again: xfs, ssh;
 );
