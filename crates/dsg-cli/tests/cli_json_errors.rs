@@ -101,7 +101,9 @@ fn sync_blocked_by_a_conflict_names_it() {
     let v = error_doc(&o, 3, "sync with a conflict");
     assert_eq!(paths(&v), ["input/x.csv"], "{v:#}");
     assert!(
-        v["hint"].as_str().is_some_and(|h| h.contains("sync again")),
+        v["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("dsg sync --continue")),
         "{v:#}"
     );
     assert_hint_printed(&o, &v);

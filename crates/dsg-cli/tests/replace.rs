@@ -355,7 +355,7 @@ fn a_client_of_the_replaced_repository_is_blocked_not_emptied(kind: Kind) {
     let o = e.run("A", &["sync", "-m", "stale"]);
     assert_eq!(o.status.code(), Some(3), "{}", show(&o));
     assert!(
-        stderr(&o).contains("no longer holds this project's last sync"),
+        stderr(&o).contains("is no longer in the repository's history"),
         "{}",
         show(&o)
     );
