@@ -93,8 +93,9 @@ fn open_regular(p: &Path) -> io::Result<File> {
         .open(p)
 }
 
-/// The manifest of snapshot `snap` (checked), and whether it is the head.
-fn manifest_of(site: &Site, snap: &str) -> Result<(Manifest, bool), AgentError> {
+/// The manifest of snapshot `snap` (checked), and the head's when that is
+/// another snapshot (`None`: `snap` is the head).
+fn manifest_of(site: &Site, snap: &str) -> Result<(Manifest, Option<Manifest>), AgentError> {
     let head = site.head()?.ok_or_else(|| {
         AgentError::new(
             ErrorKind::NotFound,
@@ -106,7 +107,7 @@ fn manifest_of(site: &Site, snap: &str) -> Result<(Manifest, bool), AgentError> 
     })?;
     let head_id = head.metadata.as_ref().map(|m| m.snapshot_id.clone());
     if head_id.as_deref() == Some(snap) {
-        return Ok((head, true));
+        return Ok((head, None));
     }
     let archive = site.dsg().join("archive").join(archive_name(snap));
     let gz = site
@@ -146,7 +147,7 @@ fn manifest_of(site: &Site, snap: &str) -> Result<(Manifest, bool), AgentError> 
             ),
         ));
     }
-    Ok((m, false))
+    Ok((m, Some(head)))
 }
 
 /// A snapshot of a repository, open for reading.
@@ -169,7 +170,7 @@ pub(crate) fn open_version(
     snapshot: &str,
 ) -> Result<Box<dyn Version>, AgentError> {
     let id = checked_snapshot_id(snapshot)?;
-    let (manifest, is_head) = manifest_of(site, &id)?;
+    let (manifest, head) = manifest_of(site, &id)?;
     let mut v = RepoVersion {
         id: id.clone(),
         manifest,
@@ -178,13 +179,13 @@ pub(crate) fn open_version(
         head: None,
         _keep: None,
     };
-    if is_head {
+    if head.is_none() {
         v.tree = Some(site.dir());
     } else if let Some(t) = store.snapshot_tree(site, &id)? {
         v.tree = Some(t.path.clone());
         v._keep = Some(t);
     } else {
-        v.head = site.head()?;
+        v.head = head;
     }
     Ok(Box::new(v))
 }
