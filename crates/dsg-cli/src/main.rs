@@ -2,6 +2,7 @@
 
 mod output;
 mod restrict;
+mod snap_cmd;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -94,6 +95,11 @@ enum Cmd {
         #[arg(long)]
         no_backend: bool,
     },
+    /// History: write a file as it was in a snapshot (verified against its recorded hash)
+    Snapfetch(snap_cmd::SnapfetchCmd),
+    /// Validation: re-hash a snapshot's stored bytes on the repository host (--deep)
+    #[command(name = "validate-snapshot", alias = "validate-deep")]
+    ValidateDeep(snap_cmd::ValidateDeepCmd),
     /// Repository side of the protocol (run by dsg itself, locally or over SSH)
     #[command(hide = true)]
     Agent(AgentCmd),
@@ -192,7 +198,10 @@ fn main() -> ExitCode {
     let g = cli.global;
     output::init_logging(g.debug, g.verbose);
     let out = Out::new(g.json, g.quiet, g.verbose);
-    let writes = matches!(cli.cmd, Cmd::Init(_) | Cmd::Sync { .. } | Cmd::Clone { .. });
+    let writes = matches!(
+        cli.cmd,
+        Cmd::Init(_) | Cmd::Sync { .. } | Cmd::Clone { .. } | Cmd::Snapfetch(_)
+    );
     let _ = ctrlc::set_handler(move || {
         if writes {
             // The engine checks this flag, rolls back and exits 130.
@@ -267,6 +276,8 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Clone { dry_run } => cmd_clone(dry_run, out),
         Cmd::ListFiles { path } => cmd_list_files(path, out),
         Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
+        Cmd::Snapfetch(a) => snap_cmd::cmd_snapfetch(a, out),
+        Cmd::ValidateDeep(a) => snap_cmd::cmd_validate_deep(a, out),
         Cmd::Agent(a) => cmd_agent(a),
     }
 }

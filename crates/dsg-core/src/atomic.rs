@@ -55,6 +55,81 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     result.map_err(werr(path))
 }
 
+/// A file written in pieces and published whole: its bytes go to a temp
+/// file beside `path` (`write_atomic`'s naming, so a killed writer's is
+/// recognised), and `commit` makes it durable and renames it into place.
+/// Dropped without `commit`, the temp file is removed.
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Option<File>,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<AtomicFile, WriteError> {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path.file_name().ok_or_else(|| {
+            werr(path)(io::Error::new(io::ErrorKind::InvalidInput, "no file name"))
+        })?;
+        let tmp = dir.join(format!(
+            ".dsg-tmp.{}.{}.{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple(),
+            name.to_string_lossy()
+        ));
+        // Readable too: a caller may verify or copy out what it wrote.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(werr(path))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(file),
+        })
+    }
+
+    /// The temp file, to write into.
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("open until committed")
+    }
+
+    /// fsync, then rename into place; `replace: false` never replaces an
+    /// existing file (`AlreadyExists`, and the temp file is removed), even
+    /// one created since the caller looked.
+    pub fn commit(mut self, replace: bool) -> Result<(), WriteError> {
+        let f = self.file.take().expect("open until committed");
+        f.sync_all().map_err(werr(&self.path))?;
+        drop(f);
+        // Without replacing: a hard link fails if the name exists (and,
+        // unlike a look first, whatever appeared there meanwhile).
+        let published = if replace {
+            fs::rename(&self.tmp, &self.path)
+        } else {
+            fs::hard_link(&self.tmp, &self.path).map(|()| {
+                let _ = fs::remove_file(&self.tmp);
+            })
+        };
+        published.map_err(werr(&self.path))?;
+        let dir = self.tmp.parent().unwrap_or(Path::new(".")).to_path_buf();
+        self.tmp = PathBuf::new();
+        sync_dir(&dir).map_err(werr(&self.path))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// Makes a directory's entries (creations, renames, unlinks) durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -114,6 +189,28 @@ mod tests {
         assert_eq!(remove_stale_temps(d.path()), 1);
         assert!(!stale.exists());
         assert!(live.exists() && other.exists());
+    }
+
+    #[test]
+    fn atomic_file_publishes_whole_and_never_replaces_unless_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("out.bin");
+        let mut a = AtomicFile::create(&p).unwrap();
+        a.file().write_all(b"first").unwrap();
+        assert!(!p.exists(), "nothing at the path before the commit");
+        a.commit(false).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"first");
+        let mut b = AtomicFile::create(&p).unwrap();
+        b.file().write_all(b"second").unwrap();
+        let e = b.commit(false).unwrap_err();
+        assert_eq!(e.source.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&p).unwrap(), b"first");
+        let mut c = AtomicFile::create(&p).unwrap();
+        c.file().write_all(b"third").unwrap();
+        c.commit(true).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"third");
+        drop(AtomicFile::create(&p).unwrap());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp left");
     }
 
     #[test]

@@ -1087,15 +1087,22 @@ pub fn read_archive(path: &Path) -> Result<Manifest, ManifestError> {
         path: path.to_path_buf(),
         source: e,
     })?;
+    archive_from_bytes(&raw, path)
+}
+
+/// An archived manifest from its file's bytes; `origin` names it (and its
+/// extension says how it is compressed).
+pub fn archive_from_bytes(raw: &[u8], origin: &Path) -> Result<Manifest, ManifestError> {
+    let path = origin;
     let name = path.to_string_lossy();
     let json = if name.ends_with(".lz4") {
-        let mut d = lz4_flex::frame::FrameDecoder::new(&raw[..]);
+        let mut d = lz4_flex::frame::FrameDecoder::new(raw);
         let mut out = Vec::new();
         std::io::Read::read_to_end(&mut d, &mut out)
             .map_err(|e| ManifestError::corrupt(path, format!("bad LZ4 frame: {e}")))?;
         out
     } else if name.ends_with(".gz") {
-        let mut d = flate2::read::GzDecoder::new(&raw[..]);
+        let mut d = flate2::read::GzDecoder::new(raw);
         let mut out = Vec::new();
         std::io::Read::read_to_end(&mut d, &mut out)
             .map_err(|e| ManifestError::corrupt(path, format!("bad gzip: {e}")))?;

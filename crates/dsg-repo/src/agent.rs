@@ -157,6 +157,12 @@ fn serve_loop<R: Read, W: Write>(
                 }
             }
             Request::GetFiles { paths } => get_files(backend, &mut w, buf, paths)?,
+            Request::GetVersions { snapshot, paths } => {
+                crate::history::serve_versions(backend, &mut w, buf, &snapshot, paths)?
+            }
+            Request::Rehash { snapshot } => {
+                crate::history::serve_rehash(backend, &mut w, buf, &snapshot)?
+            }
             Request::Bye => {
                 write_json(&mut w, &Response::Ok)?;
                 w.flush()?;
@@ -397,35 +403,45 @@ fn get_files<W: Write>(
         return write_json(w, &Response::Ok);
     }
     for p in paths {
-        match backend.open(&p) {
-            Ok(Stored::File { mut file, size }) => {
-                write_json(
-                    w,
-                    &Response::File {
-                        path: p.clone(),
-                        kind: "file".into(),
-                        size,
-                        target: None,
-                    },
-                )?;
-                copy_as_data(&mut file, w, buf, &p)?;
-            }
-            Ok(Stored::Link { target }) => {
-                write_json(
-                    w,
-                    &Response::File {
-                        path: p,
-                        kind: "link".into(),
-                        size: 0,
-                        target: Some(target),
-                    },
-                )?;
-            }
-            Err(e) => reply_err(w, &e)?,
-        }
+        let stored = backend.open(&p);
+        send_stored(w, buf, p, stored)?;
     }
     backend.read_unlock();
     write_json(w, &Response::Ok)
+}
+
+/// One path of a `GetFiles`-shaped answer: a `File` and its data stream,
+/// a link's `File`, or the error.
+pub(crate) fn send_stored<W: Write>(
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    p: String,
+    stored: Result<Stored, AgentError>,
+) -> io::Result<()> {
+    match stored {
+        Ok(Stored::File { mut file, size }) => {
+            write_json(
+                w,
+                &Response::File {
+                    path: p.clone(),
+                    kind: "file".into(),
+                    size,
+                    target: None,
+                },
+            )?;
+            copy_as_data(&mut file, w, buf, &p).map(|_| ())
+        }
+        Ok(Stored::Link { target }) => write_json(
+            w,
+            &Response::File {
+                path: p,
+                kind: "link".into(),
+                size: 0,
+                target: Some(target),
+            },
+        ),
+        Err(e) => reply_err(w, &e),
+    }
 }
 
 #[cfg(test)]

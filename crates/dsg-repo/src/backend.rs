@@ -187,8 +187,31 @@ pub trait Backend: Send {
     /// File names in `.dsg/archive/`.
     fn list_archives(&self) -> Result<Vec<String>, AgentError>;
 
+    /// Opens snapshot `snapshot` (`s<N>`, validated by the backend) for
+    /// reading: its manifest and its files' bytes as it recorded them.
+    /// The caller holds `read_lock`. The default keeps no history.
+    fn open_version(&mut self, snapshot: &str) -> Result<Box<dyn Version>, AgentError> {
+        Err(AgentError::new(
+            ErrorKind::NotFound,
+            format!(
+                "{} keeps no history to read {snapshot} from",
+                self.describe()
+            ),
+        ))
+    }
+
     /// The repository directory (for messages and tests).
     fn root(&self) -> PathBuf;
+}
+
+/// One snapshot of a repository, open for reading (a ZFS snapshot stays
+/// mounted while this lives).
+pub trait Version: Send {
+    /// The snapshot's manifest as the repository holds it.
+    fn manifest(&self) -> &dsg_core::manifest::Manifest;
+    /// The bytes (or link) stored for `path` in this snapshot; the path is
+    /// checked like every other path a client sends.
+    fn open(&self, path: &str) -> Result<Stored, AgentError>;
 }
 
 pub struct CommitData {

@@ -11,7 +11,7 @@ use dsg_core::config::ProjectConfig;
 use crate::backend::Backend;
 use crate::protocol::{
     read_data_to_vec, read_json, remote_error, write_data, write_frame, write_json, DataStream,
-    ErrorKind, RemoteError, Request, Response, StagedFile, CHUNK, PROTOCOL_VERSION,
+    ErrorKind, RehashReport, RemoteError, Request, Response, StagedFile, CHUNK, PROTOCOL_VERSION,
 };
 
 /// Display is the message, then `hint: …` on its own line when there is
@@ -539,9 +539,58 @@ impl RepoClient {
     pub fn get_files(
         &mut self,
         paths: Vec<String>,
+        sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
+    ) -> Result<(), RepoError> {
+        self.stream_files(&Request::GetFiles { paths }, sink)
+    }
+
+    /// `get_files` as of snapshot `snapshot` (`s<N>`): the bytes that
+    /// snapshot recorded. The caller verifies them against its manifest.
+    pub fn get_versions(
+        &mut self,
+        snapshot: &str,
+        paths: Vec<String>,
+        sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
+    ) -> Result<(), RepoError> {
+        let req = Request::GetVersions {
+            snapshot: snapshot.into(),
+            paths,
+        };
+        self.stream_files(&req, sink)
+    }
+
+    /// Has the agent re-hash snapshot `snapshot` on the repository host;
+    /// `progress(files, bytes)` is called as it works.
+    pub fn rehash(
+        &mut self,
+        snapshot: &str,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<RehashReport, RepoError> {
+        self.send(&Request::Rehash {
+            snapshot: snapshot.into(),
+        })?;
+        loop {
+            match self.recv()? {
+                Response::Progress { files, bytes } => progress(files, bytes),
+                Response::Rehashed(r) => return Ok(r),
+                other => {
+                    return Err(RepoError::protocol(
+                        &self.host,
+                        format!("unexpected reply {other:?}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends `req` and hands each file of the stream that answers it to
+    /// `sink`, until its `Ok`.
+    fn stream_files(
+        &mut self,
+        req: &Request,
         mut sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
     ) -> Result<(), RepoError> {
-        self.send(&Request::GetFiles { paths })?;
+        self.send(req)?;
         self.w.flush().map_err(|e| self.conn(e))?;
         let mut first_err: Option<RepoError> = None;
         // Until `Ok`, not one reply per path: a busy repository answers

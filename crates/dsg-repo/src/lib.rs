@@ -10,6 +10,7 @@ pub mod agent;
 pub mod backend;
 pub mod client;
 pub mod dir;
+pub mod history;
 pub mod protocol;
 pub mod repo;
 mod site;

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 /// 2: resumable uploads (`Begin.resume`, `PutFile.offset`, `Resumed`).
 /// 3: `Begin.base_hash` and `Begin.replace`, which an agent of 2 would
 /// silently ignore.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 4: every `GetFiles` answer ends with `Ok`; a failed stream ends in `Err`.
+/// 5: history reads, `GetVersions` and `Rehash`, which an agent of 4 would
+/// take for a malformed message and end the connection on.
+pub const PROTOCOL_VERSION: u32 = 5;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
@@ -122,6 +125,20 @@ pub enum Request {
     GetFiles {
         paths: Vec<String>,
     },
+    /// `GetFiles` as of snapshot `snapshot` (`s<N>`): the same stream
+    /// shape, the files' bytes as that snapshot recorded them (on a
+    /// directory repository from the tree or `.dsg/objects/`, on ZFS from
+    /// `@sN`). The client verifies them against its copy of that manifest.
+    GetVersions {
+        snapshot: String,
+        paths: Vec<String>,
+    },
+    /// Re-hashes every file of snapshot `snapshot` on the repository host
+    /// against that snapshot's manifest there: `Progress` replies while it
+    /// works, then `Rehashed` (or `Err`).
+    Rehash {
+        snapshot: String,
+    },
     Bye,
 }
 
@@ -160,8 +177,40 @@ pub enum Response {
     Names {
         names: Vec<String>,
     },
+    /// While a `Rehash` works: how much it has hashed so far.
+    Progress {
+        files: u64,
+        bytes: u64,
+    },
+    /// The end of a `Rehash`: what was checked, and what did not match.
+    Rehashed(RehashReport),
     Err(RemoteError),
 }
+
+/// What a `Rehash` found: the manifest it checked against (its recorded
+/// hashes) and every path whose bytes differ from it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RehashReport {
+    pub snapshot_id: String,
+    pub entries_hash: String,
+    pub snapshot_hash: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// At most `MAX_REHASH_PROBLEMS` of them; `problem_count` has all.
+    pub problems: Vec<RehashProblem>,
+    pub problem_count: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RehashProblem {
+    /// Empty: the manifest itself.
+    pub path: String,
+    pub problem: String,
+}
+
+/// How many problems a `Rehashed` lists (a whole damaged tree would
+/// otherwise make one huge control frame).
+pub const MAX_REHASH_PROBLEMS: usize = 1000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StagedFile {

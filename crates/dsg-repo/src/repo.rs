@@ -8,7 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{symlink, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use dsg_txn::failpoint::failpoint;
 use dsg_txn::Op;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::backend::{AgentError, Backend, CommitData, Stored};
+use crate::backend::{AgentError, Backend, CommitData, Stored, Version};
 use crate::protocol::{ErrorKind, StagedFile};
 use crate::site::{is_base, original_busy, syncfs, tx_error, Lock, LockMode, Site};
 use crate::store::{Store, TxRef};
@@ -891,43 +891,11 @@ impl Backend for Repository {
     }
 
     fn open(&self, path: &str) -> Result<Stored, AgentError> {
-        checked(path)?;
-        let p = self.site.dir().join(path);
-        // Refuse to follow a symlinked parent out of the repository.
-        if let Some(parent) = Path::new(path).parent() {
-            let mut cur = self.site.dir();
-            for c in parent.components() {
-                cur.push(c);
-                if fs::symlink_metadata(&cur)
-                    .map(|m| m.file_type().is_symlink())
-                    .unwrap_or(false)
-                {
-                    return Err(AgentError::new(
-                        ErrorKind::Unsafe,
-                        format!("{path}: a parent is a symlink"),
-                    ));
-                }
-            }
-        }
-        let md = fs::symlink_metadata(&p)
-            .map_err(|e| AgentError::io(format!("{path} in the repository"), e))?;
-        if md.file_type().is_symlink() {
-            let t = fs::read_link(&p).map_err(|e| AgentError::io(path, e))?;
-            return Ok(Stored::Link {
-                target: t.to_string_lossy().into(),
-            });
-        }
-        if !md.is_file() {
-            return Err(AgentError::new(
-                ErrorKind::Corrupt,
-                format!("{path} in the repository is not a file"),
-            ));
-        }
-        let file = File::open(&p).map_err(|e| AgentError::io(path, e))?;
-        Ok(Stored::File {
-            file,
-            size: md.size(),
-        })
+        crate::history::open_in_tree(&self.site.dir(), path)
+    }
+
+    fn open_version(&mut self, snapshot: &str) -> Result<Box<dyn Version>, AgentError> {
+        crate::history::open_version(&self.site, &*self.store, snapshot)
     }
 
     fn root(&self) -> PathBuf {

@@ -113,4 +113,18 @@ pub(crate) trait Store: Send {
     fn committed_unfinished(&self, site: &Site, tx: &str) -> bool;
     /// Undoes a transaction that did not commit.
     fn undo(&self, site: &Site, tx: &TxRef) -> Result<(), AgentError>;
+
+    /// The whole tree of snapshot `snap` (not the head), when the store
+    /// keeps one (ZFS: `@snap`, mounted while the result lives); `None`:
+    /// old versions are in the object store (a directory).
+    fn snapshot_tree(&self, _site: &Site, _snap: &str) -> Result<Option<SnapshotTree>, AgentError> {
+        Ok(None)
+    }
+}
+
+/// A snapshot's files at `path`, readable while this lives.
+pub(crate) struct SnapshotTree {
+    pub path: PathBuf,
+    /// Whatever keeps `path` readable (a ZFS clone), released on drop.
+    pub _guard: Option<Box<dyn Send>>,
 }

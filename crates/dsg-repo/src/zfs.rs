@@ -34,7 +34,7 @@ use crate::protocol::ErrorKind;
 use crate::site::{
     is_base, list_staged, remove_dir_all_if_exists, repo_name_of, syncfs, Lock, LockMode, Site,
 };
-use crate::store::{Resumable, Store, TxRef};
+use crate::store::{Resumable, SnapshotTree, Store, TxRef};
 
 #[derive(Debug, Clone)]
 pub struct Zfs {
@@ -791,6 +791,14 @@ impl Store for Zfs {
     fn committed_unfinished(&self, _site: &Site, _tx: &str) -> bool {
         // `finish_failed_commit` has settled a committed one already.
         false
+    }
+
+    fn snapshot_tree(&self, _site: &Site, snap: &str) -> Result<Option<SnapshotTree>, AgentError> {
+        let view = self.open_snapshot(snap)?;
+        Ok(Some(SnapshotTree {
+            path: view.path.clone(),
+            _guard: Some(Box::new(view)),
+        }))
     }
 
     fn undo(&self, _site: &Site, tx: &TxRef) -> Result<(), AgentError> {

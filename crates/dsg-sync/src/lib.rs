@@ -9,6 +9,7 @@ pub mod names;
 pub mod project;
 pub mod recover;
 pub mod retry;
+pub mod snapshots;
 pub mod status;
 pub mod sync;
 pub mod upload;
