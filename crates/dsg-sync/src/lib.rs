@@ -2,6 +2,7 @@
 //! 15-state table) to a repository connection and runs each command as a
 //! transaction with local recovery. The CLI only parses and prints.
 
+pub mod history;
 pub mod init;
 pub mod local_tx;
 pub mod names;
