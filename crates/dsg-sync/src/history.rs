@@ -303,7 +303,7 @@ impl<'p> History<'p> {
     /// nowhere to be found.
     fn raw(&mut self, id: &str, expect: Option<&Metadata>) -> Result<Option<Raw>> {
         if id == self.head.snapshot_id
-            && expect.map_or(true, |e| e.snapshot_hash == self.head.snapshot_hash)
+            && !matches!(expect, Some(e) if e.snapshot_hash != self.head.snapshot_hash)
         {
             let p = self.project.cache_path();
             let json = std::fs::read(&p).map_err(|e| EngineError::io(&p, e))?;
@@ -354,7 +354,8 @@ impl<'p> History<'p> {
             .filter(|m| m.verify_integrity().is_ok())
             .and_then(|m| m.metadata)
             .is_some_and(|md| {
-                md.snapshot_id == id && expect.map_or(true, |e| e.snapshot_hash == md.snapshot_hash)
+                md.snapshot_id == id
+                    && !matches!(expect, Some(e) if e.snapshot_hash != md.snapshot_hash)
             });
         if belongs {
             let dir = self.project.dsg().join("archive");
@@ -901,18 +902,17 @@ pub fn validate_file(project: &Project, path: &str) -> Result<FileCheck> {
             (format!("link -> {target}"), format!("link -> {now}"))
         }
         EntryKind::File { size, hash, .. } => {
-            let got = match dsg_core::hash::open_nofollow(&abs)
-                .and_then(|f| dsg_core::hash::hash_reader(f))
-            {
-                Ok((h, n)) => match hash {
-                    Some(_) => h.to_hex(),
-                    // The original did not always record a hash: the
-                    // size is all there is to compare.
-                    None => format!("{n} bytes"),
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing".into(),
-                Err(e) => format!("unreadable ({e})"),
-            };
+            let got =
+                match dsg_core::hash::open_nofollow(&abs).and_then(dsg_core::hash::hash_reader) {
+                    Ok((h, n)) => match hash {
+                        Some(_) => h.to_hex(),
+                        // The original did not always record a hash: the
+                        // size is all there is to compare.
+                        None => format!("{n} bytes"),
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing".into(),
+                    Err(e) => format!("unreadable ({e})"),
+                };
             (
                 match hash {
                     Some(h) => h.to_hex(),
