@@ -1,5 +1,6 @@
 //! `dsg`: the command line. Thin by design: parse, call the engine, print.
 
+mod history_cmd;
 mod output;
 mod restrict;
 mod snap_cmd;
@@ -95,11 +96,20 @@ enum Cmd {
         #[arg(long)]
         no_backend: bool,
     },
+    /// History: snapshots, newest first
+    Log(history_cmd::LogCmd),
+    /// History: the snapshots that added, changed or deleted a file
+    Blame(history_cmd::BlameCmd),
+    /// History: what changed between two snapshots, or since the last sync
+    Diff(history_cmd::DiffCmd),
     /// History: write a file as it was in a snapshot (verified against its recorded hash)
     Snapfetch(snap_cmd::SnapfetchCmd),
-    /// Validation: re-hash a snapshot's stored bytes on the repository host (--deep)
-    #[command(name = "validate-snapshot", alias = "validate-deep")]
-    ValidateDeep(snap_cmd::ValidateDeepCmd),
+    /// Validation: check a local file against the last sync
+    ValidateFile(history_cmd::ValidateFileCmd),
+    /// Validation: recompute a snapshot's hashes (--deep: re-hash its stored bytes on the repository host)
+    ValidateSnapshot(snap_cmd::ValidateDeepCmd),
+    /// Validation: recompute every snapshot's hashes and links
+    ValidateChain,
     /// Repository side of the protocol (run by dsg itself, locally or over SSH)
     #[command(hide = true)]
     Agent(AgentCmd),
@@ -276,8 +286,19 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Clone { dry_run } => cmd_clone(dry_run, out),
         Cmd::ListFiles { path } => cmd_list_files(path, out),
         Cmd::ValidateConfig { no_backend } => cmd_validate_config(no_backend, out),
+        Cmd::Log(a) => history_cmd::log(a, out),
+        Cmd::Blame(a) => history_cmd::blame(a, out),
+        Cmd::Diff(a) => history_cmd::diff(a, out),
         Cmd::Snapfetch(a) => snap_cmd::cmd_snapfetch(a, out),
-        Cmd::ValidateDeep(a) => snap_cmd::cmd_validate_deep(a, out),
+        Cmd::ValidateFile(a) => history_cmd::validate_file(a, out),
+        Cmd::ValidateSnapshot(a) if a.deep => snap_cmd::cmd_validate_deep(a, out),
+        Cmd::ValidateSnapshot(a) => history_cmd::validate_snapshot(
+            history_cmd::ValidateSnapshotCmd {
+                snapshot: a.snapshot,
+            },
+            out,
+        ),
+        Cmd::ValidateChain => history_cmd::validate_chain(out),
         Cmd::Agent(a) => cmd_agent(a),
     }
 }

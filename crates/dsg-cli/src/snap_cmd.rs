@@ -34,12 +34,12 @@ pub struct SnapfetchCmd {
 
 #[derive(Args)]
 pub struct ValidateDeepCmd {
-    /// The snapshot: s<N>, or head (the default)
+    /// The snapshot: s<N> or head; default: the last sync (with --deep: the repository's head)
     #[arg(long)]
-    snapshot: Option<String>,
+    pub snapshot: Option<String>,
     /// Re-hash every file of the snapshot on the repository host
     #[arg(long)]
-    deep: bool,
+    pub deep: bool,
 }
 
 /// `path` relative to the project root, lexically (the file may not exist
@@ -153,7 +153,6 @@ pub fn cmd_validate_deep(a: ValidateDeepCmd, out: &Out) -> Result<(), EngineErro
         Some(s) => Which::parse(s)?,
         None => Which::Head,
     };
-    let _ = a.deep;
     let (project, mut client) = crate::open_connected()?;
     let reporter = TermReporter::new(out);
     let r = snapshots::deep_validate(&project, &mut client, &which, &reporter)?;

@@ -3,6 +3,7 @@
 //! transaction with local recovery. The CLI only parses and prints.
 
 pub mod conflicts;
+pub mod history;
 pub mod init;
 pub mod local_tx;
 pub mod names;
