@@ -352,7 +352,66 @@ fn no_backup_when_switched_off(kind: Kind) {
     z.assert_clean("A");
 }
 
+/// C restores the last-synced version on both sides, read back from the
+/// repository's history: over a local edit (111), of a file deleted here
+/// (011) and of one deleted in the repository (110).
+fn choice_c_restores_the_last_synced_version(kind: Kind) {
+    let z = world_or_skip!(kind, "cfc");
+    four_conflicts(&z);
+    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
+    let text = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
+    let good = choose(
+        &text,
+        &[
+            ("shared.txt", 'C'),
+            ("gone.txt", 'C'),
+            ("kept.txt", 'C'),
+            ("both.txt", 'L'),
+        ],
+    );
+    fs::write(conflicts_txt(&z, "A"), &good).unwrap();
+    let o = z.run("A", &["sync", "--continue", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let v = json_of(&o);
+    let mut restores: Vec<String> = v["result"]["restores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    restores.sort();
+    assert_eq!(
+        restores,
+        vec![p(IN, "gone.txt"), p(IN, "kept.txt"), p(IN, "shared.txt")],
+        "{v:#}"
+    );
+    let repo = z.repo();
+    for (f, want) in [("shared.txt", "v0"), ("gone.txt", "g0"), ("kept.txt", "k0")] {
+        assert_eq!(z.read("A", &p(IN, f)), want.as_bytes(), "{f} here");
+        assert_eq!(
+            fs::read(repo.join(p(IN, f))).unwrap(),
+            want.as_bytes(),
+            "{f} in the repository"
+        );
+    }
+    assert_eq!(fs::read(repo.join(p(IN, "both.txt"))).unwrap(), b"A's both");
+    // Local files the restore replaced were kept; gone.txt had none.
+    assert_eq!(backups_of(&z, "A", &p(IN, "shared.txt"))[0].1, b"A's edit");
+    assert_eq!(
+        backups_of(&z, "A", &p(IN, "kept.txt"))[0].1,
+        b"A's edit of kept"
+    );
+    assert!(backups_of(&z, "A", &p(IN, "gone.txt")).is_empty());
+    assert!(backups_of(&z, "A", &p(IN, "both.txt")).is_empty());
+    z.assert_clean("A");
+    z.ok("B", &["sync"]);
+    z.assert_clean("B");
+    assert_eq!(z.read("B", &p(IN, "kept.txt")), b"k0");
+    z.assert_repo_sound("after restoring");
+}
+
 per_kind!(
+    choice_c_restores_the_last_synced_version: xfs, zfs, ssh;
     continue_settles_each_file_as_chosen: xfs, zfs, ssh;
     continue_refuses_what_it_cannot_settle: xfs, zfs, ssh;
     no_backup_when_switched_off: xfs;

@@ -58,6 +58,12 @@ struct Case {
 /// case compares them.
 fn cap(w: &World, case: &Case) -> State {
     let mut s = w.capture(case.client);
+    // conflicts.txt and conflict backups are the user's, beside L/C/R:
+    // `finish` checks what becomes of them.
+    s.pair.local.tree.retain(|k, _| {
+        k != "conflicts.txt"
+            && !dsg_core::names::is_conflict_backup_name(k.rsplit('/').next().unwrap_or(k))
+    });
     if !case.dirs {
         for side in [&mut s.pair.local, &mut s.pair.repo] {
             side.tree.retain(|_, n| *n != Node::Dir);
@@ -159,6 +165,57 @@ fn setup_both_ways(w: &World) {
     w.ok("B", &["sync", "-m", "B"]);
     local_changes(w);
 }
+
+/// Four conflicts (states 5, 7, 9, 11) and the conflicts.txt that settles
+/// them with every kind of choice: C twice (a restore over a local edit,
+/// and of a file deleted here), L, R.
+fn setup_resolution(w: &World) {
+    w.write("A", &p(IN, "shared.txt"), "v0");
+    w.write("A", &p(IN, "gone.txt"), "g0");
+    w.write("A", &p(IN, "kept.txt"), "k0");
+    w.init("A");
+    w.clone_client("A", "B");
+    w.write("B", &p(IN, "shared.txt"), "B's edit");
+    w.write("B", &p(IN, "gone.txt"), "B's edit of gone");
+    w.remove("B", &p(IN, "kept.txt"));
+    w.write("B", &p(IN, "both.txt"), "B's both");
+    w.ok("B", &["sync", "-m", "B"]);
+    w.write("A", &p(IN, "shared.txt"), "A's edit");
+    w.remove("A", &p(IN, "gone.txt"));
+    w.write("A", &p(IN, "kept.txt"), "A's edit of kept");
+    w.write("A", &p(IN, "both.txt"), "A's both");
+    let o = w.run("A", &["sync"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    let txt = w.client("A").join("conflicts.txt");
+    let want = |f: &str| match f.rsplit('/').next().unwrap() {
+        "shared.txt" | "gone.txt" => 'C',
+        "kept.txt" => 'L',
+        _ => 'R',
+    };
+    let mut file = String::new();
+    let mut out = String::new();
+    for l in std::fs::read_to_string(&txt).unwrap().lines() {
+        if let Some(f) = l.strip_prefix("# File: ") {
+            file = f.to_string();
+        }
+        match l.strip_prefix('_') {
+            Some(rest) if rest.starts_with(want(&file)) => out.push_str(rest),
+            Some(_) => continue,
+            None => out.push_str(l),
+        }
+        out.push('\n');
+    }
+    std::fs::write(&txt, out).unwrap();
+}
+
+const RESOLUTION: Case = Case {
+    name: "conflict resolution (sync --continue)",
+    setup: setup_resolution,
+    client: "A",
+    args: &["sync", "--continue", "-m", "crash test"],
+    clone: false,
+    dirs: false,
+};
 
 const REPRESENTATIVE: Case = Case {
     name: "representative sync",
@@ -390,8 +447,17 @@ fn crash_and_recover(
 /// Re-running after a recovery to `outcome` reaches NEW (or finds nothing
 /// to do), cleanly.
 fn finish(w: &World, case: &Case, outcome: Outcome, new: &State, ctx: &str) {
+    let resolving = case.args.contains(&"--continue");
+    let txt = w.client(case.client).join("conflicts.txt");
+    if resolving && outcome == Outcome::Old {
+        assert!(txt.is_file(), "{ctx}: conflicts.txt kept for the retry");
+    }
     let again = if case.clone && outcome == Outcome::Old {
         w.run(case.client, &["clone"])
+    } else if resolving && txt.is_file() {
+        // Rolled back: the resolution runs again; rolled forward: the
+        // stale file is removed and nothing is left to do.
+        w.run(case.client, case.args)
     } else {
         w.run(case.client, &["sync"])
     };
@@ -407,6 +473,9 @@ fn finish(w: &World, case: &Case, outcome: Outcome, new: &State, ctx: &str) {
             "{ctx}: {}",
             show(&again)
         );
+    }
+    if resolving {
+        assert!(!txt.exists(), "{ctx}: conflicts.txt left after the re-run");
     }
     let fin = cap(w, case);
     if let Some(d) = fin.mismatch_new(new) {
@@ -536,6 +605,17 @@ fn crash_at_every_client_step_of_a_sync(kind: Kind) {
             .filter(|s| s.starts_with("client.")),
     );
     crash_matrix(kind, &BOTH_WAYS, &must, client_point);
+}
+
+/// `sync --continue` is a sync: a crash at any step recovers to before
+/// (conflicts.txt kept, the resolution can run again) or after.
+fn crash_at_every_step_of_a_conflict_resolution(kind: Kind) {
+    let select = if kind == Kind::Xfs {
+        any_step
+    } else {
+        client_point
+    };
+    crash_matrix(kind, &RESOLUTION, REPRESENTATIVE_STEPS, select);
 }
 
 fn crash_at_every_step_of_a_representative_sync(kind: Kind) {
@@ -894,6 +974,7 @@ per_kind!(
     crash_at_every_repository_step_of_a_sync: xfs, zfs;
     crash_at_every_client_step_of_a_sync: xfs, zfs, ssh;
     crash_at_every_step_of_a_representative_sync: xfs;
+    crash_at_every_step_of_a_conflict_resolution: xfs, ssh;
     crash_while_applying_a_representative_sync: xfs;
     crash_while_applying_locally_files_and_links: xfs;
     crash_at_every_step_of_a_download_only_sync: xfs;

@@ -49,6 +49,9 @@ pub enum Action {
     DeleteRemote,
     UpdateCache,
     Conflict,
+    /// A conflict settled by restoring the last-synced version on both
+    /// sides (`conflicts.txt` choice C); never the table's own action.
+    Restore,
 }
 
 impl State {

@@ -388,6 +388,12 @@ pub fn make_backups(root: &Path, paths: &[String], local: &Manifest) -> Result<V
         }
         let src = root.join(p);
         let dst = root.join(backup_name(p, now));
+        if same_file(&src, &dst) {
+            // Left by an earlier run of this resolution that did not get
+            // to its commit point (a crash, within the same second): it
+            // is already the backup.
+            continue;
+        }
         let res = if dst.symlink_metadata().is_ok() {
             Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
@@ -411,6 +417,14 @@ pub fn make_backups(root: &Path, paths: &[String], local: &Manifest) -> Result<V
         made.push(dst);
     }
     Ok(made)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 fn copy_or_link(src: &Path, dst: &Path) -> std::io::Result<()> {

@@ -356,6 +356,7 @@ fn init_tx(
                 size: *size,
                 hash: hash.0,
                 mtime_ns: e.stat.mtime_ns,
+                src: None,
             },
             LocalKind::Link { target } => Item::Link {
                 path: &e.path,

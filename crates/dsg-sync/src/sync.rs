@@ -87,6 +87,9 @@ pub struct Plan {
     /// Local files a resolution replaces or deletes: kept beside
     /// themselves as `<name>~<time>~` first (`backup_on_conflict`).
     pub backups: Vec<String>,
+    /// Conflicts settled with C: the last-synced version, read from the
+    /// repository's history, is published and installed here.
+    pub restores: Vec<String>,
 }
 
 impl Plan {
@@ -456,13 +459,7 @@ pub fn plan(
                     Choice::Local => Action::DeleteRemote,
                     Choice::Remote if rem.is_some() => Action::Download,
                     Choice::Remote => Action::DeleteLocal,
-                    Choice::Cache => {
-                        return Err(EngineError::Blocked {
-                            message: format!("{}: restoring the last-synced version (C) needs the repository's history, which this build cannot read yet; nothing was changed", r.path),
-                            hint: "choose L or R for it in conflicts.txt".into(),
-                            paths: vec![r.path.clone()],
-                        })
-                    }
+                    Choice::Cache => Action::Restore,
                 }
             }
             (a, _) => a,
@@ -480,6 +477,7 @@ pub fn plan(
             }
             Action::DeleteLocal => p.local_deletions.push(path),
             Action::UpdateCache => p.cache_updated += 1,
+            Action::Restore => p.restores.push(path),
             Action::Upload | Action::DeleteRemote | Action::None | Action::Conflict => {}
         }
     }
@@ -487,9 +485,13 @@ pub fn plan(
     p.deleted_remote = p.remote_deletions.len() as u64;
     p.downloaded = p.downloads.len() as u64;
     p.deleted_local = p.local_deletions.len() as u64;
-    p.needs_snapshot = !p.uploads.is_empty() || !p.remote_deletions.is_empty();
-    p.needs_local =
-        !p.downloads.is_empty() || !p.local_deletions.is_empty() || p.cache_updated > 0 || is_clone;
+    p.needs_snapshot =
+        !p.uploads.is_empty() || !p.remote_deletions.is_empty() || !p.restores.is_empty();
+    p.needs_local = !p.downloads.is_empty()
+        || !p.local_deletions.is_empty()
+        || !p.restores.is_empty()
+        || p.cache_updated > 0
+        || is_clone;
     p.files = files;
     Ok(p)
 }
@@ -582,6 +584,7 @@ fn new_metadata(
             .remote_deletions
             .iter()
             .chain(&plan.uploads)
+            .chain(&plan.restores)
             .map(|p| p.as_str())
             .collect();
         let mut entries: Vec<Entry> = remote.entries().to_vec();
@@ -590,6 +593,11 @@ fn new_metadata(
             plan.uploads
                 .iter()
                 .map(|p| cmp.local.get(p).expect("L has it").clone()),
+        );
+        entries.extend(
+            plan.restores
+                .iter()
+                .map(|p| cmp.cache.get(p).expect("C has it").clone()),
         );
         let mut n = Manifest::from_entries(entries);
         let number = snapshot_number(&next.base.snapshot_id)
@@ -720,6 +728,23 @@ fn stage(
     let staging = staging_dir(root, &tx.id);
     std::fs::create_dir_all(staging.join("meta/archive"))
         .map_err(|e| EngineError::io(&staging, e))?;
+    if !plan.restores.is_empty() {
+        // First: the restored versions are uploaded from where they land.
+        let restores: Vec<&Entry> = plan
+            .restores
+            .iter()
+            .map(|p| cmp.cache.get(p).expect("C has it"))
+            .collect();
+        let from = cmp.cache.metadata.as_ref().map(|m| m.snapshot_id.clone());
+        let Some(from) = from else {
+            return Err(EngineError::State {
+                message: "the last sync has no snapshot id, so its versions cannot be read back (choice C); nothing was changed".into(),
+                hint: "choose L or R in conflicts.txt".into(),
+            });
+        };
+        let bytes = restores.iter().map(|e| entry_size(e)).sum();
+        download(client, &staging, &restores, bytes, Some(&from), reporter)?;
+    }
     if plan.needs_snapshot {
         upload_changes(tx, client, cmp, plan, next, retries, reporter)?;
         failpoint("client.uploaded");
@@ -735,6 +760,7 @@ fn stage(
         &staging,
         &downloads,
         plan.downloaded_bytes,
+        None,
         reporter,
     )?;
     failpoint("client.downloaded");
@@ -766,7 +792,7 @@ fn upload_changes(
     retries: &Retries,
     reporter: &dyn Reporter,
 ) -> Result<()> {
-    let items: Vec<Item> = plan
+    let mut items: Vec<Item> = plan
         .uploads
         .iter()
         .map(|p| {
@@ -777,6 +803,7 @@ fn upload_changes(
                     size: *size,
                     hash: hash.expect("scanned").0,
                     mtime_ns: cmp.local_stat(&e.path).expect("scanned").mtime_ns,
+                    src: None,
                 },
                 EntryKind::Link { target } => Item::Link {
                     path: &e.path,
@@ -785,6 +812,29 @@ fn upload_changes(
             }
         })
         .collect();
+    // Restored versions, from the staging folder they were fetched into
+    // (and verified) just before.
+    let files = staging_dir(tx.root(), &tx.id).join("files");
+    let sources: Vec<PathBuf> = plan.restores.iter().map(|p| files.join(p)).collect();
+    for (p, src) in plan.restores.iter().zip(&sources) {
+        let e = cmp.cache.get(p).expect("C has it");
+        items.push(match &e.kind {
+            EntryKind::File { size, hash, mtime } => Item::File {
+                path: &e.path,
+                size: *size,
+                hash: hash.map(|h| h.0).ok_or_else(|| EngineError::State {
+                    message: format!("{p}: the last sync recorded no hash for it (the original dsg's manifest), so its restored version cannot be verified; nothing was changed"),
+                    hint: "choose L or R for it in conflicts.txt".into(),
+                })?,
+                mtime_ns: mtime.unix_secs().unwrap_or(0) * 1_000_000_000,
+                src: Some(src),
+            },
+            EntryKind::Link { target } => Item::Link {
+                path: &e.path,
+                target,
+            },
+        });
+    }
     if injected_error("client.begin.moved") {
         // For tests: a repository that moves before every begin.
         return Err(moved_for_test(client, &next.base.snapshot_id).into());
@@ -859,6 +909,7 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
         .local_deletions
         .iter()
         .chain(&plan.downloads)
+        .chain(&plan.restores)
         .map(|p| p.as_str())
         .collect();
     removes.sort_by(|a, b| b.cmp(a));
@@ -871,7 +922,12 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
             expect: cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino)),
         })
         .collect();
-    let mut installs: Vec<&str> = plan.downloads.iter().map(|p| p.as_str()).collect();
+    let mut installs: Vec<&str> = plan
+        .downloads
+        .iter()
+        .chain(&plan.restores)
+        .map(|p| p.as_str())
+        .collect();
     installs.sort();
     ops.extend(installs.into_iter().map(|p| Op::Install { path: p.into() }));
     ops
@@ -1191,11 +1247,14 @@ fn entry_size(e: &Entry) -> u64 {
 }
 
 /// Streams the downloads into staging, verifying each against R's entry.
+/// `from`: a snapshot id to read the versions of (conflict choice C);
+/// `None` reads the head.
 fn download(
     client: &mut RepoClient,
     staging: &Path,
     downloads: &[&Entry],
     bytes: u64,
+    from: Option<&str>,
     reporter: &dyn Reporter,
 ) -> Result<()> {
     let files = staging.join("files");
@@ -1225,12 +1284,23 @@ fn download(
     // The first local write that failed, kept whole: the agent's error
     // type has only its text, and the hint depends on the cause.
     let mut write_failed: Option<(PathBuf, std::io::Error)> = None;
-    let res = client.get_files(fetch, |inc| {
-        let Incoming::File { path, size: _, data } = inc else {
-            return Err(std::io::Error::other("the repository holds a link where its manifest has a file"));
+    let sink = |inc: Incoming<'_>| {
+        let Incoming::File {
+            path,
+            size: _,
+            data,
+        } = inc
+        else {
+            return Err(std::io::Error::other(
+                "the repository holds a link where its manifest has a file",
+            ));
         };
-        let e = want.get(path.as_str()).ok_or_else(|| std::io::Error::other("unexpected file"))?;
-        let EntryKind::File { size, mtime, hash } = &e.kind else { unreachable!() };
+        let e = want
+            .get(path.as_str())
+            .ok_or_else(|| std::io::Error::other("unexpected file"))?;
+        let EntryKind::File { size, mtime, hash } = &e.kind else {
+            unreachable!()
+        };
         let dst = files.join(&path);
         let (n, got, f) = receive(&files, &path, &dst, data, &mut buf).map_err(|(at, err)| {
             let copy = std::io::Error::new(err.kind(), err.to_string());
@@ -1246,13 +1316,19 @@ fn download(
         // The manifest's mtime, so the file compares equal by the
         // original's size+mtime rule too.
         if let Some(s) = mtime.unix_secs() {
-            let _ = f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.max(0) as u64));
+            let _ = f.set_modified(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.max(0) as u64),
+            );
         }
         nf += 1;
         nb += n;
         reporter.transfer_progress(nf, nb);
         Ok(())
-    });
+    };
+    let res = match from {
+        Some(snap) => client.get_versions(snap, fetch, sink),
+        None => client.get_files(fetch, sink),
+    };
     reporter.transfer_done();
     res.map_err(|e| match e {
         RepoError::Local { path, msg } => download_error(&path, &msg, write_failed, staging, bytes),
@@ -1362,9 +1438,17 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
         map.remove(p.as_str());
     }
     let remote = cmp.remote();
-    for p in &plan.downloads {
-        map.remove(p.as_str());
-        let e = remote.get(p).expect("R has it");
+    let installed = plan
+        .downloads
+        .iter()
+        .map(|p| remote.get(p).expect("R has it"))
+        .chain(
+            plan.restores
+                .iter()
+                .map(|p| cmp.cache.get(p).expect("C has it")),
+        );
+    for e in installed {
+        map.remove(&*e.path);
         if let EntryKind::File { hash: Some(h), .. } = &e.kind {
             if let Ok(md) = std::fs::symlink_metadata(project.root.join(&*e.path)) {
                 map.insert(&e.path, (Stat::of(&md), *h));

@@ -22,6 +22,9 @@ pub enum Item<'a> {
         size: u64,
         hash: u64,
         mtime_ns: i64,
+        /// Where the bytes are, when not at `path` in the project (a
+        /// version restored into staging).
+        src: Option<&'a std::path::Path>,
     },
     Link {
         path: &'a str,
@@ -95,8 +98,10 @@ pub fn upload(
                         size,
                         hash,
                         mtime_ns,
+                        src,
                     } => {
-                        client.put_file(path, &project.root.join(path), size, hash, mtime_ns)?;
+                        let at = src.map_or_else(|| project.root.join(path), |s| s.to_path_buf());
+                        client.put_file(path, &at, size, hash, mtime_ns)?;
                         nb += size;
                     }
                     Item::Link { path, target } => client.put_link(path, target)?,

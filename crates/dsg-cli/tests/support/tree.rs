@@ -143,7 +143,9 @@ pub fn tracked(t: &Tree) -> Tree {
 
 pub fn is_tracked(p: &str) -> bool {
     let comps: Vec<&str> = p.split('/').collect();
-    comps.iter().all(|c| !c.starts_with('.'))
+    // Conflict backups (`name~YYYYMMDDTHHMMSS±ZZZZ~`) are never tracked.
+    !dsg_core::names::is_conflict_backup_name(comps[comps.len() - 1])
+        && comps.iter().all(|c| !c.starts_with('.'))
         && comps[..comps.len() - 1]
             .iter()
             .any(|c| matches!(*c, "input" | "output" | "frozen"))
