@@ -77,6 +77,9 @@ enum Cmd {
         /// When the repository's history no longer holds this project's last sync, rebase on its head (what it would overwrite or delete here becomes a conflict)
         #[arg(long)]
         adopt_repository_history: bool,
+        /// Stop if the sync would delete more than PERCENT of the tracked files on either side, or a whole data folder (default: max_delete in dsg.yml, else 50; 100: no limit)
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+        max_delete: Option<u8>,
     },
     /// Setup: fetch the repository's head into a project that has only .dsgconfig.yml
     Clone {
@@ -273,6 +276,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
             normalize,
             resume,
             adopt_repository_history,
+            max_delete,
         } => cmd_sync(
             dsg_sync::sync::SyncOpts {
                 dry_run,
@@ -280,6 +284,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
                 message,
                 resume_conflicts: resume,
                 adopt_history: adopt_repository_history,
+                max_delete,
             },
             out,
         ),

@@ -141,7 +141,7 @@ fn user_config(w: &World) -> std::path::PathBuf {
     w.client("a").parent().unwrap().join("cfg/dsg.yml")
 }
 
-const IDENTITY: &str = "user_name: Alice\nuser_id: alice@example.org\n";
+const IDENTITY: &str = "user_name: Alice\nuser_id: alice@example.org\nmax_delete: 100\n";
 
 #[test]
 fn missing_remote_dsg_names_remote_dsg() {

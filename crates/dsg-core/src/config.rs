@@ -722,6 +722,9 @@ pub struct UserConfig {
     pub default_host: Option<String>,
     pub default_project_path: Option<String>,
     pub backup_on_conflict: bool,
+    /// `max_delete`: the mass-deletion guard's limit in percent (100: off);
+    /// `sync --max-delete` overrides it.
+    pub max_delete: Option<u8>,
     /// `remote_dsg`: ssh host → path of dsg on it.
     pub remote_dsg: BTreeMap<String, String>,
     /// Files that were read, lowest priority first.
@@ -819,6 +822,20 @@ impl UserConfig {
                 ))
             }
         };
+        let max_delete =
+            match merged.get("max_delete") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v <= 100) => {
+                    n.as_u64().map(|v| v as u8)
+                }
+                Some(other) => return Err(invalid(
+                    last,
+                    format!(
+                        "key 'max_delete' must be a whole percentage from 0 to 100, got {other}"
+                    ),
+                    "e.g. max_delete: 50 (the default; 100 turns the mass-deletion guard off)",
+                )),
+            };
         let remote_dsg = match merged.get("remote_dsg") {
             None | Some(Value::Null) => BTreeMap::new(),
             Some(v) => parse_remote_dsg_map(last, v)?,
@@ -829,6 +846,7 @@ impl UserConfig {
             default_host: opt("default_host"),
             default_project_path: opt("default_project_path"),
             backup_on_conflict,
+            max_delete,
             remote_dsg,
             sources,
         })

@@ -3,6 +3,7 @@
 //! transaction with local recovery. The CLI only parses and prints.
 
 pub mod conflicts;
+pub mod guard;
 pub mod history;
 pub mod init;
 pub mod local_tx;

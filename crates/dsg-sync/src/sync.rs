@@ -58,6 +58,8 @@ pub struct SyncOpts {
     /// longer holds our last sync, rebase on its head; what that would
     /// overwrite or delete here becomes a conflict instead of a refusal.
     pub adopt_history: bool,
+    /// `--max-delete PERCENT`; `None`: the user's `max_delete`, else 50.
+    pub max_delete: Option<u8>,
 }
 
 /// What a sync will do, decided from L/C/R alone before anything is
@@ -246,6 +248,15 @@ fn sync_once(
         }
     };
     let mut plan = plan(&cmp, rows, choices, is_clone)?;
+    crate::guard::check(
+        &plan,
+        &cmp.local,
+        cmp.remote(),
+        &project.config.data_dirs,
+        opts.max_delete
+            .or(project.user.max_delete)
+            .unwrap_or(crate::guard::DEFAULT_MAX_DELETE),
+    )?;
     if adopt.is_some() {
         // Even with no file to change, the last sync becomes the
         // repository's head: left on the stale chain, every later change
@@ -1211,12 +1222,38 @@ pub fn outlook(
     if let Err(e) = block_on_problems(&cmp.scan.problems, "sync") {
         return refusal(e);
     }
-    // The plan's only refusal is a conflict.
+    // The plan's refusals: a conflict, then the mass-deletion guard (at
+    // the user's limit: status cannot know a --max-delete to come).
     let found = conflicts::conflicts(cmp, rows, None);
     if !found.is_empty() {
         let mut o = refusal(blocked_by_conflicts(project, &found, None, true, true))?;
         o.conflicts = found;
         return Ok(o);
+    }
+    let of = |a: Action| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r.action == a)
+            .map(|r| r.path.clone())
+            .collect()
+    };
+    let deletions = Plan {
+        uploads: of(Action::Upload),
+        downloads: of(Action::Download),
+        remote_deletions: of(Action::DeleteRemote),
+        local_deletions: of(Action::DeleteLocal),
+        ..Default::default()
+    };
+    if let Err(e) = crate::guard::check(
+        &deletions,
+        &cmp.local,
+        cmp.remote(),
+        &project.config.data_dirs,
+        project
+            .user
+            .max_delete
+            .unwrap_or(crate::guard::DEFAULT_MAX_DELETE),
+    ) {
+        return refusal(e);
     }
     Ok(Outlook {
         blocked: None,

@@ -56,13 +56,15 @@ pub fn temp_repo_parent(tmp_prefix: &str) -> (PathBuf, Option<tempfile::TempDir>
 }
 
 /// Sets up the isolated user environment under `root`: the user config
-/// `root/cfg/dsg.yml` (Alice) and an empty `root/home/.config`.
+/// `root/cfg/dsg.yml` (Alice) and an empty `root/home/.config`. The
+/// mass-deletion guard is off (`max_delete: 100`): these worlds' small
+/// trees delete most of their files on purpose; `guard.rs` turns it on.
 pub fn make_user_dirs(root: &Path) {
     let cfg = root.join("cfg");
     fs::create_dir_all(&cfg).unwrap();
     fs::write(
         cfg.join("dsg.yml"),
-        "user_name: Alice\nuser_id: alice@example.org\n",
+        "user_name: Alice\nuser_id: alice@example.org\nmax_delete: 100\n",
     )
     .unwrap();
     fs::create_dir_all(root.join("home/.config")).unwrap();

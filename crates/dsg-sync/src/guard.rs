@@ -1,0 +1,133 @@
+//! The mass-deletion guard (anchor: rclone bisync's `--max-delete`): a
+//! sync that would delete more than a share of the tracked files, or every
+//! file of a data folder, on either side, stops before changing anything.
+//! An `rm -rf input/` here is published only when the user says so, and
+//! one made by another client is not received unasked either.
+
+use std::collections::BTreeMap;
+
+use dsg_core::manifest::Manifest;
+
+use crate::sync::{plural, Plan};
+use crate::{EngineError, Result};
+
+/// The default `--max-delete`, as rclone's.
+pub const DEFAULT_MAX_DELETE: u8 = 50;
+
+/// Refuses `plan` when its deletions on one side exceed `max_percent` of
+/// that side's tracked files, or empty a whole data folder there.
+/// `max_percent` 100 lets everything through.
+pub fn check(
+    plan: &Plan,
+    local: &Manifest,
+    remote: &Manifest,
+    data_dirs: &std::collections::BTreeSet<String>,
+    max_percent: u8,
+) -> Result<()> {
+    if max_percent >= 100 {
+        return Ok(());
+    }
+    let sides = [
+        (
+            "in the repository (deleted here, published by this sync)",
+            &plan.remote_deletions,
+            remote,
+            &plan.uploads,
+        ),
+        (
+            "here (deleted in the repository, received by this sync)",
+            &plan.local_deletions,
+            local,
+            &plan.downloads,
+        ),
+    ];
+    for (where_, deleted, before, added) in sides {
+        if deleted.is_empty() {
+            continue;
+        }
+        let total = before.entries().len().max(1);
+        let share = format!("{:.1}", deleted.len() as f64 * 100.0 / total as f64);
+        let share = share.trim_end_matches(".0");
+        let over = deleted.len() * 100 > total * max_percent as usize;
+        let emptied = emptied_folders(deleted, before, added, data_dirs);
+        if !over && emptied.is_empty() {
+            continue;
+        }
+        let mut what = format!(
+            "this sync would delete {} of {} ({share} %) {where_}",
+            plural(deleted.len(), "tracked file"),
+            total
+        );
+        if !emptied.is_empty() {
+            what.push_str(&format!(
+                ", emptying the whole data folder{} {}",
+                if emptied.len() == 1 { "" } else { "s" },
+                emptied.join(", ")
+            ));
+        }
+        return Err(EngineError::Blocked {
+            message: format!("{what}; nothing was changed (the limit is {max_percent} %, or a whole data folder)"),
+            hint: format!(
+                "if that is what you want, run the sync again with --max-delete 100; otherwise bring the files back first ('dsg status' lists them){}",
+                if std::ptr::eq(deleted, &plan.local_deletions) {
+                    ", or ask who deleted them in the repository ('dsg log')"
+                } else {
+                    ""
+                }
+            ),
+            paths: if emptied.is_empty() {
+                deleted.iter().take(20).cloned().collect()
+            } else {
+                emptied
+            },
+        });
+    }
+    Ok(())
+}
+
+/// The data folders (a path up to its first component named in
+/// `data_dirs`) whose every file in `before` is deleted and none added.
+fn emptied_folders(
+    deleted: &[String],
+    before: &Manifest,
+    added: &[String],
+    data_dirs: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let root_of = |p: &str| -> Option<String> {
+        if data_dirs.contains("*") {
+            return p.split('/').next().map(String::from);
+        }
+        let mut end = 0;
+        for c in p.split('/') {
+            end += c.len();
+            if data_dirs.contains(c) {
+                return Some(p[..end].to_string());
+            }
+            end += 1;
+        }
+        None
+    };
+    // Per data folder: (tracked files before, deleted).
+    let mut count: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for e in before.entries() {
+        if let Some(r) = root_of(&e.path) {
+            count.entry(r).or_default().0 += 1;
+        }
+    }
+    for p in deleted {
+        if let Some(r) = root_of(p) {
+            count.entry(r).or_default().1 += 1;
+        }
+    }
+    for p in added {
+        if let Some(r) = root_of(p) {
+            // Something lands in it: not emptied.
+            count.remove(&r);
+        }
+    }
+    count
+        .into_iter()
+        .filter(|(_, (n, d))| *n > 0 && d >= n)
+        .map(|(r, _)| format!("{r}/"))
+        .collect()
+}
