@@ -2,6 +2,7 @@
 //! 15-state table) to a repository connection and runs each command as a
 //! transaction with local recovery. The CLI only parses and prints.
 
+pub mod clean;
 pub mod conflicts;
 pub mod history;
 pub mod init;
