@@ -116,6 +116,8 @@ enum Cmd {
     Agent(AgentCmd),
     /// Maintenance: remove caches, leftovers of dead commands and conflict backups (dry run by default)
     Clean(maint_cmd::CleanCmd),
+    /// Discovery: the repositories at your default host and path (or --host/--repo-path)
+    ListRepos(maint_cmd::ListReposCmd),
 }
 
 #[derive(Args)]
@@ -304,6 +306,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::ValidateChain => history_cmd::validate_chain(out),
         Cmd::Agent(a) => cmd_agent(a),
         Cmd::Clean(a) => maint_cmd::cmd_clean(a, out),
+        Cmd::ListRepos(a) => maint_cmd::cmd_list_repos(a, out),
     }
 }
 

@@ -177,3 +177,115 @@ pub fn cmd_clean(a: CleanCmd, out: &Out) -> Result<(), EngineError> {
         hint: "check the permissions of the paths named".into(),
     })
 }
+
+#[derive(Args)]
+pub struct ListReposCmd {
+    /// The host (localhost or an ssh host); default: default_host of your dsg.yml, else localhost
+    #[arg(long)]
+    host: Option<String>,
+    /// The directory holding the repositories; default: default_project_path of your dsg.yml
+    #[arg(long)]
+    repo_path: Option<std::path::PathBuf>,
+}
+
+pub fn cmd_list_repos(a: ListReposCmd, out: &Out) -> Result<(), EngineError> {
+    let Some(loc) = dsg_sync::repos::location(a.host, a.repo_path)? else {
+        if out.json {
+            out.json_doc(&json!({"status": "ok", "command": "list-repos", "result": {
+                "host": null, "path": null, "repositories": []}}));
+        } else {
+            out.line("No repositories configured for discovery.");
+            out.line("Set default_project_path (and default_host) in your dsg.yml, or pass --repo-path (and --host).");
+        }
+        return Ok(());
+    };
+    let repos = dsg_sync::repos::list(&loc)?;
+    let path = loc.path.display().to_string();
+    if out.json {
+        out.json_doc(&json!({"status": "ok", "command": "list-repos", "result": {
+            "host": loc.host, "path": path, "repositories": repos}}));
+        return Ok(());
+    }
+    out.line(&format!("dsg Repositories at {}:{path}", loc.host));
+    if repos.is_empty() {
+        out.line("No repositories found.");
+        return Ok(());
+    }
+    let dash = || "-".to_string();
+    let rows: Vec<[String; 6]> = repos
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.kind.clone(),
+                r.snapshot_id.clone().unwrap_or_else(|| match r.status.as_str() {
+                    "error" => "Error".into(),
+                    _ => "None".into(),
+                }),
+                r.timestamp
+                    .as_deref()
+                    .map(short_time)
+                    .unwrap_or_else(dash),
+                r.size.map(|b| b.to_string()).unwrap_or_else(dash),
+                r.file_count.map(|n| n.to_string()).unwrap_or_else(dash),
+            ]
+        })
+        .collect();
+    let head = ["Repository", "Type", "HEAD", "Timestamp", "Size (bytes)", "Files"];
+    let mut width = head.map(str::len);
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let fmt = |cells: [&str; 6]| {
+        cells
+            .iter()
+            .zip(width)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i >= 4 {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    out.line(&fmt(head));
+    for r in &rows {
+        out.line(&fmt([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]));
+    }
+    for r in repos.iter().filter(|r| r.error.is_some()) {
+        out.line(&format!(
+            "  {}: {}",
+            r.name,
+            r.error.as_deref().unwrap_or_default()
+        ));
+    }
+    let count = |s: &str| repos.iter().filter(|r| r.status == s).count();
+    let mut parts = vec![format!("Found {} repositories", repos.len())];
+    for (n, label) in [
+        (count("active"), "active"),
+        (count("uninitialized"), "uninitialized"),
+        (count("error"), "with errors"),
+    ] {
+        if n > 0 {
+            parts.push(format!("{n} {label}"));
+        }
+    }
+    out.line(&parts.join(" - "));
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM` of a manifest's `created_at` (kept as is when it
+/// has another shape).
+fn short_time(t: &str) -> String {
+    match (t.get(..10), t.get(10..11), t.get(11..16)) {
+        (Some(d), Some("T"), Some(hm)) => format!("{d} {hm}"),
+        _ => t.to_string(),
+    }
+}

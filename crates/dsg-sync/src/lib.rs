@@ -9,6 +9,7 @@ pub mod init;
 pub mod local_tx;
 pub mod names;
 pub mod project;
+pub mod repos;
 pub mod recover;
 pub mod retry;
 pub mod snapshots;
