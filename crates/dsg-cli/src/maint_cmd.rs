@@ -218,20 +218,26 @@ pub fn cmd_list_repos(a: ListReposCmd, out: &Out) -> Result<(), EngineError> {
             [
                 r.name.clone(),
                 r.kind.clone(),
-                r.snapshot_id.clone().unwrap_or_else(|| match r.status.as_str() {
-                    "error" => "Error".into(),
-                    _ => "None".into(),
-                }),
-                r.timestamp
-                    .as_deref()
-                    .map(short_time)
-                    .unwrap_or_else(dash),
+                r.snapshot_id
+                    .clone()
+                    .unwrap_or_else(|| match r.status.as_str() {
+                        "error" => "Error".into(),
+                        _ => "None".into(),
+                    }),
+                r.timestamp.as_deref().map(short_time).unwrap_or_else(dash),
                 r.size.map(|b| b.to_string()).unwrap_or_else(dash),
                 r.file_count.map(|n| n.to_string()).unwrap_or_else(dash),
             ]
         })
         .collect();
-    let head = ["Repository", "Type", "HEAD", "Timestamp", "Size (bytes)", "Files"];
+    let head = [
+        "Repository",
+        "Type",
+        "HEAD",
+        "Timestamp",
+        "Size (bytes)",
+        "Files",
+    ];
     let mut width = head.map(str::len);
     for r in &rows {
         for (w, c) in width.iter_mut().zip(r) {

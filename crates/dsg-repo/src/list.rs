@@ -154,8 +154,8 @@ fn info_of(name: &str, kind: &str, head: Result<Option<Manifest>, String>) -> Re
 /// The repositories directly in `dir`: its children (not hidden, not
 /// symlinks) that hold a `.dsg/` folder, sorted by name.
 pub fn list_dir(dir: &Path) -> Result<Vec<RepoInfo>, AgentError> {
-    let rd = fs::read_dir(dir)
-        .map_err(|e| AgentError::io(format!("listing {}", dir.display()), e))?;
+    let rd =
+        fs::read_dir(dir).map_err(|e| AgentError::io(format!("listing {}", dir.display()), e))?;
     let real = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let zfs = zfs_mounts();
     let mut out = Vec::new();
