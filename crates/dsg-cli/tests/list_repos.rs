@@ -212,6 +212,8 @@ fn a_restricted_agent_lists_only_its_directories() {
     outside.write("X", &p(IN, "secret.txt"), "not yours");
     outside.init("X");
     std::os::unix::fs::symlink(&outside.repo_parent, allowed.join("escape")).unwrap();
+    // A link to the outside repository itself: not followed by the listing.
+    std::os::unix::fs::symlink(outside.repo(), allowed.join("leak")).unwrap();
     let ssh = forced_ssh(&w, &allowed);
     let bin = dsg_bin();
     let run = |path: &Path| {
@@ -231,7 +233,7 @@ fn a_restricted_agent_lists_only_its_directories() {
             .output()
             .unwrap()
     };
-    // The allowed directory: its repository, not the symlinked one.
+    // The allowed directory: its repository, not the symlinked ones.
     let o = run(&allowed);
     assert_ok(&o, "list-repos of the allowed directory");
     let got = by_name(&json_of(&o));
