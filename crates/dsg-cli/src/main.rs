@@ -1,6 +1,7 @@
 //! `dsg`: the command line. Thin by design: parse, call the engine, print.
 
 mod history_cmd;
+mod maint_cmd;
 mod output;
 mod restrict;
 mod snap_cmd;
@@ -116,6 +117,10 @@ enum Cmd {
     /// Repository side of the protocol (run by dsg itself, locally or over SSH)
     #[command(hide = true)]
     Agent(AgentCmd),
+    /// Maintenance: remove caches, leftovers of dead commands and conflict backups (dry run by default)
+    Clean(maint_cmd::CleanCmd),
+    /// Discovery: the repositories at your default host and path (or --host/--repo-path)
+    ListRepos(maint_cmd::ListReposCmd),
 }
 
 #[derive(Args)]
@@ -305,6 +310,8 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         ),
         Cmd::ValidateChain => history_cmd::validate_chain(out),
         Cmd::Agent(a) => cmd_agent(a),
+        Cmd::Clean(a) => maint_cmd::cmd_clean(a, out),
+        Cmd::ListRepos(a) => maint_cmd::cmd_list_repos(a, out),
     }
 }
 
@@ -457,7 +464,7 @@ fn confirm_replace(
     Ok(true)
 }
 
-fn prompt(label: &str, default: Option<&str>) -> Result<String, EngineError> {
+pub(crate) fn prompt(label: &str, default: Option<&str>) -> Result<String, EngineError> {
     use std::io::Write;
     let mut stderr = std::io::stderr();
     match default {

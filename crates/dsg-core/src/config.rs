@@ -853,6 +853,79 @@ impl UserConfig {
     }
 }
 
+/// What `list-repos` reads of the user config: `default_host` and
+/// `default_project_path` only (personal fields are not required), each
+/// checked when present.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DiscoveryDefaults {
+    pub default_host: Option<String>,
+    pub default_project_path: Option<PathBuf>,
+}
+
+impl DiscoveryDefaults {
+    pub fn load() -> Result<DiscoveryDefaults, ConfigError> {
+        DiscoveryDefaults::load_from(&user_config_paths())
+    }
+
+    pub fn load_from(paths: &[PathBuf]) -> Result<DiscoveryDefaults, ConfigError> {
+        let mut merged = serde_json::Map::new();
+        let mut last = None;
+        for (i, p) in paths.iter().enumerate() {
+            if let Some(obj) = read_user_file(p, i == 0)? {
+                merged.extend(obj);
+                last = Some(p.clone());
+            }
+        }
+        let Some(last) = last else {
+            return Err(ConfigError::NoUserConfig {
+                looked: paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let text = |k: &str| -> Result<Option<String>, ConfigError> {
+            match merged.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+                Some(other) => Err(invalid(
+                    &last,
+                    format!("key '{k}' must be a non-empty string, got {other}"),
+                    format!("write {k}: VALUE, or remove the key"),
+                )),
+            }
+        };
+        let default_host = text("default_host")?;
+        if let Some(h) = &default_host {
+            if h.starts_with('-') || h.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    &last,
+                    format!("key 'default_host' {h:?} is not a host name"),
+                    "use localhost or an ssh host (an alias of ~/.ssh/config works)",
+                ));
+            }
+        }
+        let default_project_path = text("default_project_path")?.map(PathBuf::from);
+        if let Some(p) = &default_project_path {
+            if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(invalid(
+                    &last,
+                    format!(
+                        "key 'default_project_path' {:?} must be an absolute path without '..'",
+                        p.display().to_string()
+                    ),
+                    "name the directory that holds the repositories, e.g. /srv/dsg",
+                ));
+            }
+        }
+        Ok(DiscoveryDefaults {
+            default_host,
+            default_project_path,
+        })
+    }
+}
+
 const REMOTE_DSG_HINT: &str = "write remote_dsg as a map from ssh host to the path of dsg on it, e.g.\n  remote_dsg:\n    myserver: /opt/dsg/bin/dsg";
 
 /// Checks one path of the server's dsg: it becomes the first word of the

@@ -168,6 +168,10 @@ fn serve_loop<R: Read, W: Write>(
                 w.flush()?;
                 return Ok(true);
             }
+            Request::ListRepos => match crate::list::list_dir(&backend.root()) {
+                Ok(repos) => write_json(&mut w, &Response::Repos { repos })?,
+                Err(e) => reply_err(&mut w, &e)?,
+            },
         }
         // Answer promptly when the client is waiting; while it is still
         // sending puts there is nothing to flush.

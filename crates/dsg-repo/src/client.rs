@@ -529,6 +529,18 @@ impl RepoClient {
         }
     }
 
+    /// The repositories in the directory this agent serves (`ListRepos`).
+    pub fn list_repos(&mut self) -> Result<Vec<crate::list::RepoInfo>, RepoError> {
+        self.send(&Request::ListRepos)?;
+        match self.recv()? {
+            Response::Repos { repos } => Ok(repos),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
     pub fn rollback(&mut self) -> Result<(), RepoError> {
         self.send(&Request::Rollback)?;
         self.expect_ok()

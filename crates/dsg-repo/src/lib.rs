@@ -11,6 +11,7 @@ pub mod backend;
 pub mod client;
 pub mod dir;
 pub mod history;
+pub mod list;
 pub mod protocol;
 pub mod repo;
 mod site;

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 /// 4: every `GetFiles` answer ends with `Ok`; a failed stream ends in `Err`.
 /// 5: history reads, `GetVersions` and `Rehash`, which an agent of 4 would
 /// take for a malformed message and end the connection on.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `ListRepos` (the repositories in the agent's directory), and the
+/// requests of snapmount and prune.
+pub const PROTOCOL_VERSION: u32 = 6;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
@@ -140,6 +142,9 @@ pub enum Request {
         snapshot: String,
     },
     Bye,
+    /// The repositories directly in the directory the agent serves (its
+    /// `--repo`): answered with `Repos`. Only their head manifests are read.
+    ListRepos,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +190,10 @@ pub enum Response {
     /// The end of a `Rehash`: what was checked, and what did not match.
     Rehashed(RehashReport),
     Err(RemoteError),
+    /// The answer to `ListRepos`.
+    Repos {
+        repos: Vec<crate::list::RepoInfo>,
+    },
 }
 
 /// What a `Rehash` found: the manifest it checked against (its recorded

@@ -2,6 +2,7 @@
 //! 15-state table) to a repository connection and runs each command as a
 //! transaction with local recovery. The CLI only parses and prints.
 
+pub mod clean;
 pub mod conflicts;
 pub mod guard;
 pub mod history;
@@ -10,6 +11,7 @@ pub mod local_tx;
 pub mod names;
 pub mod project;
 pub mod recover;
+pub mod repos;
 pub mod retry;
 pub mod snapshots;
 pub mod status;
