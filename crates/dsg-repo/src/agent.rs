@@ -70,6 +70,9 @@ fn serve_loop<R: Read, W: Write>(
     buf: &mut Vec<u8>,
     local_sources: bool,
 ) -> io::Result<bool> {
+    // Snapshot mounts (ZFS clones) held for this connection: dropped, so
+    // unmounted and destroyed, when it ends.
+    let mut held: Vec<Box<dyn Send>> = Vec::new();
     loop {
         let req: Request = match read_json(&mut r) {
             Ok(q) => q,
@@ -164,9 +167,34 @@ fn serve_loop<R: Read, W: Write>(
                 crate::history::serve_rehash(backend, &mut w, buf, &snapshot)?
             }
             Request::Bye => {
+                drop(std::mem::take(&mut held));
                 write_json(&mut w, &Response::Ok)?;
                 w.flush()?;
                 return Ok(true);
+            }
+            Request::MountSnapshot {
+                snapshot,
+                mountpoint,
+            } => {
+                // The mountpoint is a path on this machine: only for a
+                // client in this process, never one over SSH.
+                let r = if !local_sources {
+                    Err(AgentError::new(
+                        ErrorKind::Protocol,
+                        "mount_snapshot is only for a client on the repository host",
+                    ))
+                } else {
+                    crate::history::checked_snapshot_id(&snapshot).and_then(|id| {
+                        backend.mount_snapshot(&id, std::path::Path::new(&mountpoint))
+                    })
+                };
+                match r {
+                    Ok((dataset, guard)) => {
+                        held.push(guard);
+                        write_json(&mut w, &Response::Mounted { dataset })?
+                    }
+                    Err(e) => reply_err(&mut w, &e)?,
+                }
             }
         }
         // Answer promptly when the client is waiting; while it is still

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 /// 4: every `GetFiles` answer ends with `Ok`; a failed stream ends in `Err`.
 /// 5: history reads, `GetVersions` and `Rehash`, which an agent of 4 would
 /// take for a malformed message and end the connection on.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `MountSnapshot` (a read-only clone of a ZFS snapshot, held for the
+/// connection, for `snapmount` on the repository host).
+pub const PROTOCOL_VERSION: u32 = 6;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
@@ -140,6 +142,15 @@ pub enum Request {
         snapshot: String,
     },
     Bye,
+    /// Mounts snapshot `snapshot` (`s<N>`) read-only at `mountpoint` (an
+    /// empty folder on the repository host) as a ZFS clone the agent names
+    /// itself, held until the connection ends; answered `Mounted` or
+    /// `Err`. Only from a client in the agent's own process (the path is
+    /// on this machine); refused over SSH.
+    MountSnapshot {
+        snapshot: String,
+        mountpoint: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +196,10 @@ pub enum Response {
     /// The end of a `Rehash`: what was checked, and what did not match.
     Rehashed(RehashReport),
     Err(RemoteError),
+    /// `MountSnapshot` done: the clone's dataset.
+    Mounted {
+        dataset: String,
+    },
 }
 
 /// What a `Rehash` found: the manifest it checked against (its recorded

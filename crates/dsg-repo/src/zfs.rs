@@ -309,7 +309,21 @@ impl Zfs {
     pub fn cleanup_init(&self) -> Result<(), AgentError> {
         let prefix = format!("{}--tx-", self.dataset());
         let read_prefix = format!("{}--read-p", self.dataset());
+        let mount_prefix = format!("{}--mount-p", self.dataset());
         for ds in self.children()? {
+            if let Some(rest) = ds.strip_prefix(&mount_prefix) {
+                // A snapmount's clone: destroyed once its owner died. Best
+                // effort: a shell still inside the mount keeps it busy,
+                // and the next command tries again.
+                let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+                if pid.is_some_and(|p| !process_alive(p)) {
+                    tracing::info!("destroying {ds}, left by a snapmount that was killed");
+                    if let Err(e) = self.run(&["destroy", "-r", &ds]) {
+                        tracing::warn!("cannot destroy {ds} yet: {}", e.message);
+                    }
+                }
+                continue;
+            }
             if let Some(rest) = ds.strip_prefix(&read_prefix) {
                 let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
                 if pid.is_some_and(|p| !process_alive(p)) {
@@ -580,6 +594,88 @@ impl Zfs {
     }
 }
 
+/// A snapmount's clone, unmounted and destroyed when dropped.
+struct MountClone {
+    zfs: Zfs,
+    dataset: String,
+}
+
+impl Drop for MountClone {
+    fn drop(&mut self) {
+        if let Err(e) = self.zfs.run(&["destroy", "-r", &self.dataset]) {
+            tracing::warn!(
+                "cannot destroy {}: {} (the next command retries)",
+                self.dataset,
+                e.message
+            );
+        }
+    }
+}
+
+impl Zfs {
+    /// `snapmount`: a read-only clone of `@snap` mounted at `mountpoint`
+    /// (absolute, an empty folder, not a symlink), named by us:
+    /// `POOL/NAME--mount-p<pid>-<id>`. The pid lets recovery destroy the
+    /// clone of a snapmount that was killed.
+    pub fn mount_clone(
+        &self,
+        snap: &str,
+        mountpoint: &Path,
+    ) -> Result<(String, Box<dyn Send>), AgentError> {
+        let bad = |why: &str| {
+            AgentError::new(
+                ErrorKind::Unsafe,
+                format!("cannot mount at {}: {why}", mountpoint.display()),
+            )
+        };
+        if !mountpoint.is_absolute() {
+            return Err(bad("not an absolute path"));
+        }
+        let md = std::fs::symlink_metadata(mountpoint)
+            .map_err(|e| AgentError::io(mountpoint.display(), e))?;
+        if !md.is_dir() {
+            return Err(bad("not a directory"));
+        }
+        let mut rd =
+            std::fs::read_dir(mountpoint).map_err(|e| AgentError::io(mountpoint.display(), e))?;
+        if rd.next().is_some() {
+            return Err(bad("not empty"));
+        }
+        let origin = format!("{}@{snap}", self.dataset());
+        if !self.snapshots(&self.dataset())?.iter().any(|s| s == snap) {
+            return Err(AgentError::new(
+                ErrorKind::NotFound,
+                format!("snapshot {origin} does not exist"),
+            )
+            .hint("dsg log lists the snapshots"));
+        }
+        let dataset = format!(
+            "{}--mount-p{}-{}",
+            self.dataset(),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        self.run(&[
+            "clone",
+            "-o",
+            "readonly=on",
+            "-o",
+            &format!("mountpoint={}", mountpoint.display()),
+            &origin,
+            &dataset,
+        ])?;
+        let guard = MountClone {
+            zfs: self.clone(),
+            dataset: dataset.clone(),
+        };
+        if let Err(e) = self.ensure_mounted(&dataset) {
+            drop(guard);
+            return Err(e);
+        }
+        Ok((dataset, Box::new(guard)))
+    }
+}
+
 /// Whether process `pid` exists on this machine (the agent runs on the
 /// repository host, where the reader ran).
 fn process_alive(pid: i32) -> bool {
@@ -791,6 +887,15 @@ impl Store for Zfs {
     fn committed_unfinished(&self, _site: &Site, _tx: &str) -> bool {
         // `finish_failed_commit` has settled a committed one already.
         false
+    }
+
+    fn mount_snapshot(
+        &self,
+        _site: &Site,
+        snap: &str,
+        mountpoint: &Path,
+    ) -> Result<(String, Box<dyn Send>), AgentError> {
+        self.mount_clone(snap, mountpoint)
     }
 
     fn snapshot_tree(&self, _site: &Site, snap: &str) -> Result<Option<SnapshotTree>, AgentError> {

@@ -6,6 +6,7 @@ pub mod conflicts;
 pub mod history;
 pub mod init;
 pub mod local_tx;
+pub mod mounts;
 pub mod names;
 pub mod project;
 pub mod recover;
