@@ -31,7 +31,7 @@ fn link_entry(target: &str) -> Vec<u8> {
 /// added; s3: a changed again. Returns the trees as written.
 fn history(w: &World) -> Vec<Tree> {
     let mut t = Tree::new();
-    let mut put = |t: &mut Tree, rel: String, b: Vec<u8>| {
+    let put = |t: &mut Tree, rel: String, b: Vec<u8>| {
         w.write("A", &rel, &b);
         t.insert(rel, b);
     };

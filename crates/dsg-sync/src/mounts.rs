@@ -62,12 +62,16 @@ pub fn mounts_dir(root: &Path) -> PathBuf {
     root.join(DSG_DIR).join("mounts")
 }
 
-/// The start time of process `pid` (None: no such process).
+/// The start time of process `pid` (None: no such process, or one that
+/// has exited and waits to be reaped).
 pub fn start_ticks(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = &s[s.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut rest = s[s.rfind(')')? + 1..].split_whitespace();
+    if matches!(rest.next(), Some("Z") | Some("X")) {
+        return None;
+    }
+    rest.nth(18)?.parse().ok()
 }
 
 impl MountRecord {
