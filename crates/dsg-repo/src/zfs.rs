@@ -310,16 +310,21 @@ impl Zfs {
         let prefix = format!("{}--tx-", self.dataset());
         let read_prefix = format!("{}--read-p", self.dataset());
         let mount_prefix = format!("{}--mount-p", self.dataset());
-        for ds in self.children()? {
+        let children = self.children()?;
+        for ds in &children {
             if let Some(rest) = ds.strip_prefix(&mount_prefix) {
                 // A snapmount's clone: destroyed once its owner died. Best
                 // effort: a shell still inside the mount keeps it busy,
-                // and the next command tries again.
+                // and the next command tries again (its marker stays).
                 let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
                 if pid.is_some_and(|p| !process_alive(p)) {
                     tracing::info!("destroying {ds}, left by a snapmount that was killed");
-                    if let Err(e) = self.run(&["destroy", "-r", &ds]) {
-                        tracing::warn!("cannot destroy {ds} yet: {}", e.message);
+                    match self.run(&["destroy", "-r", ds]) {
+                        Ok(_) => {
+                            let id = &ds[self.dataset().len() + 2..];
+                            let _ = std::fs::remove_dir(self.tx_mountpoint(id));
+                        }
+                        Err(e) => tracing::warn!("cannot destroy {ds} yet: {}", e.message),
                     }
                 }
                 continue;
@@ -335,11 +340,29 @@ impl Zfs {
                 }
                 continue;
             }
-            if ds.starts_with(&prefix) && self.origin(&ds)?.is_none() && !self.journal_mentions(&ds)
+            if ds.starts_with(&prefix) && self.origin(ds)?.is_none() && !self.journal_mentions(ds)
             {
-                self.run(&["destroy", "-r", &ds])?;
+                self.run(&["destroy", "-r", ds])?;
                 if let Some(tx) = ds.strip_prefix(&format!("{}--", self.dataset())) {
                     let _ = std::fs::remove_dir(self.tx_mountpoint(tx));
+                }
+            }
+        }
+        // Markers of snapmount clones never made (a snapmount killed
+        // between the two) or already destroyed.
+        let marker = format!(".dsg-tx.{}.mount-p", self.name);
+        if let Ok(rd) = std::fs::read_dir(&self.mountpoint) {
+            for d in rd.flatten() {
+                let n = d.file_name().to_string_lossy().to_string();
+                let Some(rest) = n.strip_prefix(&marker) else {
+                    continue;
+                };
+                let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+                let id = &n[format!(".dsg-tx.{}.", self.name).len()..];
+                if pid.is_some_and(|p| !process_alive(p))
+                    && !children.contains(&self.tx_dataset(id))
+                {
+                    let _ = std::fs::remove_dir(d.path());
                 }
             }
         }
@@ -597,17 +620,23 @@ impl Zfs {
 /// A snapmount's clone, unmounted and destroyed when dropped.
 struct MountClone {
     zfs: Zfs,
-    dataset: String,
+    id: String,
 }
 
 impl Drop for MountClone {
     fn drop(&mut self) {
-        if let Err(e) = self.zfs.run(&["destroy", "-r", &self.dataset]) {
-            tracing::warn!(
-                "cannot destroy {}: {} (the next command retries)",
-                self.dataset,
+        let ds = self.zfs.tx_dataset(&self.id);
+        match self.zfs.run(&["destroy", "-r", &ds]) {
+            Ok(_) => {
+                let _ = std::fs::remove_dir(self.zfs.tx_mountpoint(&self.id));
+            }
+            Err(e) if e.message.contains("does not exist") => {
+                let _ = std::fs::remove_dir(self.zfs.tx_mountpoint(&self.id));
+            }
+            Err(e) => tracing::warn!(
+                "cannot destroy {ds}: {} (the next command retries once this process ended)",
                 e.message
-            );
+            ),
         }
     }
 }
@@ -616,7 +645,9 @@ impl Zfs {
     /// `snapmount`: a read-only clone of `@snap` mounted at `mountpoint`
     /// (absolute, an empty folder, not a symlink), named by us:
     /// `POOL/NAME--mount-p<pid>-<id>`. The pid lets recovery destroy the
-    /// clone of a snapmount that was killed.
+    /// clone of a snapmount that was killed; an empty marker folder
+    /// `<mountpoint>/.dsg-tx.NAME.mount-p<pid>-<id>` beside the dataset
+    /// (made first, removed last) makes the next command's recovery look.
     pub fn mount_clone(
         &self,
         snap: &str,
@@ -649,12 +680,18 @@ impl Zfs {
             )
             .hint("dsg log lists the snapshots"));
         }
-        let dataset = format!(
-            "{}--mount-p{}-{}",
-            self.dataset(),
+        let id = format!(
+            "mount-p{}-{}",
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
+        let dataset = self.tx_dataset(&id);
+        let marker = self.tx_mountpoint(&id);
+        std::fs::create_dir(&marker).map_err(|e| AgentError::io(marker.display(), e))?;
+        let guard = MountClone {
+            zfs: self.clone(),
+            id,
+        };
         self.run(&[
             "clone",
             "-o",
@@ -664,10 +701,6 @@ impl Zfs {
             &origin,
             &dataset,
         ])?;
-        let guard = MountClone {
-            zfs: self.clone(),
-            dataset: dataset.clone(),
-        };
         if let Err(e) = self.ensure_mounted(&dataset) {
             drop(guard);
             return Err(e);
