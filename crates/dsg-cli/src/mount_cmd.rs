@@ -30,7 +30,12 @@ pub struct SnapmountCmd {
     #[arg(long, conflicts_with_all = ["num", "unmount"])]
     snapshot: Option<String>,
     /// The N-th newest snapshot: 1 is the head (the default), 2 the one before it
-    #[arg(short = 'n', long = "num", value_name = "N", conflicts_with = "unmount")]
+    #[arg(
+        short = 'n',
+        long = "num",
+        value_name = "N",
+        conflicts_with = "unmount"
+    )]
     num: Option<u64>,
     /// Where to show the snapshot: an empty folder (made if missing)
     #[arg(long, value_name = "DIR", required_unless_present = "unmount")]
@@ -120,7 +125,8 @@ pub fn cmd_snapmount(a: SnapmountCmd, out: &Out) -> Result<(), EngineError> {
     };
     let served = match kind {
         MountKind::Fuse => {
-            let fs = dsg_mount::SnapFs::new(client, &snap.id, &snap.manifest, &rec.cache_dir(&root));
+            let fs =
+                dsg_mount::SnapFs::new(client, &snap.id, &snap.manifest, &rec.cache_dir(&root));
             let counts = fs.counts();
             match dsg_mount::mount(fs, &mp) {
                 Ok(m) => {
@@ -132,7 +138,9 @@ pub fn cmd_snapmount(a: SnapmountCmd, out: &Out) -> Result<(), EngineError> {
                 }
                 Err(e) => Err(EngineError::State {
                     message: format!("cannot mount {} at {}: {e}", snap.id, mp.display()),
-                    hint: "snapmount needs /dev/fuse and fusermount3 (Debian: apt-get install fuse3)".into(),
+                    hint:
+                        "snapmount needs /dev/fuse and fusermount3 (Debian: apt-get install fuse3)"
+                            .into(),
                 }),
             }
         }

@@ -114,7 +114,11 @@ fn start(w: &World, args: &[&str], dir: &Path) -> Child {
 /// time: checked to name the snapshot, then left out.
 fn read_tree(dir: &Path) -> Tree {
     let mut t = read_all(dir);
-    let meta: Vec<String> = t.keys().filter(|k| k.starts_with(".dsg/")).cloned().collect();
+    let meta: Vec<String> = t
+        .keys()
+        .filter(|k| k.starts_with(".dsg/"))
+        .cloned()
+        .collect();
     if !meta.is_empty() {
         let m: serde_json::Value = serde_json::from_slice(&t[".dsg/last-sync.json"]).unwrap();
         let name = dir.file_name().unwrap().to_string_lossy().to_string();

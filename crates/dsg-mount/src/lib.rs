@@ -30,8 +30,8 @@ use dsg_core::hash::Hash;
 use dsg_core::manifest::{EntryKind, Manifest};
 use dsg_repo::{Incoming, RepoClient};
 use fuser::{
-    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEntry, ReplyOpen, Request, Session,
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyOpen, Request, Session,
 };
 use xxhash_rust::xxh3::Xxh3;
 

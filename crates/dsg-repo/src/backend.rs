@@ -213,7 +213,10 @@ pub trait Backend: Send {
     ) -> Result<(String, Box<dyn Send>), AgentError> {
         Err(AgentError::new(
             ErrorKind::Protocol,
-            format!("{} cannot mount {snapshot}: only a ZFS repository can", self.describe()),
+            format!(
+                "{} cannot mount {snapshot}: only a ZFS repository can",
+                self.describe()
+            ),
         ))
     }
 }

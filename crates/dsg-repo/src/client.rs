@@ -562,7 +562,11 @@ impl RepoClient {
     /// Has the agent (in this process: the repository is on this machine)
     /// mount snapshot `snapshot` read-only at `mountpoint` as a ZFS clone,
     /// held until this connection ends; returns the clone's dataset.
-    pub fn mount_snapshot(&mut self, snapshot: &str, mountpoint: &str) -> Result<String, RepoError> {
+    pub fn mount_snapshot(
+        &mut self,
+        snapshot: &str,
+        mountpoint: &str,
+    ) -> Result<String, RepoError> {
         self.send(&Request::MountSnapshot {
             snapshot: snapshot.into(),
             mountpoint: mountpoint.into(),

@@ -132,7 +132,10 @@ pub(crate) trait Store: Send {
     ) -> Result<(String, Box<dyn Send>), AgentError> {
         Err(AgentError::new(
             ErrorKind::Protocol,
-            format!("{} cannot mount {snap}: only a ZFS repository can", self.describe(site)),
+            format!(
+                "{} cannot mount {snap}: only a ZFS repository can",
+                self.describe(site)
+            ),
         ))
     }
 }

@@ -333,15 +333,14 @@ impl Zfs {
                 let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
                 if pid.is_some_and(|p| !process_alive(p)) {
                     tracing::info!("destroying {ds}, left by a history read that was killed");
-                    self.run(&["destroy", "-r", &ds])?;
+                    self.run(&["destroy", "-r", ds])?;
                     if let Some(id) = ds.strip_prefix(&format!("{}--", self.dataset())) {
                         let _ = std::fs::remove_dir(self.tx_mountpoint(id));
                     }
                 }
                 continue;
             }
-            if ds.starts_with(&prefix) && self.origin(ds)?.is_none() && !self.journal_mentions(ds)
-            {
+            if ds.starts_with(&prefix) && self.origin(ds)?.is_none() && !self.journal_mentions(ds) {
                 self.run(&["destroy", "-r", ds])?;
                 if let Some(tx) = ds.strip_prefix(&format!("{}--", self.dataset())) {
                     let _ = std::fs::remove_dir(self.tx_mountpoint(tx));

@@ -79,7 +79,11 @@ impl MountRecord {
     pub fn new(kind: MountKind, mountpoint: &Path, snapshot: &str) -> MountRecord {
         let pid = std::process::id();
         MountRecord {
-            id: format!("m{}-{}", pid, &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            id: format!(
+                "m{}-{}",
+                pid,
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
             pid,
             start_ticks: start_ticks(pid),
             mountpoint: mountpoint.to_path_buf(),
@@ -149,7 +153,7 @@ pub fn list(root: &Path) -> Vec<MountRecord> {
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok())
-                    .map_or(true, |a| a.as_secs() < 60);
+                    .is_none_or(|a| a.as_secs() < 60);
                 if !young {
                     let _ = std::fs::remove_dir_all(d.path());
                 }
@@ -176,7 +180,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
