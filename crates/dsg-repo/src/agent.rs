@@ -477,6 +477,39 @@ mod tests {
     use super::*;
     use crate::protocol::{read_json, write_json, Response};
 
+    /// An agent serving a remote client must not mount anything on its
+    /// machine for it: `MountSnapshot` is refused before any backend work.
+    #[test]
+    fn mount_snapshot_is_refused_for_remote_clients() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("mp")).unwrap();
+        let mut input = Vec::new();
+        write_json(
+            &mut input,
+            &Request::MountSnapshot {
+                snapshot: "s1".into(),
+                mountpoint: d.path().join("mp").display().to_string(),
+            },
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut b = crate::open(
+            dsg_core::config::RepoType::Xfs,
+            &d.path().join("repos/r"),
+            None,
+        )
+        .unwrap();
+        serve(&mut *b, &input[..], &mut out).unwrap();
+        let mut r = &out[..];
+        match read_json::<_, Response>(&mut r).unwrap() {
+            Response::Err(e) => {
+                assert_eq!(e.kind, ErrorKind::Protocol);
+                assert!(e.message.contains("repository host"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// An agent serving a remote client must not read local paths for it.
     #[test]
     fn put_file_local_is_refused_for_remote_clients() {
