@@ -2,6 +2,7 @@
 
 mod history_cmd;
 mod maint_cmd;
+mod mount_cmd;
 mod output;
 mod restrict;
 mod snap_cmd;
@@ -108,6 +109,8 @@ enum Cmd {
     Diff(history_cmd::DiffCmd),
     /// History: write a file as it was in a snapshot (verified against its recorded hash)
     Snapfetch(snap_cmd::SnapfetchCmd),
+    /// History: show a snapshot's whole tree read-only at a folder (runs until unmounted)
+    Snapmount(mount_cmd::SnapmountCmd),
     /// Validation: check a local file against the last sync
     ValidateFile(history_cmd::ValidateFileCmd),
     /// Validation: recompute a snapshot's hashes (--deep: re-hash its stored bytes on the repository host)
@@ -300,6 +303,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Blame(a) => history_cmd::blame(a, out),
         Cmd::Diff(a) => history_cmd::diff(a, out),
         Cmd::Snapfetch(a) => snap_cmd::cmd_snapfetch(a, out),
+        Cmd::Snapmount(a) => mount_cmd::cmd_snapmount(a, out),
         Cmd::ValidateFile(a) => history_cmd::validate_file(a, out),
         Cmd::ValidateSnapshot(a) if a.deep => snap_cmd::cmd_validate_deep(a, out),
         Cmd::ValidateSnapshot(a) => history_cmd::validate_snapshot(

@@ -822,20 +822,21 @@ impl UserConfig {
                 ))
             }
         };
-        let max_delete =
-            match merged.get("max_delete") {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v <= 100) => {
-                    n.as_u64().map(|v| v as u8)
-                }
-                Some(other) => return Err(invalid(
+        let max_delete = match merged.get("max_delete") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v <= 100) => {
+                n.as_u64().map(|v| v as u8)
+            }
+            Some(other) => {
+                return Err(invalid(
                     last,
                     format!(
                         "key 'max_delete' must be a whole percentage from 0 to 100, got {other}"
                     ),
                     "e.g. max_delete: 50 (the default; 100 turns the mass-deletion guard off)",
-                )),
-            };
+                ))
+            }
+        };
         let remote_dsg = match merged.get("remote_dsg") {
             None | Some(Value::Null) => BTreeMap::new(),
             Some(v) => parse_remote_dsg_map(last, v)?,

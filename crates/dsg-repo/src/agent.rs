@@ -70,6 +70,9 @@ fn serve_loop<R: Read, W: Write>(
     buf: &mut Vec<u8>,
     local_sources: bool,
 ) -> io::Result<bool> {
+    // Snapshot mounts (ZFS clones) held for this connection: dropped, so
+    // unmounted and destroyed, when it ends.
+    let mut held: Vec<Box<dyn Send>> = Vec::new();
     loop {
         let req: Request = match read_json(&mut r) {
             Ok(q) => q,
@@ -164,6 +167,7 @@ fn serve_loop<R: Read, W: Write>(
                 crate::history::serve_rehash(backend, &mut w, buf, &snapshot)?
             }
             Request::Bye => {
+                drop(std::mem::take(&mut held));
                 write_json(&mut w, &Response::Ok)?;
                 w.flush()?;
                 return Ok(true);
@@ -172,6 +176,30 @@ fn serve_loop<R: Read, W: Write>(
                 Ok(repos) => write_json(&mut w, &Response::Repos { repos })?,
                 Err(e) => reply_err(&mut w, &e)?,
             },
+            Request::MountSnapshot {
+                snapshot,
+                mountpoint,
+            } => {
+                // The mountpoint is a path on this machine: only for a
+                // client in this process, never one over SSH.
+                let r = if !local_sources {
+                    Err(AgentError::new(
+                        ErrorKind::Protocol,
+                        "mount_snapshot is only for a client on the repository host",
+                    ))
+                } else {
+                    crate::history::checked_snapshot_id(&snapshot).and_then(|id| {
+                        backend.mount_snapshot(&id, std::path::Path::new(&mountpoint))
+                    })
+                };
+                match r {
+                    Ok((dataset, guard)) => {
+                        held.push(guard);
+                        write_json(&mut w, &Response::Mounted { dataset })?
+                    }
+                    Err(e) => reply_err(&mut w, &e)?,
+                }
+            }
         }
         // Answer promptly when the client is waiting; while it is still
         // sending puts there is nothing to flush.
@@ -452,6 +480,39 @@ pub(crate) fn send_stored<W: Write>(
 mod tests {
     use super::*;
     use crate::protocol::{read_json, write_json, Response};
+
+    /// An agent serving a remote client must not mount anything on its
+    /// machine for it: `MountSnapshot` is refused before any backend work.
+    #[test]
+    fn mount_snapshot_is_refused_for_remote_clients() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("mp")).unwrap();
+        let mut input = Vec::new();
+        write_json(
+            &mut input,
+            &Request::MountSnapshot {
+                snapshot: "s1".into(),
+                mountpoint: d.path().join("mp").display().to_string(),
+            },
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut b = crate::open(
+            dsg_core::config::RepoType::Xfs,
+            &d.path().join("repos/r"),
+            None,
+        )
+        .unwrap();
+        serve(&mut *b, &input[..], &mut out).unwrap();
+        let mut r = &out[..];
+        match read_json::<_, Response>(&mut r).unwrap() {
+            Response::Err(e) => {
+                assert_eq!(e.kind, ErrorKind::Protocol);
+                assert!(e.message.contains("repository host"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// An agent serving a remote client must not read local paths for it.
     #[test]

@@ -202,6 +202,23 @@ pub trait Backend: Send {
 
     /// The repository directory (for messages and tests).
     fn root(&self) -> PathBuf;
+
+    /// Mounts snapshot `snapshot` (a checked `s<N>`) read-only at
+    /// `mountpoint` on this machine: the dataset made, and a guard that
+    /// unmounts and destroys it when dropped. Only ZFS can.
+    fn mount_snapshot(
+        &mut self,
+        snapshot: &str,
+        _mountpoint: &std::path::Path,
+    ) -> Result<(String, Box<dyn Send>), AgentError> {
+        Err(AgentError::new(
+            ErrorKind::Protocol,
+            format!(
+                "{} cannot mount {snapshot}: only a ZFS repository can",
+                self.describe()
+            ),
+        ))
+    }
 }
 
 /// One snapshot of a repository, open for reading (a ZFS snapshot stays

@@ -571,6 +571,27 @@ impl RepoClient {
         self.stream_files(&req, sink)
     }
 
+    /// Has the agent (in this process: the repository is on this machine)
+    /// mount snapshot `snapshot` read-only at `mountpoint` as a ZFS clone,
+    /// held until this connection ends; returns the clone's dataset.
+    pub fn mount_snapshot(
+        &mut self,
+        snapshot: &str,
+        mountpoint: &str,
+    ) -> Result<String, RepoError> {
+        self.send(&Request::MountSnapshot {
+            snapshot: snapshot.into(),
+            mountpoint: mountpoint.into(),
+        })?;
+        match self.recv()? {
+            Response::Mounted { dataset } => Ok(dataset),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
     /// Has the agent re-hash snapshot `snapshot` on the repository host;
     /// `progress(files, bytes)` is called as it works.
     pub fn rehash(

@@ -18,8 +18,10 @@ use serde::{Deserialize, Serialize};
 /// 4: every `GetFiles` answer ends with `Ok`; a failed stream ends in `Err`.
 /// 5: history reads, `GetVersions` and `Rehash`, which an agent of 4 would
 /// take for a malformed message and end the connection on.
-/// 6: `ListRepos` (the repositories in the agent's directory), and the
-/// requests of snapmount and prune.
+/// 6: `ListRepos` (the repositories in the agent's directory),
+/// `MountSnapshot` (a read-only clone of a ZFS snapshot, held for the
+/// connection, for `snapmount` on the repository host) and prune's
+/// requests.
 pub const PROTOCOL_VERSION: u32 = 6;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
@@ -145,6 +147,15 @@ pub enum Request {
     /// The repositories directly in the directory the agent serves (its
     /// `--repo`): answered with `Repos`. Only their head manifests are read.
     ListRepos,
+    /// Mounts snapshot `snapshot` (`s<N>`) read-only at `mountpoint` (an
+    /// empty folder on the repository host) as a ZFS clone the agent names
+    /// itself, held until the connection ends; answered `Mounted` or
+    /// `Err`. Only from a client in the agent's own process (the path is
+    /// on this machine); refused over SSH.
+    MountSnapshot {
+        snapshot: String,
+        mountpoint: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +204,10 @@ pub enum Response {
     /// The answer to `ListRepos`.
     Repos {
         repos: Vec<crate::list::RepoInfo>,
+    },
+    /// `MountSnapshot` done: the clone's dataset.
+    Mounted {
+        dataset: String,
     },
 }
 

@@ -902,6 +902,14 @@ impl Backend for Repository {
         self.site.dir()
     }
 
+    fn mount_snapshot(
+        &mut self,
+        snapshot: &str,
+        mountpoint: &Path,
+    ) -> Result<(String, Box<dyn Send>), AgentError> {
+        self.store.mount_snapshot(&self.site, snapshot, mountpoint)
+    }
+
     fn read_lock(&mut self) -> Result<(), AgentError> {
         if self.tx.is_some()
             || self.read_lock.is_some()

@@ -15,7 +15,7 @@ use dsg_core::manifest::Manifest;
 use dsg_txn::Op;
 
 use crate::backend::AgentError;
-use crate::protocol::StagedFile;
+use crate::protocol::{ErrorKind, StagedFile};
 use crate::site::{Lock, Site};
 
 /// The open transaction, as a store needs to see it.
@@ -119,6 +119,24 @@ pub(crate) trait Store: Send {
     /// old versions are in the object store (a directory).
     fn snapshot_tree(&self, _site: &Site, _snap: &str) -> Result<Option<SnapshotTree>, AgentError> {
         Ok(None)
+    }
+
+    /// `snapmount` on the repository host: snapshot `snap` read-only at
+    /// `mountpoint`, its dataset's name and a guard that removes it. Only
+    /// ZFS keeps whole snapshot trees.
+    fn mount_snapshot(
+        &self,
+        site: &Site,
+        snap: &str,
+        _mountpoint: &Path,
+    ) -> Result<(String, Box<dyn Send>), AgentError> {
+        Err(AgentError::new(
+            ErrorKind::Protocol,
+            format!(
+                "{} cannot mount {snap}: only a ZFS repository can",
+                self.describe(site)
+            ),
+        ))
     }
 }
 

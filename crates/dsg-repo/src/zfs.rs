@@ -309,23 +309,59 @@ impl Zfs {
     pub fn cleanup_init(&self) -> Result<(), AgentError> {
         let prefix = format!("{}--tx-", self.dataset());
         let read_prefix = format!("{}--read-p", self.dataset());
-        for ds in self.children()? {
+        let mount_prefix = format!("{}--mount-p", self.dataset());
+        let children = self.children()?;
+        for ds in &children {
+            if let Some(rest) = ds.strip_prefix(&mount_prefix) {
+                // A snapmount's clone: destroyed once its owner died. Best
+                // effort: a shell still inside the mount keeps it busy,
+                // and the next command tries again (its marker stays).
+                let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+                if pid.is_some_and(|p| !process_alive(p)) {
+                    tracing::info!("destroying {ds}, left by a snapmount that was killed");
+                    match self.run(&["destroy", "-r", ds]) {
+                        Ok(_) => {
+                            let id = &ds[self.dataset().len() + 2..];
+                            let _ = std::fs::remove_dir(self.tx_mountpoint(id));
+                        }
+                        Err(e) => tracing::warn!("cannot destroy {ds} yet: {}", e.message),
+                    }
+                }
+                continue;
+            }
             if let Some(rest) = ds.strip_prefix(&read_prefix) {
                 let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
                 if pid.is_some_and(|p| !process_alive(p)) {
                     tracing::info!("destroying {ds}, left by a history read that was killed");
-                    self.run(&["destroy", "-r", &ds])?;
+                    self.run(&["destroy", "-r", ds])?;
                     if let Some(id) = ds.strip_prefix(&format!("{}--", self.dataset())) {
                         let _ = std::fs::remove_dir(self.tx_mountpoint(id));
                     }
                 }
                 continue;
             }
-            if ds.starts_with(&prefix) && self.origin(&ds)?.is_none() && !self.journal_mentions(&ds)
-            {
-                self.run(&["destroy", "-r", &ds])?;
+            if ds.starts_with(&prefix) && self.origin(ds)?.is_none() && !self.journal_mentions(ds) {
+                self.run(&["destroy", "-r", ds])?;
                 if let Some(tx) = ds.strip_prefix(&format!("{}--", self.dataset())) {
                     let _ = std::fs::remove_dir(self.tx_mountpoint(tx));
+                }
+            }
+        }
+        // Markers of snapmount clones never made (a snapmount killed
+        // between the two) or already destroyed.
+        let marker = format!(".dsg-tx.{}.mount-p", self.name);
+        if let Ok(rd) = std::fs::read_dir(&self.mountpoint) {
+            for d in rd.flatten() {
+                let n = d.file_name().to_string_lossy().to_string();
+                let Some(rest) = n.strip_prefix(&marker) else {
+                    continue;
+                };
+                let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+                let id = &n[format!(".dsg-tx.{}.", self.name).len()..];
+                if pid.is_some_and(|p| !process_alive(p))
+                    && !children.contains(&self.tx_dataset(id))
+                {
+                    let _ = std::fs::remove_dir(d.path());
                 }
             }
         }
@@ -580,6 +616,98 @@ impl Zfs {
     }
 }
 
+/// A snapmount's clone, unmounted and destroyed when dropped.
+struct MountClone {
+    zfs: Zfs,
+    id: String,
+}
+
+impl Drop for MountClone {
+    fn drop(&mut self) {
+        let ds = self.zfs.tx_dataset(&self.id);
+        match self.zfs.run(&["destroy", "-r", &ds]) {
+            Ok(_) => {
+                let _ = std::fs::remove_dir(self.zfs.tx_mountpoint(&self.id));
+            }
+            Err(e) if e.message.contains("does not exist") => {
+                let _ = std::fs::remove_dir(self.zfs.tx_mountpoint(&self.id));
+            }
+            Err(e) => tracing::warn!(
+                "cannot destroy {ds}: {} (the next command retries once this process ended)",
+                e.message
+            ),
+        }
+    }
+}
+
+impl Zfs {
+    /// `snapmount`: a read-only clone of `@snap` mounted at `mountpoint`
+    /// (absolute, an empty folder, not a symlink), named by us:
+    /// `POOL/NAME--mount-p<pid>-<id>`. The pid lets recovery destroy the
+    /// clone of a snapmount that was killed; an empty marker folder
+    /// `<mountpoint>/.dsg-tx.NAME.mount-p<pid>-<id>` beside the dataset
+    /// (made first, removed last) makes the next command's recovery look.
+    pub fn mount_clone(
+        &self,
+        snap: &str,
+        mountpoint: &Path,
+    ) -> Result<(String, Box<dyn Send>), AgentError> {
+        let bad = |why: &str| {
+            AgentError::new(
+                ErrorKind::Unsafe,
+                format!("cannot mount at {}: {why}", mountpoint.display()),
+            )
+        };
+        if !mountpoint.is_absolute() {
+            return Err(bad("not an absolute path"));
+        }
+        let md = std::fs::symlink_metadata(mountpoint)
+            .map_err(|e| AgentError::io(mountpoint.display(), e))?;
+        if !md.is_dir() {
+            return Err(bad("not a directory"));
+        }
+        let mut rd =
+            std::fs::read_dir(mountpoint).map_err(|e| AgentError::io(mountpoint.display(), e))?;
+        if rd.next().is_some() {
+            return Err(bad("not empty"));
+        }
+        let origin = format!("{}@{snap}", self.dataset());
+        if !self.snapshots(&self.dataset())?.iter().any(|s| s == snap) {
+            return Err(AgentError::new(
+                ErrorKind::NotFound,
+                format!("snapshot {origin} does not exist"),
+            )
+            .hint("dsg log lists the snapshots"));
+        }
+        let id = format!(
+            "mount-p{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let dataset = self.tx_dataset(&id);
+        let marker = self.tx_mountpoint(&id);
+        std::fs::create_dir(&marker).map_err(|e| AgentError::io(marker.display(), e))?;
+        let guard = MountClone {
+            zfs: self.clone(),
+            id,
+        };
+        self.run(&[
+            "clone",
+            "-o",
+            "readonly=on",
+            "-o",
+            &format!("mountpoint={}", mountpoint.display()),
+            &origin,
+            &dataset,
+        ])?;
+        if let Err(e) = self.ensure_mounted(&dataset) {
+            drop(guard);
+            return Err(e);
+        }
+        Ok((dataset, Box::new(guard)))
+    }
+}
+
 /// Whether process `pid` exists on this machine (the agent runs on the
 /// repository host, where the reader ran).
 fn process_alive(pid: i32) -> bool {
@@ -791,6 +919,15 @@ impl Store for Zfs {
     fn committed_unfinished(&self, _site: &Site, _tx: &str) -> bool {
         // `finish_failed_commit` has settled a committed one already.
         false
+    }
+
+    fn mount_snapshot(
+        &self,
+        _site: &Site,
+        snap: &str,
+        mountpoint: &Path,
+    ) -> Result<(String, Box<dyn Send>), AgentError> {
+        self.mount_clone(snap, mountpoint)
     }
 
     fn snapshot_tree(&self, _site: &Site, snap: &str) -> Result<Option<SnapshotTree>, AgentError> {

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod history;
 pub mod init;
 pub mod local_tx;
+pub mod mounts;
 pub mod names;
 pub mod project;
 pub mod recover;

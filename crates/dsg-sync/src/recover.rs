@@ -12,8 +12,10 @@ use crate::status::fetch_remote;
 use crate::{EngineError, Result};
 
 /// Handles `.dsg.init-<tx>` directories: an init that crashed after the
-/// repository committed is rolled forward; any other is removed.
-pub fn recover_init(root: &Path, connect: impl FnOnce() -> Option<RepoClient>) -> Result<()> {
+/// repository committed is rolled forward; any other is removed. Also
+/// undoes the snapmounts whose process died (`mounts::recover_stale`).
+pub fn recover_init(root: &Path, mut connect: impl FnMut() -> Option<RepoClient>) -> Result<()> {
+    crate::mounts::recover_stale(root, &mut connect);
     let leftovers: Vec<_> = match std::fs::read_dir(root) {
         Ok(rd) => rd
             .flatten()
@@ -34,7 +36,7 @@ pub fn recover_init(root: &Path, connect: impl FnOnce() -> Option<RepoClient>) -
         }
         let staged_manifest = Manifest::load(&staged.join("last-sync.json")).ok();
         if client.is_none() {
-            if let Some(f) = connect.take() {
+            if let Some(mut f) = connect.take() {
                 client = f();
             }
         }
