@@ -12,6 +12,7 @@ pub mod client;
 pub mod dir;
 pub mod history;
 pub mod protocol;
+pub mod prune;
 pub mod repo;
 mod site;
 pub mod ssh;

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 /// 4: every `GetFiles` answer ends with `Ok`; a failed stream ends in `Err`.
 /// 5: history reads, `GetVersions` and `Rehash`, which an agent of 4 would
 /// take for a malformed message and end the connection on.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `Prune` (and its `Pruned` reply, the `pruned` error kind).
+pub const PROTOCOL_VERSION: u32 = 6;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
@@ -140,6 +141,20 @@ pub enum Request {
         snapshot: String,
     },
     Bye,
+    /// Removes the data only old snapshots hold (`dsg prune`). The client
+    /// sends the policy, never a list of what to delete: the agent decides
+    /// under the repository's exclusive lock, always keeps the head and
+    /// never deletes what a kept snapshot references. Answered `Pruned`.
+    Prune {
+        /// How many of the newest snapshots to keep (the head counts; ≥ 1).
+        keep_last: u64,
+        /// Also keep snapshots made at most this many seconds ago.
+        #[serde(default)]
+        keep_within_secs: Option<u64>,
+        dry_run: bool,
+        /// Shown to others waiting for the lock, recorded with the prune.
+        user: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +200,29 @@ pub enum Response {
     /// The end of a `Rehash`: what was checked, and what did not match.
     Rehashed(RehashReport),
     Err(RemoteError),
+    /// The answer to `Prune`.
+    Pruned(PruneReport),
+}
+
+/// What a `Prune` did (or, in a dry run, would do).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PruneReport {
+    pub head: String,
+    /// The snapshots kept, oldest first (the head always).
+    pub kept: Vec<String>,
+    /// The snapshots this prune removes the data of, oldest first.
+    pub pruned: Vec<String>,
+    /// Snapshots an earlier prune removed already.
+    pub already_pruned: Vec<String>,
+    /// ZFS snapshots not kept that stay because a clone depends on them
+    /// (a snapshot being read or mounted).
+    pub in_use: Vec<String>,
+    /// Objects (`.dsg/objects/`) removed and their bytes.
+    pub objects: u64,
+    pub bytes: u64,
+    /// ZFS snapshots destroyed.
+    pub zfs_snapshots: Vec<String>,
+    pub dry_run: bool,
 }
 
 /// What a `Rehash` found: the manifest it checked against (its recorded
@@ -271,6 +309,8 @@ pub enum ErrorKind {
     Verify,
     Protocol,
     Unsafe,
+    /// The data asked for belonged to a snapshot that `dsg prune` removed.
+    Pruned,
 }
 
 pub enum Frame {
