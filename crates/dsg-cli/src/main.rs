@@ -2,6 +2,7 @@
 
 mod history_cmd;
 mod output;
+mod prune_cmd;
 mod restrict;
 mod snap_cmd;
 
@@ -113,6 +114,8 @@ enum Cmd {
     /// Repository side of the protocol (run by dsg itself, locally or over SSH)
     #[command(hide = true)]
     Agent(AgentCmd),
+    /// History: remove the data only old snapshots hold (never the head's)
+    Prune(prune_cmd::PruneCmd),
 }
 
 #[derive(Args)]
@@ -290,6 +293,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Blame(a) => history_cmd::blame(a, out),
         Cmd::Diff(a) => history_cmd::diff(a, out),
         Cmd::Snapfetch(a) => snap_cmd::cmd_snapfetch(a, out),
+        Cmd::Prune(a) => prune_cmd::cmd_prune(a, out),
         Cmd::ValidateFile(a) => history_cmd::validate_file(a, out),
         Cmd::ValidateSnapshot(a) if a.deep => snap_cmd::cmd_validate_deep(a, out),
         Cmd::ValidateSnapshot(a) => history_cmd::validate_snapshot(

@@ -8,6 +8,7 @@ pub mod init;
 pub mod local_tx;
 pub mod names;
 pub mod project;
+pub mod prune;
 pub mod recover;
 pub mod retry;
 pub mod snapshots;
