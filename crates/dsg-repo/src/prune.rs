@@ -296,19 +296,16 @@ fn unreferenced_objects(site: &Site, refs: &HashSet<u64>) -> Result<Vec<(String,
     Ok(out)
 }
 
+/// The clones that depend on snapshot `snap` (read from every dataset's
+/// `origin`: zfs-fuse has no `clones` property).
 fn zfs_clones(z: &crate::zfs::Zfs, snap: &str) -> Result<Vec<String>, AgentError> {
-    let v = z.run(&[
-        "get",
-        "-H",
-        "-o",
-        "value",
-        "clones",
-        &format!("{}@{snap}", z.dataset()),
-    ])?;
-    Ok(v.trim()
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && s != "-")
+    let want = format!("{}@{snap}", z.dataset());
+    let out = z.run(&["list", "-H", "-o", "name,origin", "-t", "filesystem", "-r", &z.pool])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, origin)| origin.trim() == want)
+        .map(|(name, _)| name.to_string())
         .collect())
 }
 
