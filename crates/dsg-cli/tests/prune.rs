@@ -16,6 +16,7 @@
 //! | prune_waits_for_the_writers_lock        |  x  |  x  |  x  |
 //! | busy_prune_deletes_nothing              |  x  |  x  |     |
 //! | crash_at_every_prune_step               |  x  |  x  |     |
+//! | zfs_snapshot_with_a_clone_stays         |     |  x  |     |
 //!
 //! Over ssh the remote agent gets neither `DSG_FAILPOINT` nor
 //! `DSG_LOCK_TIMEOUT` from the client, so the crash matrix and the
@@ -406,6 +407,34 @@ fn crash_at_every_prune_step(kind: Kind) {
     }
 }
 
+/// A snapshot a clone depends on (a live history reader's, a snapmount)
+/// stays, reported `in_use`, and is not marked pruned; once the clone is
+/// gone, the next prune destroys it.
+fn zfs_snapshot_with_a_clone_stays(kind: Kind) {
+    let w = world_or_skip!(kind, "pruneclone");
+    build(&w, 3);
+    let z = w.zfs();
+    // Named like a reader's clone whose reader (pid 1) is alive, so no
+    // recovery removes it.
+    let clone = format!("{}--read-p1-prunetest", z.dataset());
+    zfs_ok(&["clone", "-o", "mountpoint=none", &format!("{}@s1", z.dataset()), &clone]);
+    let o = w.ok("A", &["prune", "--keep-last", "1", "--json"]);
+    let r = &json_of(&o)["result"];
+    assert_eq!(r["in_use"], serde_json::json!(["s1"]));
+    assert_eq!(r["pruned"], serde_json::json!(["s2"]));
+    assert_eq!(zfs_snaps(&w), vec!["s1".to_string(), "s3".to_string()]);
+    let marked: Vec<String> = log_json(&w).into_iter().filter(|(_, p)| *p).map(|(i, _)| i).collect();
+    assert_eq!(marked, vec!["s2".to_string()]);
+    zfs_ok(&["destroy", &clone]);
+    let o = w.ok("A", &["prune", "--keep-last", "1", "--json"]);
+    let r = &json_of(&o)["result"];
+    assert_eq!(r["pruned"], serde_json::json!(["s1"]));
+    assert_eq!(zfs_snaps(&w), vec!["s3".to_string()]);
+    let marked: Vec<String> = log_json(&w).into_iter().filter(|(_, p)| *p).map(|(i, _)| i).collect();
+    assert_eq!(marked, vec!["s2".to_string(), "s1".to_string()]);
+    w.ok("A", &["validate-chain"]);
+}
+
 per_kind!(
     prune_keeps_exactly_what_kept_snapshots_reference: xfs, zfs, ssh;
     dry_run_changes_nothing: xfs, zfs, ssh;
@@ -413,4 +442,5 @@ per_kind!(
     prune_waits_for_the_writers_lock: xfs, zfs, ssh;
     busy_prune_deletes_nothing: xfs, zfs;
     crash_at_every_prune_step: xfs, zfs;
+    zfs_snapshot_with_a_clone_stays: zfs;
 );
