@@ -32,6 +32,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use world::*;
 
+/// A `full_listing`.
+type Listing = BTreeMap<String, (Node, i64, i64)>;
+
 /// Each snapshot's files and their bytes, as the test wrote them.
 type Versions = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
 
@@ -123,7 +126,7 @@ fn zfs_snaps(w: &World) -> Vec<String> {
 
 /// Everything a prune may change: the repository (and on zfs the
 /// directory beside it and the dataset's snapshots) and client A.
-fn listing(w: &World) -> (BTreeMap<String, (Node, i64, i64)>, Vec<String>, BTreeMap<String, (Node, i64, i64)>) {
+fn listing(w: &World) -> (Listing, Vec<String>, Listing) {
     let repo_side = if w.kind == Kind::Zfs {
         full_listing(&w.repo_parent)
     } else {
@@ -136,7 +139,18 @@ fn listing(w: &World) -> (BTreeMap<String, (Node, i64, i64)>, Vec<String>, BTree
 #[track_caller]
 fn assert_readable(w: &World, v: &Versions, id: &str) {
     for (path, want) in &v[id] {
-        let o = w.ok("A", &["snapfetch", path, "--snapshot", id, "-o", "fetched", "--force"]);
+        let o = w.ok(
+            "A",
+            &[
+                "snapfetch",
+                path,
+                "--snapshot",
+                id,
+                "-o",
+                "fetched",
+                "--force",
+            ],
+        );
         let got = fs::read(w.client("A").join("fetched")).unwrap();
         assert!(
             got == *want,
@@ -165,11 +179,16 @@ fn expected(w: &World, n: u64, k: u64) -> (Vec<String>, BTreeSet<String>) {
 fn assert_pruned(w: &World, kept: &[String], remain: &BTreeSet<String>, ctx: &str) {
     if w.kind == Kind::Zfs {
         assert_eq!(zfs_snaps(w), kept.to_vec(), "{ctx}: zfs snapshots");
-        let left = w.repo_parent.join(format!(".dsg-zfs.{}.prune-journal", w.repo_name));
+        let left = w
+            .repo_parent
+            .join(format!(".dsg-zfs.{}.prune-journal", w.repo_name));
         assert!(!left.exists(), "{ctx}: prune journal left");
     } else {
         assert_eq!(&objects(w), remain, "{ctx}: objects");
-        assert!(!w.repo().join(".dsg/prune-journal").exists(), "{ctx}: prune journal left");
+        assert!(
+            !w.repo().join(".dsg/prune-journal").exists(),
+            "{ctx}: prune journal left"
+        );
     }
 }
 
@@ -196,7 +215,10 @@ fn prune_keeps_exactly_what_kept_snapshots_reference(kind: Kind) {
     if kind != Kind::Zfs {
         // Not vacuous: some objects go, and one shared with a kept snapshot
         // (a1, retired in s2, back in s5) stays.
-        assert!(before.len() > remain.len(), "nothing would be pruned: {before:?}");
+        assert!(
+            before.len() > remain.len(),
+            "nothing would be pruned: {before:?}"
+        );
         let a1 = dsg_core::hash::Hash::of_bytes(b"a1").to_hex();
         assert!(remain.contains(&a1), "a1 must stay (s5 references it)");
     } else {
@@ -223,7 +245,11 @@ fn prune_keeps_exactly_what_kept_snapshots_reference(kind: Kind) {
     let text = stdout(&w.ok("A", &["log", "-n", "0"]));
     for l in text.lines() {
         let id = l.split_whitespace().next().unwrap_or("");
-        assert_eq!(l.contains("[pruned]"), !kept.contains(&id.to_string()), "log line {l:?}");
+        assert_eq!(
+            l.contains("[pruned]"),
+            !kept.contains(&id.to_string()),
+            "log line {l:?}"
+        );
     }
     // A pruned snapshot's removed data: "pruned", not damage.
     let a = p(IN, "a.txt");
@@ -260,7 +286,11 @@ fn dry_run_changes_nothing(kind: Kind) {
     assert_eq!(r["pruned"], serde_json::json!(["s1", "s2"]));
     assert_eq!(r["kept"], serde_json::json!(kept));
     let after = listing(&w);
-    assert!(before == after, "[{}] a dry run changed something", kind.label());
+    assert!(
+        before == after,
+        "[{}] a dry run changed something",
+        kind.label()
+    );
     // The real one does what the dry run said.
     let o = w.ok("A", &["prune", "--keep-last", "2", "--json"]);
     let r2 = &json_of(&o)["result"];
@@ -311,7 +341,10 @@ fn hold_lock(w: &World, secs: u64) -> std::process::Child {
         .unwrap();
     let start = Instant::now();
     while !mark.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "flock did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "flock did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child
@@ -338,7 +371,11 @@ fn busy_prune_deletes_nothing(kind: Kind) {
     build(&w, 3);
     let before = listing(&w);
     let mut holder = hold_lock(&w, 6);
-    let o = w.run_env("A", &["prune", "--keep-last", "1"], &[("DSG_LOCK_TIMEOUT", "1")]);
+    let o = w.run_env(
+        "A",
+        &["prune", "--keep-last", "1"],
+        &[("DSG_LOCK_TIMEOUT", "1")],
+    );
     assert_exit(&o, 4, "prune while a writer holds the lock");
     assert!(stderr(&o).contains("busy"), "{}", show(&o));
     let _ = holder.kill();
@@ -356,7 +393,11 @@ fn crash_at_every_prune_step(kind: Kind) {
     let names = {
         let w = world_or_skip!(kind, "prunefp");
         build(&w, 4);
-        let o = w.run_env("A", &["prune", "--keep-last", "2"], &[("DSG_FAILPOINT", "list")]);
+        let o = w.run_env(
+            "A",
+            &["prune", "--keep-last", "2"],
+            &[("DSG_FAILPOINT", "list")],
+        );
         assert_ok(&o, "prune listing failpoints");
         failpoints_of(&o)
             .into_iter()
@@ -385,7 +426,11 @@ fn crash_at_every_prune_step(kind: Kind) {
         let w = World::again(kind, "prunecrash");
         let v = build(&w, 4);
         let (kept, remain) = expected(&w, 4, 2);
-        let o = w.run_env("A", &["prune", "--keep-last", "2"], &[("DSG_FAILPOINT", fp)]);
+        let o = w.run_env(
+            "A",
+            &["prune", "--keep-last", "2"],
+            &[("DSG_FAILPOINT", fp)],
+        );
         assert!(killed(&o.status), "{fp}: not killed\n{}", show(&o));
         // The journaled plan is the commit point: any next command
         // finishes it (here `status`), and nothing kept is missing.
@@ -400,7 +445,10 @@ fn crash_at_every_prune_step(kind: Kind) {
         w.ok("A", &["prune", "--keep-last", "2"]);
         let log = log_json(&w);
         assert_eq!(
-            log.iter().filter(|(_, p)| *p).map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            log.iter()
+                .filter(|(_, p)| *p)
+                .map(|(i, _)| i.as_str())
+                .collect::<Vec<_>>(),
             vec!["s2", "s1"],
             "{fp}: log"
         );
@@ -417,20 +465,34 @@ fn zfs_snapshot_with_a_clone_stays(kind: Kind) {
     // Named like a reader's clone whose reader (pid 1) is alive, so no
     // recovery removes it.
     let clone = format!("{}--read-p1-prunetest", z.dataset());
-    zfs_ok(&["clone", "-o", "mountpoint=none", &format!("{}@s1", z.dataset()), &clone]);
+    zfs_ok(&[
+        "clone",
+        "-o",
+        "mountpoint=none",
+        &format!("{}@s1", z.dataset()),
+        &clone,
+    ]);
     let o = w.ok("A", &["prune", "--keep-last", "1", "--json"]);
     let r = &json_of(&o)["result"];
     assert_eq!(r["in_use"], serde_json::json!(["s1"]));
     assert_eq!(r["pruned"], serde_json::json!(["s2"]));
     assert_eq!(zfs_snaps(&w), vec!["s1".to_string(), "s3".to_string()]);
-    let marked: Vec<String> = log_json(&w).into_iter().filter(|(_, p)| *p).map(|(i, _)| i).collect();
+    let marked: Vec<String> = log_json(&w)
+        .into_iter()
+        .filter(|(_, p)| *p)
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(marked, vec!["s2".to_string()]);
     zfs_ok(&["destroy", &clone]);
     let o = w.ok("A", &["prune", "--keep-last", "1", "--json"]);
     let r = &json_of(&o)["result"];
     assert_eq!(r["pruned"], serde_json::json!(["s1"]));
     assert_eq!(zfs_snaps(&w), vec!["s3".to_string()]);
-    let marked: Vec<String> = log_json(&w).into_iter().filter(|(_, p)| *p).map(|(i, _)| i).collect();
+    let marked: Vec<String> = log_json(&w)
+        .into_iter()
+        .filter(|(_, p)| *p)
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(marked, vec!["s2".to_string(), "s1".to_string()]);
     w.ok("A", &["validate-chain"]);
 }

@@ -85,9 +85,9 @@ impl PrunedRecord {
 
     /// When `id` (with chain hash `hash`) was pruned.
     pub fn get(&self, id: &str, hash: Option<&str>) -> Option<&PrunedSnapshot> {
-        self.pruned
-            .get(id)
-            .filter(|p| p.snapshot_hash.is_none() || hash.is_none() || p.snapshot_hash.as_deref() == hash)
+        self.pruned.get(id).filter(|p| {
+            p.snapshot_hash.is_none() || hash.is_none() || p.snapshot_hash.as_deref() == hash
+        })
     }
 
     /// The record at `path`; empty when there is none.
@@ -181,7 +181,10 @@ fn known_snapshots(
                 out.insert(
                     n,
                     Known {
-                        created_at: v.get("created_at").and_then(|x| x.as_str()).map(String::from),
+                        created_at: v
+                            .get("created_at")
+                            .and_then(|x| x.as_str())
+                            .map(String::from),
                         hash: v
                             .get("snapshot_hash")
                             .and_then(|x| x.as_str())
@@ -219,7 +222,11 @@ fn archived_manifest(site: &Site, id: &str) -> Result<Manifest, AgentError> {
     let dir = site.dsg().join("archive");
     let lz4 = dir.join(format!("{id}-sync.json.lz4"));
     let gz = dir.join(format!("{id}-sync.json.gz"));
-    let path = if lz4.is_file() || !gz.is_file() { lz4 } else { gz };
+    let path = if lz4.is_file() || !gz.is_file() {
+        lz4
+    } else {
+        gz
+    };
     let refuse = |why: String| {
         AgentError::new(
             ErrorKind::Corrupt,
@@ -229,7 +236,10 @@ fn archived_manifest(site: &Site, id: &str) -> Result<Manifest, AgentError> {
     };
     let m = read_archive(&path).map_err(|e| refuse(format!("cannot be read: {e}")))?;
     if m.metadata.as_ref().map(|m| m.snapshot_id.as_str()) != Some(id) {
-        return Err(refuse(format!("({}) names another snapshot", path.display())));
+        return Err(refuse(format!(
+            "({}) names another snapshot",
+            path.display()
+        )));
     }
     m.verify_integrity()
         .map_err(|e| refuse(format!("fails its check: {e}")))?;
@@ -262,7 +272,10 @@ fn referenced(
 
 /// Objects not in `refs`, with their sizes. Only names that are a hash
 /// in their own folder count; anything else is left alone.
-fn unreferenced_objects(site: &Site, refs: &HashSet<u64>) -> Result<Vec<(String, u64)>, AgentError> {
+fn unreferenced_objects(
+    site: &Site,
+    refs: &HashSet<u64>,
+) -> Result<Vec<(String, u64)>, AgentError> {
     let mut out = Vec::new();
     let objects = site.dsg().join("objects");
     let rd = match fs::read_dir(&objects) {
@@ -280,7 +293,9 @@ fn unreferenced_objects(site: &Site, refs: &HashSet<u64>) -> Result<Vec<(String,
         for o in sub {
             let o = o.map_err(|e| AgentError::io(d.path().display(), e))?;
             let name = o.file_name().to_string_lossy().to_string();
-            let Some(h) = Hash::parse(&name) else { continue };
+            let Some(h) = Hash::parse(&name) else {
+                continue;
+            };
             if h.to_hex() != name || !name.starts_with(&hh) {
                 continue;
             }
@@ -300,7 +315,16 @@ fn unreferenced_objects(site: &Site, refs: &HashSet<u64>) -> Result<Vec<(String,
 /// `origin`: zfs-fuse has no `clones` property).
 fn zfs_clones(z: &crate::zfs::Zfs, snap: &str) -> Result<Vec<String>, AgentError> {
     let want = format!("{}@{snap}", z.dataset());
-    let out = z.run(&["list", "-H", "-o", "name,origin", "-t", "filesystem", "-r", &z.pool])?;
+    let out = z.run(&[
+        "list",
+        "-H",
+        "-o",
+        "name,origin",
+        "-t",
+        "filesystem",
+        "-r",
+        &z.pool,
+    ])?;
     Ok(out
         .lines()
         .filter_map(|l| l.split_once('\t'))
@@ -473,9 +497,8 @@ fn roll_forward(
     // The history the plan was made for: the same head, or one after it
     // (the plan's head still recorded with the same hash).
     let same = (head_id == plan.head && head_hash == plan.head_hash)
-        || strict_snapshot_number(&plan.head).is_some_and(|n| {
-            n < head_n && known.get(&n).is_some_and(|k| k.hash == plan.head_hash)
-        });
+        || strict_snapshot_number(&plan.head)
+            .is_some_and(|n| n < head_n && known.get(&n).is_some_and(|k| k.hash == plan.head_hash));
     if !same {
         tracing::warn!(
             "dropping an interrupted prune made for head {}: the repository's history changed",
@@ -536,7 +559,9 @@ fn roll_forward(
         let existing: HashSet<String> = z.snapshots(&z.dataset())?.into_iter().collect();
         let mut first = true;
         for s in &plan.zfs {
-            let Some(n) = strict_snapshot_number(s) else { continue };
+            let Some(n) = strict_snapshot_number(s) else {
+                continue;
+            };
             if n >= head_n || !existing.contains(s) || !zfs_clones(z, s)?.is_empty() {
                 continue;
             }
@@ -558,7 +583,10 @@ fn finish(j: &Journal, tx: &str, jpath: &Path, site: &Site) -> Result<(), AgentE
     failpoint("repo.prune.journal.done");
     fs::remove_file(jpath)
         .map_err(|e| AgentError::io(format!("cannot remove {}", jpath.display()), e))?;
-    let dir = jpath.parent().map(Path::to_path_buf).unwrap_or_else(|| site.dsg());
+    let dir = jpath
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| site.dsg());
     sync_dir(&dir).map_err(|e| AgentError::io(dir.display(), e))
 }
 
@@ -570,8 +598,8 @@ fn journal_path(site: &Site, store: &dyn Store) -> PathBuf {
 /// interrupted (rolls it forward).
 pub(crate) fn recover_locked(site: &Site, store: &dyn Store) -> Result<(), AgentError> {
     let jpath = journal_path(site, store);
-    let Some(log) =
-        PruneLog::read(&jpath).map_err(|e| AgentError::io(format!("cannot read {}", jpath.display()), e))?
+    let Some(log) = PruneLog::read(&jpath)
+        .map_err(|e| AgentError::io(format!("cannot read {}", jpath.display()), e))?
     else {
         return Ok(());
     };
