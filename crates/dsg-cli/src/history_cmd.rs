@@ -74,7 +74,7 @@ pub fn log(a: LogCmd, out: &Out) -> Result<(), EngineError> {
     }
     for e in &entries {
         out.line(&format!(
-            "{:<6} {}  {:<24} {:>7} files {:>14}  {}",
+            "{:<6} {}  {:<24} {:>7} files {:>14}  {}{}",
             e.snapshot_id,
             e.created_at,
             e.created_by.as_deref().unwrap_or("unknown"),
@@ -83,7 +83,8 @@ pub fn log(a: LogCmd, out: &Out) -> Result<(), EngineError> {
                 Some(b) => format!("{b} bytes"),
                 None => "? bytes".into(),
             },
-            e.message.as_deref().unwrap_or("")
+            e.message.as_deref().unwrap_or(""),
+            if e.pruned { "  [pruned]" } else { "" }
         ));
     }
     Ok(())

@@ -4,6 +4,7 @@ mod history_cmd;
 mod maint_cmd;
 mod mount_cmd;
 mod output;
+mod prune_cmd;
 mod restrict;
 mod snap_cmd;
 
@@ -124,6 +125,8 @@ enum Cmd {
     Clean(maint_cmd::CleanCmd),
     /// Discovery: the repositories at your default host and path (or --host/--repo-path)
     ListRepos(maint_cmd::ListReposCmd),
+    /// History: remove the data only old snapshots hold (never the head's)
+    Prune(prune_cmd::PruneCmd),
 }
 
 #[derive(Args)]
@@ -304,6 +307,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Diff(a) => history_cmd::diff(a, out),
         Cmd::Snapfetch(a) => snap_cmd::cmd_snapfetch(a, out),
         Cmd::Snapmount(a) => mount_cmd::cmd_snapmount(a, out),
+        Cmd::Prune(a) => prune_cmd::cmd_prune(a, out),
         Cmd::ValidateFile(a) => history_cmd::validate_file(a, out),
         Cmd::ValidateSnapshot(a) if a.deep => snap_cmd::cmd_validate_deep(a, out),
         Cmd::ValidateSnapshot(a) => history_cmd::validate_snapshot(

@@ -160,8 +160,8 @@ fn history_reads_do_not_follow_a_symlinked_parent() {
     assert_eq!(got, vec![Err(ErrorKind::Unsafe)]);
 }
 
-/// The handshake refuses the previous protocol (4, without history
-/// reads), naming both versions.
+/// The handshake refuses the previous protocol (5, without `Prune`),
+/// naming both versions.
 #[test]
 fn the_previous_protocol_is_refused() {
     let d = tempfile::tempdir().unwrap();

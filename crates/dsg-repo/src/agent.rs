@@ -200,6 +200,23 @@ fn serve_loop<R: Read, W: Write>(
                     Err(e) => reply_err(&mut w, &e)?,
                 }
             }
+            Request::Prune {
+                keep_last,
+                keep_within_secs,
+                dry_run,
+                user,
+            } => {
+                let policy = crate::prune::Policy {
+                    keep_last,
+                    keep_within_secs,
+                    dry_run,
+                    user,
+                };
+                match backend.prune(&policy) {
+                    Ok(r) => write_json(&mut w, &Response::Pruned(r))?,
+                    Err(e) => reply_err(&mut w, &e)?,
+                }
+            }
         }
         // Answer promptly when the client is waiting; while it is still
         // sending puts there is nothing to flush.

@@ -219,6 +219,19 @@ pub trait Backend: Send {
             ),
         ))
     }
+
+    /// `dsg prune`: removes the data that only snapshots outside `policy`
+    /// hold (see `crate::prune`). The default keeps everything.
+    fn prune(
+        &mut self,
+        policy: &crate::prune::Policy,
+    ) -> Result<crate::protocol::PruneReport, AgentError> {
+        let _ = policy;
+        Err(AgentError::new(
+            ErrorKind::Protocol,
+            format!("{} cannot prune", self.describe()),
+        ))
+    }
 }
 
 /// One snapshot of a repository, open for reading (a ZFS snapshot stays
@@ -229,6 +242,11 @@ pub trait Version: Send {
     /// The bytes (or link) stored for `path` in this snapshot; the path is
     /// checked like every other path a client sends.
     fn open(&self, path: &str) -> Result<Stored, AgentError>;
+    /// `Some(when)` for a snapshot `dsg prune` removed (its data may be
+    /// partly or wholly gone; its manifest stays).
+    fn pruned(&self) -> Option<&str> {
+        None
+    }
 }
 
 pub struct CommitData {

@@ -616,6 +616,27 @@ impl RepoClient {
         }
     }
 
+    /// `dsg prune` on the repository: the agent decides what goes under
+    /// its lock, from `policy` (see `dsg_repo::prune`).
+    pub fn prune(
+        &mut self,
+        policy: &crate::prune::Policy,
+    ) -> Result<crate::protocol::PruneReport, RepoError> {
+        self.send(&Request::Prune {
+            keep_last: policy.keep_last,
+            keep_within_secs: policy.keep_within_secs,
+            dry_run: policy.dry_run,
+            user: policy.user.clone(),
+        })?;
+        match self.recv()? {
+            Response::Pruned(r) => Ok(r),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
     /// Sends `req` and hands each file of the stream that answers it to
     /// `sink`, until its `Ok`.
     fn stream_files(

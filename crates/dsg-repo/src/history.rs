@@ -161,6 +161,8 @@ struct RepoVersion {
     dir: PathBuf,
     head: Option<Manifest>,
     _keep: Option<SnapshotTree>,
+    /// When `dsg prune` removed this snapshot's data.
+    pruned: Option<String>,
 }
 
 /// Opens snapshot `snapshot` of the repository at `site`.
@@ -171,6 +173,16 @@ pub(crate) fn open_version(
 ) -> Result<Box<dyn Version>, AgentError> {
     let id = checked_snapshot_id(snapshot)?;
     let (manifest, head) = manifest_of(site, &id)?;
+    let hash = manifest
+        .metadata
+        .as_ref()
+        .and_then(|m| m.snapshot_hash.clone());
+    let pruned = match head {
+        Some(_) => crate::prune::record(site, store)?
+            .get(&id, hash.as_deref())
+            .map(|p| p.pruned_at.clone()),
+        None => None,
+    };
     let mut v = RepoVersion {
         id: id.clone(),
         manifest,
@@ -178,10 +190,14 @@ pub(crate) fn open_version(
         dir: site.dir(),
         head: None,
         _keep: None,
+        pruned,
     };
     if head.is_none() {
         v.tree = Some(site.dir());
-    } else if let Some(t) = store.snapshot_tree(site, &id)? {
+    } else if let Some(t) = match store.snapshot_tree(site, &id) {
+        Err(e) if v.pruned.is_some() => return Err(v.pruned_error(None, e)),
+        t => t?,
+    } {
         v.tree = Some(t.path.clone());
         v._keep = Some(t);
     } else {
@@ -190,9 +206,32 @@ pub(crate) fn open_version(
     Ok(Box::new(v))
 }
 
+impl RepoVersion {
+    /// The error for data of this (pruned) snapshot that is gone.
+    fn pruned_error(&self, path: Option<&str>, cause: AgentError) -> AgentError {
+        let when = self.pruned.as_deref().unwrap_or("");
+        let what = match path {
+            Some(p) => format!("{p} of snapshot {}", self.id),
+            None => format!("snapshot {}", self.id),
+        };
+        AgentError::new(
+            ErrorKind::Pruned,
+            format!(
+                "{what} is no longer stored: the snapshot was pruned ({when}) ({})",
+                cause.message
+            ),
+        )
+        .hint("dsg prune removed it; its manifest is kept (dsg validate-snapshot checks it), and dsg log marks pruned snapshots")
+    }
+}
+
 impl Version for RepoVersion {
     fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    fn pruned(&self) -> Option<&str> {
+        self.pruned.as_deref()
     }
 
     fn open(&self, path: &str) -> Result<Stored, AgentError> {
@@ -225,10 +264,15 @@ impl Version for RepoVersion {
             EntryKind::File { hash: Some(h), .. } => {
                 let obj = dsg_txn::apply::object_path(&self.dir.join(".dsg"), *h);
                 let md = fs::symlink_metadata(&obj).map_err(|err| {
-                    AgentError::io(
+                    let e = AgentError::io(
                         format!("{path} of {} (object {})", self.id, h.to_hex()),
                         err,
-                    )
+                    );
+                    if self.pruned.is_some() && e.kind == ErrorKind::NotFound {
+                        self.pruned_error(Some(path), e)
+                    } else {
+                        e
+                    }
                 })?;
                 if !md.is_file() {
                     return Err(AgentError::new(
@@ -296,6 +340,22 @@ pub(crate) fn serve_rehash<W: Write>(
         return write_json(w, &Response::Err(e.to_remote()));
     }
     let result = match backend.open_version(snapshot) {
+        // Its data is (partly) gone by design: nothing to re-hash, and
+        // missing files are not damage.
+        Ok(v) if v.pruned().is_some() => write_json(
+            w,
+            &Response::Err(
+                AgentError::new(
+                    ErrorKind::Pruned,
+                    format!(
+                        "snapshot {snapshot} was pruned ({}): its files are no longer all stored, so they cannot be re-hashed",
+                        v.pruned().unwrap_or("")
+                    ),
+                )
+                .hint(format!("its manifest is kept and still validates: dsg validate-snapshot --snapshot {snapshot}"))
+                .to_remote(),
+            ),
+        ),
         Ok(v) => rehash(&*v, buf, w).and_then(|r| write_json(w, &Response::Rehashed(r))),
         Err(e) => write_json(w, &Response::Err(e.to_remote())),
     };

@@ -13,6 +13,7 @@ pub mod dir;
 pub mod history;
 pub mod list;
 pub mod protocol;
+pub mod prune;
 pub mod repo;
 mod site;
 pub mod ssh;

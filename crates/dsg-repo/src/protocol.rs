@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 /// take for a malformed message and end the connection on.
 /// 6: `ListRepos` (the repositories in the agent's directory),
 /// `MountSnapshot` (a read-only clone of a ZFS snapshot, held for the
-/// connection, for `snapmount` on the repository host) and prune's
-/// requests.
+/// connection, for `snapmount` on the repository host) and `Prune` (with
+/// its `Pruned` reply and the `pruned` error kind).
 pub const PROTOCOL_VERSION: u32 = 6;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
@@ -156,6 +156,20 @@ pub enum Request {
         snapshot: String,
         mountpoint: String,
     },
+    /// Removes the data only old snapshots hold (`dsg prune`). The client
+    /// sends the policy, never a list of what to delete: the agent decides
+    /// under the repository's exclusive lock, always keeps the head and
+    /// never deletes what a kept snapshot references. Answered `Pruned`.
+    Prune {
+        /// How many of the newest snapshots to keep (the head counts; ≥ 1).
+        keep_last: u64,
+        /// Also keep snapshots made at most this many seconds ago.
+        #[serde(default)]
+        keep_within_secs: Option<u64>,
+        dry_run: bool,
+        /// Shown to others waiting for the lock, recorded with the prune.
+        user: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,6 +223,29 @@ pub enum Response {
     Mounted {
         dataset: String,
     },
+    /// The answer to `Prune`.
+    Pruned(PruneReport),
+}
+
+/// What a `Prune` did (or, in a dry run, would do).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PruneReport {
+    pub head: String,
+    /// The snapshots kept, oldest first (the head always).
+    pub kept: Vec<String>,
+    /// The snapshots this prune removes the data of, oldest first.
+    pub pruned: Vec<String>,
+    /// Snapshots an earlier prune removed already.
+    pub already_pruned: Vec<String>,
+    /// ZFS snapshots not kept that stay because a clone depends on them
+    /// (a snapshot being read or mounted).
+    pub in_use: Vec<String>,
+    /// Objects (`.dsg/objects/`) removed and their bytes.
+    pub objects: u64,
+    pub bytes: u64,
+    /// ZFS snapshots destroyed.
+    pub zfs_snapshots: Vec<String>,
+    pub dry_run: bool,
 }
 
 /// What a `Rehash` found: the manifest it checked against (its recorded
@@ -295,6 +332,8 @@ pub enum ErrorKind {
     Verify,
     Protocol,
     Unsafe,
+    /// The data asked for belonged to a snapshot that `dsg prune` removed.
+    Pruned,
 }
 
 pub enum Frame {

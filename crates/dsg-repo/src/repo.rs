@@ -38,14 +38,14 @@ pub struct Repository {
     /// Reused for every received file (a fresh 1 MiB buffer per small file
     /// costs an mmap and page faults each time).
     buf: Vec<u8>,
-    site: Site,
-    store: Box<dyn Store>,
+    pub(crate) site: Site,
+    pub(crate) store: Box<dyn Store>,
     /// The shared lock of a read of several files (`read_lock`).
     read_lock: Option<Lock>,
-    tx: Option<OpenTx>,
+    pub(crate) tx: Option<OpenTx>,
 }
 
-struct OpenTx {
+pub(crate) struct OpenTx {
     /// Held for the transaction's life (a replacing init of a plain
     /// directory holds the init lock and the repository's).
     _locks: Vec<Lock>,
@@ -179,6 +179,7 @@ impl Repository {
             // hold nothing: let go, wait, and take the one there then.
         };
         self.store.recover_locked(site)?;
+        crate::prune::recover_locked(site, &*self.store)?;
         let head = site.head()?;
         let head_id = head
             .as_ref()
@@ -221,7 +222,7 @@ impl Repository {
 
     /// Waits, up to the lock timeout counted from `start`, while the
     /// original dsg has a transaction open on the repository.
-    fn wait_for_original(&self, start: Instant) -> Result<(), AgentError> {
+    pub(crate) fn wait_for_original(&self, start: Instant) -> Result<(), AgentError> {
         while let Some(st) = self.store.original_transaction(&self.site) {
             if start.elapsed() >= self.site.lock_timeout {
                 return Err(original_busy(&self.site, &st, Some(start.elapsed())));
@@ -505,6 +506,9 @@ impl Repository {
     }
 
     fn open_meta_once(&self, name: &str) -> Result<Option<File>, AgentError> {
+        if name == crate::prune::RECORD {
+            return crate::prune::open_record(&self.site, &*self.store);
+        }
         let ok = matches!(name, "last-sync.json" | "sync-messages.json")
             || name
                 .strip_prefix("archive/")
@@ -514,7 +518,7 @@ impl Repository {
                 ErrorKind::Unsafe,
                 format!("refusing to read .dsg/{name}"),
             )
-            .hint("a client reads only last-sync.json, sync-messages.json and archive/<file>"));
+            .hint("a client reads only last-sync.json, sync-messages.json, pruned.json and archive/<file>"));
         }
         match File::open(self.site.dsg().join(name)) {
             Ok(f) => Ok(Some(f)),
@@ -940,7 +944,15 @@ impl Backend for Repository {
                 drop(self.site.take_flock(&path, LockMode::Shared, true)?);
             }
         }
-        self.store.recover(&self.site)
+        self.store.recover(&self.site)?;
+        crate::prune::recover(&self.site, &*self.store)
+    }
+
+    fn prune(
+        &mut self,
+        policy: &crate::prune::Policy,
+    ) -> Result<crate::protocol::PruneReport, AgentError> {
+        crate::prune::prune(self, policy)
     }
 
     fn list_archives(&self) -> Result<Vec<String>, AgentError> {

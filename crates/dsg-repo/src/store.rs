@@ -138,6 +138,19 @@ pub(crate) trait Store: Send {
             ),
         ))
     }
+
+    /// Where the repository's own file `what` lives outside its snapshots
+    /// (`prune.json` and the prune journal): in `.dsg/`, or beside a ZFS
+    /// dataset (a sync clones the head snapshot, which would lose a file
+    /// written into the live dataset).
+    fn side_file(&self, site: &Site, what: &str) -> PathBuf {
+        site.dsg().join(what)
+    }
+
+    /// The ZFS store, whose snapshots `dsg prune` destroys.
+    fn zfs(&self) -> Option<&crate::zfs::Zfs> {
+        None
+    }
 }
 
 /// A snapshot's files at `path`, readable while this lives.

@@ -938,6 +938,15 @@ impl Store for Zfs {
         }))
     }
 
+    fn side_file(&self, _site: &Site, what: &str) -> PathBuf {
+        self.mountpoint
+            .join(format!(".dsg-zfs.{}.{what}", self.name))
+    }
+
+    fn zfs(&self) -> Option<&Zfs> {
+        Some(self)
+    }
+
     fn undo(&self, _site: &Site, tx: &TxRef) -> Result<(), AgentError> {
         let r = match (tx.init, tx.replace) {
             (true, false) => self

@@ -64,6 +64,9 @@ pub struct LogEntry {
     /// `None` when the snapshot's manifest is not available anywhere.
     pub total_bytes: Option<u64>,
     pub snapshot_hash: Option<String>,
+    /// `dsg prune` removed its data (its manifest stays): from this
+    /// client's copy of the repository's record, `.dsg/pruned.json`.
+    pub pruned: bool,
 }
 
 /// One event of `dsg blame`.
@@ -448,9 +451,13 @@ impl<'p> History<'p> {
                 }
             }
         }
+        let pruned = crate::prune::local_record(&self.project.dsg());
         Ok(chain
             .into_iter()
             .map(|md| LogEntry {
+                pruned: pruned
+                    .get(&md.snapshot_id, md.snapshot_hash.as_deref())
+                    .is_some(),
                 total_bytes: sizes.get(&md.entries_hash).copied(),
                 snapshot_id: md.snapshot_id,
                 created_at: md.created_at,

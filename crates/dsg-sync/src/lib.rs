@@ -11,6 +11,7 @@ pub mod local_tx;
 pub mod mounts;
 pub mod names;
 pub mod project;
+pub mod prune;
 pub mod recover;
 pub mod repos;
 pub mod retry;
