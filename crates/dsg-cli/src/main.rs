@@ -644,7 +644,7 @@ fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
             "command": "status",
             "offline": offline,
             "has_cache": cmp.has_cache,
-            "files": rows,
+            "files": with_choices(&rows, &outlook.conflicts),
             "problems": problems,
             "blocked": outlook.blocked,
             "adopts_history": outlook.adopts_history,
@@ -655,6 +655,26 @@ fn cmd_status(offline: bool, out: &Out) -> Result<(), EngineError> {
     output::print_status(out, &rows, cmp.problems(), offline, cmp.has_cache);
     output::print_outlook(out, &outlook);
     Ok(())
+}
+
+/// The status rows as JSON, each conflict with its reason and the choices
+/// `conflicts.txt` offers for it.
+fn with_choices(
+    rows: &[dsg_sync::status::Row],
+    conflicts: &[dsg_sync::conflicts::Conflict],
+) -> serde_json::Value {
+    let by_path: std::collections::HashMap<&str, &dsg_sync::conflicts::Conflict> =
+        conflicts.iter().map(|c| (c.path.as_str(), c)).collect();
+    rows.iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let (Some(c), Some(m)) = (by_path.get(r.path.as_str()), v.as_object_mut()) {
+                m.insert("reason".into(), json!(c.reason));
+                m.insert("choices".into(), json!(c.choices));
+            }
+            v
+        })
+        .collect()
 }
 
 fn cmd_list_files(path: Option<PathBuf>, out: &Out) -> Result<(), EngineError> {

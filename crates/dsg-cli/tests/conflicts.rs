@@ -148,6 +148,31 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
         .collect();
     assert!(in_text.windows(2).all(|w| w[0] < w[1]), "{text}");
 
+    // status --json: each conflict row with its reason and the choices
+    // conflicts.txt offers.
+    let v = json_of(&z.ok("A", &["status", "--json"]));
+    let rows: Vec<&serde_json::Value> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "conflict")
+        .collect();
+    assert_eq!(rows.len(), 4, "{v:#}");
+    for r in rows {
+        let f = r["path"].as_str().unwrap();
+        let choices: Vec<char> = r["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().chars().next().unwrap())
+            .collect();
+        assert_eq!(choices, got[f], "{f}: {v:#}");
+        assert!(text.contains(&format!(
+            "# File: {f}\n# Conflict: {}\n",
+            r["reason"].as_str().unwrap()
+        )));
+    }
+
     // Blocked: nothing but conflicts.txt changed anywhere.
     assert_same("repository", &repo_before, &state_listing(&z.repo()));
     let mut a_after = data_tree(&z.client("A"));

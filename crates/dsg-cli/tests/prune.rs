@@ -193,7 +193,11 @@ fn assert_pruned(w: &World, kept: &[String], remain: &BTreeSet<String>, ctx: &st
 }
 
 fn log_json(w: &World) -> Vec<(String, bool)> {
-    let o = w.ok("A", &["log", "-n", "0", "--json"]);
+    log_json_of(w, "A")
+}
+
+fn log_json_of(w: &World, client: &str) -> Vec<(String, bool)> {
+    let o = w.ok(client, &["log", "-n", "0", "--json"]);
     json_of(&o)["snapshots"]
         .as_array()
         .unwrap()
@@ -273,6 +277,14 @@ fn prune_keeps_exactly_what_kept_snapshots_reference(kind: Kind) {
     w.ok("A", &["sync"]);
     w.ok("A", &["validate-chain"]);
     assert_readable(&w, &v, "s6");
+    // Another client learns of the prune when it next syncs (a fresh
+    // clone here): its log marks the same snapshots.
+    w.clone_client("A", "B");
+    let log_b = log_json_of(&w, "B");
+    assert_eq!(log_b.len(), 7, "{log_b:?}");
+    for (id, pruned) in &log_b {
+        assert_eq!(*pruned, !kept.contains(id) && id != "s7", "B's log: {id}");
+    }
 }
 
 fn dry_run_changes_nothing(kind: Kind) {

@@ -279,6 +279,7 @@ fn sync_once(
         return Ok(report);
     }
     if plan.up_to_date() {
+        learn_prunes(project, &mut client);
         let _ = client.close();
         cmp.save_stat_cache(project);
         report.plan = plan;
@@ -700,8 +701,18 @@ fn transact(
         failpoint("client.repo_committed");
     }
     finish(tx, &journal, &ops, cmp, plan, next)?;
+    learn_prunes(tx.project, &mut client);
     let _ = client.close();
     Ok(())
+}
+
+/// Keeps this client's copy of the repository's prune record current, so
+/// that `log` here marks what another client pruned. Informative only: a
+/// failure is logged, never the sync's.
+fn learn_prunes(project: &Project, client: &mut RepoClient) {
+    if let Err(e) = crate::prune::refresh_record(project, client) {
+        tracing::warn!("could not refresh the record of pruned snapshots: {e}");
+    }
 }
 
 fn begin(tx: &Tx<'_>) -> Result<Journal> {
