@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src");
+    println!("cargo:rerun-if-changed=Cargo.toml");
     let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let commit = describe(&dir).unwrap_or_else(|| "unknown".to_string());
     println!("cargo:rustc-env=DSG_BUILD_COMMIT={commit}");
