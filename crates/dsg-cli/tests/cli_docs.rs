@@ -44,9 +44,15 @@ fn subcommands() -> BTreeSet<String> {
         .filter(|n| n != "help")
         .collect();
     for expected in ["init", "sync", "status", "completions"] {
-        assert!(names.contains(expected), "{expected} not in {names:?}\n{help}");
+        assert!(
+            names.contains(expected),
+            "{expected} not in {names:?}\n{help}"
+        );
     }
-    assert!(!names.contains("agent") && !names.contains("man"), "{names:?}");
+    assert!(
+        !names.contains("agent") && !names.contains("man"),
+        "{names:?}"
+    );
     names
 }
 
@@ -72,11 +78,18 @@ fn completions_name_every_subcommand() {
         let script = ok_stdout(&["completions", shell]);
         assert!(script.len() > 100, "{shell}: {script:?}");
         for sub in &subs {
-            assert!(script.contains(sub.as_str()), "{shell} completions lack {sub}");
+            assert!(
+                script.contains(sub.as_str()),
+                "{shell} completions lack {sub}"
+            );
         }
     }
     let o = dsg(&["completions", "tcsh"]);
-    assert_eq!(o.status.code(), Some(2), "an unknown shell is a usage error");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
 }
 
 #[test]
@@ -94,7 +107,13 @@ fn man_writes_one_page_per_subcommand_naming_its_options() {
     assert_eq!(written, expected, "man pages written");
     let printed: BTreeSet<String> = listed
         .lines()
-        .map(|l| Path::new(l).file_name().unwrap().to_string_lossy().into_owned())
+        .map(|l| {
+            Path::new(l)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     assert_eq!(printed, expected, "man pages printed");
 
