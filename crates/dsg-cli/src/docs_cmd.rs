@@ -3,7 +3,7 @@
 //! truth for both), and the `--version` string.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, CommandFactory};
 use clap_complete::Shell;
@@ -46,27 +46,43 @@ pub fn completions(a: CompletionsCmd) -> Result<(), EngineError> {
     write_stdout(&script)
 }
 
-/// Writes one man page for dsg and one per non-hidden subcommand into
-/// `a.out`, and prints their paths.
+/// Writes one man page for dsg and one per non-hidden subcommand (and
+/// sub-subcommand) into `a.out`, and prints their paths.
 pub fn man(a: ManCmd) -> Result<(), EngineError> {
     std::fs::create_dir_all(&a.out).map_err(|e| EngineError::io(&a.out, e))?;
-    // Built as clap_mangen::generate_to does (so that a subcommand's page
-    // is named dsg-<command> and lists the global options), plus a footer
-    // with the version.
-    let mut cmd = crate::Cli::command().disable_help_subcommand(true);
-    cmd.build();
+    let cmd = crate::Cli::command().disable_help_subcommand(true);
     let source = format!("dsg {}", env!("CARGO_PKG_VERSION"));
     let mut pages = Vec::new();
-    let subs = cmd.get_subcommands().filter(|s| !s.is_hide_set());
-    for c in std::iter::once(&cmd).chain(subs) {
-        let page = clap_mangen::Man::new(c.clone())
-            .source(source.clone())
-            .manual("dsg manual")
-            .generate_to(&a.out)
-            .map_err(|e| EngineError::io(&a.out, e))?;
-        pages.push(format!("{}\n", page.display()));
+    write_pages(cmd, &a.out, &source, &mut pages)?;
+    let list = pages
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect::<Vec<_>>();
+    write_stdout(list.concat().as_bytes())
+}
+
+/// As clap_mangen::generate_to (a built command, so that a subcommand's
+/// page is dsg-<command>.1 and lists the global options), with the version
+/// in the footer.
+fn write_pages(
+    mut cmd: clap::Command,
+    out: &Path,
+    source: &str,
+    pages: &mut Vec<PathBuf>,
+) -> Result<(), EngineError> {
+    cmd.build();
+    let page = clap_mangen::Man::new(cmd.clone())
+        .source(source)
+        .manual("dsg manual")
+        .generate_to(out)
+        .map_err(|e| EngineError::io(out, e))?;
+    pages.push(page);
+    for sub in cmd.get_subcommands() {
+        if !sub.is_hide_set() && sub.get_name() != "help" {
+            write_pages(sub.clone(), out, source, pages)?;
+        }
     }
-    write_stdout(pages.concat().as_bytes())
+    Ok(())
 }
 
 fn write_stdout(bytes: &[u8]) -> Result<(), EngineError> {
@@ -74,4 +90,31 @@ fn write_stdout(bytes: &[u8]) -> Result<(), EngineError> {
     out.write_all(bytes)
         .and_then(|()| out.flush())
         .map_err(|e| EngineError::io("<stdout>", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_subcommands_get_their_own_pages() {
+        let cmd = clap::Command::new("dsg")
+            .arg(clap::Arg::new("json").long("json").global(true).num_args(0))
+            .subcommand(
+                clap::Command::new("config")
+                    .subcommand(clap::Command::new("get"))
+                    .subcommand(clap::Command::new("secret").hide(true)),
+            )
+            .disable_help_subcommand(true);
+        let dir = tempfile::tempdir().unwrap();
+        let mut pages = Vec::new();
+        write_pages(cmd, dir.path(), "dsg 0", &mut pages).unwrap();
+        let names: Vec<_> = pages
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(names, ["dsg.1", "dsg-config.1", "dsg-config-get.1"]);
+        let get = std::fs::read_to_string(dir.path().join("dsg-config-get.1")).unwrap();
+        assert!(get.contains("\\-\\-json"), "{get}");
+    }
 }
