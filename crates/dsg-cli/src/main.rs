@@ -1,5 +1,6 @@
 //! `dsg`: the command line. Thin by design: parse, call the engine, print.
 
+mod docs_cmd;
 mod history_cmd;
 mod maint_cmd;
 mod mount_cmd;
@@ -24,7 +25,7 @@ use output::{Out, TermReporter};
 #[derive(Parser)]
 #[command(
     name = "dsg",
-    version,
+    version = docs_cmd::VERSION,
     about = "dsg - data sync gizmo: versioned, atomic sync of a project's data folders",
     long_about = "dsg keeps the data of a research project (input/, output/, frozen/) versioned in one \
 central repository. Every sync publishes a numbered snapshot atomically.\n\n\
@@ -127,6 +128,11 @@ enum Cmd {
     ListRepos(maint_cmd::ListReposCmd),
     /// History: remove the data only old snapshots hold (never the head's)
     Prune(prune_cmd::PruneCmd),
+    /// Setup: shell completions for bash, zsh or fish, on stdout
+    Completions(docs_cmd::CompletionsCmd),
+    /// Writes the man pages (dsg.1, dsg-<command>.1) into a directory (for packaging)
+    #[command(hide = true)]
+    Man(docs_cmd::ManCmd),
 }
 
 #[derive(Args)]
@@ -320,6 +326,8 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
         Cmd::Agent(a) => cmd_agent(a),
         Cmd::Clean(a) => maint_cmd::cmd_clean(a, out),
         Cmd::ListRepos(a) => maint_cmd::cmd_list_repos(a, out),
+        Cmd::Completions(a) => docs_cmd::completions(a),
+        Cmd::Man(a) => docs_cmd::man(a),
     }
 }
 
