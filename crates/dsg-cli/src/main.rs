@@ -1,5 +1,6 @@
 //! `dsg`: the command line. Thin by design: parse, call the engine, print.
 
+mod config_cmd;
 mod help;
 mod history_cmd;
 mod maint_cmd;
@@ -67,6 +68,8 @@ struct Global {
 enum Cmd {
     /// Create the first snapshot and the repository
     Init(InitCmd),
+    /// Read and change settings: your dsg.yml and the project's .dsgconfig.yml
+    Config(config_cmd::ConfigCmd),
     /// Show what sync would do (local vs last sync vs repository)
     Status {
         /// Compare the local tree with the last sync only; do not contact the repository
@@ -315,6 +318,7 @@ fn cwd() -> Result<PathBuf, EngineError> {
 fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
     match cmd {
         Cmd::Init(a) => cmd_init(a, out),
+        Cmd::Config(a) => config_cmd::cmd_config(a, out),
         Cmd::Status { offline } => cmd_status(offline, out),
         Cmd::Sync {
             message,
