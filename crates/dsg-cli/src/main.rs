@@ -457,6 +457,7 @@ fn cmd_clone(dry_run: bool, out: &Out) -> Result<(), EngineError> {
             hint: "run clone in a directory holding the project's .dsgconfig.yml (usually from its git repository)".into(),
         });
     }
+    first_run(true, out)?;
     let project = Project::open(&dir)?;
     let reporter = TermReporter::new(out);
     let report = dsg_sync::sync::clone(
@@ -537,7 +538,57 @@ pub(crate) fn prompt(label: &str, default: Option<&str>) -> Result<String, Engin
     })
 }
 
+/// First run: without any user configuration, on a terminal, offer to
+/// write it (name and e-mail, checked as loading checks them); elsewhere
+/// the loader's error stands, with its hint.
+fn first_run(allowed: bool, out: &Out) -> Result<(), EngineError> {
+    let paths = config::user_config_paths();
+    match UserConfig::load_from(&paths) {
+        Err(e @ config::ConfigError::NoUserConfig { .. }) => {
+            if !(allowed && std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+                return Err(e.into());
+            }
+        }
+        _ => return Ok(()),
+    }
+    let file = dsg_core::config_edit::user_target(&paths)?;
+    eprintln!(
+        "dsg has no user configuration yet: it records your name and e-mail with every snapshot.
+         They will be saved in {} (change them later with 'dsg config set').",
+        file.display()
+    );
+    let name = loop {
+        let n = prompt("Your name", None)?;
+        if !n.trim().is_empty() {
+            break n;
+        }
+        eprintln!("a name is required");
+    };
+    let id = loop {
+        let id = prompt("Your e-mail", None)?;
+        match config::normalize_email(&id) {
+            Ok(_) => break id,
+            Err(why) => eprintln!("{id:?}: {why}; an e-mail address such as you@example.org"),
+        }
+    };
+    use dsg_core::config_edit::{plan_user, Change};
+    let edit = plan_user(
+        &paths,
+        &[
+            ("user_name".into(), Change::Set(vec![name])),
+            ("user_id".into(), Change::Set(vec![id])),
+        ],
+    )?;
+    edit.write()?;
+    out.note(&format!(
+        "saved your name and e-mail in {}",
+        edit.file.display()
+    ));
+    Ok(())
+}
+
 fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
+    first_run(!a.no_interactive, out)?;
     let interactive = !a.no_interactive && std::io::stdin().is_terminal();
     let need = |v: Option<String>,
                 label: &str,
