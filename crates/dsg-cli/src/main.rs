@@ -553,8 +553,10 @@ fn first_run(allowed: bool, out: &Out) -> Result<(), EngineError> {
     }
     let file = dsg_core::config_edit::user_target(&paths)?;
     eprintln!(
-        "dsg has no user configuration yet: it records your name and e-mail with every snapshot.
-         They will be saved in {} (change them later with 'dsg config set').",
+        "dsg has no user configuration yet: it records your name and e-mail with every snapshot."
+    );
+    eprintln!(
+        "They will be saved in {} (change them later with 'dsg config set').",
         file.display()
     );
     let name = loop {
