@@ -1,6 +1,8 @@
 //! `dsg`: the command line. Thin by design: parse, call the engine, print.
 
+mod config_cmd;
 mod docs_cmd;
+mod help;
 mod history_cmd;
 mod maint_cmd;
 mod mount_cmd;
@@ -13,7 +15,7 @@ use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 use dsg_core::config::{self, ProjectConfig, RepoType, UserConfig, PROJECT_CONFIG};
 use dsg_core::scan::LocalKind;
 use dsg_sync::init::InitArgs;
@@ -28,8 +30,8 @@ use output::{Out, TermReporter};
     version = docs_cmd::VERSION,
     about = "dsg - data sync gizmo: versioned, atomic sync of a project's data folders",
     long_about = "dsg keeps the data of a research project (input/, output/, frozen/) versioned in one \
-central repository. Every sync publishes a numbered snapshot atomically.\n\n\
-Setup: init, clone\nCore: status, sync, list-files\nValidation: validate-config"
+central repository. Every sync publishes a numbered snapshot atomically.",
+    after_help = help::environment_help()
 )]
 struct Cli {
     #[command(flatten)]
@@ -38,33 +40,44 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Args, Clone, Copy)]
+#[derive(Args, Clone)]
 struct Global {
+    /// Run as if dsg was started in DIR (repeatable: each one relative to the previous, like git -C)
+    #[arg(short = 'C', value_name = "DIR", global = true, help_heading = help::GLOBAL_HEADING)]
+    chdir: Vec<PathBuf>,
     /// Print exactly one JSON document on stdout (messages go to stderr)
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = help::GLOBAL_HEADING)]
     json: bool,
     /// Print only errors
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = help::GLOBAL_HEADING
+    )]
     quiet: bool,
     /// Print more detail
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = help::GLOBAL_HEADING)]
     verbose: bool,
     /// Print debug logs to stderr
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = help::GLOBAL_HEADING)]
     debug: bool,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Setup: create the first snapshot and the repository
+    /// Create the first snapshot and the repository
     Init(InitCmd),
-    /// Core: show what sync would do (local vs last sync vs repository)
+    /// Read and change settings: your dsg.yml and the project's .dsgconfig.yml
+    Config(config_cmd::ConfigCmd),
+    /// Show what sync would do (local vs last sync vs repository)
     Status {
         /// Compare the local tree with the last sync only; do not contact the repository
         #[arg(long)]
         offline: bool,
     },
-    /// Core: publish local changes and fetch the repository's, as one atomic snapshot
+    /// Publish local changes and fetch the repository's, as one atomic snapshot
     Sync {
         /// Message for the new snapshot
         #[arg(short, long)]
@@ -85,50 +98,50 @@ enum Cmd {
         #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
         max_delete: Option<u8>,
     },
-    /// Setup: fetch the repository's head into a project that has only .dsgconfig.yml
+    /// Fetch the repository's head into a project that has only .dsgconfig.yml
     Clone {
         /// Show the plan; write nothing
         #[arg(long)]
         dry_run: bool,
     },
-    /// Core: list the files dsg tracks
+    /// List the files dsg tracks
     ListFiles {
         /// Only list paths under this directory (relative to the current directory)
         #[arg(long)]
         path: Option<PathBuf>,
     },
-    /// Validation: check the configuration and that the repository is reachable
+    /// Check the configuration and that the repository is reachable
     ValidateConfig {
         /// Skip the repository check
         #[arg(long)]
         no_backend: bool,
     },
-    /// History: snapshots, newest first
+    /// Snapshots, newest first
     Log(history_cmd::LogCmd),
-    /// History: the snapshots that added, changed or deleted a file
+    /// The snapshots that added, changed or deleted a file
     Blame(history_cmd::BlameCmd),
-    /// History: what changed between two snapshots, or since the last sync
+    /// What changed between two snapshots, or since the last sync
     Diff(history_cmd::DiffCmd),
-    /// History: write a file as it was in a snapshot (verified against its recorded hash)
+    /// Write a file as it was in a snapshot (verified against its recorded hash)
     Snapfetch(snap_cmd::SnapfetchCmd),
-    /// History: show a snapshot's whole tree read-only at a folder (runs until unmounted)
+    /// Show a snapshot's whole tree read-only at a folder (runs until unmounted)
     Snapmount(mount_cmd::SnapmountCmd),
-    /// Validation: check a local file against the last sync
+    /// Check a local file against the last sync
     ValidateFile(history_cmd::ValidateFileCmd),
-    /// Validation: recompute a snapshot's hashes (--deep: re-hash its stored bytes on the repository host)
+    /// Recompute a snapshot's hashes (--deep: re-hash its stored bytes on the repository host)
     ValidateSnapshot(snap_cmd::ValidateDeepCmd),
-    /// Validation: recompute every snapshot's hashes and links
+    /// Recompute every snapshot's hashes and links
     ValidateChain,
     /// Repository side of the protocol (run by dsg itself, locally or over SSH)
     #[command(hide = true)]
     Agent(AgentCmd),
-    /// Maintenance: remove caches, leftovers of dead commands and conflict backups (dry run by default)
+    /// Remove caches, leftovers of dead commands and conflict backups (dry run by default)
     Clean(maint_cmd::CleanCmd),
-    /// Discovery: the repositories at your default host and path (or --host/--repo-path)
+    /// The repositories at your default host and path (or --host/--repo-path)
     ListRepos(maint_cmd::ListReposCmd),
-    /// History: remove the data only old snapshots hold (never the head's)
+    /// Remove the data only old snapshots hold (never the head's)
     Prune(prune_cmd::PruneCmd),
-    /// Setup: shell completions for bash, zsh or fish, on stdout
+    /// Shell completions for bash, zsh or fish, on stdout
     Completions(docs_cmd::CompletionsCmd),
     /// Writes the man pages (dsg.1, dsg-<command>.1) into a directory (for packaging)
     #[command(hide = true)]
@@ -221,13 +234,22 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
-    let cli = match Cli::try_parse() {
+    let cli = match help::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    let g = cli.global;
+    let g = cli.global.clone();
     output::init_logging(g.debug, g.verbose);
     let out = Out::new(g.json, g.quiet, g.verbose);
+    // -C before anything else looks at the current directory.
+    if let Err(e) = change_dirs(&g.chdir) {
+        let code = e.exit_code();
+        out.error(&e, code);
+        return ExitCode::from(code as u8);
+    }
     let writes = matches!(
         cli.cmd,
         Cmd::Init(_) | Cmd::Sync { .. } | Cmd::Clone { .. } | Cmd::Snapfetch(_)
@@ -279,6 +301,22 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// git's `-C`: each DIR relative to the one before (an empty one is
+/// ignored, as git does).
+fn change_dirs(dirs: &[PathBuf]) -> Result<(), EngineError> {
+    for d in dirs.iter().filter(|d| !d.as_os_str().is_empty()) {
+        std::env::set_current_dir(d).map_err(|e| {
+            let abs = std::path::absolute(d).unwrap_or_else(|_| d.clone());
+            EngineError::Usage(format!(
+                "-C {}: cannot change to {}: {e}",
+                d.display(),
+                abs.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 fn cwd() -> Result<PathBuf, EngineError> {
     std::env::current_dir().map_err(|e| EngineError::io(".", e))
 }
@@ -286,6 +324,7 @@ fn cwd() -> Result<PathBuf, EngineError> {
 fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
     match cmd {
         Cmd::Init(a) => cmd_init(a, out),
+        Cmd::Config(a) => config_cmd::cmd_config(a, out),
         Cmd::Status { offline } => cmd_status(offline, out),
         Cmd::Sync {
             message,
@@ -426,6 +465,7 @@ fn cmd_clone(dry_run: bool, out: &Out) -> Result<(), EngineError> {
             hint: "run clone in a directory holding the project's .dsgconfig.yml (usually from its git repository)".into(),
         });
     }
+    first_run(true, out)?;
     let project = Project::open(&dir)?;
     let reporter = TermReporter::new(out);
     let report = dsg_sync::sync::clone(
@@ -506,7 +546,59 @@ pub(crate) fn prompt(label: &str, default: Option<&str>) -> Result<String, Engin
     })
 }
 
+/// First run: without any user configuration, on a terminal, offer to
+/// write it (name and e-mail, checked as loading checks them); elsewhere
+/// the loader's error stands, with its hint.
+fn first_run(allowed: bool, out: &Out) -> Result<(), EngineError> {
+    let paths = config::user_config_paths();
+    match UserConfig::load_from(&paths) {
+        Err(e @ config::ConfigError::NoUserConfig { .. }) => {
+            if !(allowed && std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+                return Err(e.into());
+            }
+        }
+        _ => return Ok(()),
+    }
+    let file = dsg_core::config_edit::user_target(&paths)?;
+    eprintln!(
+        "dsg has no user configuration yet: it records your name and e-mail with every snapshot."
+    );
+    eprintln!(
+        "They will be saved in {} (change them later with 'dsg config set').",
+        file.display()
+    );
+    let name = loop {
+        let n = prompt("Your name", None)?;
+        if !n.trim().is_empty() {
+            break n;
+        }
+        eprintln!("a name is required");
+    };
+    let id = loop {
+        let id = prompt("Your e-mail", None)?;
+        match config::normalize_email(&id) {
+            Ok(_) => break id,
+            Err(why) => eprintln!("{id:?}: {why}; an e-mail address such as you@example.org"),
+        }
+    };
+    use dsg_core::config_edit::{plan_user, Change};
+    let edit = plan_user(
+        &paths,
+        &[
+            ("user_name".into(), Change::Set(vec![name])),
+            ("user_id".into(), Change::Set(vec![id])),
+        ],
+    )?;
+    edit.write()?;
+    out.note(&format!(
+        "saved your name and e-mail in {}",
+        edit.file.display()
+    ));
+    Ok(())
+}
+
 fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
+    first_run(!a.no_interactive, out)?;
     let interactive = !a.no_interactive && std::io::stdin().is_terminal();
     let need = |v: Option<String>,
                 label: &str,

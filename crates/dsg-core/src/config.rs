@@ -35,6 +35,12 @@ pub enum ConfigError {
     NoUserConfig {
         looked: String,
     },
+    /// A value or key given on the command line (`dsg config set`) that is
+    /// refused before any file is read.
+    BadValue {
+        msg: String,
+        hint: String,
+    },
 }
 
 impl ConfigError {
@@ -52,6 +58,7 @@ impl ConfigError {
             ConfigError::NoUserConfig { looked } => {
                 format!("no {USER_CONFIG} found (looked in: {looked})")
             }
+            ConfigError::BadValue { msg, .. } => msg.clone(),
         }
     }
 
@@ -64,6 +71,7 @@ impl ConfigError {
             }
             ConfigError::Io { .. } => None,
             ConfigError::Invalid { hint, .. } => Some(hint),
+            ConfigError::BadValue { hint, .. } => Some(hint.as_str()).filter(|h| !h.is_empty()),
             ConfigError::NoUserConfig { .. } => Some(
                 "create ~/.config/dsg/dsg.yml with\n  user_name: Your Name\n  user_id: you@example.org\nor point DSG_CONFIG_HOME at a directory holding dsg.yml",
             ),
@@ -359,7 +367,7 @@ fn yaml_list(items: &BTreeSet<String>) -> String {
 }
 
 /// Quotes always: a bare `no` or `1.0` would change type in some YAML tools.
-fn yaml_quote(s: &str) -> String {
+pub(crate) fn yaml_quote(s: &str) -> String {
     serde_json::to_string(s).expect("json string")
 }
 
@@ -782,7 +790,7 @@ impl UserConfig {
 
     /// The settings from the merged keys; errors name `last`, the file
     /// read last.
-    fn from_merged(
+    pub(crate) fn from_merged(
         merged: &serde_json::Map<String, Value>,
         last: &Path,
         sources: Vec<PathBuf>,
@@ -886,12 +894,20 @@ impl DiscoveryDefaults {
                     .join(", "),
             });
         };
+        DiscoveryDefaults::from_merged(&merged, &last)
+    }
+
+    /// The checked values from the merged keys; errors name `last`.
+    pub(crate) fn from_merged(
+        merged: &serde_json::Map<String, Value>,
+        last: &Path,
+    ) -> Result<DiscoveryDefaults, ConfigError> {
         let text = |k: &str| -> Result<Option<String>, ConfigError> {
             match merged.get(k) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
                 Some(other) => Err(invalid(
-                    &last,
+                    last,
                     format!("key '{k}' must be a non-empty string, got {other}"),
                     format!("write {k}: VALUE, or remove the key"),
                 )),
@@ -901,7 +917,7 @@ impl DiscoveryDefaults {
         if let Some(h) = &default_host {
             if h.starts_with('-') || h.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(invalid(
-                    &last,
+                    last,
                     format!("key 'default_host' {h:?} is not a host name"),
                     "use localhost or an ssh host (an alias of ~/.ssh/config works)",
                 ));
@@ -911,7 +927,7 @@ impl DiscoveryDefaults {
         if let Some(p) = &default_project_path {
             if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
                 return Err(invalid(
-                    &last,
+                    last,
                     format!(
                         "key 'default_project_path' {:?} must be an absolute path without '..'",
                         p.display().to_string()
@@ -1177,7 +1193,7 @@ fn replace_remote_dsg_block(text: &str, map: &BTreeMap<String, String>) -> Strin
 /// One user config file's keys; `None` when it does not exist. `first`: the
 /// lowest-priority file, where a system config under /etc must not hold
 /// personal fields.
-fn read_user_file(
+pub(crate) fn read_user_file(
     p: &Path,
     first: bool,
 ) -> Result<Option<serde_json::Map<String, Value>>, ConfigError> {
@@ -1191,7 +1207,17 @@ fn read_user_file(
             })
         }
     };
-    let (v, amb) = yaml::load(&text).map_err(|e| yaml_error(p, e))?;
+    parse_user_text(p, &text, first).map(Some)
+}
+
+/// One user config file's keys from its text (see [`read_user_file`]);
+/// errors name `p`.
+pub(crate) fn parse_user_text(
+    p: &Path,
+    text: &str,
+    first: bool,
+) -> Result<serde_json::Map<String, Value>, ConfigError> {
+    let (v, amb) = yaml::load(text).map_err(|e| yaml_error(p, e))?;
     reject_ambiguous(p, &amb)?;
     let obj = match v {
         Value::Object(o) => o,
@@ -1220,7 +1246,7 @@ fn read_user_file(
             ));
         }
     }
-    Ok(Some(obj))
+    Ok(obj)
 }
 
 /// E-mail syntax check and normalisation (domain lower-cased), following the

@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod config;
+pub mod config_edit;
 pub mod hash;
 pub mod manifest;
 pub mod names;

@@ -54,7 +54,7 @@ pub fn settle_names(
                 paths.len(),
                 lines.join("\n")
             ),
-            hint: "rename them by hand".into(),
+            hint: format!("rename them by hand; {}", ignore_hint(&paths[0])),
             paths,
         });
     }
@@ -93,18 +93,40 @@ pub fn block_on_problems(problems: &[Problem], verb: &str) -> Result<()> {
         String::new()
     };
     let fixable = problems.iter().any(|p| p.kind == ProblemKind::Name);
-    let hint = if fixable {
+    let fix = if fixable {
         "run with --normalize to rename invalid names (add --dry-run to preview), or fix them by hand"
     } else {
         "fix these paths by hand (links must be relative and stay inside the project)"
     };
+    let hint = format!("{fix}; {}", ignore_hint(&paths[0]));
     Err(EngineError::Blocked {
         message: format!(
             "{verb} blocked: {} path(s) cannot be synced:\n{}{more}",
             paths.len(),
             lines.join("\n"),
         ),
-        hint: hint.into(),
+        hint,
         paths,
     })
+}
+
+/// How to leave a path out of every sync instead of fixing it.
+pub fn ignore_hint(path: &str) -> String {
+    format!(
+        "or leave a path out of the sync with ignore.paths in .dsgconfig.yml, e.g. \
+         dsg config set --project --add ignore.paths {}",
+        shell_quote(path)
+    )
+}
+
+/// `s` as one shell word.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-' | '+' | ','));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
