@@ -522,8 +522,8 @@ fn block_on_conflicts(rows: &[Row]) -> Result<()> {
         .collect();
     Err(EngineError::Blocked {
         message: format!(
-            "sync blocked by {} conflict(s); nothing was changed:\n{}{}",
-            conflicts.len(),
+            "sync blocked by {}; nothing was changed:\n{}{}",
+            plural(conflicts.len(), "conflict"),
             shown.join("\n"),
             if conflicts.len() > 20 { format!("\n  … and {} more", conflicts.len() - 20) } else { String::new() }
         ),
