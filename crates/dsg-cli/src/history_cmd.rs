@@ -79,7 +79,7 @@ pub fn log(a: LogCmd, out: &Out) -> Result<(), EngineError> {
             e.snapshot_id,
             e.created_at,
             e.created_by.as_deref().unwrap_or("unknown"),
-            count(e.entry_count as u64, "file"),
+            count(e.entry_count, "file"),
             match e.total_bytes {
                 Some(b) => human::bytes(b),
                 None => "? B".into(),

@@ -70,7 +70,11 @@ fn settings(env: Option<&TestEnv>) -> insta::Settings {
 
 /// The command line, its exit code, stdout and stderr, as one text.
 fn shown(args: &[&str], o: &Output) -> String {
-    let mut t = format!("$ dsg {}\n[exit {}]\n", args.join(" "), o.status.code().unwrap_or(-1));
+    let mut t = format!(
+        "$ dsg {}\n[exit {}]\n",
+        args.join(" "),
+        o.status.code().unwrap_or(-1)
+    );
     for (name, bytes) in [("stdout", &o.stdout), ("stderr", &o.stderr)] {
         let text = String::from_utf8_lossy(bytes);
         if !text.is_empty() {
@@ -127,10 +131,7 @@ fn commands() -> Vec<String> {
             out.push(word.to_string());
         }
     }
-    assert!(
-        out.len() >= 10,
-        "found only {out:?} in dsg --help:\n{text}"
-    );
+    assert!(out.len() >= 10, "found only {out:?} in dsg --help:\n{text}");
     out
 }
 
@@ -140,7 +141,11 @@ fn help_of_every_command() {
     check(None, "help", &run(&env, &env.base, &["--help"]));
     let cmds = commands();
     for c in &cmds {
-        check(None, &format!("help_{c}"), &run(&env, &env.base, &[c, "--help"]));
+        check(
+            None,
+            &format!("help_{c}"),
+            &run(&env, &env.base, &[c, "--help"]),
+        );
     }
     // A command that went away leaves no stale snapshot behind.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
@@ -193,8 +198,16 @@ fn init_status_sync_clone() {
     write(&a, "input/c.csv", "charlie\n");
     fs::remove_file(a.join("input/b.csv")).unwrap();
     check(Some(&env), "status_changes", &run(&env, &a, &["status"]));
-    check(Some(&env), "sync_dry_run", &run(&env, &a, &["sync", "--dry-run"]));
-    check(Some(&env), "sync_summary", &run(&env, &a, &["sync", "-m", "edits"]));
+    check(
+        Some(&env),
+        "sync_dry_run",
+        &run(&env, &a, &["sync", "--dry-run"]),
+    );
+    check(
+        Some(&env),
+        "sync_summary",
+        &run(&env, &a, &["sync", "-m", "edits"]),
+    );
     check(Some(&env), "sync_up_to_date", &run(&env, &a, &["sync"]));
 
     let (b, clone) = second(&env, &a);
@@ -220,10 +233,18 @@ fn conflicts_in_status_and_the_blocked_sync() {
     write(&a, "input/b.csv", "bravo from a\n");
     assert_code(&env.run(&a, &["sync", "-m", "a"]), 0, "sync a");
     write(&b, "input/a.csv", "alpha from b, longer\n");
-    check(Some(&env), "status_one_conflict", &run(&env, &b, &["status"]));
+    check(
+        Some(&env),
+        "status_one_conflict",
+        &run(&env, &b, &["status"]),
+    );
     write(&b, "input/b.csv", "bravo from b, longer\n");
     check(Some(&env), "status_conflicts", &run(&env, &b, &["status"]));
-    check(Some(&env), "sync_blocked_by_conflicts", &run(&env, &b, &["sync"]));
+    check(
+        Some(&env),
+        "sync_blocked_by_conflicts",
+        &run(&env, &b, &["sync"]),
+    );
 }
 
 #[test]
@@ -231,8 +252,16 @@ fn a_sync_blocked_by_an_invalid_name() {
     let env = TestEnv::new();
     let (a, _) = project(&env, "snapname");
     write(&a, "input/what?.csv", "bad name\n");
-    check(Some(&env), "status_invalid_name", &run(&env, &a, &["status"]));
-    check(Some(&env), "sync_blocked_by_invalid_name", &run(&env, &a, &["sync"]));
+    check(
+        Some(&env),
+        "status_invalid_name",
+        &run(&env, &a, &["status"]),
+    );
+    check(
+        Some(&env),
+        "sync_blocked_by_invalid_name",
+        &run(&env, &a, &["sync"]),
+    );
 }
 
 #[test]
@@ -242,7 +271,11 @@ fn a_sync_blocked_by_the_mass_deletion_guard() {
     for f in ["input/a.csv", "input/b.csv", "input/big.bin"] {
         fs::remove_file(a.join(f)).unwrap();
     }
-    check(Some(&env), "sync_blocked_by_guard", &run(&env, &a, &["sync"]));
+    check(
+        Some(&env),
+        "sync_blocked_by_guard",
+        &run(&env, &a, &["sync"]),
+    );
 }
 
 #[test]
@@ -256,8 +289,16 @@ fn a_sync_blocked_by_a_replaced_history() {
     let o = env.cmd(&c).args(&args).output().unwrap();
     assert_code(&o, 0, "init --force");
     write(&a, "input/a.csv", "alpha, edited\n");
-    check(Some(&env), "status_history_replaced", &run(&env, &a, &["status"]));
-    check(Some(&env), "sync_blocked_by_history", &run(&env, &a, &["sync"]));
+    check(
+        Some(&env),
+        "status_history_replaced",
+        &run(&env, &a, &["status"]),
+    );
+    check(
+        Some(&env),
+        "sync_blocked_by_history",
+        &run(&env, &a, &["sync"]),
+    );
 }
 
 #[test]
@@ -288,13 +329,25 @@ fn busy_repository() {
 fn errors_with_hints() {
     let env = TestEnv::new();
     let empty = env.project("empty");
-    check(Some(&env), "error_no_project", &run(&env, &empty, &["status"]));
+    check(
+        Some(&env),
+        "error_no_project",
+        &run(&env, &empty, &["status"]),
+    );
     let (a, _) = project(&env, "snaperr");
     check(
         Some(&env),
         "error_unknown_snapshot",
         &run(&env, &a, &["snapfetch", "--snapshot", "s9", "input/a.csv"]),
     );
-    check(Some(&env), "error_unknown_diff_snapshot", &run(&env, &a, &["diff", "s9"]));
-    check(Some(&env), "error_usage", &run(&env, &a, &["sync", "--max-delete", "101"]));
+    check(
+        Some(&env),
+        "error_unknown_diff_snapshot",
+        &run(&env, &a, &["diff", "s9"]),
+    );
+    check(
+        Some(&env),
+        "error_usage",
+        &run(&env, &a, &["sync", "--max-delete", "101"]),
+    );
 }
