@@ -7,6 +7,7 @@ use dsg_sync::history::{self, History, Side, Verdict};
 use dsg_sync::{EngineError, Project};
 use serde_json::json;
 
+use crate::human::{self, count};
 use crate::output::{Out, TermReporter};
 
 #[derive(Args)]
@@ -74,14 +75,14 @@ pub fn log(a: LogCmd, out: &Out) -> Result<(), EngineError> {
     }
     for e in &entries {
         out.line(&format!(
-            "{:<6} {}  {:<24} {:>7} files {:>14}  {}{}",
+            "{:<6} {}  {:<24} {:>13} {:>10}  {}{}",
             e.snapshot_id,
             e.created_at,
             e.created_by.as_deref().unwrap_or("unknown"),
-            e.entry_count,
+            count(e.entry_count, "file"),
             match e.total_bytes {
-                Some(b) => format!("{b} bytes"),
-                None => "? bytes".into(),
+                Some(b) => human::bytes(b),
+                None => "? B".into(),
             },
             e.message.as_deref().unwrap_or(""),
             if e.pruned { "  [pruned]" } else { "" }
@@ -141,7 +142,7 @@ pub fn diff(a: DiffCmd, out: &Out) -> Result<(), EngineError> {
         }));
         return Ok(());
     }
-    let size = |s: Option<u64>| s.map(|b| b.to_string()).unwrap_or_else(|| "link".into());
+    let size = |s: Option<u64>| s.map(human::bytes).unwrap_or_else(|| "link".into());
     let (mut added, mut deleted, mut modified) = (0, 0, 0);
     for f in &report.files {
         let (mark, sizes) = match f.change {
@@ -161,13 +162,13 @@ pub fn diff(a: DiffCmd, out: &Out) -> Result<(), EngineError> {
                 )
             }
         };
-        out.line(&format!(" {mark} {}  ({sizes} bytes)", f.path));
+        out.line(&format!(" {mark} {}  ({sizes})", f.path));
     }
     out.summary(&format!(
-        "{} -> {}: {} files changed, {added} added, {modified} modified, {deleted} deleted",
+        "{} -> {}: {} changed, {added} added, {modified} modified, {deleted} deleted",
         report.from,
         report.to,
-        report.files.len()
+        count(report.files.len() as u64, "file")
     ));
     Ok(())
 }
@@ -304,8 +305,8 @@ pub fn validate_chain(out: &Out) -> Result<(), EngineError> {
         }
         let (v, i) = (ids(Verdict::Verified), ids(Verdict::IndexOnly));
         out.summary(&format!(
-            "{} snapshots: {} verified{}{}",
-            r.checks.len(),
+            "{}: {} verified{}{}{}",
+            count(r.checks.len() as u64, "snapshot"),
             v.len(),
             if i.is_empty() {
                 String::new()
@@ -320,7 +321,8 @@ pub fn validate_chain(out: &Out) -> Result<(), EngineError> {
                 String::new()
             } else {
                 format!(", {} FAILED", fails.len())
-            }
+            },
+            out.took()
         ));
     }
     if fails.is_empty() {

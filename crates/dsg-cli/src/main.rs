@@ -4,6 +4,7 @@ mod config_cmd;
 mod docs_cmd;
 mod help;
 mod history_cmd;
+mod human;
 mod maint_cmd;
 mod mount_cmd;
 mod output;
@@ -428,18 +429,9 @@ fn print_plan(out: &Out, report: &dsg_sync::sync::SyncReport, verb: &str) {
     }
     if !report.dry_run {
         out.line(&format!(
-            "{}{} uploaded ({} bytes), {} downloaded ({} bytes), {} deleted locally, {} deleted in the repository, {} cache-only",
-            match &report.snapshot_id {
-                Some(id) => format!("Snapshot {id}: "),
-                None => String::new(),
-            },
-            report.plan.uploaded,
-            report.plan.uploaded_bytes,
-            report.plan.downloaded,
-            report.plan.downloaded_bytes,
-            report.plan.deleted_local,
-            report.plan.deleted_remote,
-            report.plan.cache_updated
+            "{}{}",
+            output::sync_summary(&report.plan, report.snapshot_id.as_deref()),
+            out.took()
         ));
     }
 }
@@ -684,13 +676,20 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
     print_renames(out, &report.renames, report.dry_run);
     if report.dry_run {
         out.line(&format!(
-            "Dry run: would create {} with snapshot s1 of {} files and {} links ({} bytes); nothing was written",
-            report.repository, report.files, report.links, report.bytes
+            "Dry run: would create {} with snapshot s1 of {} and {} ({}); nothing was written",
+            report.repository,
+            human::count(report.files, "file"),
+            human::count(report.links, "link"),
+            human::bytes(report.bytes)
         ));
     } else {
         out.line(&format!(
-            "Initialized {} with snapshot s1: {} files, {} links, {} bytes",
-            report.repository, report.files, report.links, report.bytes
+            "Initialized {} with snapshot s1: {}, {}, {}{}",
+            report.repository,
+            human::count(report.files, "file"),
+            human::count(report.links, "link"),
+            human::bytes(report.bytes),
+            out.took()
         ));
     }
     if let (Some(file), Some(path)) = (&report.remote_dsg_config, &remote_dsg) {
@@ -837,24 +836,26 @@ fn cmd_list_files(path: Option<PathBuf>, out: &Out) -> Result<(), EngineError> {
     }
     for e in &files {
         match &e.kind {
-            LocalKind::File { size, .. } => out.line(&format!("{:>12}  {}", size, e.path)),
+            LocalKind::File { size, .. } => {
+                out.line(&format!("{:>10}  {}", human::bytes(*size), e.path))
+            }
             LocalKind::Link { target } => {
-                out.line(&format!("{:>12}  {} -> {}", "link", e.path, target))
+                out.line(&format!("{:>10}  {} -> {}", "link", e.path, target))
             }
         }
     }
     if out.verbose {
         for p in &ignored {
-            out.line(&format!("{:>12}  {}", "ignored", p));
+            out.line(&format!("{:>10}  {}", "ignored", p));
         }
     }
     for p in &problems {
         out.warn(&format!("{}: {}", p.path, p.message));
     }
     out.summary(&format!(
-        "{} tracked ({} bytes), {} ignored, {} hidden skipped, {} with problems",
+        "{} tracked ({}), {} ignored, {} hidden skipped, {} with problems",
         files.len(),
-        total,
+        human::bytes(total),
         ignored.len(),
         scan.hidden,
         problems.len()

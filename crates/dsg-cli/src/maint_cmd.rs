@@ -36,7 +36,11 @@ pub struct CleanCmd {
 }
 
 fn mb(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1_000_000.0)
+    crate::human::bytes(bytes)
+}
+
+fn items(n: usize) -> String {
+    crate::human::count(n as u64, "item")
 }
 
 pub fn cmd_clean(a: CleanCmd, out: &Out) -> Result<(), EngineError> {
@@ -72,11 +76,11 @@ pub fn cmd_clean(a: CleanCmd, out: &Out) -> Result<(), EngineError> {
     let list = |items: &[clean::Item]| {
         for i in items {
             out.line(&format!(
-                "  - {}  ({} {}, {} bytes)",
+                "  - {}  ({} {}, {})",
                 i.path,
                 i.target.as_str(),
                 i.kind,
-                i.bytes
+                mb(i.bytes)
             ));
         }
     };
@@ -99,9 +103,9 @@ pub fn cmd_clean(a: CleanCmd, out: &Out) -> Result<(), EngineError> {
             out.json_doc(&doc("dry_run", &plan.items, plan.bytes, &[]));
         } else {
             out.line("DRY RUN MODE - No changes will be made");
-            out.line(&format!("Would clean {n} items:"));
+            out.line(&format!("Would clean {}:", items(n)));
             list(&plan.items);
-            out.line(&format!("Total: {} bytes ({})", plan.bytes, mb(plan.bytes)));
+            out.line(&format!("Total: {}", mb(plan.bytes)));
             out.line("Run with --no-dry-run to remove them.");
         }
         return Ok(());
@@ -110,7 +114,8 @@ pub fn cmd_clean(a: CleanCmd, out: &Out) -> Result<(), EngineError> {
         if !std::io::stdin().is_terminal() {
             return Err(EngineError::State {
                 message: format!(
-                    "not removing {n} items ({}) without confirmation: there is no terminal to ask on; nothing was removed",
+                    "not removing {} ({}) without confirmation: there is no terminal to ask on; nothing was removed",
+                    items(n),
                     mb(plan.bytes)
                 ),
                 hint: "pass --force to remove them without asking (see the list with `dsg clean`)"
@@ -118,11 +123,11 @@ pub fn cmd_clean(a: CleanCmd, out: &Out) -> Result<(), EngineError> {
             });
         }
         if !out.json {
-            out.line(&format!("Would clean {n} items:"));
+            out.line(&format!("Would clean {}:", items(n)));
             list(&plan.items);
         }
         let answer = crate::prompt(
-            &format!("Delete {n} items ({})? [y/N]", mb(plan.bytes)),
+            &format!("Delete {} ({})? [y/N]", items(n), mb(plan.bytes)),
             None,
         )?;
         if !matches!(answer.to_ascii_lowercase().as_str(), "y" | "yes") {
@@ -143,13 +148,9 @@ pub fn cmd_clean(a: CleanCmd, out: &Out) -> Result<(), EngineError> {
     if out.json {
         out.json_doc(&doc(status, &done.removed, done.bytes_freed, &done.errors));
     } else {
-        out.line(&format!("Cleaned {} items:", done.removed.len()));
+        out.line(&format!("Cleaned {}:", items(done.removed.len())));
         list(&done.removed);
-        out.line(&format!(
-            "Freed {} bytes ({})",
-            done.bytes_freed,
-            mb(done.bytes_freed)
-        ));
+        out.line(&format!("Freed {}{}", mb(done.bytes_freed), out.took()));
     }
     if done.errors.is_empty() {
         return Ok(());

@@ -131,8 +131,10 @@ pub fn cmd_snapmount(a: SnapmountCmd, out: &Out) -> Result<(), EngineError> {
             match dsg_mount::mount(fs, &mp) {
                 Ok(m) => {
                     announce(&format!(
-                        " ({} files, {} links, {} bytes; each file is fetched and verified on first open)",
-                        counts.files, counts.links, counts.bytes
+                        " ({}, {}, {}; each file is fetched and verified on first open)",
+                        crate::human::count(counts.files, "file"),
+                        crate::human::count(counts.links, "link"),
+                        crate::human::bytes(counts.bytes)
                     ));
                     m.run(stopping).map_err(|e| EngineError::io(&mp, e))
                 }

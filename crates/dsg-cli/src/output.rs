@@ -1,15 +1,19 @@
 //! Output: human text on stdout, or one JSON document with `--json`;
 //! warnings, errors and progress on stderr. Progress bars only on a terminal.
 
+use std::fmt;
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use dsg_core::scan::Problem;
 use dsg_core::state::Action;
 use dsg_sync::status::Row;
 use dsg_sync::{EngineError, Reporter};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+
+use crate::human::{self, count};
 
 pub fn init_logging(debug: bool, verbose: bool) {
     let default = if debug {
@@ -35,6 +39,8 @@ pub struct Out {
     pub quiet: bool,
     pub verbose: bool,
     pub progress: bool,
+    /// When the command started: summaries of long work say how long.
+    pub start: std::time::Instant,
 }
 
 impl Out {
@@ -44,7 +50,14 @@ impl Out {
             quiet,
             verbose,
             progress: !quiet && std::io::stderr().is_terminal(),
+            start: std::time::Instant::now(),
         }
+    }
+
+    /// ` in 3.2 s` when the command has run a second or more, else
+    /// nothing: the end of a summary line.
+    pub fn took(&self) -> String {
+        crate::human::took(self.start.elapsed())
     }
 
     /// A line of normal output (suppressed by -q and --json).
@@ -151,12 +164,68 @@ pub fn print_status(out: &Out, rows: &[Row], problems: &[Problem], offline: bool
         out.line("Everything up to date");
     } else {
         out.line(&format!(
-            "Summary: {} local, {} remote, {} conflicts, {} problems",
+            "Summary: {} local, {} remote, {}, {}",
             counts[0],
             counts[1],
-            counts[2],
-            problems.len()
+            count(counts[2] as u64, "conflict"),
+            count(problems.len() as u64, "problem")
         ));
+    }
+}
+
+/// The one line after a sync or clone: only the nonzero parts, the first
+/// naming its noun (`Snapshot s7: 12 files uploaded (4.2 MiB), 3
+/// downloaded (1.1 KiB), 1 deleted here`).
+pub fn sync_summary(plan: &dsg_sync::sync::Plan, snapshot_id: Option<&str>) -> String {
+    let parts: Vec<(u64, String)> = [
+        (
+            plan.uploaded,
+            format!("uploaded ({})", human::bytes(plan.uploaded_bytes)),
+        ),
+        (
+            plan.downloaded,
+            format!("downloaded ({})", human::bytes(plan.downloaded_bytes)),
+        ),
+        (plan.deleted_local, "deleted here".to_string()),
+        (plan.deleted_remote, "deleted in the repository".to_string()),
+        (plan.cache_updated, "recorded as identical".to_string()),
+        (
+            plan.restores.len() as u64,
+            "restored to the last-synced version".to_string(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .collect();
+    let text = if parts.is_empty() {
+        "no file changed".to_string()
+    } else {
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, (n, what))| match i {
+                0 => format!("{} {what}", count(*n, "file")),
+                _ => format!("{n} {what}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let text = match plan.backups.len() {
+        0 => text,
+        n => format!(
+            "{text}; {} kept beside the replaced {} (name~time~)",
+            count(n as u64, "backup"),
+            if n == 1 { "file" } else { "files" }
+        ),
+    };
+    match snapshot_id {
+        Some(id) => format!("Snapshot {id}: {text}"),
+        None => {
+            let mut c = text.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect())
+                .unwrap_or_default()
+        }
     }
 }
 
@@ -184,10 +253,74 @@ pub fn print_outlook(out: &Out, outlook: &dsg_sync::sync::Outlook) {
     }
 }
 
-/// Draws progress bars on a terminal.
+/// Draws progress bars on a terminal: a spinner while the tree is walked,
+/// then one bar per phase (hashing, uploading, downloading, …), each
+/// created when its phase starts so that its rate and ETA count from there.
 pub struct TermReporter {
     enabled: bool,
-    bar: Mutex<Option<ProgressBar>>,
+    bar: Mutex<Option<(Phase, ProgressBar)>>,
+    /// The files of the current transfer, for its "3/8 files".
+    files: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Scanning,
+    Hashing,
+    Transfer,
+}
+
+/// Before this long, or this share of the work, a rate or ETA says more
+/// about start-up than about the transfer.
+const RATE_AFTER: Duration = Duration::from_millis(500);
+const ETA_AFTER: Duration = Duration::from_secs(2);
+
+/// The average rate since the phase started: bytes done / time elapsed.
+/// Steadier than a sliding window, and never fed a burst before time passed.
+fn mean_rate(s: &ProgressState) -> Option<f64> {
+    let t = s.elapsed();
+    (t >= RATE_AFTER && s.pos() > 0).then(|| s.pos() as f64 / t.as_secs_f64())
+}
+
+/// What is left at the mean rate, once that rate means something.
+fn eta(s: &ProgressState) -> Option<Duration> {
+    let len = s.len()?;
+    let rate = mean_rate(s)?;
+    (s.elapsed() >= ETA_AFTER && s.pos() < len)
+        .then(|| Duration::from_secs_f64((len - s.pos()) as f64 / rate))
+}
+
+/// `{what} [bar] 412.0 MiB/1.0 GiB  206.1 MiB/s  ETA 3 s  3/8 files`.
+fn bar_style(what: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{what} {{bar:30}} {{done}}/{{total}}{{rate}}{{eta}}  {{msg}}"
+    ))
+    .unwrap()
+    .with_key("done", |s: &ProgressState, w: &mut dyn fmt::Write| {
+        let _ = write!(w, "{}", human::bytes(s.pos()));
+    })
+    .with_key("total", |s: &ProgressState, w: &mut dyn fmt::Write| {
+        let _ = write!(w, "{}", human::bytes(s.len().unwrap_or(0)));
+    })
+    .with_key("rate", |s: &ProgressState, w: &mut dyn fmt::Write| {
+        if let Some(r) = mean_rate(s) {
+            let _ = write!(w, "  {}", human::rate(r));
+        }
+    })
+    .with_key("eta", |s: &ProgressState, w: &mut dyn fmt::Write| {
+        if let Some(t) = eta(s) {
+            let _ = write!(w, "  ETA {}", human::eta(t));
+        }
+    })
+}
+
+fn new_bar(what: &str, len: u64) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(bar_style(what));
+    // Redrawn while no progress arrives (one large file), so that the
+    // rate and ETA keep moving.
+    b.enable_steady_tick(Duration::from_millis(250));
+    b
 }
 
 impl TermReporter {
@@ -195,7 +328,22 @@ impl TermReporter {
         TermReporter {
             enabled: out.progress,
             bar: Mutex::new(None),
+            files: AtomicU64::new(0),
         }
+    }
+
+    /// The bar of `phase`, made by `make` if another phase's is up.
+    fn phase(
+        slot: &mut Option<(Phase, ProgressBar)>,
+        phase: Phase,
+        make: impl FnOnce() -> ProgressBar,
+    ) -> &ProgressBar {
+        if slot.as_ref().is_some_and(|(p, _)| *p != phase) {
+            if let Some((_, b)) = slot.take() {
+                b.finish_and_clear();
+            }
+        }
+        &slot.get_or_insert_with(|| (phase, make())).1
     }
 }
 
@@ -210,29 +358,24 @@ impl Reporter for TermReporter {
         }
         let mut g = self.bar.lock().unwrap();
         let to_hash = p.bytes_to_hash.load(Ordering::Relaxed);
-        let bar = g.get_or_insert_with(|| {
-            let b = ProgressBar::new_spinner();
-            b.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap());
-            b
-        });
         if to_hash > 0 {
+            let bar = Self::phase(&mut g, Phase::Hashing, || new_bar("hashing", to_hash));
             bar.set_length(to_hash);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "hashing {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-                )
-                .unwrap(),
-            );
             bar.set_position(p.bytes_hashed.load(Ordering::Relaxed));
             bar.set_message(format!(
-                "{}/{} files",
+                "{}/{}",
                 p.files_hashed.load(Ordering::Relaxed),
-                p.files_to_hash.load(Ordering::Relaxed)
+                count(p.files_to_hash.load(Ordering::Relaxed), "file")
             ));
         } else {
+            let bar = Self::phase(&mut g, Phase::Scanning, || {
+                let b = ProgressBar::new_spinner();
+                b.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap());
+                b
+            });
             bar.set_message(format!(
-                "scanning: {} files",
-                p.files_seen.load(Ordering::Relaxed)
+                "scanning: {}",
+                count(p.files_seen.load(Ordering::Relaxed), "file")
             ));
             bar.tick();
         }
@@ -243,28 +386,25 @@ impl Reporter for TermReporter {
             return;
         }
         let mut g = self.bar.lock().unwrap();
-        if let Some(b) = g.take() {
+        if let Some((_, b)) = g.take() {
             b.finish_and_clear();
         }
-        let b = ProgressBar::new(bytes);
-        b.set_style(
-            ProgressStyle::with_template(&format!(
-                "{what} {{bar:30}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} {{msg}} of {files} files"
-            ))
-            .unwrap(),
-        );
-        *g = Some(b);
+        let b = new_bar(what, bytes);
+        b.set_message(format!("0/{}", count(files, "file")));
+        *g = Some((Phase::Transfer, b));
+        self.files.store(files, Ordering::Relaxed);
     }
 
     fn transfer_progress(&self, files: u64, bytes: u64) {
-        if let Some(b) = self.bar.lock().unwrap().as_ref() {
+        if let Some((_, b)) = self.bar.lock().unwrap().as_ref() {
             b.set_position(bytes);
-            b.set_message(files.to_string());
+            let total = self.files.load(Ordering::Relaxed);
+            b.set_message(format!("{files}/{}", count(total, "file")));
         }
     }
 
     fn transfer_done(&self) {
-        if let Some(b) = self.bar.lock().unwrap().take() {
+        if let Some((_, b)) = self.bar.lock().unwrap().take() {
             b.finish_and_clear();
         }
     }
@@ -276,7 +416,7 @@ impl Reporter for TermReporter {
 
 impl Drop for TermReporter {
     fn drop(&mut self) {
-        if let Some(b) = self.bar.lock().unwrap().take() {
+        if let Some((_, b)) = self.bar.lock().unwrap().take() {
             b.finish_and_clear();
         }
     }

@@ -6,6 +6,7 @@ use dsg_sync::prune::{self, PruneOpts};
 use dsg_sync::EngineError;
 use serde_json::json;
 
+use crate::human::{self, count};
 use crate::output::Out;
 
 #[derive(Args)]
@@ -54,19 +55,18 @@ pub fn cmd_prune(a: PruneCmd, out: &Out) -> Result<(), EngineError> {
             out.line(&format!("{verb} {}", r.pruned.join(" ")));
         }
         out.summary(&format!(
-            "{verb}: {} snapshot{}, {} object{} ({} bytes){}; kept {} (head {})",
-            r.pruned.len(),
-            if r.pruned.len() == 1 { "" } else { "s" },
-            r.objects,
-            if r.objects == 1 { "" } else { "s" },
-            r.bytes,
+            "{verb}: {}, {} ({}){}; kept {} (head {}){}",
+            count(r.pruned.len() as u64, "snapshot"),
+            count(r.objects, "object"),
+            human::bytes(r.bytes),
             if r.zfs_snapshots.is_empty() {
                 String::new()
             } else {
                 format!(", zfs snapshots {}", r.zfs_snapshots.join(" "))
             },
             r.kept.join(" "),
-            r.head
+            r.head,
+            out.took()
         ));
     }
     if !r.in_use.is_empty() {

@@ -124,7 +124,7 @@ pub fn cmd_snapfetch(a: SnapfetchCmd, out: &Out) -> Result<(), EngineError> {
         return Ok(());
     }
     let text = format!(
-        "{} {} of {} ({} bytes, xxh3 {}) {} {}",
+        "{} {} of {} ({}, xxh3 {}) {} {}",
         if report.dry_run {
             "Would fetch"
         } else {
@@ -132,7 +132,7 @@ pub fn cmd_snapfetch(a: SnapfetchCmd, out: &Out) -> Result<(), EngineError> {
         },
         report.file,
         report.snapshot_id,
-        report.size,
+        crate::human::bytes(report.size),
         report.hash,
         if report.replaced { "replacing" } else { "to" },
         report.output
@@ -181,8 +181,11 @@ pub fn cmd_validate_deep(a: ValidateDeepCmd, out: &Out) -> Result<(), EngineErro
         }
         if r.ok {
             out.summary(&format!(
-                "✓ {}: {} files ({} bytes) re-hashed on the repository host match the manifest",
-                r.snapshot_id, r.files, r.bytes
+                "✓ {}: {} ({}) re-hashed on the repository host match the manifest{}",
+                r.snapshot_id,
+                crate::human::count(r.files, "file"),
+                crate::human::bytes(r.bytes),
+                out.took()
             ));
         }
     }
@@ -203,10 +206,9 @@ pub fn cmd_validate_deep(a: ValidateDeepCmd, out: &Out) -> Result<(), EngineErro
         .unwrap_or_default();
     Err(EngineError::Reported {
         message: format!(
-            "snapshot {} failed deep validation ({} problem{}): {first}",
+            "snapshot {} failed deep validation ({}): {first}",
             r.snapshot_id,
-            r.problem_count,
-            if r.problem_count == 1 { "" } else { "s" }
+            crate::human::count(r.problem_count, "problem")
         ),
         hint: "the repository's stored bytes differ from what the snapshot recorded; restore them from a backup or another client's copy".into(),
         code: 1,

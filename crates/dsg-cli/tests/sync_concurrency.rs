@@ -381,7 +381,7 @@ fn a_repository_that_keeps_moving_exits_4(kind: Kind) {
     // It kept trying (more than the old three immediate re-plans), for
     // about the timeout.
     let tries: u32 = err
-        .split(" time(s) in ")
+        .split(" times in ")
         .next()
         .and_then(|s| s.rsplit(' ').next())
         .and_then(|n| n.parse().ok())

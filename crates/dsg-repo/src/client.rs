@@ -471,6 +471,13 @@ impl RepoClient {
     }
 
     /// Barrier: reports the first failure among the puts sent so far.
+    /// True when the agent copies files itself (same machine): a
+    /// `put_file` then only queues the request, and the bytes are copied
+    /// by the time of the next reply.
+    pub fn copies_locally(&self) -> bool {
+        self.local
+    }
+
     pub fn flush(&mut self) -> Result<(), RepoError> {
         self.send(&Request::Flush)?;
         let r = self.expect_ok();

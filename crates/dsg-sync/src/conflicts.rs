@@ -335,14 +335,14 @@ pub fn check_complete(res: &Resolutions, conflicts: &[Conflict], root: &Path) ->
     };
     if !missing.is_empty() {
         return Err(blocked(
-            format!("no choice for {} conflicting file(s): {}", missing.len(), list(&missing)),
+            format!("no choice for {}: {}", crate::sync::plural(missing.len(), "conflicting file"), list(&missing)),
             missing.iter().map(|s| s.to_string()).collect(),
             "keep one option line (R, L or C) under each '# File: ...' line, then run 'dsg sync --continue' again",
         ));
     }
     if !extra.is_empty() {
         return Err(blocked(
-            format!("choices for {} file(s) no longer in conflict: {}", extra.len(), list(&extra)),
+            format!("choices for {} no longer in conflict: {}", crate::sync::plural(extra.len(), "file"), list(&extra)),
             extra.iter().map(|s| s.to_string()).collect(),
             "they may have been settled already: run 'dsg sync' without --continue to write a fresh conflicts.txt",
         ));

@@ -50,8 +50,8 @@ pub fn settle_names(
         }
         return Err(EngineError::Blocked {
             message: format!(
-                "{verb} blocked: {} path(s) cannot be normalized automatically:\n{}",
-                paths.len(),
+                "{verb} blocked: {} cannot be normalized automatically:\n{}",
+                crate::sync::plural(paths.len(), "path"),
                 lines.join("\n")
             ),
             hint: format!("rename them by hand; {}", ignore_hint(&paths[0])),
@@ -101,8 +101,8 @@ pub fn block_on_problems(problems: &[Problem], verb: &str) -> Result<()> {
     let hint = format!("{fix}; {}", ignore_hint(&paths[0]));
     Err(EngineError::Blocked {
         message: format!(
-            "{verb} blocked: {} path(s) cannot be synced:\n{}{more}",
-            paths.len(),
+            "{verb} blocked: {} cannot be synced:\n{}{more}",
+            crate::sync::plural(paths.len(), "path"),
             lines.join("\n"),
         ),
         hint,

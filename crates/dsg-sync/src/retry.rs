@@ -146,7 +146,8 @@ fn kept_moving(moved: RepoError, attempts: u32, elapsed: Duration) -> RepoError 
         err: RemoteError {
             kind: ErrorKind::Busy,
             message: format!(
-                "the repository kept moving: other clients committed before this sync could begin, {attempts} time(s) in {:.1} s (last: {}); nothing was changed",
+                "the repository kept moving: other clients committed before this sync could begin, {} in {:.1} s (last: {}); nothing was changed",
+                if attempts == 1 { "once".to_string() } else { format!("{attempts} times") },
                 elapsed.as_secs_f64(),
                 err.message
             ),

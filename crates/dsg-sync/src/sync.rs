@@ -248,6 +248,9 @@ fn sync_once(
         }
     };
     let mut plan = plan(&cmp, rows, choices, is_clone)?;
+    if !project.user.backup_on_conflict {
+        plan.backups.clear();
+    }
     crate::guard::check(
         &plan,
         &cmp.local,
@@ -523,8 +526,8 @@ fn block_on_conflicts(rows: &[Row]) -> Result<()> {
         .collect();
     Err(EngineError::Blocked {
         message: format!(
-            "sync blocked by {} conflict(s); nothing was changed:\n{}{}",
-            conflicts.len(),
+            "sync blocked by {}; nothing was changed:\n{}{}",
+            plural(conflicts.len(), "conflict"),
             shown.join("\n"),
             if conflicts.len() > 20 { format!("\n  … and {} more", conflicts.len() - 20) } else { String::new() }
         ),

@@ -15,6 +15,12 @@ use dsg_repo::{RepoClient, RepoError};
 use crate::retry::Retries;
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
+/// With a local repository, the upload asks the agent how far it got after
+/// this many queued bytes or files (one round trip each: cheap next to
+/// copying 32 MiB or 256 files).
+const PACE_BYTES: u64 = 32 << 20;
+const PACE_FILES: u64 = 256;
+
 /// One thing to upload.
 pub enum Item<'a> {
     File {
@@ -81,7 +87,8 @@ pub fn upload(
             if resuming {
                 let (n, b) = client.resume(tx, base, hash, user, replace)?;
                 tracing::info!(
-                    "resuming the upload: the repository kept {n} staged file(s), {b} bytes"
+                    "resuming the upload: the repository kept {}, {b} bytes",
+                    crate::sync::plural(n as usize, "staged file")
                 );
             } else if replace {
                 client.begin_replacing(tx, user, hash)?;
@@ -89,7 +96,14 @@ pub fn upload(
                 client.begin(tx, base, hash, user)?;
             }
             reporter.transfer_start("uploading", files, bytes);
+            // On the same machine a put only queues a request, and the
+            // agent copies later: progress reported per put would reach
+            // 100 % at once (a bar showing TiB/s) and then wait. There,
+            // progress is what the agent has acknowledged, asked for every
+            // PACE_BYTES or PACE_FILES.
+            let paced = client.copies_locally();
             let (mut nf, mut nb) = (0u64, 0u64);
+            let (mut queued_files, mut queued_bytes) = (0u64, 0u64);
             for item in items {
                 check_interrupt()?;
                 match *item {
@@ -103,13 +117,22 @@ pub fn upload(
                         let at = src.map_or_else(|| project.root.join(path), |s| s.to_path_buf());
                         client.put_file(path, &at, size, hash, mtime_ns)?;
                         nb += size;
+                        queued_bytes += size;
                     }
                     Item::Link { path, target } => client.put_link(path, target)?,
                 }
                 nf += 1;
-                reporter.transfer_progress(nf, nb);
+                queued_files += 1;
+                if !paced {
+                    reporter.transfer_progress(nf, nb);
+                } else if queued_bytes >= PACE_BYTES || queued_files >= PACE_FILES {
+                    client.flush()?;
+                    (queued_files, queued_bytes) = (0, 0);
+                    reporter.transfer_progress(nf, nb);
+                }
             }
             client.flush()?;
+            reporter.transfer_progress(nf, nb);
             reporter.transfer_done();
             Ok(())
         })();
