@@ -213,14 +213,20 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
             ("both.txt", 'R'),
         ],
     )
-    .replace(
-        "# File: task/input/both.txt\n# Conflict: 101: cache missing; local and remote differ\nR",
-        "# File: task/input/both.txt\n# Conflict: 101: cache missing; local and remote differ\nC",
-    );
-    assert!(
-        bad.contains("both.txt\n# Conflict: 101: cache missing; local and remote differ\nC"),
-        "{bad}"
-    );
+    .lines()
+    .scan(String::new(), |file, l| {
+        if let Some(f) = l.strip_prefix("# File: ") {
+            *file = f.to_string();
+        }
+        let both = *file == p(IN, "both.txt");
+        Some(if both && l.starts_with('R') {
+            "C  # Use Cached version (restore)\n".to_string()
+        } else {
+            format!("{l}\n")
+        })
+    })
+    .collect::<String>();
+    assert!(bad.contains("\nC  # Use Cached"), "{bad}");
     fs::write(conflicts_txt(&z, "A"), &bad).unwrap();
     let o = z.run("A", &["sync", "--continue"]);
     assert_eq!(o.status.code(), Some(3), "{}", show(&o));
@@ -435,7 +441,81 @@ fn choice_c_restores_the_last_synced_version(kind: Kind) {
     z.assert_repo_sound("after restoring");
 }
 
+/// A choice is never applied to content the user did not see: a file
+/// edited here, or changed again in the repository, after conflicts.txt
+/// was written is refused by name; a plain sync then keeps the edited
+/// choices instead of overwriting them.
+fn continue_refuses_a_file_changed_since(kind: Kind) {
+    let z = world_or_skip!(kind, "cfx");
+    four_conflicts(&z);
+    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
+    let text = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
+    let good = choose(
+        &text,
+        &[
+            ("shared.txt", 'R'),
+            ("gone.txt", 'R'),
+            ("kept.txt", 'L'),
+            ("both.txt", 'R'),
+        ],
+    );
+    fs::write(conflicts_txt(&z, "A"), &good).unwrap();
+    // A edits shared.txt again; B changes both.txt again.
+    z.write("A", &p(IN, "shared.txt"), "A's second edit");
+    z.write("B", &p(IN, "both.txt"), "B's both, again");
+    z.ok("B", &["sync", "-m", "B again"]);
+    let repo_before = state_listing(&z.repo());
+    let o = z.run("A", &["sync", "--continue", "--json"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    let e = json_of(&o);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("changed since conflicts.txt was written"),
+        "{e:#}"
+    );
+    assert_eq!(
+        e["paths"],
+        serde_json::json!([p(IN, "both.txt"), p(IN, "shared.txt")]),
+        "{e:#}"
+    );
+    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_eq!(z.read("A", &p(IN, "shared.txt")), b"A's second edit");
+    // A plain sync keeps the user's choices.
+    let o = z.run("A", &["sync"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("already holds your choices"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(fs::read_to_string(conflicts_txt(&z, "A")).unwrap(), good);
+    // Deleted, it is written afresh for what is there now.
+    fs::remove_file(conflicts_txt(&z, "A")).unwrap();
+    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
+    let fresh = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
+    let good = choose(
+        &fresh,
+        &[
+            ("shared.txt", 'L'),
+            ("gone.txt", 'R'),
+            ("kept.txt", 'L'),
+            ("both.txt", 'R'),
+        ],
+    );
+    fs::write(conflicts_txt(&z, "A"), &good).unwrap();
+    z.ok("A", &["sync", "--continue"]);
+    assert_eq!(
+        fs::read(z.repo().join(p(IN, "shared.txt"))).unwrap(),
+        b"A's second edit"
+    );
+    assert_eq!(z.read("A", &p(IN, "both.txt")), b"B's both, again");
+    z.assert_clean("A");
+}
+
 per_kind!(
+    continue_refuses_a_file_changed_since: xfs, ssh;
     choice_c_restores_the_last_synced_version: xfs, zfs, ssh;
     continue_settles_each_file_as_chosen: xfs, zfs, ssh;
     continue_refuses_what_it_cannot_settle: xfs, zfs, ssh;

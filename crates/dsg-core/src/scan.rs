@@ -136,6 +136,9 @@ impl Rules {
             .iter()
             .any(|s| !s.is_empty() && name.ends_with(s.as_str()))
             || names::is_conflict_backup_name(name)
+            // dsg's own file at the project root: never data, even when
+            // `data_dirs` holds `*`.
+            || rel == "conflicts.txt"
             || self.ignored_path(rel)
     }
 

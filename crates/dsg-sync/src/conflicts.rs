@@ -23,6 +23,9 @@ pub const FILE_NAME: &str = "conflicts.txt";
 /// `--continue` then adopts it too. The original skips it as a comment.
 const ADOPT_MARK: &str = "# Adopting the repository's history:";
 
+/// The line under each file that records the versions it was written for.
+const VERSIONS_MARK: &str = "# Versions:";
+
 /// One way to settle a conflicting path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Choice {
@@ -72,6 +75,11 @@ pub struct Conflict {
     pub reason: String,
     /// The choices, the safest (or most recent) first.
     pub choices: Vec<Choice>,
+    /// The three versions it was written for (`L=… C=… R=…`), so that
+    /// `--continue` never applies a choice to content the user has not
+    /// seen: a file changed since, here or in the repository, is refused.
+    #[serde(skip)]
+    pub versions: String,
 }
 
 /// The conflicts among `rows`: the table's conflict states, and (when the
@@ -134,11 +142,34 @@ fn describe(cmp: &Comparison, r: &Row, fork: Option<&Fork>) -> Conflict {
             vec![Local, Remote],
         ),
     };
+    let choices = if fork.is_some() {
+        // The last sync is not in the repository's history: its versions
+        // cannot be read back from there.
+        choices.into_iter().filter(|c| *c != Cache).collect()
+    } else {
+        choices
+    };
     Conflict {
         path: r.path.clone(),
         reason,
         choices,
+        versions: format!("L={} C={} R={}", version(l), version(c), version(rem)),
     }
+}
+
+/// One side's version of a path as `conflicts.txt` records it.
+fn version(e: Option<&Entry>) -> String {
+    match e.map(|e| &e.kind) {
+        None => "-".into(),
+        Some(EntryKind::File { hash: Some(h), .. }) => h.to_hex(),
+        Some(EntryKind::File { size, mtime, .. }) => format!("size:{size}@{mtime}"),
+        Some(EntryKind::Link { target }) => format!("link:{}", hex_of(target)),
+    }
+}
+
+/// A link target, safe on one line whatever it holds.
+fn hex_of(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An entry's mtime as unix seconds, for ordering the choices.
@@ -190,7 +221,10 @@ pub fn render(conflicts: &[Conflict], user: &str, backups: bool, fork: Option<&F
     let mut sorted: Vec<&Conflict> = conflicts.iter().collect();
     sorted.sort_by(|a, b| a.path.cmp(&b.path));
     for c in sorted {
-        s.push_str(&format!("\n# File: {}\n# Conflict: {}\n", c.path, c.reason));
+        s.push_str(&format!(
+            "\n# File: {}\n# Conflict: {}\n{VERSIONS_MARK} {}\n",
+            c.path, c.reason, c.versions
+        ));
         for ch in &c.choices {
             s.push_str(&format!("_{}  # {}\n", ch.letter(), ch.comment()));
         }
@@ -202,6 +236,8 @@ pub fn render(conflicts: &[Conflict], user: &str, backups: bool, fork: Option<&F
 #[derive(Debug, Default, PartialEq)]
 pub struct Resolutions {
     pub choices: BTreeMap<String, Choice>,
+    /// Per file, the versions recorded under it (files written by dsg).
+    pub versions: BTreeMap<String, String>,
     /// Written by a sync that adopts the repository's history.
     pub adopt: bool,
 }
@@ -211,6 +247,9 @@ pub struct Resolutions {
 pub fn parse(text: &str) -> std::result::Result<Resolutions, String> {
     let mut out = Resolutions::default();
     let mut current: Option<String> = None;
+    // Editors on Windows may add a byte-order mark (and CRLF line ends,
+    // which `lines` and `trim` take care of).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         let at = |msg: String| format!("line {}: {msg}", i + 1);
@@ -230,6 +269,12 @@ pub fn parse(text: &str) -> std::result::Result<Resolutions, String> {
         }
         if line.starts_with(ADOPT_MARK) {
             out.adopt = true;
+            continue;
+        }
+        if let Some(v) = line.strip_prefix(VERSIONS_MARK) {
+            if let Some(path) = &current {
+                out.versions.insert(path.clone(), v.trim().to_string());
+            }
             continue;
         }
         if line.starts_with('#') {
@@ -273,11 +318,17 @@ fn parse_choice(line: &str) -> std::result::Result<Choice, String> {
 /// Whether the project has a `conflicts.txt` written by dsg (its first
 /// line), not a file of the user's that happens to have the name.
 pub fn is_ours(root: &Path) -> bool {
-    use std::io::Read;
-    let mut head = [0u8; 25];
-    std::fs::File::open(path(root))
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok_and(|()| &head == b"# DSG Conflict Resolution")
+    std::fs::read_to_string(path(root)).is_ok_and(|t| {
+        t.strip_prefix('\u{feff}')
+            .unwrap_or(&t)
+            .starts_with("# DSG Conflict Resolution")
+    })
+}
+
+/// Whether the project's `conflicts.txt` already holds the user's choices
+/// (it parses): a new blocked sync must not overwrite them.
+pub fn holds_choices(root: &Path) -> bool {
+    std::fs::read_to_string(path(root)).is_ok_and(|t| parse(&t).is_ok())
 }
 
 pub fn path(root: &Path) -> PathBuf {
@@ -355,6 +406,22 @@ pub fn check_complete(res: &Resolutions, conflicts: &[Conflict], root: &Path) ->
             ),
             Vec::new(),
             "keep one of the option lines written under that file",
+        ));
+    }
+    let changed: Vec<&str> = conflicts
+        .iter()
+        .filter(|c| res.versions.get(&c.path).is_some_and(|v| *v != c.versions))
+        .map(|c| c.path.as_str())
+        .collect();
+    if !changed.is_empty() {
+        return Err(blocked(
+            format!(
+                "{} changed since conflicts.txt was written (here or in the repository), so its choice may not be what you meant: {}",
+                crate::sync::plural(changed.len(), "file"),
+                list(&changed)
+            ),
+            changed.iter().map(|s| s.to_string()).collect(),
+            "run 'dsg sync' to write a fresh conflicts.txt for what is there now, and choose again",
         ));
     }
     Ok(())
@@ -455,11 +522,13 @@ mod tests {
                 path: "input/b.csv".into(),
                 reason: "110: remote missing; local and cache differ".into(),
                 choices: vec![Choice::Local, Choice::Cache],
+                versions: "L=a C=b R=-".into(),
             },
             Conflict {
                 path: "input/a.csv".into(),
                 reason: "111: all three copies differ".into(),
                 choices: vec![Choice::Remote, Choice::Local, Choice::Cache],
+                versions: "L=a C=b R=c".into(),
             },
         ]
     }
@@ -502,6 +571,35 @@ mod tests {
         let r = parse("# File: x\n_C\n# File: y\nL\n").unwrap();
         assert_eq!(r.choices["x"], Choice::Cache);
         assert_eq!(r.choices["y"], Choice::Local);
+    }
+
+    #[test]
+    fn windows_editors_bom_and_crlf_parse() {
+        let text = render(&sample(), "u", true, None);
+        assert!(text.contains("\n# Versions: L=a C=b R=-\n"), "{text}");
+        // The first option of each file kept, its underscore removed.
+        let mut first = true;
+        let chosen: String = text
+            .lines()
+            .filter_map(|l| {
+                if l.starts_with("# File:") {
+                    first = true;
+                }
+                match l.strip_prefix('_') {
+                    Some(rest) if first => {
+                        first = false;
+                        Some(format!("{rest}\n"))
+                    }
+                    Some(_) => None,
+                    None => Some(format!("{l}\n")),
+                }
+            })
+            .collect();
+        let windows = format!("\u{feff}{}", chosen.replace('\n', "\r\n"));
+        let r = parse(&windows).unwrap();
+        assert_eq!(r.choices["input/a.csv"], Choice::Remote);
+        assert_eq!(r.choices["input/b.csv"], Choice::Local);
+        assert_eq!(r.versions["input/b.csv"], "L=a C=b R=-");
     }
 
     #[test]

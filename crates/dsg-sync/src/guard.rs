@@ -95,7 +95,9 @@ fn emptied_folders(
 ) -> Vec<String> {
     let root_of = |p: &str| -> Option<String> {
         if data_dirs.contains("*") {
-            return p.split('/').next().map(String::from);
+            // Every top-level folder is a data folder; a file at the root
+            // is not a folder.
+            return p.split_once('/').map(|(top, _)| top.to_string());
         }
         let mut end = 0;
         for c in p.split('/') {

@@ -220,8 +220,8 @@ fn sync_once(
             // is stale, and a normal sync goes ahead.
             if !opts.dry_run {
                 remove_conflicts_file(project);
+                stale_conflicts_file_removed = true;
             }
-            stale_conflicts_file_removed = true;
             None
         }
         Some(res) => {
@@ -396,7 +396,12 @@ fn blocked_by_conflicts(
 ) -> EngineError {
     let file = conflicts::path(&project.root);
     let mut written = false;
-    if !dry_run && !status {
+    let kept = !dry_run && !status && conflicts::holds_choices(&project.root);
+    if kept {
+        // The user's choices are worth more than a fresh file: keep
+        // them; --continue says what no longer fits.
+        tracing::info!("{} holds choices: not rewritten", file.display());
+    } else if !dry_run && !status {
         let text = conflicts::render(
             found,
             &project.user.user_id,
@@ -426,7 +431,12 @@ fn blocked_by_conflicts(
             } else {
                 String::new()
             },
-            if written || status || dry_run {
+            if kept {
+                format!(
+                    "\n({} already holds your choices and was kept: run 'dsg sync --continue', or delete it for a fresh one)",
+                    file.display()
+                )
+            } else if written || status || dry_run {
                 String::new()
             } else {
                 format!("\n({} could not be written)", file.display())
@@ -1238,9 +1248,15 @@ pub fn outlook(
     }
     // The plan's refusals: a conflict, then the mass-deletion guard (at
     // the user's limit: status cannot know a --max-delete to come).
-    let found = conflicts::conflicts(cmp, rows, None);
+    let found = conflicts::conflicts(cmp, rows, adopt.as_ref());
     if !found.is_empty() {
-        let mut o = refusal(blocked_by_conflicts(project, &found, None, true, true))?;
+        let mut o = refusal(blocked_by_conflicts(
+            project,
+            &found,
+            adopt.as_ref(),
+            true,
+            true,
+        ))?;
         o.conflicts = found;
         return Ok(o);
     }
