@@ -463,3 +463,44 @@ fn adopting_the_forked_history_rebases_local_edits_through_conflicts() {
         .join(backups[0].file_name().unwrap())
         .exists());
 }
+
+/// Renames are judged against the last sync, which a forked history no
+/// longer holds: `--normalize` is refused there even with the rebase
+/// asked for, before anything is renamed.
+#[test]
+fn normalize_waits_on_a_forked_history_even_when_adopting() {
+    let fx = state_c();
+    write(&fx.rosa, "input/CON", "a reserved name\n");
+    let before = without_dir_mtimes(&tree(&fx.rosa));
+    let repo_before = repo_tree_sans_locks(&fx.env.repos);
+    for args in [
+        &["sync", "--normalize"][..],
+        &["sync", "--normalize", "--adopt-repository-history"],
+    ] {
+        let o = fx.env.run(&fx.rosa, args);
+        assert_code(&o, 3, &format!("{args:?}"));
+        assert!(
+            stderr(&o).contains("--normalize will not rename files against it"),
+            "{}",
+            describe(&o)
+        );
+    }
+    assert!(fx.rosa.join("input/CON").exists());
+    let keep =
+        |t: &std::collections::BTreeMap<String, Node>| -> std::collections::BTreeMap<String, Node> {
+            t.iter()
+                .filter(|(k, _)| !k.starts_with(".dsg/stat-cache"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+    assert_same_tree(
+        &keep(&before),
+        &keep(&without_dir_mtimes(&tree(&fx.rosa))),
+        "rosa's project",
+    );
+    assert_same_tree(
+        &repo_before,
+        &repo_tree_sans_locks(&fx.env.repos),
+        "the repository",
+    );
+}

@@ -1145,7 +1145,7 @@ pub fn check_history(
         })
         .map(|r| r.path)
         .collect();
-    if at_risk.is_empty() && renames_pending {
+    if renames_pending {
         // Renamed files would be judged against that stale last sync too:
         // not worth the risk; the renames can wait.
         return Err(EngineError::Blocked {
@@ -1153,7 +1153,7 @@ pub fn check_history(
                 "the repository's history no longer holds this project's last sync ({}; its head is now {}): it was replaced, rewritten or forked since, so --normalize will not rename files against it; nothing was changed",
                 ours.snapshot_id, head.snapshot_id
             ),
-            hint: "sync without --normalize first, or 'dsg clone' the repository into a new directory and compare".into(),
+            hint: "sync without --normalize first (it adopts the repository's history, or says how to rebase on it), then rename".into(),
             paths: Vec::new(),
         });
     }
