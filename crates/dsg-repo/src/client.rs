@@ -483,7 +483,7 @@ impl RepoClient {
     pub fn commit(
         &mut self,
         snapshot_id: &str,
-        manifest: &[u8],
+        manifest: &mut dyn std::io::Read,
         sync_messages: &[u8],
     ) -> Result<(), RepoError> {
         if let Some(e) = self.send_error.take() {
@@ -492,9 +492,37 @@ impl RepoClient {
         self.send(&Request::Commit {
             snapshot_id: snapshot_id.into(),
         })?;
+        // The manifest is streamed from where it was staged, never held
+        // whole. If reading it fails midway the stream still ends (what
+        // was sent cannot be a complete manifest: the agent refuses it)
+        // and the read's error is returned.
+        let mut read_err = None;
+        let mut buf = vec![0u8; crate::protocol::CHUNK];
         let w = &mut self.w;
-        let io = write_data(w, manifest).and_then(|_| write_data(w, sync_messages));
+        let io = (|| {
+            loop {
+                let n = match manifest.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        read_err = Some(e);
+                        break;
+                    }
+                };
+                crate::protocol::write_frame(w, b'D', &buf[..n])?;
+            }
+            crate::protocol::write_frame(w, b'E', &[])?;
+            write_data(w, sync_messages)
+        })();
         io.map_err(|e| self.conn(e))?;
+        if let Some(e) = read_err {
+            let _ = self.recv();
+            return Err(RepoError::Local {
+                path: "staged manifest".into(),
+                msg: format!("reading it failed: {e}; the repository refuses the incomplete manifest"),
+            });
+        }
         match self.recv()? {
             Response::Committed { .. } => Ok(()),
             other => Err(RepoError::protocol(

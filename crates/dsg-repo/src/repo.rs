@@ -833,7 +833,9 @@ impl Backend for Repository {
             .take()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         // On success the transaction, and with it its locks, goes here.
+        dsg_core::mem_mark("agent commit start");
         let result = Self::verify_commit(&tx, c).and_then(|deletes| {
+            dsg_core::mem_mark("agent verified");
             if tx.init {
                 self.commit_init(&tx, c)
             } else {

@@ -409,7 +409,7 @@ fn init_tx(
 
     tracing::debug!("staged locally at {:?}", t0.elapsed());
     committing.set(true);
-    client.commit("s1", &manifest_bytes, &messages_bytes)?;
+    client.commit("s1", &mut &manifest_bytes[..], &messages_bytes)?;
     tracing::debug!("committed at {:?}", t0.elapsed());
     failpoint("client.init.committed");
     finish_local_init(&project.root, staging)?;

@@ -26,8 +26,10 @@ pub struct Comparison {
     /// `None` when R is the cache (offline, or the repository head is the
     /// same file as the cache): no second copy is kept.
     remote: Option<Manifest>,
-    /// The repository manifest's bytes, when asked for (sync archives them).
-    pub remote_bytes: Option<Vec<u8>>,
+    /// The repository manifest's text, when asked for (sync archives it),
+    /// never held whole: the cache file when R is the cache, else its
+    /// archive (LZ4, several times smaller).
+    pub remote_text: Option<RemoteText>,
     pub has_cache: bool,
 }
 
@@ -79,6 +81,16 @@ impl Comparison {
     pub fn problems(&self) -> &[Problem] {
         &self.scan.problems
     }
+}
+
+/// Where the text of R (the repository's head manifest) is, for a sync that
+/// archives it or keeps it as the new cache.
+pub enum RemoteText {
+    /// R is the same file as the cache, `.dsg/last-sync.json`, whose bytes
+    /// hash to this (checked again when they are read).
+    CacheFile(u64),
+    /// R's bytes compressed as their archive, and the XXH3 of the bytes.
+    Archived { lz4: Vec<u8>, hash: u64 },
 }
 
 /// Reads R from the repository. A missing or corrupt repository manifest is
@@ -135,21 +147,29 @@ pub fn compare(
     // Ask the repository first: it is the step most likely to fail, and a
     // failure should not cost a full scan. The cache's hash lets the agent
     // answer "unchanged" instead of sending the manifest again.
-    let (remote, remote_bytes) = match client {
+    let (remote, remote_text) = match client {
         None => (None, None),
         Some(c) => match fetch_remote(c, cache_hash)? {
-            None if opts.keep_remote_bytes => {
-                let b = std::fs::read(project.cache_path())
-                    .map_err(|e| EngineError::io(project.cache_path(), e))?;
-                (None, Some(b))
+            None => (
+                None,
+                opts.keep_remote_bytes
+                    .then(|| cache_hash.map(RemoteText::CacheFile))
+                    .flatten(),
+            ),
+            Some((r, b)) => {
+                let text = opts.keep_remote_bytes.then(|| RemoteText::Archived {
+                    lz4: dsg_core::manifest::compress_archive(&b),
+                    hash: dsg_core::hash::Hash::of_bytes(&b).0,
+                });
+                (Some(r), text)
             }
-            None => (None, None),
-            Some((r, b)) => (Some(r), opts.keep_remote_bytes.then_some(b)),
         },
     };
     tracing::debug!("repository manifest checked at {:?}", t0.elapsed());
+    dsg_core::mem_mark("remote read");
     let mut scan = project.scan(reporter);
     tracing::debug!("scanned at {:?}", t0.elapsed());
+    dsg_core::mem_mark("scanned");
     // The cache is loaded only now, so it and the stat cache are never in
     // memory together.
     let cache = match cache_hash {
@@ -163,13 +183,14 @@ pub fn compare(
     let (local, local_stats) =
         to_manifest(entries, Some(&cache), &project.user.user_id, keep_stats);
     tracing::debug!("local manifest built at {:?}", t0.elapsed());
+    dsg_core::mem_mark("local built");
     let cmp = Comparison {
         scan,
         local,
         local_stats,
         cache,
         remote,
-        remote_bytes,
+        remote_text,
         has_cache,
     };
     if opts.save_stat_cache {
