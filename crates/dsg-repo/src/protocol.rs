@@ -464,6 +464,51 @@ pub fn read_data_bounded<R: Read>(r: &mut R, limit: u64) -> io::Result<Result<Ve
     Ok(Err(kept.saturating_add(rest)))
 }
 
+/// What `read_data_bounded_to` did with a data stream.
+pub enum Bounded {
+    /// Written whole: this many bytes.
+    Kept(u64),
+    /// Longer than the limit (this many bytes): read to its end, not kept.
+    TooLarge(u64),
+    /// Writing failed: the rest was read and dropped.
+    WriteFailed(io::Error),
+}
+
+/// `read_data_bounded` into a writer (a spool file) instead of memory.
+/// Only reading errors (the connection) are `Err`.
+pub fn read_data_bounded_to<R: Read, W: Write>(
+    r: &mut R,
+    limit: u64,
+    out: &mut W,
+) -> io::Result<Bounded> {
+    let mut ds = DataStream::new(r);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    let mut failed = None;
+    loop {
+        let n = match ds.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        if failed.is_none() && total <= limit {
+            if let Err(e) = out.write_all(&buf[..n]) {
+                failed = Some(e);
+            }
+        }
+    }
+    Ok(match failed {
+        _ if total > limit => Bounded::TooLarge(total),
+        Some(e) => Bounded::WriteFailed(e),
+        None => match out.flush() {
+            Ok(()) => Bounded::Kept(total),
+            Err(e) => Bounded::WriteFailed(e),
+        },
+    })
+}
+
 /// A data stream (frames until `End`) read as a `Read`. Frame bodies are
 /// read straight into the caller's buffer: a large file crosses this layer
 /// without an allocation or an extra copy per chunk.
