@@ -883,8 +883,10 @@ impl Manifest {
 
     /// Loads a manifest that may legitimately be absent; any other failure is an error.
     pub fn load_optional(path: &Path) -> Result<Option<Manifest>, ManifestError> {
-        match std::fs::read(path) {
-            Ok(bytes) => Manifest::from_json_bytes(&bytes, path).map(Some),
+        // Streamed: the text of a large manifest is never held whole.
+        match std::fs::File::open(path) {
+            Ok(f) => Manifest::from_reader(std::io::BufReader::with_capacity(1 << 16, f), path)
+                .map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ManifestError::Io {
                 path: path.to_path_buf(),
@@ -937,6 +939,28 @@ impl Manifest {
                 _ => p.nfc().collect(),
             }
         };
+        // The common case, every path already NFC: the paths are unique
+        // and sorted, so a lookup of each parent finds a file above it
+        // without a map of every path (tens of MB at a million entries).
+        if self
+            .entries
+            .iter()
+            .all(|e| is_nfc_quick(e.path.chars()) == IsNormalized::Yes)
+        {
+            for e in &self.entries {
+                let mut p = &*e.path;
+                while let Some((parent, _)) = p.rsplit_once('/') {
+                    if let Some(above) = self.get(parent) {
+                        return Err(format!(
+                            "{:?} lies below {:?}, which is a file or a link, not a directory",
+                            e.path, above.path
+                        ));
+                    }
+                    p = parent;
+                }
+            }
+            return Ok(());
+        }
         let mut by_nfc: std::collections::HashMap<String, &str> =
             std::collections::HashMap::with_capacity(self.entries.len());
         for e in &self.entries {

@@ -180,7 +180,9 @@ impl Repository {
         };
         self.store.recover_locked(site)?;
         crate::prune::recover_locked(site, &*self.store)?;
+        dsg_core::mem_mark("agent before head");
         let head = site.head()?;
+        dsg_core::mem_mark("agent head loaded");
         let head_id = head
             .as_ref()
             .and_then(|h| h.metadata.as_ref())

@@ -773,7 +773,9 @@ fn stage(
         download(client, &staging, &restores, bytes, Some(&from), reporter)?;
     }
     if plan.needs_snapshot {
+        dsg_core::mem_mark("before upload");
         upload_changes(tx, client, cmp, plan, next, retries, reporter)?;
+        dsg_core::mem_mark("uploaded");
         failpoint("client.uploaded");
     }
     let remote = cmp.remote();
@@ -792,7 +794,9 @@ fn stage(
     )?;
     failpoint("client.downloaded");
     check_interrupt()?;
+    dsg_core::mem_mark("before stage_meta");
     stage_meta(tx, client, &staging.join("meta"), cmp, plan, next)?;
+    dsg_core::mem_mark("after stage_meta");
     let mut ops = local_ops(cmp, plan);
     // Folders for the downloads, write permission, space: checked now, so
     // that nothing local can stop the apply after the commit point.
