@@ -885,8 +885,9 @@ impl Manifest {
     pub fn load_optional(path: &Path) -> Result<Option<Manifest>, ManifestError> {
         // Streamed: the text of a large manifest is never held whole.
         match std::fs::File::open(path) {
-            Ok(f) => Manifest::from_reader(std::io::BufReader::with_capacity(1 << 16, f), path)
-                .map(Some),
+            Ok(f) => {
+                Manifest::from_reader(std::io::BufReader::with_capacity(1 << 16, f), path).map(Some)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ManifestError::Io {
                 path: path.to_path_buf(),

@@ -6,8 +6,9 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::protocol::{
-    copy_as_data, read_data_bounded, read_data_bounded_to, Bounded, read_json, write_data, write_json, DataStream, ErrorKind,
-    Request, Response, MAX_MANIFEST_BYTES, MAX_MESSAGES_BYTES, MAX_META_ENV, PROTOCOL_VERSION,
+    copy_as_data, read_data_bounded, read_data_bounded_to, read_json, write_data, write_json,
+    Bounded, DataStream, ErrorKind, Request, Response, MAX_MANIFEST_BYTES, MAX_MESSAGES_BYTES,
+    MAX_META_ENV, PROTOCOL_VERSION,
 };
 
 fn reply_err<W: Write>(w: &mut W, e: &AgentError) -> io::Result<()> {

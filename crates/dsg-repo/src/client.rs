@@ -520,7 +520,9 @@ impl RepoClient {
             let _ = self.recv();
             return Err(RepoError::Local {
                 path: "staged manifest".into(),
-                msg: format!("reading it failed: {e}; the repository refuses the incomplete manifest"),
+                msg: format!(
+                    "reading it failed: {e}; the repository refuses the incomplete manifest"
+                ),
             });
         }
         match self.recv()? {

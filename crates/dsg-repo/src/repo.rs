@@ -180,9 +180,7 @@ impl Repository {
         };
         self.store.recover_locked(site)?;
         crate::prune::recover_locked(site, &*self.store)?;
-        dsg_core::mem_mark("agent before head");
         let head = site.head()?;
-        dsg_core::mem_mark("agent head loaded");
         let head_id = head
             .as_ref()
             .and_then(|h| h.metadata.as_ref())
@@ -843,9 +841,7 @@ impl Backend for Repository {
             .take()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         // On success the transaction, and with it its locks, goes here.
-        dsg_core::mem_mark("agent commit start");
         let result = Self::verify_commit(&tx, c).and_then(|deletes| {
-            dsg_core::mem_mark("agent verified");
             if tx.init {
                 self.commit_init(&tx, c)
             } else {

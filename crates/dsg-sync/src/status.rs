@@ -166,10 +166,8 @@ pub fn compare(
         },
     };
     tracing::debug!("repository manifest checked at {:?}", t0.elapsed());
-    dsg_core::mem_mark("remote read");
     let mut scan = project.scan(reporter);
     tracing::debug!("scanned at {:?}", t0.elapsed());
-    dsg_core::mem_mark("scanned");
     // The cache is loaded only now, so it and the stat cache are never in
     // memory together.
     let cache = match cache_hash {
@@ -183,7 +181,6 @@ pub fn compare(
     let (local, local_stats) =
         to_manifest(entries, Some(&cache), &project.user.user_id, keep_stats);
     tracing::debug!("local manifest built at {:?}", t0.elapsed());
-    dsg_core::mem_mark("local built");
     let cmp = Comparison {
         scan,
         local,

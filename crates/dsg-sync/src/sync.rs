@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use dsg_core::atomic::{write_atomic, AtomicFile};
 use dsg_core::hash::Hash;
 use dsg_core::manifest::{
-    archive_name, binary, compress_archive_stream, entries_hash_of, merge_changes,
-    snapshot_number, write_json, Entry, EntryKind, Metadata, SyncMessages,
+    archive_name, binary, compress_archive_stream, entries_hash_of, merge_changes, snapshot_number,
+    write_json, Entry, EntryKind, Metadata, SyncMessages,
 };
 use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
@@ -211,7 +211,6 @@ fn sync_once(
         is_clone,
         reporter,
     )?;
-    dsg_core::mem_mark("compared");
     let rows = rows_at_risk(&cmp, &at_risk);
     let found = conflicts::conflicts(&cmp, &rows, adopt.as_ref());
     let mut stale_conflicts_file_removed = false;
@@ -286,9 +285,7 @@ fn sync_once(
         report.plan = plan;
         return Ok(report);
     }
-    dsg_core::mem_mark("planned");
     let next = new_metadata(project, opts, &cmp, &plan, repo_messages, &mut client)?;
-    dsg_core::mem_mark("new metadata");
     let tx = Tx {
         project,
         id: format!("tx-{}", uuid::Uuid::new_v4().simple()),
@@ -699,12 +696,10 @@ fn transact(
             return Err(e);
         }
     };
-    dsg_core::mem_mark("staged");
     if plan.needs_snapshot {
         commit_snapshot(tx, &mut client, next)?;
         failpoint("client.repo_committed");
     }
-    dsg_core::mem_mark("committed");
     finish(tx, &journal, &ops, cmp, plan, next)?;
     learn_prunes(tx.project, &mut client);
     let _ = client.close();
@@ -773,9 +768,7 @@ fn stage(
         download(client, &staging, &restores, bytes, Some(&from), reporter)?;
     }
     if plan.needs_snapshot {
-        dsg_core::mem_mark("before upload");
         upload_changes(tx, client, cmp, plan, next, retries, reporter)?;
-        dsg_core::mem_mark("uploaded");
         failpoint("client.uploaded");
     }
     let remote = cmp.remote();
@@ -794,9 +787,7 @@ fn stage(
     )?;
     failpoint("client.downloaded");
     check_interrupt()?;
-    dsg_core::mem_mark("before stage_meta");
     stage_meta(tx, client, &staging.join("meta"), cmp, plan, next)?;
-    dsg_core::mem_mark("after stage_meta");
     let mut ops = local_ops(cmp, plan);
     // Folders for the downloads, write permission, space: checked now, so
     // that nothing local can stop the apply after the commit point.
@@ -940,7 +931,9 @@ fn stage_meta(
                 })?;
                 if got != *hash {
                     return Err(EngineError::State {
-                        message: "internal: the repository manifest's archive does not decompress to it".into(),
+                        message:
+                            "internal: the repository manifest's archive does not decompress to it"
+                                .into(),
                         hint: "report this".into(),
                     });
                 }
@@ -957,8 +950,8 @@ fn stage_meta(
             let path = meta.join("archive").join(&name);
             match text {
                 RemoteText::CacheFile(h) => {
-                    let mut out = AtomicFile::create(&path)
-                        .map_err(|e| EngineError::io(&path, e.source))?;
+                    let mut out =
+                        AtomicFile::create(&path).map_err(|e| EngineError::io(&path, e.source))?;
                     let src =
                         std::fs::File::open(&cache).map_err(|e| EngineError::io(&cache, e))?;
                     let got = compress_archive_stream(
@@ -994,7 +987,9 @@ fn stage_meta(
 /// XXH3 of what was written.
 fn stream_to(
     path: &Path,
-    write: impl FnOnce(&mut HashingWriter<std::io::BufWriter<&mut std::fs::File>>) -> std::io::Result<()>,
+    write: impl FnOnce(
+        &mut HashingWriter<std::io::BufWriter<&mut std::fs::File>>,
+    ) -> std::io::Result<()>,
 ) -> Result<u64> {
     let mut out = AtomicFile::create(path).map_err(|e| EngineError::io(path, e.source))?;
     let mut f = HashingWriter {
@@ -1139,7 +1134,6 @@ fn finish(
         .map_err(jerr(root))?;
     failpoint("client.journal.done");
     cleanup_local(root);
-    dsg_core::mem_mark("finished");
     Ok(())
 }
 
