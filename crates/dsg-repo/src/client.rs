@@ -117,6 +117,13 @@ pub enum Meta {
     Data(Vec<u8>),
 }
 
+/// `read_meta_with`'s answer: the value `f` made of the bytes.
+pub enum MetaWith<T> {
+    Missing,
+    Unchanged,
+    Data(T),
+}
+
 /// One downloaded item, handed to the caller as it arrives.
 pub enum Incoming<'a> {
     File {
@@ -295,6 +302,46 @@ impl RepoClient {
                     None => self.conn(e),
                 }),
             },
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
+    /// `read_meta` that hands the bytes to `f` as they arrive instead of
+    /// collecting them (a manifest is parsed without holding its text).
+    /// The stream is read to its end whatever `f` does; a stream the
+    /// agent ended with an error is that error, whatever `f` returned.
+    pub fn read_meta_with<T>(
+        &mut self,
+        name: &str,
+        unless_hash: Option<u64>,
+        f: impl FnOnce(&mut dyn Read) -> T,
+    ) -> Result<MetaWith<T>, RepoError> {
+        self.send(&Request::ReadMeta {
+            name: name.into(),
+            unless_hash,
+        })?;
+        match self.recv()? {
+            Response::Missing => Ok(MetaWith::Missing),
+            Response::Unchanged => Ok(MetaWith::Unchanged),
+            Response::Data { .. } => {
+                let mut ds = crate::protocol::DataStream::new(&mut self.r);
+                let out = f(&mut ds);
+                let drained = ds.drain();
+                let failed = ds.failed().cloned();
+                if let Some(remote) = failed {
+                    return Err(self.remote(remote));
+                }
+                match drained {
+                    Ok(()) => Ok(MetaWith::Data(out)),
+                    Err(e) => Err(match remote_error(&e) {
+                        Some(remote) => self.remote(remote.clone()),
+                        None => self.conn(e),
+                    }),
+                }
+            }
             other => Err(RepoError::protocol(
                 &self.host,
                 format!("unexpected reply {other:?}"),

@@ -882,8 +882,12 @@ impl Backend for Repository {
     }
 
     fn spool_file(&mut self) -> Option<File> {
-        let tx = self.tx.as_ref()?;
-        let p = tx.staging.join(format!(
+        self.tx.as_ref()?;
+        // Beside the repository (where the init lock and an init's staging
+        // live), not in the transaction's tree: an open file, even
+        // unlinked, would keep a ZFS clone busy when it is unmounted.
+        let repo_dir = self.site.dir();
+        let p = repo_dir.parent()?.join(format!(
             ".dsg-spool.{}.{}",
             std::process::id(),
             uuid::Uuid::new_v4().simple()

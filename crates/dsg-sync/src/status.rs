@@ -117,6 +117,60 @@ pub fn fetch_remote(
     }
 }
 
+/// `fetch_remote` that keeps R's text as its archive: parsed, hashed and
+/// compressed as it arrives, never held whole.
+pub fn fetch_remote_archived(
+    client: &mut RepoClient,
+    unless: Option<u64>,
+) -> Result<Option<(Manifest, RemoteText)>> {
+    use dsg_repo::MetaWith;
+    let origin = format!("{}:{}/.dsg/last-sync.json", client.host(), client.repo());
+    let path = std::path::PathBuf::from(&origin);
+    let got = client.read_meta_with("last-sync.json", unless, |r| {
+        let mut tee = Tee {
+            r,
+            h: xxhash_rust::xxh3::Xxh3::new(),
+            enc: lz4_flex::frame::FrameEncoder::new(Vec::new()),
+        };
+        let m = Manifest::from_reader(std::io::BufReader::with_capacity(1 << 16, &mut tee), &path);
+        m.map(|m| {
+            let lz4 = tee.enc.finish().expect("lz4 into a Vec");
+            (m, lz4, tee.h.digest())
+        })
+    })?;
+    match got {
+        MetaWith::Unchanged => Ok(None),
+        MetaWith::Missing => Err(EngineError::State {
+            message: format!("the repository manifest {origin} does not exist"),
+            hint: "check the repository path in .dsgconfig.yml; a new repository is made with 'dsg init'".into(),
+        }),
+        MetaWith::Data(parsed) => {
+            let (m, lz4, hash) = parsed?;
+            m.verify_integrity().map_err(|msg| EngineError::State {
+                message: format!("the repository manifest {origin} fails its integrity check: {msg}"),
+                hint: "the repository was altered outside dsg; ask its maintainer to restore it".into(),
+            })?;
+            Ok(Some((m, RemoteText::Archived { lz4, hash })))
+        }
+    }
+}
+
+/// A reader that hashes and compresses what is read through it.
+struct Tee<'a> {
+    r: &'a mut dyn std::io::Read,
+    h: xxhash_rust::xxh3::Xxh3,
+    enc: lz4_flex::frame::FrameEncoder<Vec<u8>>,
+}
+
+impl std::io::Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.h.update(&buf[..n]);
+        std::io::Write::write_all(&mut self.enc, &buf[..n])?;
+        Ok(n)
+    }
+}
+
 /// What `compare` should do besides comparing.
 #[derive(Clone, Copy, Default)]
 pub struct CompareOpts {
@@ -149,6 +203,10 @@ pub fn compare(
     // answer "unchanged" instead of sending the manifest again.
     let (remote, remote_text) = match client {
         None => (None, None),
+        Some(c) if opts.keep_remote_bytes => match fetch_remote_archived(c, cache_hash)? {
+            None => (None, cache_hash.map(RemoteText::CacheFile)),
+            Some((r, text)) => (Some(r), Some(text)),
+        },
         Some(c) => match fetch_remote(c, cache_hash)? {
             None => (
                 None,
