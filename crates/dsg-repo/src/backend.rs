@@ -359,3 +359,38 @@ impl Read for FileAt<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod blob_tests {
+    use super::*;
+
+    #[test]
+    fn a_spooled_blob_reads_writes_and_compares_like_its_bytes() {
+        let dir = std::env::temp_dir().join(format!("dsg-blob-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let spool = dir.join("spool");
+        std::fs::write(&spool, &bytes).unwrap();
+        let mut f = std::fs::File::open(&spool).unwrap();
+        // The cursor is not where the reads start: they are positional.
+        std::io::Read::read_exact(&mut f, &mut [0u8; 10]).unwrap();
+        std::fs::remove_file(&spool).unwrap();
+        for blob in [Blob::File(f), Blob::Bytes(bytes.clone())] {
+            let mut back = Vec::new();
+            blob.reader().read_to_end(&mut back).unwrap();
+            assert_eq!(back, bytes);
+            let out = dir.join("out");
+            blob.write_atomic(&out).unwrap();
+            assert_eq!(std::fs::read(&out).unwrap(), bytes);
+            assert!(blob.same_as_file(&out));
+            let mut other = bytes.clone();
+            other[150_000] ^= 1;
+            std::fs::write(&out, &other).unwrap();
+            assert!(!blob.same_as_file(&out));
+            std::fs::write(&out, &bytes[..1000]).unwrap();
+            assert!(!blob.same_as_file(&out));
+            assert!(!blob.same_as_file(&dir.join("missing")));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -655,6 +655,45 @@ mod tests {
     }
 
     #[test]
+    fn bounded_read_to_a_writer_spools_refuses_and_stays_in_step() {
+        let mut wire = Vec::new();
+        write_data(&mut wire, &[1u8; 3 * CHUNK]).unwrap();
+        write_data(&mut wire, &[2u8; 10]).unwrap();
+        write_data(&mut wire, &[3u8; 5]).unwrap();
+        write_json(&mut wire, &Request::Flush).unwrap();
+        let mut r = &wire[..];
+        let mut spool = Vec::new();
+        assert!(matches!(
+            read_data_bounded_to(&mut r, CHUNK as u64, &mut spool).unwrap(),
+            Bounded::TooLarge(n) if n == 3 * CHUNK as u64
+        ));
+        let mut spool = Vec::new();
+        assert!(matches!(
+            read_data_bounded_to(&mut r, 10, &mut spool).unwrap(),
+            Bounded::Kept(10)
+        ));
+        assert_eq!(spool, vec![2u8; 10]);
+        // A writer that fails: the stream is still read to its end.
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        assert!(matches!(
+            read_data_bounded_to(&mut r, 10, &mut Full).unwrap(),
+            Bounded::WriteFailed(_)
+        ));
+        assert!(matches!(
+            read_json::<_, Request>(&mut r).unwrap(),
+            Request::Flush
+        ));
+    }
+
+    #[test]
     fn a_stream_ended_by_an_error_is_an_error_and_stays_in_step() {
         struct Failing(usize);
         impl Read for Failing {
