@@ -412,6 +412,34 @@ impl Metadata {
         Value::Object(m)
     }
 
+    /// The metadata of snapshot `id` with these entries, following `prev`
+    /// (the snapshot it replaces, or none for the first).
+    pub fn sealed(
+        entries_hash: String,
+        entry_count: usize,
+        id: &str,
+        created_by: &str,
+        message: &str,
+        notes: &str,
+        prev: Option<&Metadata>,
+    ) -> Metadata {
+        let prev_hash = prev.and_then(|p| p.snapshot_hash.clone());
+        let hash = snapshot_hash(&entries_hash, Some(message), None, prev_hash.as_deref());
+        Metadata {
+            manifest_version: MANIFEST_VERSION.into(),
+            snapshot_id: id.into(),
+            created_at: timefmt::now_la(),
+            entry_count: entry_count as u64,
+            entries_hash,
+            created_by: Some(created_by.into()),
+            snapshot_message: Some(message.into()),
+            snapshot_previous: prev.map(|p| p.snapshot_id.clone()),
+            snapshot_hash: Some(hash),
+            snapshot_notes: Some(notes.into()),
+            project_config: None,
+        }
+    }
+
     pub fn from_value(v: &Value) -> Result<Metadata, String> {
         let o = v.as_object().ok_or("metadata is not an object")?;
         let req_str = |k: &str| -> Result<String, String> {
@@ -570,6 +598,96 @@ fn sort_keys(v: &Value) -> Value {
     }
 }
 
+/// `entries_hash` over `entries` in the order given.
+pub fn entries_hash_of<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> String {
+    let mut h = Xxh3::new();
+    let mut buf = Vec::with_capacity(256);
+    for e in entries {
+        buf.clear();
+        e.write_compact(&mut buf);
+        h.update(&buf);
+    }
+    Hash(h.digest()).to_hex()
+}
+
+/// Writes a manifest as the original does (orjson indent 2, no trailing
+/// newline), entries in the order given, without holding the whole text.
+pub fn write_json<'a, W: Write>(
+    w: &mut W,
+    entries: impl IntoIterator<Item = &'a Entry>,
+    metadata: Option<&Metadata>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    buf.extend_from_slice(b"{\n  \"entries\": {");
+    let mut first = true;
+    for e in entries {
+        buf.extend_from_slice(if first { b"\n    " } else { b",\n    " });
+        first = false;
+        json_str(&mut buf, &e.path);
+        buf.extend_from_slice(b": ");
+        e.write_pretty(&mut buf);
+        if buf.len() >= 1 << 16 {
+            w.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    if first {
+        buf.extend_from_slice(b"}");
+    } else {
+        buf.extend_from_slice(b"\n  }");
+    }
+    buf.extend_from_slice(b",\n  \"metadata\": ");
+    match metadata {
+        Some(md) => {
+            let s = serde_json::to_string_pretty(&md.to_value()).expect("json");
+            // Nest the object one level deeper.
+            buf.extend_from_slice(s.replace('\n', "\n  ").as_bytes());
+        }
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.extend_from_slice(b"\n}");
+    w.write_all(&buf)
+}
+
+/// A sync's new manifest: `base` (sorted by path) with `changes` applied,
+/// as references into the manifests that hold the entries, so no entry is
+/// copied. `changes` are `(path, Some(entry))` to add or replace and
+/// `(path, None)` to remove, in any order; for a path given several times
+/// an entry wins over a removal, and of several entries the last (as the
+/// construction this replaced: retain, append, `Manifest::from_entries`).
+/// Sorted by path like every manifest we write.
+pub fn merge_changes<'a>(
+    base: &'a [Entry],
+    mut changes: Vec<(&str, Option<&'a Entry>)>,
+) -> Vec<&'a Entry> {
+    changes.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    // Stable sort: of equal paths the last given comes last.
+    let mut dedup: Vec<(&str, Option<&'a Entry>)> = Vec::with_capacity(changes.len());
+    for c in changes {
+        match dedup.last_mut() {
+            Some(last) if last.0 == c.0 => {
+                if c.1.is_some() || last.1.is_none() {
+                    *last = c;
+                }
+            }
+            _ => dedup.push(c),
+        }
+    }
+    let mut out = Vec::with_capacity(base.len() + dedup.len());
+    let mut b = base.iter().peekable();
+    for (path, put) in dedup {
+        while let Some(e) = b.next_if(|e| e.path.as_bytes() < path.as_bytes()) {
+            out.push(e);
+        }
+        b.next_if(|e| &*e.path == path);
+        if let Some(e) = put {
+            out.push(e);
+        }
+    }
+    out.extend(b);
+    out
+}
+
 /// A manifest. Entries are kept sorted by path (byte order), which is also the
 /// order we write. `stored_entries_hash` is the hash over the order the file
 /// had when we read it, which is what an original-written file must match.
@@ -646,14 +764,7 @@ impl Manifest {
 
     /// `entries_hash` over entries sorted by path (what we write).
     pub fn entries_hash(&self) -> String {
-        let mut h = Xxh3::new();
-        let mut buf = Vec::with_capacity(256);
-        for e in &self.entries {
-            buf.clear();
-            e.write_compact(&mut buf);
-            h.update(&buf);
-        }
-        Hash(h.digest()).to_hex()
+        entries_hash_of(&self.entries)
     }
 
     /// Checks count and entries hash against the metadata. The hash may match
@@ -695,21 +806,15 @@ impl Manifest {
         prev: Option<&Metadata>,
     ) {
         let entries_hash = self.entries_hash();
-        let prev_hash = prev.and_then(|p| p.snapshot_hash.clone());
-        let hash = snapshot_hash(&entries_hash, Some(message), None, prev_hash.as_deref());
-        self.metadata = Some(Metadata {
-            manifest_version: MANIFEST_VERSION.into(),
-            snapshot_id: id.into(),
-            created_at: timefmt::now_la(),
-            entry_count: self.entries.len() as u64,
-            entries_hash: entries_hash.clone(),
-            created_by: Some(created_by.into()),
-            snapshot_message: Some(message.into()),
-            snapshot_previous: prev.map(|p| p.snapshot_id.clone()),
-            snapshot_hash: Some(hash),
-            snapshot_notes: Some(notes.into()),
-            project_config: None,
-        });
+        self.metadata = Some(Metadata::sealed(
+            entries_hash.clone(),
+            self.entries.len(),
+            id,
+            created_by,
+            message,
+            notes,
+            prev,
+        ));
         // We write entries in this (sorted) order, so the hash over the
         // order of the file is this one: what parsing it back would find.
         self.stored_entries_hash = Some(entries_hash);
@@ -719,28 +824,7 @@ impl Manifest {
     /// entries sorted by path.
     pub fn to_json_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.entries.len() * 220);
-        out.extend_from_slice(b"{\n  \"entries\": {");
-        for (i, e) in self.entries.iter().enumerate() {
-            out.extend_from_slice(if i == 0 { b"\n    " } else { b",\n    " });
-            json_str(&mut out, &e.path);
-            out.extend_from_slice(b": ");
-            e.write_pretty(&mut out);
-        }
-        if self.entries.is_empty() {
-            out.extend_from_slice(b"}");
-        } else {
-            out.extend_from_slice(b"\n  }");
-        }
-        out.extend_from_slice(b",\n  \"metadata\": ");
-        match &self.metadata {
-            Some(md) => {
-                let s = serde_json::to_string_pretty(&md.to_value()).expect("json");
-                // Nest the object one level deeper.
-                out.extend_from_slice(s.replace('\n', "\n  ").as_bytes());
-            }
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b"\n}");
+        write_json(&mut out, &self.entries, self.metadata.as_ref()).expect("writing to a Vec");
         out
     }
 
@@ -799,8 +883,11 @@ impl Manifest {
 
     /// Loads a manifest that may legitimately be absent; any other failure is an error.
     pub fn load_optional(path: &Path) -> Result<Option<Manifest>, ManifestError> {
-        match std::fs::read(path) {
-            Ok(bytes) => Manifest::from_json_bytes(&bytes, path).map(Some),
+        // Streamed: the text of a large manifest is never held whole.
+        match std::fs::File::open(path) {
+            Ok(f) => {
+                Manifest::from_reader(std::io::BufReader::with_capacity(1 << 16, f), path).map(Some)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ManifestError::Io {
                 path: path.to_path_buf(),
@@ -853,6 +940,28 @@ impl Manifest {
                 _ => p.nfc().collect(),
             }
         };
+        // The common case, every path already NFC: the paths are unique
+        // and sorted, so a lookup of each parent finds a file above it
+        // without a map of every path (tens of MB at a million entries).
+        if self
+            .entries
+            .iter()
+            .all(|e| is_nfc_quick(e.path.chars()) == IsNormalized::Yes)
+        {
+            for e in &self.entries {
+                let mut p = &*e.path;
+                while let Some((parent, _)) = p.rsplit_once('/') {
+                    if let Some(above) = self.get(parent) {
+                        return Err(format!(
+                            "{:?} lies below {:?}, which is a file or a link, not a directory",
+                            e.path, above.path
+                        ));
+                    }
+                    p = parent;
+                }
+            }
+            return Ok(());
+        }
         let mut by_nfc: std::collections::HashMap<String, &str> =
             std::collections::HashMap::with_capacity(self.entries.len());
         for e in &self.entries {
@@ -1129,6 +1238,30 @@ pub fn compress_archive(json: &[u8]) -> Vec<u8> {
     enc.finish().expect("lz4 finish")
 }
 
+/// `compress_archive` from a reader into a writer without holding the
+/// text: returns the XXH3 of the bytes read (so the caller can check they
+/// are the ones it meant to archive).
+pub fn compress_archive_stream(
+    mut from: impl std::io::Read,
+    to: impl Write,
+) -> std::io::Result<Hash> {
+    let mut enc = lz4_flex::frame::FrameEncoder::new(to);
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        enc.write_all(&buf[..n])?;
+    }
+    enc.finish().map_err(std::io::Error::other)?.flush()?;
+    Ok(Hash(h.digest()))
+}
+
 pub fn archive_name(snapshot_id: &str) -> String {
     format!("{snapshot_id}-sync.json.lz4")
 }
@@ -1305,20 +1438,41 @@ pub mod binary {
     }
 
     pub fn encode(m: &Manifest, tag: u64) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(64 + m.entries.len() * 64));
+        let entries: Vec<&Entry> = m.entries.iter().collect();
+        encode_parts(
+            &entries,
+            m.metadata.as_ref(),
+            m.stored_entries_hash.as_deref(),
+            tag,
+        )
+    }
+
+    /// `encode` of a manifest made of borrowed entries (sorted by path),
+    /// written in this order: its stored entries hash is the metadata's.
+    pub fn encode_borrowed(entries: &[&Entry], md: &Metadata, tag: u64) -> Vec<u8> {
+        encode_parts(entries, Some(md), Some(&md.entries_hash), tag)
+    }
+
+    fn encode_parts(
+        entries: &[&Entry],
+        metadata: Option<&Metadata>,
+        stored_entries_hash: Option<&str>,
+        tag: u64,
+    ) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64 + entries.len() * 64));
         w.0.extend_from_slice(MAGIC);
         w.u64(tag);
-        match &m.metadata {
+        match metadata {
             Some(md) => w.bytes(&serde_json::to_vec(&md.to_value()).expect("json")),
             None => w.u32(u32::MAX),
         }
-        match &m.stored_entries_hash {
+        match stored_entries_hash {
             Some(h) => w.bytes(h.as_bytes()),
             None => w.u32(u32::MAX),
         }
         let mut users: Vec<&Arc<str>> = Vec::new();
-        let mut idx = Vec::with_capacity(m.entries.len());
-        for e in &m.entries {
+        let mut idx = Vec::with_capacity(entries.len());
+        for e in entries {
             let i = match users
                 .iter()
                 .position(|u| Arc::ptr_eq(u, &e.user) || **u == e.user)
@@ -1335,8 +1489,8 @@ pub mod binary {
         for u in &users {
             w.bytes(u.as_bytes());
         }
-        w.u64(m.entries.len() as u64);
-        for (e, ui) in m.entries.iter().zip(idx) {
+        w.u64(entries.len() as u64);
+        for (e, ui) in entries.iter().zip(idx) {
             w.bytes(e.path.as_bytes());
             w.u32(ui);
             match &e.kind {
@@ -1648,6 +1802,118 @@ mod shape_tests {
             "s99999999999999999999",
         ] {
             assert_eq!(strict_snapshot_number(bad), None, "{bad}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file(path: &str, n: u64) -> Entry {
+        Entry {
+            path: path.into(),
+            user: Arc::from("u@example.org"),
+            kind: EntryKind::File {
+                size: n,
+                mtime: Mtime::from_unix(1_700_000_000 + n as i64, 0),
+                hash: Some(Hash(n)),
+            },
+        }
+    }
+
+    /// The construction `merge_changes` replaced: clone the base, drop
+    /// every changed path, append the new entries, sort (last wins).
+    fn clone_and_retain(base: &Manifest, changes: &[(&str, Option<&Entry>)]) -> Manifest {
+        let drop: std::collections::HashSet<&str> = changes.iter().map(|c| c.0).collect();
+        let mut entries: Vec<Entry> = base.entries().to_vec();
+        entries.retain(|e| !drop.contains(&*e.path));
+        entries.extend(changes.iter().filter_map(|c| c.1.cloned()));
+        Manifest::from_entries(entries)
+    }
+
+    #[test]
+    fn merge_adds_replaces_and_removes() {
+        let base = Manifest::from_entries(vec![file("a", 1), file("b", 2), file("d", 4)]);
+        let (c, b2, a9) = (file("c", 3), file("b", 20), file("a", 9));
+        let merged = merge_changes(
+            base.entries(),
+            vec![
+                ("d", None),
+                ("c", Some(&c)),
+                ("b", Some(&b2)),
+                ("a", Some(&a9)),
+                ("a", None),
+                ("zz", None),
+            ],
+        );
+        let got: Vec<(&str, u64)> = merged
+            .iter()
+            .map(|e| (&*e.path, e.hash().unwrap().0))
+            .collect();
+        assert_eq!(got, vec![("a", 9), ("b", 20), ("c", 3)]);
+        assert!(merge_changes(&[], vec![]).is_empty());
+    }
+
+    #[test]
+    fn borrowed_manifest_writes_and_hashes_like_an_owned_one() {
+        let base = Manifest::from_entries(vec![file("a", 1), file("b/c", 2), file("d", 4)]);
+        let e = file("b/a", 7);
+        let refs = merge_changes(base.entries(), vec![("b/a", Some(&e)), ("d", None)]);
+        let mut owned = Manifest::from_entries(refs.iter().map(|e| (*e).clone()).collect());
+        owned.seal("s2", "u", "m", "sync", None);
+        let md = owned.metadata.clone().unwrap();
+        assert_eq!(entries_hash_of(refs.iter().copied()), md.entries_hash);
+        let mut json = Vec::new();
+        write_json(&mut json, refs.iter().copied(), Some(&md)).unwrap();
+        assert_eq!(json, owned.to_json_bytes());
+        let tag = 42;
+        assert_eq!(
+            binary::encode_borrowed(&refs, &md, tag),
+            binary::encode(&owned, tag)
+        );
+        let back = Manifest::from_json_bytes(&json, Path::new("t")).unwrap();
+        back.verify_integrity().unwrap();
+    }
+
+    #[test]
+    fn streamed_archive_equals_the_in_memory_one() {
+        let m = Manifest::from_entries((0..500).map(|i| file(&format!("p{i}"), i)).collect());
+        let json = m.to_json_bytes();
+        let mut out = Vec::new();
+        let h = compress_archive_stream(&json[..], &mut out).unwrap();
+        assert_eq!(h, Hash::of_bytes(&json));
+        // Block boundaries may differ from the one-shot compression; the
+        // archive must hold the manifest's bytes verbatim.
+        let back = archive_from_bytes(&out, Path::new("t.lz4")).unwrap();
+        assert_eq!(back, m);
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut lz4_flex::frame::FrameDecoder::new(&out[..]), &mut raw)
+            .unwrap();
+        assert_eq!(raw, json);
+    }
+
+    proptest! {
+        #[test]
+        fn merge_equals_clone_and_retain(
+            base in proptest::collection::btree_set("[a-e]{1,3}", 0..40),
+            changes in proptest::collection::vec(("[a-e]{1,3}", proptest::option::of(0u64..1000)), 0..40),
+        ) {
+            let base = Manifest::from_entries(
+                base.iter().enumerate().map(|(i, p)| file(p, i as u64)).collect(),
+            );
+            let puts: Vec<Option<Entry>> =
+                changes.iter().map(|(p, n)| n.map(|n| file(p, n))).collect();
+            let changes: Vec<(&str, Option<&Entry>)> = changes
+                .iter()
+                .zip(&puts)
+                .map(|((p, _), e)| (p.as_str(), e.as_ref()))
+                .collect();
+            let merged = merge_changes(base.entries(), changes.clone());
+            let old = clone_and_retain(&base, &changes);
+            let merged: Vec<Entry> = merged.into_iter().cloned().collect();
+            prop_assert_eq!(merged, old.entries().to_vec());
         }
     }
 }

@@ -6,8 +6,9 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use crate::backend::{AgentError, Backend, CommitData, Stored};
 use crate::protocol::{
-    copy_as_data, read_data_bounded, read_json, write_data, write_json, DataStream, ErrorKind,
-    Request, Response, MAX_MANIFEST_BYTES, MAX_MESSAGES_BYTES, MAX_META_ENV, PROTOCOL_VERSION,
+    copy_as_data, read_data_bounded, read_data_bounded_to, read_json, write_data, write_json,
+    Bounded, DataStream, ErrorKind, Request, Response, MAX_MANIFEST_BYTES, MAX_MESSAGES_BYTES,
+    MAX_META_ENV, PROTOCOL_VERSION,
 };
 
 fn reply_err<W: Write>(w: &mut W, e: &AgentError) -> io::Result<()> {
@@ -122,8 +123,30 @@ fn serve_loop<R: Read, W: Write>(
             },
             Request::Commit { snapshot_id } => {
                 let (max_manifest, max_messages) = meta_limits();
-                let manifest = read_data_bounded(&mut r, max_manifest)?;
+                // Spooled to a file in the transaction's staging when
+                // there is one: the agent never holds the manifest's text.
+                let manifest = match backend.spool_file() {
+                    Some(mut f) => match read_data_bounded_to(&mut r, max_manifest, &mut f)? {
+                        Bounded::Kept(_) => Ok(Ok(crate::backend::Blob::File(f))),
+                        Bounded::TooLarge(n) => Ok(Err(n)),
+                        Bounded::WriteFailed(e) => Err(e),
+                    },
+                    None => Ok(read_data_bounded(&mut r, max_manifest)?.map(Into::into)),
+                };
                 let sync_messages = read_data_bounded(&mut r, max_messages)?;
+                let manifest = match manifest {
+                    Ok(m) => m,
+                    Err(e) => {
+                        *sticky = None;
+                        let _ = backend.rollback();
+                        reply_err(
+                            &mut w,
+                            &AgentError::io("spooling the uploaded manifest", e)
+                                .hint("nothing was changed; check the repository's free space"),
+                        )?;
+                        continue;
+                    }
+                };
                 match (manifest, sync_messages) {
                     (Ok(manifest), Ok(sync_messages)) => {
                         let data = CommitData {

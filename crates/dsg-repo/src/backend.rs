@@ -160,6 +160,12 @@ pub trait Backend: Send {
     /// leaves the old head.
     fn commit(&mut self, commit: &CommitData) -> Result<(), AgentError>;
 
+    /// An unlinked file in the open transaction's staging to spool a
+    /// commit's manifest into (`None`: keep it in memory).
+    fn spool_file(&mut self) -> Option<std::fs::File> {
+        None
+    }
+
     /// Discards the staged transaction (a no-op without one).
     fn rollback(&mut self) -> Result<(), AgentError>;
 
@@ -251,6 +257,140 @@ pub trait Version: Send {
 
 pub struct CommitData {
     pub snapshot_id: String,
-    pub manifest: Vec<u8>,
+    pub manifest: Blob,
     pub sync_messages: Vec<u8>,
+}
+
+/// Bytes a commit brings: in memory, or spooled to a file (a manifest:
+/// hundreds of MB at a million entries, never held whole by the agent).
+pub enum Blob {
+    Bytes(Vec<u8>),
+    /// An unlinked file holding exactly the bytes, read from offset 0.
+    File(std::fs::File),
+}
+
+impl From<Vec<u8>> for Blob {
+    fn from(b: Vec<u8>) -> Blob {
+        Blob::Bytes(b)
+    }
+}
+
+impl Blob {
+    /// The bytes from the start (each call starts again).
+    pub fn reader(&self) -> Box<dyn Read + '_> {
+        match self {
+            Blob::Bytes(b) => Box::new(&b[..]),
+            Blob::File(f) => Box::new(std::io::BufReader::with_capacity(
+                1 << 16,
+                FileAt { f, pos: 0 },
+            )),
+        }
+    }
+
+    /// Writes the bytes to `path` atomically and durably.
+    pub fn write_atomic(&self, path: &std::path::Path) -> Result<(), dsg_core::atomic::WriteError> {
+        match self {
+            Blob::Bytes(b) => dsg_core::atomic::write_atomic(path, b),
+            Blob::File(_) => {
+                let mut out = dsg_core::atomic::AtomicFile::create(path)?;
+                std::io::copy(&mut self.reader(), out.file()).map_err(|source| {
+                    dsg_core::atomic::WriteError {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                })?;
+                out.commit(true)
+            }
+        }
+    }
+
+    /// Whether the file at `path` holds exactly these bytes.
+    pub fn same_as_file(&self, path: &std::path::Path) -> bool {
+        let Ok(f) = std::fs::File::open(path) else {
+            return false;
+        };
+        let mut a = std::io::BufReader::with_capacity(1 << 16, f);
+        let mut b = self.reader();
+        let (mut x, mut y) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+        loop {
+            let n = match read_full(&mut a, &mut x) {
+                Ok(n) => n,
+                Err(_) => return false,
+            };
+            let m = match read_full(&mut b, &mut y) {
+                Ok(m) => m,
+                Err(_) => return false,
+            };
+            if n != m || x[..n] != y[..m] {
+                return false;
+            }
+            if n == 0 {
+                return true;
+            }
+        }
+    }
+}
+
+/// Reads until `buf` is full or the end.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// A file read with `pread` from its start, whatever its cursor.
+struct FileAt<'a> {
+    f: &'a std::fs::File,
+    pos: u64,
+}
+
+impl Read for FileAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.f.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod blob_tests {
+    use super::*;
+
+    #[test]
+    fn a_spooled_blob_reads_writes_and_compares_like_its_bytes() {
+        let dir = std::env::temp_dir().join(format!("dsg-blob-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let spool = dir.join("spool");
+        std::fs::write(&spool, &bytes).unwrap();
+        let mut f = std::fs::File::open(&spool).unwrap();
+        // The cursor is not where the reads start: they are positional.
+        std::io::Read::read_exact(&mut f, &mut [0u8; 10]).unwrap();
+        std::fs::remove_file(&spool).unwrap();
+        for blob in [Blob::File(f), Blob::Bytes(bytes.clone())] {
+            let mut back = Vec::new();
+            blob.reader().read_to_end(&mut back).unwrap();
+            assert_eq!(back, bytes);
+            let out = dir.join("out");
+            blob.write_atomic(&out).unwrap();
+            assert_eq!(std::fs::read(&out).unwrap(), bytes);
+            assert!(blob.same_as_file(&out));
+            let mut other = bytes.clone();
+            other[150_000] ^= 1;
+            std::fs::write(&out, &other).unwrap();
+            assert!(!blob.same_as_file(&out));
+            std::fs::write(&out, &bytes[..1000]).unwrap();
+            assert!(!blob.same_as_file(&out));
+            assert!(!blob.same_as_file(&dir.join("missing")));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

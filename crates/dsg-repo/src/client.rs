@@ -117,6 +117,13 @@ pub enum Meta {
     Data(Vec<u8>),
 }
 
+/// `read_meta_with`'s answer: the value `f` made of the bytes.
+pub enum MetaWith<T> {
+    Missing,
+    Unchanged,
+    Data(T),
+}
+
 /// One downloaded item, handed to the caller as it arrives.
 pub enum Incoming<'a> {
     File {
@@ -295,6 +302,46 @@ impl RepoClient {
                     None => self.conn(e),
                 }),
             },
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
+    /// `read_meta` that hands the bytes to `f` as they arrive instead of
+    /// collecting them (a manifest is parsed without holding its text).
+    /// The stream is read to its end whatever `f` does; a stream the
+    /// agent ended with an error is that error, whatever `f` returned.
+    pub fn read_meta_with<T>(
+        &mut self,
+        name: &str,
+        unless_hash: Option<u64>,
+        f: impl FnOnce(&mut dyn Read) -> T,
+    ) -> Result<MetaWith<T>, RepoError> {
+        self.send(&Request::ReadMeta {
+            name: name.into(),
+            unless_hash,
+        })?;
+        match self.recv()? {
+            Response::Missing => Ok(MetaWith::Missing),
+            Response::Unchanged => Ok(MetaWith::Unchanged),
+            Response::Data { .. } => {
+                let mut ds = crate::protocol::DataStream::new(&mut self.r);
+                let out = f(&mut ds);
+                let drained = ds.drain();
+                let failed = ds.failed().cloned();
+                if let Some(remote) = failed {
+                    return Err(self.remote(remote));
+                }
+                match drained {
+                    Ok(()) => Ok(MetaWith::Data(out)),
+                    Err(e) => Err(match remote_error(&e) {
+                        Some(remote) => self.remote(remote.clone()),
+                        None => self.conn(e),
+                    }),
+                }
+            }
             other => Err(RepoError::protocol(
                 &self.host,
                 format!("unexpected reply {other:?}"),
@@ -490,7 +537,7 @@ impl RepoClient {
     pub fn commit(
         &mut self,
         snapshot_id: &str,
-        manifest: &[u8],
+        manifest: &mut dyn std::io::Read,
         sync_messages: &[u8],
     ) -> Result<(), RepoError> {
         if let Some(e) = self.send_error.take() {
@@ -499,9 +546,39 @@ impl RepoClient {
         self.send(&Request::Commit {
             snapshot_id: snapshot_id.into(),
         })?;
+        // The manifest is streamed from where it was staged, never held
+        // whole. If reading it fails midway the stream still ends (what
+        // was sent cannot be a complete manifest: the agent refuses it)
+        // and the read's error is returned.
+        let mut read_err = None;
+        let mut buf = vec![0u8; crate::protocol::CHUNK];
         let w = &mut self.w;
-        let io = write_data(w, manifest).and_then(|_| write_data(w, sync_messages));
+        let io = (|| {
+            loop {
+                let n = match manifest.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        read_err = Some(e);
+                        break;
+                    }
+                };
+                crate::protocol::write_frame(w, b'D', &buf[..n])?;
+            }
+            crate::protocol::write_frame(w, b'E', &[])?;
+            write_data(w, sync_messages)
+        })();
         io.map_err(|e| self.conn(e))?;
+        if let Some(e) = read_err {
+            let _ = self.recv();
+            return Err(RepoError::Local {
+                path: "staged manifest".into(),
+                msg: format!(
+                    "reading it failed: {e}; the repository refuses the incomplete manifest"
+                ),
+            });
+        }
         match self.recv()? {
             Response::Committed { .. } => Ok(()),
             other => Err(RepoError::protocol(

@@ -464,6 +464,51 @@ pub fn read_data_bounded<R: Read>(r: &mut R, limit: u64) -> io::Result<Result<Ve
     Ok(Err(kept.saturating_add(rest)))
 }
 
+/// What `read_data_bounded_to` did with a data stream.
+pub enum Bounded {
+    /// Written whole: this many bytes.
+    Kept(u64),
+    /// Longer than the limit (this many bytes): read to its end, not kept.
+    TooLarge(u64),
+    /// Writing failed: the rest was read and dropped.
+    WriteFailed(io::Error),
+}
+
+/// `read_data_bounded` into a writer (a spool file) instead of memory.
+/// Only reading errors (the connection) are `Err`.
+pub fn read_data_bounded_to<R: Read, W: Write>(
+    r: &mut R,
+    limit: u64,
+    out: &mut W,
+) -> io::Result<Bounded> {
+    let mut ds = DataStream::new(r);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    let mut failed = None;
+    loop {
+        let n = match ds.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        if failed.is_none() && total <= limit {
+            if let Err(e) = out.write_all(&buf[..n]) {
+                failed = Some(e);
+            }
+        }
+    }
+    Ok(match failed {
+        _ if total > limit => Bounded::TooLarge(total),
+        Some(e) => Bounded::WriteFailed(e),
+        None => match out.flush() {
+            Ok(()) => Bounded::Kept(total),
+            Err(e) => Bounded::WriteFailed(e),
+        },
+    })
+}
+
 /// A data stream (frames until `End`) read as a `Read`. Frame bodies are
 /// read straight into the caller's buffer: a large file crosses this layer
 /// without an allocation or an extra copy per chunk.
@@ -603,6 +648,45 @@ mod tests {
         let too_long = read_data_bounded(&mut r, CHUNK as u64).unwrap();
         assert_eq!(too_long, Err(3 * CHUNK as u64));
         assert_eq!(read_data_bounded(&mut r, 10).unwrap(), Ok(vec![2u8; 10]));
+        assert!(matches!(
+            read_json::<_, Request>(&mut r).unwrap(),
+            Request::Flush
+        ));
+    }
+
+    #[test]
+    fn bounded_read_to_a_writer_spools_refuses_and_stays_in_step() {
+        let mut wire = Vec::new();
+        write_data(&mut wire, &[1u8; 3 * CHUNK]).unwrap();
+        write_data(&mut wire, &[2u8; 10]).unwrap();
+        write_data(&mut wire, &[3u8; 5]).unwrap();
+        write_json(&mut wire, &Request::Flush).unwrap();
+        let mut r = &wire[..];
+        let mut spool = Vec::new();
+        assert!(matches!(
+            read_data_bounded_to(&mut r, CHUNK as u64, &mut spool).unwrap(),
+            Bounded::TooLarge(n) if n == 3 * CHUNK as u64
+        ));
+        let mut spool = Vec::new();
+        assert!(matches!(
+            read_data_bounded_to(&mut r, 10, &mut spool).unwrap(),
+            Bounded::Kept(10)
+        ));
+        assert_eq!(spool, vec![2u8; 10]);
+        // A writer that fails: the stream is still read to its end.
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        assert!(matches!(
+            read_data_bounded_to(&mut r, 10, &mut Full).unwrap(),
+            Bounded::WriteFailed(_)
+        ));
         assert!(matches!(
             read_json::<_, Request>(&mut r).unwrap(),
             Request::Flush

@@ -250,7 +250,7 @@ impl Repository {
             )
             .hint("nothing was changed; run the command again with dsg, which numbers snapshots itself"));
         }
-        let new = Manifest::from_json_bytes(&c.manifest, Path::new("uploaded manifest"))
+        let new = Manifest::from_reader(c.manifest.reader(), Path::new("uploaded manifest"))
             .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
         new.verify_integrity().map_err(|e| {
             AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
@@ -351,7 +351,8 @@ impl Repository {
     /// store's commit point.
     fn commit_init(&self, tx: &OpenTx, c: &CommitData) -> Result<(), AgentError> {
         let dsg = tx.staging.join(".dsg");
-        write_atomic(&dsg.join("last-sync.json"), &c.manifest)
+        c.manifest
+            .write_atomic(&dsg.join("last-sync.json"))
             .map_err(|e| AgentError::io("staging manifest", e.source))?;
         write_atomic(&dsg.join("sync-messages.json"), &c.sync_messages)
             .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
@@ -377,7 +378,8 @@ impl Repository {
     ) -> Result<(), AgentError> {
         // Sync: stage the metadata, make everything durable, then commit.
         let meta = tx.staging.join(".dsg-meta");
-        write_atomic(&meta.join("last-sync.json"), &c.manifest)
+        c.manifest
+            .write_atomic(&meta.join("last-sync.json"))
             .map_err(|e| AgentError::io("staging manifest", e.source))?;
         write_atomic(&meta.join("sync-messages.json"), &c.sync_messages)
             .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
@@ -388,13 +390,19 @@ impl Repository {
         if let Some(n) = base_number(tx)? {
             let name = dsg_core::manifest::archive_name(&format!("s{n}"));
             if !self.site.dsg().join("archive").join(&name).exists() {
-                let raw = fs::read(self.site.dsg().join("last-sync.json"))
+                // Streamed: the head's text is never held whole.
+                let raw = File::open(self.site.dsg().join("last-sync.json"))
                     .map_err(|e| AgentError::io("reading the head manifest", e))?;
-                write_atomic(
-                    &meta.join("archive").join(&name),
-                    &dsg_core::manifest::compress_archive(&raw),
+                let path = meta.join("archive").join(&name);
+                let mut out = dsg_core::atomic::AtomicFile::create(&path)
+                    .map_err(|e| AgentError::io("staging archive", e.source))?;
+                dsg_core::manifest::compress_archive_stream(
+                    std::io::BufReader::with_capacity(1 << 16, raw),
+                    std::io::BufWriter::with_capacity(1 << 16, out.file()),
                 )
-                .map_err(|e| AgentError::io("staging archive", e.source))?;
+                .map_err(|e| AgentError::io("staging archive", e))?;
+                out.commit(true)
+                    .map_err(|e| AgentError::io("staging archive", e.source))?;
             }
         }
         syncfs(&tx.staging)?;
@@ -855,8 +863,9 @@ impl Backend for Repository {
         // repository's (a replaced one starts again at s1).
         let _locks = std::mem::take(&mut tx._locks);
         let _ = self.store.undo(&self.site, &tx.as_ref());
-        let landed =
-            fs::read(self.site.dsg().join("last-sync.json")).is_ok_and(|b| b == c.manifest);
+        let landed = c
+            .manifest
+            .same_as_file(&self.site.dsg().join("last-sync.json"));
         // Committed in the journal but not rolled forward (the roll
         // forward failed too): recovery finishes it; never "failed".
         if landed {
@@ -869,6 +878,35 @@ impl Backend for Repository {
             .hint("run any dsg command to complete it once the problem is fixed"))
         } else {
             Err(e)
+        }
+    }
+
+    fn spool_file(&mut self) -> Option<File> {
+        self.tx.as_ref()?;
+        // Beside the repository (where the init lock and an init's staging
+        // live), not in the transaction's tree: an open file, even
+        // unlinked, would keep a ZFS clone busy when it is unmounted.
+        let repo_dir = self.site.dir();
+        let p = repo_dir.parent()?.join(format!(
+            ".dsg-spool.{}.{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p);
+        match f {
+            Ok(f) => {
+                // Unlinked at once: nothing is left behind, whatever happens.
+                let _ = fs::remove_file(&p);
+                Some(f)
+            }
+            Err(e) => {
+                tracing::warn!("cannot spool the manifest in {}: {e}", p.display());
+                None
+            }
         }
     }
 

@@ -78,7 +78,7 @@ fn commit(b: &mut dyn Backend, m: &Manifest) -> Result<(), dsg_repo::backend::Ag
     msgs.add(&md);
     b.commit(&CommitData {
         snapshot_id: md.snapshot_id.clone(),
-        manifest: m.to_json_bytes(),
+        manifest: m.to_json_bytes().into(),
         sync_messages: msgs.to_json_bytes(),
     })
 }

@@ -342,7 +342,6 @@ fn init_tx(
     let md = manifest.metadata.clone().expect("sealed");
     let mut messages = SyncMessages::default();
     messages.add(&md);
-    let manifest_bytes = manifest.to_json_bytes();
     let messages_bytes = messages.to_json_bytes();
 
     let t0 = std::time::Instant::now();
@@ -387,7 +386,20 @@ fn init_tx(
             write_atomic(&staging.join(name), bytes)
                 .map_err(|e| EngineError::io(staging.join(name), e.source))
         };
-        w("last-sync.json", &manifest_bytes)?;
+        // Streamed to its file and sent from there: the text of a large
+        // manifest is never held whole.
+        {
+            let path = staging.join("last-sync.json");
+            let mut out = dsg_core::atomic::AtomicFile::create(&path)
+                .map_err(|e| EngineError::io(&path, e.source))?;
+            let mut bw = std::io::BufWriter::with_capacity(1 << 16, out.file());
+            dsg_core::manifest::write_json(&mut bw, manifest.entries(), manifest.metadata.as_ref())
+                .and_then(|()| std::io::Write::flush(&mut bw))
+                .map_err(|e| EngineError::io(&path, e))?;
+            drop(bw);
+            out.commit(true)
+                .map_err(|e| EngineError::io(&path, e.source))?;
+        }
         w("sync-messages.json", &messages_bytes)?;
         w(
             "stat-cache",
@@ -409,7 +421,9 @@ fn init_tx(
 
     tracing::debug!("staged locally at {:?}", t0.elapsed());
     committing.set(true);
-    client.commit("s1", &manifest_bytes, &messages_bytes)?;
+    let staged = staging.join("last-sync.json");
+    let mut f = std::fs::File::open(&staged).map_err(|e| EngineError::io(&staged, e))?;
+    client.commit("s1", &mut f, &messages_bytes)?;
     tracing::debug!("committed at {:?}", t0.elapsed());
     failpoint("client.init.committed");
     finish_local_init(&project.root, staging)?;

@@ -109,8 +109,12 @@ impl Project {
     }
 
     pub fn write_manifest_cache(&self, m: &Manifest, json_hash: u64) {
-        let bytes = dsg_core::manifest::binary::encode(m, json_hash);
-        if let Err(e) = dsg_core::atomic::write_atomic(&self.manifest_cache_path(), &bytes) {
+        self.write_manifest_cache_bytes(&dsg_core::manifest::binary::encode(m, json_hash));
+    }
+
+    /// Saves an encoded binary copy of the cache (`binary::encode*`).
+    pub fn write_manifest_cache_bytes(&self, bytes: &[u8]) {
+        if let Err(e) = dsg_core::atomic::write_atomic(&self.manifest_cache_path(), bytes) {
             tracing::warn!("could not save the manifest cache: {e}");
         }
     }

@@ -26,8 +26,10 @@ pub struct Comparison {
     /// `None` when R is the cache (offline, or the repository head is the
     /// same file as the cache): no second copy is kept.
     remote: Option<Manifest>,
-    /// The repository manifest's bytes, when asked for (sync archives them).
-    pub remote_bytes: Option<Vec<u8>>,
+    /// The repository manifest's text, when asked for (sync archives it),
+    /// never held whole: the cache file when R is the cache, else its
+    /// archive (LZ4, several times smaller).
+    pub remote_text: Option<RemoteText>,
     pub has_cache: bool,
 }
 
@@ -81,6 +83,16 @@ impl Comparison {
     }
 }
 
+/// Where the text of R (the repository's head manifest) is, for a sync that
+/// archives it or keeps it as the new cache.
+pub enum RemoteText {
+    /// R is the same file as the cache, `.dsg/last-sync.json`, whose bytes
+    /// hash to this (checked again when they are read).
+    CacheFile(u64),
+    /// R's bytes compressed as their archive, and the XXH3 of the bytes.
+    Archived { lz4: Vec<u8>, hash: u64 },
+}
+
 /// Reads R from the repository. A missing or corrupt repository manifest is
 /// an error, never an empty manifest (G4).
 pub fn fetch_remote(
@@ -102,6 +114,60 @@ pub fn fetch_remote(
             })?;
             Ok(Some((m, b)))
         }
+    }
+}
+
+/// `fetch_remote` that keeps R's text as its archive: parsed, hashed and
+/// compressed as it arrives, never held whole.
+pub fn fetch_remote_archived(
+    client: &mut RepoClient,
+    unless: Option<u64>,
+) -> Result<Option<(Manifest, RemoteText)>> {
+    use dsg_repo::MetaWith;
+    let origin = format!("{}:{}/.dsg/last-sync.json", client.host(), client.repo());
+    let path = std::path::PathBuf::from(&origin);
+    let got = client.read_meta_with("last-sync.json", unless, |r| {
+        let mut tee = Tee {
+            r,
+            h: xxhash_rust::xxh3::Xxh3::new(),
+            enc: lz4_flex::frame::FrameEncoder::new(Vec::new()),
+        };
+        let m = Manifest::from_reader(std::io::BufReader::with_capacity(1 << 16, &mut tee), &path);
+        m.map(|m| {
+            let lz4 = tee.enc.finish().expect("lz4 into a Vec");
+            (m, lz4, tee.h.digest())
+        })
+    })?;
+    match got {
+        MetaWith::Unchanged => Ok(None),
+        MetaWith::Missing => Err(EngineError::State {
+            message: format!("the repository manifest {origin} does not exist"),
+            hint: "check the repository path in .dsgconfig.yml; a new repository is made with 'dsg init'".into(),
+        }),
+        MetaWith::Data(parsed) => {
+            let (m, lz4, hash) = parsed?;
+            m.verify_integrity().map_err(|msg| EngineError::State {
+                message: format!("the repository manifest {origin} fails its integrity check: {msg}"),
+                hint: "the repository was altered outside dsg; ask its maintainer to restore it".into(),
+            })?;
+            Ok(Some((m, RemoteText::Archived { lz4, hash })))
+        }
+    }
+}
+
+/// A reader that hashes and compresses what is read through it.
+struct Tee<'a> {
+    r: &'a mut dyn std::io::Read,
+    h: xxhash_rust::xxh3::Xxh3,
+    enc: lz4_flex::frame::FrameEncoder<Vec<u8>>,
+}
+
+impl std::io::Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.h.update(&buf[..n]);
+        std::io::Write::write_all(&mut self.enc, &buf[..n])?;
+        Ok(n)
     }
 }
 
@@ -135,16 +201,26 @@ pub fn compare(
     // Ask the repository first: it is the step most likely to fail, and a
     // failure should not cost a full scan. The cache's hash lets the agent
     // answer "unchanged" instead of sending the manifest again.
-    let (remote, remote_bytes) = match client {
+    let (remote, remote_text) = match client {
         None => (None, None),
+        Some(c) if opts.keep_remote_bytes => match fetch_remote_archived(c, cache_hash)? {
+            None => (None, cache_hash.map(RemoteText::CacheFile)),
+            Some((r, text)) => (Some(r), Some(text)),
+        },
         Some(c) => match fetch_remote(c, cache_hash)? {
-            None if opts.keep_remote_bytes => {
-                let b = std::fs::read(project.cache_path())
-                    .map_err(|e| EngineError::io(project.cache_path(), e))?;
-                (None, Some(b))
+            None => (
+                None,
+                opts.keep_remote_bytes
+                    .then(|| cache_hash.map(RemoteText::CacheFile))
+                    .flatten(),
+            ),
+            Some((r, b)) => {
+                let text = opts.keep_remote_bytes.then(|| RemoteText::Archived {
+                    lz4: dsg_core::manifest::compress_archive(&b),
+                    hash: dsg_core::hash::Hash::of_bytes(&b).0,
+                });
+                (Some(r), text)
             }
-            None => (None, None),
-            Some((r, b)) => (Some(r), opts.keep_remote_bytes.then_some(b)),
         },
     };
     tracing::debug!("repository manifest checked at {:?}", t0.elapsed());
@@ -169,7 +245,7 @@ pub fn compare(
         local_stats,
         cache,
         remote,
-        remote_bytes,
+        remote_text,
         has_cache,
     };
     if opts.save_stat_cache {

@@ -21,11 +21,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use dsg_core::atomic::write_atomic;
+use dsg_core::atomic::{write_atomic, AtomicFile};
 use dsg_core::hash::Hash;
 use dsg_core::manifest::{
-    archive_name, compress_archive, snapshot_number, Entry, EntryKind, Manifest, Metadata,
-    SyncMessages,
+    archive_name, binary, compress_archive_stream, entries_hash_of, merge_changes, snapshot_number,
+    write_json, Entry, EntryKind, Metadata, SyncMessages,
 };
 use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
@@ -43,7 +43,7 @@ use crate::local_tx::{
 };
 use crate::names::{block_on_problems, settle_names, RenameOut};
 use crate::retry::{Replans, Retries};
-use crate::status::{compare, fetch_remote, CompareOpts, Comparison, Row};
+use crate::status::{compare, fetch_remote, CompareOpts, Comparison, RemoteText, Row};
 use crate::upload::{upload, Item, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
@@ -559,31 +559,35 @@ fn warn_left_alone(plan: &Plan, reporter: &dyn Reporter) {
 
 /// The repository's metadata as the sync leaves it: its head manifest and
 /// sync-messages (identical on both sides), and the snapshot it is based on.
-struct NextMeta {
+struct NextMeta<'a> {
     base: Metadata,
-    base_bytes: Vec<u8>,
-    /// The new snapshot's manifest; `None` when there is no new snapshot
-    /// (the head stays as it is).
-    manifest: Option<Manifest>,
-    manifest_bytes: Vec<u8>,
+    /// The new snapshot's manifest: its entries borrowed from L, C and R
+    /// (no entry is copied), and its metadata; `None` when there is no new
+    /// snapshot (the head stays as it is). Written to the staging folder
+    /// and sent to the agent from there, never held as text.
+    manifest: Option<(Vec<&'a Entry>, Metadata)>,
+    /// The XXH3 of the staged `last-sync.json`, once staged.
+    manifest_hash: std::cell::Cell<Option<u64>>,
     messages_bytes: Vec<u8>,
     snapshot_id: Option<String>,
     snapshot_hash: Option<String>,
 }
 
-fn new_metadata(
+fn new_metadata<'a>(
     project: &Project,
     opts: &SyncOpts,
-    cmp: &Comparison,
+    cmp: &'a Comparison,
     plan: &Plan,
     repo_messages: Option<SyncMessages>,
     client: &mut RepoClient,
-) -> Result<NextMeta> {
+) -> Result<NextMeta<'a>> {
     let remote = cmp.remote();
-    let base_bytes = cmp.remote_bytes.clone().ok_or_else(|| EngineError::State {
-        message: "internal: repository manifest bytes missing".into(),
-        hint: "report this".into(),
-    })?;
+    if cmp.remote_text.is_none() {
+        return Err(EngineError::State {
+            message: "internal: repository manifest text missing".into(),
+            hint: "report this".into(),
+        });
+    }
     let base = remote.metadata.clone().ok_or_else(|| EngineError::State {
         message: "the repository manifest has no metadata (no snapshot id)".into(),
         hint: "the repository was not written by dsg; ask its maintainer".into(),
@@ -597,52 +601,48 @@ fn new_metadata(
     }
     let mut next = NextMeta {
         manifest: None,
-        manifest_bytes: base_bytes.clone(),
+        manifest_hash: Default::default(),
         messages_bytes: Vec::new(),
         snapshot_id: None,
         snapshot_hash: None,
         base,
-        base_bytes,
     };
     if plan.needs_snapshot {
-        let drop: std::collections::HashSet<&str> = plan
+        // R with the changes merged in, sorted, borrowing every entry.
+        let changes: Vec<(&str, Option<&Entry>)> = plan
             .remote_deletions
             .iter()
-            .chain(&plan.uploads)
-            .chain(&plan.restores)
-            .map(|p| p.as_str())
+            .map(|p| (p.as_str(), None))
+            .chain(
+                plan.uploads
+                    .iter()
+                    .map(|p| (p.as_str(), Some(cmp.local.get(p).expect("L has it")))),
+            )
+            .chain(
+                plan.restores
+                    .iter()
+                    .map(|p| (p.as_str(), Some(cmp.cache.get(p).expect("C has it")))),
+            )
             .collect();
-        let mut entries: Vec<Entry> = remote.entries().to_vec();
-        entries.retain(|e| !drop.contains(&*e.path));
-        entries.extend(
-            plan.uploads
-                .iter()
-                .map(|p| cmp.local.get(p).expect("L has it").clone()),
-        );
-        entries.extend(
-            plan.restores
-                .iter()
-                .map(|p| cmp.cache.get(p).expect("C has it").clone()),
-        );
-        let mut n = Manifest::from_entries(entries);
+        let entries = merge_changes(remote.entries(), changes);
         let number = snapshot_number(&next.base.snapshot_id)
             .or_else(|| messages.head_number())
             .unwrap_or(0)
             + 1;
         let id = format!("s{number}");
-        n.seal(
+        let md = Metadata::sealed(
+            entries_hash_of(entries.iter().copied()),
+            entries.len(),
             &id,
             &project.user.user_id,
             opts.message.as_deref().unwrap_or("Sync operation"),
             "sync",
             Some(&next.base),
         );
-        let md = n.metadata.clone().expect("sealed");
         messages.add(&md);
         next.snapshot_hash = md.snapshot_hash.clone();
         next.snapshot_id = Some(id);
-        next.manifest_bytes = n.to_json_bytes();
-        next.manifest = Some(n);
+        next.manifest = Some((entries, md));
     }
     next.messages_bytes = messages.to_json_bytes();
     Ok(next)
@@ -667,7 +667,7 @@ fn transact(
     mut client: RepoClient,
     cmp: &Comparison,
     plan: &Plan,
-    next: &NextMeta,
+    next: &NextMeta<'_>,
     retries: &Retries,
     reporter: &dyn Reporter,
 ) -> Result<()> {
@@ -755,7 +755,7 @@ fn stage(
     client: &mut RepoClient,
     cmp: &Comparison,
     plan: &Plan,
-    next: &NextMeta,
+    next: &NextMeta<'_>,
     retries: &Retries,
     reporter: &dyn Reporter,
 ) -> Result<Vec<Op>> {
@@ -800,7 +800,7 @@ fn stage(
     )?;
     failpoint("client.downloaded");
     check_interrupt()?;
-    stage_meta(tx, client, &staging.join("meta"), plan, next)?;
+    stage_meta(tx, client, &staging.join("meta"), cmp, plan, next)?;
     let mut ops = local_ops(cmp, plan);
     // Folders for the downloads, write permission, space: checked now, so
     // that nothing local can stop the apply after the commit point.
@@ -823,7 +823,7 @@ fn upload_changes(
     client: &mut RepoClient,
     cmp: &Comparison,
     plan: &Plan,
-    next: &NextMeta,
+    next: &NextMeta<'_>,
     retries: &Retries,
     reporter: &dyn Reporter,
 ) -> Result<()> {
@@ -902,25 +902,84 @@ fn moved_for_test(client: &RepoClient, base: &str) -> RepoError {
     }
 }
 
-/// Stages the metadata: the new cache, the index, archives we lack.
+/// Stages the metadata: the new cache, the index, archives we lack. The
+/// manifests are streamed to their files, never held as text.
 fn stage_meta(
     tx: &Tx<'_>,
     client: &mut RepoClient,
     meta: &Path,
+    cmp: &Comparison,
     plan: &Plan,
-    next: &NextMeta,
+    next: &NextMeta<'_>,
 ) -> Result<()> {
     let w = |p: PathBuf, b: &[u8]| write_atomic(&p, b).map_err(|e| EngineError::io(p, e.source));
-    w(meta.join("last-sync.json"), &next.manifest_bytes)?;
+    let text = cmp.remote_text.as_ref().expect("checked by new_metadata");
+    let cache = tx.project.cache_path();
+    // The cache file must still be the one compared (another command of
+    // this project may not rewrite it meanwhile; if it did, stop).
+    let changed = || EngineError::State {
+        message: format!("{} changed while dsg was reading it", cache.display()),
+        hint: "another dsg command is running here; run this one again when it is done".into(),
+    };
+    let new_cache = meta.join("last-sync.json");
+    let hash = match &next.manifest {
+        Some((entries, md)) => stream_to(&new_cache, |f| {
+            write_json(f, entries.iter().copied(), Some(md))
+        })?,
+        None => match text {
+            RemoteText::CacheFile(h) => {
+                let src = std::fs::File::open(&cache).map_err(|e| EngineError::io(&cache, e))?;
+                let got = stream_to(&new_cache, |f| {
+                    std::io::copy(&mut std::io::BufReader::new(src), f).map(|_| ())
+                })?;
+                if got != *h {
+                    return Err(changed());
+                }
+                got
+            }
+            RemoteText::Archived { lz4, hash } => {
+                let got = stream_to(&new_cache, |f| {
+                    let mut d = lz4_flex::frame::FrameDecoder::new(&lz4[..]);
+                    std::io::copy(&mut d, f).map(|_| ())
+                })?;
+                if got != *hash {
+                    return Err(EngineError::State {
+                        message:
+                            "internal: the repository manifest's archive does not decompress to it"
+                                .into(),
+                        hint: "report this".into(),
+                    });
+                }
+                got
+            }
+        },
+    };
+    next.manifest_hash.set(Some(hash));
     w(meta.join("sync-messages.json"), &next.messages_bytes)?;
     let local_archive = tx.project.dsg().join("archive");
     if plan.needs_snapshot {
         let name = archive_name(&next.base.snapshot_id);
         if !local_archive.join(&name).exists() {
-            w(
-                meta.join("archive").join(&name),
-                &compress_archive(&next.base_bytes),
-            )?;
+            let path = meta.join("archive").join(&name);
+            match text {
+                RemoteText::CacheFile(h) => {
+                    let mut out =
+                        AtomicFile::create(&path).map_err(|e| EngineError::io(&path, e.source))?;
+                    let src =
+                        std::fs::File::open(&cache).map_err(|e| EngineError::io(&cache, e))?;
+                    let got = compress_archive_stream(
+                        std::io::BufReader::with_capacity(1 << 16, src),
+                        std::io::BufWriter::with_capacity(1 << 16, out.file()),
+                    )
+                    .map_err(|e| EngineError::io(&path, e))?;
+                    if got.0 != *h {
+                        return Err(changed());
+                    }
+                    out.commit(true)
+                        .map_err(|e| EngineError::io(&path, e.source))?;
+                }
+                RemoteText::Archived { lz4, .. } => w(path, lz4)?,
+            }
         }
     }
     for name in client.list_archives()? {
@@ -935,6 +994,45 @@ fn stage_meta(
         }
     }
     Ok(())
+}
+
+/// Writes a file atomically through `write` (buffered), returning the
+/// XXH3 of what was written.
+fn stream_to(
+    path: &Path,
+    write: impl FnOnce(
+        &mut HashingWriter<std::io::BufWriter<&mut std::fs::File>>,
+    ) -> std::io::Result<()>,
+) -> Result<u64> {
+    let mut out = AtomicFile::create(path).map_err(|e| EngineError::io(path, e.source))?;
+    let mut f = HashingWriter {
+        w: std::io::BufWriter::with_capacity(1 << 16, out.file()),
+        h: Xxh3::new(),
+    };
+    write(&mut f).map_err(|e| EngineError::io(path, e))?;
+    let h = f.h.digest();
+    f.w.flush().map_err(|e| EngineError::io(path, e))?;
+    drop(f);
+    out.commit(true)
+        .map_err(|e| EngineError::io(path, e.source))?;
+    Ok(h)
+}
+
+/// A writer that hashes what passes through it.
+struct HashingWriter<W: Write> {
+    w: W,
+    h: Xxh3,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.w.write(buf)?;
+        self.h.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
 }
 
 /// What the client does to its files after the commit point: remove what
@@ -970,9 +1068,11 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
 
 /// The commit point of a snapshot sync: the agent commits. When its reply
 /// is lost, the head read on a new connection tells the outcome.
-fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta) -> Result<()> {
+fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta<'_>) -> Result<()> {
     let id = next.snapshot_id.clone().expect("snapshot id");
-    let Err(e) = client.commit(&id, &next.manifest_bytes, &next.messages_bytes) else {
+    let staged = staging_dir(tx.root(), &tx.id).join("meta/last-sync.json");
+    let mut f = std::fs::File::open(&staged).map_err(|e| EngineError::io(&staged, e))?;
+    let Err(e) = client.commit(&id, &mut f, &next.messages_bytes) else {
         return Ok(());
     };
     if e.kind() == Some(ErrorKind::Incomplete) {
@@ -1018,7 +1118,7 @@ fn finish(
     ops: &[Op],
     cmp: &Comparison,
     plan: &Plan,
-    next: &NextMeta,
+    next: &NextMeta<'_>,
 ) -> Result<()> {
     let root = tx.root();
     journal
@@ -1034,10 +1134,14 @@ fn finish(
     // The next command finds the new cache already in binary form (a JSON
     // parse of every entry saved); tagged by the JSON's hash, so a stale
     // copy is never used.
-    tx.project.write_manifest_cache(
-        next.manifest.as_ref().unwrap_or(cmp.remote()),
-        xxhash_rust::xxh3::xxh3_64(&next.manifest_bytes),
-    );
+    if let Some(h) = next.manifest_hash.get() {
+        match &next.manifest {
+            Some((entries, md)) => tx
+                .project
+                .write_manifest_cache_bytes(&binary::encode_borrowed(entries, md, h)),
+            None => tx.project.write_manifest_cache(cmp.remote(), h),
+        }
+    }
     journal
         .append(&LocalRecord::Done { tx: tx.id.clone() })
         .map_err(jerr(root))?;
