@@ -228,7 +228,10 @@ fn sync_once(
             conflicts::check_complete(res, &found, &project.root)?;
             Some(&res.choices)
         }
-        None if !found.is_empty() => {
+        // A clone has no last sync to continue from: its conflicts (files
+        // here that differ from the repository's) block in `plan`, with
+        // no conflicts.txt it could not use.
+        None if !found.is_empty() && !is_clone => {
             return Err(blocked_by_conflicts(
                 project,
                 &found,
