@@ -122,50 +122,7 @@ fn serve_loop<R: Read, W: Write>(
                 }
             },
             Request::Commit { snapshot_id } => {
-                let (max_manifest, max_messages) = meta_limits();
-                // Spooled to a file in the transaction's staging when
-                // there is one: the agent never holds the manifest's text.
-                let manifest = match backend.spool_file() {
-                    Some(mut f) => match read_data_bounded_to(&mut r, max_manifest, &mut f)? {
-                        Bounded::Kept(_) => Ok(Ok(crate::backend::Blob::File(f))),
-                        Bounded::TooLarge(n) => Ok(Err(n)),
-                        Bounded::WriteFailed(e) => Err(e),
-                    },
-                    None => Ok(read_data_bounded(&mut r, max_manifest)?.map(Into::into)),
-                };
-                let sync_messages = read_data_bounded(&mut r, max_messages)?;
-                let manifest = match manifest {
-                    Ok(m) => m,
-                    Err(e) => {
-                        *sticky = None;
-                        let _ = backend.rollback();
-                        reply_err(
-                            &mut w,
-                            &AgentError::io("spooling the uploaded manifest", e)
-                                .hint("nothing was changed; check the repository's free space"),
-                        )?;
-                        continue;
-                    }
-                };
-                match (manifest, sync_messages) {
-                    (Ok(manifest), Ok(sync_messages)) => {
-                        let data = CommitData {
-                            snapshot_id,
-                            manifest,
-                            sync_messages,
-                        };
-                        commit(backend, &mut w, sticky.take(), data)?
-                    }
-                    (manifest, _) => {
-                        *sticky = None;
-                        let _ = backend.rollback();
-                        let (what, limit) = match manifest {
-                            Err(_) => ("manifest", max_manifest),
-                            Ok(_) => ("sync-messages", max_messages),
-                        };
-                        reply_err(&mut w, &too_large(what, limit))?
-                    }
-                }
+                receive_commit(backend, &mut r, &mut w, sticky, snapshot_id)?
             }
             Request::Recover { wait } => match backend.recover(wait) {
                 Ok(()) => write_json(&mut w, &Response::Ok)?,
@@ -202,27 +159,13 @@ fn serve_loop<R: Read, W: Write>(
             Request::MountSnapshot {
                 snapshot,
                 mountpoint,
-            } => {
-                // The mountpoint is a path on this machine: only for a
-                // client in this process, never one over SSH.
-                let r = if !local_sources {
-                    Err(AgentError::new(
-                        ErrorKind::Protocol,
-                        "mount_snapshot is only for a client on the repository host",
-                    ))
-                } else {
-                    crate::history::checked_snapshot_id(&snapshot).and_then(|id| {
-                        backend.mount_snapshot(&id, std::path::Path::new(&mountpoint))
-                    })
-                };
-                match r {
-                    Ok((dataset, guard)) => {
-                        held.push(guard);
-                        write_json(&mut w, &Response::Mounted { dataset })?
-                    }
-                    Err(e) => reply_err(&mut w, &e)?,
+            } => match mount_snapshot(backend, local_sources, &snapshot, &mountpoint) {
+                Ok((dataset, guard)) => {
+                    held.push(guard);
+                    write_json(&mut w, &Response::Mounted { dataset })?
                 }
-            }
+                Err(e) => reply_err(&mut w, &e)?,
+            },
             Request::Prune {
                 keep_last,
                 keep_within_secs,
@@ -245,6 +188,79 @@ fn serve_loop<R: Read, W: Write>(
         // sending puts there is nothing to flush.
         w.flush()?;
     }
+}
+
+/// A `Commit`: its manifest (spooled to a file when the backend has a place
+/// for one: the agent never holds the manifest's text) and sync-messages,
+/// each bounded, then the commit itself.
+fn receive_commit<R: Read, W: Write>(
+    backend: &mut dyn Backend,
+    r: &mut R,
+    w: &mut W,
+    sticky: &mut Option<AgentError>,
+    snapshot_id: String,
+) -> io::Result<()> {
+    let (max_manifest, max_messages) = meta_limits();
+    let manifest = match backend.spool_file() {
+        Some(mut f) => match read_data_bounded_to(r, max_manifest, &mut f)? {
+            Bounded::Kept(_) => Ok(Ok(crate::backend::Blob::File(f))),
+            Bounded::TooLarge(n) => Ok(Err(n)),
+            Bounded::WriteFailed(e) => Err(e),
+        },
+        None => Ok(read_data_bounded(r, max_manifest)?.map(Into::into)),
+    };
+    let sync_messages = read_data_bounded(r, max_messages)?;
+    let manifest = match manifest {
+        Ok(m) => m,
+        Err(e) => {
+            *sticky = None;
+            let _ = backend.rollback();
+            reply_err(
+                w,
+                &AgentError::io("spooling the uploaded manifest", e)
+                    .hint("nothing was changed; check the repository's free space"),
+            )?;
+            return Ok(());
+        }
+    };
+    match (manifest, sync_messages) {
+        (Ok(manifest), Ok(sync_messages)) => {
+            let data = CommitData {
+                snapshot_id,
+                manifest,
+                sync_messages,
+            };
+            commit(backend, w, sticky.take(), data)?
+        }
+        (manifest, _) => {
+            *sticky = None;
+            let _ = backend.rollback();
+            let (what, limit) = match manifest {
+                Err(_) => ("manifest", max_manifest),
+                Ok(_) => ("sync-messages", max_messages),
+            };
+            reply_err(w, &too_large(what, limit))?
+        }
+    }
+    Ok(())
+}
+
+/// `MountSnapshot`: the mountpoint is a path on this machine, so only a
+/// client in this process may ask, never one over SSH.
+fn mount_snapshot(
+    backend: &mut dyn Backend,
+    local_sources: bool,
+    snapshot: &str,
+    mountpoint: &str,
+) -> Result<(String, Box<dyn Send>), AgentError> {
+    if !local_sources {
+        return Err(AgentError::new(
+            ErrorKind::Protocol,
+            "mount_snapshot is only for a client on the repository host",
+        ));
+    }
+    crate::history::checked_snapshot_id(snapshot)
+        .and_then(|id| backend.mount_snapshot(&id, std::path::Path::new(mountpoint)))
 }
 
 /// The most bytes of manifest and of sync-messages a `Commit` may bring:
