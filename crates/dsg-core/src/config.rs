@@ -1019,47 +1019,8 @@ pub fn user_remote_dsg(paths: &[PathBuf]) -> Result<Option<(RemoteDsgMap, PathBu
 
 /// A prepared change of the user config that records the server's dsg for
 /// a host: checked before anything else is written, applied with
-/// [`RemoteDsgEdit::write`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct RemoteDsgEdit {
-    /// The file as the user knows it (what messages name).
-    pub file: PathBuf,
-    /// `None` when the user config already says so: nothing to write.
-    text: Option<String>,
-    /// Where the bytes go: the file, or the target of a symlink to it (so
-    /// a symlinked dotfile stays a symlink).
-    real: PathBuf,
-    mode: Option<u32>,
-}
-
-impl RemoteDsgEdit {
-    pub fn changes(&self) -> bool {
-        self.text.is_some()
-    }
-
-    pub fn write(&self) -> Result<(), ConfigError> {
-        let Some(text) = &self.text else {
-            return Ok(());
-        };
-        let io = |source| ConfigError::Io {
-            file: self.file.clone(),
-            source,
-        };
-        if let Some(dir) = self.real.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        crate::atomic::write_atomic(&self.real, text.as_bytes()).map_err(|e| io(e.source))?;
-        // The new file has the umask's mode; a user who made theirs private
-        // (it may hold passphrases) keeps it private.
-        #[cfg(unix)]
-        if let Some(mode) = self.mode {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&self.real, std::fs::Permissions::from_mode(mode))
-                .map_err(io)?;
-        }
-        Ok(())
-    }
-}
+/// `RemoteDsgEdit::write` (one file edit, as `dsg config` makes them).
+pub use crate::config_edit::Edit as RemoteDsgEdit;
 
 /// Plans recording `path` as the server's dsg for `host` in the user's own
 /// configuration: the highest-priority file of `paths` (the one that wins
@@ -1081,7 +1042,7 @@ pub fn plan_remote_dsg(
         })?;
     check_remote_dsg_path(&file, &format!("remote_dsg.{host}"), path)?;
     let mut map = user_remote_dsg(paths)?.map(|(m, _)| m).unwrap_or_default();
-    let real = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+    let (real, old, mode) = crate::config_edit::read_for_edit(&file, false)?;
     if map.get(host).map(String::as_str) == Some(path) {
         return Ok(RemoteDsgEdit {
             file,
@@ -1091,27 +1052,6 @@ pub fn plan_remote_dsg(
         });
     }
     map.insert(host.to_string(), path.to_string());
-    let (old, mode) = match std::fs::read_to_string(&real) {
-        Ok(t) => {
-            #[cfg(unix)]
-            let mode = {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::metadata(&real)
-                    .ok()
-                    .map(|m| m.permissions().mode() & 0o7777)
-            };
-            #[cfg(not(unix))]
-            let mode = None;
-            (t, mode)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), None),
-        Err(e) => {
-            return Err(ConfigError::Io {
-                file: file.clone(),
-                source: e,
-            })
-        }
-    };
     let text = replace_remote_dsg_block(&old, &map);
     // The text edit is line-based; prove it changed nothing but the map.
     let keys = |t: &str| -> Option<serde_json::Map<String, Value>> {

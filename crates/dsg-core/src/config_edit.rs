@@ -325,16 +325,48 @@ pub enum Change {
     Unset,
 }
 
-/// A checked change of one file, applied with [`Edit::write`].
-#[derive(Debug, Clone)]
+/// A checked change of one file, applied with [`Edit::write`] (also the
+/// user config's `remote_dsg` change that `init --remote-dsg` prepares).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Edit {
     /// The file as the user knows it.
     pub file: PathBuf,
     /// `None`: the file already says so.
-    text: Option<String>,
+    pub(crate) text: Option<String>,
     /// Where the bytes go (a symlink's target, so it stays a symlink).
-    real: PathBuf,
-    mode: Option<u32>,
+    pub(crate) real: PathBuf,
+    pub(crate) mode: Option<u32>,
+}
+
+/// A config file about to be edited: where its bytes really are (a
+/// symlink's target), its text (empty when it does not exist yet and need
+/// not) and its permission bits, which the edit keeps.
+pub(crate) fn read_for_edit(
+    file: &Path,
+    must_exist: bool,
+) -> Result<(PathBuf, String, Option<u32>), ConfigError> {
+    let real = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    match std::fs::read_to_string(&real) {
+        Ok(t) => {
+            #[cfg(unix)]
+            let mode = {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::metadata(&real)
+                    .ok()
+                    .map(|m| m.permissions().mode() & 0o7777)
+            };
+            #[cfg(not(unix))]
+            let mode = None;
+            Ok((real, t, mode))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+            Ok((real, String::new(), None))
+        }
+        Err(e) => Err(ConfigError::Io {
+            file: file.to_path_buf(),
+            source: e,
+        }),
+    }
 }
 
 impl Edit {
@@ -343,7 +375,8 @@ impl Edit {
     }
 
     /// Replaces the file atomically (temp file, fsync, rename), keeping its
-    /// permissions; creates its directory if missing.
+    /// permissions (a user who made theirs private, it may hold
+    /// passphrases, keeps it private); creates its directory if missing.
     pub fn write(&self) -> Result<(), ConfigError> {
         let Some(text) = &self.text else {
             return Ok(());
@@ -568,27 +601,7 @@ fn plan(
     check: &Check,
     must_exist: bool,
 ) -> Result<Edit, ConfigError> {
-    let real = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-    let io = |e| ConfigError::Io {
-        file: file.to_path_buf(),
-        source: e,
-    };
-    let (old, mode) = match std::fs::read_to_string(&real) {
-        Ok(t) => {
-            #[cfg(unix)]
-            let mode = {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::metadata(&real)
-                    .ok()
-                    .map(|m| m.permissions().mode() & 0o7777)
-            };
-            #[cfg(not(unix))]
-            let mode = None;
-            (t, mode)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => (String::new(), None),
-        Err(e) => return Err(io(e)),
-    };
+    let (real, old, mode) = read_for_edit(file, must_exist)?;
     let parsed = |t: &str| -> Result<Map<String, Value>, ConfigError> {
         match yaml::load(t) {
             Ok((Value::Object(m), _)) => Ok(m),
