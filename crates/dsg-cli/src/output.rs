@@ -25,13 +25,19 @@ pub fn init_logging(debug: bool, verbose: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DSG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .without_time()
-        .try_init();
+        .with_target(false);
+    // Debugging (a slow sync, say) wants to see where the time went: each
+    // line then carries the seconds since start. Warnings stay plain.
+    let _ = if debug || std::env::var_os("DSG_LOG").is_some() {
+        fmt.with_timer(tracing_subscriber::fmt::time::uptime())
+            .try_init()
+    } else {
+        fmt.without_time().try_init()
+    };
 }
 
 pub struct Out {
