@@ -112,3 +112,40 @@ fn large_file_streams_both_ways() {
         up2.as_secs_f64()
     );
 }
+
+/// Data goes over AES-GCM when the CPU has AES instructions and the user
+/// chose no ciphers; a choice of the user's is kept. Read from ssh's own
+/// report of what it negotiated (`-v`, passed through by `DSG_LOG=debug`).
+#[test]
+fn ssh_prefers_aes_gcm_unless_the_user_chose() {
+    let ssh = need_ssh!();
+    let w = World::new("cipher", Transport::Ssh, Some(&ssh));
+    w.write("a", "task/input/seed.txt", "seed\n");
+    w.init("a");
+    let negotiated = |ssh_command: &str| {
+        let mut c = w.command("a", &["status"], Some(ssh_command));
+        c.env("DSG_LOG", "debug");
+        let o = c.output().unwrap();
+        assert_exit(&o, 0, "status over ssh -v");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        err.lines()
+            .find_map(|l| {
+                l.split("kex: client->server cipher: ")
+                    .nth(1)
+                    .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+            })
+            .unwrap_or_else(|| panic!("no negotiated cipher in:\n{err}"))
+    };
+    let has_aes = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .split_whitespace()
+        .any(|w| w == "aes");
+    let default = negotiated(&ssh.command_with("-v"));
+    if has_aes {
+        assert_eq!(default, "aes128-gcm@openssh.com");
+    } else {
+        assert_eq!(default, "chacha20-poly1305@openssh.com");
+    }
+    let chosen = negotiated(&ssh.command_with("-v -c aes256-ctr"));
+    assert_eq!(chosen, "aes256-ctr", "the user's -c is kept");
+}
