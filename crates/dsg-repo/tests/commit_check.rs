@@ -35,11 +35,10 @@ fn commit_json(b: &mut dyn Backend, id: &str, json: Vec<u8>) -> Result<(), Agent
     let mut msgs = SyncMessages::default();
     match m.as_ref().and_then(|m| m.metadata.as_ref()) {
         Some(md) => msgs.add(md),
-        None => {
-            let mut md = dsg_core::manifest::Metadata::default();
-            md.snapshot_id = id.into();
-            msgs.add(&md);
-        }
+        None => msgs.add(&dsg_core::manifest::Metadata {
+            snapshot_id: id.into(),
+            ..Default::default()
+        }),
     }
     b.commit(&CommitData {
         snapshot_id: id.into(),
