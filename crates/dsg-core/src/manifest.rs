@@ -857,17 +857,18 @@ impl Manifest {
         D: serde::Deserializer<'de, Error = serde_json::Error>,
     {
         use serde::de::DeserializeSeed;
-        let parsed = TopSeed
-            .deserialize(de)
-            .map_err(|e| ManifestError::corrupt(origin, e.to_string()))?;
-        let metadata = match parsed.metadata {
-            None | Some(Value::Null) => None,
-            Some(m) => {
-                Some(Metadata::from_value(&m).map_err(|msg| ManifestError::corrupt(origin, msg))?)
-            }
-        };
-        let n = parsed.entries.len();
-        let mut m = Manifest::from_entries(parsed.entries);
+        let mut entries = Vec::new();
+        let parsed = TopSeed {
+            sink: &mut |e| {
+                entries.push(e);
+                Ok(())
+            },
+        }
+        .deserialize(de)
+        .map_err(|e| ManifestError::corrupt(origin, e.to_string()))?;
+        let metadata = parsed_metadata(parsed.metadata, origin)?;
+        let n = entries.len();
+        let mut m = Manifest::from_entries(entries);
         if m.entries.len() != n {
             return Err(ManifestError::corrupt(origin, "duplicate paths"));
         }
@@ -1009,43 +1010,317 @@ impl Manifest {
     }
 }
 
-struct Parsed {
-    entries: Vec<Entry>,
-    metadata: Option<Value>,
-    stored_hash: u64,
+/// A manifest read entry by entry (`stream_entries`): everything but its
+/// entries, which went to the caller one at a time.
+#[derive(Clone, Debug)]
+pub struct StreamedManifest {
+    pub metadata: Option<Metadata>,
+    pub entry_count: u64,
+    /// `entries_hash` over the entries in the file's order.
+    pub stored_entries_hash: String,
+    /// The entries came in strictly increasing path order (byte order), as
+    /// every manifest dsg writes has them. When false (a file the original
+    /// wrote, or a hostile one) the stream's checks that rely on that order
+    /// were incomplete: the caller must refuse it or load it whole.
+    pub sorted: bool,
 }
 
-struct TopSeed;
-
-impl<'de> serde::de::DeserializeSeed<'de> for TopSeed {
-    type Value = Parsed;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Parsed, D::Error> {
-        d.deserialize_map(TopVisitor)
+impl StreamedManifest {
+    /// `Manifest::verify_integrity` of the streamed file. The hash is the
+    /// one over the file's order, which for a sorted file is also the
+    /// sorted order; an unsorted file verifies only in its own order.
+    pub fn verify_integrity(&self) -> Result<(), String> {
+        let md = self
+            .metadata
+            .as_ref()
+            .ok_or("no metadata to verify against")?;
+        if md.entry_count != self.entry_count {
+            return Err(format!(
+                "entry count mismatch: metadata says {}, file has {}",
+                md.entry_count, self.entry_count
+            ));
+        }
+        if self.stored_entries_hash == md.entries_hash {
+            Ok(())
+        } else {
+            Err(format!(
+                "entries_hash mismatch: metadata says {}, entries hash to {}",
+                md.entries_hash, self.stored_entries_hash
+            ))
+        }
     }
 }
 
-struct TopVisitor;
+/// Reads a manifest, giving each entry to `visit` in the file's order
+/// instead of holding them: a million-entry manifest parsed whole is over
+/// 100 MB. `metadata` may come before or after `entries` in the file; it is
+/// returned at the end, so whatever needs it is decided then.
+///
+/// Every entry is validated as `Manifest::from_reader` validates it, and in
+/// a sorted file (`sorted`) so is the whole: duplicate paths, an entry under
+/// a link, a link leading out of the project through other links. An error
+/// from `visit` stops the read and is returned as the file's corruption.
+pub fn stream_entries<R: std::io::Read>(
+    r: R,
+    origin: &Path,
+    mut visit: impl FnMut(Entry) -> Result<(), String>,
+) -> Result<StreamedManifest, ManifestError> {
+    use serde::de::DeserializeSeed;
+    let mut prev = String::new();
+    let mut first = true;
+    let mut sorted = true;
+    // Links are few; they are all needed to follow one through another.
+    let mut links: std::collections::HashMap<Box<str>, Box<str>> = Default::default();
+    let mut sink = |e: Entry| -> Result<(), String> {
+        if !first {
+            match prev.as_bytes().cmp(e.path.as_bytes()) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => return Err("duplicate paths".into()),
+                std::cmp::Ordering::Greater => sorted = false,
+            }
+        }
+        first = false;
+        prev.clear();
+        prev.push_str(&e.path);
+        // In path order a link comes before anything below it.
+        if !links.is_empty() {
+            let mut p = &*e.path;
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                if links.contains_key(parent) {
+                    return Err(format!("entry {:?} lies under the link {parent:?}", e.path));
+                }
+                p = parent;
+            }
+        }
+        if let EntryKind::Link { target } = &e.kind {
+            links.insert(e.path.clone(), target.clone());
+        }
+        visit(e)
+    };
+    let mut de = serde_json::Deserializer::from_reader(r);
+    let parsed = TopSeed { sink: &mut sink }
+        .deserialize(&mut de)
+        .map_err(|e| ManifestError::corrupt(origin, e.to_string()))?;
+    de.end()
+        .map_err(|e| ManifestError::corrupt(origin, format!("trailing data: {e}")))?;
+    let metadata = parsed_metadata(parsed.metadata, origin)?;
+    let by_path: std::collections::HashMap<&str, &str> =
+        links.iter().map(|(p, t)| (&**p, &**t)).collect();
+    for (path, target) in &by_path {
+        resolve_through_links(path, target, &by_path, 0).map_err(|why| {
+            ManifestError::corrupt(origin, format!("link {path:?} -> {target:?}: {why}"))
+        })?;
+    }
+    Ok(StreamedManifest {
+        metadata,
+        entry_count: parsed.count,
+        stored_entries_hash: Hash(parsed.stored_hash).to_hex(),
+        sorted,
+    })
+}
 
-impl<'de> serde::de::Visitor<'de> for TopVisitor {
+/// `Manifest::check_shape` for paths given one at a time in increasing
+/// byte order (a sorted stream), holding only the ancestors the current
+/// path may still have rather than every path.
+///
+/// Paths not in Unicode NFC are set aside: their normalised names sort
+/// elsewhere, so `finish` checks them against all the others in a second
+/// read of the manifest (needed only when there are any).
+#[derive(Default)]
+pub struct ShapeCheck {
+    nest: Nesting,
+    /// (NFC name, path) of each path not in NFC.
+    renamed: Vec<(String, Box<str>)>,
+}
+
+impl ShapeCheck {
+    pub fn new() -> ShapeCheck {
+        ShapeCheck::default()
+    }
+
+    /// The next path. An error names the two paths that cannot both be in
+    /// one tree; after one, the check is over.
+    pub fn push(&mut self, path: &str) -> Result<(), String> {
+        if let Some(key) = nfc_name(path) {
+            self.renamed.push((key, path.into()));
+            return Ok(());
+        }
+        self.nest.push(path, None)
+    }
+
+    /// Ends the check; `reread` opens the same manifest again, called only
+    /// when a path was not in NFC.
+    pub fn finish<R: std::io::Read>(mut self, reread: impl FnOnce() -> R) -> Result<(), String> {
+        if self.renamed.is_empty() {
+            return Ok(());
+        }
+        self.renamed
+            .sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        for w in self.renamed.windows(2) {
+            if w[0].0 == w[1].0 {
+                return Err(same_after_nfc(&w[0].1, &w[1].1));
+            }
+        }
+        // Every name, the normalised ones merged in where they sort.
+        let mut nest = Nesting::default();
+        let mut renamed = self.renamed.iter().peekable();
+        let mut failed = None;
+        let read = stream_entries(reread(), Path::new("manifest"), |e| {
+            if failed.is_some() || nfc_name(&e.path).is_some() {
+                return Ok(());
+            }
+            let mut step = || -> Result<(), String> {
+                while let Some((key, path)) = renamed.next_if(|r| r.0.as_str() <= &*e.path) {
+                    if key.as_str() == &*e.path {
+                        return Err(same_after_nfc(&e.path, path));
+                    }
+                    nest.push(key, Some(path))?;
+                }
+                nest.push(&e.path, None)
+            };
+            failed = step().err();
+            Ok(())
+        });
+        read.map_err(|e| e.message())?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for (key, path) in renamed {
+            nest.push(key, Some(path))?;
+        }
+        Ok(())
+    }
+}
+
+/// The NFC form of `path` when it differs from `path`.
+fn nfc_name(path: &str) -> Option<String> {
+    use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+    if is_nfc_quick(path.chars()) == IsNormalized::Yes {
+        return None;
+    }
+    let key: String = path.nfc().collect();
+    (key != path).then_some(key)
+}
+
+fn same_after_nfc(a: &str, b: &str) -> String {
+    format!("{a:?} and {b:?} are the same name after Unicode normalisation")
+}
+
+/// The heart of `ShapeCheck`: names in increasing byte order, none of which
+/// may lie below another. Below `a` sorts `a/…`, but between the two come
+/// names like `a.txt` and `a-b/c` (bytes below `/`), so an entry stays a
+/// possible ancestor until a name sorts past its `a/…` range; those still
+/// possible are always prefixes of the last name, kept as lengths.
+#[derive(Default)]
+struct Nesting {
+    last: String,
+    /// Length of each possible ancestor within `last`, shortest first, and
+    /// its path when that differs from its name (a normalised one).
+    stack: Vec<(usize, Option<Box<str>>)>,
+}
+
+impl Nesting {
+    fn push(&mut self, name: &str, path: Option<&str>) -> Result<(), String> {
+        let b = name.as_bytes();
+        let common = self
+            .last
+            .bytes()
+            .zip(b)
+            .take_while(|(x, y)| x == *y)
+            .count();
+        // A kept entry's name is a prefix of `name` followed by a byte up
+        // to `/`; once one is not, none longer is (they were pushed under
+        // it, so they continue it with such a byte too).
+        while let Some((len, _)) = self.stack.last() {
+            if *len <= common && b.get(*len).is_some_and(|c| *c <= b'/') {
+                break;
+            }
+            self.stack.pop();
+        }
+        if let Some((len, above)) = self.stack.iter().rev().find(|(len, _)| b[*len] == b'/') {
+            let above = above.as_deref().unwrap_or(&name[..*len]);
+            return Err(format!(
+                "{:?} lies below {above:?}, which is a file or a link, not a directory",
+                path.unwrap_or(name)
+            ));
+        }
+        self.stack.push((b.len(), path.map(Box::from)));
+        self.last.clear();
+        self.last.push_str(name);
+        Ok(())
+    }
+}
+
+fn parsed_metadata(v: Option<Value>, origin: &Path) -> Result<Option<Metadata>, ManifestError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(m) => Metadata::from_value(&m)
+            .map(Some)
+            .map_err(|msg| ManifestError::corrupt(origin, msg)),
+    }
+}
+
+/// Where the parser puts each entry, in the file's order; an error stops
+/// the parse (and names the entry's place in the file).
+type Sink<'s> = &'s mut dyn FnMut(Entry) -> Result<(), String>;
+
+/// A manifest file without its entries, which went to a `Sink`.
+struct Parsed {
+    metadata: Option<Value>,
+    stored_hash: u64,
+    count: u64,
+}
+
+struct TopSeed<'s> {
+    sink: Sink<'s>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TopSeed<'_> {
+    type Value = Parsed;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Parsed, D::Error> {
+        d.deserialize_map(TopVisitor { sink: self.sink })
+    }
+}
+
+struct TopVisitor<'s> {
+    sink: Sink<'s>,
+}
+
+impl<'de> serde::de::Visitor<'de> for TopVisitor<'_> {
     type Value = Parsed;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a manifest object with \"entries\" and \"metadata\"")
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Parsed, A::Error> {
+        use serde::de::Error;
         let mut out = Parsed {
-            entries: Vec::new(),
             metadata: None,
             stored_hash: Xxh3::new().digest(),
+            count: 0,
         };
+        let (mut seen_entries, mut seen_metadata) = (false, false);
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            // Entries go to the sink as they are read: a second "entries"
+            // object could not replace the first, so neither key may repeat
+            // (no writer repeats them).
             match &*key {
                 "entries" => {
-                    let (entries, h) = map.next_value_seed(EntriesSeed)?;
-                    out.entries = entries;
+                    if std::mem::replace(&mut seen_entries, true) {
+                        return Err(A::Error::custom("\"entries\" appears twice"));
+                    }
+                    let (count, h) = map.next_value_seed(EntriesSeed {
+                        sink: &mut *self.sink,
+                    })?;
+                    out.count = count;
                     out.stored_hash = h;
                 }
-                "metadata" => out.metadata = Some(map.next_value::<Value>()?),
+                "metadata" => {
+                    if std::mem::replace(&mut seen_metadata, true) {
+                        return Err(A::Error::custom("\"metadata\" appears twice"));
+                    }
+                    out.metadata = Some(map.next_value::<Value>()?)
+                }
                 _ => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -1055,19 +1330,24 @@ impl<'de> serde::de::Visitor<'de> for TopVisitor {
     }
 }
 
-struct EntriesSeed;
+struct EntriesSeed<'s> {
+    sink: Sink<'s>,
+}
 
-impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed {
-    type Value = (Vec<Entry>, u64);
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = (u64, u64);
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(EntriesVisitor)
+        d.deserialize_map(EntriesVisitor { sink: self.sink })
     }
 }
 
-struct EntriesVisitor;
+struct EntriesVisitor<'s> {
+    sink: Sink<'s>,
+}
 
-impl<'de> serde::de::Visitor<'de> for EntriesVisitor {
-    type Value = (Vec<Entry>, u64);
+impl<'de> serde::de::Visitor<'de> for EntriesVisitor<'_> {
+    /// The number of entries and their hash in the file's order.
+    type Value = (u64, u64);
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("\"entries\" as an object keyed by path")
     }
@@ -1075,9 +1355,9 @@ impl<'de> serde::de::Visitor<'de> for EntriesVisitor {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         use serde::de::Error;
         let mut users: Vec<Arc<str>> = Vec::new();
-        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
         let mut h = Xxh3::new();
         let mut buf = Vec::with_capacity(256);
+        let mut count = 0u64;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             let raw: RawEntry = map.next_value()?;
             let e = raw
@@ -1086,9 +1366,10 @@ impl<'de> serde::de::Visitor<'de> for EntriesVisitor {
             buf.clear();
             e.write_compact(&mut buf);
             h.update(&buf);
-            entries.push(e);
+            count += 1;
+            (self.sink)(e).map_err(A::Error::custom)?;
         }
-        Ok((entries, h.digest()))
+        Ok((count, h.digest()))
     }
 }
 
@@ -1919,6 +2200,176 @@ mod merge_tests {
             let old = clone_and_retain(&base, &changes);
             let merged: Vec<Entry> = merged.into_iter().cloned().collect();
             prop_assert_eq!(merged, old.entries().to_vec());
+        }
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file(path: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            user: "u".into(),
+            kind: EntryKind::File {
+                size: path.len() as u64,
+                mtime: Mtime::from_unix(1_700_000_000, 0),
+                hash: Some(Hash::of_bytes(path.as_bytes())),
+            },
+        }
+    }
+
+    fn sealed(paths: &[&str]) -> Manifest {
+        let mut m = Manifest::from_entries(paths.iter().map(|p| file(p)).collect());
+        m.seal("s3", "u", "m", "sync", None);
+        m
+    }
+
+    fn stream(json: &[u8]) -> Result<(StreamedManifest, Vec<Entry>), String> {
+        let mut seen = Vec::new();
+        stream_entries(json, Path::new("t"), |e| {
+            seen.push(e);
+            Ok(())
+        })
+        .map(|s| (s, seen))
+        .map_err(|e| e.message())
+    }
+
+    /// The streamed shape check of a sorted manifest's paths.
+    fn shape(m: &Manifest) -> Result<(), String> {
+        let mut c = ShapeCheck::new();
+        for e in m.entries() {
+            c.push(&e.path)?;
+        }
+        let json = m.to_json_bytes();
+        c.finish(|| &json[..])
+    }
+
+    #[test]
+    fn metadata_first_or_last_streams_the_same() {
+        let m = sealed(&["a", "b/c", "b/d"]);
+        let last = m.to_json_bytes();
+        let md = serde_json::to_string(&m.metadata.as_ref().unwrap().to_value()).unwrap();
+        let mut entries = Vec::new();
+        write_json(&mut entries, m.entries(), None).unwrap();
+        let entries = String::from_utf8(entries).unwrap();
+        let body = &entries
+            [entries.find("\"entries\"").unwrap()..entries.find(",\n  \"metadata\"").unwrap()];
+        let first = format!("{{\"metadata\": {md}, {body}}}");
+        for json in [&last[..], first.as_bytes()] {
+            let (s, seen) = stream(json).unwrap();
+            assert_eq!(s.metadata, m.metadata);
+            assert_eq!(seen, m.entries());
+            assert_eq!(s.entry_count, 3);
+            assert!(s.sorted);
+            s.verify_integrity().unwrap();
+        }
+    }
+
+    #[test]
+    fn integrity_mismatches_are_found() {
+        let mut m = sealed(&["a", "b"]);
+        m.metadata.as_mut().unwrap().entries_hash = "0000000000000000".into();
+        let e = stream(&m.to_json_bytes())
+            .unwrap()
+            .0
+            .verify_integrity()
+            .unwrap_err();
+        assert!(e.contains("entries_hash mismatch"), "{e}");
+        let mut m = sealed(&["a", "b"]);
+        m.metadata.as_mut().unwrap().entry_count = 3;
+        let e = stream(&m.to_json_bytes())
+            .unwrap()
+            .0
+            .verify_integrity()
+            .unwrap_err();
+        assert!(e.contains("entry count mismatch"), "{e}");
+        let m = Manifest::from_entries(vec![file("a")]);
+        let e = stream(&m.to_json_bytes())
+            .unwrap()
+            .0
+            .verify_integrity()
+            .unwrap_err();
+        assert!(e.contains("no metadata"), "{e}");
+    }
+
+    #[test]
+    fn unsorted_files_are_flagged_and_duplicates_refused() {
+        let m = sealed(&["a", "b"]);
+        let md = m.metadata.as_ref();
+        let written = |entries: &[Entry]| {
+            let mut out = Vec::new();
+            write_json(&mut out, entries, md).unwrap();
+            out
+        };
+        let (s, seen) = stream(&written(&[file("b"), file("a")])).unwrap();
+        assert!(!s.sorted);
+        assert_eq!(&*seen[0].path, "b");
+        // Hashed over a, b: in the file's own order it does not verify.
+        assert!(s.verify_integrity().is_err());
+        let e = stream(&written(&[file("a"), file("a"), file("b")])).unwrap_err();
+        assert!(e.contains("duplicate paths"), "{e}");
+        let json = String::from_utf8(m.to_json_bytes()).unwrap();
+        let twice = json.replacen("\"metadata\"", "\"entries\": {}, \"metadata\"", 1);
+        let e = stream(twice.as_bytes()).unwrap_err();
+        assert!(e.contains("appears twice"), "{e}");
+    }
+
+    #[test]
+    fn entries_under_links_and_links_out_are_refused() {
+        let link = |p: &str, t: &str| Entry {
+            path: p.into(),
+            user: "u".into(),
+            kind: EntryKind::Link { target: t.into() },
+        };
+        let m = Manifest::from_entries(vec![link("l", "a"), file("l/x"), file("a")]);
+        let e = stream(&m.to_json_bytes()).unwrap_err();
+        assert!(e.contains("under the link"), "{e}");
+        let m = Manifest::from_entries(vec![link("d/up", "../.."), file("a")]);
+        assert!(stream(&m.to_json_bytes()).is_err());
+        let m = Manifest::from_entries(vec![link("d/up", ".."), link("d2", "d/up/..")]);
+        let e = stream(&m.to_json_bytes()).unwrap_err();
+        assert!(e.contains("leaves the project"), "{e}");
+    }
+
+    #[test]
+    fn shape_errors_name_both_paths() {
+        let e = shape(&sealed(&["in/a.txt", "in/a.txt.bak", "in/a.txt/x/y"])).unwrap_err();
+        assert!(
+            e.contains("\"in/a.txt/x/y\" lies below \"in/a.txt\""),
+            "{e}"
+        );
+        let e = shape(&sealed(&["a", "a!", "a-b/c", "a.txt", "a/b"])).unwrap_err();
+        assert!(e.contains("\"a/b\" lies below \"a\""), "{e}");
+        shape(&sealed(&["a/b", "a/c/d", "ab", "a.txt", "a0/x", "a-/b"])).unwrap();
+        let e = shape(&sealed(&["caf\u{e9}", "cafe\u{301}"])).unwrap_err();
+        assert!(e.contains("normalisation"), "{e}");
+        let e = shape(&sealed(&["cafe\u{301}", "caf\u{e9}/x"])).unwrap_err();
+        assert!(e.contains("below"), "{e}");
+        let e = shape(&sealed(&["caf\u{e9}", "cafe\u{301}/x"])).unwrap_err();
+        assert!(e.contains("below"), "{e}");
+        shape(&sealed(&["cafe\u{301}/x", "cafe/x", "caf\u{e9}.txt"])).unwrap();
+    }
+
+    proptest! {
+        /// Same verdict as the check over the whole manifest, names with
+        /// the bytes around `/` and a name that NFC changes.
+        #[test]
+        fn streamed_shape_equals_check_shape(
+            paths in proptest::collection::btree_set(
+                "(a|b|\\.|-|e\u{301}|\u{e9}){1,3}(/(a|b|\\.|-|e\u{301}|\u{e9}){1,3}){0,2}",
+                0..12,
+            ),
+        ) {
+            let paths: Vec<&str> = paths
+                .iter()
+                .map(|p| p.as_str())
+                .filter(|p| check_relpath(p).is_ok())
+                .collect();
+            let m = sealed(&paths);
+            prop_assert_eq!(shape(&m).is_ok(), m.check_shape().is_ok(), "{:?}", paths);
         }
     }
 }

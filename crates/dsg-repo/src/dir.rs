@@ -111,7 +111,7 @@ impl DirStore {
             log.as_ref().map(|l| l.records.as_slice()),
             Some([Record::Begin { tx: t, begin }]) if t == tx && begin.base == base
         );
-        let head = site.head().ok().flatten();
+        let head = site.head_base().ok().flatten();
         let is_dir = fs::symlink_metadata(&staging).is_ok_and(|m| m.is_dir());
         if !ours || !is_dir || !is_base(head.as_ref(), base, base_hash) {
             return Ok(None);

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dsg_core::atomic::write_atomic;
-use dsg_core::manifest::{strict_snapshot_number, EntryKind, Manifest, SyncMessages};
+use dsg_core::manifest::{
+    stream_entries, strict_snapshot_number, Entry, EntryKind, ManifestError, ShapeCheck,
+    StreamedManifest, SyncMessages,
+};
 use dsg_core::paths::{check_link_target, check_relpath};
 use dsg_txn::failpoint::failpoint;
 use dsg_txn::Op;
@@ -21,7 +24,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::backend::{AgentError, Backend, CommitData, Stored, Version};
 use crate::protocol::{ErrorKind, StagedFile};
-use crate::site::{is_base, original_busy, syncfs, tx_error, Lock, LockMode, Site};
+use crate::site::{is_base, original_busy, syncfs, tx_error, Base, Lock, LockMode, Site};
 use crate::store::{Store, TxRef};
 
 /// What was staged at a path, checked against the new manifest at commit.
@@ -61,7 +64,7 @@ pub(crate) struct OpenTx {
     staged: Vec<(String, StagedKind)>,
     /// Staging directories known to exist (saves a stat per path component).
     dirs: std::collections::HashSet<String>,
-    base: Option<Manifest>,
+    base: Option<Base>,
 }
 
 impl OpenTx {
@@ -74,7 +77,7 @@ impl OpenTx {
         root: PathBuf,
         staging: PathBuf,
         init: bool,
-        base: Option<Manifest>,
+        base: Option<Base>,
     ) -> OpenTx {
         OpenTx {
             _locks: vec![lock],
@@ -180,7 +183,7 @@ impl Repository {
         };
         self.store.recover_locked(site)?;
         crate::prune::recover_locked(site, &*self.store)?;
-        let head = site.head()?;
+        let head = site.head_base()?;
         let head_id = head
             .as_ref()
             .and_then(|h| h.metadata.as_ref())
@@ -234,8 +237,13 @@ impl Repository {
 
     /// The new manifest, checked against what was staged and the base:
     /// the repository must equal its manifest afterwards. Returns the
-    /// base's paths it no longer holds.
-    fn verify_commit(tx: &OpenTx, c: &CommitData) -> Result<Vec<String>, AgentError> {
+    /// base's paths it drops or replaces, with their content hashes.
+    ///
+    /// Neither manifest is held: both are sorted by path, so one read of
+    /// the upload walks the base (read by a helper thread) and the staged
+    /// paths alongside it. Its findings are reported after the read, in
+    /// the order the checks had when the upload was parsed whole first.
+    fn verify_commit(&self, tx: &OpenTx, c: &CommitData) -> Result<Retired, AgentError> {
         // The id becomes a file name and a ZFS snapshot name: only the one
         // id this commit can have is accepted, before anything is read or
         // written on its behalf.
@@ -250,8 +258,58 @@ impl Repository {
             )
             .hint("nothing was changed; run the command again with dsg, which numbers snapshots itself"));
         }
-        let new = Manifest::from_reader(c.manifest.reader(), Path::new("uploaded manifest"))
-            .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
+        let head_path = self.site.dsg().join("last-sync.json");
+        let (check, upload, base_read) = std::thread::scope(|scope| {
+            let mut reader = None;
+            let base = match &tx.base {
+                None => BaseCursor::new(BaseSource::Empty),
+                Some(Base { whole: Some(m), .. }) => {
+                    BaseCursor::new(BaseSource::Whole(m.entries().iter()))
+                }
+                Some(Base { whole: None, .. }) => {
+                    // A bounded channel: the base is never more than a few
+                    // thousand entries ahead of the upload.
+                    let (send, recv) = std::sync::mpsc::sync_channel(4096);
+                    let path = &head_path;
+                    reader = Some(scope.spawn(move || read_base(path, send)));
+                    BaseCursor::new(BaseSource::Streamed(recv))
+                }
+            };
+            let mut check = CommitCheck::new(&tx.staged, base);
+            let upload = stream_entries(c.manifest.reader(), Path::new("uploaded manifest"), |e| {
+                check.entry(e);
+                Ok(())
+            });
+            if upload.is_ok() {
+                check.finish();
+            }
+            // Lets a reader still sending stop.
+            check.base = BaseCursor::new(BaseSource::Empty);
+            let base_read =
+                reader.map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            (check, upload, base_read)
+        });
+        let new =
+            upload.map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
+        // The base read here must be the one `begin` read (the lock keeps
+        // writers out): anything else, and what was walked is not the base.
+        // (A walk stopped early stopped its reader too, and is refused.)
+        if let (Some(read), Some(base), true) = (base_read, &tx.base, check.base_done) {
+            let same = read.as_ref().is_ok_and(|r| {
+                r.sorted && r.metadata == base.metadata && r.entry_count == base.entry_count
+            });
+            if !same {
+                let why = match read {
+                    Err(e) => e.message(),
+                    Ok(_) => "it is not the head this sync began on".into(),
+                };
+                return Err(AgentError::new(
+                    ErrorKind::Moved,
+                    format!("reading the repository's head again failed: {why}"),
+                )
+                .hint("nothing was changed; run the command again"));
+            }
+        }
         new.verify_integrity().map_err(|e| {
             AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
         })?;
@@ -264,7 +322,16 @@ impl Repository {
         }
         // A manifest that cannot be one tree on disk would pass the commit
         // point and then fail to apply, leaving every later command stuck.
-        new.check_shape().map_err(|e| {
+        // Every dsg writes its manifests in path order, which the checks
+        // walking it need.
+        let shape = match (&check.disorder, check.shape_err) {
+            (Some((a, b)), _) => Err(format!(
+                "entries are not in path order: {b:?} comes after {a:?}"
+            )),
+            (None, Some(e)) => Err(e),
+            (None, None) => check.shape.finish(|| c.manifest.reader()),
+        };
+        shape.map_err(|e| {
             AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
         })?;
         // Every later command reads the sync-messages: they must parse, and
@@ -282,69 +349,10 @@ impl Repository {
             )
             .hint(REFUSED));
         }
-        // Every entry of the new manifest must be staged now (and staged as
-        // the manifest says) or unchanged from the base: the repository must
-        // equal its manifest afterwards.
-        let staged: std::collections::HashMap<&str, &StagedKind> =
-            tx.staged.iter().map(|(p, k)| (p.as_str(), k)).collect();
-        for e in new.entries() {
-            if let Some(k) = staged.get(&*e.path) {
-                let matches = match (&e.kind, k) {
-                    (
-                        EntryKind::File { size, hash, .. },
-                        StagedKind::File { size: s2, hash: h2 },
-                    ) => size == s2 && hash.map(|h| h.0) == Some(*h2),
-                    (EntryKind::Link { target }, StagedKind::Link { target: t2 }) => {
-                        &**target == t2.as_str()
-                    }
-                    _ => false,
-                };
-                if !matches {
-                    return Err(AgentError::new(
-                        ErrorKind::Verify,
-                        format!(
-                            "{}: the uploaded content does not match the new manifest",
-                            e.path
-                        ),
-                    ));
-                }
-                continue;
-            }
-            let same = tx
-                .base
-                .as_ref()
-                .and_then(|b| b.get(&e.path))
-                .is_some_and(|b| b.same_content(e));
-            if !same {
-                return Err(AgentError::new(
-                    ErrorKind::Protocol,
-                    format!(
-                        "{}: in the new manifest but neither uploaded nor unchanged",
-                        e.path
-                    ),
-                ));
-            }
+        if let Some(e) = check.entry_err.or(check.stray_err) {
+            return Err(e);
         }
-        for p in staged.keys() {
-            if new.get(p).is_none() {
-                return Err(AgentError::new(
-                    ErrorKind::Protocol,
-                    format!("{p}: uploaded but not in the new manifest"),
-                ));
-            }
-        }
-        let deletes: Vec<String> = tx
-            .base
-            .as_ref()
-            .map(|b| {
-                b.entries()
-                    .iter()
-                    .filter(|e| new.get(&e.path).is_none())
-                    .map(|e| e.path.to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(deletes)
+        Ok(check.retired)
     }
 
     /// An init's commit: the new repository's metadata, durable, then the
@@ -374,7 +382,7 @@ impl Repository {
         &self,
         tx: &OpenTx,
         c: &CommitData,
-        deletes: &[String],
+        retired: &[(String, Option<u64>)],
     ) -> Result<(), AgentError> {
         // Sync: stage the metadata, make everything durable, then commit.
         let meta = tx.staging.join(".dsg-meta");
@@ -407,7 +415,7 @@ impl Repository {
         }
         syncfs(&tx.staging)?;
         failpoint("repo.before_commit");
-        let mut ops = Self::sync_ops(tx, deletes);
+        let mut ops = Self::sync_ops(tx, retired);
         // Everything the apply needs is made and checked now, before the
         // commit point: after it, only renames remain.
         let layout = crate::site::layout(&tx.root, &tx.id, self.store.keeps_objects());
@@ -422,24 +430,19 @@ impl Repository {
 
     /// Retire what is deleted or replaced (deepest first, so a folder is
     /// emptied before it may be replaced), then install what was staged.
-    fn sync_ops(tx: &OpenTx, deletes: &[String]) -> Vec<Op> {
-        let base = tx.base.as_ref();
-        let old_hash = |p: &str| -> Option<u64> {
-            base.and_then(|b| b.get(p)).and_then(|e| match &e.kind {
-                EntryKind::File { hash, .. } => hash.map(|h| h.0),
-                _ => None,
-            })
-        };
+    fn sync_ops(tx: &OpenTx, retired: &[(String, Option<u64>)]) -> Vec<Op> {
         let mut ops = Vec::new();
-        let mut retire: Vec<&str> = deletes.iter().map(|s| s.as_str()).collect();
-        retire.extend(tx.staged.iter().map(|s| s.0.as_str()));
-        // Deepest first, so a directory is emptied before it may be replaced.
-        retire.sort_by(|a, b| b.cmp(a));
-        retire.dedup();
-        for p in retire {
+        let mut retire: Vec<(&str, Option<u64>)> =
+            retired.iter().map(|(p, h)| (p.as_str(), *h)).collect();
+        retire.extend(tx.staged.iter().map(|s| (s.0.as_str(), None)));
+        // Deepest first, so a directory is emptied before it may be
+        // replaced; of a path given twice, the one with the base's hash.
+        retire.sort_by(|a, b| b.0.cmp(a.0).then(b.1.is_some().cmp(&a.1.is_some())));
+        retire.dedup_by(|later, earlier| later.0 == earlier.0);
+        for (p, hash) in retire {
             ops.push(Op::Retire {
                 path: p.into(),
-                hash: old_hash(p),
+                hash,
                 expect: None,
             });
         }
@@ -585,6 +588,214 @@ fn staged_parent(tx: &mut OpenTx, path: &str) -> Result<PathBuf, AgentError> {
 /// What a refused commit tells its client.
 const REFUSED: &str =
     "nothing was changed; the client sent what no dsg client sends: run the command again with dsg";
+
+/// The base's paths a commit drops or replaces, each with its content
+/// hash (a file's; the apply files superseded versions by it).
+type Retired = Vec<(String, Option<u64>)>;
+
+/// Where the commit check's base entries come from, in path order.
+enum BaseSource<'a> {
+    /// An init: no base.
+    Empty,
+    /// A head file not in path order, held sorted.
+    Whole(std::slice::Iter<'a, Entry>),
+    /// Read off the head file by `read_base`.
+    Streamed(std::sync::mpsc::Receiver<Entry>),
+}
+
+/// The base's entries, one looked ahead.
+struct BaseCursor<'a> {
+    src: BaseSource<'a>,
+    next: Option<Entry>,
+}
+
+impl<'a> BaseCursor<'a> {
+    fn new(src: BaseSource<'a>) -> BaseCursor<'a> {
+        BaseCursor { src, next: None }
+    }
+
+    fn peek(&mut self) -> Option<&Entry> {
+        if self.next.is_none() {
+            self.next = match &mut self.src {
+                BaseSource::Empty => None,
+                BaseSource::Whole(it) => it.next().cloned(),
+                // Ends early if the reader fails: its error is checked
+                // before anything found here is used.
+                BaseSource::Streamed(rx) => rx.recv().ok(),
+            };
+        }
+        self.next.as_ref()
+    }
+
+    /// The next entry if `take` says so.
+    fn next_if(&mut self, take: impl FnOnce(&Entry) -> bool) -> Option<Entry> {
+        if self.peek().is_some_and(take) {
+            self.next.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// Sends the head file's entries, in its order, to the commit check.
+fn read_base(
+    path: &Path,
+    send: std::sync::mpsc::SyncSender<Entry>,
+) -> Result<StreamedManifest, ManifestError> {
+    let f = File::open(path).map_err(|source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream_entries(std::io::BufReader::with_capacity(1 << 16, f), path, |e| {
+        send.send(e)
+            .map_err(|_| "the commit check stopped reading".to_string())
+    })
+}
+
+fn content_hash(e: &Entry) -> Option<u64> {
+    match &e.kind {
+        EntryKind::File { hash, .. } => hash.map(|h| h.0),
+        EntryKind::Link { .. } => None,
+    }
+}
+
+/// The walk of the uploaded manifest, in path order, alongside the base
+/// and the staged paths (sorted here: few but for an init). What it finds
+/// wrong is kept, first of each kind, for `verify_commit` to report in
+/// its order.
+struct CommitCheck<'a> {
+    staged: Vec<&'a (String, StagedKind)>,
+    /// The first staged path not yet passed.
+    at: usize,
+    base: BaseCursor<'a>,
+    last: Option<String>,
+    /// The first two paths out of order; the walk stops there.
+    disorder: Option<(String, String)>,
+    shape: ShapeCheck,
+    shape_err: Option<String>,
+    /// An entry neither staged as the manifest says nor unchanged.
+    entry_err: Option<AgentError>,
+    /// A staged path the manifest does not have.
+    stray_err: Option<AgentError>,
+    retired: Retired,
+    /// The whole base was walked (not so after a refusal it caused).
+    base_done: bool,
+}
+
+impl<'a> CommitCheck<'a> {
+    fn new(staged: &'a [(String, StagedKind)], base: BaseCursor<'a>) -> CommitCheck<'a> {
+        let mut staged: Vec<_> = staged.iter().collect();
+        // Stable: of a path staged twice, the later staging is the one kept.
+        staged.sort_by(|a, b| a.0.cmp(&b.0));
+        CommitCheck {
+            staged,
+            at: 0,
+            base,
+            last: None,
+            disorder: None,
+            shape: ShapeCheck::new(),
+            shape_err: None,
+            entry_err: None,
+            stray_err: None,
+            retired: Vec::new(),
+            base_done: false,
+        }
+    }
+
+    fn entry(&mut self, e: Entry) {
+        if self.disorder.is_some() {
+            return;
+        }
+        let p = &*e.path;
+        match &mut self.last {
+            Some(last) if last.as_str() >= p => {
+                self.disorder = Some((std::mem::take(last), p.to_string()));
+                return;
+            }
+            Some(last) => {
+                last.clear();
+                last.push_str(p);
+            }
+            None => self.last = Some(p.to_string()),
+        }
+        if self.shape_err.is_none() {
+            self.shape_err = self.shape.push(p).err();
+        }
+        self.strays_before(p);
+        let mut staged = None;
+        while let Some(s) = self.staged.get(self.at).filter(|s| s.0 == p) {
+            staged = Some(&s.1);
+            self.at += 1;
+        }
+        while let Some(gone) = self.base.next_if(|b| &*b.path < p) {
+            let hash = content_hash(&gone);
+            self.retired.push((gone.path.into(), hash));
+        }
+        let old = self.base.next_if(|b| &*b.path == p);
+        if self.entry_err.is_some() {
+            return;
+        }
+        if let Some(k) = staged {
+            let matches = match (&e.kind, k) {
+                (EntryKind::File { size, hash, .. }, StagedKind::File { size: s2, hash: h2 }) => {
+                    size == s2 && hash.map(|h| h.0) == Some(*h2)
+                }
+                (EntryKind::Link { target }, StagedKind::Link { target: t2 }) => {
+                    &**target == t2.as_str()
+                }
+                _ => false,
+            };
+            if !matches {
+                self.entry_err = Some(AgentError::new(
+                    ErrorKind::Verify,
+                    format!("{p}: the uploaded content does not match the new manifest"),
+                ));
+            } else if let Some(old) = old {
+                let hash = content_hash(&old);
+                self.retired.push((old.path.into(), hash));
+            }
+        } else if !old.is_some_and(|b| b.same_content(&e)) {
+            self.entry_err = Some(AgentError::new(
+                ErrorKind::Protocol,
+                format!("{p}: in the new manifest but neither uploaded nor unchanged"),
+            ));
+        }
+    }
+
+    /// Staged paths before `p` are not in the manifest.
+    fn strays_before(&mut self, p: &str) {
+        while let Some(s) = self.staged.get(self.at).filter(|s| s.0.as_str() < p) {
+            if self.stray_err.is_none() {
+                self.stray_err = Some(AgentError::new(
+                    ErrorKind::Protocol,
+                    format!("{}: uploaded but not in the new manifest", s.0),
+                ));
+            }
+            self.at += 1;
+        }
+    }
+
+    /// After the last entry: what remains of the base is dropped, what
+    /// remains staged is not in the manifest.
+    fn finish(&mut self) {
+        if self.disorder.is_some() {
+            return;
+        }
+        if let Some(s) = self.staged.get(self.at) {
+            self.stray_err.get_or_insert_with(|| {
+                AgentError::new(
+                    ErrorKind::Protocol,
+                    format!("{}: uploaded but not in the new manifest", s.0),
+                )
+            });
+        }
+        while let Some(gone) = self.base.next_if(|_| true) {
+            let hash = content_hash(&gone);
+            self.retired.push((gone.path.into(), hash));
+        }
+        self.base_done = true;
+    }
+}
 
 /// The number of the base's snapshot id (none for an init). The id was read
 /// off disk and is used in paths: one not of the form `sN` (a repository
@@ -841,11 +1052,11 @@ impl Backend for Repository {
             .take()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         // On success the transaction, and with it its locks, goes here.
-        let result = Self::verify_commit(&tx, c).and_then(|deletes| {
+        let result = self.verify_commit(&tx, c).and_then(|retired| {
             if tx.init {
                 self.commit_init(&tx, c)
             } else {
-                self.commit_sync(&tx, c, &deletes)
+                self.commit_sync(&tx, c, &retired)
             }
         });
         let Err(e) = result else {

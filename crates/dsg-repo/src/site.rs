@@ -8,11 +8,21 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use dsg_core::manifest::Manifest;
+use dsg_core::manifest::{stream_entries, Manifest, ManifestError, Metadata};
 use dsg_txn::{Aside, Layout, Op, TxError};
 
 use crate::backend::AgentError;
 use crate::protocol::{ErrorKind, StagedFile};
+
+/// The head a sync builds on, as read at its `begin`: not its entries,
+/// which would be over 100 MB at a million files.
+pub(crate) struct Base {
+    pub metadata: Option<Metadata>,
+    pub entry_count: u64,
+    /// The entries, sorted, of a head file that does not have them in
+    /// path order.
+    pub whole: Option<Manifest>,
+}
 
 #[derive(Clone, Copy)]
 pub(crate) enum LockMode {
@@ -66,6 +76,41 @@ impl Site {
     pub fn head(&self) -> Result<Option<Manifest>, AgentError> {
         let p = self.dsg().join("last-sync.json");
         Manifest::load_optional(&p).map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))
+    }
+
+    /// The head as a sync needs it at `begin`: read through and checked
+    /// like `head`, but only its metadata kept (its entries are read again,
+    /// streamed, by the commit check).
+    pub fn head_base(&self) -> Result<Option<Base>, AgentError> {
+        let p = self.dsg().join("last-sync.json");
+        let corrupt = |e: ManifestError| AgentError::new(ErrorKind::Corrupt, e.to_string());
+        let f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(corrupt(ManifestError::Io { path: p, source })),
+        };
+        let read = stream_entries(
+            std::io::BufReader::with_capacity(1 << 16, f),
+            &p,
+            |_| Ok(()),
+        )
+        .map_err(corrupt)?;
+        if read.sorted {
+            return Ok(Some(Base {
+                metadata: read.metadata,
+                entry_count: read.entry_count,
+                whole: None,
+            }));
+        }
+        // Not in path order (the original writes its own order): the
+        // commit check walks the base in path order, so it is held sorted;
+        // this also makes the checks a stream could not.
+        let m = Manifest::load_optional(&p).map_err(corrupt)?;
+        Ok(m.map(|m| Base {
+            metadata: m.metadata.clone(),
+            entry_count: m.len() as u64,
+            whole: Some(m),
+        }))
     }
 
     /// Applies committed operations to the tree at `root` (the repository,
@@ -356,7 +401,7 @@ fn same_file(f: &File, path: &Path) -> bool {
 /// Whether `head` is the snapshot a client planned against: its id, and
 /// its hash when the client sent one (ids start again at s1 in a replaced
 /// repository, so an id alone can name another repository's snapshot).
-pub(crate) fn is_base(head: Option<&Manifest>, id: &str, hash: Option<&str>) -> bool {
+pub(crate) fn is_base(head: Option<&Base>, id: &str, hash: Option<&str>) -> bool {
     let md = head.and_then(|h| h.metadata.as_ref());
     md.is_some_and(|m| m.snapshot_id == id)
         && hash.is_none_or(|h| md.and_then(|m| m.snapshot_hash.as_deref()) == Some(h))

@@ -11,7 +11,6 @@
 
 use std::path::{Path, PathBuf};
 
-use dsg_core::manifest::Manifest;
 use dsg_txn::Op;
 
 use crate::backend::AgentError;
@@ -36,7 +35,7 @@ pub(crate) struct Resumable {
     pub lock: Lock,
     pub root: PathBuf,
     pub staging: PathBuf,
-    pub head: Option<Manifest>,
+    pub head: Option<crate::site::Base>,
     pub staged: Vec<StagedFile>,
 }
 

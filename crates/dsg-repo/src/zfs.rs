@@ -856,7 +856,7 @@ impl Store for Zfs {
                     Some([ZRecord::Begin { tx: t, begin }])
                         if t == tx && begin.base == b && !begin.replace
                 );
-                let head = site.head().ok().flatten();
+                let head = site.head_base().ok().flatten();
                 let staging = mp.join(".dsg/staging").join(tx);
                 let ok = ours
                     && is_base(head.as_ref(), b, base_hash)
