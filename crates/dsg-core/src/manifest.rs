@@ -1097,6 +1097,8 @@ pub fn stream_entries<R: std::io::Read>(
         }
         visit(e)
     };
+    // Buffered here for the reason `Manifest::from_reader` gives.
+    let r = std::io::BufReader::with_capacity(1 << 16, r);
     let mut de = serde_json::Deserializer::from_reader(r);
     let parsed = TopSeed { sink: &mut sink }
         .deserialize(&mut de)
