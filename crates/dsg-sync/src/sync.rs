@@ -810,11 +810,7 @@ fn stage(
     prepare_local(root, &tx.id, &mut ops)?;
     sync_fs(root)?;
     journal
-        .append(&LocalRecord::Prepared {
-            tx: tx.id.clone(),
-            new_hash: next.snapshot_hash.clone(),
-            ops: ops.clone(),
-        })
+        .append_prepared(&tx.id, next.snapshot_hash.as_deref(), &ops)
         .map_err(jerr(root))?;
     failpoint("client.journal.prepared");
     check_interrupt()?;
