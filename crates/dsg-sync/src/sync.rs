@@ -1599,20 +1599,12 @@ fn download_error(
 }
 
 /// The stat cache after a sync: the scan's entries, minus deletions, plus
-/// the downloaded files as they now are on disk.
+/// the downloaded files as they now are on disk. Both sides are in path
+/// order, so they are merged as they are encoded, not gathered in a map
+/// (a clone's downloads are every file).
 fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
-    let mut map: std::collections::BTreeMap<&str, (Stat, Hash)> = cmp
-        .local
-        .entries()
-        .iter()
-        .zip(&cmp.local_stats)
-        .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, (*st, h))))
-        .collect();
-    for p in &plan.local_deletions {
-        map.remove(p.as_str());
-    }
     let remote = cmp.remote();
-    let installed = plan
+    let mut installed: Vec<&Entry> = plan
         .downloads
         .iter()
         .map(|p| remote.get(p).expect("R has it"))
@@ -1620,19 +1612,48 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
             plan.restores
                 .iter()
                 .map(|p| cmp.cache.get(p).expect("C has it")),
-        );
-    for e in installed {
-        map.remove(&*e.path);
-        if let EntryKind::File { hash: Some(h), .. } = &e.kind {
-            if let Ok(md) = std::fs::symlink_metadata(project.root.join(&*e.path)) {
-                map.insert(&e.path, (Stat::of(&md), *h));
-            }
+        )
+        .collect();
+    installed.sort_by(|a, b| a.path.cmp(&b.path));
+    installed.dedup_by(|a, b| a.path == b.path);
+    let mut deleted: Vec<&str> = plan.local_deletions.iter().map(|p| p.as_str()).collect();
+    deleted.sort_unstable();
+    let gone = |p: &str| {
+        deleted.binary_search(&p).is_ok()
+            || installed.binary_search_by(|e| (*e.path).cmp(p)).is_ok()
+    };
+    let kept = cmp
+        .local
+        .entries()
+        .iter()
+        .zip(&cmp.local_stats)
+        .filter(|(e, _)| !gone(&e.path))
+        .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)));
+    let fresh = installed.iter().filter_map(|e| match &e.kind {
+        EntryKind::File { hash: Some(h), .. } => {
+            std::fs::symlink_metadata(project.root.join(&*e.path))
+                .ok()
+                .map(|md| (&*e.path, Stat::of(&md), *h))
         }
-    }
+        _ => None,
+    });
     project.write_stat_cache(&StatCache::encode(
         cmp.scan.started_ns,
-        map.into_iter().map(|(p, (st, h))| (p, st, h)),
+        merge_by_path(kept, fresh),
     ));
+}
+
+/// Two path-ordered record streams with no path in common, as one.
+fn merge_by_path<'a>(
+    a: impl Iterator<Item = (&'a str, Stat, Hash)>,
+    b: impl Iterator<Item = (&'a str, Stat, Hash)>,
+) -> impl Iterator<Item = (&'a str, Stat, Hash)> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 #[cfg(test)]
