@@ -176,11 +176,6 @@ fn space_needed(ops: &[Op], new_dirs: usize) -> u64 {
 /// Folders it makes are out of sight (in `.dsg`) and stay if the
 /// transaction does not commit; the tree itself is not touched.
 pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
-    let retired: std::collections::HashSet<String> = ops
-        .iter()
-        .filter(|o| matches!(o, Op::Retire { .. }))
-        .map(|o| o.path().to_string())
-        .collect();
     let mut writable: BTreeSet<PathBuf> = Default::default();
     let mut to_make: BTreeSet<PathBuf> = Default::default();
     // Folders made now, out of sight in `.dsg`, deepest last.
@@ -188,11 +183,20 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
     let mut known_dirs = std::collections::HashSet::new();
     writable.insert(l.dsg.to_path_buf());
     make_now.insert(l.dsg.join("archive"));
-    for op in ops.iter_mut() {
-        let path = op.path().to_string();
+    let mut retired = Retired { ops, set: None };
+    for op in retired.ops {
         let install = matches!(op, Op::Install { .. });
-        let parent = parent_dir(l, &path, &retired, install, &mut to_make, &mut known_dirs)?;
+        let parent = parent_dir(
+            l,
+            op.path(),
+            &mut retired,
+            install,
+            &mut to_make,
+            &mut known_dirs,
+        )?;
         writable.insert(parent);
+    }
+    for op in ops.iter_mut() {
         match (op, &l.aside) {
             (Op::Retire { path, hash, .. }, Aside::Objects) => {
                 let dsg = &l.dsg;
@@ -259,6 +263,28 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
     Ok(())
 }
 
+/// The paths a transaction retires, as a set only once one is looked up:
+/// that happens when a parent on the way is not a folder, which is rare,
+/// and the set costs memory per operation (a clone has one per file).
+struct Retired<'a> {
+    ops: &'a [Op],
+    set: Option<std::collections::HashSet<&'a str>>,
+}
+
+impl Retired<'_> {
+    fn contains(&mut self, path: &str) -> bool {
+        self.set
+            .get_or_insert_with(|| {
+                self.ops
+                    .iter()
+                    .filter(|o| matches!(o, Op::Retire { .. }))
+                    .map(|o| o.path())
+                    .collect()
+            })
+            .contains(path)
+    }
+}
+
 /// The filesystem has the space and the inodes the apply still needs.
 fn check_space(root: &Path, ops: &[Op], new_dirs: usize) -> Result<(), TxError> {
     let st = rustix::fs::statvfs(root).map_err(|e| TxError::io(root, e.into()))?;
@@ -285,7 +311,7 @@ fn check_space(root: &Path, ops: &[Op], new_dirs: usize) -> Result<(), TxError> 
 fn parent_dir(
     l: &Layout,
     path: &str,
-    retired: &std::collections::HashSet<String>,
+    retired: &mut Retired<'_>,
     install: bool,
     to_make: &mut BTreeSet<PathBuf>,
     known_dirs: &mut std::collections::HashSet<PathBuf>,
@@ -360,7 +386,11 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
         failpoint(&format!("{}.apply.{i}", l.fp));
         let dst = l.root.join(op.path());
         if let Some(parent) = dst.parent() {
-            touched.push(parent.to_path_buf());
+            // Operations come in path order, so siblings follow each
+            // other: one entry per run of them, not one per file.
+            if touched.last().map(PathBuf::as_path) != Some(parent) {
+                touched.push(parent.to_path_buf());
+            }
         }
         match op {
             Op::Retire { path, hash, expect } => {
