@@ -716,7 +716,7 @@ fn transact(
         commit_snapshot(tx, &mut client, next)?;
         failpoint("client.repo_committed");
     }
-    finish(tx, &journal, &ops, cmp, plan, next)?;
+    finish(tx, &journal, ops, cmp, plan, next)?;
     learn_prunes(tx.project, &mut client);
     let _ = client.close();
     Ok(())
@@ -1051,7 +1051,9 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
         .map(|p| Op::Retire {
             path: p.into(),
             hash: None,
-            expect: cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino)),
+            expect: cmp
+                .local_stat(p)
+                .map(|st| Box::new((st.size, st.mtime_ns, st.ino))),
         })
         .collect();
     let mut installs: Vec<&str> = plan
@@ -1114,7 +1116,7 @@ fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta<'_>) ->
 fn finish(
     tx: &Tx<'_>,
     journal: &Journal,
-    ops: &[Op],
+    ops: Vec<Op>,
     cmp: &Comparison,
     plan: &Plan,
     next: &NextMeta<'_>,
@@ -1128,7 +1130,10 @@ fn finish(
         })
         .map_err(jerr(root))?;
     failpoint("client.journal.committed");
-    apply_local(root, &tx.id, ops)?;
+    apply_local(root, &tx.id, &ops)?;
+    // Applied: not kept while the caches below are built (a clone has
+    // two operations per file).
+    drop(ops);
     update_stat_cache(tx.project, cmp, plan);
     // The next command finds the new cache already in binary form (a JSON
     // parse of every entry saved); tagged by the JSON's hash, so a stale

@@ -31,16 +31,19 @@ pub enum Op {
     /// hash when known (names its object); `expect`: its stat (size, mtime
     /// ns, inode) when planned — a file that no longer matches was changed
     /// by someone during the sync and is kept beside its path instead.
+    ///
+    /// Kept small (a clone holds two per file): the path boxed without
+    /// spare capacity, the stat boxed because most retires have none.
     #[serde(alias = "remove")]
     Retire {
-        path: String,
+        path: Box<str>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        expect: Option<(u64, i64, u64)>,
+        expect: Option<Box<(u64, i64, u64)>>,
     },
     /// Move the staged `path` into place.
-    Install { path: String },
+    Install { path: Box<str> },
 }
 
 impl Op {
@@ -200,7 +203,7 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
         match (op, &l.aside) {
             (Op::Retire { path, hash, .. }, Aside::Objects) => {
                 let dsg = &l.dsg;
-                let p = l.root.join(&*path);
+                let p = l.root.join(&**path);
                 if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
                     continue;
                 }
@@ -224,7 +227,7 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
                 // actually moves there: made now, one could stand where a
                 // retired file of the same name is going.
                 make_now.insert(dir.to_path_buf());
-                let mut par = Path::new(&*path).parent();
+                let mut par = Path::new(&**path).parent();
                 while let Some(p) = par.filter(|p| !p.as_os_str().is_empty()) {
                     to_make.insert(dir.join(p));
                     par = p.parent();
@@ -396,8 +399,8 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
             Op::Retire { path, hash, expect } => {
                 // A re-run after a crash: a path whose staged file is gone
                 // was already installed; what is there is the new version.
-                if installs.contains(path.as_str())
-                    && fs::symlink_metadata(l.files.join(path)).is_err()
+                if installs.contains(&**path)
+                    && fs::symlink_metadata(l.files.join(&**path)).is_err()
                 {
                     continue;
                 }
@@ -407,18 +410,18 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
                 if parents.check(path)? != Way::Folders {
                     continue;
                 }
-                retire(l, path, &dst, *hash, *expect)?;
+                retire(l, path, &dst, *hash, expect.as_deref().copied())?;
                 parents.forget(&dst);
             }
             Op::Install { path } => {
-                let src = l.files.join(path);
+                let src = l.files.join(&**path);
                 if fs::symlink_metadata(&src).is_err() {
                     continue;
                 }
                 if let Way::Link(link) = parents.check(path)? {
                     // `prepare` refuses this before the commit point.
                     return Err(TxError::ThroughLink {
-                        path: path.clone(),
+                        path: path.to_string(),
                         link,
                     });
                 }
@@ -755,7 +758,7 @@ mod tests {
             Op::Retire {
                 path: "a".into(),
                 hash: None,
-                expect: Some((1, 2, 3))
+                expect: Some(Box::new((1, 2, 3)))
             }
         );
     }

@@ -283,7 +283,7 @@ mod tests {
             Op::Retire {
                 path: "a/b".into(),
                 hash: None,
-                expect: Some((1, 2, 3)),
+                expect: Some(Box::new((1, 2, 3))),
             },
             Op::Install { path: "a/b".into() },
         ];
