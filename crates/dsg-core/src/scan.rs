@@ -272,11 +272,17 @@ impl StatCache {
 
     /// Encodes `(path, stat, hash)` records, which must come sorted by path.
     pub fn encode<'a>(made_ns: i64, recs: impl Iterator<Item = (&'a str, Stat, Hash)>) -> Vec<u8> {
-        let mut body = Vec::with_capacity(1 << 16);
+        // The records go straight behind the header, whose count is filled
+        // in at the end: a body copied into place would be held twice.
+        let mut out = Vec::with_capacity(1 << 16);
+        out.extend_from_slice(CACHE_MAGIC);
+        out.extend_from_slice(&(made_ns as u64).to_le_bytes());
+        let count_at = out.len();
+        out.extend_from_slice(&0u64.to_le_bytes());
         let mut n = 0u64;
         for (path, stat, hash) in recs {
-            body.extend_from_slice(&(path.len() as u32).to_le_bytes());
-            body.extend_from_slice(path.as_bytes());
+            out.extend_from_slice(&(path.len() as u32).to_le_bytes());
+            out.extend_from_slice(path.as_bytes());
             for v in [
                 stat.size,
                 stat.mtime_ns as u64,
@@ -284,15 +290,11 @@ impl StatCache {
                 stat.ino,
                 hash.0,
             ] {
-                body.extend_from_slice(&v.to_le_bytes());
+                out.extend_from_slice(&v.to_le_bytes());
             }
             n += 1;
         }
-        let mut out = Vec::with_capacity(32 + body.len());
-        out.extend_from_slice(CACHE_MAGIC);
-        out.extend_from_slice(&(made_ns as u64).to_le_bytes());
-        out.extend_from_slice(&n.to_le_bytes());
-        out.extend_from_slice(&body);
+        out[count_at..count_at + 8].copy_from_slice(&n.to_le_bytes());
         let sum = Hash::of_bytes(&out).0.to_le_bytes();
         out.extend_from_slice(&sum);
         out

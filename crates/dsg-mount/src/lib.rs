@@ -256,7 +256,7 @@ impl SnapFs {
         let mut buf = vec![0u8; 1 << 20];
         let r = self
             .client
-            .get_versions(&self.snapshot, vec![path.clone()], |inc| {
+            .get_versions(&self.snapshot, &[path.as_str()], |inc| {
                 let Incoming::File { data, .. } = inc else {
                     return Err(io::Error::other(
                         "the repository holds a link where the manifest records a file",

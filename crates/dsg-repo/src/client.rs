@@ -11,7 +11,8 @@ use dsg_core::config::ProjectConfig;
 use crate::backend::Backend;
 use crate::protocol::{
     read_data_to_vec, read_json, remote_error, write_data, write_frame, write_json, DataStream,
-    ErrorKind, RehashReport, RemoteError, Request, Response, StagedFile, CHUNK, PROTOCOL_VERSION,
+    ErrorKind, FilesRequest, RehashReport, RemoteError, Request, Response, StagedFile, CHUNK,
+    PROTOCOL_VERSION,
 };
 
 /// Display is the message, then `hint: …` on its own line when there is
@@ -634,10 +635,10 @@ impl RepoClient {
     /// request for all of them: no round trip per file.
     pub fn get_files(
         &mut self,
-        paths: Vec<String>,
+        paths: &[&str],
         sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
     ) -> Result<(), RepoError> {
-        self.stream_files(&Request::GetFiles { paths }, sink)
+        self.stream_files(&FilesRequest::GetFiles { paths }, sink)
     }
 
     /// `get_files` as of snapshot `snapshot` (`s<N>`): the bytes that
@@ -645,14 +646,10 @@ impl RepoClient {
     pub fn get_versions(
         &mut self,
         snapshot: &str,
-        paths: Vec<String>,
+        paths: &[&str],
         sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
     ) -> Result<(), RepoError> {
-        let req = Request::GetVersions {
-            snapshot: snapshot.into(),
-            paths,
-        };
-        self.stream_files(&req, sink)
+        self.stream_files(&FilesRequest::GetVersions { snapshot, paths }, sink)
     }
 
     /// Has the agent (in this process: the repository is on this machine)
@@ -725,10 +722,10 @@ impl RepoClient {
     /// `sink`, until its `Ok`.
     fn stream_files(
         &mut self,
-        req: &Request,
+        req: &FilesRequest<'_>,
         mut sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
     ) -> Result<(), RepoError> {
-        self.send(req)?;
+        write_json(&mut self.w, req).map_err(|e| self.conn(e))?;
         self.w.flush().map_err(|e| self.conn(e))?;
         let mut first_err: Option<RepoError> = None;
         // Until `Ok`, not one reply per path: a busy repository answers

@@ -38,6 +38,21 @@ pub const MAX_MESSAGES_BYTES: u64 = 64 << 20;
 /// (for tests, or a repository that outgrew them).
 pub const MAX_META_ENV: &str = "DSG_AGENT_MAX_META";
 
+/// `Request::GetFiles` and `Request::GetVersions` as a client sends them,
+/// borrowing the paths: a clone asks for every file in one request, and
+/// owned copies of all the paths would cost it ~60 bytes a file.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum FilesRequest<'a> {
+    GetFiles {
+        paths: &'a [&'a str],
+    },
+    GetVersions {
+        snapshot: &'a str,
+        paths: &'a [&'a str],
+    },
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -607,6 +622,38 @@ impl<R: Read> Read for DataStream<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent reads what the client's borrowed requests write as the
+    /// `Request` they mirror.
+    #[test]
+    fn borrowed_file_requests_are_the_requests() {
+        let paths = ["a/b", "c\"d"];
+        let owned: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let pairs = [
+            (
+                FilesRequest::GetFiles { paths: &paths },
+                Request::GetFiles {
+                    paths: owned.clone(),
+                },
+            ),
+            (
+                FilesRequest::GetVersions {
+                    snapshot: "s3",
+                    paths: &paths,
+                },
+                Request::GetVersions {
+                    snapshot: "s3".into(),
+                    paths: owned.clone(),
+                },
+            ),
+        ];
+        for (borrowed, req) in pairs {
+            assert_eq!(
+                serde_json::to_vec(&borrowed).unwrap(),
+                serde_json::to_vec(&req).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn data_stream_reads_frames_in_any_read_sizes() {

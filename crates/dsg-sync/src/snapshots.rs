@@ -260,7 +260,7 @@ pub fn snapfetch(
     reporter.transfer_start("fetching", 1, size);
     let mut got: Option<(u64, Hash)> = None;
     let mut buf = vec![0u8; 1 << 20];
-    let fetched = client.get_versions(&snap.id, vec![opts.file.clone()], |inc| {
+    let fetched = client.get_versions(&snap.id, &[opts.file.as_str()], |inc| {
         let Incoming::File { data, .. } = inc else {
             return Err(std::io::Error::other(
                 "the repository holds a link where the manifest records a file",

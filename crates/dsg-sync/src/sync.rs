@@ -17,7 +17,7 @@
 //! Recovery (`recover_sync`) rolls back before the commit point and forward
 //! after it; every apply step checks what is already done.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -721,7 +721,7 @@ fn transact(
         failpoint("client.repo_committed");
         tracing::debug!("repository committed");
     }
-    finish(tx, &journal, &ops, cmp, plan, next)?;
+    finish(tx, &journal, ops, cmp, plan, next)?;
     tracing::debug!("local side applied");
     learn_prunes(tx.project, &mut client);
     let _ = client.close();
@@ -819,11 +819,7 @@ fn stage(
     sync_fs(root)?;
     tracing::debug!("local side prepared and durable");
     journal
-        .append(&LocalRecord::Prepared {
-            tx: tx.id.clone(),
-            new_hash: next.snapshot_hash.clone(),
-            ops: ops.clone(),
-        })
+        .append_prepared(&tx.id, next.snapshot_hash.as_deref(), &ops)
         .map_err(jerr(root))?;
     failpoint("client.journal.prepared");
     check_interrupt()?;
@@ -1064,7 +1060,9 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
         .map(|p| Op::Retire {
             path: p.into(),
             hash: None,
-            expect: cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino)),
+            expect: cmp
+                .local_stat(p)
+                .map(|st| Box::new((st.size, st.mtime_ns, st.ino))),
         })
         .collect();
     let mut installs: Vec<&str> = plan
@@ -1127,7 +1125,7 @@ fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta<'_>) ->
 fn finish(
     tx: &Tx<'_>,
     journal: &Journal,
-    ops: &[Op],
+    ops: Vec<Op>,
     cmp: &Comparison,
     plan: &Plan,
     next: &NextMeta<'_>,
@@ -1141,7 +1139,10 @@ fn finish(
         })
         .map_err(jerr(root))?;
     failpoint("client.journal.committed");
-    apply_local(root, &tx.id, ops)?;
+    apply_local(root, &tx.id, &ops)?;
+    // Applied: not kept while the caches below are built (a clone has
+    // two operations per file).
+    drop(ops);
     update_stat_cache(tx.project, cmp, plan);
     // The next command finds the new cache already in binary form (a JSON
     // parse of every entry saved); tagged by the JSON's hash, so a stale
@@ -1441,8 +1442,10 @@ fn download(
     reporter: &dyn Reporter,
 ) -> Result<()> {
     let files = staging.join("files");
-    let mut want: HashMap<&str, &Entry> = HashMap::new();
-    let mut fetch = Vec::new();
+    // Looked up by path as the files arrive (by binary search: a map of
+    // every download would cost a clone ~40 bytes a file more), and asked
+    // for by borrowed path.
+    let mut want: Vec<&Entry> = Vec::new();
     for e in downloads {
         match &e.kind {
             EntryKind::Link { target } => {
@@ -1452,15 +1455,16 @@ fn download(
                 make_parent(&files, &e.path)?;
                 std::os::unix::fs::symlink(&**target, &p).map_err(|er| EngineError::io(&p, er))?;
             }
-            EntryKind::File { .. } => {
-                want.insert(&e.path, e);
-                fetch.push(e.path.to_string());
-            }
+            EntryKind::File { .. } => want.push(e),
         }
     }
-    if fetch.is_empty() {
+    if want.is_empty() {
         return Ok(());
     }
+    // Already in path order (the plan's); a stable sort of sorted input is
+    // one pass.
+    want.sort_by(|a, b| a.path.cmp(&b.path));
+    let fetch: Vec<&str> = want.iter().map(|e| &*e.path).collect();
     reporter.transfer_start("downloading", fetch.len() as u64, bytes);
     let (mut nf, mut nb) = (0u64, 0u64);
     let mut buf = vec![0u8; 1 << 20];
@@ -1479,8 +1483,9 @@ fn download(
             ));
         };
         let e = want
-            .get(path.as_str())
-            .ok_or_else(|| std::io::Error::other("unexpected file"))?;
+            .binary_search_by(|e| (*e.path).cmp(path.as_str()))
+            .map(|i| want[i])
+            .map_err(|_| std::io::Error::other("unexpected file"))?;
         let EntryKind::File { size, mtime, hash } = &e.kind else {
             unreachable!()
         };
@@ -1509,8 +1514,8 @@ fn download(
         Ok(())
     };
     let res = match from {
-        Some(snap) => client.get_versions(snap, fetch, sink),
-        None => client.get_files(fetch, sink),
+        Some(snap) => client.get_versions(snap, &fetch, sink),
+        None => client.get_files(&fetch, sink),
     };
     reporter.transfer_done();
     res.map_err(|e| match e {
@@ -1608,20 +1613,12 @@ fn download_error(
 }
 
 /// The stat cache after a sync: the scan's entries, minus deletions, plus
-/// the downloaded files as they now are on disk.
+/// the downloaded files as they now are on disk. Both sides are in path
+/// order, so they are merged as they are encoded, not gathered in a map
+/// (a clone's downloads are every file).
 fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
-    let mut map: std::collections::BTreeMap<&str, (Stat, Hash)> = cmp
-        .local
-        .entries()
-        .iter()
-        .zip(&cmp.local_stats)
-        .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, (*st, h))))
-        .collect();
-    for p in &plan.local_deletions {
-        map.remove(p.as_str());
-    }
     let remote = cmp.remote();
-    let installed = plan
+    let mut installed: Vec<&Entry> = plan
         .downloads
         .iter()
         .map(|p| remote.get(p).expect("R has it"))
@@ -1629,19 +1626,48 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
             plan.restores
                 .iter()
                 .map(|p| cmp.cache.get(p).expect("C has it")),
-        );
-    for e in installed {
-        map.remove(&*e.path);
-        if let EntryKind::File { hash: Some(h), .. } = &e.kind {
-            if let Ok(md) = std::fs::symlink_metadata(project.root.join(&*e.path)) {
-                map.insert(&e.path, (Stat::of(&md), *h));
-            }
+        )
+        .collect();
+    installed.sort_by(|a, b| a.path.cmp(&b.path));
+    installed.dedup_by(|a, b| a.path == b.path);
+    let mut deleted: Vec<&str> = plan.local_deletions.iter().map(|p| p.as_str()).collect();
+    deleted.sort_unstable();
+    let gone = |p: &str| {
+        deleted.binary_search(&p).is_ok()
+            || installed.binary_search_by(|e| (*e.path).cmp(p)).is_ok()
+    };
+    let kept = cmp
+        .local
+        .entries()
+        .iter()
+        .zip(&cmp.local_stats)
+        .filter(|(e, _)| !gone(&e.path))
+        .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)));
+    let fresh = installed.iter().filter_map(|e| match &e.kind {
+        EntryKind::File { hash: Some(h), .. } => {
+            std::fs::symlink_metadata(project.root.join(&*e.path))
+                .ok()
+                .map(|md| (&*e.path, Stat::of(&md), *h))
         }
-    }
+        _ => None,
+    });
     project.write_stat_cache(&StatCache::encode(
         cmp.scan.started_ns,
-        map.into_iter().map(|(p, (st, h))| (p, st, h)),
+        merge_by_path(kept, fresh),
     ));
+}
+
+/// Two path-ordered record streams with no path in common, as one.
+fn merge_by_path<'a>(
+    a: impl Iterator<Item = (&'a str, Stat, Hash)>,
+    b: impl Iterator<Item = (&'a str, Stat, Hash)>,
+) -> impl Iterator<Item = (&'a str, Stat, Hash)> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 #[cfg(test)]

@@ -31,16 +31,19 @@ pub enum Op {
     /// hash when known (names its object); `expect`: its stat (size, mtime
     /// ns, inode) when planned — a file that no longer matches was changed
     /// by someone during the sync and is kept beside its path instead.
+    ///
+    /// Kept small (a clone holds two per file): the path boxed without
+    /// spare capacity, the stat boxed because most retires have none.
     #[serde(alias = "remove")]
     Retire {
-        path: String,
+        path: Box<str>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        expect: Option<(u64, i64, u64)>,
+        expect: Option<Box<(u64, i64, u64)>>,
     },
     /// Move the staged `path` into place.
-    Install { path: String },
+    Install { path: Box<str> },
 }
 
 impl Op {
@@ -176,11 +179,6 @@ fn space_needed(ops: &[Op], new_dirs: usize) -> u64 {
 /// Folders it makes are out of sight (in `.dsg`) and stay if the
 /// transaction does not commit; the tree itself is not touched.
 pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
-    let retired: std::collections::HashSet<String> = ops
-        .iter()
-        .filter(|o| matches!(o, Op::Retire { .. }))
-        .map(|o| o.path().to_string())
-        .collect();
     let mut writable: BTreeSet<PathBuf> = Default::default();
     let mut to_make: BTreeSet<PathBuf> = Default::default();
     // Folders made now, out of sight in `.dsg`, deepest last.
@@ -188,15 +186,24 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
     let mut known_dirs = std::collections::HashSet::new();
     writable.insert(l.dsg.to_path_buf());
     make_now.insert(l.dsg.join("archive"));
-    for op in ops.iter_mut() {
-        let path = op.path().to_string();
+    let mut retired = Retired { ops, set: None };
+    for op in retired.ops {
         let install = matches!(op, Op::Install { .. });
-        let parent = parent_dir(l, &path, &retired, install, &mut to_make, &mut known_dirs)?;
+        let parent = parent_dir(
+            l,
+            op.path(),
+            &mut retired,
+            install,
+            &mut to_make,
+            &mut known_dirs,
+        )?;
         writable.insert(parent);
+    }
+    for op in ops.iter_mut() {
         match (op, &l.aside) {
             (Op::Retire { path, hash, .. }, Aside::Objects) => {
                 let dsg = &l.dsg;
-                let p = l.root.join(&*path);
+                let p = l.root.join(&**path);
                 if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
                     continue;
                 }
@@ -220,7 +227,7 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
                 // actually moves there: made now, one could stand where a
                 // retired file of the same name is going.
                 make_now.insert(dir.to_path_buf());
-                let mut par = Path::new(&*path).parent();
+                let mut par = Path::new(&**path).parent();
                 while let Some(p) = par.filter(|p| !p.as_os_str().is_empty()) {
                     to_make.insert(dir.join(p));
                     par = p.parent();
@@ -259,6 +266,28 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
     Ok(())
 }
 
+/// The paths a transaction retires, as a set only once one is looked up:
+/// that happens when a parent on the way is not a folder, which is rare,
+/// and the set costs memory per operation (a clone has one per file).
+struct Retired<'a> {
+    ops: &'a [Op],
+    set: Option<std::collections::HashSet<&'a str>>,
+}
+
+impl Retired<'_> {
+    fn contains(&mut self, path: &str) -> bool {
+        self.set
+            .get_or_insert_with(|| {
+                self.ops
+                    .iter()
+                    .filter(|o| matches!(o, Op::Retire { .. }))
+                    .map(|o| o.path())
+                    .collect()
+            })
+            .contains(path)
+    }
+}
+
 /// The filesystem has the space and the inodes the apply still needs.
 fn check_space(root: &Path, ops: &[Op], new_dirs: usize) -> Result<(), TxError> {
     let st = rustix::fs::statvfs(root).map_err(|e| TxError::io(root, e.into()))?;
@@ -285,7 +314,7 @@ fn check_space(root: &Path, ops: &[Op], new_dirs: usize) -> Result<(), TxError> 
 fn parent_dir(
     l: &Layout,
     path: &str,
-    retired: &std::collections::HashSet<String>,
+    retired: &mut Retired<'_>,
     install: bool,
     to_make: &mut BTreeSet<PathBuf>,
     known_dirs: &mut std::collections::HashSet<PathBuf>,
@@ -360,14 +389,18 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
         failpoint(&format!("{}.apply.{i}", l.fp));
         let dst = l.root.join(op.path());
         if let Some(parent) = dst.parent() {
-            touched.push(parent.to_path_buf());
+            // Operations come in path order, so siblings follow each
+            // other: one entry per run of them, not one per file.
+            if touched.last().map(PathBuf::as_path) != Some(parent) {
+                touched.push(parent.to_path_buf());
+            }
         }
         match op {
             Op::Retire { path, hash, expect } => {
                 // A re-run after a crash: a path whose staged file is gone
                 // was already installed; what is there is the new version.
-                if installs.contains(path.as_str())
-                    && fs::symlink_metadata(l.files.join(path)).is_err()
+                if installs.contains(&**path)
+                    && fs::symlink_metadata(l.files.join(&**path)).is_err()
                 {
                     continue;
                 }
@@ -377,18 +410,18 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
                 if parents.check(path)? != Way::Folders {
                     continue;
                 }
-                retire(l, path, &dst, *hash, *expect)?;
+                retire(l, path, &dst, *hash, expect.as_deref().copied())?;
                 parents.forget(&dst);
             }
             Op::Install { path } => {
-                let src = l.files.join(path);
+                let src = l.files.join(&**path);
                 if fs::symlink_metadata(&src).is_err() {
                     continue;
                 }
                 if let Way::Link(link) = parents.check(path)? {
                     // `prepare` refuses this before the commit point.
                     return Err(TxError::ThroughLink {
-                        path: path.clone(),
+                        path: path.to_string(),
                         link,
                     });
                 }
@@ -725,7 +758,7 @@ mod tests {
             Op::Retire {
                 path: "a".into(),
                 hash: None,
-                expect: Some((1, 2, 3))
+                expect: Some(Box::new((1, 2, 3)))
             }
         );
     }

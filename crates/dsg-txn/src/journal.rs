@@ -44,6 +44,51 @@ pub enum Record<B> {
     },
 }
 
+/// A writer that counts and hashes what passes through it.
+struct Digest<W: Write> {
+    w: W,
+    h: xxhash_rust::xxh3::Xxh3,
+    n: u64,
+}
+
+impl<W: Write> Digest<W> {
+    fn new(w: W) -> Self {
+        Digest {
+            w,
+            h: xxhash_rust::xxh3::Xxh3::new(),
+            n: 0,
+        }
+    }
+
+    /// The body's length as the header records it, and its hash.
+    fn finish(&self) -> io::Result<(u32, u64)> {
+        let len =
+            u32::try_from(self.n).map_err(|_| io::Error::other("journal record over 4 GiB"))?;
+        Ok((len, self.h.digest()))
+    }
+}
+
+impl<W: Write> Write for Digest<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let k = self.w.write(buf)?;
+        self.h.update(&buf[..k]);
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// `Record::Prepared` borrowing its fields; serializes to the same text.
+#[derive(Serialize)]
+#[serde(tag = "rec", rename = "prepared")]
+struct PreparedRef<'a> {
+    tx: &'a str,
+    new_hash: Option<&'a str>,
+    ops: &'a [Op],
+}
+
 /// A journal's valid records, read back for recovery.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Log<B> {
@@ -133,13 +178,31 @@ impl Journal {
     }
 
     pub fn append<T: Serialize>(&self, rec: &T) -> io::Result<()> {
-        let body = serde_json::to_vec(rec).map_err(io::Error::other)?;
-        let mut buf = Vec::with_capacity(body.len() + 12);
-        buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
-        buf.extend_from_slice(&body);
-        (&self.file).write_all(&buf)?;
+        // Measured and hashed first, then serialized again straight into
+        // the file: a record listing a clone's operations is megabytes,
+        // never held as text. The second pass is checked against the
+        // first; a mismatch fails the append like a short write (the
+        // record reads as torn).
+        let mut first = Digest::new(io::sink());
+        serde_json::to_writer(&mut first, rec).map_err(io::Error::other)?;
+        let (len, sum) = first.finish()?;
+        let mut out = Digest::new(io::BufWriter::with_capacity(1 << 16, &self.file));
+        out.w.write_all(&len.to_le_bytes())?;
+        out.w.write_all(&sum.to_le_bytes())?;
+        serde_json::to_writer(&mut out, rec).map_err(io::Error::other)?;
+        out.w.flush()?;
+        if out.finish()? != (len, sum) {
+            return Err(io::Error::other(
+                "a journal record serialized differently twice",
+            ));
+        }
         self.file.sync_data()
+    }
+
+    /// Appends `Record::Prepared` without owning its operations (the
+    /// caller still needs them to apply, and a copy would double them).
+    pub fn append_prepared(&self, tx: &str, new_hash: Option<&str>, ops: &[Op]) -> io::Result<()> {
+        self.append(&PreparedRef { tx, new_hash, ops })
     }
 
     /// Reads the valid prefix of records; `None` when there is no journal.
@@ -209,5 +272,36 @@ mod tests {
                 begin: Base { base: "s1".into() }
             }]
         );
+    }
+
+    /// Recovery reads what `append_prepared` wrote as `Record::Prepared`:
+    /// the two must write the same bytes.
+    #[test]
+    fn borrowed_prepared_is_the_prepared_record() {
+        let d = tempfile::tempdir().unwrap();
+        let ops = vec![
+            Op::Retire {
+                path: "a/b".into(),
+                hash: None,
+                expect: Some(Box::new((1, 2, 3))),
+            },
+            Op::Install { path: "a/b".into() },
+        ];
+        for new_hash in [None, Some("h")] {
+            let (p1, p2) = (d.path().join("1"), d.path().join("2"));
+            Journal::create(&p1)
+                .unwrap()
+                .append(&Record::<Base>::Prepared {
+                    tx: "t".into(),
+                    new_hash: new_hash.map(String::from),
+                    ops: ops.clone(),
+                })
+                .unwrap();
+            Journal::create(&p2)
+                .unwrap()
+                .append_prepared("t", new_hash, &ops)
+                .unwrap();
+            assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
+        }
     }
 }
