@@ -191,7 +191,6 @@ pub fn compare(
     opts: CompareOpts,
     reporter: &dyn Reporter,
 ) -> Result<Comparison> {
-    let t0 = std::time::Instant::now();
     let cache_hash = if opts.no_cache {
         None
     } else {
@@ -223,9 +222,9 @@ pub fn compare(
             }
         },
     };
-    tracing::debug!("repository manifest checked at {:?}", t0.elapsed());
+    crate::phase("repository manifest checked");
     let mut scan = project.scan(reporter);
-    tracing::debug!("scanned at {:?}", t0.elapsed());
+    crate::phase("scanned");
     // The cache is loaded only now, so it and the stat cache are never in
     // memory together.
     let cache = match cache_hash {
@@ -238,7 +237,7 @@ pub fn compare(
     let keep_stats = opts.keep_remote_bytes || scan.cache_dirty;
     let (local, local_stats) =
         to_manifest(entries, Some(&cache), &project.user.user_id, keep_stats);
-    tracing::debug!("local manifest built at {:?}", t0.elapsed());
+    crate::phase("local manifest built");
     let cmp = Comparison {
         scan,
         local,

@@ -291,9 +291,9 @@ fn sync_once(
         report.plan = plan;
         return Ok(report);
     }
-    tracing::debug!("planned");
+    crate::phase("planned");
     let next = new_metadata(project, opts, &cmp, &plan, repo_messages, &mut client)?;
-    tracing::debug!("new metadata computed");
+    crate::phase("new metadata computed");
     let tx = Tx {
         project,
         id: format!("tx-{}", uuid::Uuid::new_v4().simple()),
@@ -678,7 +678,7 @@ fn transact(
 ) -> Result<()> {
     let root = tx.root();
     let journal = begin(tx)?;
-    tracing::debug!("journal begun");
+    crate::phase("journal begun");
     // Before the commit point, like everything that can fail: a backup
     // that cannot be made stops the sync with nothing changed. A crash
     // after this leaves at most the backups (hard links to unchanged
@@ -715,14 +715,14 @@ fn transact(
             return Err(e);
         }
     };
-    tracing::debug!("staged");
+    crate::phase("staged");
     if plan.needs_snapshot {
         commit_snapshot(tx, &mut client, next)?;
         failpoint("client.repo_committed");
-        tracing::debug!("repository committed");
+        crate::phase("repository committed");
     }
     finish(tx, &journal, ops, cmp, plan, next)?;
-    tracing::debug!("local side applied");
+    crate::phase("local side applied");
     learn_prunes(tx.project, &mut client);
     let _ = client.close();
     Ok(())
@@ -792,7 +792,7 @@ fn stage(
     if plan.needs_snapshot {
         upload_changes(tx, client, cmp, plan, next, retries, reporter)?;
         failpoint("client.uploaded");
-        tracing::debug!("uploaded");
+        crate::phase("uploaded");
     }
     let remote = cmp.remote();
     let downloads: Vec<&Entry> = plan
@@ -811,13 +811,13 @@ fn stage(
     failpoint("client.downloaded");
     check_interrupt()?;
     stage_meta(tx, client, &staging.join("meta"), cmp, plan, next)?;
-    tracing::debug!("new manifest staged");
+    crate::phase("new manifest staged");
     let mut ops = local_ops(cmp, plan);
     // Folders for the downloads, write permission, space: checked now, so
     // that nothing local can stop the apply after the commit point.
     prepare_local(root, &tx.id, &mut ops)?;
     sync_fs(root)?;
-    tracing::debug!("local side prepared and durable");
+    crate::phase("local side prepared and durable");
     journal
         .append_prepared(&tx.id, next.snapshot_hash.as_deref(), &ops)
         .map_err(jerr(root))?;
@@ -1143,7 +1143,9 @@ fn finish(
     // Applied: not kept while the caches below are built (a clone has
     // two operations per file).
     drop(ops);
+    crate::phase("local files in place");
     update_stat_cache(tx.project, cmp, plan);
+    crate::phase("stat cache written");
     // The next command finds the new cache already in binary form (a JSON
     // parse of every entry saved); tagged by the JSON's hash, so a stale
     // copy is never used.
