@@ -114,6 +114,56 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Writes a file in 64 KiB pieces followed by the XXH3 of everything before
+/// it (the trailer our binary caches end with), so a cache of a million
+/// entries is streamed to its file instead of built whole in memory. The
+/// caller appends to `buf()` and calls `spill` now and then; bytes still
+/// in the buffer may be patched (a count known only at the end).
+pub struct ChecksummedWriter<W: std::io::Write> {
+    out: W,
+    h: Xxh3,
+    buf: Vec<u8>,
+}
+
+impl<W: std::io::Write> ChecksummedWriter<W> {
+    const PIECE: usize = 1 << 16;
+
+    pub fn new(out: W) -> Self {
+        ChecksummedWriter {
+            out,
+            h: Xxh3::new(),
+            buf: Vec::with_capacity(Self::PIECE + 4096),
+        }
+    }
+
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Writes the buffer out once it holds a piece.
+    pub fn spill(&mut self) -> std::io::Result<()> {
+        if self.buf.len() >= Self::PIECE {
+            self.flush_buf()?;
+        }
+        Ok(())
+    }
+
+    fn flush_buf(&mut self) -> std::io::Result<()> {
+        self.h.update(&self.buf);
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes the rest and the checksum; returns the writer, flushed.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        self.flush_buf()?;
+        self.out.write_all(&self.h.digest().to_le_bytes())?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +179,18 @@ mod tests {
             Some(Hash::of_bytes(b"hello"))
         );
         assert_eq!(Hash::parse("xyz"), None);
+    }
+
+    #[test]
+    fn checksummed_writer_ends_with_the_hash_of_what_it_wrote() {
+        let mut w = ChecksummedWriter::new(Vec::new());
+        for i in 0..200_000u32 {
+            w.buf().extend_from_slice(&i.to_le_bytes());
+            w.spill().unwrap();
+        }
+        let out = w.finish().unwrap();
+        let (body, sum) = out.split_at(out.len() - 8);
+        assert_eq!(body.len(), 800_000);
+        assert_eq!(sum, Hash::of_bytes(body).0.to_le_bytes());
     }
 }

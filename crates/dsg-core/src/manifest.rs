@@ -1677,8 +1677,8 @@ pub mod binary {
 
     const MAGIC: &[u8; 8] = b"DSGMAN01";
 
-    struct W(Vec<u8>);
-    impl W {
+    struct W<'a>(&'a mut Vec<u8>);
+    impl W<'_> {
         fn u8(&mut self, v: u8) {
             self.0.push(v);
         }
@@ -1726,28 +1726,56 @@ pub mod binary {
     }
 
     pub fn encode(m: &Manifest, tag: u64) -> Vec<u8> {
-        let entries: Vec<&Entry> = m.entries.iter().collect();
-        encode_parts(
-            &entries,
+        let mut out = Vec::with_capacity(64 + m.entries.len() * 64);
+        write_parts(
+            &mut out,
+            &m.entries,
+            m.metadata.as_ref(),
+            m.stored_entries_hash.as_deref(),
+            tag,
+        )
+        .expect("a Vec takes every write");
+        out
+    }
+
+    /// `encode` of a manifest made of borrowed entries (sorted by path),
+    /// written in this order: its stored entries hash is the metadata's.
+    pub fn encode_borrowed(entries: &[&Entry], md: &Metadata, tag: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + entries.len() * 64);
+        write_borrowed(&mut out, entries, md, tag).expect("a Vec takes every write");
+        out
+    }
+
+    /// `encode_borrowed` streamed to `out` (a file), one piece at a time.
+    pub fn write_borrowed(
+        out: impl std::io::Write,
+        entries: &[&Entry],
+        md: &Metadata,
+        tag: u64,
+    ) -> std::io::Result<()> {
+        write_parts(out, entries, Some(md), Some(&md.entries_hash), tag)
+    }
+
+    /// `encode` streamed to `out`.
+    pub fn write_manifest(out: impl std::io::Write, m: &Manifest, tag: u64) -> std::io::Result<()> {
+        write_parts(
+            out,
+            &m.entries,
             m.metadata.as_ref(),
             m.stored_entries_hash.as_deref(),
             tag,
         )
     }
 
-    /// `encode` of a manifest made of borrowed entries (sorted by path),
-    /// written in this order: its stored entries hash is the metadata's.
-    pub fn encode_borrowed(entries: &[&Entry], md: &Metadata, tag: u64) -> Vec<u8> {
-        encode_parts(entries, Some(md), Some(&md.entries_hash), tag)
-    }
-
-    fn encode_parts(
-        entries: &[&Entry],
+    fn write_parts<E: std::borrow::Borrow<Entry>>(
+        out: impl std::io::Write,
+        entries: &[E],
         metadata: Option<&Metadata>,
         stored_entries_hash: Option<&str>,
         tag: u64,
-    ) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(64 + entries.len() * 64));
+    ) -> std::io::Result<()> {
+        let mut cw = crate::hash::ChecksummedWriter::new(out);
+        let mut w = W(cw.buf());
         w.0.extend_from_slice(MAGIC);
         w.u64(tag);
         match metadata {
@@ -1761,6 +1789,7 @@ pub mod binary {
         let mut users: Vec<&Arc<str>> = Vec::new();
         let mut idx = Vec::with_capacity(entries.len());
         for e in entries {
+            let e = e.borrow();
             let i = match users
                 .iter()
                 .position(|u| Arc::ptr_eq(u, &e.user) || **u == e.user)
@@ -1779,6 +1808,8 @@ pub mod binary {
         }
         w.u64(entries.len() as u64);
         for (e, ui) in entries.iter().zip(idx) {
+            let e = e.borrow();
+            let mut w = W(cw.buf());
             w.bytes(e.path.as_bytes());
             w.u32(ui);
             match &e.kind {
@@ -1812,10 +1843,9 @@ pub mod binary {
                     w.bytes(target.as_bytes());
                 }
             }
+            cw.spill()?;
         }
-        let sum = Hash::of_bytes(&w.0).0;
-        w.u64(sum);
-        w.0
+        cw.finish().map(drop)
     }
 
     /// Decodes if intact and made from a JSON file hashing to `tag`.

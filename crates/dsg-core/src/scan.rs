@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use crate::config::{IgnoreRules, ProjectConfig};
-use crate::hash::{hash_file, Hash};
+use crate::hash::{hash_file, ChecksummedWriter, Hash};
 use crate::manifest::{Entry, EntryKind, Manifest, Mtime};
 use crate::names;
 use crate::paths::check_link_target;
@@ -261,43 +261,77 @@ impl StatCache {
     }
 
     pub fn encode_entries(made_ns: i64, entries: &[LocalEntry]) -> Vec<u8> {
-        StatCache::encode(
-            made_ns,
-            entries.iter().filter_map(|e| match e.kind {
-                LocalKind::File { hash, .. } => Some((&*e.path, e.stat, hash)),
-                LocalKind::Link { .. } => None,
-            }),
-        )
+        StatCache::encode(made_ns, StatCache::records_of(entries))
+    }
+
+    /// The records of a scan's files (links have none).
+    pub fn records_of(entries: &[LocalEntry]) -> impl Iterator<Item = (&str, Stat, Hash)> + Clone {
+        entries.iter().filter_map(|e| match e.kind {
+            LocalKind::File { hash, .. } => Some((&*e.path, e.stat, hash)),
+            LocalKind::Link { .. } => None,
+        })
     }
 
     /// Encodes `(path, stat, hash)` records, which must come sorted by path.
     pub fn encode<'a>(made_ns: i64, recs: impl Iterator<Item = (&'a str, Stat, Hash)>) -> Vec<u8> {
-        // The records go straight behind the header, whose count is filled
-        // in at the end: a body copied into place would be held twice.
-        let mut out = Vec::with_capacity(1 << 16);
-        out.extend_from_slice(CACHE_MAGIC);
-        out.extend_from_slice(&(made_ns as u64).to_le_bytes());
-        let count_at = out.len();
-        out.extend_from_slice(&0u64.to_le_bytes());
+        // Never spilled: the count, known only at the end, is patched in
+        // the buffer before the checksum is taken.
+        let mut w = ChecksummedWriter::new(Vec::new());
+        put_header(w.buf(), made_ns, 0);
         let mut n = 0u64;
-        for (path, stat, hash) in recs {
-            out.extend_from_slice(&(path.len() as u32).to_le_bytes());
-            out.extend_from_slice(path.as_bytes());
-            for v in [
-                stat.size,
-                stat.mtime_ns as u64,
-                stat.ctime_ns as u64,
-                stat.ino,
-                hash.0,
-            ] {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
+        for r in recs {
+            put_record(w.buf(), r);
             n += 1;
         }
-        out[count_at..count_at + 8].copy_from_slice(&n.to_le_bytes());
-        let sum = Hash::of_bytes(&out).0.to_le_bytes();
-        out.extend_from_slice(&sum);
+        w.buf()[16..24].copy_from_slice(&n.to_le_bytes());
+        let mut out = w.finish().expect("a Vec takes every write");
+        out.shrink_to_fit();
         out
+    }
+
+    /// Streams exactly `count` records (sorted by path) to `out`, holding
+    /// one piece of the file at a time: what `encode` would have built.
+    pub fn write_to<'a>(
+        out: impl std::io::Write,
+        made_ns: i64,
+        count: u64,
+        recs: impl Iterator<Item = (&'a str, Stat, Hash)>,
+    ) -> std::io::Result<()> {
+        let mut w = ChecksummedWriter::new(out);
+        put_header(w.buf(), made_ns, count);
+        let mut n = 0u64;
+        for r in recs {
+            put_record(w.buf(), r);
+            n += 1;
+            w.spill()?;
+        }
+        if n != count {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("stat cache: {n} records written, {count} announced"),
+            ));
+        }
+        w.finish().map(drop)
+    }
+}
+
+fn put_header(out: &mut Vec<u8>, made_ns: i64, count: u64) {
+    out.extend_from_slice(CACHE_MAGIC);
+    out.extend_from_slice(&(made_ns as u64).to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+}
+
+fn put_record(out: &mut Vec<u8>, (path, stat, hash): (&str, Stat, Hash)) {
+    out.extend_from_slice(&(path.len() as u32).to_le_bytes());
+    out.extend_from_slice(path.as_bytes());
+    for v in [
+        stat.size,
+        stat.mtime_ns as u64,
+        stat.ctime_ns as u64,
+        stat.ino,
+        hash.0,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
     }
 }
 
@@ -924,5 +958,28 @@ mod tests {
         let mut b = StatCache::encode_entries(5, &[]);
         b[10] ^= 1;
         assert!(StatCache::decode(b).is_none());
+    }
+
+    #[test]
+    fn a_streamed_stat_cache_is_the_encoded_one_and_refuses_a_wrong_count() {
+        let recs: Vec<(String, Stat, Hash)> = (0..50_000u64)
+            .map(|i| {
+                let st = Stat {
+                    size: i,
+                    mtime_ns: i as i64 * 7,
+                    ctime_ns: i as i64 * 11,
+                    ino: i + 1,
+                };
+                (format!("input/d{:05}/f.txt", i), st, Hash(i * 31))
+            })
+            .collect();
+        let it = || recs.iter().map(|(p, s, h)| (p.as_str(), *s, *h));
+        let encoded = StatCache::encode(42, it());
+        let mut streamed = Vec::new();
+        StatCache::write_to(&mut streamed, 42, recs.len() as u64, it()).unwrap();
+        assert_eq!(streamed, encoded);
+        assert!(StatCache::decode(streamed).is_some());
+        let mut short = Vec::new();
+        assert!(StatCache::write_to(&mut short, 42, recs.len() as u64 + 1, it()).is_err());
     }
 }

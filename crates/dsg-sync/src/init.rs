@@ -401,10 +401,18 @@ fn init_tx(
                 .map_err(|e| EngineError::io(&path, e.source))?;
         }
         w("sync-messages.json", &messages_bytes)?;
-        w(
-            "stat-cache",
-            &StatCache::encode_entries(scan.started_ns, &scan.entries),
-        )?;
+        {
+            // Streamed too: at a million files the cache is ~70 MB.
+            let path = staging.join("stat-cache");
+            let records = StatCache::records_of(&scan.entries);
+            let count = records.clone().count() as u64;
+            let mut out = dsg_core::atomic::AtomicFile::create(&path)
+                .map_err(|e| EngineError::io(&path, e.source))?;
+            StatCache::write_to(out.file(), scan.started_ns, count, records)
+                .map_err(|e| EngineError::io(&path, e))?;
+            out.commit(true)
+                .map_err(|e| EngineError::io(&path, e.source))?;
+        }
         sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
         if let Some(edit) = remote_dsg_edit {
             edit.write()?;

@@ -155,6 +155,29 @@ pub fn check_interrupt() -> Result<()> {
     }
 }
 
+/// A debug mark at the end of one phase of a command, with the memory
+/// held now and at most so far (`DSG_LOG=debug`; the log lines carry the
+/// seconds since start): where a slow or large sync spends its time and
+/// its memory, on any machine, without a profiler.
+pub(crate) fn phase(name: &str) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    tracing::debug!(
+        "{name} (memory {} MB, peak {} MB)",
+        kib("VmRSS:") / 1024,
+        kib("VmHWM:") / 1024
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,27 +333,4 @@ mod tests {
         );
         check(EngineError::Usage("bad".into()), "bad", "bad", None);
     }
-}
-
-/// A debug mark at the end of one phase of a command, with the memory
-/// held now and at most so far (`DSG_LOG=debug`; the log lines carry the
-/// seconds since start): where a slow or large sync spends its time and
-/// its memory, on any machine, without a profiler.
-pub(crate) fn phase(name: &str) {
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return;
-    }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    tracing::debug!(
-        "{name} (memory {} MB, peak {} MB)",
-        kib("VmRSS:") / 1024,
-        kib("VmHWM:") / 1024
-    );
 }

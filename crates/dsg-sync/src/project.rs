@@ -109,14 +109,9 @@ impl Project {
     }
 
     pub fn write_manifest_cache(&self, m: &Manifest, json_hash: u64) {
-        self.write_manifest_cache_bytes(&dsg_core::manifest::binary::encode(m, json_hash));
-    }
-
-    /// Saves an encoded binary copy of the cache (`binary::encode*`).
-    pub fn write_manifest_cache_bytes(&self, bytes: &[u8]) {
-        if let Err(e) = dsg_core::atomic::write_atomic(&self.manifest_cache_path(), bytes) {
-            tracing::warn!("could not save the manifest cache: {e}");
-        }
+        self.write_cache_streamed(&self.manifest_cache_path(), "manifest cache", |f| {
+            dsg_core::manifest::binary::write_manifest(f, m, json_hash)
+        });
     }
 
     pub fn load_sync_messages(&self) -> Result<Option<SyncMessages>> {
@@ -152,15 +147,31 @@ impl Project {
     /// `status` makes, and only when `.dsg/` exists.
     pub fn save_stat_cache(&self, scan: &ScanResult) {
         if scan.cache_dirty && self.dsg().is_dir() {
-            self.write_stat_cache(&StatCache::encode_entries(scan.started_ns, &scan.entries));
+            let files = StatCache::records_of(&scan.entries);
+            let count = files.clone().count() as u64;
+            self.write_cache_streamed(&self.stat_cache_path(), "stat cache", |f| {
+                StatCache::write_to(f, scan.started_ns, count, files)
+            });
         }
     }
 
-    pub fn write_stat_cache(&self, bytes: &[u8]) {
-        {
-            if let Err(e) = dsg_core::atomic::write_atomic(&self.stat_cache_path(), bytes) {
-                tracing::warn!("could not save the stat cache: {e}");
-            }
+    /// Streams a cache file (`what` names it in the warning) through
+    /// `write` into place, atomically: caches of a million entries are
+    /// never built whole in memory. A failure costs only the cache.
+    pub fn write_cache_streamed(
+        &self,
+        path: &std::path::Path,
+        what: &str,
+        write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+    ) {
+        let result = dsg_core::atomic::AtomicFile::create(path)
+            .map_err(|e| e.to_string())
+            .and_then(|mut f| {
+                write(f.file()).map_err(|e| format!("{}: {e}", path.display()))?;
+                f.commit(true).map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            tracing::warn!("could not save the {what}: {e}");
         }
     }
 }

@@ -63,19 +63,19 @@ impl Comparison {
     /// Saves the stat cache when the scan found it out of date.
     pub fn save_stat_cache(&self, project: &Project) {
         if self.scan.cache_dirty && project.dsg().is_dir() {
-            project.write_stat_cache(&self.stat_cache_bytes());
+            let records = || {
+                self.local
+                    .entries()
+                    .iter()
+                    .zip(&self.local_stats)
+                    .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)))
+            };
+            let count = records().count() as u64;
+            let path = project.stat_cache_path();
+            project.write_cache_streamed(&path, "stat cache", |f| {
+                StatCache::write_to(f, self.scan.started_ns, count, records())
+            });
         }
-    }
-
-    pub fn stat_cache_bytes(&self) -> Vec<u8> {
-        StatCache::encode(
-            self.scan.started_ns,
-            self.local
-                .entries()
-                .iter()
-                .zip(&self.local_stats)
-                .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h))),
-        )
     }
 
     pub fn problems(&self) -> &[Problem] {

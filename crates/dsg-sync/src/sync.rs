@@ -1150,12 +1150,12 @@ fn finish(
     // parse of every entry saved); tagged by the JSON's hash, so a stale
     // copy is never used.
     if let Some(h) = next.manifest_hash.get() {
-        match &next.manifest {
-            Some((entries, md)) => tx
-                .project
-                .write_manifest_cache_bytes(&binary::encode_borrowed(entries, md, h)),
-            None => tx.project.write_manifest_cache(cmp.remote(), h),
-        }
+        let path = tx.project.manifest_cache_path();
+        tx.project
+            .write_cache_streamed(&path, "manifest cache", |f| match &next.manifest {
+                Some((entries, md)) => binary::write_borrowed(f, entries, md, h),
+                None => binary::write_manifest(f, cmp.remote(), h),
+            });
     }
     journal
         .append(&LocalRecord::Done { tx: tx.id.clone() })
@@ -1638,25 +1638,36 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
         deleted.binary_search(&p).is_ok()
             || installed.binary_search_by(|e| (*e.path).cmp(p)).is_ok()
     };
-    let kept = cmp
-        .local
-        .entries()
+    let kept = || {
+        cmp.local
+            .entries()
+            .iter()
+            .zip(&cmp.local_stats)
+            .filter(|(e, _)| !gone(&e.path))
+            .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)))
+    };
+    // Stat'ed once, so the count written first is the count that follows.
+    let fresh: Vec<(&str, Stat, Hash)> = installed
         .iter()
-        .zip(&cmp.local_stats)
-        .filter(|(e, _)| !gone(&e.path))
-        .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)));
-    let fresh = installed.iter().filter_map(|e| match &e.kind {
-        EntryKind::File { hash: Some(h), .. } => {
-            std::fs::symlink_metadata(project.root.join(&*e.path))
-                .ok()
-                .map(|md| (&*e.path, Stat::of(&md), *h))
-        }
-        _ => None,
+        .filter_map(|e| match &e.kind {
+            EntryKind::File { hash: Some(h), .. } => {
+                std::fs::symlink_metadata(project.root.join(&*e.path))
+                    .ok()
+                    .map(|md| (&*e.path, Stat::of(&md), *h))
+            }
+            _ => None,
+        })
+        .collect();
+    let count = (kept().count() + fresh.len()) as u64;
+    let path = project.stat_cache_path();
+    project.write_cache_streamed(&path, "stat cache", |f| {
+        StatCache::write_to(
+            f,
+            cmp.scan.started_ns,
+            count,
+            merge_by_path(kept(), fresh.iter().copied()),
+        )
     });
-    project.write_stat_cache(&StatCache::encode(
-        cmp.scan.started_ns,
-        merge_by_path(kept, fresh),
-    ));
 }
 
 /// Two path-ordered record streams with no path in common, as one.
