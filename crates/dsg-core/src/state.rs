@@ -193,17 +193,26 @@ fn eq(a: Option<&Entry>, b: Option<&Entry>) -> bool {
 /// Classifies every path of L ∪ C ∪ R, in path order, with one merge pass over
 /// the three sorted manifests.
 pub fn classify<'a>(l: &'a Manifest, c: &'a Manifest, r: &'a Manifest) -> Vec<Classified<'a>> {
+    classify_iter(l, c, r).collect()
+}
+
+/// `classify` one path at a time: a caller that keeps only the changed
+/// paths never holds a classification of every file (48 bytes each).
+pub fn classify_iter<'a>(
+    l: &'a Manifest,
+    c: &'a Manifest,
+    r: &'a Manifest,
+) -> impl Iterator<Item = Classified<'a>> + 'a {
     let (le, ce, re) = (l.entries(), c.entries(), r.entries());
     let (mut i, mut j, mut k) = (0, 0, 0);
-    let mut out = Vec::with_capacity(le.len().max(ce.len()).max(re.len()));
-    loop {
+    std::iter::from_fn(move || {
         let mut min: Option<&str> = None;
         for p in [le.get(i), ce.get(j), re.get(k)].into_iter().flatten() {
             if min.is_none_or(|m| p.path.as_bytes() < m.as_bytes()) {
                 min = Some(&p.path);
             }
         }
-        let Some(path) = min else { break };
+        let path = min?;
         let take = |v: &'a [Entry], idx: &mut usize| -> Option<&'a Entry> {
             match v.get(*idx) {
                 Some(e) if &*e.path == path => {
@@ -222,15 +231,14 @@ pub fn classify<'a>(l: &'a Manifest, c: &'a Manifest, r: &'a Manifest) -> Vec<Cl
             eq(a, d),
             eq(b, d),
         );
-        out.push(Classified {
+        Some(Classified {
             path: a.or(b).or(d).map(|e| &*e.path).unwrap(),
             state,
             l: a,
             c: b,
             r: d,
-        });
-    }
-    out
+        })
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use dsg_core::manifest::Manifest;
 use dsg_core::scan::{to_manifest, Problem, ScanResult, Stat, StatCache};
-use dsg_core::state::{classify, Action, State};
+use dsg_core::state::{classify_iter, Action, State};
 use dsg_repo::{Meta, RepoClient};
 
 use crate::{EngineError, Project, Reporter, Result};
@@ -40,8 +40,7 @@ impl Comparison {
 
     /// Every path not in state 1 or 15, in path order.
     pub fn rows(&self) -> Vec<Row> {
-        classify(&self.local, &self.cache, self.remote())
-            .into_iter()
+        classify_iter(&self.local, &self.cache, self.remote())
             .filter(|c| !matches!(c.state, State::AllEq | State::None))
             .map(|c| Row {
                 path: c.path.to_string(),
