@@ -767,7 +767,7 @@ fn with_choices(
     rows.iter()
         .map(|r| {
             let mut v = serde_json::to_value(r).unwrap_or_default();
-            if let (Some(c), Some(m)) = (by_path.get(r.path.as_str()), v.as_object_mut()) {
+            if let (Some(c), Some(m)) = (by_path.get(&*r.path), v.as_object_mut()) {
                 m.insert("reason".into(), json!(c.reason));
                 m.insert("choices".into(), json!(c.choices));
             }

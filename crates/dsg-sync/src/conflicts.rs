@@ -150,7 +150,7 @@ fn describe(cmp: &Comparison, r: &Row, fork: Option<&Fork>) -> Conflict {
         choices
     };
     Conflict {
-        path: r.path.clone(),
+        path: r.path.to_string(),
         reason,
         choices,
         versions: format!("L={} C={} R={}", version(l), version(c), version(rem)),
@@ -446,14 +446,18 @@ pub fn backup_name(path: &str, now: chrono::DateTime<chrono::Local>) -> String {
 /// name. A hard link costs nothing and keeps the bytes: the sync moves the
 /// original name aside and never writes into the file. All or nothing: on
 /// any failure the backups made so far are removed.
-pub fn make_backups(root: &Path, paths: &[String], local: &Manifest) -> Result<Vec<PathBuf>> {
+pub fn make_backups(
+    root: &Path,
+    paths: &[std::sync::Arc<str>],
+    local: &Manifest,
+) -> Result<Vec<PathBuf>> {
     let now = chrono::Local::now();
     let mut made: Vec<PathBuf> = Vec::new();
     for p in paths {
         if local.get(p).is_none() {
             continue;
         }
-        let src = root.join(p);
+        let src = root.join(&**p);
         let dst = root.join(backup_name(p, now));
         if same_file(&src, &dst) {
             // Left by an earlier run of this resolution that did not get

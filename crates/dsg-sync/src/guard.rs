@@ -76,7 +76,7 @@ pub fn check(
                 }
             ),
             paths: if emptied.is_empty() {
-                deleted.iter().take(20).cloned().collect()
+                deleted.iter().take(20).map(|p| p.to_string()).collect()
             } else {
                 emptied
             },
@@ -88,9 +88,9 @@ pub fn check(
 /// The data folders (a path up to its first component named in
 /// `data_dirs`) whose every file in `before` is deleted and none added.
 fn emptied_folders(
-    deleted: &[String],
+    deleted: &[std::sync::Arc<str>],
     before: &Manifest,
-    added: &[String],
+    added: &[std::sync::Arc<str>],
     data_dirs: &std::collections::BTreeSet<String>,
 ) -> Vec<String> {
     let root_of = |p: &str| -> Option<String> {

@@ -11,7 +11,8 @@ use crate::{EngineError, Project, Reporter, Result};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Row {
-    pub path: String,
+    /// Shared with the plan's lists (a clone has a row for every file).
+    pub path: std::sync::Arc<str>,
     pub state: State,
     pub action: Action,
 }
@@ -43,7 +44,7 @@ impl Comparison {
         classify_iter(&self.local, &self.cache, self.remote())
             .filter(|c| !matches!(c.state, State::AllEq | State::None))
             .map(|c| Row {
-                path: c.path.to_string(),
+                path: std::sync::Arc::from(c.path),
                 state: c.state,
                 action: c.state.action(),
             })

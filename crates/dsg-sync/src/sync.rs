@@ -17,6 +17,7 @@
 //! Recovery (`recover_sync`) rolls back before the commit point and forward
 //! after it; every apply step checks what is already done.
 
+use std::sync::Arc;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -68,10 +69,10 @@ pub struct SyncOpts {
 pub struct Plan {
     /// Every path that is not in sync, in the shape of `status --json`.
     pub files: Vec<Row>,
-    pub uploads: Vec<String>,
-    pub downloads: Vec<String>,
-    pub local_deletions: Vec<String>,
-    pub remote_deletions: Vec<String>,
+    pub uploads: Vec<Arc<str>>,
+    pub downloads: Vec<Arc<str>>,
+    pub local_deletions: Vec<Arc<str>>,
+    pub remote_deletions: Vec<Arc<str>>,
     pub uploaded: u64,
     pub uploaded_bytes: u64,
     pub downloaded: u64,
@@ -85,13 +86,13 @@ pub struct Plan {
     pub needs_local: bool,
     /// The conflicts this sync settles (`--continue`), with the choice
     /// taken for each.
-    pub resolved: Vec<(String, Choice)>,
+    pub resolved: Vec<(Arc<str>, Choice)>,
     /// Local files a resolution replaces or deletes: kept beside
     /// themselves as `<name>~<time>~` first (`backup_on_conflict`).
-    pub backups: Vec<String>,
+    pub backups: Vec<Arc<str>>,
     /// Conflicts settled with C: the last-synced version, read from the
     /// repository's history, is published and installed here.
-    pub restores: Vec<String>,
+    pub restores: Vec<Arc<str>>,
 }
 
 impl Plan {
@@ -375,7 +376,7 @@ fn rows_at_risk(cmp: &Comparison, at_risk: &[String]) -> Vec<Row> {
     let mut rows = cmp.rows();
     if !at_risk.is_empty() {
         let set: std::collections::HashSet<&str> = at_risk.iter().map(|s| s.as_str()).collect();
-        for r in rows.iter_mut().filter(|r| set.contains(r.path.as_str())) {
+        for r in rows.iter_mut().filter(|r| set.contains(&*r.path)) {
             r.action = Action::Conflict;
         }
     }
@@ -477,7 +478,7 @@ pub fn plan(
     let mut p = Plan::default();
     for r in &mut files {
         let path = r.path.clone();
-        let action = match (r.action, choices.and_then(|c| c.get(&r.path))) {
+        let action = match (r.action, choices.and_then(|c| c.get(&*r.path))) {
             (Action::Conflict, Some(&ch)) => {
                 let (l, rem) = (cmp.local.get(&r.path), remote.get(&r.path));
                 p.resolved.push((path.clone(), ch));
@@ -547,7 +548,7 @@ fn block_on_conflicts(rows: &[Row]) -> Result<()> {
             if conflicts.len() > 20 { format!("\n  … and {} more", conflicts.len() - 20) } else { String::new() }
         ),
         hint: "decide each path (keep the local or the repository version by copying or deleting it), then sync again".into(),
-        paths: conflicts.iter().map(|r| r.path.clone()).collect(),
+        paths: conflicts.iter().map(|r| r.path.to_string()).collect(),
     })
 }
 
@@ -617,16 +618,16 @@ fn new_metadata<'a>(
         let changes: Vec<(&str, Option<&Entry>)> = plan
             .remote_deletions
             .iter()
-            .map(|p| (p.as_str(), None))
+            .map(|p| (&**p, None))
             .chain(
                 plan.uploads
                     .iter()
-                    .map(|p| (p.as_str(), Some(cmp.local.get(p).expect("L has it")))),
+                    .map(|p| (&**p, Some(cmp.local.get(p).expect("L has it")))),
             )
             .chain(
                 plan.restores
                     .iter()
-                    .map(|p| (p.as_str(), Some(cmp.cache.get(p).expect("C has it")))),
+                    .map(|p| (&**p, Some(cmp.cache.get(p).expect("C has it")))),
             )
             .collect();
         let entries = merge_changes(remote.entries(), changes);
@@ -858,7 +859,7 @@ fn upload_changes(
     // Restored versions, from the staging folder they were fetched into
     // (and verified) just before.
     let files = staging_dir(tx.root(), &tx.id).join("files");
-    let sources: Vec<PathBuf> = plan.restores.iter().map(|p| files.join(p)).collect();
+    let sources: Vec<PathBuf> = plan.restores.iter().map(|p| files.join(&**p)).collect();
     for (p, src) in plan.restores.iter().zip(&sources) {
         let e = cmp.cache.get(p).expect("C has it");
         items.push(match &e.kind {
@@ -1051,7 +1052,7 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
         .iter()
         .chain(&plan.downloads)
         .chain(&plan.restores)
-        .map(|p| p.as_str())
+        .map(|p| &**p)
         .collect();
     removes.sort_by(|a, b| b.cmp(a));
     removes.dedup();
@@ -1069,7 +1070,7 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
         .downloads
         .iter()
         .chain(&plan.restores)
-        .map(|p| p.as_str())
+        .map(|p| &**p)
         .collect();
     installs.sort();
     ops.extend(installs.into_iter().map(|p| Op::Install { path: p.into() }));
@@ -1262,7 +1263,7 @@ pub fn check_history(
             r.action == Action::DeleteLocal
                 || (r.action == Action::Download && r.state == dsg_core::state::State::LeqCneR)
         })
-        .map(|r| r.path)
+        .map(|r| r.path.to_string())
         .collect();
     if renames_pending {
         // Renamed files would be judged against that stale last sync too:
@@ -1379,7 +1380,7 @@ pub fn outlook(
         o.conflicts = found;
         return Ok(o);
     }
-    let of = |a: Action| -> Vec<String> {
+    let of = |a: Action| -> Vec<Arc<str>> {
         rows.iter()
             .filter(|r| r.action == a)
             .map(|r| r.path.clone())
@@ -1632,7 +1633,7 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
         .collect();
     installed.sort_by(|a, b| a.path.cmp(&b.path));
     installed.dedup_by(|a, b| a.path == b.path);
-    let mut deleted: Vec<&str> = plan.local_deletions.iter().map(|p| p.as_str()).collect();
+    let mut deleted: Vec<&str> = plan.local_deletions.iter().map(|p| &**p).collect();
     deleted.sort_unstable();
     let gone = |p: &str| {
         deleted.binary_search(&p).is_ok()
