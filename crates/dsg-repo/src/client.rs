@@ -631,14 +631,18 @@ impl RepoClient {
         self.expect_ok()
     }
 
-    /// Downloads `paths`, calling `sink` for each as it streams in. One
-    /// request for all of them: no round trip per file.
+    /// Downloads `paths`, calling `sink` for each as it streams in. A few
+    /// requests for all of them (`request_batches`): no round trip per
+    /// file, and no request larger than the agent reads.
     pub fn get_files(
         &mut self,
         paths: &[&str],
-        sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
+        mut sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
     ) -> Result<(), RepoError> {
-        self.stream_files(&FilesRequest::GetFiles { paths }, sink)
+        for paths in request_batches(paths) {
+            self.stream_files(&FilesRequest::GetFiles { paths }, &mut sink)?;
+        }
+        Ok(())
     }
 
     /// `get_files` as of snapshot `snapshot` (`s<N>`): the bytes that
@@ -647,9 +651,12 @@ impl RepoClient {
         &mut self,
         snapshot: &str,
         paths: &[&str],
-        sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
+        mut sink: impl FnMut(Incoming<'_>) -> io::Result<()>,
     ) -> Result<(), RepoError> {
-        self.stream_files(&FilesRequest::GetVersions { snapshot, paths }, sink)
+        for paths in request_batches(paths) {
+            self.stream_files(&FilesRequest::GetVersions { snapshot, paths }, &mut sink)?;
+        }
+        Ok(())
     }
 
     /// Has the agent (in this process: the repository is on this machine)
@@ -856,5 +863,61 @@ impl RepoClient {
 impl Drop for RepoClient {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+/// Path bytes in one download request: its JSON (each path quoted, in the
+/// worst case every byte escaped as `\u00XX`) stays far below the 64 MiB
+/// a message may have. A clone of a million files with long paths asked
+/// for all of them in one request, which the agent refused as too large.
+const BATCH_PATH_BYTES: usize = 4 << 20;
+
+/// `paths` cut into consecutive runs of at most `BATCH_PATH_BYTES`.
+fn request_batches<'a, 'b>(paths: &'b [&'a str]) -> impl Iterator<Item = &'b [&'a str]> {
+    let mut rest = paths;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .position(|p| {
+                bytes += p.len() + 3;
+                bytes > BATCH_PATH_BYTES
+            })
+            .unwrap_or(rest.len())
+            .max(1);
+        let (batch, more) = rest.split_at(n);
+        rest = more;
+        Some(batch)
+    })
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    #[test]
+    fn batches_cover_every_path_in_order_within_the_limit() {
+        let long = "p/".repeat(60);
+        let owned: Vec<String> = (0..200_000).map(|i| format!("{long}{i}")).collect();
+        let paths: Vec<&str> = owned.iter().map(|s| s.as_str()).collect();
+        let batches: Vec<&[&str]> = request_batches(&paths).collect();
+        assert!(
+            batches.len() > 1,
+            "{} path bytes in one request",
+            owned.len() * 126
+        );
+        for b in &batches {
+            let bytes: usize = b.iter().map(|p| p.len() + 3).sum();
+            assert!(bytes <= BATCH_PATH_BYTES);
+        }
+        let joined: Vec<&str> = batches.concat();
+        assert_eq!(joined, paths);
+        assert_eq!(request_batches(&[]).count(), 0);
+        // One path longer than a batch still goes, alone.
+        let huge = "x".repeat(BATCH_PATH_BYTES + 1);
+        assert_eq!(request_batches(&[huge.as_str(), "a"]).count(), 2);
     }
 }

@@ -299,12 +299,20 @@ impl Repository {
                 r.sorted && r.metadata == base.metadata && r.entry_count == base.entry_count
             });
             if !same {
-                let why = match read {
-                    Err(e) => e.message(),
-                    Ok(_) => "it is not the head this sync began on".into(),
+                // Unreadable or damaged is the repository's problem, not a
+                // race: a client told `Moved` would plan again and retry.
+                let (kind, why) = match read {
+                    Err(e @ dsg_core::manifest::ManifestError::Io { .. }) => {
+                        (ErrorKind::Io, e.message())
+                    }
+                    Err(e) => (ErrorKind::Corrupt, e.message()),
+                    Ok(_) => (
+                        ErrorKind::Moved,
+                        "it is not the head this sync began on".into(),
+                    ),
                 };
                 return Err(AgentError::new(
-                    ErrorKind::Moved,
+                    kind,
                     format!("reading the repository's head again failed: {why}"),
                 )
                 .hint("nothing was changed; run the command again"));

@@ -142,20 +142,40 @@ fn preferred_ciphers(prog: &str, argv: &[String], host: &str) -> Option<String> 
         return None;
     }
     // Read the effective configuration for this host (no connection is
-    // made); any failure means no preference, never an error.
-    let out = Command::new(prog)
+    // made, though a `Match exec` in the config runs); any failure means no
+    // preference, never an error. Bounded: a wrapper called `ssh` that
+    // ignored `-G` and connected, or a slow `Match exec`, costs at most
+    // this long, and BatchMode keeps anything from asking on the terminal.
+    let mut child = Command::new(prog)
         .args(argv)
-        .arg("-G")
-        .arg("--")
+        .args(["-o", "BatchMode=yes", "-G", "--"])
         .arg(host)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .output()
+        .spawn()
         .ok()?;
-    if !out.status.success() {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    if !status.success() {
         return None;
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    // A few KB, all written before ssh exited (a pipe holds 64 KiB).
+    let mut stdout = Vec::new();
+    child.stdout.take()?.read_to_end(&mut stdout).ok()?;
+    let text = String::from_utf8_lossy(&stdout);
     let current = text
         .lines()
         .find_map(|l| l.strip_prefix("ciphers "))?
@@ -312,5 +332,26 @@ aes128-ctr,aes192-ctr,aes256-ctr"
         }
         // Not OpenSSH's client: never asked for its configuration.
         assert_eq!(preferred_ciphers("/bin/false", &[], "localhost"), None);
+    }
+
+    /// An `ssh` that hangs (a wrapper that ignores `-G` and connects, say)
+    /// costs at most the bound, and gives no preference.
+    #[test]
+    fn a_hanging_ssh_is_given_up_on() {
+        if !cpu_has_aes() {
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("ssh");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(preferred_ciphers(fake.to_str().unwrap(), &[], "h"), None);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

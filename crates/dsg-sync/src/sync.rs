@@ -17,10 +17,10 @@
 //! Recovery (`recover_sync`) rolls back before the commit point and forward
 //! after it; every apply step checks what is already done.
 
-use std::sync::Arc;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use dsg_core::atomic::{write_atomic, AtomicFile};
 use dsg_core::hash::Hash;
