@@ -59,8 +59,15 @@ fn commit_json(b: &mut dyn Backend, id: &str, json: Vec<u8>) -> Result<(), Agent
 
 fn stage(b: &mut dyn Backend, path: &str, data: &[u8]) {
     let mut r = data;
-    b.stage_file(path, data.len() as u64, Hash::of_bytes(data).0, 0, 0, &mut r)
-        .unwrap();
+    b.stage_file(
+        path,
+        data.len() as u64,
+        Hash::of_bytes(data).0,
+        0,
+        0,
+        &mut r,
+    )
+    .unwrap();
 }
 
 const N: usize = 9000;
@@ -93,7 +100,12 @@ fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         .expect("the commit check hung")
 }
 
-fn sync(root: PathBuf, staged: Vec<(String, Vec<u8>)>, links: Vec<(String, String)>, json: Vec<u8>) -> Result<(), String> {
+fn sync(
+    root: PathBuf,
+    staged: Vec<(String, Vec<u8>)>,
+    links: Vec<(String, String)>,
+    json: Vec<u8>,
+) -> Result<(), String> {
     within(move || {
         let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
         b.begin("tx-1", Some("s1"), None, "t").unwrap();
@@ -165,7 +177,10 @@ fn an_entry_staged_under_an_unchanged_link_is_refused() {
         m.to_json_bytes(),
     );
     assert!(r.is_err(), "accepted a link over a kept folder");
-    assert_eq!(std::fs::read(root.join(".dsg/last-sync.json")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(root.join(".dsg/last-sync.json")).unwrap(),
+        before
+    );
 }
 
 /// Randomised: the streamed check accepts exactly what the old
@@ -202,7 +217,11 @@ fn streamed_check_equals_the_old_rules() {
         for (p, v) in &base {
             stage(&mut *b, p, &content(p, *v));
         }
-        let s1 = sealed("s1", base.iter().map(|(p, v)| file(p, &content(p, *v))).collect(), None);
+        let s1 = sealed(
+            "s1",
+            base.iter().map(|(p, v)| file(p, &content(p, *v))).collect(),
+            None,
+        );
         commit_json(&mut *b, "s1", s1.to_json_bytes()).unwrap();
         drop(b);
         let mut staged: BTreeMap<&str, u64> = BTreeMap::new();
@@ -229,7 +248,10 @@ fn streamed_check_equals_the_old_rules() {
         }
         let new = sealed(
             "s2",
-            upload.iter().map(|(p, v)| file(p, &content(p, *v))).collect(),
+            upload
+                .iter()
+                .map(|(p, v)| file(p, &content(p, *v)))
+                .collect(),
             Some(&s1),
         );
         // The old rules.
@@ -241,23 +263,37 @@ fn streamed_check_equals_the_old_rules() {
             && staged.keys().all(|p| upload.contains_key(p));
         let r = sync(
             root.clone(),
-            staged.iter().map(|(p, v)| (p.to_string(), content(p, *v))).collect(),
+            staged
+                .iter()
+                .map(|(p, v)| (p.to_string(), content(p, *v)))
+                .collect(),
             vec![],
             new.to_json_bytes(),
         );
         if r.as_ref().is_err_and(|e| e.starts_with("STAGE")) {
             continue;
         }
-        assert_eq!(r.is_ok(), old_ok, "case {case}: base {base:?} staged {staged:?} upload {upload:?}: {r:?}");
+        assert_eq!(
+            r.is_ok(),
+            old_ok,
+            "case {case}: base {base:?} staged {staged:?} upload {upload:?}: {r:?}"
+        );
         if r.is_ok() {
             accepted += 1;
             for (p, v) in &upload {
-                assert_eq!(std::fs::read(root.join(p)).unwrap(), content(p, *v), "case {case} {p}");
+                assert_eq!(
+                    std::fs::read(root.join(p)).unwrap(),
+                    content(p, *v),
+                    "case {case} {p}"
+                );
             }
             for p in POOL {
                 if !upload.contains_key(p) {
                     let m = std::fs::symlink_metadata(root.join(p));
-                    assert!(m.map_or(true, |m| m.is_dir()), "case {case}: {p} left behind");
+                    assert!(
+                        m.map_or(true, |m| m.is_dir()),
+                        "case {case}: {p} left behind"
+                    );
                 }
             }
         } else {
