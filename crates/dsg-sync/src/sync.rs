@@ -1046,34 +1046,30 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// What the client does to its files after the commit point: remove what
 /// is deleted or replaced (deepest first), then install the downloads.
+/// The local operations: their paths are the plan's own allocations (a
+/// clone has a retire and an install for every file, and a row).
 fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
-    let mut removes: Vec<&str> = plan
+    let mut removes: Vec<&Arc<str>> = plan
         .local_deletions
         .iter()
         .chain(&plan.downloads)
         .chain(&plan.restores)
-        .map(|p| &**p)
         .collect();
     removes.sort_by(|a, b| b.cmp(a));
     removes.dedup();
     let mut ops: Vec<Op> = removes
         .into_iter()
         .map(|p| Op::Retire {
-            path: p.into(),
+            path: p.clone(),
             hash: None,
             expect: cmp
                 .local_stat(p)
                 .map(|st| Box::new((st.size, st.mtime_ns, st.ino))),
         })
         .collect();
-    let mut installs: Vec<&str> = plan
-        .downloads
-        .iter()
-        .chain(&plan.restores)
-        .map(|p| &**p)
-        .collect();
+    let mut installs: Vec<&Arc<str>> = plan.downloads.iter().chain(&plan.restores).collect();
     installs.sort();
-    ops.extend(installs.into_iter().map(|p| Op::Install { path: p.into() }));
+    ops.extend(installs.into_iter().map(|p| Op::Install { path: p.clone() }));
     ops
 }
 

@@ -32,18 +32,18 @@ pub enum Op {
     /// ns, inode) when planned — a file that no longer matches was changed
     /// by someone during the sync and is kept beside its path instead.
     ///
-    /// Kept small (a clone holds two per file): the path boxed without
-    /// spare capacity, the stat boxed because most retires have none.
+    /// Kept small (a clone holds two per file): the path shared with the
+    /// plan that made it, the stat boxed because most retires have none.
     #[serde(alias = "remove")]
     Retire {
-        path: Box<str>,
+        path: std::sync::Arc<str>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expect: Option<Box<(u64, i64, u64)>>,
     },
     /// Move the staged `path` into place.
-    Install { path: Box<str> },
+    Install { path: std::sync::Arc<str> },
 }
 
 impl Op {
