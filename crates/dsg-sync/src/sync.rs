@@ -1069,7 +1069,11 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
         .collect();
     let mut installs: Vec<&Arc<str>> = plan.downloads.iter().chain(&plan.restores).collect();
     installs.sort();
-    ops.extend(installs.into_iter().map(|p| Op::Install { path: p.clone() }));
+    ops.extend(
+        installs
+            .into_iter()
+            .map(|p| Op::Install { path: p.clone() }),
+    );
     ops
 }
 
