@@ -8,67 +8,10 @@ use std::time::Duration;
 
 use dsg_core::config::RepoType;
 use dsg_core::hash::Hash;
-use dsg_core::manifest::{write_json, Entry, EntryKind, Manifest, Mtime, SyncMessages};
-use dsg_repo::backend::{AgentError, Backend, CommitData};
+use dsg_core::manifest::{write_json, Entry, Manifest};
 
-fn file(path: &str, data: &[u8]) -> Entry {
-    Entry {
-        path: path.into(),
-        user: "t@example.org".into(),
-        kind: EntryKind::File {
-            size: data.len() as u64,
-            mtime: Mtime::from_unix(1_700_000_000, 0),
-            hash: Some(Hash::of_bytes(data)),
-        },
-    }
-}
-
-fn link(path: &str, target: &str) -> Entry {
-    Entry {
-        path: path.into(),
-        user: "t@example.org".into(),
-        kind: EntryKind::Link {
-            target: target.into(),
-        },
-    }
-}
-
-fn sealed(id: &str, entries: Vec<Entry>, parent: Option<&Manifest>) -> Manifest {
-    let mut m = Manifest::from_entries(entries);
-    let md = parent.and_then(|p| p.metadata.clone());
-    m.seal(id, "t@example.org", "test", "sync", md.as_ref());
-    m
-}
-
-fn commit_json(b: &mut dyn Backend, id: &str, json: Vec<u8>) -> Result<(), AgentError> {
-    let m = Manifest::from_json_bytes(&json, Path::new("t")).ok();
-    let mut msgs = SyncMessages::default();
-    match m.as_ref().and_then(|m| m.metadata.as_ref()) {
-        Some(md) => msgs.add(md),
-        None => msgs.add(&dsg_core::manifest::Metadata {
-            snapshot_id: id.into(),
-            ..Default::default()
-        }),
-    }
-    b.commit(&CommitData {
-        snapshot_id: id.into(),
-        manifest: json.into(),
-        sync_messages: msgs.to_json_bytes(),
-    })
-}
-
-fn stage(b: &mut dyn Backend, path: &str, data: &[u8]) {
-    let mut r = data;
-    b.stage_file(
-        path,
-        data.len() as u64,
-        Hash::of_bytes(data).0,
-        0,
-        0,
-        &mut r,
-    )
-    .unwrap();
-}
+mod support;
+use support::*;
 
 const N: usize = 9000;
 
