@@ -289,25 +289,18 @@ impl RepoClient {
 
     /// Reads `.dsg/<name>` from the repository.
     pub fn read_meta(&mut self, name: &str, unless_hash: Option<u64>) -> Result<Meta, RepoError> {
-        self.send(&Request::ReadMeta {
-            name: name.into(),
-            unless_hash,
+        let got = self.read_meta_with(name, unless_hash, |r| {
+            let mut bytes = Vec::new();
+            r.read_to_end(&mut bytes).map(|_| bytes)
         })?;
-        match self.recv()? {
-            Response::Missing => Ok(Meta::Missing),
-            Response::Unchanged => Ok(Meta::Unchanged),
-            Response::Data { .. } => match read_data_to_vec(&mut self.r) {
-                Ok(bytes) => Ok(Meta::Data(bytes)),
-                Err(e) => Err(match remote_error(&e) {
-                    Some(remote) => self.remote(remote.clone()),
-                    None => self.conn(e),
-                }),
-            },
-            other => Err(RepoError::protocol(
-                &self.host,
-                format!("unexpected reply {other:?}"),
-            )),
-        }
+        Ok(match got {
+            MetaWith::Missing => Meta::Missing,
+            MetaWith::Unchanged => Meta::Unchanged,
+            MetaWith::Data(Ok(bytes)) => Meta::Data(bytes),
+            // The stream itself was whole (read_meta_with checked): a read
+            // that failed anyway failed on the connection.
+            MetaWith::Data(Err(e)) => return Err(self.conn(e)),
+        })
     }
 
     /// `read_meta` that hands the bytes to `f` as they arrive instead of
