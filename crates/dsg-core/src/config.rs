@@ -1032,14 +1032,7 @@ pub fn plan_remote_dsg(
     host: &str,
     path: &str,
 ) -> Result<RemoteDsgEdit, ConfigError> {
-    let file = paths
-        .iter()
-        .rev()
-        .find(|p| !p.starts_with("/etc"))
-        .cloned()
-        .ok_or_else(|| ConfigError::NoUserConfig {
-            looked: "HOME, XDG_CONFIG_HOME and DSG_CONFIG_HOME are all unset".into(),
-        })?;
+    let file = crate::config_edit::user_target(paths)?;
     check_remote_dsg_path(&file, &format!("remote_dsg.{host}"), path)?;
     let mut map = user_remote_dsg(paths)?.map(|(m, _)| m).unwrap_or_default();
     let (real, old, mode) = crate::config_edit::read_for_edit(&file, false)?;
