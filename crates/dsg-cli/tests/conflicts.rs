@@ -89,6 +89,18 @@ fn head_id(z: &World) -> String {
         .to_string()
 }
 
+/// A plain sync blocks on the conflicts (exit 3); what it wrote to
+/// conflicts.txt.
+fn blocked_conflicts(z: &World) -> String {
+    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
+    fs::read_to_string(conflicts_txt(z, "A")).unwrap()
+}
+
+/// Writes `text` back to conflicts.txt with `choices` made.
+fn write_choices(z: &World, text: &str, choices: &[(&str, char)]) {
+    fs::write(conflicts_txt(z, "A"), choose(text, choices)).unwrap();
+}
+
 fn conflicts_txt(z: &World, c: &str) -> std::path::PathBuf {
     z.client(c).join("conflicts.txt")
 }
@@ -233,7 +245,8 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
     assert_same("repository", &repo_before, &state_listing(&z.repo()));
 
     // The real choices: shared L, gone R, kept L, both R.
-    let good = choose(
+    write_choices(
+        &z,
         &text,
         &[
             ("shared.txt", 'L'),
@@ -242,7 +255,6 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
             ("both.txt", 'R'),
         ],
     );
-    fs::write(conflicts_txt(&z, "A"), &good).unwrap();
     let o = z.run("A", &["sync", "--continue", "-m", "settled"]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(!conflicts_txt(&z, "A").exists(), "conflicts.txt removed");
@@ -306,8 +318,7 @@ fn continue_refuses_what_it_cannot_settle(kind: Kind) {
     );
     assert!(!conflicts_txt(&z, "A").exists());
 
-    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
-    let text = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
+    let text = blocked_conflicts(&z);
     // Settled by hand meanwhile: A takes B's versions of two files.
     z.write("A", &p(IN, "shared.txt"), "B's edit");
     z.write("A", &p(IN, "both.txt"), "B's both");
@@ -359,13 +370,13 @@ fn no_backup_when_switched_off(kind: Kind) {
     let cfg = z.client("A").parent().unwrap().join("cfg/dsg.yml");
     let text = fs::read_to_string(&cfg).unwrap();
     fs::write(&cfg, format!("{text}\nbackup_on_conflict: false\n")).unwrap();
-    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
-    let text = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
+    let text = blocked_conflicts(&z);
     assert!(
         text.contains("\n# Backup on conflict: disabled\n"),
         "{text}"
     );
-    let good = choose(
+    write_choices(
+        &z,
         &text,
         &[
             ("shared.txt", 'R'),
@@ -374,7 +385,6 @@ fn no_backup_when_switched_off(kind: Kind) {
             ("both.txt", 'R'),
         ],
     );
-    fs::write(conflicts_txt(&z, "A"), &good).unwrap();
     z.ok("A", &["sync", "--continue"]);
     assert_eq!(z.read("A", &p(IN, "shared.txt")), b"B's edit");
     for f in ["shared.txt", "both.txt"] {
@@ -389,9 +399,9 @@ fn no_backup_when_switched_off(kind: Kind) {
 fn choice_c_restores_the_last_synced_version(kind: Kind) {
     let z = world_or_skip!(kind, "cfc");
     four_conflicts(&z);
-    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
-    let text = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
-    let good = choose(
+    let text = blocked_conflicts(&z);
+    write_choices(
+        &z,
         &text,
         &[
             ("shared.txt", 'C'),
@@ -400,7 +410,6 @@ fn choice_c_restores_the_last_synced_version(kind: Kind) {
             ("both.txt", 'L'),
         ],
     );
-    fs::write(conflicts_txt(&z, "A"), &good).unwrap();
     let o = z.run("A", &["sync", "--continue", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let v = json_of(&o);
@@ -448,8 +457,7 @@ fn choice_c_restores_the_last_synced_version(kind: Kind) {
 fn continue_refuses_a_file_changed_since(kind: Kind) {
     let z = world_or_skip!(kind, "cfx");
     four_conflicts(&z);
-    assert_eq!(z.run("A", &["sync"]).status.code(), Some(3));
-    let text = fs::read_to_string(conflicts_txt(&z, "A")).unwrap();
+    let text = blocked_conflicts(&z);
     let good = choose(
         &text,
         &[
