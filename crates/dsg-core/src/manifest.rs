@@ -1812,40 +1812,67 @@ pub mod binary {
             let mut w = W(cw.buf());
             w.bytes(e.path.as_bytes());
             w.u32(ui);
-            match &e.kind {
-                EntryKind::File { size, mtime, hash } => {
-                    w.u8(0);
-                    w.u64(*size);
-                    match mtime {
-                        Mtime::Fixed {
-                            utc_secs,
-                            offset_min,
-                        } => {
-                            w.u8(0);
-                            w.u64(*utc_secs as u64);
-                            w.u32(*offset_min as i32 as u32);
-                        }
-                        Mtime::Raw(s) => {
-                            w.u8(1);
-                            w.bytes(s.as_bytes());
-                        }
-                    }
-                    match hash {
-                        Some(h) => {
-                            w.u8(1);
-                            w.u64(h.0);
-                        }
-                        None => w.u8(0),
-                    }
-                }
-                EntryKind::Link { target } => {
-                    w.u8(1);
-                    w.bytes(target.as_bytes());
-                }
-            }
+            put_kind(&mut w, &e.kind);
             cw.spill()?;
         }
         cw.finish().map(drop)
+    }
+
+    fn put_kind(w: &mut W, kind: &EntryKind) {
+        match kind {
+            EntryKind::File { size, mtime, hash } => {
+                w.u8(0);
+                w.u64(*size);
+                match mtime {
+                    Mtime::Fixed {
+                        utc_secs,
+                        offset_min,
+                    } => {
+                        w.u8(0);
+                        w.u64(*utc_secs as u64);
+                        w.u32(*offset_min as i32 as u32);
+                    }
+                    Mtime::Raw(s) => {
+                        w.u8(1);
+                        w.bytes(s.as_bytes());
+                    }
+                }
+                match hash {
+                    Some(h) => {
+                        w.u8(1);
+                        w.u64(h.0);
+                    }
+                    None => w.u8(0),
+                }
+            }
+            EntryKind::Link { target } => {
+                w.u8(1);
+                w.bytes(target.as_bytes());
+            }
+        }
+    }
+
+    fn get_kind<T: std::io::Read>(r: &mut R<T>) -> Option<EntryKind> {
+        Some(match r.u8()? {
+            0 => {
+                let size = r.u64()?;
+                let mtime = match r.u8()? {
+                    0 => Mtime::Fixed {
+                        utc_secs: r.u64()? as i64,
+                        offset_min: r.u32()? as i32 as i16,
+                    },
+                    _ => Mtime::Raw(Box::new(r.str()?.to_string())),
+                };
+                let hash = match r.u8()? {
+                    1 => Some(Hash(r.u64()?)),
+                    _ => None,
+                };
+                EntryKind::File { size, mtime, hash }
+            }
+            _ => EntryKind::Link {
+                target: r.str()?.into(),
+            },
+        })
     }
 
     /// Decodes if intact and made from a JSON file hashing to `tag`.
@@ -1889,26 +1916,7 @@ pub mod binary {
         for _ in 0..ne {
             let path: Box<str> = r.str()?.into();
             let user = users.get(r.u32()? as usize)?.clone();
-            let kind = match r.u8()? {
-                0 => {
-                    let size = r.u64()?;
-                    let mtime = match r.u8()? {
-                        0 => Mtime::Fixed {
-                            utc_secs: r.u64()? as i64,
-                            offset_min: r.u32()? as i32 as i16,
-                        },
-                        _ => Mtime::Raw(Box::new(r.str()?.to_string())),
-                    };
-                    let hash = match r.u8()? {
-                        1 => Some(Hash(r.u64()?)),
-                        _ => None,
-                    };
-                    EntryKind::File { size, mtime, hash }
-                }
-                _ => EntryKind::Link {
-                    target: r.str()?.into(),
-                },
-            };
+            let kind = get_kind(&mut r)?;
             entries.push(Entry { path, user, kind });
         }
         if !entries
@@ -1928,6 +1936,160 @@ pub mod binary {
             entries,
             metadata,
             stored_entries_hash,
+        })
+    }
+
+    const STREAM_MAGIC: &[u8; 8] = b"DSGMST01";
+
+    /// The binary copy written in one pass over a sorted stream of entries
+    /// (the repository's copy of its head, written while the uploaded
+    /// manifest is checked): users are defined where first used, and the
+    /// count, metadata and tag come last, when they are known.
+    pub struct StreamWriter<O: std::io::Write> {
+        cw: crate::hash::ChecksummedWriter<O>,
+        users: Vec<Arc<str>>,
+        count: u64,
+    }
+
+    impl<O: std::io::Write> StreamWriter<O> {
+        pub fn new(out: O) -> Self {
+            let mut cw = crate::hash::ChecksummedWriter::new(out);
+            cw.buf().extend_from_slice(STREAM_MAGIC);
+            StreamWriter {
+                cw,
+                users: Vec::new(),
+                count: 0,
+            }
+        }
+
+        /// The next entry; entries must come in increasing path order
+        /// (the reader refuses anything else).
+        pub fn push(&mut self, e: &Entry) -> std::io::Result<()> {
+            let known = self
+                .users
+                .iter()
+                .position(|u| Arc::ptr_eq(u, &e.user) || **u == *e.user);
+            let mut w = W(self.cw.buf());
+            w.u8(1);
+            w.bytes(e.path.as_bytes());
+            match known {
+                Some(i) => w.u32(i as u32),
+                None => {
+                    w.u32(self.users.len() as u32);
+                    w.bytes(e.user.as_bytes());
+                    self.users.push(e.user.clone());
+                }
+            }
+            put_kind(&mut w, &e.kind);
+            self.count += 1;
+            self.cw.spill()
+        }
+
+        /// Ends the copy of a JSON file hashing to `tag`.
+        pub fn finish(
+            mut self,
+            metadata: Option<&Metadata>,
+            stored_entries_hash: &str,
+            tag: u64,
+        ) -> std::io::Result<O> {
+            let mut w = W(self.cw.buf());
+            w.u8(0);
+            w.u64(self.count);
+            match metadata {
+                Some(md) => w.bytes(&serde_json::to_vec(&md.to_value()).expect("json")),
+                None => w.u32(u32::MAX),
+            }
+            w.bytes(stored_entries_hash.as_bytes());
+            w.u64(tag);
+            self.cw.finish()
+        }
+    }
+
+    /// Why a `StreamWriter` copy could not be read.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum StreamError {
+        /// Not such a copy at all: nothing was given to `visit`.
+        NotACopy,
+        /// Damaged, out of order, or made from another JSON file than the
+        /// one hashing to the tag; `visit` may have had entries.
+        Unusable(String),
+        /// `visit` refused an entry.
+        Visit(String),
+    }
+
+    /// Reads a `StreamWriter` copy, giving each entry to `visit` in order;
+    /// the summary comes only once the whole file proved intact and made
+    /// from the JSON file hashing to `tag`.
+    pub fn read_stream<T: std::io::Read>(
+        reader: T,
+        tag: u64,
+        mut visit: impl FnMut(Entry) -> Result<(), String>,
+    ) -> Result<StreamedManifest, StreamError> {
+        let bad = |what: &str| StreamError::Unusable(what.to_string());
+        let mut r = R {
+            r: reader,
+            h: Xxh3::new(),
+            buf: Vec::new(),
+        };
+        if r.take(8) != Some(&STREAM_MAGIC[..]) {
+            return Err(StreamError::NotACopy);
+        }
+        let mut users: Vec<Arc<str>> = Vec::new();
+        let mut prev: Option<Box<str>> = None;
+        let mut count = 0u64;
+        loop {
+            match r.u8().ok_or_else(|| bad("truncated"))? {
+                0 => break,
+                1 => {}
+                _ => return Err(bad("bad record")),
+            }
+            let path: Box<str> = r.str().ok_or_else(|| bad("bad path"))?.into();
+            if prev
+                .as_deref()
+                .is_some_and(|p| p.as_bytes() >= path.as_bytes())
+            {
+                return Err(bad("entries out of order"));
+            }
+            let ui = r.u32().ok_or_else(|| bad("truncated"))? as usize;
+            if ui == users.len() {
+                let u: Arc<str> = r.str().ok_or_else(|| bad("bad user"))?.into();
+                users.push(u);
+            }
+            let user = users.get(ui).ok_or_else(|| bad("bad user index"))?.clone();
+            let kind = get_kind(&mut r).ok_or_else(|| bad("bad entry"))?;
+            prev = Some(path.clone());
+            count += 1;
+            visit(Entry { path, user, kind }).map_err(StreamError::Visit)?;
+        }
+        let stored = r.u64().ok_or_else(|| bad("truncated"))?;
+        let n = r.u32().ok_or_else(|| bad("truncated"))?;
+        let metadata = if n == u32::MAX {
+            None
+        } else {
+            let raw = r.take(n as usize).ok_or_else(|| bad("truncated"))?;
+            let v: Value = serde_json::from_slice(raw).map_err(|_| bad("bad metadata"))?;
+            Some(Metadata::from_value(&v).map_err(|_| bad("bad metadata"))?)
+        };
+        let stored_entries_hash = r.str().ok_or_else(|| bad("truncated"))?.to_string();
+        let made_from = r.u64().ok_or_else(|| bad("truncated"))?;
+        let digest = r.h.digest();
+        let mut sum = [0u8; 8];
+        r.r.read_exact(&mut sum).map_err(|_| bad("truncated"))?;
+        let mut extra = [0u8; 1];
+        if u64::from_le_bytes(sum) != digest || !matches!(r.r.read(&mut extra), Ok(0)) {
+            return Err(bad("checksum mismatch"));
+        }
+        if stored != count {
+            return Err(bad("entry count mismatch"));
+        }
+        if made_from != tag {
+            return Err(bad("made from another manifest"));
+        }
+        Ok(StreamedManifest {
+            metadata,
+            entry_count: count,
+            stored_entries_hash,
+            sorted: true,
         })
     }
 
@@ -1951,6 +2113,85 @@ pub mod binary {
                 bad[i] ^= 0x40;
                 assert!(decode(&bad, 42).is_none(), "flip at {i}");
             }
+        }
+
+        fn streamed(m: &Manifest, tag: u64) -> Vec<u8> {
+            let mut w = StreamWriter::new(Vec::new());
+            for e in m.entries() {
+                w.push(e).unwrap();
+            }
+            let h = m.stored_entries_hash.clone().unwrap_or_default();
+            w.finish(m.metadata.as_ref(), &h, tag).unwrap()
+        }
+
+        #[test]
+        fn stream_copy_round_trip_and_damage() {
+            let dir = tempfile::tempdir().unwrap();
+            let text = std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../tests/fixtures/original-dsg/repo/.dsg/last-sync.json"),
+            )
+            .unwrap();
+            // A sealed one the original wrote, and one with two users and a
+            // link.
+            let mut ms = vec![Manifest::from_json_bytes(&text, dir.path()).unwrap()];
+            let e = |p: &str, u: &str| Entry {
+                path: p.into(),
+                user: u.into(),
+                kind: EntryKind::File {
+                    size: 3,
+                    mtime: Mtime::parse("odd"),
+                    hash: None,
+                },
+            };
+            ms.push(Manifest::from_entries(vec![
+                e("a", "u"),
+                e("b/c", "v"),
+                Entry {
+                    path: "l".into(),
+                    user: "u".into(),
+                    kind: EntryKind::Link { target: "a".into() },
+                },
+            ]));
+            for m in &ms {
+                let b = streamed(m, 7);
+                let mut got = Vec::new();
+                let s = read_stream(&b[..], 7, |e| {
+                    got.push(e);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(got, m.entries());
+                assert_eq!(s.metadata, m.metadata);
+                assert_eq!(s.entry_count, m.len() as u64);
+                assert_eq!(
+                    Some(s.stored_entries_hash),
+                    m.stored_entries_hash.clone().or(Some(String::new()))
+                );
+                assert!(matches!(
+                    read_stream(&b[..], 8, |_| Ok(())),
+                    Err(StreamError::Unusable(_))
+                ));
+                for i in [0, 3, 9, b.len() / 2, b.len() - 9, b.len() - 1] {
+                    let mut bad = b.clone();
+                    bad[i] ^= 0x40;
+                    assert!(read_stream(&bad[..], 7, |_| Ok(())).is_err(), "flip at {i}");
+                }
+                assert!(read_stream(&b[..b.len() - 1], 7, |_| Ok(())).is_err());
+                assert_eq!(
+                    read_stream(&encode(m, 7)[..], 7, |_| Ok(())).unwrap_err(),
+                    StreamError::NotACopy
+                );
+            }
+            // Written out of order: refused on reading.
+            let mut w = StreamWriter::new(Vec::new());
+            w.push(&e("b", "u")).unwrap();
+            w.push(&e("a", "u")).unwrap();
+            let b = w.finish(None, "", 1).unwrap();
+            assert!(matches!(
+                read_stream(&b[..], 1, |_| Ok(())),
+                Err(StreamError::Unusable(_))
+            ));
         }
 
         /// A sync writes the binary copy of the manifest it built in

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use dsg_core::atomic::write_atomic;
 use dsg_core::manifest::{
-    stream_entries, strict_snapshot_number, Entry, EntryKind, ManifestError, ShapeCheck,
+    stream_entries, strict_snapshot_number, Entry, EntryKind, ManifestError, Metadata, ShapeCheck,
     StreamedManifest, SyncMessages,
 };
 use dsg_core::paths::{check_link_target, check_relpath};
@@ -24,7 +24,9 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::backend::{AgentError, Backend, CommitData, Stored, Version};
 use crate::protocol::{ErrorKind, StagedFile};
-use crate::site::{is_base, original_busy, syncfs, tx_error, Base, Lock, LockMode, Site};
+use crate::site::{
+    is_base, original_busy, syncfs, tx_error, Base, Lock, LockMode, Site, HEAD_COPY,
+};
 use crate::store::{Store, TxRef};
 
 /// What was staged at a path, checked against the new manifest at commit.
@@ -259,27 +261,43 @@ impl Repository {
             .hint("nothing was changed; run the command again with dsg, which numbers snapshots itself"));
         }
         let head_path = self.site.dsg().join("last-sync.json");
-        let (check, upload, base_read) = std::thread::scope(|scope| {
+        let copy_path = self.meta_dir(tx).join(HEAD_COPY);
+        let mut copy = HeadCopy::create(&copy_path);
+        let (check, upload, base_read, tag) = std::thread::scope(|scope| {
             let mut reader = None;
             let base = match &tx.base {
                 None => BaseCursor::new(BaseSource::Empty),
                 Some(Base { whole: Some(m), .. }) => {
                     BaseCursor::new(BaseSource::Whole(m.entries().iter()))
                 }
-                Some(Base { whole: None, .. }) => {
+                Some(Base {
+                    whole: None,
+                    copy_of,
+                    ..
+                }) => {
                     // A bounded channel: the base is never more than a few
                     // thousand entries ahead of the upload.
-                    let (send, recv) = std::sync::mpsc::sync_channel(4096);
-                    let path = &head_path;
-                    reader = Some(scope.spawn(move || read_base(path, send)));
-                    BaseCursor::new(BaseSource::Streamed(recv))
+                    let (send, recv) = std::sync::mpsc::sync_channel(8);
+                    let (path, copy) = (&head_path, *copy_of);
+                    reader = Some(scope.spawn(move || match copy {
+                        Some(tag) => read_base_copy(path, tag, send),
+                        None => read_base(path, send),
+                    }));
+                    BaseCursor::streamed(recv)
                 }
             };
             let mut check = CommitCheck::new(&tx.staged, base);
-            let upload = stream_entries(c.manifest.reader(), Path::new("uploaded manifest"), |e| {
+            let mut upload_bytes = dsg_core::hash::HashingReader::new(c.manifest.reader());
+            let upload = stream_entries(&mut upload_bytes, Path::new("uploaded manifest"), |e| {
+                if let Some(w) = &mut copy {
+                    if w.push(&e).is_err() {
+                        copy = None;
+                    }
+                }
                 check.entry(e);
                 Ok(())
             });
+            let tag = upload_bytes.digest().0;
             if upload.is_ok() {
                 check.finish();
             }
@@ -287,7 +305,7 @@ impl Repository {
             check.base = BaseCursor::new(BaseSource::Empty);
             let base_read =
                 reader.map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-            (check, upload, base_read)
+            (check, upload, base_read, tag)
         });
         let new =
             upload.map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
@@ -360,7 +378,17 @@ impl Repository {
         if let Some(e) = check.entry_err.or(check.stray_err) {
             return Err(e);
         }
+        if let Some(w) = copy {
+            // Only a cache: without it the next sync reads the JSON.
+            let _ = w.finish(new.metadata.as_ref(), &new.stored_entries_hash, tag);
+        }
         Ok(check.retired)
+    }
+
+    /// Where the transaction stages the repository's metadata: an init's
+    /// future `.dsg/`, or what the apply moves into `.dsg/`.
+    fn meta_dir(&self, tx: &OpenTx) -> PathBuf {
+        tx.staging.join(if tx.init { ".dsg" } else { ".dsg-meta" })
     }
 
     /// An init's commit: the new repository's metadata, durable, then the
@@ -607,8 +635,12 @@ enum BaseSource<'a> {
     Empty,
     /// A head file not in path order, held sorted.
     Whole(std::slice::Iter<'a, Entry>),
-    /// Read off the head file by `read_base`.
-    Streamed(std::sync::mpsc::Receiver<Entry>),
+    /// Read off the head file by `read_base`, in batches (a channel
+    /// message per entry cost more than reading the entry).
+    Streamed(
+        std::sync::mpsc::Receiver<Vec<Entry>>,
+        std::vec::IntoIter<Entry>,
+    ),
 }
 
 /// The base's entries, one looked ahead.
@@ -622,6 +654,10 @@ impl<'a> BaseCursor<'a> {
         BaseCursor { src, next: None }
     }
 
+    fn streamed(rx: std::sync::mpsc::Receiver<Vec<Entry>>) -> BaseCursor<'a> {
+        Self::new(BaseSource::Streamed(rx, Vec::new().into_iter()))
+    }
+
     fn peek(&mut self) -> Option<&Entry> {
         if self.next.is_none() {
             self.next = match &mut self.src {
@@ -629,7 +665,15 @@ impl<'a> BaseCursor<'a> {
                 BaseSource::Whole(it) => it.next().cloned(),
                 // Ends early if the reader fails: its error is checked
                 // before anything found here is used.
-                BaseSource::Streamed(rx) => rx.recv().ok(),
+                BaseSource::Streamed(rx, batch) => loop {
+                    if let Some(e) = batch.next() {
+                        break Some(e);
+                    }
+                    match rx.recv() {
+                        Ok(b) => *batch = b.into_iter(),
+                        Err(_) => break None,
+                    }
+                },
             };
         }
         self.next.as_ref()
@@ -645,19 +689,148 @@ impl<'a> BaseCursor<'a> {
     }
 }
 
+/// The base's entries on their way to the commit check, a batch at a time.
+struct BaseSender {
+    send: std::sync::mpsc::SyncSender<Vec<Entry>>,
+    batch: Vec<Entry>,
+}
+
+impl BaseSender {
+    const BATCH: usize = 512;
+
+    fn new(send: std::sync::mpsc::SyncSender<Vec<Entry>>) -> BaseSender {
+        BaseSender {
+            send,
+            batch: Vec::with_capacity(Self::BATCH),
+        }
+    }
+
+    fn push(&mut self, e: Entry) -> Result<(), String> {
+        self.batch.push(e);
+        if self.batch.len() == Self::BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        let b = std::mem::replace(&mut self.batch, Vec::with_capacity(Self::BATCH));
+        self.send
+            .send(b)
+            .map_err(|_| "the commit check stopped reading".to_string())
+    }
+
+    /// Sends what is left once the read ended well (after a failure the
+    /// check must not take a partial batch for the whole).
+    fn end<T, E>(mut self, read: Result<T, E>) -> Result<T, E> {
+        if read.is_ok() && !self.batch.is_empty() {
+            let _ = self.flush();
+        }
+        read
+    }
+}
+
 /// Sends the head file's entries, in its order, to the commit check.
 fn read_base(
     path: &Path,
-    send: std::sync::mpsc::SyncSender<Entry>,
+    send: std::sync::mpsc::SyncSender<Vec<Entry>>,
 ) -> Result<StreamedManifest, ManifestError> {
     let f = File::open(path).map_err(|source| ManifestError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    stream_entries(std::io::BufReader::with_capacity(1 << 16, f), path, |e| {
-        send.send(e)
-            .map_err(|_| "the commit check stopped reading".to_string())
+    let mut out = BaseSender::new(send);
+    let read = stream_entries(std::io::BufReader::with_capacity(1 << 16, f), path, |e| {
+        out.push(e)
+    });
+    out.end(read)
+}
+
+/// `read_base` from the head's binary copy that `begin` found made from
+/// the head file: if the file hashes to anything else now, it changed, and
+/// the JSON is read (its metadata then tells the commit so).
+fn read_base_copy(
+    head: &Path,
+    tag: u64,
+    send: std::sync::mpsc::SyncSender<Vec<Entry>>,
+) -> Result<StreamedManifest, ManifestError> {
+    let copy = head.with_file_name(HEAD_COPY);
+    let io = |source| ManifestError::Io {
+        path: head.to_path_buf(),
+        source,
+    };
+    if crate::site::head_tag(head).map_err(io)? != tag {
+        return read_base(head, send);
+    }
+    let f = File::open(&copy).map_err(|source| ManifestError::Io {
+        path: copy.clone(),
+        source,
+    })?;
+    let mut out = BaseSender::new(send);
+    let read = dsg_core::manifest::binary::read_stream(
+        std::io::BufReader::with_capacity(1 << 16, f),
+        tag,
+        |e| out.push(e),
+    );
+    out.end(read).map_err(|e| {
+        use dsg_core::manifest::binary::StreamError;
+        let why = match e {
+            StreamError::NotACopy => "not a copy of the head".to_string(),
+            StreamError::Unusable(w) | StreamError::Visit(w) => w,
+        };
+        ManifestError::Corrupt {
+            path: copy.clone(),
+            msg: why,
+        }
     })
+}
+
+/// The binary copy of the new head, written while the upload is checked
+/// and moved into `.dsg/` with the rest of the metadata. A failure to
+/// write it only loses the copy; unfinished, it is removed.
+struct HeadCopy {
+    path: PathBuf,
+    w: Option<dsg_core::manifest::binary::StreamWriter<std::io::BufWriter<File>>>,
+}
+
+impl HeadCopy {
+    fn create(path: &Path) -> Option<HeadCopy> {
+        let f = File::create(path).ok()?;
+        let w = std::io::BufWriter::with_capacity(1 << 16, f);
+        Some(HeadCopy {
+            path: path.to_path_buf(),
+            w: Some(dsg_core::manifest::binary::StreamWriter::new(w)),
+        })
+    }
+
+    fn push(&mut self, e: &Entry) -> std::io::Result<()> {
+        match &mut self.w {
+            Some(w) => w.push(e),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(
+        mut self,
+        md: Option<&Metadata>,
+        entries_hash: &str,
+        tag: u64,
+    ) -> std::io::Result<()> {
+        let w = self.w.take().expect("finished once");
+        w.finish(md, entries_hash, tag)?
+            .into_inner()
+            .map_err(|e| e.into_error())?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for HeadCopy {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn content_hash(e: &Entry) -> Option<u64> {

@@ -22,6 +22,21 @@ pub(crate) struct Base {
     /// The entries, sorted, of a head file that does not have them in
     /// path order.
     pub whole: Option<Manifest>,
+    /// Read from the binary copy (`HEAD_COPY`) made from the head file
+    /// hashing to this: the commit check reads the entries from it too.
+    pub copy_of: Option<u64>,
+}
+
+/// The repository's binary copy of its head (`.dsg/last-sync.bin`),
+/// written by the commit that made the head, while it checked the upload.
+/// Reading it costs a fraction of parsing the JSON (24 MB at 100 000
+/// files); it counts only while the JSON file hashes to its tag, so a head
+/// written by anything else (the original dsg) is read as JSON again.
+pub(crate) const HEAD_COPY: &str = "last-sync.bin";
+
+/// The XXH3 of the head file, the tag its binary copy must carry.
+pub(crate) fn head_tag(head: &Path) -> std::io::Result<u64> {
+    dsg_core::hash::hash_file(head).map(|(h, _)| h.0)
 }
 
 #[derive(Clone, Copy)]
@@ -89,6 +104,9 @@ impl Site {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(corrupt(ManifestError::Io { path: p, source })),
         };
+        if let Some(base) = self.head_from_copy(&p) {
+            return Ok(Some(base));
+        }
         let read = stream_entries(
             std::io::BufReader::with_capacity(1 << 16, f),
             &p,
@@ -100,6 +118,7 @@ impl Site {
                 metadata: read.metadata,
                 entry_count: read.entry_count,
                 whole: None,
+                copy_of: None,
             }));
         }
         // Not in path order (the original writes its own order): the
@@ -110,7 +129,28 @@ impl Site {
             metadata: m.metadata.clone(),
             entry_count: m.len() as u64,
             whole: Some(m),
+            copy_of: None,
         }))
+    }
+
+    /// The head's summary from its binary copy, when there is one made
+    /// from the head file as it is now and it reads back intact; else the
+    /// JSON is read (and a damaged copy is replaced by the next commit).
+    fn head_from_copy(&self, head: &Path) -> Option<Base> {
+        let copy = File::open(self.dsg().join(HEAD_COPY)).ok()?;
+        let tag = head_tag(head).ok()?;
+        let read = dsg_core::manifest::binary::read_stream(
+            std::io::BufReader::with_capacity(1 << 16, copy),
+            tag,
+            |_| Ok(()),
+        )
+        .ok()?;
+        Some(Base {
+            metadata: read.metadata,
+            entry_count: read.entry_count,
+            whole: None,
+            copy_of: Some(tag),
+        })
     }
 
     /// Applies committed operations to the tree at `root` (the repository,

@@ -635,7 +635,9 @@ fn install_meta(l: &Layout) -> Result<(), TxError> {
         dsg_core::atomic::sync_dir(&archive).map_err(|e| TxError::io(&archive, e))?;
     }
     failpoint(&format!("{}.apply.meta", l.fp));
-    for name in ["sync-messages.json", "last-sync.json"] {
+    // The repository's binary copy of its head before the head itself: a
+    // crash between leaves a copy whose tag the old head does not match.
+    for name in ["sync-messages.json", "last-sync.bin", "last-sync.json"] {
         let src = l.meta.join(name);
         if src.exists() {
             let dst = l.dsg.join(name);
