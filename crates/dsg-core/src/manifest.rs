@@ -600,14 +600,30 @@ fn sort_keys(v: &Value) -> Value {
 
 /// `entries_hash` over `entries` in the order given.
 pub fn entries_hash_of<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> String {
-    let mut h = Xxh3::new();
-    let mut buf = Vec::with_capacity(256);
+    let mut h = EntriesHasher::default();
     for e in entries {
-        buf.clear();
-        e.write_compact(&mut buf);
-        h.update(&buf);
+        h.push(e);
     }
-    Hash(h.digest()).to_hex()
+    h.finish()
+}
+
+/// `entries_hash_of` one entry at a time (a manifest built as a stream).
+#[derive(Default)]
+pub struct EntriesHasher {
+    h: Xxh3,
+    buf: Vec<u8>,
+}
+
+impl EntriesHasher {
+    pub fn push(&mut self, e: &Entry) {
+        self.buf.clear();
+        e.write_compact(&mut self.buf);
+        self.h.update(&self.buf);
+    }
+
+    pub fn finish(&self) -> String {
+        Hash(self.h.digest()).to_hex()
+    }
 }
 
 /// Writes a manifest as the original does (orjson indent 2, no trailing
@@ -617,36 +633,66 @@ pub fn write_json<'a, W: Write>(
     entries: impl IntoIterator<Item = &'a Entry>,
     metadata: Option<&Metadata>,
 ) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    buf.extend_from_slice(b"{\n  \"entries\": {");
-    let mut first = true;
+    let mut out = JsonWriter::new(w);
     for e in entries {
-        buf.extend_from_slice(if first { b"\n    " } else { b",\n    " });
-        first = false;
-        json_str(&mut buf, &e.path);
+        out.push(e)?;
+    }
+    out.finish(metadata).map(drop)
+}
+
+/// `write_json` one entry at a time: the same bytes.
+pub struct JsonWriter<W: Write> {
+    w: W,
+    buf: Vec<u8>,
+    first: bool,
+}
+
+impl<W: Write> JsonWriter<W> {
+    pub fn new(w: W) -> Self {
+        let mut buf = Vec::with_capacity(1 << 16 | 512);
+        buf.extend_from_slice(b"{\n  \"entries\": {");
+        JsonWriter {
+            w,
+            buf,
+            first: true,
+        }
+    }
+
+    pub fn push(&mut self, e: &Entry) -> std::io::Result<()> {
+        let buf = &mut self.buf;
+        buf.extend_from_slice(if self.first { b"\n    " } else { b",\n    " });
+        self.first = false;
+        json_str(buf, &e.path);
         buf.extend_from_slice(b": ");
-        e.write_pretty(&mut buf);
+        e.write_pretty(buf);
         if buf.len() >= 1 << 16 {
-            w.write_all(&buf)?;
+            self.w.write_all(buf)?;
             buf.clear();
         }
+        Ok(())
     }
-    if first {
-        buf.extend_from_slice(b"}");
-    } else {
-        buf.extend_from_slice(b"\n  }");
-    }
-    buf.extend_from_slice(b",\n  \"metadata\": ");
-    match metadata {
-        Some(md) => {
-            let s = serde_json::to_string_pretty(&md.to_value()).expect("json");
-            // Nest the object one level deeper.
-            buf.extend_from_slice(s.replace('\n', "\n  ").as_bytes());
+
+    /// Writes the rest; returns the writer (not flushed).
+    pub fn finish(mut self, metadata: Option<&Metadata>) -> std::io::Result<W> {
+        let buf = &mut self.buf;
+        if self.first {
+            buf.extend_from_slice(b"}");
+        } else {
+            buf.extend_from_slice(b"\n  }");
         }
-        None => buf.extend_from_slice(b"null"),
+        buf.extend_from_slice(b",\n  \"metadata\": ");
+        match metadata {
+            Some(md) => {
+                let s = serde_json::to_string_pretty(&md.to_value()).expect("json");
+                // Nest the object one level deeper.
+                buf.extend_from_slice(s.replace('\n', "\n  ").as_bytes());
+            }
+            None => buf.extend_from_slice(b"null"),
+        }
+        buf.extend_from_slice(b"\n}");
+        self.w.write_all(buf)?;
+        Ok(self.w)
     }
-    buf.extend_from_slice(b"\n}");
-    w.write_all(&buf)
 }
 
 /// A sync's new manifest: `base` (sorted by path) with `changes` applied,
@@ -658,21 +704,9 @@ pub fn write_json<'a, W: Write>(
 /// Sorted by path like every manifest we write.
 pub fn merge_changes<'a>(
     base: &'a [Entry],
-    mut changes: Vec<(&str, Option<&'a Entry>)>,
+    changes: Vec<(&str, Option<&'a Entry>)>,
 ) -> Vec<&'a Entry> {
-    changes.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    // Stable sort: of equal paths the last given comes last.
-    let mut dedup: Vec<(&str, Option<&'a Entry>)> = Vec::with_capacity(changes.len());
-    for c in changes {
-        match dedup.last_mut() {
-            Some(last) if last.0 == c.0 => {
-                if c.1.is_some() || last.1.is_none() {
-                    *last = c;
-                }
-            }
-            _ => dedup.push(c),
-        }
-    }
+    let dedup = dedup_changes(changes);
     let mut out = Vec::with_capacity(base.len() + dedup.len());
     let mut b = base.iter().peekable();
     for (path, put) in dedup {
@@ -686,6 +720,27 @@ pub fn merge_changes<'a>(
     }
     out.extend(b);
     out
+}
+
+/// `merge_changes`'s changes sorted by path, one per path, decided as it
+/// decides them: what a delta commit sends.
+pub fn dedup_changes<'a, 'p>(
+    mut changes: Vec<(&'p str, Option<&'a Entry>)>,
+) -> Vec<(&'p str, Option<&'a Entry>)> {
+    changes.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    // Stable sort: of equal paths the last given comes last.
+    let mut dedup: Vec<(&str, Option<&'a Entry>)> = Vec::with_capacity(changes.len());
+    for c in changes {
+        match dedup.last_mut() {
+            Some(last) if last.0 == c.0 => {
+                if c.1.is_some() || last.1.is_none() {
+                    *last = c;
+                }
+            }
+            _ => dedup.push(c),
+        }
+    }
+    dedup
 }
 
 /// A manifest. Entries are kept sorted by path (byte order), which is also the

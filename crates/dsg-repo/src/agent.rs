@@ -121,8 +121,8 @@ fn serve_loop<R: Read, W: Write>(
                     reply_err(&mut w, &e)?
                 }
             },
-            Request::Commit { snapshot_id } => {
-                receive_commit(backend, &mut r, &mut w, sticky, snapshot_id)?
+            Request::Commit { snapshot_id, delta } => {
+                receive_commit(backend, &mut r, &mut w, sticky, snapshot_id, delta)?
             }
             Request::Recover { wait } => match backend.recover(wait) {
                 Ok(()) => write_json(&mut w, &Response::Ok)?,
@@ -199,6 +199,7 @@ fn receive_commit<R: Read, W: Write>(
     w: &mut W,
     sticky: &mut Option<AgentError>,
     snapshot_id: String,
+    delta: bool,
 ) -> io::Result<()> {
     let (max_manifest, max_messages) = meta_limits();
     let manifest = match backend.spool_file() {
@@ -208,6 +209,11 @@ fn receive_commit<R: Read, W: Write>(
             Bounded::WriteFailed(e) => Err(e),
         },
         None => Ok(read_data_bounded(r, max_manifest)?.map(Into::into)),
+    };
+    // The dropped paths of a delta: at most as many as the manifest has.
+    let removed = match delta {
+        true => Some(read_data_bounded(r, max_manifest)?),
+        false => None,
     };
     let sync_messages = read_data_bounded(r, max_messages)?;
     let manifest = match manifest {
@@ -223,21 +229,28 @@ fn receive_commit<R: Read, W: Write>(
             return Ok(());
         }
     };
-    match (manifest, sync_messages) {
-        (Ok(manifest), Ok(sync_messages)) => {
+    let removed = match removed {
+        None => Ok(None),
+        Some(Ok(r)) => Ok(Some(r)),
+        Some(Err(n)) => Err(n),
+    };
+    match (manifest, removed, sync_messages) {
+        (Ok(manifest), Ok(removed), Ok(sync_messages)) => {
             let data = CommitData {
                 snapshot_id,
                 manifest,
+                removed,
                 sync_messages,
             };
             commit(backend, w, sticky.take(), data)?
         }
-        (manifest, _) => {
+        (manifest, removed, _) => {
             *sticky = None;
             let _ = backend.rollback();
-            let (what, limit) = match manifest {
-                Err(_) => ("manifest", max_manifest),
-                Ok(_) => ("sync-messages", max_messages),
+            let (what, limit) = match (manifest, removed) {
+                (Err(_), _) => ("manifest", max_manifest),
+                (_, Err(_)) => ("list of dropped paths", max_manifest),
+                _ => ("sync-messages", max_messages),
             };
             reply_err(w, &too_large(what, limit))?
         }

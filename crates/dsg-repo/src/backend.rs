@@ -257,7 +257,12 @@ pub trait Version: Send {
 
 pub struct CommitData {
     pub snapshot_id: String,
+    /// The new manifest; in a delta commit (`removed` given) only its added
+    /// and changed entries, in path order, with the new manifest's metadata.
     pub manifest: Blob,
+    /// A delta commit: the base's paths the new manifest drops, a JSON
+    /// array of strings in path order.
+    pub removed: Option<Vec<u8>>,
     pub sync_messages: Vec<u8>,
 }
 

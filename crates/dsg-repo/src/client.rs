@@ -528,10 +528,14 @@ impl RepoClient {
         r
     }
 
+    /// Commits the new manifest read from `manifest`; with `removed` (a
+    /// JSON array of the base's paths it drops), `manifest` holds only the
+    /// added and changed entries and the metadata (a delta commit).
     pub fn commit(
         &mut self,
         snapshot_id: &str,
         manifest: &mut dyn std::io::Read,
+        removed: Option<&[u8]>,
         sync_messages: &[u8],
     ) -> Result<(), RepoError> {
         if let Some(e) = self.send_error.take() {
@@ -539,6 +543,7 @@ impl RepoClient {
         }
         self.send(&Request::Commit {
             snapshot_id: snapshot_id.into(),
+            delta: removed.is_some(),
         })?;
         // The manifest is streamed from where it was staged, never held
         // whole. If reading it fails midway the stream still ends (what
@@ -561,6 +566,9 @@ impl RepoClient {
                 crate::protocol::write_frame(w, b'D', &buf[..n])?;
             }
             crate::protocol::write_frame(w, b'E', &[])?;
+            if let Some(r) = removed {
+                write_data(w, r)?;
+            }
             write_data(w, sync_messages)
         })();
         io.map_err(|e| self.conn(e))?;

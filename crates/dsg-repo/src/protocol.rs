@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 /// `MountSnapshot` (a read-only clone of a ZFS snapshot, held for the
 /// connection, for `snapmount` on the repository host) and `Prune` (with
 /// its `Pruned` reply and the `pruned` error kind).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: `Commit.delta`: the manifest stream holds only the new manifest's
+/// added and changed entries (and its metadata), followed by a stream of
+/// the base's paths it drops; the agent merges them into its head.
+pub const PROTOCOL_VERSION: u32 = 7;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
@@ -126,6 +129,9 @@ pub enum Request {
     /// bytes as they are.
     Commit {
         snapshot_id: String,
+        /// A delta commit (see `PROTOCOL_VERSION` 7): three streams, not two.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        delta: bool,
     },
     /// Finishes or undoes an interrupted transaction if the repository is
     /// not locked by a live writer; a no-op otherwise. `wait`: first wait

@@ -245,7 +245,7 @@ impl Repository {
     /// the upload walks the base (read by a helper thread) and the staged
     /// paths alongside it. Its findings are reported after the read, in
     /// the order the checks had when the upload was parsed whole first.
-    fn verify_commit(&self, tx: &OpenTx, c: &CommitData) -> Result<Retired, AgentError> {
+    fn verify_commit(&self, tx: &OpenTx, c: &CommitData) -> Result<Verified, AgentError> {
         // The id becomes a file name and a ZFS snapshot name: only the one
         // id this commit can have is accepted, before anything is read or
         // written on its behalf.
@@ -261,11 +261,15 @@ impl Repository {
             .hint("nothing was changed; run the command again with dsg, which numbers snapshots itself"));
         }
         let head_path = self.site.dsg().join("last-sync.json");
-        let copy_path = self.meta_dir(tx).join(HEAD_COPY);
-        let mut copy = HeadCopy::create(&copy_path);
-        let (check, upload, base_read, tag) = std::thread::scope(|scope| {
-            let mut reader = None;
-            let base = match &tx.base {
+        let meta = self.meta_dir(tx);
+        let delta = match &c.removed {
+            Some(removed) => Some(Delta::read(tx, c, removed)?),
+            None => None,
+        };
+        let mut copy = HeadCopy::create(&meta.join(HEAD_COPY));
+        let (check, upload, base_reads, tag) = std::thread::scope(|scope| {
+            let mut readers = Vec::new();
+            let mut base_cursor = || match &tx.base {
                 None => BaseCursor::new(BaseSource::Empty),
                 Some(Base { whole: Some(m), .. }) => {
                     BaseCursor::new(BaseSource::Whole(m.entries().iter()))
@@ -279,40 +283,58 @@ impl Repository {
                     // thousand entries ahead of the upload.
                     let (send, recv) = std::sync::mpsc::sync_channel(8);
                     let (path, copy) = (&head_path, *copy_of);
-                    reader = Some(scope.spawn(move || match copy {
+                    readers.push(scope.spawn(move || match copy {
                         Some(tag) => read_base_copy(path, tag, send),
                         None => read_base(path, send),
                     }));
                     BaseCursor::streamed(recv)
                 }
             };
-            let mut check = CommitCheck::new(&tx.staged, base);
-            let mut upload_bytes = dsg_core::hash::HashingReader::new(c.manifest.reader());
-            let upload = stream_entries(&mut upload_bytes, Path::new("uploaded manifest"), |e| {
+            let mut check = CommitCheck::new(&tx.staged, base_cursor());
+            let mut visit = |e: Entry| {
                 if let Some(w) = &mut copy {
                     if w.push(&e).is_err() {
                         copy = None;
                     }
                 }
                 check.entry(e);
-                Ok(())
-            });
-            let tag = upload_bytes.digest().0;
+            };
+            let (upload, tag) = match delta {
+                // The new manifest is the base with the delta applied,
+                // written as the new head while the check walks it.
+                Some(d) => d
+                    .apply(base_cursor(), &meta.join("last-sync.json"), &mut visit)
+                    .map(|(new, tag)| (Ok(new), tag))
+                    .unwrap_or_else(|e| (Err(e), 0)),
+                None => {
+                    let mut bytes = dsg_core::hash::HashingReader::new(c.manifest.reader());
+                    let new = stream_entries(&mut bytes, Path::new("uploaded manifest"), |e| {
+                        visit(e);
+                        Ok(())
+                    })
+                    .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED));
+                    (new, bytes.digest().0)
+                }
+            };
             if upload.is_ok() {
                 check.finish();
             }
             // Lets a reader still sending stop.
             check.base = BaseCursor::new(BaseSource::Empty);
-            let base_read =
-                reader.map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-            (check, upload, base_read, tag)
+            let base_reads: Vec<_> = readers
+                .into_iter()
+                .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect();
+            (check, upload, base_reads, tag)
         });
-        let new =
-            upload.map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
+        let new = upload?;
         // The base read here must be the one `begin` read (the lock keeps
         // writers out): anything else, and what was walked is not the base.
         // (A walk stopped early stopped its reader too, and is refused.)
-        if let (Some(read), Some(base), true) = (base_read, &tx.base, check.base_done) {
+        for read in base_reads {
+            let Some(base) = tx.base.as_ref().filter(|_| check.base_done) else {
+                break;
+            };
             let same = read.as_ref().is_ok_and(|r| {
                 r.sorted && r.metadata == base.metadata && r.entry_count == base.entry_count
             });
@@ -355,7 +377,17 @@ impl Repository {
                 "entries are not in path order: {b:?} comes after {a:?}"
             )),
             (None, Some(e)) => Err(e),
-            (None, None) => check.shape.finish(|| c.manifest.reader()),
+            (None, None) => check.shape.finish(|| -> Box<dyn Read + '_> {
+                match &c.removed {
+                    None => c.manifest.reader(),
+                    // What a delta commit wrote (an unreadable file fails
+                    // the check).
+                    Some(_) => match File::open(meta.join("last-sync.json")) {
+                        Ok(f) => Box::new(std::io::BufReader::with_capacity(1 << 16, f)),
+                        Err(_) => Box::new(std::io::empty()),
+                    },
+                }
+            }),
         };
         shape.map_err(|e| {
             AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
@@ -382,7 +414,10 @@ impl Repository {
             // Only a cache: without it the next sync reads the JSON.
             let _ = w.finish(new.metadata.as_ref(), &new.stored_entries_hash, tag);
         }
-        Ok(check.retired)
+        Ok(Verified {
+            retired: check.retired,
+            head_written: c.removed.as_ref().map(|_| tag),
+        })
     }
 
     /// Where the transaction stages the repository's metadata: an init's
@@ -414,17 +449,15 @@ impl Repository {
 
     /// A sync's commit: the metadata and the old head's archive staged and
     /// durable, the apply prepared, then the store's commit point.
-    fn commit_sync(
-        &self,
-        tx: &OpenTx,
-        c: &CommitData,
-        retired: &[(String, Option<u64>)],
-    ) -> Result<(), AgentError> {
+    fn commit_sync(&self, tx: &OpenTx, c: &CommitData, v: &Verified) -> Result<(), AgentError> {
         // Sync: stage the metadata, make everything durable, then commit.
+        let retired = &v.retired[..];
         let meta = tx.staging.join(".dsg-meta");
-        c.manifest
-            .write_atomic(&meta.join("last-sync.json"))
-            .map_err(|e| AgentError::io("staging manifest", e.source))?;
+        if v.head_written.is_none() {
+            c.manifest
+                .write_atomic(&meta.join("last-sync.json"))
+                .map_err(|e| AgentError::io("staging manifest", e.source))?;
+        }
         write_atomic(&meta.join("sync-messages.json"), &c.sync_messages)
             .map_err(|e| AgentError::io("staging sync-messages", e.source))?;
         // Archive the old head exactly as it is on disk, so its stored
@@ -783,6 +816,147 @@ fn read_base_copy(
             msg: why,
         }
     })
+}
+
+/// What a commit's check found: the base's paths it retires, and, for a
+/// delta commit, the XXH3 of the head it wrote into staging.
+struct Verified {
+    retired: Retired,
+    head_written: Option<u64>,
+}
+
+/// A delta commit's changes: added and changed entries and dropped paths,
+/// each in path order, and the new manifest's metadata.
+struct Delta {
+    upserts: Vec<Entry>,
+    removed: Vec<String>,
+    metadata: Metadata,
+}
+
+impl Delta {
+    fn read(tx: &OpenTx, c: &CommitData, removed: &[u8]) -> Result<Delta, AgentError> {
+        let refused = |why: String| {
+            AgentError::new(ErrorKind::Corrupt, format!("uploaded delta: {why}")).hint(REFUSED)
+        };
+        if tx.init || tx.base.is_none() {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                "a delta commit needs a base to apply to",
+            )
+            .hint(REFUSED));
+        }
+        let mut upserts = Vec::new();
+        let read = stream_entries(c.manifest.reader(), Path::new("uploaded delta"), |e| {
+            upserts.push(e);
+            Ok(())
+        })
+        .map_err(|e| refused(e.message()))?;
+        if !read.sorted {
+            return Err(refused("entries are not in path order".into()));
+        }
+        let metadata = read
+            .metadata
+            .ok_or_else(|| refused("it has no metadata".into()))?;
+        let removed: Vec<String> =
+            serde_json::from_slice(removed).map_err(|e| refused(format!("dropped paths: {e}")))?;
+        if removed
+            .windows(2)
+            .any(|w| w[0].as_bytes() >= w[1].as_bytes())
+        {
+            return Err(refused("dropped paths are not in path order".into()));
+        }
+        let mut up = upserts.iter().peekable();
+        for p in &removed {
+            while up.next_if(|e| e.path.as_bytes() < p.as_bytes()).is_some() {}
+            if up.peek().is_some_and(|e| &*e.path == p) {
+                return Err(refused(format!("{p:?} is both dropped and given")));
+            }
+        }
+        Ok(Delta {
+            upserts,
+            removed,
+            metadata,
+        })
+    }
+
+    /// Merges the delta into the base, in path order: each entry of the new
+    /// manifest goes to `visit` and into the new head written at `out`.
+    /// Returns the new manifest's summary and the XXH3 of what was written.
+    fn apply(
+        self,
+        mut base: BaseCursor<'_>,
+        out: &Path,
+        visit: &mut impl FnMut(Entry),
+    ) -> Result<(StreamedManifest, u64), AgentError> {
+        let io = |e| AgentError::io("staging manifest", e);
+        let f = File::create(out).map_err(io)?;
+        let mut json = dsg_core::manifest::JsonWriter::new(TagWriter {
+            w: std::io::BufWriter::with_capacity(1 << 16, f),
+            h: Xxh3::new(),
+        });
+        let mut hash = dsg_core::manifest::EntriesHasher::default();
+        let mut count = 0u64;
+        let mut up = self.upserts.into_iter().peekable();
+        let mut removed = self.removed.iter().peekable();
+        loop {
+            let next_up = up.peek().map(|e| e.path.as_bytes());
+            let from_delta = match (base.peek().map(|e| e.path.as_bytes()), next_up) {
+                (None, None) => break,
+                (Some(b), Some(u)) => u <= b,
+                (b, _) => b.is_none(),
+            };
+            let e = if from_delta {
+                let e = up.next().expect("peeked");
+                // Replaces the base's entry of the same path.
+                base.next_if(|b| b.path == e.path);
+                e
+            } else {
+                let e = base.next_if(|_| true).expect("peeked");
+                while removed
+                    .next_if(|p| p.as_bytes() < e.path.as_bytes())
+                    .is_some()
+                {}
+                if removed.next_if(|p| **p == *e.path).is_some() {
+                    continue;
+                }
+                e
+            };
+            hash.push(&e);
+            json.push(&e).map_err(io)?;
+            count += 1;
+            visit(e);
+        }
+        let mut w = json.finish(Some(&self.metadata)).map_err(io)?;
+        w.w.flush().map_err(io)?;
+        let tag = w.h.digest();
+        Ok((
+            StreamedManifest {
+                metadata: Some(self.metadata),
+                entry_count: count,
+                stored_entries_hash: hash.finish(),
+                sorted: true,
+            },
+            tag,
+        ))
+    }
+}
+
+/// Hashes what it writes: the tag of a head written as a stream.
+struct TagWriter<W> {
+    w: W,
+    h: Xxh3,
+}
+
+impl<W: Write> Write for TagWriter<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.w.write(b)?;
+        self.h.update(&b[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
 }
 
 /// The binary copy of the new head, written while the upload is checked
@@ -1233,11 +1407,13 @@ impl Backend for Repository {
             .take()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         // On success the transaction, and with it its locks, goes here.
-        let result = self.verify_commit(&tx, c).and_then(|retired| {
+        let verified = self.verify_commit(&tx, c);
+        let head_written = verified.as_ref().ok().and_then(|v| v.head_written);
+        let result = verified.and_then(|v| {
             if tx.init {
                 self.commit_init(&tx, c)
             } else {
-                self.commit_sync(&tx, c, &retired)
+                self.commit_sync(&tx, c, &v)
             }
         });
         let Err(e) = result else {
@@ -1255,9 +1431,11 @@ impl Backend for Repository {
         // repository's (a replaced one starts again at s1).
         let _locks = std::mem::take(&mut tx._locks);
         let _ = self.store.undo(&self.site, &tx.as_ref());
-        let landed = c
-            .manifest
-            .same_as_file(&self.site.dsg().join("last-sync.json"));
+        let head = self.site.dsg().join("last-sync.json");
+        let landed = match head_written {
+            Some(tag) => crate::site::head_tag(&head).is_ok_and(|t| t == tag),
+            None => c.manifest.same_as_file(&head),
+        };
         // Committed in the journal but not rolled forward (the roll
         // forward failed too): recovery finishes it; never "failed".
         if landed {

@@ -79,6 +79,7 @@ fn commit(b: &mut dyn Backend, m: &Manifest) -> Result<(), dsg_repo::backend::Ag
     b.commit(&CommitData {
         snapshot_id: md.snapshot_id.clone(),
         manifest: m.to_json_bytes().into(),
+        removed: None,
         sync_messages: msgs.to_json_bytes(),
     })
 }

@@ -431,7 +431,7 @@ fn init_tx(
     committing.set(true);
     let staged = staging.join("last-sync.json");
     let mut f = std::fs::File::open(&staged).map_err(|e| EngineError::io(&staged, e))?;
-    client.commit("s1", &mut f, &messages_bytes)?;
+    client.commit("s1", &mut f, None, &messages_bytes)?;
     tracing::debug!("committed at {:?}", t0.elapsed());
     failpoint("client.init.committed");
     finish_local_init(&project.root, staging)?;

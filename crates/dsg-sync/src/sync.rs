@@ -25,8 +25,8 @@ use std::sync::Arc;
 use dsg_core::atomic::{write_atomic, AtomicFile};
 use dsg_core::hash::Hash;
 use dsg_core::manifest::{
-    archive_name, binary, compress_archive_stream, entries_hash_of, merge_changes, snapshot_number,
-    write_json, Entry, EntryKind, Metadata, SyncMessages,
+    archive_name, binary, compress_archive_stream, dedup_changes, entries_hash_of, merge_changes,
+    snapshot_number, write_json, Entry, EntryKind, Metadata, SyncMessages,
 };
 use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
@@ -572,6 +572,9 @@ struct NextMeta<'a> {
     /// snapshot (the head stays as it is). Written to the staging folder
     /// and sent to the agent from there, never held as text.
     manifest: Option<(Vec<&'a Entry>, Metadata)>,
+    /// What the new manifest changes in R, by path (`None`: dropped), when
+    /// few enough to send the agent instead of the whole manifest.
+    delta: Option<Vec<(&'a str, Option<&'a Entry>)>>,
     /// The XXH3 of the staged `last-sync.json`, once staged.
     manifest_hash: std::cell::Cell<Option<u64>>,
     messages_bytes: Vec<u8>,
@@ -583,7 +586,7 @@ fn new_metadata<'a>(
     project: &Project,
     opts: &SyncOpts,
     cmp: &'a Comparison,
-    plan: &Plan,
+    plan: &'a Plan,
     repo_messages: Option<SyncMessages>,
     client: &mut RepoClient,
 ) -> Result<NextMeta<'a>> {
@@ -607,6 +610,7 @@ fn new_metadata<'a>(
     }
     let mut next = NextMeta {
         manifest: None,
+        delta: None,
         manifest_hash: Default::default(),
         messages_bytes: Vec::new(),
         snapshot_id: None,
@@ -630,7 +634,11 @@ fn new_metadata<'a>(
                     .map(|p| (&**p, Some(cmp.cache.get(p).expect("C has it")))),
             )
             .collect();
-        let entries = merge_changes(remote.entries(), changes);
+        let changes = dedup_changes(changes);
+        // A delta's entries are held whole by the agent: only a small one.
+        let small = changes.len() <= (remote.len() / 16).max(1024);
+        let entries = merge_changes(remote.entries(), changes.clone());
+        next.delta = small.then_some(changes);
         let number = snapshot_number(&next.base.snapshot_id)
             .or_else(|| messages.head_number())
             .unwrap_or(0)
@@ -1082,8 +1090,27 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
 fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta<'_>) -> Result<()> {
     let id = next.snapshot_id.clone().expect("snapshot id");
     let staged = staging_dir(tx.root(), &tx.id).join("meta/last-sync.json");
-    let mut f = std::fs::File::open(&staged).map_err(|e| EngineError::io(&staged, e))?;
-    let Err(e) = client.commit(&id, &mut f, &next.messages_bytes) else {
+    let committed = match (&next.delta, &next.manifest) {
+        // Only what changed: the agent merges it into its head, checks the
+        // result against the metadata's entries hash, and writes it.
+        (Some(changes), Some((_, md))) => {
+            let mut upserts = Vec::new();
+            write_json(&mut upserts, changes.iter().filter_map(|c| c.1), Some(md))
+                .expect("a Vec takes every write");
+            let removed: Vec<&str> = changes
+                .iter()
+                .filter(|c| c.1.is_none())
+                .map(|c| c.0)
+                .collect();
+            let removed = serde_json::to_vec(&removed).expect("json");
+            client.commit(&id, &mut &upserts[..], Some(&removed), &next.messages_bytes)
+        }
+        _ => {
+            let mut f = std::fs::File::open(&staged).map_err(|e| EngineError::io(&staged, e))?;
+            client.commit(&id, &mut f, None, &next.messages_bytes)
+        }
+    };
+    let Err(e) = committed else {
         return Ok(());
     };
     if e.kind() == Some(ErrorKind::Incomplete) {

@@ -51,6 +51,7 @@ pub fn commit_json(b: &mut dyn Backend, id: &str, json: Vec<u8>) -> Result<(), A
     b.commit(&CommitData {
         snapshot_id: id.into(),
         manifest: json.into(),
+        removed: None,
         sync_messages: msgs.to_json_bytes(),
     })
 }
