@@ -89,6 +89,7 @@ fn oversized_commit_stream_is_refused_without_holding_it() {
     let before = peak_rss(a.pid());
     a.send(&Request::Commit {
         snapshot_id: "s1".into(),
+        delta: false,
     });
     // 96 MiB of "manifest", one frame at a time (the test holds 1 MiB).
     let mut frame = Vec::new();

@@ -210,9 +210,10 @@ fn receive_commit<R: Read, W: Write>(
         },
         None => Ok(read_data_bounded(r, max_manifest)?.map(Into::into)),
     };
-    // The dropped paths of a delta: at most as many as the manifest has.
+    // The dropped paths of a delta, held in memory: bounded like the
+    // sync-messages (a client sends a delta only for a small change).
     let removed = match delta {
-        true => Some(read_data_bounded(r, max_manifest)?),
+        true => Some(read_data_bounded(r, max_messages)?),
         false => None,
     };
     let sync_messages = read_data_bounded(r, max_messages)?;
@@ -249,7 +250,7 @@ fn receive_commit<R: Read, W: Write>(
             let _ = backend.rollback();
             let (what, limit) = match (manifest, removed) {
                 (Err(_), _) => ("manifest", max_manifest),
-                (_, Err(_)) => ("list of dropped paths", max_manifest),
+                (_, Err(_)) => ("list of dropped paths", max_messages),
                 _ => ("sync-messages", max_messages),
             };
             reply_err(w, &too_large(what, limit))?

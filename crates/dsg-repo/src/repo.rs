@@ -845,8 +845,17 @@ impl Delta {
             )
             .hint(REFUSED));
         }
+        // Its entries are held: a client may not make that the whole
+        // manifest (a dsg client sends a delta of at most 1/16 of it).
+        let base_count = tx.base.as_ref().map_or(0, |b| b.entry_count);
+        let most = (base_count / 8 + 4096) as usize;
         let mut upserts = Vec::new();
         let read = stream_entries(c.manifest.reader(), Path::new("uploaded delta"), |e| {
+            if upserts.len() == most {
+                return Err(format!(
+                    "more than {most} entries for a base of {base_count}; send the whole manifest"
+                ));
+            }
             upserts.push(e);
             Ok(())
         })

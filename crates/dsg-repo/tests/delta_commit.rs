@@ -244,3 +244,22 @@ fn an_init_cannot_be_a_delta() {
     assert_eq!(e.kind, ErrorKind::Protocol, "{e}");
     assert!(!root.join(".dsg/last-sync.json").exists());
 }
+
+/// The agent holds a delta's entries: a client may not send it the whole
+/// world as one (beyond 1/8 of the base plus 4 096 entries it is refused).
+#[test]
+fn an_oversized_delta_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (root, s1) = repo_at_s1(d.path());
+    let many: Vec<Entry> = (0..4097)
+        .map(|i| file(&format!("m/{i:05}"), b"m\n"))
+        .collect();
+    let mut entries = s1.entries().to_vec();
+    entries.extend(many.iter().cloned());
+    let new = sealed("s2", entries, Some(&s1));
+    let up: Vec<&Entry> = many.iter().collect();
+    let e = delta_sync(&root, &[], &new, &up, &[]).expect_err("an oversized delta was accepted");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("more than 4096 entries"), "{e}");
+    unchanged(&root, &s1);
+}
