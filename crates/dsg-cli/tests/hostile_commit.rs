@@ -102,6 +102,7 @@ fn hostile_sync(repo: &Path, attack: &Attack) -> Response {
     });
     a.send(&Request::Commit {
         snapshot_id: attack.id.clone(),
+        delta: false,
     });
     a.data(&m.to_json_bytes());
     a.data(&messages);
@@ -395,6 +396,7 @@ fn hostile_commit_on(a: &mut Agent, repo: &Path, head: &Manifest, id: &str) -> R
     sm.add(m.metadata.as_ref().unwrap());
     a.send(&Request::Commit {
         snapshot_id: id.into(),
+        delta: false,
     });
     a.data(&m.to_json_bytes());
     a.data(&sm.to_json_bytes());
@@ -443,6 +445,7 @@ fn a_hostile_init_is_refused() {
         });
         a.send(&Request::Commit {
             snapshot_id: id.into(),
+            delta: false,
         });
         a.data(&m.to_json_bytes());
         a.data(&messages);
