@@ -120,6 +120,61 @@ fn oversized_commit_stream_is_refused_without_holding_it() {
     assert!(matches!(a.hello(), Response::Hello { .. }));
 }
 
+/// A delta commit's list of dropped paths is held in memory too: past the
+/// limit it is refused the same way, without holding it.
+#[test]
+fn oversized_delta_path_list_is_refused_without_holding_it() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("r");
+    let limit = 1 << 20;
+    let mut a = Agent::spawn(
+        &dsg_bin(),
+        &repo,
+        &[("DSG_AGENT_MAX_META", &limit.to_string())],
+    );
+    a.hello();
+    a.send(&Request::Begin {
+        tx_id: "tx-1".into(),
+        base: None,
+        user: "hostile".into(),
+        resume: false,
+        replace: false,
+        base_hash: None,
+    });
+    assert!(matches!(a.recv_json("begin", 10), Response::Ok));
+    let before = peak_rss(a.pid());
+    a.send(&Request::Commit {
+        snapshot_id: "s1".into(),
+        delta: true,
+    });
+    a.data(b"{}");
+    let mut frame = Vec::new();
+    write_frame(&mut frame, b'D', &vec![b' '; 1 << 20]).unwrap();
+    for _ in 0..96 {
+        a.raw(&frame);
+    }
+    a.data(b"");
+    a.data(b"{}");
+    let reply = a.recv_json("commit", 60);
+    let grown = peak_rss(a.pid()).saturating_sub(before);
+    assert!(
+        grown < 32 << 20,
+        "the agent's peak memory grew by {grown} bytes for a refused stream"
+    );
+    let e = err_of("oversized list of dropped paths", reply);
+    assert_eq!(e.kind, ErrorKind::Protocol, "{e:?}");
+    assert!(e.message.contains("dropped paths"), "{e:?}");
+    assert!(
+        e.message.contains(&limit.to_string()),
+        "names the limit: {e:?}"
+    );
+    assert!(
+        !repo.join(".dsg/last-sync.json").exists(),
+        "nothing committed"
+    );
+    assert!(matches!(a.hello(), Response::Hello { .. }));
+}
+
 /// Holds the repository's lock as a writer would, until dropped.
 fn hold_lock(repo: &std::path::Path) -> std::fs::File {
     use std::os::fd::AsRawFd;
