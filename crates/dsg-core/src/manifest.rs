@@ -1749,21 +1749,42 @@ pub mod binary {
         }
     }
 
-    /// Reads and hashes at once, so the file is never held whole.
+    /// Reads and hashes at once, so the file is never held whole. Fields
+    /// are a few bytes each: they are hashed in 64 KiB runs, not one
+    /// `update` per field (which cost more than the parse).
     struct R<T: std::io::Read> {
         r: T,
         h: Xxh3,
         buf: Vec<u8>,
+        unhashed: Vec<u8>,
     }
     impl<T: std::io::Read> R<T> {
+        fn new(r: T) -> Self {
+            R {
+                r,
+                h: Xxh3::new(),
+                buf: Vec::new(),
+                unhashed: Vec::with_capacity(1 << 16),
+            }
+        }
         fn take(&mut self, n: usize) -> Option<&[u8]> {
             if n > (1 << 30) {
                 return None;
             }
             self.buf.resize(n, 0);
             self.r.read_exact(&mut self.buf).ok()?;
-            self.h.update(&self.buf);
+            self.unhashed.extend_from_slice(&self.buf);
+            if self.unhashed.len() >= 1 << 16 {
+                self.h.update(&self.unhashed);
+                self.unhashed.clear();
+            }
             Some(&self.buf)
+        }
+        /// The hash of everything taken so far.
+        fn digest(&mut self) -> u64 {
+            self.h.update(&self.unhashed);
+            self.unhashed.clear();
+            self.h.digest()
         }
         fn u8(&mut self) -> Option<u8> {
             Some(self.take(1)?[0])
@@ -1937,11 +1958,7 @@ pub mod binary {
 
     /// Decodes from a reader (a file), checking the trailing checksum.
     pub fn decode_from(reader: impl std::io::Read, tag: u64) -> Option<Manifest> {
-        let mut r = R {
-            r: reader,
-            h: Xxh3::new(),
-            buf: Vec::new(),
-        };
+        let mut r = R::new(reader);
         if r.take(8)? != MAGIC {
             return None;
         }
@@ -1980,7 +1997,7 @@ pub mod binary {
         {
             return None;
         }
-        let digest = r.h.digest();
+        let digest = r.digest();
         let mut sum = [0u8; 8];
         r.r.read_exact(&mut sum).ok()?;
         let mut extra = [0u8; 1];
@@ -2081,11 +2098,7 @@ pub mod binary {
         mut visit: impl FnMut(Entry) -> Result<(), String>,
     ) -> Result<StreamedManifest, StreamError> {
         let bad = |what: &str| StreamError::Unusable(what.to_string());
-        let mut r = R {
-            r: reader,
-            h: Xxh3::new(),
-            buf: Vec::new(),
-        };
+        let mut r = R::new(reader);
         if r.take(8) != Some(&STREAM_MAGIC[..]) {
             return Err(StreamError::NotACopy);
         }
@@ -2127,7 +2140,7 @@ pub mod binary {
         };
         let stored_entries_hash = r.str().ok_or_else(|| bad("truncated"))?.to_string();
         let made_from = r.u64().ok_or_else(|| bad("truncated"))?;
-        let digest = r.h.digest();
+        let digest = r.digest();
         let mut sum = [0u8; 8];
         r.r.read_exact(&mut sum).map_err(|_| bad("truncated"))?;
         let mut extra = [0u8; 1];
