@@ -24,7 +24,9 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::backend::{AgentError, Backend, CommitData, Stored, Version};
 use crate::protocol::{ErrorKind, StagedFile};
-use crate::site::{is_base, original_busy, syncfs, tx_error, Base, Lock, LockMode, Site};
+use crate::site::{
+    is_base, original_busy, syncfs, tx_error, Base, Lock, LockMode, Site, FLAT_FILES, FLAT_INDEX,
+};
 use crate::store::{Store, TxRef};
 
 /// What was staged at a path, checked against the new manifest at commit.
@@ -62,8 +64,12 @@ pub(crate) struct OpenTx {
     /// An init that replaces an existing repository (confirmed by the user).
     replace: bool,
     staged: Vec<(String, StagedKind)>,
-    /// Staging directories known to exist (saves a stat per path component).
+    /// An init's staging directories known to exist (saves a stat per
+    /// path component).
     dirs: std::collections::HashSet<String>,
+    /// A sync's index of flat staged files (`site::FLAT_INDEX`), open for
+    /// appending once the first file is staged.
+    index: Option<File>,
     base: Option<Base>,
 }
 
@@ -88,6 +94,7 @@ impl OpenTx {
             replace: false,
             staged: Vec::new(),
             dirs: Default::default(),
+            index: None,
             base,
         }
     }
@@ -423,10 +430,10 @@ impl Repository {
         }
         syncfs(&tx.staging)?;
         failpoint("repo.before_commit");
-        let mut ops = Self::sync_ops(tx, retired);
+        let mut ops = Self::sync_ops(tx, retired)?;
         // Everything the apply needs is made and checked now, before the
         // commit point: after it, only renames remain.
-        let layout = crate::site::layout(&tx.root, &tx.id, self.store.keeps_objects());
+        let layout = crate::site::layout(&tx.root, &tx.id, self.store.keeps_objects(), true);
         dsg_txn::apply::prepare(&layout, &mut ops).map_err(|e| {
             let mut e = tx_error(e);
             e.message.push_str("; nothing was changed");
@@ -438,7 +445,29 @@ impl Repository {
 
     /// Retire what is deleted or replaced (deepest first, so a folder is
     /// emptied before it may be replaced), then install what was staged.
-    fn sync_ops(tx: &OpenTx, retired: &[(String, Option<u64>)]) -> Vec<Op> {
+    /// Refused if two staged paths share a flat name: one's file would be
+    /// the other's, and the apply would install it as both.
+    fn sync_ops(tx: &OpenTx, retired: &[(String, Option<u64>)]) -> Result<Vec<Op>, AgentError> {
+        let mut names: Vec<(u128, &str)> = tx
+            .staged
+            .iter()
+            .map(|(p, _)| (dsg_txn::apply::flat_hash(p), p.as_str()))
+            .collect();
+        names.sort_unstable();
+        if let Some(w) = names
+            .windows(2)
+            .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
+        {
+            return Err(AgentError::new(
+                ErrorKind::Unsafe,
+                format!(
+                    "{} and {} have the same staging name; refusing to commit them",
+                    w[0].1, w[1].1
+                ),
+            )
+            .hint("nothing was changed; rename one of the two files and run the command again"));
+        }
+        drop(names);
         let mut ops = Vec::new();
         let mut retire: Vec<(&str, Option<u64>)> =
             retired.iter().map(|(p, h)| (p.as_str(), *h)).collect();
@@ -459,7 +488,7 @@ impl Repository {
         for p in installs {
             ops.push(Op::Install { path: p.into() });
         }
-        ops
+        Ok(ops)
     }
 
     /// Opens the staging file for `path` in the open transaction, keeping
@@ -470,8 +499,7 @@ impl Repository {
             .as_mut()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         checked(path)?;
-        let parent = staged_parent(tx, path)?;
-        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let dst = staged_path(tx, path, keep == 0)?;
         let err = |e| AgentError::io(format!("cannot stage {path}"), e);
         // Readable too: a resumed prefix is hashed, and a local copy
         // verified, through this handle. O_NOFOLLOW: a staged path is ours,
@@ -572,6 +600,47 @@ fn safe_parent(base: &Path, rel: &str) -> Result<PathBuf, AgentError> {
         }
     }
     Ok(cur)
+}
+
+/// Where `path` is staged in the open transaction. An init's file at its
+/// path in the new repository (its folders made as needed); a sync's side
+/// by side with the others in `site::FLAT_FILES`, so no folder is made
+/// (and removed after) per parent. `new`: a file staged from its start,
+/// listed in the index for a resume (a link never resumes).
+fn staged_path(tx: &mut OpenTx, path: &str, new: bool) -> Result<PathBuf, AgentError> {
+    if tx.init {
+        let parent = staged_parent(tx, path)?;
+        return Ok(parent.join(path.rsplit('/').next().unwrap_or(path)));
+    }
+    let files = tx.staging.join(FLAT_FILES);
+    let index = match &mut tx.index {
+        Some(f) => f,
+        empty => {
+            match fs::create_dir(&files) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(AgentError::io(files.display(), e)),
+            }
+            let p = tx.staging.join(FLAT_INDEX);
+            let f = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)
+                .map_err(|e| AgentError::io(p.display(), e))?;
+            empty.insert(f)
+        }
+    };
+    let name = dsg_txn::apply::flat_name(path);
+    if new {
+        // One write, never fsynced: the index only serves a resume, and
+        // a line a crash tore is skipped (its file is sent again).
+        let line = [name.as_bytes(), b" ", path.as_bytes(), b"\0"].concat();
+        index
+            .write_all(&line)
+            .map_err(|e| AgentError::io(tx.staging.join(FLAT_INDEX).display(), e))?;
+    }
+    Ok(files.join(name))
 }
 
 /// The staging directory for `path`'s parent, created as needed. Staging is
@@ -964,8 +1033,7 @@ impl Backend for Repository {
         checked(path)?;
         check_link_target(path, target)
             .map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
-        let parent = staged_parent(tx, path)?;
-        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let dst = staged_path(tx, path, false)?;
         let _ = fs::remove_file(&dst);
         symlink(target, &dst)
             .map_err(|e| AgentError::io(format!("cannot stage link {path}"), e))?;
