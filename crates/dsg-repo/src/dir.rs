@@ -6,7 +6,8 @@
 //!   `.dsg/archive/sN-sync.json.lz4`;
 //! - `.dsg/objects/<hh>/<hash>`: superseded and deleted file versions, moved
 //!   there (not copied) so every snapshot stays retrievable;
-//! - `.dsg/staging/<tx>/`: uploads of the open transaction;
+//! - `.dsg/staging/<tx>/`: uploads of the open transaction, flat in
+//!   `.dsg-files/` (see `site::FLAT_FILES`), and its metadata;
 //! - `.dsg/journal`: the transaction journal (`dsg_txn::journal`);
 //! - `.dsg/lock`: the `flock` target that serialises writers.
 //!

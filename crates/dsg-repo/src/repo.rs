@@ -448,26 +448,14 @@ impl Repository {
     /// Refused if two staged paths share a flat name: one's file would be
     /// the other's, and the apply would install it as both.
     fn sync_ops(tx: &OpenTx, retired: &[(String, Option<u64>)]) -> Result<Vec<Op>, AgentError> {
-        let mut names: Vec<(u128, &str)> = tx
-            .staged
-            .iter()
-            .map(|(p, _)| (dsg_txn::apply::flat_hash(p), p.as_str()))
-            .collect();
-        names.sort_unstable();
-        if let Some(w) = names
-            .windows(2)
-            .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
-        {
+        let paths = tx.staged.iter().map(|(p, _)| p.as_str());
+        if let Some((a, b)) = sharing_a_name(paths, dsg_txn::apply::flat_hash) {
             return Err(AgentError::new(
                 ErrorKind::Unsafe,
-                format!(
-                    "{} and {} have the same staging name; refusing to commit them",
-                    w[0].1, w[1].1
-                ),
+                format!("{a} and {b} have the same staging name; refusing to commit them"),
             )
             .hint("nothing was changed; rename one of the two files and run the command again"));
         }
-        drop(names);
         let mut ops = Vec::new();
         let mut retire: Vec<(&str, Option<u64>)> =
             retired.iter().map(|(p, h)| (p.as_str(), *h)).collect();
@@ -641,6 +629,20 @@ fn staged_path(tx: &mut OpenTx, path: &str, new: bool) -> Result<PathBuf, AgentE
             .map_err(|e| AgentError::io(tx.staging.join(FLAT_INDEX).display(), e))?;
     }
     Ok(files.join(name))
+}
+
+/// Two different paths to which `name` gives the same name, if any (the
+/// same path staged twice shares its own).
+fn sharing_a_name<'a>(
+    paths: impl Iterator<Item = &'a str>,
+    name: impl Fn(&str) -> u128,
+) -> Option<(&'a str, &'a str)> {
+    let mut named: Vec<(u128, &str)> = paths.map(|p| (name(p), p)).collect();
+    named.sort_unstable();
+    named
+        .windows(2)
+        .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
+        .map(|w| (w[0].1, w[1].1))
 }
 
 /// The staging directory for `path`'s parent, created as needed. Staging is
@@ -1309,3 +1311,28 @@ impl Drop for Repository {
 
 #[allow(dead_code)]
 fn _assert_object_safe(_: &dyn Backend) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_paths_sharing_a_staging_name_are_found() {
+        // A name that collides on purpose: the length.
+        let len = |p: &str| p.len() as u128;
+        let paths = ["in/a", "in/bb", "in/a", "in/c"];
+        assert_eq!(
+            sharing_a_name(paths.iter().copied(), len),
+            Some(("in/a", "in/c"))
+        );
+        // The same path staged twice shares only its own name.
+        assert_eq!(
+            sharing_a_name(["in/a", "in/bb", "in/a"].iter().copied(), len),
+            None
+        );
+        assert_eq!(
+            sharing_a_name(paths.iter().copied(), dsg_txn::apply::flat_hash),
+            None
+        );
+    }
+}

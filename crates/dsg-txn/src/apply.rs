@@ -804,6 +804,59 @@ mod tests {
     }
 
     #[test]
+    fn a_flat_staging_is_applied_from_the_names_of_the_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let st = d.path().join("st");
+        fs::create_dir_all(root.join("in/gone")).unwrap();
+        fs::create_dir_all(root.join("in/kept")).unwrap();
+        fs::write(root.join("in/gone/x"), b"x").unwrap();
+        fs::write(root.join("in/kept/y"), b"old y").unwrap();
+        let (mut l, files) = layout(&root, &st, Aside::Discard);
+        l.flat = true;
+        fs::create_dir_all(&files).unwrap();
+        for (p, b) in [
+            ("in/kept/y", "new y"),
+            ("in/new/deep/z", "z"),
+            ("in/new/w", "w"),
+        ] {
+            fs::write(files.join(flat_name(p)), b).unwrap();
+        }
+        let mut ops = vec![
+            Op::Retire {
+                path: "in/kept/y".into(),
+                hash: None,
+                expect: None,
+            },
+            Op::Retire {
+                path: "in/gone/x".into(),
+                hash: None,
+                expect: None,
+            },
+            Op::Install {
+                path: "in/kept/y".into(),
+            },
+            Op::Install {
+                path: "in/new/deep/z".into(),
+            },
+            Op::Install {
+                path: "in/new/w".into(),
+            },
+        ];
+        prepare(&l, &mut ops).unwrap();
+        apply(&l, &ops).unwrap();
+        assert_eq!(fs::read(root.join("in/kept/y")).unwrap(), b"new y");
+        assert_eq!(fs::read(root.join("in/new/deep/z")).unwrap(), b"z");
+        assert_eq!(fs::read(root.join("in/new/w")).unwrap(), b"w");
+        assert!(!root.join("in/gone").exists(), "the emptied folder pruned");
+        assert_eq!(fs::read_dir(&files).unwrap().count(), 0, "all installed");
+        // A re-run (recovery after a crash at the end) changes nothing.
+        apply(&l, &ops).unwrap();
+        assert_eq!(fs::read(root.join("in/kept/y")).unwrap(), b"new y");
+        assert_eq!(fs::read(root.join("in/new/w")).unwrap(), b"w");
+    }
+
+    #[test]
     fn op_reads_the_client_journal_of_older_versions() {
         let old = r#"{"op":"remove","path":"a","expect":[1,2,3]}"#;
         let op: Op = serde_json::from_str(old).unwrap();
