@@ -67,9 +67,8 @@ pub(crate) struct OpenTx {
     /// An init's staging directories known to exist (saves a stat per
     /// path component).
     dirs: std::collections::HashSet<String>,
-    /// A sync's index of flat staged files (`site::FLAT_INDEX`), open for
-    /// appending once the first file is staged.
-    index: Option<File>,
+    /// A sync's flat staging folder (`site::FLAT_FILES`) exists.
+    flat_made: bool,
     base: Option<Base>,
 }
 
@@ -94,7 +93,7 @@ impl OpenTx {
             replace: false,
             staged: Vec::new(),
             dirs: Default::default(),
-            index: None,
+            flat_made: false,
             base,
         }
     }
@@ -481,13 +480,20 @@ impl Repository {
 
     /// Opens the staging file for `path` in the open transaction, keeping
     /// its first `keep` bytes (a resumed upload) and positioned after them.
-    fn open_staged(&mut self, path: &str, keep: u64) -> Result<(PathBuf, File), AgentError> {
+    /// `resumable`: a file received over a connection, listed for a resume
+    /// when it is staged from its start.
+    fn open_staged(
+        &mut self,
+        path: &str,
+        keep: u64,
+        resumable: bool,
+    ) -> Result<(PathBuf, File), AgentError> {
         let tx = self
             .tx
             .as_mut()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         checked(path)?;
-        let dst = staged_path(tx, path, keep == 0)?;
+        let dst = staged_path(tx, path, resumable && keep == 0)?;
         let err = |e| AgentError::io(format!("cannot stage {path}"), e);
         // Readable too: a resumed prefix is hashed, and a local copy
         // verified, through this handle. O_NOFOLLOW: a staged path is ours,
@@ -593,40 +599,36 @@ fn safe_parent(base: &Path, rel: &str) -> Result<PathBuf, AgentError> {
 /// Where `path` is staged in the open transaction. An init's file at its
 /// path in the new repository (its folders made as needed); a sync's side
 /// by side with the others in `site::FLAT_FILES`, so no folder is made
-/// (and removed after) per parent. `new`: a file staged from its start,
-/// listed in the index for a resume (a link never resumes).
-fn staged_path(tx: &mut OpenTx, path: &str, new: bool) -> Result<PathBuf, AgentError> {
+/// (and removed after) per parent. `listed`: added to the index a resume
+/// reads (`site::FLAT_INDEX`).
+fn staged_path(tx: &mut OpenTx, path: &str, listed: bool) -> Result<PathBuf, AgentError> {
     if tx.init {
         let parent = staged_parent(tx, path)?;
         return Ok(parent.join(path.rsplit('/').next().unwrap_or(path)));
     }
     let files = tx.staging.join(FLAT_FILES);
-    let index = match &mut tx.index {
-        Some(f) => f,
-        empty => {
-            match fs::create_dir(&files) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(AgentError::io(files.display(), e)),
-            }
-            let p = tx.staging.join(FLAT_INDEX);
-            let f = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&p)
-                .map_err(|e| AgentError::io(p.display(), e))?;
-            empty.insert(f)
+    if !tx.flat_made {
+        match fs::create_dir(&files) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(AgentError::io(files.display(), e)),
         }
-    };
+        tx.flat_made = true;
+    }
     let name = dsg_txn::apply::flat_name(path);
-    if new {
-        // One write, never fsynced: the index only serves a resume, and
-        // a line a crash tore is skipped (its file is sent again).
+    if listed {
+        // One write, never fsynced: the index only serves a resume, and a
+        // line a crash tore is skipped (its file is sent again). Not kept
+        // open: an open file would keep a ZFS clone busy at its unmount.
+        let p = tx.staging.join(FLAT_INDEX);
         let line = [name.as_bytes(), b" ", path.as_bytes(), b"\0"].concat();
-        index
-            .write_all(&line)
-            .map_err(|e| AgentError::io(tx.staging.join(FLAT_INDEX).display(), e))?;
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .and_then(|mut f| f.write_all(&line))
+            .map_err(|e| AgentError::io(p.display(), e))?;
     }
     Ok(files.join(name))
 }
@@ -971,7 +973,7 @@ impl Backend for Repository {
         offset: u64,
         data: &mut dyn Read,
     ) -> Result<(), AgentError> {
-        let (dst, mut f) = self.open_staged(path, offset)?;
+        let (dst, mut f) = self.open_staged(path, offset, true)?;
         let mut h = Xxh3::new();
         let buf = &mut self.buf;
         let mut n = 0u64;
@@ -1013,7 +1015,8 @@ impl Backend for Repository {
         mtime_ns: i64,
         src: &Path,
     ) -> Result<(), AgentError> {
-        let (dst, mut to) = self.open_staged(path, 0)?;
+        // Never resumed: a copy on this host has no connection to lose.
+        let (dst, mut to) = self.open_staged(path, 0, false)?;
         let mut from = dsg_core::hash::open_nofollow(src)
             .map_err(|e| AgentError::io(format!("cannot read {}", src.display()), e))?;
         // std's copy uses copy_file_range between files: a reflink on XFS
