@@ -495,10 +495,16 @@ fn file_modified_while_uploading(kind: Kind) {
         let t0 = Instant::now();
         let mut modified = false;
         while t0.elapsed() < Duration::from_secs(20) {
+            // Staged flat, by a hash of the path: big.bin is the only
+            // staged file past a few bytes.
             let started = fs::read_dir(&staging)
                 .map(|rd| {
-                    rd.flatten()
-                        .any(|tx| tx.path().join(IN).join("big.bin").exists())
+                    rd.flatten().any(|tx| {
+                        fs::read_dir(tx.path().join(".dsg-files")).is_ok_and(|rd| {
+                            rd.flatten()
+                                .any(|f| f.metadata().is_ok_and(|m| m.len() > 1024))
+                        })
+                    })
                 })
                 .unwrap_or(false);
             if started {

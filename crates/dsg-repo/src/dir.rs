@@ -6,7 +6,8 @@
 //!   `.dsg/archive/sN-sync.json.lz4`;
 //! - `.dsg/objects/<hh>/<hash>`: superseded and deleted file versions, moved
 //!   there (not copied) so every snapshot stays retrievable;
-//! - `.dsg/staging/<tx>/`: uploads of the open transaction;
+//! - `.dsg/staging/<tx>/`: uploads of the open transaction, flat in
+//!   `.dsg-files/` (see `site::FLAT_FILES`), and its metadata;
 //! - `.dsg/journal`: the transaction journal (`dsg_txn::journal`);
 //! - `.dsg/lock`: the `flock` target that serialises writers.
 //!
@@ -31,16 +32,21 @@ use serde::{Deserialize, Serialize};
 use crate::backend::AgentError;
 use crate::protocol::ErrorKind;
 use crate::site::{
-    is_base, list_staged, original_busy, remove_dir_all_if_exists, remove_temp_files, LockMode,
+    is_base, list_staged, list_staged_flat, original_busy, remove_dir_all_if_exists,
+    remove_temp_files, LockMode,
 };
 use crate::site::{Lock, Site};
 use crate::store::{Resumable, Store, TxRef};
 
 /// What a repository directory's journal remembers of a `begin`: the head
-/// the transaction builds on (a resume must find the same one).
+/// the transaction builds on (a resume must find the same one), and
+/// whether its files are staged flat (`site::FLAT_FILES`); the journal of
+/// an older dsg, which staged them at their paths, has no `flat`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct DirBegin {
     base: String,
+    #[serde(default)]
+    flat: bool,
 }
 
 type DirRecord = Record<DirBegin>;
@@ -49,6 +55,21 @@ type DirLog = Log<DirBegin>;
 pub struct DirStore;
 
 impl DirStore {
+    /// With the repository lock held and nothing committed left to apply:
+    /// removes the staging, temporary files and the journal.
+    fn clear_locked(site: &Site) -> Result<(), AgentError> {
+        let dsg = site.dsg();
+        let jpath = Self::journal(site);
+        // Everything not committed is rolled back by deleting it.
+        remove_dir_all_if_exists(&dsg.join("staging"))?;
+        remove_temp_files(&dsg)?;
+        if jpath.exists() {
+            fs::remove_file(&jpath).map_err(|e| AgentError::io("cannot remove the journal", e))?;
+            sync_dir(&dsg).map_err(|e| AgentError::io("fsync .dsg", e))?;
+        }
+        Ok(())
+    }
+
     fn journal(site: &Site) -> PathBuf {
         site.dsg().join("journal")
     }
@@ -109,7 +130,7 @@ impl DirStore {
         let log = DirLog::read(&Self::journal(site)).ok().flatten();
         let ours = matches!(
             log.as_ref().map(|l| l.records.as_slice()),
-            Some([Record::Begin { tx: t, begin }]) if t == tx && begin.base == base
+            Some([Record::Begin { tx: t, begin }]) if t == tx && begin.base == base && begin.flat
         );
         let head = site.head_base().ok().flatten();
         let is_dir = fs::symlink_metadata(&staging).is_ok_and(|m| m.is_dir());
@@ -127,7 +148,7 @@ impl DirStore {
         remove_temp_files(&dsg)?;
         Ok(Some(Resumable {
             lock,
-            staged: list_staged(&staging, ".dsg-meta")?,
+            staged: list_staged_flat(&staging)?,
             root: site.dir(),
             staging,
             head,
@@ -170,24 +191,18 @@ impl Store for DirStore {
     }
 
     fn recover_locked(&self, site: &Site) -> Result<(), AgentError> {
-        let dsg = site.dsg();
         let jpath = Self::journal(site);
         if let Some(log) =
             DirLog::read(&jpath).map_err(|e| AgentError::io("cannot read the journal", e))?
         {
             if let Some((tx, ops, _)) = log.unfinished_commit() {
                 tracing::info!("rolling forward committed transaction {tx}");
-                site.apply(&site.dir(), tx, ops, true)?;
+                // An older dsg's transaction has its files at their paths.
+                let flat = log.begin().is_some_and(|(_, b)| b.flat);
+                site.apply(&site.dir(), tx, ops, true, flat)?;
             }
         }
-        // Everything not committed is rolled back by deleting it.
-        remove_dir_all_if_exists(&dsg.join("staging"))?;
-        remove_temp_files(&dsg)?;
-        if jpath.exists() {
-            fs::remove_file(&jpath).map_err(|e| AgentError::io("cannot remove the journal", e))?;
-            sync_dir(&dsg).map_err(|e| AgentError::io("fsync .dsg", e))?;
-        }
-        Ok(())
+        Self::clear_locked(site)
     }
 
     fn recover(&self, site: &Site) -> Result<(), AgentError> {
@@ -250,7 +265,10 @@ impl Store for DirStore {
         })?;
         j.append(&DirRecord::Begin {
             tx: tx.into(),
-            begin: DirBegin { base: base.into() },
+            begin: DirBegin {
+                base: base.into(),
+                flat: true,
+            },
         })
         .map_err(|e| {
             let _ = fs::remove_file(&path);
@@ -360,11 +378,13 @@ impl Store for DirStore {
         // The commit point has passed: from here on, errors are finished by
         // recovery (roll forward), never undone.
         failpoint("repo.journal.committed");
-        site.apply(&site.dir(), tx.id, ops, true)?;
+        site.apply(&site.dir(), tx.id, ops, true, true)?;
         j.append(&DirRecord::Done { tx: tx.id.into() })
             .map_err(|e| AgentError::io("cannot write the journal", e))?;
         failpoint("repo.journal.done");
-        self.recover_locked(site)
+        // Applied and done: what is left is staging and the journal, not
+        // the journal's operations to read back.
+        Self::clear_locked(site)
     }
 
     fn finish_failed_commit(&self, _site: &Site, _tx: &str) -> Option<Result<(), AgentError>> {

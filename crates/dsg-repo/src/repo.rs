@@ -25,7 +25,8 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::backend::{AgentError, Backend, CommitData, Stored, Version};
 use crate::protocol::{ErrorKind, StagedFile};
 use crate::site::{
-    is_base, original_busy, syncfs, tx_error, Base, Lock, LockMode, Site, HEAD_COPY,
+    is_base, original_busy, syncfs, tx_error, Base, Lock, LockMode, Site, FLAT_FILES, FLAT_INDEX,
+    HEAD_COPY,
 };
 use crate::store::{Store, TxRef};
 
@@ -64,8 +65,11 @@ pub(crate) struct OpenTx {
     /// An init that replaces an existing repository (confirmed by the user).
     replace: bool,
     staged: Vec<(String, StagedKind)>,
-    /// Staging directories known to exist (saves a stat per path component).
+    /// An init's staging directories known to exist (saves a stat per
+    /// path component).
     dirs: std::collections::HashSet<String>,
+    /// A sync's flat staging folder (`site::FLAT_FILES`) exists.
+    flat_made: bool,
     base: Option<Base>,
 }
 
@@ -90,6 +94,7 @@ impl OpenTx {
             replace: false,
             staged: Vec::new(),
             dirs: Default::default(),
+            flat_made: false,
             base,
         }
     }
@@ -484,10 +489,10 @@ impl Repository {
         }
         syncfs(&tx.staging)?;
         failpoint("repo.before_commit");
-        let mut ops = Self::sync_ops(tx, retired);
+        let mut ops = Self::sync_ops(tx, retired)?;
         // Everything the apply needs is made and checked now, before the
         // commit point: after it, only renames remain.
-        let layout = crate::site::layout(&tx.root, &tx.id, self.store.keeps_objects());
+        let layout = crate::site::layout(&tx.root, &tx.id, self.store.keeps_objects(), true);
         dsg_txn::apply::prepare(&layout, &mut ops).map_err(|e| {
             let mut e = tx_error(e);
             e.message.push_str("; nothing was changed");
@@ -499,7 +504,17 @@ impl Repository {
 
     /// Retire what is deleted or replaced (deepest first, so a folder is
     /// emptied before it may be replaced), then install what was staged.
-    fn sync_ops(tx: &OpenTx, retired: &[(String, Option<u64>)]) -> Vec<Op> {
+    /// Refused if two staged paths share a flat name: one's file would be
+    /// the other's, and the apply would install it as both.
+    fn sync_ops(tx: &OpenTx, retired: &[(String, Option<u64>)]) -> Result<Vec<Op>, AgentError> {
+        let paths = tx.staged.iter().map(|(p, _)| p.as_str());
+        if let Some((a, b)) = sharing_a_name(paths, dsg_txn::apply::flat_hash) {
+            return Err(AgentError::new(
+                ErrorKind::Unsafe,
+                format!("{a} and {b} have the same staging name; refusing to commit them"),
+            )
+            .hint("nothing was changed; rename one of the two files and run the command again"));
+        }
         let mut ops = Vec::new();
         let mut retire: Vec<(&str, Option<u64>)> =
             retired.iter().map(|(p, h)| (p.as_str(), *h)).collect();
@@ -520,19 +535,25 @@ impl Repository {
         for p in installs {
             ops.push(Op::Install { path: p.into() });
         }
-        ops
+        Ok(ops)
     }
 
     /// Opens the staging file for `path` in the open transaction, keeping
     /// its first `keep` bytes (a resumed upload) and positioned after them.
-    fn open_staged(&mut self, path: &str, keep: u64) -> Result<(PathBuf, File), AgentError> {
+    /// `resumable`: a file received over a connection, listed for a resume
+    /// when it is staged from its start.
+    fn open_staged(
+        &mut self,
+        path: &str,
+        keep: u64,
+        resumable: bool,
+    ) -> Result<(PathBuf, File), AgentError> {
         let tx = self
             .tx
             .as_mut()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
         checked(path)?;
-        let parent = staged_parent(tx, path)?;
-        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let dst = staged_path(tx, path, resumable && keep == 0)?;
         let err = |e| AgentError::io(format!("cannot stage {path}"), e);
         // Readable too: a resumed prefix is hashed, and a local copy
         // verified, through this handle. O_NOFOLLOW: a staged path is ours,
@@ -633,6 +654,57 @@ fn safe_parent(base: &Path, rel: &str) -> Result<PathBuf, AgentError> {
         }
     }
     Ok(cur)
+}
+
+/// Where `path` is staged in the open transaction. An init's file at its
+/// path in the new repository (its folders made as needed); a sync's side
+/// by side with the others in `site::FLAT_FILES`, so no folder is made
+/// (and removed after) per parent. `listed`: added to the index a resume
+/// reads (`site::FLAT_INDEX`).
+fn staged_path(tx: &mut OpenTx, path: &str, listed: bool) -> Result<PathBuf, AgentError> {
+    if tx.init {
+        let parent = staged_parent(tx, path)?;
+        return Ok(parent.join(path.rsplit('/').next().unwrap_or(path)));
+    }
+    let files = tx.staging.join(FLAT_FILES);
+    if !tx.flat_made {
+        match fs::create_dir(&files) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(AgentError::io(files.display(), e)),
+        }
+        tx.flat_made = true;
+    }
+    let name = dsg_txn::apply::flat_name(path);
+    if listed {
+        // One write, never fsynced: the index only serves a resume, and a
+        // line a crash tore is skipped (its file is sent again). Not kept
+        // open: an open file would keep a ZFS clone busy at its unmount.
+        let p = tx.staging.join(FLAT_INDEX);
+        let line = [name.as_bytes(), b" ", path.as_bytes(), b"\0"].concat();
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .and_then(|mut f| f.write_all(&line))
+            .map_err(|e| AgentError::io(p.display(), e))?;
+    }
+    Ok(files.join(name))
+}
+
+/// Two different paths to which `name` gives the same name, if any (the
+/// same path staged twice shares its own).
+fn sharing_a_name<'a>(
+    paths: impl Iterator<Item = &'a str>,
+    name: impl Fn(&str) -> u128,
+) -> Option<(&'a str, &'a str)> {
+    let mut named: Vec<(u128, &str)> = paths.map(|p| (name(p), p)).collect();
+    named.sort_unstable();
+    named
+        .windows(2)
+        .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
+        .map(|w| (w[0].1, w[1].1))
 }
 
 /// The staging directory for `path`'s parent, created as needed. Staging is
@@ -1256,7 +1328,7 @@ impl Backend for Repository {
         offset: u64,
         data: &mut dyn Read,
     ) -> Result<(), AgentError> {
-        let (dst, mut f) = self.open_staged(path, offset)?;
+        let (dst, mut f) = self.open_staged(path, offset, true)?;
         let mut h = Xxh3::new();
         let buf = &mut self.buf;
         let mut n = 0u64;
@@ -1298,7 +1370,8 @@ impl Backend for Repository {
         mtime_ns: i64,
         src: &Path,
     ) -> Result<(), AgentError> {
-        let (dst, mut to) = self.open_staged(path, 0)?;
+        // Never resumed: a copy on this host has no connection to lose.
+        let (dst, mut to) = self.open_staged(path, 0, false)?;
         let mut from = dsg_core::hash::open_nofollow(src)
             .map_err(|e| AgentError::io(format!("cannot read {}", src.display()), e))?;
         // std's copy uses copy_file_range between files: a reflink on XFS
@@ -1320,8 +1393,7 @@ impl Backend for Repository {
         checked(path)?;
         check_link_target(path, target)
             .map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
-        let parent = staged_parent(tx, path)?;
-        let dst = parent.join(path.rsplit('/').next().unwrap());
+        let dst = staged_path(tx, path, false)?;
         let _ = fs::remove_file(&dst);
         symlink(target, &dst)
             .map_err(|e| AgentError::io(format!("cannot stage link {path}"), e))?;
@@ -1601,3 +1673,28 @@ impl Drop for Repository {
 
 #[allow(dead_code)]
 fn _assert_object_safe(_: &dyn Backend) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_paths_sharing_a_staging_name_are_found() {
+        // A name that collides on purpose: the length.
+        let len = |p: &str| p.len() as u128;
+        let paths = ["in/a", "in/bb", "in/a", "in/c"];
+        assert_eq!(
+            sharing_a_name(paths.iter().copied(), len),
+            Some(("in/a", "in/c"))
+        );
+        // The same path staged twice shares only its own name.
+        assert_eq!(
+            sharing_a_name(["in/a", "in/bb", "in/a"].iter().copied(), len),
+            None
+        );
+        assert_eq!(
+            sharing_a_name(paths.iter().copied(), dsg_txn::apply::flat_hash),
+            None
+        );
+    }
+}

@@ -161,8 +161,9 @@ impl Site {
         tx: &str,
         ops: &[Op],
         keep_objects: bool,
+        flat: bool,
     ) -> Result<(), AgentError> {
-        dsg_txn::apply::apply(&layout(root, tx, keep_objects), ops).map_err(tx_error)
+        dsg_txn::apply::apply(&layout(root, tx, keep_objects, flat), ops).map_err(tx_error)
     }
 
     /// Takes the exclusive lock at `path`, waiting up to the timeout.
@@ -345,16 +346,31 @@ pub(crate) fn original_busy(site: &Site, staging: &Path, waited: Option<Duration
     ))
 }
 
+/// In a sync's staging directory `.dsg/staging/<tx>/`: the staged files
+/// side by side, each named by `dsg_txn::apply::flat_name` of its path.
+pub(crate) const FLAT_FILES: &str = ".dsg-files";
+/// Beside them: `<name> <path>\0` per staged file, what a resumed upload
+/// is told it can build on (the names alone do not give the paths back).
+pub(crate) const FLAT_INDEX: &str = ".dsg-index";
+/// And the transaction's metadata (manifest, messages, archive).
+pub(crate) const STAGED_META: &str = ".dsg-meta";
+
 /// Where a repository transaction rooted at `root` stages, and where it
 /// puts what it replaces: the object store, or nothing (ZFS snapshots keep
-/// every old version).
-pub(crate) fn layout(root: &Path, tx: &str, keep_objects: bool) -> Layout {
+/// every old version). `flat`: the files are staged in `FLAT_FILES`; not
+/// so (at their paths) only for a transaction an older dsg staged.
+pub(crate) fn layout(root: &Path, tx: &str, keep_objects: bool, flat: bool) -> Layout {
     let dsg = root.join(".dsg");
     let staging = dsg.join("staging").join(tx);
     Layout {
         root: root.to_path_buf(),
-        meta: staging.join(".dsg-meta"),
-        files: staging,
+        meta: staging.join(STAGED_META),
+        files: if flat {
+            staging.join(FLAT_FILES)
+        } else {
+            staging
+        },
+        flat,
         dsg,
         aside: if keep_objects {
             Aside::Objects
@@ -445,6 +461,40 @@ pub(crate) fn is_base(head: Option<&Base>, id: &str, hash: Option<&str>) -> bool
     let md = head.and_then(|h| h.metadata.as_ref());
     md.is_some_and(|m| m.snapshot_id == id)
         && hash.is_none_or(|h| md.and_then(|m| m.snapshot_hash.as_deref()) == Some(h))
+}
+
+/// The regular files a sync staged flat in `staging`, by its index, with
+/// their lengths: what a resumed upload can build on. A line that does not
+/// name its file (torn by a crash) is skipped: that file is sent again.
+pub(crate) fn list_staged_flat(staging: &Path) -> Result<Vec<StagedFile>, AgentError> {
+    let index = staging.join(FLAT_INDEX);
+    let bytes = match fs::read(&index) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(AgentError::io(index.display(), e)),
+    };
+    let files = staging.join(FLAT_FILES);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in bytes.split(|b| *b == 0) {
+        let Some((name, path)) = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| l.split_once(' '))
+        else {
+            continue;
+        };
+        if name != dsg_txn::apply::flat_name(path) || !seen.insert(name) {
+            continue;
+        }
+        match fs::symlink_metadata(files.join(name)) {
+            Ok(m) if m.is_file() => out.push(StagedFile {
+                path: path.to_string(),
+                len: m.len(),
+            }),
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// Regular files under a transaction's staging directory (not `skip`, its

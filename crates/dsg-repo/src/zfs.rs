@@ -32,7 +32,8 @@ use dsg_txn::{Journal, Log, Op, Record};
 use crate::backend::AgentError;
 use crate::protocol::ErrorKind;
 use crate::site::{
-    is_base, list_staged, remove_dir_all_if_exists, repo_name_of, syncfs, Lock, LockMode, Site,
+    is_base, list_staged, list_staged_flat, remove_dir_all_if_exists, repo_name_of, syncfs, Lock,
+    LockMode, Site,
 };
 use crate::store::{Resumable, SnapshotTree, Store, TxRef};
 
@@ -841,14 +842,14 @@ impl Store for Zfs {
         let lock = site.lock(&self.lock_path())?;
         let ds = self.tx_dataset(tx);
         let mp = self.tx_mountpoint(tx);
-        let (staging, skip, head) = match base {
+        let (staging, flat, head) = match base {
             None => {
                 let ok = !self.exists(&self.dataset())?
                     && self.exists(&ds)?
                     && self.origin(&ds)?.is_none()
                     && !self.journal_path().exists()
                     && mp.join(".dsg").is_dir();
-                (ok.then(|| mp.clone()), ".dsg", None)
+                (ok.then(|| mp.clone()), false, None)
             }
             Some(b) => {
                 let ours = matches!(
@@ -863,15 +864,22 @@ impl Store for Zfs {
                     && self.exists(&ds)?
                     && self.origin(&ds)?.is_some()
                     && staging.is_dir();
-                (ok.then_some(staging), ".dsg-meta", head)
+                (ok.then_some(staging), true, head)
             }
         };
         let Some(staging) = staging else {
             return Ok(None);
         };
+        // A sync's files are staged flat: what an older dsg staged at
+        // their paths is not listed (sent again, and never installed).
+        let staged = if flat {
+            list_staged_flat(&staging)?
+        } else {
+            list_staged(&staging, ".dsg")?
+        };
         Ok(Some(Resumable {
             lock,
-            staged: list_staged(&staging, skip)?,
+            staged,
             root: mp,
             staging,
             head,
@@ -895,7 +903,7 @@ impl Store for Zfs {
     ) -> Result<(), AgentError> {
         // Everything happens inside the clone; nobody sees it until the
         // swap. Staging must not end up in the snapshot.
-        site.apply(tx.root, tx.id, ops, false)?;
+        site.apply(tx.root, tx.id, ops, false, true)?;
         remove_dir_all_if_exists(&tx.root.join(".dsg/staging"))?;
         syncfs(tx.root)?;
         self.commit(tx.id, snapshot_id)

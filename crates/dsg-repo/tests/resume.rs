@@ -121,6 +121,14 @@ fn cut_upload(root: &Path, big: &[u8], small: &[u8], cut: usize) {
     b.detach();
 }
 
+/// Where a sync stages `path`: flat, named by a hash of the path.
+fn staged_at(root: &Path, tx: &str, path: &str) -> std::path::PathBuf {
+    root.join(".dsg/staging")
+        .join(tx)
+        .join(".dsg-files")
+        .join(dsg_txn::apply::flat_name(path))
+}
+
 fn sorted(mut v: Vec<StagedFile>) -> Vec<StagedFile> {
     v.sort_by(|a, b| a.path.cmp(&b.path));
     v
@@ -179,7 +187,7 @@ fn a_staged_prefix_damaged_on_the_server_fails_verification() {
     let small = bytes(5, 10);
     cut_upload(&root, &big, &small, 1_000_000);
     // Flip one byte of the staged prefix.
-    let p = root.join(".dsg/staging/tx-1/input/big");
+    let p = staged_at(&root, "tx-1", "input/big");
     let mut staged = std::fs::read(&p).unwrap();
     staged[999] ^= 0xff;
     std::fs::write(&p, &staged).unwrap();
@@ -329,4 +337,153 @@ fn a_replace_confirmed_against_an_older_head_is_refused() {
     // Confirmed against the head it holds: goes ahead.
     b.begin_replace("tx-r2", "t", Some(&seen)).unwrap();
     b.rollback().unwrap();
+}
+
+/// The journal's `begin` as a dsg before flat staging wrote it.
+#[derive(serde::Serialize)]
+struct OldBegin {
+    base: String,
+}
+
+/// An older dsg's transaction `tx` on `root` at `s1`: `files` staged at
+/// their paths (not flat), the metadata of `m` beside them, and its journal
+/// up to `committed` (with `ops`) or only its `begin`.
+fn old_layout_transaction(
+    root: &Path,
+    tx: &str,
+    files: &[(&str, &[u8])],
+    m: &Manifest,
+    ops: Option<Vec<dsg_txn::Op>>,
+) {
+    let staging = root.join(".dsg/staging").join(tx);
+    for (p, b) in files {
+        let dst = staging.join(p);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::write(dst, b).unwrap();
+    }
+    let meta = staging.join(".dsg-meta");
+    std::fs::create_dir_all(meta.join("archive")).unwrap();
+    std::fs::write(meta.join("last-sync.json"), m.to_json_bytes()).unwrap();
+    let mut msgs = SyncMessages::default();
+    msgs.add(m.metadata.as_ref().unwrap());
+    std::fs::write(meta.join("sync-messages.json"), msgs.to_json_bytes()).unwrap();
+    let j = dsg_txn::Journal::create(&root.join(".dsg/journal")).unwrap();
+    j.append(&dsg_txn::Record::Begin {
+        tx: tx.to_string(),
+        begin: OldBegin { base: "s1".into() },
+    })
+    .unwrap();
+    if let Some(ops) = ops {
+        j.append(&dsg_txn::Record::<OldBegin>::Committed {
+            tx: tx.to_string(),
+            ops,
+            snap: None,
+        })
+        .unwrap();
+    }
+}
+
+/// Upgrading dsg between a crash and its recovery: a transaction an older
+/// dsg committed with its files staged at their paths is rolled forward
+/// from there, not looked for in the flat staging.
+#[test]
+fn a_committed_transaction_staged_at_paths_by_an_older_dsg_rolls_forward() {
+    let d = tempfile::tempdir().unwrap();
+    let (root, s1) = repo_at_s1(d.path());
+    let old_a = std::fs::read(root.join("input/a")).unwrap();
+    let (new_a, b) = (bytes(20, 300), bytes(21, 40));
+    let m = manifest("s2", &[("input/a", &new_a), ("input/new/b", &b)], Some(&s1));
+    let ops = vec![
+        dsg_txn::Op::Retire {
+            path: "input/a".into(),
+            hash: Some(h(&old_a)),
+            expect: None,
+        },
+        dsg_txn::Op::Install {
+            path: "input/a".into(),
+        },
+        dsg_txn::Op::Install {
+            path: "input/new/b".into(),
+        },
+    ];
+    let files: &[(&str, &[u8])] = &[("input/a", &new_a), ("input/new/b", &b)];
+    old_layout_transaction(&root, "tx-old", files, &m, Some(ops));
+
+    let mut r = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
+    r.recover(false).unwrap();
+    assert_eq!(std::fs::read(root.join("input/a")).unwrap(), new_a);
+    assert_eq!(std::fs::read(root.join("input/new/b")).unwrap(), b);
+    let obj = dsg_txn::apply::object_path(&root.join(".dsg"), Hash(h(&old_a)));
+    assert_eq!(std::fs::read(obj).unwrap(), old_a, "the old version kept");
+    assert_eq!(
+        std::fs::read(root.join(".dsg/last-sync.json")).unwrap(),
+        m.to_json_bytes()
+    );
+    assert!(!root.join(".dsg/staging").exists());
+    assert!(!root.join(".dsg/journal").exists());
+}
+
+/// An older dsg's upload that did not commit is not resumed into the flat
+/// staging: it is rolled back, and the resume begins afresh.
+#[test]
+fn an_uncommitted_upload_staged_at_paths_by_an_older_dsg_is_not_resumed() {
+    let d = tempfile::tempdir().unwrap();
+    let (root, s1) = repo_at_s1(d.path());
+    let x = bytes(22, 50);
+    let m = manifest("s2", &[("input/x", &x)], Some(&s1));
+    old_layout_transaction(&root, "tx-1", &[("input/x", &x)], &m, None);
+
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
+    assert_eq!(b.resume("tx-1", Some("s1"), None, "t").unwrap(), vec![]);
+    assert!(
+        !root.join(".dsg/staging/tx-1/input").exists(),
+        "the old staging is removed"
+    );
+    stage(&mut *b, "input/x", &x, 0).unwrap();
+    let a = std::fs::read(root.join("input/a")).unwrap();
+    let m = manifest("s2", &[("input/a", &a), ("input/x", &x)], Some(&s1));
+    commit(&mut *b, &m).unwrap();
+    assert_eq!(std::fs::read(root.join("input/x")).unwrap(), x);
+    assert!(!root.join(".dsg/staging").exists());
+}
+
+/// The resume index is written without fsync: a line a crash tore names
+/// no file, and that file is sent again whole.
+#[test]
+fn a_torn_index_line_is_not_resumed() {
+    let d = tempfile::tempdir().unwrap();
+    let (root, s1) = repo_at_s1(d.path());
+    let big = bytes(23, 1 << 20);
+    let small = bytes(24, 70);
+    cut_upload(&root, &big, &small, 300_000);
+    // `big` was staged last: its line is the index's end.
+    let index = root.join(".dsg/staging/tx-1/.dsg-index");
+    let mut bytes_ = std::fs::read(&index).unwrap();
+    bytes_.truncate(bytes_.len() - 3);
+    std::fs::write(&index, &bytes_).unwrap();
+
+    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
+    let staged = b.resume("tx-1", Some("s1"), None, "t").unwrap();
+    assert_eq!(
+        staged,
+        vec![StagedFile {
+            path: "input/small".into(),
+            len: small.len() as u64
+        }]
+    );
+    stage(&mut *b, "input/small", &small, small.len() as u64).unwrap();
+    stage(&mut *b, "input/big", &big, 0).unwrap();
+    let a = std::fs::read(root.join("input/a")).unwrap();
+    let m = manifest(
+        "s2",
+        &[
+            ("input/a", &a),
+            ("input/big", &big),
+            ("input/small", &small),
+        ],
+        Some(&s1),
+    );
+    commit(&mut *b, &m).unwrap();
+    assert!(std::fs::read(root.join("input/big")).unwrap() == big);
+    assert_eq!(std::fs::read(root.join("input/small")).unwrap(), small);
 }

@@ -56,6 +56,7 @@ fn local_layout(root: &Path, tx: &str) -> Layout {
     Layout {
         root: root.to_path_buf(),
         files: staging.join("files"),
+        flat: false,
         meta: staging.join("meta"),
         dsg: root.join(DSG_DIR),
         aside: Aside::Backup {

@@ -74,8 +74,12 @@ pub enum Aside {
 pub struct Layout {
     /// The tree the transaction changes.
     pub root: PathBuf,
-    /// The staged files, at their paths.
+    /// The staged files: at their paths, or (`flat`) by `flat_name`.
     pub files: PathBuf,
+    /// Staged files lie side by side in `files` under `flat_name(path)`,
+    /// not in a mirror of the tree's folders: staging then makes (and its
+    /// removal deletes) no folder per parent.
+    pub flat: bool,
     /// The staged metadata: `archive/*`, `sync-messages.json`,
     /// `last-sync.json` (installed last: it switches the head).
     pub meta: PathBuf,
@@ -88,6 +92,30 @@ pub struct Layout {
     pub keep_top_level: bool,
     /// Failpoint names: `<fp>.apply.<i>`, `<fp>.apply.meta`.
     pub fp: &'static str,
+}
+
+impl Layout {
+    /// Where the staged version of `path` is.
+    pub fn staged(&self, path: &str) -> PathBuf {
+        if self.flat {
+            self.files.join(flat_name(path))
+        } else {
+            self.files.join(path)
+        }
+    }
+}
+
+/// The name a flat staging area gives `path`: its 128-bit hash, so the
+/// apply (and recovery, from the journal's paths alone) finds it with no
+/// index. Two paths of one transaction could share a name only by a
+/// collision, which the repository refuses before the commit point.
+pub fn flat_name(path: &str) -> String {
+    format!("{:032x}", flat_hash(path))
+}
+
+/// The hash `flat_name` spells.
+pub fn flat_hash(path: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(path.as_bytes())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -383,25 +411,25 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
         .filter(|o| matches!(o, Op::Install { .. }))
         .map(|o| o.path())
         .collect();
+    // A folder that receives a file is not left empty: only the parents
+    // of other retires are looked at for pruning (an `rmdir` each).
+    let filled: std::collections::HashSet<&str> = installs.iter().map(|p| parent_of(p)).collect();
     let mut touched: Vec<PathBuf> = Vec::new();
     let mut parents = Parents::new(&l.root);
     for (i, op) in ops.iter().enumerate() {
         failpoint(&format!("{}.apply.{i}", l.fp));
         let dst = l.root.join(op.path());
-        if let Some(parent) = dst.parent() {
-            // Operations come in path order, so siblings follow each
-            // other: one entry per run of them, not one per file.
-            if touched.last().map(PathBuf::as_path) != Some(parent) {
-                touched.push(parent.to_path_buf());
-            }
-        }
         match op {
             Op::Retire { path, hash, expect } => {
+                let parent = parent_of(path);
+                // Operations come in path order, so siblings follow each
+                // other: one entry per run of them, not one per file.
+                if !filled.contains(parent) && touched.last() != Some(&l.root.join(parent)) {
+                    touched.push(l.root.join(parent));
+                }
                 // A re-run after a crash: a path whose staged file is gone
                 // was already installed; what is there is the new version.
-                if installs.contains(&**path)
-                    && fs::symlink_metadata(l.files.join(&**path)).is_err()
-                {
+                if installs.contains(&**path) && fs::symlink_metadata(l.staged(path)).is_err() {
                     continue;
                 }
                 // Below a link (or a file) nothing of this tree is at the
@@ -414,7 +442,7 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
                 parents.forget(&dst);
             }
             Op::Install { path } => {
-                let src = l.files.join(&**path);
+                let src = l.staged(path);
                 if fs::symlink_metadata(&src).is_err() {
                     continue;
                 }
@@ -426,7 +454,11 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
                     });
                 }
                 if let Some(parent) = dst.parent() {
-                    fs::create_dir_all(parent).map_err(|e| TxError::io(parent, e))?;
+                    // Siblings share a parent: made (or found) once.
+                    if !parents.is_folder(parent) {
+                        fs::create_dir_all(parent).map_err(|e| TxError::io(parent, e))?;
+                        parents.made(parent);
+                    }
                 }
                 fs::rename(&src, &dst).map_err(|e| TxError::io(&dst, e))?;
             }
@@ -435,6 +467,11 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
     prune_emptied(l, touched);
     install_meta(l)?;
     syncfs(&l.root)
+}
+
+/// The folder part of a relative path (`""` at the top).
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
 }
 
 /// What lies on the way from the root to a path's parent.
@@ -482,6 +519,22 @@ impl<'a> Parents<'a> {
             }
         }
         Ok(Way::Folders)
+    }
+
+    /// Whether `dir` (the root or below it) is known to be a real folder.
+    fn is_folder(&self, dir: &Path) -> bool {
+        dir == self.root || self.real.contains(dir)
+    }
+
+    /// `dir` and the folders above it up to the root were just made.
+    fn made(&mut self, dir: &Path) {
+        let mut cur = Some(dir);
+        while let Some(d) = cur.filter(|d| *d != self.root && d.starts_with(self.root)) {
+            if !self.real.insert(d.to_path_buf()) {
+                break;
+            }
+            cur = d.parent();
+        }
     }
 
     /// `p` was retired: if it was a folder, it is gone, with any folders
@@ -679,6 +732,7 @@ mod tests {
         let l = Layout {
             root: root.to_path_buf(),
             files: st.join("files"),
+            flat: false,
             meta: st.join("meta"),
             dsg,
             aside,
@@ -749,6 +803,59 @@ mod tests {
         }];
         let e = prepare(&l, &mut ops).unwrap_err();
         assert!(matches!(e, TxError::ThroughLink { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_flat_staging_is_applied_from_the_names_of_the_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let st = d.path().join("st");
+        fs::create_dir_all(root.join("in/gone")).unwrap();
+        fs::create_dir_all(root.join("in/kept")).unwrap();
+        fs::write(root.join("in/gone/x"), b"x").unwrap();
+        fs::write(root.join("in/kept/y"), b"old y").unwrap();
+        let (mut l, files) = layout(&root, &st, Aside::Discard);
+        l.flat = true;
+        fs::create_dir_all(&files).unwrap();
+        for (p, b) in [
+            ("in/kept/y", "new y"),
+            ("in/new/deep/z", "z"),
+            ("in/new/w", "w"),
+        ] {
+            fs::write(files.join(flat_name(p)), b).unwrap();
+        }
+        let mut ops = vec![
+            Op::Retire {
+                path: "in/kept/y".into(),
+                hash: None,
+                expect: None,
+            },
+            Op::Retire {
+                path: "in/gone/x".into(),
+                hash: None,
+                expect: None,
+            },
+            Op::Install {
+                path: "in/kept/y".into(),
+            },
+            Op::Install {
+                path: "in/new/deep/z".into(),
+            },
+            Op::Install {
+                path: "in/new/w".into(),
+            },
+        ];
+        prepare(&l, &mut ops).unwrap();
+        apply(&l, &ops).unwrap();
+        assert_eq!(fs::read(root.join("in/kept/y")).unwrap(), b"new y");
+        assert_eq!(fs::read(root.join("in/new/deep/z")).unwrap(), b"z");
+        assert_eq!(fs::read(root.join("in/new/w")).unwrap(), b"w");
+        assert!(!root.join("in/gone").exists(), "the emptied folder pruned");
+        assert_eq!(fs::read_dir(&files).unwrap().count(), 0, "all installed");
+        // A re-run (recovery after a crash at the end) changes nothing.
+        apply(&l, &ops).unwrap();
+        assert_eq!(fs::read(root.join("in/kept/y")).unwrap(), b"new y");
+        assert_eq!(fs::read(root.join("in/new/w")).unwrap(), b"w");
     }
 
     #[test]
