@@ -150,7 +150,7 @@ impl Project {
             let files = StatCache::records_of(&scan.entries);
             let count = files.clone().count() as u64;
             self.write_cache_streamed(&self.stat_cache_path(), "stat cache", |f| {
-                StatCache::write_to(f, scan.started_ns, count, files)
+                StatCache::write_with_dirs(f, scan.started_ns, count, files, &scan.dirs)
             });
         }
     }

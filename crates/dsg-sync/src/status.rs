@@ -73,7 +73,13 @@ impl Comparison {
             let count = records().count() as u64;
             let path = project.stat_cache_path();
             project.write_cache_streamed(&path, "stat cache", |f| {
-                StatCache::write_to(f, self.scan.started_ns, count, records())
+                StatCache::write_with_dirs(
+                    f,
+                    self.scan.started_ns,
+                    count,
+                    records(),
+                    &self.scan.dirs,
+                )
             });
         }
     }
