@@ -190,6 +190,7 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
         hidden,
         dirs,
         dirs_reused,
+        ..
     } = walk::walk(root, rules, &cache, progress);
     let (need, files_dirty) = reuse_cached_hashes(&mut entries, &cache);
     // A directory listed again (new, changed or racy), or one gone.
@@ -697,6 +698,40 @@ mod tests {
         let entries: Vec<_> = listing_entries(rec.listing).collect();
         assert_eq!(entries, [(ChildKind::File, &b"x"[..])]);
         assert!(good.dir("a").is_none());
+    }
+
+    #[test]
+    fn entries_come_in_byte_order_whatever_the_names() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let mut want = Vec::new();
+        let dirs = [
+            "input",
+            "input/b",
+            "input/b/c",
+            "input/b0",
+            "input/b-",
+            "input/ba",
+        ];
+        for dir in dirs {
+            fs::create_dir_all(r.join(dir)).unwrap();
+        }
+        for dir in dirs {
+            for f in [
+                "b", "b.txt", "b-", "b+", "b0", "b_", "ba", "a", "c", "B", "é",
+            ] {
+                let p = format!("{dir}/{f}");
+                if !r.join(&p).is_dir() {
+                    fs::write(r.join(&p), &p).unwrap();
+                    want.push(p);
+                }
+            }
+        }
+        assert!(want.len() > 50);
+        want.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let res = scan(r, &rules(), StatCache::default(), &Progress::default());
+        let got: Vec<&str> = res.entries.iter().map(|e| &*e.path).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

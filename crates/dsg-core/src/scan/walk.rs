@@ -45,6 +45,9 @@ pub(super) struct WalkOut {
     pub dirs: Vec<DirListing>,
     /// Directories whose listing came from the cache.
     pub dirs_reused: usize,
+    /// Runs of `cands` (start, length), each contiguous in path order: a
+    /// directory's files, sorted, cut where its subdirectories fall.
+    segments: Vec<(usize, usize)>,
 }
 
 struct Walker<'a> {
@@ -105,8 +108,12 @@ pub(super) fn walk(root: &Path, rules: &Rules, cache: &StatCache, progress: &Pro
         out.dirs.len() - reused
     );
     out.dirs_reused = reused;
-    out.cands
-        .par_sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    let segments = std::mem::take(&mut out.segments);
+    into_path_order(&mut out.cands, segments);
+    debug_assert!(out
+        .cands
+        .windows(2)
+        .all(|w| w[0].path.as_bytes() < w[1].path.as_bytes()));
     out.ignored.sort();
     out.dirs
         .sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
@@ -236,6 +243,9 @@ impl Walker<'_> {
         let subdirs = self.one_dir(&rel, in_data, valid, &mut local);
         {
             let mut o = self.out.lock().unwrap_or_else(|e| e.into_inner());
+            let base = o.cands.len();
+            o.segments
+                .extend(local.segments.iter().map(|&(s, n)| (base + s, n)));
             o.cands.append(&mut local.cands);
             o.problems.append(&mut local.problems);
             o.ignored.append(&mut local.ignored);
@@ -316,6 +326,7 @@ impl Walker<'_> {
             stat,
             listing: listing.into_owned(),
         });
+        segment(rel, &mut local.cands, &mut local.segments, &subdirs);
         subdirs
     }
 
@@ -427,6 +438,72 @@ impl Walker<'_> {
                 ProblemKind::Special,
                 "not a regular file, directory or symlink; not synced",
             )),
+        }
+    }
+}
+
+/// Sorts one directory's entries (`cands`, all in `rel`) and records the
+/// runs between the places its subdirectories' entries go: in path (byte)
+/// order `rel/b.txt` < `rel/b/…` < `rel/b0`, i.e. a subdirectory sorts as
+/// its name followed by `/`.
+fn segment(
+    rel: &str,
+    cands: &mut [LocalEntry],
+    segments: &mut Vec<(usize, usize)>,
+    subdirs: &[(String, bool)],
+) {
+    let skip = if rel.is_empty() { 0 } else { rel.len() + 1 };
+    fn name(e: &LocalEntry, skip: usize) -> &[u8] {
+        &e.path.as_bytes()[skip..]
+    }
+    cands.sort_unstable_by(|a, b| name(a, skip).cmp(name(b, skip)));
+    let mut cuts: Vec<usize> = subdirs
+        .iter()
+        .map(|(child, _)| {
+            let key = &child.as_bytes()[skip..];
+            cands.partition_point(|e| sorts_before_dir(name(e, skip), key))
+        })
+        .collect();
+    cuts.push(cands.len());
+    cuts.sort_unstable();
+    let mut start = 0;
+    for c in cuts {
+        if c > start {
+            segments.push((start, c - start));
+            start = c;
+        }
+    }
+}
+
+/// `name < key + "/"` in byte order (a name never holds a `/`).
+fn sorts_before_dir(name: &[u8], key: &[u8]) -> bool {
+    match name.get(..key.len()) {
+        Some(head) if head == key => name.get(key.len()).is_none_or(|&c| c < b'/'),
+        _ => name < key,
+    }
+}
+
+/// Puts `cands` in path order, given runs that are each contiguous in that
+/// order: the runs are ordered by their first path, then every entry is
+/// moved to its place in one in-place pass (no second copy of the scan,
+/// and no full sort of long, mostly shared path prefixes).
+fn into_path_order(cands: &mut [LocalEntry], mut segments: Vec<(usize, usize)>) {
+    segments.sort_unstable_by(|a, b| cands[a.0].path.as_bytes().cmp(cands[b.0].path.as_bytes()));
+    // dest[i]: where the entry now at i belongs.
+    let mut dest = vec![0u32; cands.len()];
+    let mut next = 0u32;
+    for (start, len) in segments {
+        for d in &mut dest[start..start + len] {
+            *d = next;
+            next += 1;
+        }
+    }
+    debug_assert_eq!(next as usize, cands.len());
+    for i in 0..cands.len() {
+        while dest[i] as usize != i {
+            let j = dest[i] as usize;
+            cands.swap(i, j);
+            dest.swap(i, j);
         }
     }
 }
