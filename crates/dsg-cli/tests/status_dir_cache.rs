@@ -129,3 +129,40 @@ fn a_version_1_stat_cache_is_read_then_replaced() {
     assert_eq!(&magic, b"DSGSTAT2", "rewritten in the current version");
     assert!(dirs >= 2);
 }
+
+#[test]
+fn the_cache_manifest_is_rehashed_when_it_changed_with_its_size_and_mtime_kept() {
+    let env = TestEnv::new();
+    let dir = env.project("p");
+    write(&dir, "input/a.csv", "a\n");
+    write(&dir, "input/b.csv", "b\n");
+    env.init_ok(&dir, "N");
+    std::thread::sleep(Duration::from_millis(1100));
+    let v = env.status_json(&dir, &["--offline"]);
+    assert_eq!(status_rows(&v), Rows::new(), "{v:#}");
+    // The stat cache now vouches for the cache manifest's hash.
+    let c = dir.join(".dsg/last-sync.json");
+    let sc = fs::read(dir.join(".dsg/stat-cache")).unwrap();
+    let word = |i: usize| u64::from_le_bytes(sc[8 * i..8 * i + 8].try_into().unwrap());
+    assert_eq!(word(4), 1, "known");
+    let bytes = fs::read(&c).unwrap();
+    assert_eq!(word(9), dsg_core::hash::Hash::of_bytes(&bytes).0);
+
+    // Alter a digit of a.csv's hash in place: same size, mtime put back.
+    // Only the ctime (and inode, were it replaced) tells; trusting the
+    // recorded hash would load the old manifest and report "up to date".
+    let text = String::from_utf8(bytes).unwrap();
+    let at = text.find("\"input/a.csv\"").unwrap();
+    let h = at + text[at..].find("\"hash\": \"").unwrap() + 9;
+    let mut altered = text.into_bytes();
+    altered[h] = if altered[h] == b'0' { b'1' } else { b'0' };
+    let mtime = fs::metadata(&c).unwrap().modified().unwrap();
+    let f = fs::File::options().write(true).open(&c).unwrap();
+    std::io::Write::write_all(&mut &f, &altered).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(&c).unwrap().len() as usize, altered.len());
+    let o = env.run(&dir, &["status", "--offline"]);
+    assert_ne!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(stderr(&o).contains("integrity"), "{}", describe(&o));
+}

@@ -32,7 +32,7 @@ mod stat_cache;
 mod walk;
 
 pub use stat_cache::{
-    listing_entries, ChildKind, DirListing, DirRec, StatCache, StatCursor, StatRec,
+    listing_entries, ChildKind, DirListing, DirRec, KnownFile, StatCache, StatCursor, StatRec,
 };
 
 /// What a scan records per tracked path.
@@ -162,9 +162,9 @@ type HashOutcome = std::io::Result<(Hash, u64, Stat)>;
 
 /// How far back from the cache's timestamp an mtime counts as racy. One
 /// second covers filesystems with coarse timestamps and small clock steps.
-const RACY_WINDOW_NS: i64 = 1_000_000_000;
+pub const RACY_WINDOW_NS: i64 = 1_000_000_000;
 
-fn now_ns() -> i64 {
+pub fn now_ns() -> i64 {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -652,7 +652,7 @@ mod tests {
         let v2 = StatCache::encode(i64::MAX / 2, StatCache::records_of(&first.entries), &[]);
         let mut v1 = b"DSGSTAT1".to_vec();
         v1.extend_from_slice(&v2[8..24]);
-        v1.extend_from_slice(&v2[32..v2.len() - 8]);
+        v1.extend_from_slice(&v2[80..v2.len() - 8]);
         let sum = Hash::of_bytes(&v1).0.to_le_bytes();
         v1.extend_from_slice(&sum);
         let old = StatCache::decode(v1).expect("a version 1 cache is read");
