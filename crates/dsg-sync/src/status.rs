@@ -265,6 +265,10 @@ pub fn compare(
     };
     crate::phase("repository manifest checked");
     let mut scan = project.scan_with(stat_cache, reporter);
+    if !scan.cache_dirty {
+        // Only a rewritten stat cache needs the listings (~11 bytes a file).
+        scan.dirs = Vec::new();
+    }
     crate::phase("scanned");
     // The cache is loaded only now, so it and the stat cache are never in
     // memory together.
