@@ -16,20 +16,24 @@
 //! the same clock tick as the previous scan would otherwise go unseen.
 
 use std::collections::BTreeSet;
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::config::{IgnoreRules, ProjectConfig};
-use crate::hash::{hash_file, ChecksummedWriter, Hash};
+use crate::hash::{hash_file, Hash};
 use crate::manifest::{Entry, EntryKind, Manifest, Mtime};
 use crate::names;
-use crate::paths::check_link_target;
+
+mod stat_cache;
+mod walk;
+
+pub use stat_cache::{
+    listing_entries, ChildKind, DirListing, DirRec, KnownFile, StatCache, StatCursor, StatRec,
+};
 
 /// What a scan records per tracked path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +101,12 @@ pub struct ScanResult {
     pub cache_dirty: bool,
     /// Wall clock when the scan started; becomes the new cache's timestamp.
     pub started_ns: i64,
+    /// Every directory walked and its listing, sorted by path: the stat
+    /// cache's directory records.
+    pub dirs: Vec<DirListing>,
+    /// How many of `dirs` were not listed again (their listing came from
+    /// the stat cache).
+    pub dirs_reused: u64,
 }
 
 /// Progress counters the CLI turns into a bar.
@@ -147,211 +157,14 @@ impl Rules {
     }
 }
 
-/// The stat cache, sorted by path. Kept as the verified file bytes and
-/// read with a cursor in path order alongside the sorted scan: no
-/// allocation per record, and no second copy of every path in memory.
-#[derive(Debug, Default)]
-pub struct StatCache {
-    pub made_ns: i64,
-    count: usize,
-    /// Record bytes (`u32 len, path, size, mtime, ctime, ino, hash`).
-    body: Vec<u8>,
-}
-
-/// One record of the stat cache.
-pub struct StatRec<'a> {
-    pub path: &'a str,
-    pub stat: Stat,
-    pub hash: Hash,
-}
-
-/// Reads records in order.
-pub struct StatCursor<'a> {
-    body: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Iterator for StatCursor<'a> {
-    type Item = StatRec<'a>;
-    fn next(&mut self) -> Option<StatRec<'a>> {
-        let b = self.body;
-        let len = u32::from_le_bytes(b.get(self.pos..self.pos + 4)?.try_into().ok()?) as usize;
-        let o = self.pos + 4;
-        let path = std::str::from_utf8(b.get(o..o + len)?).ok()?;
-        let o = o + len;
-        let v = |k: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(
-                b.get(o + k * 8..o + k * 8 + 8)?.try_into().ok()?,
-            ))
-        };
-        let rec = StatRec {
-            path,
-            stat: Stat {
-                size: v(0)?,
-                mtime_ns: v(1)? as i64,
-                ctime_ns: v(2)? as i64,
-                ino: v(3)?,
-            },
-            hash: Hash(v(4)?),
-        };
-        self.pos = o + 40;
-        Some(rec)
-    }
-}
-
-const CACHE_MAGIC: &[u8; 8] = b"DSGSTAT1";
-
-impl StatCache {
-    /// Loads the cache; a missing or damaged cache is just an empty one (it
-    /// only ever lets us skip work, so dropping it is always safe).
-    pub fn load(path: &Path) -> StatCache {
-        match std::fs::read(path) {
-            Ok(b) => StatCache::decode(b).unwrap_or_else(|| {
-                tracing::warn!("stat cache {} is damaged; rehashing", path.display());
-                StatCache::default()
-            }),
-            Err(_) => StatCache::default(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    pub fn records(&self) -> StatCursor<'_> {
-        StatCursor {
-            body: &self.body,
-            pos: 0,
-        }
-    }
-
-    fn decode(mut b: Vec<u8>) -> Option<StatCache> {
-        if b.len() < 32 || &b[..8] != CACHE_MAGIC {
-            return None;
-        }
-        let (body, sum) = b.split_at(b.len() - 8);
-        if Hash::of_bytes(body).0.to_le_bytes() != sum {
-            return None;
-        }
-        let made_ns = u64::from_le_bytes(body[8..16].try_into().ok()?) as i64;
-        let count = u64::from_le_bytes(body[16..24].try_into().ok()?) as usize;
-        let n = b.len() - 8;
-        b.truncate(n);
-        b.drain(..24);
-        let c = StatCache {
-            made_ns,
-            count,
-            body: b,
-        };
-        // Every record must parse, and in order.
-        let mut k = 0;
-        let mut prev: Option<&str> = None;
-        for r in c.records() {
-            if prev.is_some_and(|p| p.as_bytes() >= r.path.as_bytes()) {
-                return None;
-            }
-            prev = Some(r.path);
-            k += 1;
-        }
-        (k == count).then_some(c)
-    }
-
-    pub fn encode_entries(made_ns: i64, entries: &[LocalEntry]) -> Vec<u8> {
-        StatCache::encode(made_ns, StatCache::records_of(entries))
-    }
-
-    /// The records of a scan's files (links have none).
-    pub fn records_of(entries: &[LocalEntry]) -> impl Iterator<Item = (&str, Stat, Hash)> + Clone {
-        entries.iter().filter_map(|e| match e.kind {
-            LocalKind::File { hash, .. } => Some((&*e.path, e.stat, hash)),
-            LocalKind::Link { .. } => None,
-        })
-    }
-
-    /// Encodes `(path, stat, hash)` records, which must come sorted by path.
-    pub fn encode<'a>(made_ns: i64, recs: impl Iterator<Item = (&'a str, Stat, Hash)>) -> Vec<u8> {
-        // Never spilled: the count, known only at the end, is patched in
-        // the buffer before the checksum is taken.
-        let mut w = ChecksummedWriter::new(Vec::new());
-        put_header(w.buf(), made_ns, 0);
-        let mut n = 0u64;
-        for r in recs {
-            put_record(w.buf(), r);
-            n += 1;
-        }
-        w.buf()[16..24].copy_from_slice(&n.to_le_bytes());
-        let mut out = w.finish().expect("a Vec takes every write");
-        out.shrink_to_fit();
-        out
-    }
-
-    /// Streams exactly `count` records (sorted by path) to `out`, holding
-    /// one piece of the file at a time: what `encode` would have built.
-    pub fn write_to<'a>(
-        out: impl std::io::Write,
-        made_ns: i64,
-        count: u64,
-        recs: impl Iterator<Item = (&'a str, Stat, Hash)>,
-    ) -> std::io::Result<()> {
-        let mut w = ChecksummedWriter::new(out);
-        put_header(w.buf(), made_ns, count);
-        let mut n = 0u64;
-        for r in recs {
-            put_record(w.buf(), r);
-            n += 1;
-            w.spill()?;
-        }
-        if n != count {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("stat cache: {n} records written, {count} announced"),
-            ));
-        }
-        w.finish().map(drop)
-    }
-}
-
-fn put_header(out: &mut Vec<u8>, made_ns: i64, count: u64) {
-    out.extend_from_slice(CACHE_MAGIC);
-    out.extend_from_slice(&(made_ns as u64).to_le_bytes());
-    out.extend_from_slice(&count.to_le_bytes());
-}
-
-fn put_record(out: &mut Vec<u8>, (path, stat, hash): (&str, Stat, Hash)) {
-    out.extend_from_slice(&(path.len() as u32).to_le_bytes());
-    out.extend_from_slice(path.as_bytes());
-    for v in [
-        stat.size,
-        stat.mtime_ns as u64,
-        stat.ctime_ns as u64,
-        stat.ino,
-        hash.0,
-    ] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-}
-
 /// A file's hash and byte count, and its stat after reading.
 type HashOutcome = std::io::Result<(Hash, u64, Stat)>;
 
 /// How far back from the cache's timestamp an mtime counts as racy. One
 /// second covers filesystems with coarse timestamps and small clock steps.
-const RACY_WINDOW_NS: i64 = 1_000_000_000;
+pub const RACY_WINDOW_NS: i64 = 1_000_000_000;
 
-#[derive(Default)]
-struct WalkOut {
-    /// Files carry a placeholder hash until the hashing pass.
-    cands: Vec<LocalEntry>,
-    problems: Vec<Problem>,
-    ignored: Vec<String>,
-    hidden: u64,
-}
-
-fn now_ns() -> i64 {
+pub fn now_ns() -> i64 {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -370,13 +183,18 @@ fn problem(path: impl Into<String>, kind: ProblemKind, message: impl Into<String
 /// a relpath prefix (for `list-files --path`).
 pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -> ScanResult {
     let started_ns = now_ns();
-    let WalkOut {
+    let walk::WalkOut {
         cands: mut entries,
         mut problems,
         ignored,
         hidden,
-    } = walk(root, rules, cache.len(), progress);
-    let (need, dirty) = reuse_cached_hashes(&mut entries, &cache);
+        dirs,
+        dirs_reused,
+        ..
+    } = walk::walk(root, rules, &cache, progress);
+    let (need, files_dirty) = reuse_cached_hashes(&mut entries, &cache);
+    // A directory listed again (new, changed or racy), or one gone.
+    let dirs_dirty = dirs_reused != dirs.len() || dirs_reused != cache.dir_count();
     drop(cache);
     let results = hash_files(root, &entries, &need, progress);
     let (hashed_files, hashed_bytes) = record_hashes(&mut entries, results, &mut problems);
@@ -388,27 +206,11 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
         hidden,
         hashed_files,
         hashed_bytes,
-        cache_dirty: dirty,
+        cache_dirty: files_dirty || dirs_dirty,
         started_ns,
+        dirs,
+        dirs_reused: dirs_reused as u64,
     }
-}
-
-/// The walk's findings, entries and ignored paths sorted.
-fn walk(root: &Path, rules: &Rules, cached: usize, progress: &Progress) -> WalkOut {
-    // The last scan's size is the best guess of this one's: growing a
-    // large Vec by doubling would hold two copies for a moment.
-    let out = Mutex::new(WalkOut {
-        cands: Vec::with_capacity(cached + cached / 32 + 16),
-        ..WalkOut::default()
-    });
-    let t0 = std::time::Instant::now();
-    walk_dir(root, String::new(), rules.all(), rules, &out, progress);
-    tracing::debug!("walked in {:?}", t0.elapsed());
-    let mut out = out.into_inner().unwrap();
-    out.cands
-        .sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    out.ignored.sort();
-    out
 }
 
 /// Gives files whose stat the cache trusts their cached hash. Returns the
@@ -546,245 +348,6 @@ fn join_rel(parent: &str, name: &str) -> String {
     }
 }
 
-/// Walks one directory, then its subdirectories in parallel. Findings are
-/// gathered per directory so that the shared `out` is locked once each.
-fn walk_dir(
-    root: &Path,
-    rel: String,
-    in_data: bool,
-    rules: &Rules,
-    out: &Mutex<WalkOut>,
-    progress: &Progress,
-) {
-    let dir: PathBuf = if rel.is_empty() {
-        root.to_path_buf()
-    } else {
-        root.join(&rel)
-    };
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) => {
-            let path = if rel.is_empty() { "." } else { &rel };
-            out.lock().unwrap().problems.push(problem(
-                path,
-                ProblemKind::Unreadable,
-                format!("cannot read directory: {e}"),
-            ));
-            return;
-        }
-    };
-    let mut subdirs: Vec<(String, bool)> = Vec::new();
-    let mut local = WalkOut::default();
-    for de in rd {
-        match sort_entry(de, &rel, in_data, rules, progress, &mut local) {
-            Sorted::Done => {}
-            Sorted::Subdir(child_rel, here_data) => subdirs.push((child_rel, here_data)),
-            Sorted::Data(de, child_rel) => data_entry(root, &dir, &de, child_rel, &mut local),
-        }
-    }
-    if !local.cands.is_empty()
-        || !local.problems.is_empty()
-        || !local.ignored.is_empty()
-        || local.hidden > 0
-    {
-        let mut o = out.lock().unwrap();
-        o.cands.append(&mut local.cands);
-        o.problems.append(&mut local.problems);
-        o.ignored.append(&mut local.ignored);
-        o.hidden += local.hidden;
-    }
-    subdirs
-        .into_par_iter()
-        .for_each(|(r, d)| walk_dir(root, r, d, rules, out, progress));
-}
-
-/// Where one directory entry goes next.
-enum Sorted {
-    /// Hidden, ignored, outside the data or unreadable (then in `local`).
-    Done,
-    /// A directory to walk: its path and whether it is inside the data.
-    Subdir(String, bool),
-    /// A tracked non-directory, with its path.
-    Data(std::fs::DirEntry, String),
-}
-
-/// Applies the name, hidden and ignore rules to one directory entry.
-fn sort_entry(
-    de: std::io::Result<std::fs::DirEntry>,
-    rel: &str,
-    in_data: bool,
-    rules: &Rules,
-    progress: &Progress,
-    local: &mut WalkOut,
-) -> Sorted {
-    let de = match de {
-        Ok(d) => d,
-        Err(e) => {
-            local.problems.push(problem(
-                rel,
-                ProblemKind::Unreadable,
-                format!("cannot list directory: {e}"),
-            ));
-            return Sorted::Done;
-        }
-    };
-    let name_os = de.file_name();
-    let bytes = name_os.as_bytes();
-    if bytes.first() == Some(&b'.') {
-        local.hidden += 1;
-        return Sorted::Done;
-    }
-    let Ok(name) = std::str::from_utf8(bytes) else {
-        let lossy = join_rel(rel, &String::from_utf8_lossy(bytes));
-        local.problems.push(problem(
-            lossy,
-            ProblemKind::Name,
-            "Path must be UTF-8 encodable",
-        ));
-        return Sorted::Done;
-    };
-    let child_rel = join_rel(rel, name);
-    let ft = match de.file_type() {
-        Ok(ft) => ft,
-        Err(e) => {
-            local.problems.push(problem(
-                child_rel,
-                ProblemKind::Unreadable,
-                format!("cannot stat: {e}"),
-            ));
-            return Sorted::Done;
-        }
-    };
-    let here_data = in_data || rules.data_dirs.contains(name);
-    if rules.ignored_name(name) || (ft.is_dir() && names::is_conflict_backup_name(name)) {
-        if here_data {
-            local.ignored.push(child_rel);
-        }
-        return Sorted::Done;
-    }
-    if ft.is_dir() {
-        if rules.ignored_path(&child_rel) {
-            if here_data {
-                local.ignored.push(child_rel);
-            }
-            return Sorted::Done;
-        }
-        return Sorted::Subdir(child_rel, here_data);
-    }
-    if !here_data {
-        return Sorted::Done;
-    }
-    progress.files_seen.fetch_add(1, Ordering::Relaxed);
-    if rules.ignored_file(&child_rel, name) {
-        local.ignored.push(child_rel);
-        return Sorted::Done;
-    }
-    Sorted::Data(de, child_rel)
-}
-
-/// A tracked file or link becomes a candidate; anything else, a problem.
-fn data_entry(
-    root: &Path,
-    dir: &Path,
-    de: &std::fs::DirEntry,
-    child_rel: String,
-    local: &mut WalkOut,
-) {
-    // fstatat on the open directory: no path walk per file.
-    let md = match de.metadata() {
-        Ok(m) => m,
-        Err(e) => {
-            local.problems.push(problem(
-                child_rel,
-                ProblemKind::Unreadable,
-                format!("cannot stat: {e}"),
-            ));
-            return;
-        }
-    };
-    let ft = md.file_type();
-    if let Err(p) = names::validate_path(&child_rel) {
-        local
-            .problems
-            .push(problem(&child_rel, ProblemKind::Name, p.to_string()));
-    }
-    if ft.is_symlink() {
-        match link_entry(root, &dir.join(de.file_name()), child_rel, &md) {
-            Ok(e) => local.cands.push(e),
-            Err(p) => local.problems.push(p),
-        }
-    } else if ft.is_file() {
-        local.cands.push(LocalEntry {
-            path: child_rel.into(),
-            kind: LocalKind::File {
-                size: md.len(),
-                hash: Hash(0),
-            },
-            stat: Stat::of(&md),
-        });
-    } else if !ft.is_dir() {
-        local.problems.push(problem(
-            child_rel,
-            ProblemKind::Special,
-            "not a regular file, directory or symlink; not synced",
-        ));
-    }
-}
-
-/// The symlink at `path` as an entry, if its target stays inside the project.
-fn link_entry(
-    root: &Path,
-    path: &Path,
-    child_rel: String,
-    md: &std::fs::Metadata,
-) -> Result<LocalEntry, Problem> {
-    let target = std::fs::read_link(path).map_err(|e| {
-        problem(
-            &child_rel,
-            ProblemKind::Unreadable,
-            format!("cannot read symlink: {e}"),
-        )
-    })?;
-    let Ok(t) = std::str::from_utf8(OsStr::as_bytes(target.as_os_str())) else {
-        return Err(problem(
-            child_rel,
-            ProblemKind::Link,
-            "symlink target is not UTF-8",
-        ));
-    };
-    // The text check, then the real one: a target may leave the
-    // project through another link (`up -> ../..`, `x -> up/..`).
-    let escapes = std::fs::canonicalize(path)
-        .ok()
-        .zip(std::fs::canonicalize(root).ok())
-        .is_some_and(|(real, top)| !real.starts_with(&top));
-    let checked = check_link_target(&child_rel, t).and_then(|()| {
-        if escapes {
-            Err(crate::paths::UnsafePath {
-                path: format!("{child_rel} -> {t}"),
-                why: "symlink target leaves the project through another link",
-            })
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(e) = checked {
-        return Err(problem(
-            child_rel,
-            ProblemKind::Link,
-            format!(
-                "{}; only relative links inside the project can be synced",
-                e.why
-            ),
-        ));
-    }
-    Ok(LocalEntry {
-        path: child_rel.into(),
-        kind: LocalKind::Link { target: t.into() },
-        stat: Stat::of(md),
-    })
-}
-
 /// Turns a scan into the L manifest, plus each entry's stat (same order).
 /// Attribution and the mtime string are carried over from the cache when
 /// the content is unchanged, so `user` changes only when content does (the
@@ -920,6 +483,12 @@ mod tests {
         assert_eq!(hash, Hash::of_bytes(b"input/a.csv"));
     }
 
+    /// The stat cache a status would write after `res`.
+    fn cache_of(made_ns: i64, res: &ScanResult) -> StatCache {
+        let recs = StatCache::records_of(&res.entries);
+        StatCache::decode(StatCache::encode(made_ns, recs, &res.dirs)).unwrap()
+    }
+
     #[test]
     fn stat_cache_skips_and_racy_edit_is_seen() {
         let d = tempfile::tempdir().unwrap();
@@ -946,11 +515,223 @@ mod tests {
         };
         assert_eq!(hash, Hash::of_bytes(b"bbbb"));
         // An old cache timestamp makes the entry trusted: no hashing.
-        let old =
-            StatCache::decode(StatCache::encode_entries(i64::MAX / 2, &second.entries)).unwrap();
+        let old = cache_of(i64::MAX / 2, &second);
         let third = scan(r, &rules(), old, &p);
         assert_eq!(third.hashed_files, 0);
         assert!(!third.cache_dirty);
+    }
+
+    fn paths_and_hashes(res: &ScanResult) -> Vec<(String, Hash)> {
+        res.entries
+            .iter()
+            .map(|e| match e.kind {
+                LocalKind::File { hash, .. } => (e.path.to_string(), hash),
+                LocalKind::Link { .. } => (e.path.to_string(), Hash(0)),
+            })
+            .collect()
+    }
+
+    /// A tree whose directories are all older than the racy window, and a
+    /// status's stat cache of it (made now, as a status makes it).
+    fn settled_tree(r: &Path, files: &[(&str, &str)]) -> StatCache {
+        for (p, c) in files {
+            fs::create_dir_all(r.join(p).parent().unwrap()).unwrap();
+            fs::write(r.join(p), c).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let first = scan(r, &rules(), StatCache::default(), &Progress::default());
+        assert_eq!(first.dirs_reused, 0);
+        assert!(first.cache_dirty);
+        let cache = cache_of(first.started_ns, &first);
+        // The same tree again: no directory is listed, nothing is hashed,
+        // the cache need not be rewritten.
+        let again = scan(r, &rules(), cache, &Progress::default());
+        assert_eq!(again.dirs_reused as usize, again.dirs.len());
+        assert_eq!(again.hashed_files, 0);
+        assert!(!again.cache_dirty);
+        assert_eq!(paths_and_hashes(&again), paths_and_hashes(&first));
+        cache_of(first.started_ns, &again)
+    }
+
+    #[test]
+    fn an_unchanged_directory_is_not_listed_and_every_change_in_one_is_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let cache = settled_tree(
+            r,
+            &[
+                ("input/add/a", "a"),
+                ("input/del/a", "a"),
+                ("input/del/b", "b"),
+                ("input/ren/a", "a"),
+                ("input/edit/a", "aaaa"),
+                ("input/repl/x/a", "a"),
+                ("input/same/a", "a"),
+                ("input/same/deep/b", "b"),
+            ],
+        );
+        fs::write(r.join("input/add/new"), "n").unwrap();
+        fs::remove_file(r.join("input/del/b")).unwrap();
+        fs::rename(r.join("input/ren/a"), r.join("input/ren/b")).unwrap();
+        // Same size, mtime put back: ctime and the inode still differ.
+        let e = r.join("input/edit/a");
+        let mt = fs::metadata(&e).unwrap().modified().unwrap();
+        fs::write(&e, "bbbb").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&e)
+            .unwrap()
+            .set_modified(mt)
+            .unwrap();
+        // A directory replaced by another of the same name, other content.
+        fs::remove_dir_all(r.join("input/repl/x")).unwrap();
+        fs::create_dir(r.join("input/repl/x")).unwrap();
+        fs::write(r.join("input/repl/x/c"), "c").unwrap();
+        let res = scan(r, &rules(), cache, &Progress::default());
+        let h = |s: &str| Hash::of_bytes(s.as_bytes());
+        let want: Vec<(String, Hash)> = [
+            ("input/add/a", h("a")),
+            ("input/add/new", h("n")),
+            ("input/del/a", h("a")),
+            ("input/edit/a", h("bbbb")),
+            ("input/ren/b", h("a")),
+            ("input/repl/x/c", h("c")),
+            ("input/same/a", h("a")),
+            ("input/same/deep/b", h("b")),
+        ]
+        .into_iter()
+        .map(|(p, h)| (p.to_string(), h))
+        .collect();
+        assert_eq!(paths_and_hashes(&res), want);
+        assert!(res.cache_dirty);
+        // Listed again: add, del, ren, repl (its child was replaced) and
+        // the new repl/x. Not: the root, input, edit (a file's content is
+        // not its directory's), same, same/deep.
+        assert_eq!(res.dirs.len(), 10);
+        assert_eq!(res.dirs_reused, 5);
+    }
+
+    #[test]
+    fn a_racy_directory_is_listed_again() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("input")).unwrap();
+        fs::write(r.join("input/a"), "a").unwrap();
+        let first = scan(r, &rules(), StatCache::default(), &Progress::default());
+        // A file added in the same clock tick as the listing may leave the
+        // directory's stat as it was: forge exactly that, a record with
+        // the directory's current stat and the listing from before.
+        fs::write(r.join("input/b"), "b").unwrap();
+        let mut stale = first.dirs.clone();
+        let input = stale.iter_mut().find(|d| d.path == "input").unwrap();
+        let md = fs::symlink_metadata(r.join("input")).unwrap();
+        input.stat = Stat::of(&md);
+        let forged = |made_ns| {
+            let recs = StatCache::records_of(&first.entries);
+            StatCache::decode(StatCache::encode(made_ns, recs, &stale)).unwrap()
+        };
+        // Made just now: the directory is racy and listed again.
+        let res = scan(r, &rules(), forged(first.started_ns), &Progress::default());
+        let paths: Vec<&str> = res.entries.iter().map(|e| &*e.path).collect();
+        assert_eq!(paths, ["input/a", "input/b"]);
+        // The rule is what finds it: made long after, the stale listing
+        // would be trusted.
+        let res = scan(r, &rules(), forged(i64::MAX / 2), &Progress::default());
+        let paths: Vec<&str> = res.entries.iter().map(|e| &*e.path).collect();
+        assert_eq!(paths, ["input/a"]);
+    }
+
+    #[test]
+    fn a_version_1_stat_cache_is_read_and_its_directories_listed() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("input")).unwrap();
+        fs::write(r.join("input/a"), "a").unwrap();
+        let first = scan(r, &rules(), StatCache::default(), &Progress::default());
+        // Version 1: a 24-byte header, file records, the checksum.
+        let v2 = StatCache::encode(i64::MAX / 2, StatCache::records_of(&first.entries), &[]);
+        let mut v1 = b"DSGSTAT1".to_vec();
+        v1.extend_from_slice(&v2[8..24]);
+        v1.extend_from_slice(&v2[80..v2.len() - 8]);
+        let sum = Hash::of_bytes(&v1).0.to_le_bytes();
+        v1.extend_from_slice(&sum);
+        let old = StatCache::decode(v1).expect("a version 1 cache is read");
+        assert_eq!((old.len(), old.dir_count()), (1, 0));
+        let res = scan(r, &rules(), old, &Progress::default());
+        assert_eq!(res.hashed_files, 0, "its file records are used");
+        assert_eq!(res.dirs_reused, 0);
+        assert!(res.cache_dirty, "rewritten with its directories");
+        // An unknown version is not misread.
+        let mut v9 = StatCache::encode(5, std::iter::empty(), &[]);
+        v9[7] = b'9';
+        let n = v9.len() - 8;
+        let sum = Hash::of_bytes(&v9[..n]).0.to_le_bytes();
+        v9[n..].copy_from_slice(&sum);
+        assert!(StatCache::decode(v9).is_none());
+    }
+
+    #[test]
+    fn a_cache_with_a_bad_directory_record_is_refused() {
+        let dirs = vec![
+            DirListing {
+                path: "b".into(),
+                stat: Stat::default(),
+                listing: vec![0, 1, 0, b'x'],
+            },
+            DirListing {
+                path: "a".into(),
+                stat: Stat::default(),
+                listing: vec![],
+            },
+        ];
+        // Out of order.
+        assert!(StatCache::decode(StatCache::encode(5, std::iter::empty(), &dirs)).is_none());
+        // A listing entry running past its end.
+        let bad = vec![DirListing {
+            path: "a".into(),
+            stat: Stat::default(),
+            listing: vec![0, 9, 0, b'x'],
+        }];
+        assert!(StatCache::decode(StatCache::encode(5, std::iter::empty(), &bad)).is_none());
+        let good = StatCache::decode(StatCache::encode(5, std::iter::empty(), &dirs[..1])).unwrap();
+        let rec = good.dir("b").unwrap();
+        let entries: Vec<_> = listing_entries(rec.listing).collect();
+        assert_eq!(entries, [(ChildKind::File, &b"x"[..])]);
+        assert!(good.dir("a").is_none());
+    }
+
+    #[test]
+    fn entries_come_in_byte_order_whatever_the_names() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let mut want = Vec::new();
+        let dirs = [
+            "input",
+            "input/b",
+            "input/b/c",
+            "input/b0",
+            "input/b-",
+            "input/ba",
+        ];
+        for dir in dirs {
+            fs::create_dir_all(r.join(dir)).unwrap();
+        }
+        for dir in dirs {
+            for f in [
+                "b", "b.txt", "b-", "b+", "b0", "b_", "ba", "a", "c", "B", "é",
+            ] {
+                let p = format!("{dir}/{f}");
+                if !r.join(&p).is_dir() {
+                    fs::write(r.join(&p), &p).unwrap();
+                    want.push(p);
+                }
+            }
+        }
+        assert!(want.len() > 50);
+        want.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let res = scan(r, &rules(), StatCache::default(), &Progress::default());
+        let got: Vec<&str> = res.entries.iter().map(|e| &*e.path).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -974,7 +755,7 @@ mod tests {
             })
             .collect();
         let it = || recs.iter().map(|(p, s, h)| (p.as_str(), *s, *h));
-        let encoded = StatCache::encode(42, it());
+        let encoded = StatCache::encode(42, it(), &[]);
         let mut streamed = Vec::new();
         StatCache::write_to(&mut streamed, 42, recs.len() as u64, it()).unwrap();
         assert_eq!(streamed, encoded);

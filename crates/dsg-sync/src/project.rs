@@ -120,7 +120,11 @@ impl Project {
 
     /// Scans the working tree with the stat cache.
     pub fn scan(&self, reporter: &dyn Reporter) -> ScanResult {
-        let cache = StatCache::load(&self.stat_cache_path());
+        self.scan_with(StatCache::load(&self.stat_cache_path()), reporter)
+    }
+
+    /// Scans the working tree with a stat cache already loaded.
+    pub fn scan_with(&self, cache: StatCache, reporter: &dyn Reporter) -> ScanResult {
         let progress = Progress::default();
         let rules = Rules::from_config(&self.config);
         if !reporter.wants_progress() {
@@ -150,7 +154,7 @@ impl Project {
             let files = StatCache::records_of(&scan.entries);
             let count = files.clone().count() as u64;
             self.write_cache_streamed(&self.stat_cache_path(), "stat cache", |f| {
-                StatCache::write_to(f, scan.started_ns, count, files)
+                StatCache::write_with_dirs(f, scan.started_ns, count, files, &scan.dirs, None)
             });
         }
     }

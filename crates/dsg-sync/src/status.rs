@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use dsg_core::manifest::Manifest;
-use dsg_core::scan::{to_manifest, Problem, ScanResult, Stat, StatCache};
+use dsg_core::scan::{to_manifest, KnownFile, Problem, ScanResult, Stat, StatCache};
 use dsg_core::state::{classify_iter, Action, State};
 use dsg_repo::{Meta, RepoClient};
 
@@ -32,6 +32,8 @@ pub struct Comparison {
     /// archive (LZ4, several times smaller).
     pub remote_text: Option<RemoteText>,
     pub has_cache: bool,
+    /// The cache manifest's stat and hash, for the next stat cache.
+    known_manifest: Option<KnownFile>,
 }
 
 impl Comparison {
@@ -73,7 +75,14 @@ impl Comparison {
             let count = records().count() as u64;
             let path = project.stat_cache_path();
             project.write_cache_streamed(&path, "stat cache", |f| {
-                StatCache::write_to(f, self.scan.started_ns, count, records())
+                StatCache::write_with_dirs(
+                    f,
+                    self.scan.started_ns,
+                    count,
+                    records(),
+                    &self.scan.dirs,
+                    self.known_manifest,
+                )
             });
         }
     }
@@ -171,6 +180,37 @@ impl std::io::Read for Tee<'_> {
     }
 }
 
+/// The XXH3 of the cache manifest file C, `None` when the project has no
+/// `.dsg/`. Read from the stat cache when C's stat is the one it recorded
+/// (C is 24 MB at 100 000 files); else C is hashed, and what can be
+/// recorded for next time comes back too: only a stat older than the racy
+/// window, so that any later change to C moves it.
+fn cache_hash_known(
+    project: &Project,
+    stat_cache: &StatCache,
+) -> Result<(Option<u64>, Option<KnownFile>)> {
+    let path = project.cache_path();
+    let stat_of = || std::fs::symlink_metadata(&path).ok().map(|m| Stat::of(&m));
+    let before = stat_of();
+    if let (Some(st), Some(k)) = (before, stat_cache.known_manifest()) {
+        if st == k.stat {
+            return Ok((Some(k.hash), Some(k)));
+        }
+    }
+    let now = dsg_core::scan::now_ns();
+    let hash = project.cache_hash()?;
+    let known = match (hash, before) {
+        (Some(hash), Some(stat))
+            if stat_of() == before
+                && stat.mtime_ns.max(stat.ctime_ns) < now - dsg_core::scan::RACY_WINDOW_NS =>
+        {
+            Some(KnownFile { stat, hash })
+        }
+        _ => None,
+    };
+    Ok((hash, known))
+}
+
 /// What `compare` should do besides comparing.
 #[derive(Clone, Copy, Default)]
 pub struct CompareOpts {
@@ -191,10 +231,11 @@ pub fn compare(
     opts: CompareOpts,
     reporter: &dyn Reporter,
 ) -> Result<Comparison> {
-    let cache_hash = if opts.no_cache {
-        None
+    let stat_cache = StatCache::load(&project.stat_cache_path());
+    let (cache_hash, known_manifest) = if opts.no_cache {
+        (None, None)
     } else {
-        project.cache_hash()?
+        cache_hash_known(project, &stat_cache)?
     };
     let has_cache = cache_hash.is_some();
     // Ask the repository first: it is the step most likely to fail, and a
@@ -223,7 +264,11 @@ pub fn compare(
         },
     };
     crate::phase("repository manifest checked");
-    let mut scan = project.scan(reporter);
+    let mut scan = project.scan_with(stat_cache, reporter);
+    if !scan.cache_dirty {
+        // Only a rewritten stat cache needs the listings (~11 bytes a file).
+        scan.dirs = Vec::new();
+    }
     crate::phase("scanned");
     // The cache is loaded only now, so it and the stat cache are never in
     // memory together.
@@ -246,6 +291,7 @@ pub fn compare(
         remote,
         remote_text,
         has_cache,
+        known_manifest,
     };
     if opts.save_stat_cache {
         cmp.save_stat_cache(project);
