@@ -1688,12 +1688,16 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
         .collect();
     let count = (kept().count() + fresh.len()) as u64;
     let path = project.stat_cache_path();
+    // The scan's directory listings too: a folder this sync wrote into has
+    // a new stat by now and is listed again; the others are not.
     project.write_cache_streamed(&path, "stat cache", |f| {
-        StatCache::write_to(
+        StatCache::write_with_dirs(
             f,
             cmp.scan.started_ns,
             count,
             merge_by_path(kept(), fresh.iter().copied()),
+            &cmp.scan.dirs,
+            None,
         )
     });
 }
