@@ -891,7 +891,7 @@ fn upload_changes(
             base: &next.base.snapshot_id,
             base_hash: next.base.snapshot_hash.as_deref(),
         },
-        &items,
+        items.iter().copied(),
         retries,
         reporter,
     )
