@@ -27,6 +27,7 @@ use crate::names::{block_on_problems, settle_names};
 use crate::project::DSG_DIR;
 use crate::recover::finish_local_init;
 use crate::retry::Retries;
+use crate::sync::HashingWriter;
 use crate::upload::{upload, Item, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
@@ -372,6 +373,7 @@ fn init_tx(
                 target,
             },
         });
+    let mut json_hash = 0;
     let prepared = (|| -> Result<()> {
         upload(
             project,
@@ -402,10 +404,14 @@ fn init_tx(
             let path = staging.join("last-sync.json");
             let mut out = dsg_core::atomic::AtomicFile::create(&path)
                 .map_err(|e| EngineError::io(&path, e.source))?;
-            let mut bw = std::io::BufWriter::with_capacity(1 << 16, out.file());
+            let mut bw = HashingWriter {
+                w: std::io::BufWriter::with_capacity(1 << 16, out.file()),
+                h: xxhash_rust::xxh3::Xxh3::new(),
+            };
             dsg_core::manifest::write_json(&mut bw, manifest.entries(), manifest.metadata.as_ref())
                 .and_then(|()| std::io::Write::flush(&mut bw))
                 .map_err(|e| EngineError::io(&path, e))?;
+            json_hash = bw.h.digest();
             drop(bw);
             out.commit(true)
                 .map_err(|e| EngineError::io(&path, e.source))?;
@@ -427,6 +433,15 @@ fn init_tx(
             out.commit(true)
                 .map_err(|e| EngineError::io(&path, e.source))?;
         }
+        // The manifest in binary form too, tagged by its JSON's hash, as a
+        // sync leaves it: the first command after the init then loads it
+        // instead of parsing the JSON (and making this copy itself, at
+        // twice an init's memory). Only a cache: a failure costs nothing.
+        let name = project.manifest_cache_path();
+        let name = name.file_name().expect("a file name");
+        project.write_cache_streamed(&staging.join(name), "manifest cache", |f| {
+            dsg_core::manifest::binary::write_manifest(f, &manifest, json_hash)
+        });
         sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
         if let Some(edit) = remote_dsg_edit {
             edit.write()?;

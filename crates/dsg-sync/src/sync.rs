@@ -1028,9 +1028,9 @@ fn stream_to(
 }
 
 /// A writer that hashes what passes through it.
-struct HashingWriter<W: Write> {
-    w: W,
-    h: Xxh3,
+pub(crate) struct HashingWriter<W: Write> {
+    pub(crate) w: W,
+    pub(crate) h: Xxh3,
 }
 
 impl<W: Write> Write for HashingWriter<W> {
