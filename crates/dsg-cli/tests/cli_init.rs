@@ -196,6 +196,27 @@ fn init_writes_repository_and_manifests() {
     assert_eq!(v["problems"], serde_json::json!([]), "{v:#}");
 }
 
+/// An init leaves the manifest's binary cache as a sync does: the very
+/// bytes a status makes itself from the JSON (so the first status after
+/// an init loads it instead of parsing the JSON).
+#[test]
+fn init_leaves_the_binary_cache_a_status_would_make() {
+    let env = TestEnv::new();
+    let dir = env.project("p");
+    rich_project(&dir);
+    assert_code(&env.init(&dir, "N", &[]), 0, "init");
+    let cache = dir.join(".dsg/stat-cache.manifest");
+    let by_init = fs::read(&cache).expect("init wrote the binary cache");
+    fs::remove_file(&cache).unwrap();
+    let v = env.status_json(&dir, &[]);
+    assert_eq!(v["files"], serde_json::json!([]), "{v:#}");
+    assert_eq!(
+        fs::read(&cache).expect("status wrote it again"),
+        by_init,
+        "init's binary cache differs from the one status makes"
+    );
+}
+
 #[test]
 fn init_default_message_and_config_round_trip() {
     let env = TestEnv::new();

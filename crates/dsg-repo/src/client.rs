@@ -871,7 +871,7 @@ impl Drop for RepoClient {
 /// worst case every byte escaped as `\u00XX`) stays far below the 64 MiB
 /// a message may have. A clone of a million files with long paths asked
 /// for all of them in one request, which the agent refused as too large.
-const BATCH_PATH_BYTES: usize = 4 << 20;
+const BATCH_PATH_BYTES: usize = 1 << 20;
 
 /// `paths` cut into consecutive runs of at most `BATCH_PATH_BYTES`.
 fn request_batches<'a, 'b>(paths: &'b [&'a str]) -> impl Iterator<Item = &'b [&'a str]> {

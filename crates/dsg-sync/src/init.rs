@@ -17,7 +17,7 @@ use dsg_core::config::{
     plan_remote_dsg, user_config_paths, ProjectConfig, RemoteDsg, RemoteDsgEdit, RepoType,
     Repository, UserConfig, PROJECT_CONFIG,
 };
-use dsg_core::manifest::{Manifest, SyncMessages};
+use dsg_core::manifest::{EntryKind, Manifest, SyncMessages};
 use dsg_core::scan::{to_manifest, LocalKind, ScanResult, StatCache};
 use dsg_repo::failpoint::failpoint;
 use dsg_repo::{Meta, RepoClient};
@@ -27,6 +27,7 @@ use crate::names::{block_on_problems, settle_names};
 use crate::project::DSG_DIR;
 use crate::recover::finish_local_init;
 use crate::retry::Retries;
+use crate::sync::HashingWriter;
 use crate::upload::{upload, Item, Target};
 use crate::{check_interrupt, EngineError, Project, Reporter, Result};
 
@@ -225,6 +226,7 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         _ => None,
     };
     let mut scan = project.scan(reporter);
+    crate::phase("scanned");
     let renames = settle_names(
         &project,
         &scan.problems,
@@ -269,7 +271,7 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
     let committing = std::cell::Cell::new(false);
     let result = init_tx(
         &project,
-        &scan,
+        scan,
         &tx,
         &staging,
         (&args, remote_dsg_edit.as_ref()),
@@ -322,7 +324,7 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
 
 fn init_tx(
     project: &Project,
-    scan: &ScanResult,
+    mut scan: ScanResult,
     tx: &str,
     staging: &Path,
     (args, remote_dsg_edit): (&InitArgs, Option<&RemoteDsgEdit>),
@@ -331,7 +333,13 @@ fn init_tx(
 ) -> Result<Option<String>> {
     let (message, replace) = (args.message.as_deref(), args.replace);
     let user = &project.user.user_id;
-    let mut manifest: Manifest = to_manifest(scan.entries.clone(), None, user, false).0;
+    // The scan's entries become the manifest's (their paths moved, not
+    // copied), with each file's stat kept beside it for the upload and the
+    // stat cache: one entry per file in memory, never two.
+    let started_ns = scan.started_ns;
+    let (mut manifest, stats) = to_manifest(std::mem::take(&mut scan.entries), None, user, true);
+    drop(scan);
+    crate::phase("manifest built");
     manifest.seal(
         "s1",
         user,
@@ -346,23 +354,26 @@ fn init_tx(
 
     let t0 = std::time::Instant::now();
     let mut client = RepoClient::connect(&project.config)?;
-    let items: Vec<Item> = scan
-        .entries
+    // Derived from the manifest as they are sent, not listed: a list
+    // would be another 56 bytes a file.
+    let items = manifest
+        .entries()
         .iter()
-        .map(|e| match &e.kind {
-            LocalKind::File { size, hash } => Item::File {
+        .zip(&stats)
+        .map(|(e, st)| match &e.kind {
+            EntryKind::File { size, hash, .. } => Item::File {
                 path: &e.path,
                 size: *size,
-                hash: hash.0,
-                mtime_ns: e.stat.mtime_ns,
+                hash: hash.expect("a scanned file has its hash").0,
+                mtime_ns: st.mtime_ns,
                 src: None,
             },
-            LocalKind::Link { target } => Item::Link {
+            EntryKind::Link { target } => Item::Link {
                 path: &e.path,
                 target,
             },
-        })
-        .collect();
+        });
+    let mut json_hash = 0;
     let prepared = (|| -> Result<()> {
         upload(
             project,
@@ -372,11 +383,12 @@ fn init_tx(
                 replace,
                 confirmed: args.confirmed_hash.as_deref(),
             },
-            &items,
+            items.clone(),
             &Retries::new(3),
             reporter,
         )?;
         tracing::debug!("uploaded in {:?}", t0.elapsed());
+        crate::phase("uploaded");
         check_interrupt()?;
 
         // Stage the local .dsg/ completely before the commit point.
@@ -392,10 +404,14 @@ fn init_tx(
             let path = staging.join("last-sync.json");
             let mut out = dsg_core::atomic::AtomicFile::create(&path)
                 .map_err(|e| EngineError::io(&path, e.source))?;
-            let mut bw = std::io::BufWriter::with_capacity(1 << 16, out.file());
+            let mut bw = HashingWriter {
+                w: std::io::BufWriter::with_capacity(1 << 16, out.file()),
+                h: xxhash_rust::xxh3::Xxh3::new(),
+            };
             dsg_core::manifest::write_json(&mut bw, manifest.entries(), manifest.metadata.as_ref())
                 .and_then(|()| std::io::Write::flush(&mut bw))
                 .map_err(|e| EngineError::io(&path, e))?;
+            json_hash = bw.h.digest();
             drop(bw);
             out.commit(true)
                 .map_err(|e| EngineError::io(&path, e.source))?;
@@ -404,15 +420,28 @@ fn init_tx(
         {
             // Streamed too: at a million files the cache is ~70 MB.
             let path = staging.join("stat-cache");
-            let records = StatCache::records_of(&scan.entries);
+            let records = manifest
+                .entries()
+                .iter()
+                .zip(&stats)
+                .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)));
             let count = records.clone().count() as u64;
             let mut out = dsg_core::atomic::AtomicFile::create(&path)
                 .map_err(|e| EngineError::io(&path, e.source))?;
-            StatCache::write_to(out.file(), scan.started_ns, count, records)
+            StatCache::write_to(out.file(), started_ns, count, records)
                 .map_err(|e| EngineError::io(&path, e))?;
             out.commit(true)
                 .map_err(|e| EngineError::io(&path, e.source))?;
         }
+        // The manifest in binary form too, tagged by its JSON's hash, as a
+        // sync leaves it: the first command after the init then loads it
+        // instead of parsing the JSON (and making this copy itself, at
+        // twice an init's memory). Only a cache: a failure costs nothing.
+        let name = project.manifest_cache_path();
+        let name = name.file_name().expect("a file name");
+        project.write_cache_streamed(&staging.join(name), "manifest cache", |f| {
+            dsg_core::manifest::binary::write_manifest(f, &manifest, json_hash)
+        });
         sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
         if let Some(edit) = remote_dsg_edit {
             edit.write()?;
@@ -427,12 +456,18 @@ fn init_tx(
         return Err(e);
     }
 
+    // Written to their files: not kept while the agent checks the commit
+    // (which streams the manifest from the staged file).
+    drop(manifest);
+    drop(stats);
     tracing::debug!("staged locally at {:?}", t0.elapsed());
+    crate::phase("staged locally");
     committing.set(true);
     let staged = staging.join("last-sync.json");
     let mut f = std::fs::File::open(&staged).map_err(|e| EngineError::io(&staged, e))?;
     client.commit("s1", &mut f, None, &messages_bytes)?;
     tracing::debug!("committed at {:?}", t0.elapsed());
+    crate::phase("committed");
     failpoint("client.init.committed");
     finish_local_init(&project.root, staging)?;
     let _ = client.close();

@@ -899,7 +899,7 @@ fn upload_changes(
             base: &next.base.snapshot_id,
             base_hash: next.base.snapshot_hash.as_deref(),
         },
-        &items,
+        items.iter().copied(),
         retries,
         reporter,
     )
@@ -1036,9 +1036,9 @@ fn stream_to(
 }
 
 /// A writer that hashes what passes through it.
-struct HashingWriter<W: Write> {
-    w: W,
-    h: Xxh3,
+pub(crate) struct HashingWriter<W: Write> {
+    pub(crate) w: W,
+    pub(crate) h: Xxh3,
 }
 
 impl<W: Write> Write for HashingWriter<W> {

@@ -22,6 +22,7 @@ const PACE_BYTES: u64 = 32 << 20;
 const PACE_FILES: u64 = 256;
 
 /// One thing to upload.
+#[derive(Clone, Copy)]
 pub enum Item<'a> {
     File {
         path: &'a str,
@@ -56,27 +57,25 @@ pub enum Target<'a> {
 }
 
 /// Begins transaction `tx` for `target`, sends `items`
-/// and waits for the agent to confirm all of them. A dropped connection is
+/// and waits for the agent to confirm all of them. `items` is walked
+/// again for each attempt, so a caller can derive them from what it holds
+/// (an init's every file) instead of listing them. A dropped connection is
 /// retried within `retries`, resuming the transaction on a new connection
 /// (which replaces `*client`).
-pub fn upload(
+pub fn upload<'a>(
     project: &Project,
     client: &mut RepoClient,
     tx: &str,
     target: Target<'_>,
-    items: &[Item<'_>],
+    items: impl Iterator<Item = Item<'a>> + Clone,
     retries: &Retries,
     reporter: &dyn Reporter,
 ) -> Result<()> {
     let user = &project.user.user_id;
-    let files = items.len() as u64;
-    let bytes: u64 = items
-        .iter()
-        .map(|i| match i {
-            Item::File { size, .. } => *size,
-            Item::Link { .. } => 0,
-        })
-        .sum();
+    let (files, bytes) = items.clone().fold((0u64, 0u64), |(n, b), i| match i {
+        Item::File { size, .. } => (n + 1, b + size),
+        Item::Link { .. } => (n + 1, b),
+    });
     let mut resuming = false;
     loop {
         let attempt = (|| -> Result<()> {
@@ -104,9 +103,9 @@ pub fn upload(
             let paced = client.copies_locally();
             let (mut nf, mut nb) = (0u64, 0u64);
             let (mut queued_files, mut queued_bytes) = (0u64, 0u64);
-            for item in items {
+            for item in items.clone() {
                 check_interrupt()?;
-                match *item {
+                match item {
                     Item::File {
                         path,
                         size,

@@ -406,14 +406,14 @@ pub fn object_path(dsg: &Path, h: Hash) -> PathBuf {
 /// Applies committed operations, then the metadata, then makes it all
 /// durable. Idempotent: a re-run after a crash skips what is done.
 pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
-    let installs: std::collections::HashSet<&str> = ops
-        .iter()
-        .filter(|o| matches!(o, Op::Install { .. }))
-        .map(|o| o.path())
-        .collect();
+    let installs = Installs::of(ops);
     // A folder that receives a file is not left empty: only the parents
     // of other retires are looked at for pruning (an `rmdir` each).
-    let filled: std::collections::HashSet<&str> = installs.iter().map(|p| parent_of(p)).collect();
+    let filled: std::collections::HashSet<&str> = ops
+        .iter()
+        .filter(|o| matches!(o, Op::Install { .. }))
+        .map(|o| parent_of(o.path()))
+        .collect();
     let mut touched: Vec<PathBuf> = Vec::new();
     let mut parents = Parents::new(&l.root);
     for (i, op) in ops.iter().enumerate() {
@@ -429,7 +429,7 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
                 }
                 // A re-run after a crash: a path whose staged file is gone
                 // was already installed; what is there is the new version.
-                if installs.contains(&**path) && fs::symlink_metadata(l.staged(path)).is_err() {
+                if installs.contains(path) && fs::symlink_metadata(l.staged(path)).is_err() {
                     continue;
                 }
                 // Below a link (or a file) nothing of this tree is at the
@@ -472,6 +472,42 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
 /// The folder part of a relative path (`""` at the top).
 fn parent_of(path: &str) -> &str {
     path.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
+}
+
+/// The paths an apply installs, looked up for each retire. Both sides
+/// write their installs last and in path order: then they are searched
+/// where they are, since a set of them would cost a clone ~25 bytes a file.
+enum Installs<'a> {
+    SortedTail(&'a [Op]),
+    Set(std::collections::HashSet<&'a str>),
+}
+
+impl<'a> Installs<'a> {
+    fn of(ops: &'a [Op]) -> Installs<'a> {
+        let first = ops
+            .iter()
+            .position(|o| matches!(o, Op::Install { .. }))
+            .unwrap_or(ops.len());
+        let tail = &ops[first..];
+        let sorted_tail = tail.iter().all(|o| matches!(o, Op::Install { .. }))
+            && tail.windows(2).all(|w| w[0].path() < w[1].path());
+        if sorted_tail {
+            return Installs::SortedTail(tail);
+        }
+        Installs::Set(
+            ops.iter()
+                .filter(|o| matches!(o, Op::Install { .. }))
+                .map(|o| o.path())
+                .collect(),
+        )
+    }
+
+    fn contains(&self, path: &str) -> bool {
+        match self {
+            Installs::SortedTail(t) => t.binary_search_by(|o| o.path().cmp(path)).is_ok(),
+            Installs::Set(s) => s.contains(path),
+        }
+    }
 }
 
 /// What lies on the way from the root to a path's parent.
@@ -870,5 +906,39 @@ mod tests {
                 expect: Some(Box::new((1, 2, 3)))
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod installs_tests {
+    use super::*;
+
+    fn retire(p: &str) -> Op {
+        Op::Retire {
+            path: p.into(),
+            hash: None,
+            expect: None,
+        }
+    }
+
+    fn install(p: &str) -> Op {
+        Op::Install { path: p.into() }
+    }
+
+    /// Searched in place or through a set, the answer is the same: every
+    /// installed path and no other.
+    #[test]
+    fn installs_are_found_however_the_operations_come() {
+        let sorted = vec![retire("b/y"), retire("a"), install("a"), install("b/x")];
+        let unsorted = vec![retire("a"), install("b/x"), retire("c"), install("a")];
+        assert!(matches!(Installs::of(&sorted), Installs::SortedTail(t) if t.len() == 2));
+        assert!(matches!(Installs::of(&unsorted), Installs::Set(_)));
+        for ops in [&sorted, &unsorted] {
+            let i = Installs::of(ops);
+            assert!(i.contains("a") && i.contains("b/x"));
+            assert!(!i.contains("b/y") && !i.contains("c") && !i.contains("b"));
+        }
+        assert!(!Installs::of(&[retire("a")]).contains("a"));
+        assert!(!Installs::of(&[]).contains("a"));
     }
 }
