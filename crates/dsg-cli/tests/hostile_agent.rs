@@ -63,11 +63,11 @@ fn peak_rss(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// The streams after `Commit` are held in memory for the commit: past
-/// their limit the agent refuses them without holding them, commits
-/// nothing, and stays in step for the next request.
-#[test]
-fn oversized_commit_stream_is_refused_without_holding_it() {
+/// Sends a `Commit` (a delta one when `delta`) whose manifest stream, or
+/// with `delta` whose stream of dropped paths, is 96 MiB, to an agent
+/// limited to 1 MiB. Returns the error and by how much the agent's peak
+/// memory grew; checks nothing was committed and the agent stays in step.
+fn oversized_commit_stream(delta: bool) -> (dsg_repo::protocol::RemoteError, u64) {
     let d = tempfile::tempdir().unwrap();
     let repo = d.path().join("r");
     let limit = 1 << 20;
@@ -89,9 +89,12 @@ fn oversized_commit_stream_is_refused_without_holding_it() {
     let before = peak_rss(a.pid());
     a.send(&Request::Commit {
         snapshot_id: "s1".into(),
-        delta: false,
+        delta,
     });
-    // 96 MiB of "manifest", one frame at a time (the test holds 1 MiB).
+    if delta {
+        a.data(b"{}");
+    }
+    // 96 MiB, one frame at a time (the test holds 1 MiB).
     let mut frame = Vec::new();
     write_frame(&mut frame, b'D', &vec![b' '; 1 << 20]).unwrap();
     for _ in 0..96 {
@@ -101,78 +104,45 @@ fn oversized_commit_stream_is_refused_without_holding_it() {
     a.data(b"{}");
     let reply = a.recv_json("commit", 60);
     let grown = peak_rss(a.pid()).saturating_sub(before);
-    assert!(
-        grown < 32 << 20,
-        "the agent's peak memory grew by {grown} bytes for a refused stream"
-    );
-    let e = err_of("oversized manifest", reply);
-    assert_eq!(e.kind, ErrorKind::Protocol, "{e:?}");
+    let e = err_of("oversized stream", reply);
     assert!(
         e.message.contains(&limit.to_string()),
         "names the limit: {e:?}"
     );
-    assert!(e.hint.is_some(), "{e:?}");
     assert!(
         !repo.join(".dsg/last-sync.json").exists(),
         "nothing committed"
     );
     // Still in step: the next request gets its own answer.
     assert!(matches!(a.hello(), Response::Hello { .. }));
+    (e, grown)
+}
+
+/// The streams after `Commit` are held in memory for the commit: past
+/// their limit the agent refuses them without holding them, commits
+/// nothing, and stays in step for the next request.
+#[test]
+fn oversized_commit_stream_is_refused_without_holding_it() {
+    let (e, grown) = oversized_commit_stream(false);
+    assert!(
+        grown < 32 << 20,
+        "the agent's peak memory grew by {grown} bytes for a refused stream"
+    );
+    assert_eq!(e.kind, ErrorKind::Protocol, "{e:?}");
+    assert!(e.hint.is_some(), "{e:?}");
 }
 
 /// A delta commit's list of dropped paths is held in memory too: past the
 /// limit it is refused the same way, without holding it.
 #[test]
 fn oversized_delta_path_list_is_refused_without_holding_it() {
-    let d = tempfile::tempdir().unwrap();
-    let repo = d.path().join("r");
-    let limit = 1 << 20;
-    let mut a = Agent::spawn(
-        &dsg_bin(),
-        &repo,
-        &[("DSG_AGENT_MAX_META", &limit.to_string())],
-    );
-    a.hello();
-    a.send(&Request::Begin {
-        tx_id: "tx-1".into(),
-        base: None,
-        user: "hostile".into(),
-        resume: false,
-        replace: false,
-        base_hash: None,
-    });
-    assert!(matches!(a.recv_json("begin", 10), Response::Ok));
-    let before = peak_rss(a.pid());
-    a.send(&Request::Commit {
-        snapshot_id: "s1".into(),
-        delta: true,
-    });
-    a.data(b"{}");
-    let mut frame = Vec::new();
-    write_frame(&mut frame, b'D', &vec![b' '; 1 << 20]).unwrap();
-    for _ in 0..96 {
-        a.raw(&frame);
-    }
-    a.data(b"");
-    a.data(b"{}");
-    let reply = a.recv_json("commit", 60);
-    let grown = peak_rss(a.pid()).saturating_sub(before);
+    let (e, grown) = oversized_commit_stream(true);
     assert!(
         grown < 32 << 20,
         "the agent's peak memory grew by {grown} bytes for a refused stream"
     );
-    let e = err_of("oversized list of dropped paths", reply);
     assert_eq!(e.kind, ErrorKind::Protocol, "{e:?}");
     assert!(e.message.contains("dropped paths"), "{e:?}");
-    assert!(
-        e.message.contains(&limit.to_string()),
-        "names the limit: {e:?}"
-    );
-    assert!(
-        !repo.join(".dsg/last-sync.json").exists(),
-        "nothing committed"
-    );
-    assert!(matches!(a.hello(), Response::Hello { .. }));
 }
 
 /// Holds the repository's lock as a writer would, until dropped.

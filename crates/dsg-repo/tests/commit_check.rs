@@ -34,27 +34,6 @@ fn repo_at_s1(dir: &Path) -> (PathBuf, Manifest) {
     (root, m)
 }
 
-fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for de in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = de.path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
-            if rel.starts_with(".dsg") {
-                continue;
-            }
-            if de.file_type().unwrap().is_dir() {
-                stack.push(p);
-            } else {
-                out.push((rel, std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Opens a sync on `s1`, stages `stage`, commits `json`.
 fn sync(root: &Path, stage_: &[(&str, &[u8])], json: Vec<u8>) -> Result<(), AgentError> {
     let mut b = dsg_repo::open(RepoType::Xfs, root, None).unwrap();

@@ -62,27 +62,6 @@ fn delta_sync(
     })
 }
 
-fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for de in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = de.path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
-            if rel.starts_with(".dsg") {
-                continue;
-            }
-            if de.file_type().unwrap().is_dir() {
-                stack.push(p);
-            } else {
-                out.push((rel, std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn s2(s1: &Manifest) -> Manifest {
     sealed(
         "s2",

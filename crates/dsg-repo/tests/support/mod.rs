@@ -68,3 +68,25 @@ pub fn stage(b: &mut dyn Backend, path: &str, data: &[u8]) {
     )
     .unwrap();
 }
+
+/// The repository's data files (not `.dsg/`) with their bytes, sorted.
+pub fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for de in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = de.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+            if rel.starts_with(".dsg") {
+                continue;
+            }
+            if de.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else {
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
