@@ -272,97 +272,10 @@ impl Repository {
             None => None,
         };
         let mut copy = HeadCopy::create(&meta.join(HEAD_COPY));
-        let (check, upload, base_reads, tag) = std::thread::scope(|scope| {
-            let mut readers = Vec::new();
-            let mut base_cursor = || match &tx.base {
-                None => BaseCursor::new(BaseSource::Empty),
-                Some(Base { whole: Some(m), .. }) => {
-                    BaseCursor::new(BaseSource::Whole(m.entries().iter()))
-                }
-                Some(Base {
-                    whole: None,
-                    copy_of,
-                    ..
-                }) => {
-                    // A bounded channel: the base is never more than a few
-                    // thousand entries ahead of the upload.
-                    let (send, recv) = std::sync::mpsc::sync_channel(8);
-                    let (path, copy) = (&head_path, *copy_of);
-                    readers.push(scope.spawn(move || match copy {
-                        Some(tag) => read_base_copy(path, tag, send),
-                        None => read_base(path, send),
-                    }));
-                    BaseCursor::streamed(recv)
-                }
-            };
-            let mut check = CommitCheck::new(&tx.staged, base_cursor());
-            let mut visit = |e: Entry| {
-                if let Some(w) = &mut copy {
-                    if w.push(&e).is_err() {
-                        copy = None;
-                    }
-                }
-                check.entry(e);
-            };
-            let (upload, tag) = match delta {
-                // The new manifest is the base with the delta applied,
-                // written as the new head while the check walks it.
-                Some(d) => d
-                    .apply(base_cursor(), &meta.join("last-sync.json"), &mut visit)
-                    .map(|(new, tag)| (Ok(new), tag))
-                    .unwrap_or_else(|e| (Err(e), 0)),
-                None => {
-                    let mut bytes = dsg_core::hash::HashingReader::new(c.manifest.reader());
-                    let new = stream_entries(&mut bytes, Path::new("uploaded manifest"), |e| {
-                        visit(e);
-                        Ok(())
-                    })
-                    .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED));
-                    (new, bytes.digest().0)
-                }
-            };
-            if upload.is_ok() {
-                check.finish();
-            }
-            // Lets a reader still sending stop.
-            check.base = BaseCursor::new(BaseSource::Empty);
-            let base_reads: Vec<_> = readers
-                .into_iter()
-                .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect();
-            (check, upload, base_reads, tag)
-        });
+        let (check, upload, base_reads, tag) =
+            self.walk_new_manifest(tx, c, delta, &mut copy, &head_path, &meta);
         let new = upload?;
-        // The base read here must be the one `begin` read (the lock keeps
-        // writers out): anything else, and what was walked is not the base.
-        // (A walk stopped early stopped its reader too, and is refused.)
-        for read in base_reads {
-            let Some(base) = tx.base.as_ref().filter(|_| check.base_done) else {
-                break;
-            };
-            let same = read.as_ref().is_ok_and(|r| {
-                r.sorted && r.metadata == base.metadata && r.entry_count == base.entry_count
-            });
-            if !same {
-                // Unreadable or damaged is the repository's problem, not a
-                // race: a client told `Moved` would plan again and retry.
-                let (kind, why) = match read {
-                    Err(e @ dsg_core::manifest::ManifestError::Io { .. }) => {
-                        (ErrorKind::Io, e.message())
-                    }
-                    Err(e) => (ErrorKind::Corrupt, e.message()),
-                    Ok(_) => (
-                        ErrorKind::Moved,
-                        "it is not the head this sync began on".into(),
-                    ),
-                };
-                return Err(AgentError::new(
-                    kind,
-                    format!("reading the repository's head again failed: {why}"),
-                )
-                .hint("nothing was changed; run the command again"));
-            }
-        }
+        check_base_reads(tx, check.base_done, base_reads)?;
         new.verify_integrity().map_err(|e| {
             AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
         })?;
@@ -425,6 +338,81 @@ impl Repository {
         })
     }
 
+    /// Walks the new manifest — the upload, or the base with a delta
+    /// applied (written as the new head meanwhile) — through the commit
+    /// check and into the head's binary copy, the base read alongside by
+    /// helper threads. Returns the check, the new manifest's summary, each
+    /// base read's outcome and the XXH3 of the new head's bytes.
+    fn walk_new_manifest<'t>(
+        &self,
+        tx: &'t OpenTx,
+        c: &CommitData,
+        delta: Option<Delta>,
+        copy: &mut Option<HeadCopy>,
+        head_path: &Path,
+        meta: &Path,
+    ) -> Walk<'t> {
+        std::thread::scope(|scope| {
+            let mut readers = Vec::new();
+            let mut base_cursor = || match &tx.base {
+                None => BaseCursor::new(BaseSource::Empty),
+                Some(Base { whole: Some(m), .. }) => {
+                    BaseCursor::new(BaseSource::Whole(m.entries().iter()))
+                }
+                Some(Base {
+                    whole: None,
+                    copy_of,
+                    ..
+                }) => {
+                    // A bounded channel: the base is never more than a few
+                    // thousand entries ahead of the upload.
+                    let (send, recv) = std::sync::mpsc::sync_channel(8);
+                    let (path, copy) = (&head_path, *copy_of);
+                    readers.push(scope.spawn(move || match copy {
+                        Some(tag) => read_base_copy(path, tag, send),
+                        None => read_base(path, send),
+                    }));
+                    BaseCursor::streamed(recv)
+                }
+            };
+            let mut check = CommitCheck::new(&tx.staged, base_cursor());
+            let mut visit = |e: Entry| {
+                if let Some(w) = copy.as_mut() {
+                    if w.push(&e).is_err() {
+                        *copy = None;
+                    }
+                }
+                check.entry(e);
+            };
+            let (upload, tag) = match delta {
+                // The new manifest is the base with the delta applied,
+                // written as the new head while the check walks it.
+                Some(d) => d
+                    .apply(base_cursor(), &meta.join("last-sync.json"), &mut visit)
+                    .map(|(new, tag)| (Ok(new), tag))
+                    .unwrap_or_else(|e| (Err(e), 0)),
+                None => {
+                    let mut bytes = dsg_core::hash::HashingReader::new(c.manifest.reader());
+                    let new = stream_entries(&mut bytes, Path::new("uploaded manifest"), |e| {
+                        visit(e);
+                        Ok(())
+                    })
+                    .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED));
+                    (new, bytes.digest().0)
+                }
+            };
+            if upload.is_ok() {
+                check.finish();
+            }
+            // Lets a reader still sending stop.
+            check.base = BaseCursor::new(BaseSource::Empty);
+            let base_reads: Vec<_> = readers
+                .into_iter()
+                .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect();
+            (check, upload, base_reads, tag)
+        })
+    }
     /// Where the transaction stages the repository's metadata: an init's
     /// future `.dsg/`, or what the apply moves into `.dsg/`.
     fn meta_dir(&self, tx: &OpenTx) -> PathBuf {
@@ -889,6 +877,52 @@ fn read_base_copy(
         }
     })
 }
+
+/// The base the commit check walked must be the one `begin` read (the
+/// lock keeps writers out): anything else, and what was walked is not the
+/// base. (A walk stopped early stopped its readers too, and is refused.)
+fn check_base_reads(
+    tx: &OpenTx,
+    base_done: bool,
+    base_reads: Vec<Result<StreamedManifest, ManifestError>>,
+) -> Result<(), AgentError> {
+    for read in base_reads {
+        let Some(base) = tx.base.as_ref().filter(|_| base_done) else {
+            break;
+        };
+        let same = read.as_ref().is_ok_and(|r| {
+            r.sorted && r.metadata == base.metadata && r.entry_count == base.entry_count
+        });
+        if !same {
+            // Unreadable or damaged is the repository's problem, not a
+            // race: a client told `Moved` would plan again and retry.
+            let (kind, why) = match read {
+                Err(e @ dsg_core::manifest::ManifestError::Io { .. }) => {
+                    (ErrorKind::Io, e.message())
+                }
+                Err(e) => (ErrorKind::Corrupt, e.message()),
+                Ok(_) => (
+                    ErrorKind::Moved,
+                    "it is not the head this sync began on".into(),
+                ),
+            };
+            return Err(AgentError::new(
+                kind,
+                format!("reading the repository's head again failed: {why}"),
+            )
+            .hint("nothing was changed; run the command again"));
+        }
+    }
+    Ok(())
+}
+/// What the walk of a new manifest gives `verify_commit` (see
+/// `walk_new_manifest`).
+type Walk<'t> = (
+    CommitCheck<'t>,
+    Result<StreamedManifest, AgentError>,
+    Vec<Result<StreamedManifest, ManifestError>>,
+    u64,
+);
 
 /// What a commit's check found: the base's paths it retires, and, for a
 /// delta commit, the XXH3 of the head it wrote into staging.
