@@ -3,7 +3,7 @@
 //! real directory repository, must be accepted or refused exactly as when
 //! both were parsed whole.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use dsg_core::config::RepoType;
 use dsg_core::manifest::{write_json, Entry, Manifest};
@@ -12,27 +12,6 @@ use dsg_repo::protocol::ErrorKind;
 
 mod support;
 use support::*;
-
-const FILES: [(&str, &[u8]); 4] = [
-    ("a.txt", b"a\n"),
-    ("d/x", b"x\n"),
-    ("d/y", b"y\n"),
-    ("d.txt", b"dt\n"),
-];
-
-/// A repository at `s1` holding `FILES`.
-fn repo_at_s1(dir: &Path) -> (PathBuf, Manifest) {
-    let root = dir.join("repos/r");
-    std::fs::create_dir_all(dir.join("repos")).unwrap();
-    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
-    b.begin("tx-init", None, None, "t").unwrap();
-    for (p, d) in FILES {
-        stage(&mut *b, p, d);
-    }
-    let m = sealed("s1", FILES.iter().map(|(p, d)| file(p, d)).collect(), None);
-    commit_json(&mut *b, "s1", m.to_json_bytes()).unwrap();
-    (root, m)
-}
 
 /// Opens a sync on `s1`, stages `stage`, commits `json`.
 fn sync(root: &Path, stage_: &[(&str, &[u8])], json: Vec<u8>) -> Result<(), AgentError> {

@@ -5,7 +5,7 @@
 //! cache?" test compares bytes), and a delta that does not add up to what
 //! its metadata says is refused with nothing changed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use dsg_core::config::RepoType;
 use dsg_core::manifest::{write_json, Entry, Manifest, SyncMessages};
@@ -14,26 +14,6 @@ use dsg_repo::protocol::ErrorKind;
 
 mod support;
 use support::*;
-
-const FILES: [(&str, &[u8]); 4] = [
-    ("a.txt", b"a\n"),
-    ("d/x", b"x\n"),
-    ("d/y", b"y\n"),
-    ("d.txt", b"dt\n"),
-];
-
-fn repo_at_s1(dir: &Path) -> (PathBuf, Manifest) {
-    let root = dir.join("repos/r");
-    std::fs::create_dir_all(dir.join("repos")).unwrap();
-    let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
-    b.begin("tx-init", None, None, "t").unwrap();
-    for (p, d) in FILES {
-        stage(&mut *b, p, d);
-    }
-    let m = sealed("s1", FILES.iter().map(|(p, d)| file(p, d)).collect(), None);
-    commit_json(&mut *b, "s1", m.to_json_bytes()).unwrap();
-    (root, m)
-}
 
 /// Opens a sync on `s1`, stages `files`, commits `new` as a delta of
 /// `upserts` and `removed` (as given: a test may send them wrong).

@@ -90,3 +90,25 @@ pub fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// What `repo_at_s1` holds.
+pub const FILES: [(&str, &[u8]); 4] = [
+    ("a.txt", b"a\n"),
+    ("d/x", b"x\n"),
+    ("d/y", b"y\n"),
+    ("d.txt", b"dt\n"),
+];
+
+/// A repository at `s1` holding `FILES`.
+pub fn repo_at_s1(dir: &Path) -> (std::path::PathBuf, Manifest) {
+    let root = dir.join("repos/r");
+    std::fs::create_dir_all(dir.join("repos")).unwrap();
+    let mut b = dsg_repo::open(dsg_core::config::RepoType::Xfs, &root, None).unwrap();
+    b.begin("tx-init", None, None, "t").unwrap();
+    for (p, d) in FILES {
+        stage(&mut *b, p, d);
+    }
+    let m = sealed("s1", FILES.iter().map(|(p, d)| file(p, d)).collect(), None);
+    commit_json(&mut *b, "s1", m.to_json_bytes()).unwrap();
+    (root, m)
+}
