@@ -512,11 +512,7 @@ impl Repository {
         retire.sort_by(|a, b| b.0.cmp(a.0).then(b.1.is_some().cmp(&a.1.is_some())));
         retire.dedup_by(|later, earlier| later.0 == earlier.0);
         for (p, hash) in retire {
-            ops.push(Op::Retire {
-                path: p.into(),
-                hash,
-                expect: None,
-            });
+            ops.push(Op::retire(p, hash, None));
         }
         let mut installs: Vec<&str> = tx.staged.iter().map(|s| s.0.as_str()).collect();
         installs.sort();

@@ -394,11 +394,7 @@ fn a_committed_transaction_staged_at_paths_by_an_older_dsg_rolls_forward() {
     let (new_a, b) = (bytes(20, 300), bytes(21, 40));
     let m = manifest("s2", &[("input/a", &new_a), ("input/new/b", &b)], Some(&s1));
     let ops = vec![
-        dsg_txn::Op::Retire {
-            path: "input/a".into(),
-            hash: Some(h(&old_a)),
-            expect: None,
-        },
+        dsg_txn::Op::retire("input/a", Some(h(&old_a)), None),
         dsg_txn::Op::Install {
             path: "input/a".into(),
         },

@@ -37,6 +37,18 @@ impl Project {
         self.root.join(DSG_DIR)
     }
 
+    /// Where unlinked scratch files go: `.dsg/` when there is one (a clone
+    /// has none yet: then the project folder), on the project's filesystem
+    /// rather than a `/tmp` that may be memory.
+    pub fn spool_dir(&self) -> PathBuf {
+        let d = self.dsg();
+        if d.is_dir() {
+            d
+        } else {
+            self.root.clone()
+        }
+    }
+
     pub fn cache_path(&self) -> PathBuf {
         self.dsg().join("last-sync.json")
     }

@@ -1,10 +1,13 @@
 //! `status`: L (scan) vs C (cache) vs R (repository) through the one table.
 
+use std::path::Path;
+
 use serde::Serialize;
 
 use dsg_core::manifest::Manifest;
 use dsg_core::scan::{to_manifest, KnownFile, Problem, ScanResult, Stat, StatCache};
 use dsg_core::state::{classify_iter, Action, State};
+use dsg_repo::backend::Blob;
 use dsg_repo::{Meta, RepoClient};
 
 use crate::{EngineError, Project, Reporter, Result};
@@ -98,8 +101,10 @@ pub enum RemoteText {
     /// R is the same file as the cache, `.dsg/last-sync.json`, whose bytes
     /// hash to this (checked again when they are read).
     CacheFile(u64),
-    /// R's bytes compressed as their archive, and the XXH3 of the bytes.
-    Archived { lz4: Vec<u8>, hash: u64 },
+    /// R's bytes compressed as their archive (spooled to an unlinked file:
+    /// ~55 bytes a file, held through a whole clone otherwise), and the
+    /// XXH3 of the bytes.
+    Archived { lz4: Blob, hash: u64 },
 }
 
 /// Reads R from the repository. A missing or corrupt repository manifest is
@@ -131,21 +136,29 @@ pub fn fetch_remote(
 pub fn fetch_remote_archived(
     client: &mut RepoClient,
     unless: Option<u64>,
+    spool_dir: &Path,
 ) -> Result<Option<(Manifest, RemoteText)>> {
     use dsg_repo::MetaWith;
     let origin = format!("{}:{}/.dsg/last-sync.json", client.host(), client.repo());
     let path = std::path::PathBuf::from(&origin);
+    let spool = tempfile::tempfile_in(spool_dir).map_err(|e| EngineError::io(spool_dir, e))?;
     let got = client.read_meta_with("last-sync.json", unless, |r| {
         let mut tee = Tee {
             r,
             h: xxhash_rust::xxh3::Xxh3::new(),
-            enc: lz4_flex::frame::FrameEncoder::new(Vec::new()),
+            enc: lz4_flex::frame::FrameEncoder::new(std::io::BufWriter::with_capacity(
+                1 << 16,
+                &spool,
+            )),
         };
-        let m = Manifest::from_reader(std::io::BufReader::with_capacity(1 << 16, &mut tee), &path);
-        m.map(|m| {
-            let lz4 = tee.enc.finish().expect("lz4 into a Vec");
-            (m, lz4, tee.h.digest())
-        })
+        let m = Manifest::from_reader(std::io::BufReader::with_capacity(1 << 16, &mut tee), &path)?;
+        let h = tee.h.digest();
+        tee.enc
+            .finish()
+            .map_err(std::io::Error::other)
+            .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+            .map_err(|e| EngineError::io(spool_dir, e))?;
+        Ok::<_, EngineError>((m, h))
     })?;
     match got {
         MetaWith::Unchanged => Ok(None),
@@ -154,7 +167,8 @@ pub fn fetch_remote_archived(
             hint: "check the repository path in .dsgconfig.yml; a new repository is made with 'dsg init'".into(),
         }),
         MetaWith::Data(parsed) => {
-            let (m, lz4, hash) = parsed?;
+            let (m, hash) = parsed?;
+            let lz4 = Blob::File(spool);
             m.verify_integrity().map_err(|msg| EngineError::State {
                 message: format!("the repository manifest {origin} fails its integrity check: {msg}"),
                 hint: "the repository was altered outside dsg; ask its maintainer to restore it".into(),
@@ -165,13 +179,13 @@ pub fn fetch_remote_archived(
 }
 
 /// A reader that hashes and compresses what is read through it.
-struct Tee<'a> {
+struct Tee<'a, W: std::io::Write> {
     r: &'a mut dyn std::io::Read,
     h: xxhash_rust::xxh3::Xxh3,
-    enc: lz4_flex::frame::FrameEncoder<Vec<u8>>,
+    enc: lz4_flex::frame::FrameEncoder<W>,
 }
 
-impl std::io::Read for Tee<'_> {
+impl<W: std::io::Write> std::io::Read for Tee<'_, W> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.r.read(buf)?;
         self.h.update(&buf[..n]);
@@ -243,10 +257,12 @@ pub fn compare(
     // answer "unchanged" instead of sending the manifest again.
     let (remote, remote_text) = match client {
         None => (None, None),
-        Some(c) if opts.keep_remote_bytes => match fetch_remote_archived(c, cache_hash)? {
-            None => (None, cache_hash.map(RemoteText::CacheFile)),
-            Some((r, text)) => (Some(r), Some(text)),
-        },
+        Some(c) if opts.keep_remote_bytes => {
+            match fetch_remote_archived(c, cache_hash, &project.spool_dir())? {
+                None => (None, cache_hash.map(RemoteText::CacheFile)),
+                Some((r, text)) => (Some(r), Some(text)),
+            }
+        }
         Some(c) => match fetch_remote(c, cache_hash)? {
             None => (
                 None,
@@ -256,7 +272,7 @@ pub fn compare(
             ),
             Some((r, b)) => {
                 let text = opts.keep_remote_bytes.then(|| RemoteText::Archived {
-                    lz4: dsg_core::manifest::compress_archive(&b),
+                    lz4: Blob::Bytes(dsg_core::manifest::compress_archive(&b)),
                     hash: dsg_core::hash::Hash::of_bytes(&b).0,
                 });
                 (Some(r), text)

@@ -956,7 +956,7 @@ fn stage_meta(
             }
             RemoteText::Archived { lz4, hash } => {
                 let got = stream_to(&new_cache, |f| {
-                    let mut d = lz4_flex::frame::FrameDecoder::new(&lz4[..]);
+                    let mut d = lz4_flex::frame::FrameDecoder::new(lz4.reader());
                     std::io::copy(&mut d, f).map(|_| ())
                 })?;
                 if got != *hash {
@@ -995,7 +995,9 @@ fn stage_meta(
                     out.commit(true)
                         .map_err(|e| EngineError::io(&path, e.source))?;
                 }
-                RemoteText::Archived { lz4, .. } => w(path, lz4)?,
+                RemoteText::Archived { lz4, .. } => lz4
+                    .write_atomic(&path)
+                    .map_err(|e| EngineError::io(&path, e.source))?,
             }
         }
     }
@@ -1067,12 +1069,9 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
     removes.dedup();
     let mut ops: Vec<Op> = removes
         .into_iter()
-        .map(|p| Op::Retire {
-            path: p.clone(),
-            hash: None,
-            expect: cmp
-                .local_stat(p)
-                .map(|st| Box::new((st.size, st.mtime_ns, st.ino))),
+        .map(|p| {
+            let expect = cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino));
+            Op::retire(p.clone(), None, expect)
         })
         .collect();
     let mut installs: Vec<&Arc<str>> = plan.downloads.iter().chain(&plan.restores).collect();

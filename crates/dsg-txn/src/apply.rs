@@ -24,32 +24,91 @@ use crate::failpoint::failpoint;
 
 /// One committed operation. Retires run deepest path first, so a folder
 /// is emptied before something else takes its place; installs follow.
+///
+/// Kept small (a clone holds two per file): the path shared with the plan
+/// that made it, what is known about a retired file boxed because most
+/// retires know nothing (24 bytes an operation instead of 40). The journal
+/// holds them in their wire shape (`OpWire`), unchanged since the first
+/// journal.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(from = "OpWire", into = "OpWire")]
 pub enum Op {
-    /// Move what is at `path` (if anything) aside. `hash`: its content
-    /// hash when known (names its object); `expect`: its stat (size, mtime
-    /// ns, inode) when planned — a file that no longer matches was changed
-    /// by someone during the sync and is kept beside its path instead.
-    ///
-    /// Kept small (a clone holds two per file): the path shared with the
-    /// plan that made it, the stat boxed because most retires have none.
+    /// Move what is at `path` (if anything) aside; see `Known`.
+    Retire {
+        path: std::sync::Arc<str>,
+        known: Option<Box<Known>>,
+    },
+    /// Move the staged `path` into place.
+    Install { path: std::sync::Arc<str> },
+}
+
+/// What a retire knows of the file it moves aside. `hash`: its content
+/// hash (names its object); `expect`: its stat (size, mtime ns, inode)
+/// when planned — a file that no longer matches was changed by someone
+/// during the sync and is kept beside its path instead.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Known {
+    pub hash: Option<u64>,
+    pub expect: Option<(u64, i64, u64)>,
+}
+
+impl Op {
+    pub fn retire(
+        path: impl Into<std::sync::Arc<str>>,
+        hash: Option<u64>,
+        expect: Option<(u64, i64, u64)>,
+    ) -> Op {
+        let known = (hash.is_some() || expect.is_some()).then(|| Box::new(Known { hash, expect }));
+        Op::Retire {
+            path: path.into(),
+            known,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        match self {
+            Op::Retire { path, .. } | Op::Install { path } => path,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum OpWire {
     #[serde(alias = "remove")]
     Retire {
         path: std::sync::Arc<str>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        expect: Option<Box<(u64, i64, u64)>>,
+        expect: Option<(u64, i64, u64)>,
     },
-    /// Move the staged `path` into place.
-    Install { path: std::sync::Arc<str> },
+    Install {
+        path: std::sync::Arc<str>,
+    },
 }
 
-impl Op {
-    pub fn path(&self) -> &str {
-        match self {
-            Op::Retire { path, .. } | Op::Install { path } => path,
+impl From<OpWire> for Op {
+    fn from(w: OpWire) -> Op {
+        match w {
+            OpWire::Retire { path, hash, expect } => Op::retire(path, hash, expect),
+            OpWire::Install { path } => Op::Install { path },
+        }
+    }
+}
+
+impl From<Op> for OpWire {
+    fn from(o: Op) -> OpWire {
+        match o {
+            Op::Retire { path, known } => {
+                let k = known.map(|k| *k).unwrap_or_default();
+                OpWire::Retire {
+                    path,
+                    hash: k.hash,
+                    expect: k.expect,
+                }
+            }
+            Op::Install { path } => OpWire::Install { path },
         }
     }
 }
@@ -229,19 +288,20 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
     }
     for op in ops.iter_mut() {
         match (op, &l.aside) {
-            (Op::Retire { path, hash, .. }, Aside::Objects) => {
+            (Op::Retire { path, known }, Aside::Objects) => {
                 let dsg = &l.dsg;
                 let p = l.root.join(&**path);
                 if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
                     continue;
                 }
-                let h = match hash {
-                    Some(h) => Hash(*h),
+                let known = known.get_or_insert_with(Box::default);
+                let h = match known.hash {
+                    Some(h) => Hash(h),
                     None => {
                         let h = dsg_core::hash::hash_file(&p)
                             .map_err(|e| TxError::io(&p, e))?
                             .0;
-                        *hash = Some(h.0);
+                        known.hash = Some(h.0);
                         h
                     }
                 };
@@ -420,7 +480,7 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
         failpoint(&format!("{}.apply.{i}", l.fp));
         let dst = l.root.join(op.path());
         match op {
-            Op::Retire { path, hash, expect } => {
+            Op::Retire { path, known } => {
                 let parent = parent_of(path);
                 // Operations come in path order, so siblings follow each
                 // other: one entry per run of them, not one per file.
@@ -438,7 +498,8 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
                 if parents.check(path)? != Way::Folders {
                     continue;
                 }
-                retire(l, path, &dst, *hash, expect.as_deref().copied())?;
+                let k = known.as_deref().copied().unwrap_or_default();
+                retire(l, path, &dst, k.hash, k.expect)?;
                 parents.forget(&dst);
             }
             Op::Install { path } => {
@@ -792,11 +853,7 @@ mod tests {
         fs::write(files.join("in/a"), b"new").unwrap();
         fs::write(files.join("in/new/b"), b"b").unwrap();
         let mut ops = vec![
-            Op::Retire {
-                path: "in/a".into(),
-                hash: None,
-                expect: None,
-            },
+            Op::retire("in/a", None, None),
             Op::Install {
                 path: "in/a".into(),
             },
@@ -805,9 +862,10 @@ mod tests {
             },
         ];
         prepare(&l, &mut ops).unwrap();
-        let Op::Retire { hash: Some(h), .. } = ops[0] else {
+        let Op::Retire { known: Some(k), .. } = &ops[0] else {
             panic!("hash filled in")
         };
+        let h = k.hash.expect("hash filled in");
         let obj = object_path(&dsg, Hash(h));
         assert!(
             obj.parent().unwrap().is_dir(),
@@ -861,16 +919,8 @@ mod tests {
             fs::write(files.join(flat_name(p)), b).unwrap();
         }
         let mut ops = vec![
-            Op::Retire {
-                path: "in/kept/y".into(),
-                hash: None,
-                expect: None,
-            },
-            Op::Retire {
-                path: "in/gone/x".into(),
-                hash: None,
-                expect: None,
-            },
+            Op::retire("in/kept/y", None, None),
+            Op::retire("in/gone/x", None, None),
             Op::Install {
                 path: "in/kept/y".into(),
             },
@@ -898,14 +948,33 @@ mod tests {
     fn op_reads_the_client_journal_of_older_versions() {
         let old = r#"{"op":"remove","path":"a","expect":[1,2,3]}"#;
         let op: Op = serde_json::from_str(old).unwrap();
-        assert_eq!(
-            op,
-            Op::Retire {
-                path: "a".into(),
-                hash: None,
-                expect: Some(Box::new((1, 2, 3)))
-            }
-        );
+        assert_eq!(op, Op::retire("a", None, Some((1, 2, 3))));
+    }
+
+    /// The boxed in-memory shape writes the journal's wire shape, field
+    /// for field, so older and newer dsg read each other's journals.
+    #[test]
+    fn op_writes_the_journal_shape_it_always_wrote() {
+        let cases = [
+            (Op::retire("a", None, None), r#"{"op":"retire","path":"a"}"#),
+            (
+                Op::retire("a", Some(7), None),
+                r#"{"op":"retire","path":"a","hash":7}"#,
+            ),
+            (
+                Op::retire("a", Some(7), Some((1, -2, 3))),
+                r#"{"op":"retire","path":"a","hash":7,"expect":[1,-2,3]}"#,
+            ),
+            (
+                Op::Install { path: "b".into() },
+                r#"{"op":"install","path":"b"}"#,
+            ),
+        ];
+        for (op, json) in cases {
+            assert_eq!(serde_json::to_string(&op).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Op>(json).unwrap(), op);
+        }
+        assert_eq!(std::mem::size_of::<Op>(), 24);
     }
 }
 
@@ -914,11 +983,7 @@ mod installs_tests {
     use super::*;
 
     fn retire(p: &str) -> Op {
-        Op::Retire {
-            path: p.into(),
-            hash: None,
-            expect: None,
-        }
+        Op::retire(p, None, None)
     }
 
     fn install(p: &str) -> Op {

@@ -280,11 +280,7 @@ mod tests {
     fn borrowed_prepared_is_the_prepared_record() {
         let d = tempfile::tempdir().unwrap();
         let ops = vec![
-            Op::Retire {
-                path: "a/b".into(),
-                hash: None,
-                expect: Some(Box::new((1, 2, 3))),
-            },
+            Op::retire("a/b", None, Some((1, 2, 3))),
             Op::Install { path: "a/b".into() },
         ];
         for new_hash in [None, Some("h")] {
