@@ -1,0 +1,205 @@
+//! The client against the test cluster (SeaweedFS on loopback, started by
+//! scripts/setup-services; its endpoint and keys in
+//! /var/tmp/dsg-test/s3.env). Skipped without it, unless CI=true.
+
+use dsg_s3::{Cond, Credentials, Location, S3Error, Store};
+
+fn env_file() -> Option<Vec<(String, String)>> {
+    let path = std::env::var("DSG_TEST_S3_ENV").unwrap_or("/var/tmp/dsg-test/s3.env".into());
+    let text = std::fs::read_to_string(&path).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect(),
+    )
+}
+
+fn store(prefix: &str) -> Option<Store> {
+    let Some(vars) = env_file() else {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("CI=true but the S3 test cluster is not set up (run scripts/setup-services)");
+        }
+        eprintln!("SKIPPED: no S3 test cluster (run scripts/setup-services)");
+        return None;
+    };
+    let get = |k: &str| {
+        vars.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{k} missing from s3.env"))
+    };
+    let loc = Location {
+        endpoint: get("AWS_ENDPOINT_URL"),
+        bucket: get("DSG_TEST_BUCKET"),
+        prefix: format!("s3client/{}-{prefix}", std::process::id()),
+        region: get("AWS_REGION"),
+    };
+    let creds = Credentials {
+        key: get("AWS_ACCESS_KEY_ID"),
+        secret: get("AWS_SECRET_ACCESS_KEY"),
+        token: None,
+    };
+    Some(Store::new(loc, &creds).unwrap())
+}
+
+fn cleanup(s: &Store) {
+    for (name, _) in s.list("").unwrap() {
+        s.delete(&name).unwrap();
+    }
+}
+
+#[test]
+fn conditional_writes_decide_one_winner_and_keep_its_bytes() {
+    let Some(s) = store("cond") else { return };
+    s.check_bucket().unwrap();
+    let e1 = s.put("HEAD", b"one", &Cond::Absent).unwrap();
+    assert!(matches!(
+        s.put("HEAD", b"two", &Cond::Absent),
+        Err(S3Error::Precondition { .. })
+    ));
+    assert!(matches!(
+        s.put("HEAD", b"two", &Cond::Etag("\"nope\"".into())),
+        Err(S3Error::Precondition { .. })
+    ));
+    assert_eq!(s.get("HEAD").unwrap().unwrap().0, b"one");
+    let e2 = s.put("HEAD", b"three", &Cond::Etag(e1.clone())).unwrap();
+    assert_ne!(e1, e2);
+    assert!(matches!(
+        s.put("HEAD", b"four", &Cond::Etag(e1)),
+        Err(S3Error::Precondition { .. })
+    ));
+    let (body, etag) = s.get("HEAD").unwrap().unwrap();
+    assert_eq!((body.as_slice(), etag), (&b"three"[..], e2.clone()));
+    assert_eq!(s.head("HEAD").unwrap().unwrap().etag, e2);
+    assert_eq!(s.head("missing").unwrap(), None);
+    assert_eq!(s.get("missing").unwrap(), None);
+    s.probe_conditional("probe").unwrap();
+    assert_eq!(s.head("probe").unwrap(), None, "the probe cleans up");
+    cleanup(&s);
+}
+
+#[test]
+fn racing_conditional_writers_have_exactly_one_winner() {
+    let Some(s) = store("race") else { return };
+    for round in 0..20 {
+        let key = format!("k{round}");
+        let wins: Vec<bool> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    let (s, key) = (&s, &key);
+                    sc.spawn(move || {
+                        s.put(key, format!("w{i}").as_bytes(), &Cond::Absent)
+                            .is_ok()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            wins.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {wins:?}"
+        );
+        let winner = wins.iter().position(|w| *w).unwrap();
+        assert_eq!(
+            s.get(&key).unwrap().unwrap().0,
+            format!("w{winner}").as_bytes()
+        );
+    }
+    cleanup(&s);
+}
+
+#[test]
+fn lists_page_through_and_multipart_assembles_in_order() {
+    let Some(s) = store("list") else { return };
+    for i in 0..1100 {
+        s.put(&format!("data/{i:05}"), b"x", &Cond::None).unwrap();
+    }
+    let names = s.list("data/").unwrap();
+    assert_eq!(names.len(), 1100);
+    assert_eq!(names[0], ("data/00000".to_string(), 1));
+    assert!(names.windows(2).all(|w| w[0].0 < w[1].0));
+
+    let part = |n: u8| vec![n; 5 << 20];
+    let id = s.multipart_create("big").unwrap();
+    assert_eq!(
+        s.multipart_list("").unwrap(),
+        vec![("big".to_string(), id.clone())]
+    );
+    let etags: Vec<String> = (1..=3)
+        .map(|n| s.multipart_part("big", &id, n, &part(n as u8)).unwrap())
+        .collect();
+    assert_eq!(s.head("big").unwrap(), None, "invisible until completed");
+    s.multipart_complete("big", &id, &etags).unwrap();
+    let (body, _) = s.get("big").unwrap().unwrap();
+    assert_eq!(body, [part(1), part(2), part(3)].concat());
+    assert!(s.multipart_list("").unwrap().is_empty());
+
+    let gone = s.multipart_create("gone").unwrap();
+    s.multipart_part("gone", &gone, 1, b"abc").unwrap();
+    s.multipart_abort("gone", &gone).unwrap();
+    assert!(s.multipart_list("").unwrap().is_empty());
+    assert_eq!(s.head("gone").unwrap(), None);
+    cleanup(&s);
+}
+
+#[test]
+fn bad_credentials_missing_buckets_and_dead_endpoints_are_named() {
+    let Some(s) = store("errors") else { return };
+    let loc = s.location().clone();
+    let wrong = Credentials {
+        key: "WRONGKEY".into(),
+        secret: "wrong".into(),
+        token: None,
+    };
+    let e = Store::new(loc.clone(), &wrong)
+        .unwrap()
+        .check_bucket()
+        .unwrap_err();
+    assert!(matches!(e, S3Error::Denied { .. }), "{e:?}");
+    let e = Store::new(loc.clone(), &wrong)
+        .unwrap()
+        .put("x", b"x", &Cond::None)
+        .unwrap_err();
+    assert!(matches!(e, S3Error::Denied { .. }), "{e:?}");
+
+    let creds = Credentials {
+        key: env_file()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k == "AWS_ACCESS_KEY_ID")
+            .unwrap()
+            .1
+            .clone(),
+        secret: env_file()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+            .unwrap()
+            .1
+            .clone(),
+        token: None,
+    };
+    let mut nob = loc.clone();
+    nob.bucket = format!("no-such-bucket-{}", std::process::id());
+    let e = Store::new(nob, &creds).unwrap().check_bucket().unwrap_err();
+    assert!(matches!(e, S3Error::NoBucket { .. }), "{e:?}");
+
+    let mut dead = loc;
+    // A port nothing listens on (bound and dropped).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    dead.endpoint = format!("http://127.0.0.1:{port}");
+    std::env::set_var("DSG_S3_ATTEMPTS", "2");
+    let e = Store::new(dead, &creds)
+        .unwrap()
+        .check_bucket()
+        .unwrap_err();
+    assert!(matches!(e, S3Error::Unreachable { .. }), "{e:?}");
+    assert!(e.to_string().contains(&port.to_string()), "{e}");
+}
