@@ -354,13 +354,17 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
         c.down.write_all(&interim.raw)?;
     }
     if let Action::CutRequest(after) = action {
-        if relay_body(&mut c.dr, &mut c.up, &body, after)? {
+        let cap = Cap {
+            left: after,
+            short: false,
+        };
+        if relay_body(&mut c.dr, &mut c.up, &body, Some(cap))? {
             // The whole request is out: let the server finish it first.
             read_head(&mut c.ur)?;
         }
         return Ok(false);
     }
-    relay_body(&mut c.dr, &mut c.up, &body, u64::MAX)?;
+    relay_body(&mut c.dr, &mut c.up, &body, None)?;
     let resp = loop {
         let head = read_head(&mut c.ur)?.ok_or_else(eof)?;
         if !(100..200).contains(&head.status()) {
@@ -376,7 +380,7 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
 /// unless the client waits for `100 Continue`: then the connection ends.
 fn answer(c: &mut Conn, method: &str, body: &Body, expect: bool, a: Canned) -> io::Result<bool> {
     if !expect {
-        relay_body(&mut c.dr, &mut io::sink(), body, u64::MAX)?;
+        relay_body(&mut c.dr, &mut io::sink(), body, None)?;
     }
     let xml = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message>\
@@ -408,22 +412,15 @@ fn answer(c: &mut Conn, method: &str, body: &Body, expect: bool, a: Canned) -> i
 /// returns whether the connection can carry another request.
 fn relay_response(c: &mut Conn, resp: Head, cut: Option<u64>, seen: &mut Seen) -> io::Result<bool> {
     let body = resp.response_body(&seen.method);
-    let Some(after) = cut else {
-        c.down.write_all(&resp.raw)?;
-        seen.status = Some(resp.status());
-        relay_body(&mut c.ur, &mut c.down, &body, u64::MAX)?;
-        let close = matches!(body, Body::UntilClose) || resp.has_token("connection", "close");
-        return Ok(!close);
-    };
-    let budget = match body {
-        Body::None | Body::Length(0) => return Ok(false),
-        Body::Length(n) => after.min(n - 1),
-        _ => after,
-    };
+    if cut.is_some() && matches!(body, Body::None | Body::Length(0)) {
+        return Ok(false);
+    }
     c.down.write_all(&resp.raw)?;
     seen.status = Some(resp.status());
-    relay_body(&mut c.ur, &mut c.down, &body, budget)?;
-    Ok(false)
+    let cap = cut.map(|left| Cap { left, short: true });
+    relay_body(&mut c.ur, &mut c.down, &body, cap)?;
+    let close = matches!(body, Body::UntilClose) || resp.has_token("connection", "close");
+    Ok(cut.is_none() && !close)
 }
 
 enum Body {
@@ -433,18 +430,30 @@ enum Body {
     UntilClose,
 }
 
-/// Copies a body, at most `budget` bytes of it on the wire; returns whether
-/// it was copied whole. A chunked body under a budget (a cut) never gets
-/// its last chunk, so the cut always shows.
+/// A cut: at most `left` bytes of a body on the wire; `short` makes sure
+/// the body is never completed (a response cut always shows).
+#[derive(Clone, Copy)]
+struct Cap {
+    left: u64,
+    short: bool,
+}
+
+/// Copies a body, capped by `cap` if set; returns whether it went whole.
 fn relay_body<W: Write>(
     from: &mut BufReader<TcpStream>,
     to: &mut W,
     body: &Body,
-    budget: u64,
+    cap: Option<Cap>,
 ) -> io::Result<bool> {
-    let mut out = Capped { to, left: budget };
+    let short = cap.is_some_and(|c| c.short);
+    let left = cap.map_or(u64::MAX, |c| c.left);
+    let mut out = Capped { to, left };
     match *body {
         Body::None => Ok(true),
+        Body::Length(n) if short => {
+            out.left = left.min(n.saturating_sub(1));
+            copy_exact(from, &mut out, n)
+        }
         Body::Length(n) => copy_exact(from, &mut out, n),
         Body::UntilClose => copy_exact(from, &mut out, u64::MAX).or_else(|e| {
             // The server's close ends this body.
@@ -458,7 +467,7 @@ fn relay_body<W: Write>(
                 .ok()
                 .and_then(|l| u64::from_str_radix(l.split(';').next()?.trim(), 16).ok())
                 .ok_or_else(|| bad("a chunk size line"))?;
-            if size == 0 && budget != u64::MAX {
+            if size == 0 && short {
                 return Ok(false);
             }
             if !out.put(&line)? {
