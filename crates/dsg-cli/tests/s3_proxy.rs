@@ -543,7 +543,7 @@ fn chunked_and_close_delimited_responses() {
         after_bytes: u64::MAX,
         filter: Filter::any(),
     });
-    let (code, bodies) = curl_into(&outs[..1], &[url.clone()]);
+    let (code, bodies) = curl_into(&outs[..1], std::slice::from_ref(&url));
     assert_eq!(
         (code, &bodies[0][..]),
         (18, &b"hello world"[..]),

@@ -266,65 +266,37 @@ enum Action {
     CutResponse(u64),
 }
 
+/// The proxy's own answer: status, reason, S3 error code, message.
 #[derive(Clone, Copy)]
-struct Canned {
-    status: u16,
-    reason: &'static str,
-    code: &'static str,
-    message: &'static str,
-}
+struct Canned(u16, &'static str, &'static str, &'static str);
 
-const SLOW_DOWN: Canned = Canned {
-    status: 503,
-    reason: "Slow Down",
-    code: "SlowDown",
-    message: "Please reduce your request rate.",
-};
-const INTERNAL: Canned = Canned {
-    status: 500,
-    reason: "Internal Server Error",
-    code: "InternalError",
-    message: "We encountered an internal error. Please try again.",
-};
-const UNAVAILABLE: Canned = Canned {
-    status: 503,
-    reason: "Service Unavailable",
-    code: "ServiceUnavailable",
-    message: "Please reduce your request rate.",
-};
+const SLOW_DOWN: Canned = Canned(503, "Slow Down", "SlowDown", "Reduce your request rate.");
+const INTERNAL: Canned = Canned(500, "Internal Server Error", "InternalError", "Try again.");
+const UNAVAILABLE: Canned = Canned(503, "Service Unavailable", "ServiceUnavailable", "Down.");
 
 /// Consumes one use of the current rule if it matches this request.
 fn decide(shared: &Shared, method: &str, target: &str) -> (Action, Option<&'static str>) {
     let mut rule = shared.rule.lock().unwrap();
-    let take = |n: &mut usize, f: &Filter| {
-        let hit = *n > 0 && f.matches(method, target);
-        *n -= usize::from(hit);
-        hit
-    };
-    let (action, fault) = match &mut *rule {
+    let (action, name, n, filter) = match &mut *rule {
         Rule::Pass => return (Action::Pass, None),
         Rule::Down => return (Action::Answer(UNAVAILABLE), Some("Down")),
-        Rule::SlowDown { n, filter } => (Action::Answer(SLOW_DOWN), take(n, filter)),
-        Rule::ServerError { n, filter } => (Action::Answer(INTERNAL), take(n, filter)),
+        Rule::SlowDown { n, filter } => (Action::Answer(SLOW_DOWN), "SlowDown", n, filter),
+        Rule::ServerError { n, filter } => (Action::Answer(INTERNAL), "InternalError", n, filter),
         Rule::CutRequest {
             n,
-            after_bytes,
+            after_bytes: b,
             filter,
-        } => (Action::CutRequest(*after_bytes), take(n, filter)),
+        } => (Action::CutRequest(*b), "CutRequest", n, filter),
         Rule::CutResponse {
             n,
-            after_bytes,
+            after_bytes: b,
             filter,
-        } => (Action::CutResponse(*after_bytes), take(n, filter)),
+        } => (Action::CutResponse(*b), "CutResponse", n, filter),
     };
-    if !fault {
+    if *n == 0 || !filter.matches(method, target) {
         return (Action::Pass, None);
     }
-    let name = match &action {
-        Action::Answer(c) => c.code,
-        Action::CutRequest(_) => "CutRequest",
-        _ => "CutResponse",
-    };
+    *n -= 1;
     (action, Some(name))
 }
 
@@ -339,7 +311,7 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
         _ => None,
     };
     if let Action::Answer(canned) = action {
-        seen.status = Some(canned.status);
+        seen.status = Some(canned.0);
         return answer(c, &seen.method, &body, expect, canned);
     }
     c.up.write_all(&req.raw)?;
@@ -379,20 +351,19 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
 /// The proxy's own error answer. A request body is read and dropped first,
 /// unless the client waits for `100 Continue`: then the connection ends.
 fn answer(c: &mut Conn, method: &str, body: &Body, expect: bool, a: Canned) -> io::Result<bool> {
+    let Canned(status, reason, code, message) = a;
+    let close = if expect { "Connection: close\r\n" } else { "" };
     if !expect {
         relay_body(&mut c.dr, &mut io::sink(), body, None)?;
     }
     let xml = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message>\
-         <RequestId>dsg-fault-proxy</RequestId></Error>",
-        a.code, a.message
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+         <Message>{message}</Message><RequestId>dsg-fault-proxy</RequestId></Error>"
     );
-    let close = if expect { "Connection: close\r\n" } else { "" };
+    let len = xml.len();
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n{close}\r\n",
-        a.status,
-        a.reason,
-        xml.len()
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n\
+         Content-Length: {len}\r\n{close}\r\n"
     );
     c.down.write_all(head.as_bytes())?;
     if method != "HEAD" {
