@@ -477,7 +477,8 @@ fn down_refuses_everything_until_set_back() {
 
 /// A stand-in upstream (no cluster needed) for the response framings the
 /// gateway does not use: each request, on any connection, gets the next
-/// canned response; one without a length is ended by closing.
+/// canned response; one without a length is ended by closing, and so is
+/// one that says `Connection: close` (as after an idle timeout).
 fn fake_upstream(responses: Vec<&'static str>) -> String {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -499,7 +500,8 @@ fn fake_upstream(responses: Vec<&'static str>) -> String {
                         return;
                     };
                     conn.write_all(resp.as_bytes()).unwrap();
-                    if !resp.contains("chunked") && !resp.contains("Content-Length") {
+                    let framed = resp.contains("chunked") || resp.contains("Content-Length");
+                    if !framed || resp.contains("close") {
                         return;
                     }
                 }
@@ -525,40 +527,41 @@ fn curl_into(outs: &[PathBuf], urls: &[String]) -> (i32, Vec<Vec<u8>>) {
 fn chunked_and_close_delimited_responses() {
     const CHUNKED: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
                            5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n";
-    const UNTIL_CLOSE: &str = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbye";
-    let proxy = FaultProxy::start(&fake_upstream(vec![CHUNKED, CHUNKED, CHUNKED, UNTIL_CLOSE]));
+    const UNTIL_CLOSE: &str = "HTTP/1.1 200 OK\r\n\r\nbye";
+    const LAST: &str = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Then: close\r\n\r\nlast";
+    let responses = vec![CHUNKED, CHUNKED, CHUNKED, UNTIL_CLOSE, LAST, LAST];
+    let proxy = FaultProxy::start(&fake_upstream(responses));
     let dir = tempfile::tempdir().unwrap();
     let outs: Vec<PathBuf> = (0..2).map(|i| dir.path().join(i.to_string())).collect();
     let url = format!("{}/x", proxy.endpoint());
-    let (code, bodies) = curl_into(&outs, &[url.clone(), url.clone()]);
-    assert_eq!(code, 0);
-    assert_eq!(bodies, [b"hello world", b"hello world"]);
+    let two = [url.clone(), url.clone()];
+    let (code, bodies) = curl_into(&outs, &two);
+    assert_eq!((code, bodies), (0, vec![b"hello world".to_vec(); 2]));
     assert_eq!(
         proxy.connections(),
         1,
-        "two chunked answers on one connection"
+        "two chunked answers, one connection"
     );
     proxy.set(Rule::CutResponse {
         n: 1,
         after_bytes: u64::MAX,
         filter: Filter::any(),
     });
-    let (code, bodies) = curl_into(&outs[..1], std::slice::from_ref(&url));
+    let (code, bodies) = curl_into(&outs[..1], &two[..1]);
     assert_eq!(
         (code, &bodies[0][..]),
         (18, &b"hello world"[..]),
         "no last chunk"
     );
-    let (code, bodies) = curl_into(&outs[..1], &[url]);
+    let (code, bodies) = curl_into(&outs[..1], &two[..1]);
     assert_eq!((code, &bodies[0][..]), (0, &b"bye"[..]));
-    let statuses: Vec<_> = summary(&proxy);
-    assert_eq!(
-        statuses,
-        [
-            seen("GET", Some(200), None),
-            seen("GET", Some(200), None),
-            seen("GET", Some(200), Some("CutResponse")),
-            seen("GET", Some(200), None),
-        ]
-    );
+    // The server closes after the first answer; the client's connection
+    // to the proxy goes on (curl would open a second one otherwise).
+    let (code, bodies) = curl_into(&outs, &two);
+    assert_eq!((code, bodies), (0, vec![b"last".to_vec(); 2]));
+    assert_eq!(proxy.connections(), 4);
+    let ok = seen("GET", Some(200), None);
+    let cut = seen("GET", Some(200), Some("CutResponse"));
+    let want = [ok.clone(), ok.clone(), cut, ok.clone(), ok.clone(), ok];
+    assert_eq!(summary(&proxy), want);
 }

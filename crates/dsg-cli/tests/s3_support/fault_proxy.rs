@@ -212,20 +212,15 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// side closes or a fault cuts it; both sockets are shut down at the end.
 fn serve(id: u64, down: TcpStream, shared: &Shared) -> io::Result<()> {
     down.set_nonblocking(false)?;
-    let up = match TcpStream::connect(shared.upstream) {
-        Ok(up) => up,
-        Err(e) => {
-            let _ = down.shutdown(Shutdown::Both);
-            return Err(e);
-        }
+    down.set_read_timeout(Some(IO_TIMEOUT))?;
+    down.set_nodelay(true)?;
+    let up = connect(shared, id, &down);
+    let Ok(up) = up else {
+        let _ = down.shutdown(Shutdown::Both);
+        return up.map(drop);
     };
-    for s in [&down, &up] {
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_nodelay(true)?;
-    }
-    let guard = [down.try_clone()?, up.try_clone()?];
-    shared.open.lock().unwrap().insert(id, guard);
     let mut c = Conn {
+        id,
         dr: BufReader::new(down.try_clone()?),
         ur: BufReader::new(up.try_clone()?),
         down,
@@ -252,7 +247,35 @@ fn serve(id: u64, down: TcpStream, shared: &Shared) -> io::Result<()> {
     result
 }
 
+/// A new upstream connection, registered to be shut down with the proxy.
+fn connect(shared: &Shared, id: u64, down: &TcpStream) -> io::Result<TcpStream> {
+    let up = TcpStream::connect(shared.upstream)?;
+    up.set_read_timeout(Some(IO_TIMEOUT))?;
+    up.set_nodelay(true)?;
+    let guard = [down.try_clone()?, up.try_clone()?];
+    shared.open.lock().unwrap().insert(id, guard);
+    Ok(up)
+}
+
+/// The server closes kept-alive connections idle too long (SeaweedFS's
+/// `-idleTimeout`, 120 s): the client's connection to the proxy stays open,
+/// so the proxy reconnects instead of failing the client's next request.
+fn reconnect_if_closed(c: &mut Conn, shared: &Shared) -> io::Result<()> {
+    c.up.set_nonblocking(true)?;
+    let closed = match c.up.peek(&mut [0]) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    };
+    c.up.set_nonblocking(false)?;
+    if closed {
+        c.up = connect(shared, c.id, &c.down)?;
+        c.ur = BufReader::new(c.up.try_clone()?);
+    }
+    Ok(())
+}
+
 struct Conn {
+    id: u64,
     dr: BufReader<TcpStream>,
     ur: BufReader<TcpStream>,
     down: TcpStream,
@@ -314,6 +337,7 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
         seen.status = Some(canned.0);
         return answer(c, &seen.method, &body, expect, canned);
     }
+    reconnect_if_closed(c, shared)?;
     c.up.write_all(&req.raw)?;
     if expect {
         let interim = read_head(&mut c.ur)?.ok_or_else(eof)?;
