@@ -27,6 +27,8 @@ struct S3 {
     user: String,
     region: String,
     prefix: String,
+    /// Every `export K=V` of the env file (rclone's remote `dsgtest:`).
+    vars: Vec<(String, String)>,
     dir: tempfile::TempDir,
     keys: std::cell::RefCell<Vec<String>>,
 }
@@ -74,6 +76,11 @@ fn s3_or_skip() -> Option<S3> {
         ),
         region: var("AWS_REGION"),
         prefix: format!("proxytest/{}-{n}/", std::process::id()),
+        vars: text
+            .lines()
+            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         dir: tempfile::tempdir().unwrap(),
         keys: Default::default(),
     })
@@ -564,4 +571,51 @@ fn chunked_and_close_delimited_responses() {
     let cut = seen("GET", Some(200), Some("CutResponse"));
     let want = [ok.clone(), ok.clone(), cut, ok.clone(), ok.clone(), ok];
     assert_eq!(summary(&proxy), want);
+}
+
+/// rclone (the Go AWS SDK: multipart upload, its own retries) through the
+/// proxy: throttled and cut part uploads are retried and the object is
+/// whole.
+#[test]
+fn an_sdk_client_retries_through_faults() {
+    let s3 = s3_or_return!();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let data = random_bytes(9, 12 * KIB * KIB);
+    let f = s3.file("multipart", &data);
+    let upload = |key: &str| {
+        Command::new("rclone")
+            .env_remove("AWS_CA_BUNDLE")
+            .envs(s3.vars.iter().map(|(k, v)| (k, v)))
+            .env("RCLONE_CONFIG_DSGTEST_ENDPOINT", proxy.endpoint())
+            .args(["copyto", "--retries", "1", "--low-level-retries", "5"])
+            .args(["--s3-upload-cutoff", "5M", "--s3-chunk-size", "5M"])
+            .arg(&f)
+            .arg(format!("dsgtest:{}/{key}", s3.bucket))
+            .output()
+            .expect("rclone is installed by scripts/setup-services")
+    };
+    proxy.set(Rule::SlowDown {
+        n: 2,
+        filter: Filter::path("partNumber="),
+    });
+    let key = s3.key("multipart");
+    let o = upload(&key);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(s3.stored(&key) == Some(data.clone()), "the object is whole");
+    let seen = proxy.requests();
+    let slowed = seen.iter().filter(|r| r.fault.is_some()).count();
+    assert_eq!(slowed, 2, "{seen:#?}");
+    // A part cut mid-body (a new key: rclone skips an object it has).
+    proxy.set(Rule::CutRequest {
+        n: 1,
+        after_bytes: 100_000,
+        filter: Filter::path("partNumber=2"),
+    });
+    let key = s3.key("multipart2");
+    let o = upload(&key);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(s3.stored(&key) == Some(data), "the object is whole");
+    let seen = proxy.requests();
+    let cut = seen.iter().filter(|r| r.fault == Some("CutRequest"));
+    assert_eq!(cut.count(), 1, "{seen:#?}");
 }
