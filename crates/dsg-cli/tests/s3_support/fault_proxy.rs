@@ -6,10 +6,10 @@
 //! It is transparent: each request head is forwarded byte for byte, the
 //! `Host` header included, over one upstream connection per client
 //! connection (keep-alive: many requests on one connection; reopened when
-//! the server closed it while idle). SigV4 signs
-//! the `Host` header, so a client must address (and sign for) the proxy's
-//! `endpoint()`; the gateway checks the signature against the `Host` it
-//! receives, which is the proxy's `127.0.0.1:PORT`, and accepts it.
+//! the server closed it while idle). SigV4 signs the `Host` header, so a
+//! client must address (and sign for) the proxy's `endpoint()`; the
+//! gateway checks the signature against the `Host` it receives, which is
+//! the proxy's `127.0.0.1:PORT`, and accepts it.
 //!
 //! Bodies are framed by `Content-Length` or `Transfer-Encoding: chunked`
 //! (responses also by the close of the connection; `HEAD`, 1xx, 204 and
