@@ -173,6 +173,7 @@ enum RepoTypeArg {
     // "[possible values: xfs, zfs]" into a list.
     Xfs,
     Zfs,
+    S3,
 }
 
 impl From<RepoTypeArg> for RepoType {
@@ -180,6 +181,7 @@ impl From<RepoTypeArg> for RepoType {
         match a {
             RepoTypeArg::Xfs => RepoType::Xfs,
             RepoTypeArg::Zfs => RepoType::Zfs,
+            RepoTypeArg::S3 => RepoType::S3,
         }
     }
 }
@@ -195,12 +197,26 @@ struct InitCmd {
     /// Repository (project) name
     #[arg(long)]
     repo_name: Option<String>,
-    /// Repository type, xfs (any POSIX filesystem) or zfs; xfs when not given
+    /// Repository type, xfs (any POSIX filesystem), zfs or s3 (an
+    /// S3-compatible object store); xfs when not given
     #[arg(long, value_enum)]
     repo_type: Option<RepoTypeArg>,
     /// ZFS pool (zfs only)
     #[arg(long)]
     pool: Option<String>,
+    /// Object store URL, e.g. https://s3.example.org (s3 only; credentials
+    /// come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials)
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+    /// Bucket (s3 only; it must exist)
+    #[arg(long)]
+    bucket: Option<String>,
+    /// Key prefix in the bucket (s3 only; the repository is <prefix>/<repo-name>/)
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Region to sign for (s3 only; default AWS_REGION, else us-east-1)
+    #[arg(long)]
+    region: Option<String>,
     /// Path of dsg on the repository host (default: dsg on its PATH);
     /// saved for the host in your dsg.yml (remote_dsg), not in the project
     /// file
@@ -609,30 +625,55 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
         }
     };
     let repo_name = need(a.repo_name, "Repository name", "--repo-name", None)?;
-    let host = need(
-        a.host,
-        "Repository host (localhost, or an ssh host)",
-        "--host",
-        Some("localhost"),
-    )?;
-    let repo_path = need(
-        a.repo_path.map(|p| p.display().to_string()),
-        "Repository path on the host",
-        "--repo-path",
-        None,
-    )?;
+    let is_s3 = matches!(a.repo_type, Some(RepoTypeArg::S3)) || a.endpoint.is_some();
+    let (host, repo_path) = if is_s3 {
+        ("localhost".to_string(), "/".to_string())
+    } else {
+        let host = need(
+            a.host,
+            "Repository host (localhost, or an ssh host)",
+            "--host",
+            Some("localhost"),
+        )?;
+        let repo_path = need(
+            a.repo_path.map(|p| p.display().to_string()),
+            "Repository path on the host",
+            "--repo-path",
+            None,
+        )?;
+        (host, repo_path)
+    };
     let repo_type = match a.repo_type {
         Some(t) => t.into(),
+        None if is_s3 => RepoType::S3,
         None => {
             let s = need(
                 None,
-                "Repository type (xfs or zfs)",
+                "Repository type (xfs, zfs or s3)",
                 "--repo-type",
                 Some("xfs"),
             )?;
-            RepoType::parse(&s)
-                .ok_or_else(|| EngineError::Usage(format!("--repo-type {s:?}: use xfs or zfs")))?
+            RepoType::parse(&s).ok_or_else(|| {
+                EngineError::Usage(format!("--repo-type {s:?}: use xfs, zfs or s3"))
+            })?
         }
+    };
+    let s3 = if repo_type == RepoType::S3 {
+        let endpoint = need(a.endpoint, "Object store URL", "--endpoint", None)?;
+        let bucket = need(a.bucket, "Bucket", "--bucket", None)?;
+        Some(dsg_core::config::S3Location {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            bucket,
+            prefix: a.prefix.unwrap_or_default().trim_matches('/').to_string(),
+            region: a.region,
+        })
+    } else {
+        if a.endpoint.is_some() || a.bucket.is_some() || a.prefix.is_some() {
+            return Err(EngineError::Usage(
+                "--endpoint, --bucket and --prefix go with --repo-type s3".into(),
+            ));
+        }
+        None
     };
     let pool = if repo_type == RepoType::Zfs {
         Some(need(a.pool, "ZFS pool", "--pool", None)?)
@@ -653,6 +694,7 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
         repo_name,
         repo_type,
         pool,
+        s3,
         remote_dsg: a.remote_dsg,
         force: a.force,
         replace: false,

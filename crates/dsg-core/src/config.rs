@@ -102,6 +102,8 @@ pub enum RepoType {
     /// Any POSIX filesystem (the name is the original's).
     Xfs,
     Zfs,
+    /// An S3-compatible object store (`Repository::s3` says where).
+    S3,
 }
 
 impl RepoType {
@@ -109,6 +111,7 @@ impl RepoType {
         match self {
             RepoType::Xfs => "xfs",
             RepoType::Zfs => "zfs",
+            RepoType::S3 => "s3",
         }
     }
 
@@ -116,6 +119,7 @@ impl RepoType {
         match s {
             "xfs" => Some(RepoType::Xfs),
             "zfs" => Some(RepoType::Zfs),
+            "s3" => Some(RepoType::S3),
             _ => None,
         }
     }
@@ -132,6 +136,42 @@ pub struct Repository {
     /// see [`Repository::remote_dsg_command`] for the other places it comes
     /// from.
     pub remote_dsg: Option<RemoteDsg>,
+    /// Where an S3 repository lives (type s3 only; its host is then
+    /// `localhost`: this machine talks to the store itself).
+    pub s3: Option<S3Location>,
+}
+
+/// An object-store repository's place: the objects of project `name` are
+/// under `<prefix>/<name>/` in `bucket`. Credentials are never here: they
+/// come from the environment or `~/.aws/credentials`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    /// `http(s)://host[:port]`.
+    pub endpoint: String,
+    pub bucket: String,
+    /// May be empty.
+    pub prefix: String,
+    /// `None`: `AWS_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+}
+
+impl S3Location {
+    /// The key prefix of project `name`'s repository.
+    pub fn key_prefix(&self, name: &str) -> String {
+        let p = self.prefix.trim_matches('/');
+        if p.is_empty() {
+            name.to_string()
+        } else {
+            format!("{p}/{name}")
+        }
+    }
+
+    pub fn region(&self) -> String {
+        self.region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
+            .unwrap_or_else(|| "us-east-1".into())
+    }
 }
 
 /// A path of the server's dsg that came with the repository.
@@ -202,6 +242,7 @@ impl Repository {
             && self.host == other.host
             && self.mountpoint == other.mountpoint
             && self.pool == other.pool
+            && self.s3 == other.s3
     }
 
     /// The server's dsg for this repository's host, reading the environment
@@ -266,9 +307,13 @@ pub struct ProjectConfig {
 }
 
 impl ProjectConfig {
-    /// The repository directory: `<mountpoint>/<name>`.
+    /// The repository directory: `<mountpoint>/<name>`; for an object
+    /// store, `s3://<bucket>/<prefix>/<name>` (a name for messages).
     pub fn repo_dir(&self) -> PathBuf {
-        self.repository.mountpoint.join(&self.name)
+        match &self.repository.s3 {
+            Some(s3) => PathBuf::from(format!("s3://{}/{}", s3.bucket, s3.key_prefix(&self.name))),
+            None => self.repository.mountpoint.join(&self.name),
+        }
     }
 
     pub fn default_data_dirs() -> BTreeSet<String> {
@@ -332,13 +377,31 @@ impl ProjectConfig {
     /// original leaves defaults out.
     pub fn to_yaml(&self) -> String {
         let r = &self.repository;
-        let mut s = format!(
-            "name: {}\nrepository:\n  type: {}\n  host: {}\n  mountpoint: {}\n",
-            yaml_quote(&self.name),
-            r.kind.as_str(),
-            yaml_quote(&r.host),
-            yaml_quote(&r.mountpoint.to_string_lossy())
-        );
+        let mut s = match &r.s3 {
+            // Not a layout the original reads (it has no object stores).
+            Some(s3) => {
+                let mut s = format!(
+                    "name: {}\nrepository:\n  type: s3\n  endpoint: {}\n  bucket: {}\n",
+                    yaml_quote(&self.name),
+                    yaml_quote(&s3.endpoint),
+                    yaml_quote(&s3.bucket)
+                );
+                if !s3.prefix.is_empty() {
+                    s.push_str(&format!("  prefix: {}\n", yaml_quote(&s3.prefix)));
+                }
+                if let Some(region) = &s3.region {
+                    s.push_str(&format!("  region: {}\n", yaml_quote(region)));
+                }
+                s
+            }
+            None => format!(
+                "name: {}\nrepository:\n  type: {}\n  host: {}\n  mountpoint: {}\n",
+                yaml_quote(&self.name),
+                r.kind.as_str(),
+                yaml_quote(&r.host),
+                yaml_quote(&r.mountpoint.to_string_lossy())
+            ),
+        };
         if let Some(p) = &r.pool {
             s.push_str(&format!("  pool: {}\n", yaml_quote(p)));
         }
@@ -576,9 +639,13 @@ fn string_set(file: &Path, key: &str, v: &Value) -> Result<BTreeSet<String>, Con
 struct RawRepository {
     #[serde(rename = "type")]
     kind: String,
-    host: String,
-    mountpoint: String,
+    host: Option<String>,
+    mountpoint: Option<String>,
     pool: Option<String>,
+    endpoint: Option<String>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    region: Option<String>,
     /// Written by earlier versions of dsg; read so their files still work.
     remote_dsg: Option<String>,
 }
@@ -590,7 +657,7 @@ fn parse_repository(file: &Path, v: &Value) -> Result<Repository, ConfigError> {
         invalid(
             file,
             format!("key 'repository{key}': {}", e.inner()),
-            "repository takes type (xfs|zfs), host, mountpoint and pool (zfs only); quote string values",
+            "repository takes type (xfs|zfs|s3), host, mountpoint and pool (zfs only), or for s3 endpoint, bucket, prefix and region; quote string values",
         )
     })?;
     let kind = RepoType::parse(&raw.kind).ok_or_else(|| {
@@ -600,9 +667,33 @@ fn parse_repository(file: &Path, v: &Value) -> Result<Repository, ConfigError> {
                 "key 'repository.type': unsupported repository type {:?}",
                 raw.kind
             ),
-            "use 'xfs' (any POSIX filesystem) or 'zfs'",
+            "use 'xfs' (any POSIX filesystem), 'zfs' or 's3'",
         )
     })?;
+    if kind == RepoType::S3 {
+        return parse_s3(file, raw);
+    }
+    for (key, given) in [
+        ("endpoint", raw.endpoint.is_some()),
+        ("bucket", raw.bucket.is_some()),
+        ("prefix", raw.prefix.is_some()),
+        ("region", raw.region.is_some()),
+    ] {
+        if given {
+            return Err(invalid(
+                file,
+                format!("key 'repository.{key}' is only allowed for type s3"),
+                "remove it",
+            ));
+        }
+    }
+    let (Some(host), Some(mountpoint)) = (raw.host, raw.mountpoint) else {
+        return Err(invalid(
+            file,
+            "keys 'repository.host' and 'repository.mountpoint' are required",
+            "add host (localhost or an ssh host) and mountpoint (an absolute path)",
+        ));
+    };
     match (kind, &raw.pool) {
         (RepoType::Zfs, None) => {
             return Err(invalid(
@@ -620,29 +711,82 @@ fn parse_repository(file: &Path, v: &Value) -> Result<Repository, ConfigError> {
         }
         _ => {}
     }
-    if raw.host.trim().is_empty() {
+    if host.trim().is_empty() {
         return Err(invalid(
             file,
             "key 'repository.host' is empty",
             "use localhost or an ssh host name",
         ));
     }
-    if !raw.mountpoint.starts_with('/') {
+    if !mountpoint.starts_with('/') {
         return Err(invalid(
             file,
-            format!(
-                "key 'repository.mountpoint': {:?} is not an absolute path",
-                raw.mountpoint
-            ),
+            format!("key 'repository.mountpoint': {mountpoint:?} is not an absolute path"),
             "give the absolute path of the directory that holds the repository",
         ));
     }
     Ok(Repository {
         kind,
-        host: raw.host,
-        mountpoint: PathBuf::from(raw.mountpoint),
+        host,
+        mountpoint: PathBuf::from(mountpoint),
         pool: raw.pool,
         remote_dsg: raw.remote_dsg.map(RemoteDsg::Legacy),
+        s3: None,
+    })
+}
+
+/// `type: s3`: endpoint and bucket, optionally prefix and region.
+fn parse_s3(file: &Path, raw: RawRepository) -> Result<Repository, ConfigError> {
+    for (key, given) in [
+        ("host", raw.host.is_some()),
+        ("mountpoint", raw.mountpoint.is_some()),
+        ("pool", raw.pool.is_some()),
+        ("remote_dsg", raw.remote_dsg.is_some()),
+    ] {
+        if given {
+            return Err(invalid(
+                file,
+                format!("key 'repository.{key}' is not allowed for type s3"),
+                "an s3 repository takes endpoint, bucket, prefix and region",
+            ));
+        }
+    }
+    let endpoint = raw.endpoint.unwrap_or_default();
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(invalid(
+            file,
+            format!("key 'repository.endpoint': {endpoint:?} is not an http:// or https:// URL"),
+            "give the object store's URL, e.g. https://s3.example.org or http://127.0.0.1:8333",
+        ));
+    }
+    let bucket = raw.bucket.unwrap_or_default();
+    if bucket.is_empty() || bucket.contains('/') {
+        return Err(invalid(
+            file,
+            format!("key 'repository.bucket': {bucket:?} is not a bucket name"),
+            "give the bucket's name (no slashes; the prefix goes in 'prefix')",
+        ));
+    }
+    let prefix = raw.prefix.unwrap_or_default().trim_matches('/').to_string();
+    if prefix.split('/').any(|c| c == "." || c == "..") {
+        return Err(invalid(
+            file,
+            format!("key 'repository.prefix': {prefix:?} has . or .. components"),
+            "use a plain key prefix such as 'projects/lab1'",
+        ));
+    }
+    Ok(Repository {
+        kind: RepoType::S3,
+        host: "localhost".into(),
+        mountpoint: PathBuf::from("/"),
+        pool: None,
+        remote_dsg: None,
+        s3: Some(S3Location {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            bucket,
+            prefix,
+            region: raw.region.filter(|r| !r.is_empty()),
+        }),
     })
 }
 
@@ -693,6 +837,13 @@ fn parse_legacy(
             "use xfs or zfs",
         )
     })?;
+    if kind == RepoType::S3 {
+        return Err(invalid(
+            file,
+            "key 'ssh.type': an s3 repository cannot be given in the legacy layout",
+            "use the 'repository:' section with type s3, endpoint and bucket",
+        ));
+    }
     if !obj.contains_key("name") {
         if let Some(Value::String(n)) = ssh.get("name") {
             obj.insert("name".into(), Value::String(n.clone()));
@@ -706,6 +857,7 @@ fn parse_legacy(
         // keep that so such configs still open.
         pool: (kind == RepoType::Zfs).then(|| "dsgdata".to_string()),
         remote_dsg: None,
+        s3: None,
     })
 }
 
@@ -1507,6 +1659,7 @@ mod tests {
                                     mountpoint: "/var/repos/zsd".into(),
                                     pool: pool.map(String::from),
                                     remote_dsg: rd.clone(),
+                                    s3: None,
                                 },
                                 data_dirs: dd.clone(),
                                 ignore: ig.clone(),

@@ -160,6 +160,17 @@ impl RepoClient {
     /// Connects to the repository a project config names.
     pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
         let repo = &cfg.repository;
+        if let Some(s3) = &repo.s3 {
+            // This machine talks to the object store itself: the agent runs
+            // in-process over the store's backend.
+            let backend =
+                crate::s3::S3Repo::open(s3, &cfg.name).map_err(|e| RepoError::Remote {
+                    host: s3.endpoint.clone(),
+                    repo: cfg.repo_dir().display().to_string(),
+                    err: e.to_remote(),
+                })?;
+            return RepoClient::in_process(Box::new(backend), &repo.host);
+        }
         if !repo.is_local() {
             return crate::ssh::connect(cfg);
         }

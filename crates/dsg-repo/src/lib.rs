@@ -15,6 +15,7 @@ pub mod list;
 pub mod protocol;
 pub mod prune;
 pub mod repo;
+pub mod s3;
 mod site;
 pub mod ssh;
 mod store;
@@ -48,6 +49,12 @@ pub fn open(
                 .hint("set repository.pool in .dsgconfig.yml (dsg init --pool POOL)")
             })?;
             Box::new(zfs::Zfs::new(pool, repo_dir)?)
+        }
+        RepoType::S3 => {
+            return Err(backend::AgentError::new(
+                protocol::ErrorKind::Protocol,
+                "an s3 repository is opened from its project config (s3::S3Repo::open)",
+            ))
         }
     };
     Ok(Box::new(repo::Repository::new(repo_dir, store)?))

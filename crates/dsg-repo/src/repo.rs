@@ -32,7 +32,7 @@ use crate::store::{Store, TxRef};
 
 /// What was staged at a path, checked against the new manifest at commit.
 #[derive(Clone, Debug, PartialEq)]
-enum StagedKind {
+pub(crate) enum StagedKind {
     File { size: u64, hash: u64 },
     Link { target: String },
 }
@@ -101,6 +101,29 @@ impl OpenTx {
 }
 
 impl OpenTx {
+    /// A transaction whose exclusion is held by its backend rather than by
+    /// lock files (an object store's lease): only what the commit check
+    /// reads — the staged paths, the base — and a local scratch folder
+    /// (`staging`) for what the check writes.
+    pub(crate) fn unlocked(id: &str, staging: PathBuf, init: bool, base: Option<Base>) -> OpenTx {
+        OpenTx {
+            _locks: Vec::new(),
+            id: id.into(),
+            root: staging.clone(),
+            staging,
+            init,
+            replace: false,
+            staged: Vec::new(),
+            dirs: Default::default(),
+            flat_made: false,
+            base,
+        }
+    }
+
+    pub(crate) fn stage(&mut self, path: String, kind: StagedKind) {
+        self.staged.push((path, kind));
+    }
+
     fn as_ref(&self) -> TxRef<'_> {
         TxRef {
             id: &self.id,
@@ -251,168 +274,10 @@ impl Repository {
     /// paths alongside it. Its findings are reported after the read, in
     /// the order the checks had when the upload was parsed whole first.
     fn verify_commit(&self, tx: &OpenTx, c: &CommitData) -> Result<Verified, AgentError> {
-        // The id becomes a file name and a ZFS snapshot name: only the one
-        // id this commit can have is accepted, before anything is read or
-        // written on its behalf.
-        let expected = format!("s{}", base_number(tx)?.unwrap_or(0) + 1);
-        if c.snapshot_id != expected {
-            return Err(AgentError::new(
-                ErrorKind::Protocol,
-                format!(
-                    "refusing snapshot id {:?}: this commit can only be {expected}",
-                    c.snapshot_id
-                ),
-            )
-            .hint("nothing was changed; run the command again with dsg, which numbers snapshots itself"));
-        }
         let head_path = self.site.dsg().join("last-sync.json");
-        let meta = self.meta_dir(tx);
-        let delta = match &c.removed {
-            Some(removed) => Some(Delta::read(tx, c, removed)?),
-            None => None,
-        };
-        let mut copy = HeadCopy::create(&meta.join(HEAD_COPY));
-        let (check, upload, base_reads, tag) =
-            self.walk_new_manifest(tx, c, delta, &mut copy, &head_path, &meta);
-        let new = upload?;
-        check_base_reads(tx, check.base_done, base_reads)?;
-        new.verify_integrity().map_err(|e| {
-            AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
-        })?;
-        if new.metadata.as_ref().map(|m| m.snapshot_id.as_str()) != Some(c.snapshot_id.as_str()) {
-            return Err(AgentError::new(
-                ErrorKind::Protocol,
-                "manifest snapshot id does not match the commit",
-            )
-            .hint(REFUSED));
-        }
-        // A manifest that cannot be one tree on disk would pass the commit
-        // point and then fail to apply, leaving every later command stuck.
-        // Every dsg writes its manifests in path order, which the checks
-        // walking it need.
-        let shape = match (&check.disorder, check.shape_err) {
-            (Some((a, b)), _) => Err(format!(
-                "entries are not in path order: {b:?} comes after {a:?}"
-            )),
-            (None, Some(e)) => Err(e),
-            (None, None) => check.shape.finish(|| -> Box<dyn Read + '_> {
-                match &c.removed {
-                    None => c.manifest.reader(),
-                    // What a delta commit wrote (an unreadable file fails
-                    // the check).
-                    Some(_) => match File::open(meta.join("last-sync.json")) {
-                        Ok(f) => Box::new(std::io::BufReader::with_capacity(1 << 16, f)),
-                        Err(_) => Box::new(std::io::empty()),
-                    },
-                }
-            }),
-        };
-        shape.map_err(|e| {
-            AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
-        })?;
-        // Every later command reads the sync-messages: they must parse, and
-        // record the snapshot they are committed with.
-        let messages =
-            SyncMessages::from_json_bytes(&c.sync_messages, Path::new("uploaded sync-messages"))
-                .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
-        if !messages.snapshots.contains_key(&c.snapshot_id) {
-            return Err(AgentError::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "uploaded sync-messages do not record snapshot {}",
-                    c.snapshot_id
-                ),
-            )
-            .hint(REFUSED));
-        }
-        if let Some(e) = check.entry_err.or(check.stray_err) {
-            return Err(e);
-        }
-        if let Some(w) = copy {
-            // Only a cache: without it the next sync reads the JSON.
-            let _ = w.finish(new.metadata.as_ref(), &new.stored_entries_hash, tag);
-        }
-        Ok(Verified {
-            retired: check.retired,
-            head_written: c.removed.as_ref().map(|_| tag),
-        })
+        verify_commit_at(tx, c, &head_path, &self.meta_dir(tx))
     }
 
-    /// Walks the new manifest — the upload, or the base with a delta
-    /// applied (written as the new head meanwhile) — through the commit
-    /// check and into the head's binary copy, the base read alongside by
-    /// helper threads. Returns the check, the new manifest's summary, each
-    /// base read's outcome and the XXH3 of the new head's bytes.
-    fn walk_new_manifest<'t>(
-        &self,
-        tx: &'t OpenTx,
-        c: &CommitData,
-        delta: Option<Delta>,
-        copy: &mut Option<HeadCopy>,
-        head_path: &Path,
-        meta: &Path,
-    ) -> Walk<'t> {
-        std::thread::scope(|scope| {
-            let mut readers = Vec::new();
-            let mut base_cursor = || match &tx.base {
-                None => BaseCursor::new(BaseSource::Empty),
-                Some(Base { whole: Some(m), .. }) => {
-                    BaseCursor::new(BaseSource::Whole(m.entries().iter()))
-                }
-                Some(Base {
-                    whole: None,
-                    copy_of,
-                    ..
-                }) => {
-                    // A bounded channel: the base is never more than a few
-                    // thousand entries ahead of the upload.
-                    let (send, recv) = std::sync::mpsc::sync_channel(8);
-                    let (path, copy) = (&head_path, *copy_of);
-                    readers.push(scope.spawn(move || match copy {
-                        Some(tag) => read_base_copy(path, tag, send),
-                        None => read_base(path, send),
-                    }));
-                    BaseCursor::streamed(recv)
-                }
-            };
-            let mut check = CommitCheck::new(&tx.staged, base_cursor());
-            let mut visit = |e: Entry| {
-                if let Some(w) = copy.as_mut() {
-                    if w.push(&e).is_err() {
-                        *copy = None;
-                    }
-                }
-                check.entry(e);
-            };
-            let (upload, tag) = match delta {
-                // The new manifest is the base with the delta applied,
-                // written as the new head while the check walks it.
-                Some(d) => d
-                    .apply(base_cursor(), &meta.join("last-sync.json"), &mut visit)
-                    .map(|(new, tag)| (Ok(new), tag))
-                    .unwrap_or_else(|e| (Err(e), 0)),
-                None => {
-                    let mut bytes = dsg_core::hash::HashingReader::new(c.manifest.reader());
-                    let new = stream_entries(&mut bytes, Path::new("uploaded manifest"), |e| {
-                        visit(e);
-                        Ok(())
-                    })
-                    .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED));
-                    (new, bytes.digest().0)
-                }
-            };
-            if upload.is_ok() {
-                check.finish();
-            }
-            // Lets a reader still sending stop.
-            check.base = BaseCursor::new(BaseSource::Empty);
-            let base_reads: Vec<_> = readers
-                .into_iter()
-                .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect();
-            (check, upload, base_reads, tag)
-        })
-    }
     /// Where the transaction stages the repository's metadata: an init's
     /// future `.dsg/`, or what the apply moves into `.dsg/`.
     fn meta_dir(&self, tx: &OpenTx) -> PathBuf {
@@ -718,6 +583,177 @@ const REFUSED: &str =
 /// hash (a file's; the apply files superseded versions by it).
 type Retired = Vec<(String, Option<u64>)>;
 
+/// The new manifest, checked against what was staged and the base (the
+/// head file at `head_path`); a delta's merged head and the head's binary
+/// copy are written into `meta`. See `Repository::verify_commit`.
+pub(crate) fn verify_commit_at(
+    tx: &OpenTx,
+    c: &CommitData,
+    head_path: &Path,
+    meta: &Path,
+) -> Result<Verified, AgentError> {
+    // The id becomes a file name and a ZFS snapshot name: only the one
+    // id this commit can have is accepted, before anything is read or
+    // written on its behalf.
+    let expected = format!("s{}", base_number(tx)?.unwrap_or(0) + 1);
+    if c.snapshot_id != expected {
+        return Err(AgentError::new(
+            ErrorKind::Protocol,
+            format!(
+                "refusing snapshot id {:?}: this commit can only be {expected}",
+                c.snapshot_id
+            ),
+        )
+        .hint(
+            "nothing was changed; run the command again with dsg, which numbers snapshots itself",
+        ));
+    }
+    let delta = match &c.removed {
+        Some(removed) => Some(Delta::read(tx, c, removed)?),
+        None => None,
+    };
+    let mut copy = HeadCopy::create(&meta.join(HEAD_COPY));
+    let (check, upload, base_reads, tag) =
+        walk_new_manifest(tx, c, delta, &mut copy, head_path, meta);
+    let new = upload?;
+    check_base_reads(tx, check.base_done, base_reads)?;
+    new.verify_integrity().map_err(|e| {
+        AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
+    })?;
+    if new.metadata.as_ref().map(|m| m.snapshot_id.as_str()) != Some(c.snapshot_id.as_str()) {
+        return Err(AgentError::new(
+            ErrorKind::Protocol,
+            "manifest snapshot id does not match the commit",
+        )
+        .hint(REFUSED));
+    }
+    // A manifest that cannot be one tree on disk would pass the commit
+    // point and then fail to apply, leaving every later command stuck.
+    // Every dsg writes its manifests in path order, which the checks
+    // walking it need.
+    let shape = match (&check.disorder, check.shape_err) {
+        (Some((a, b)), _) => Err(format!(
+            "entries are not in path order: {b:?} comes after {a:?}"
+        )),
+        (None, Some(e)) => Err(e),
+        (None, None) => check.shape.finish(|| -> Box<dyn Read + '_> {
+            match &c.removed {
+                None => c.manifest.reader(),
+                // What a delta commit wrote (an unreadable file fails
+                // the check).
+                Some(_) => match File::open(meta.join("last-sync.json")) {
+                    Ok(f) => Box::new(std::io::BufReader::with_capacity(1 << 16, f)),
+                    Err(_) => Box::new(std::io::empty()),
+                },
+            }
+        }),
+    };
+    shape.map_err(|e| {
+        AgentError::new(ErrorKind::Corrupt, format!("uploaded manifest: {e}")).hint(REFUSED)
+    })?;
+    // Every later command reads the sync-messages: they must parse, and
+    // record the snapshot they are committed with.
+    let messages =
+        SyncMessages::from_json_bytes(&c.sync_messages, Path::new("uploaded sync-messages"))
+            .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED))?;
+    if !messages.snapshots.contains_key(&c.snapshot_id) {
+        return Err(AgentError::new(
+            ErrorKind::Corrupt,
+            format!(
+                "uploaded sync-messages do not record snapshot {}",
+                c.snapshot_id
+            ),
+        )
+        .hint(REFUSED));
+    }
+    if let Some(e) = check.entry_err.or(check.stray_err) {
+        return Err(e);
+    }
+    if let Some(w) = copy {
+        // Only a cache: without it the next sync reads the JSON.
+        let _ = w.finish(new.metadata.as_ref(), &new.stored_entries_hash, tag);
+    }
+    Ok(Verified {
+        retired: check.retired,
+        head_written: c.removed.as_ref().map(|_| tag),
+    })
+}
+
+/// Walks the new manifest — the upload, or the base with a delta
+/// applied (written as the new head meanwhile) — through the commit
+/// check and into the head's binary copy, the base read alongside by
+/// helper threads. Returns the check, the new manifest's summary, each
+/// base read's outcome and the XXH3 of the new head's bytes.
+fn walk_new_manifest<'t>(
+    tx: &'t OpenTx,
+    c: &CommitData,
+    delta: Option<Delta>,
+    copy: &mut Option<HeadCopy>,
+    head_path: &Path,
+    meta: &Path,
+) -> Walk<'t> {
+    std::thread::scope(|scope| {
+        let mut readers = Vec::new();
+        let mut base_cursor = || match &tx.base {
+            None => BaseCursor::new(BaseSource::Empty),
+            Some(Base { whole: Some(m), .. }) => {
+                BaseCursor::new(BaseSource::Whole(m.entries().iter()))
+            }
+            Some(Base {
+                whole: None,
+                copy_of,
+                ..
+            }) => {
+                // A bounded channel: the base is never more than a few
+                // thousand entries ahead of the upload.
+                let (send, recv) = std::sync::mpsc::sync_channel(8);
+                let (path, copy) = (&head_path, *copy_of);
+                readers.push(scope.spawn(move || match copy {
+                    Some(tag) => read_base_copy(path, tag, send),
+                    None => read_base(path, send),
+                }));
+                BaseCursor::streamed(recv)
+            }
+        };
+        let mut check = CommitCheck::new(&tx.staged, base_cursor());
+        let mut visit = |e: Entry| {
+            if let Some(w) = copy.as_mut() {
+                if w.push(&e).is_err() {
+                    *copy = None;
+                }
+            }
+            check.entry(e);
+        };
+        let (upload, tag) = match delta {
+            // The new manifest is the base with the delta applied,
+            // written as the new head while the check walks it.
+            Some(d) => d
+                .apply(base_cursor(), &meta.join("last-sync.json"), &mut visit)
+                .map(|(new, tag)| (Ok(new), tag))
+                .unwrap_or_else(|e| (Err(e), 0)),
+            None => {
+                let mut bytes = dsg_core::hash::HashingReader::new(c.manifest.reader());
+                let new = stream_entries(&mut bytes, Path::new("uploaded manifest"), |e| {
+                    visit(e);
+                    Ok(())
+                })
+                .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()).hint(REFUSED));
+                (new, bytes.digest().0)
+            }
+        };
+        if upload.is_ok() {
+            check.finish();
+        }
+        // Lets a reader still sending stop.
+        check.base = BaseCursor::new(BaseSource::Empty);
+        let base_reads: Vec<_> = readers
+            .into_iter()
+            .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect();
+        (check, upload, base_reads, tag)
+    })
+}
+
 /// Where the commit check's base entries come from, in path order.
 enum BaseSource<'a> {
     /// An init: no base.
@@ -922,9 +958,9 @@ type Walk<'t> = (
 
 /// What a commit's check found: the base's paths it retires, and, for a
 /// delta commit, the XXH3 of the head it wrote into staging.
-struct Verified {
-    retired: Retired,
-    head_written: Option<u64>,
+pub(crate) struct Verified {
+    pub retired: Retired,
+    pub head_written: Option<u64>,
 }
 
 /// A delta commit's changes: added and changed entries and dropped paths,

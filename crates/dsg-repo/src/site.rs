@@ -34,6 +34,32 @@ pub(crate) struct Base {
 /// written by anything else (the original dsg) is read as JSON again.
 pub(crate) const HEAD_COPY: &str = "last-sync.bin";
 
+/// A head file's summary for `begin` (see `Site::head_base`), read from
+/// its JSON: a head not in path order is held sorted.
+pub(crate) fn head_base_of(f: File, p: &Path) -> Result<Option<Base>, AgentError> {
+    let corrupt = |e: ManifestError| AgentError::new(ErrorKind::Corrupt, e.to_string());
+    let read = stream_entries(std::io::BufReader::with_capacity(1 << 16, f), p, |_| Ok(()))
+        .map_err(corrupt)?;
+    if read.sorted {
+        return Ok(Some(Base {
+            metadata: read.metadata,
+            entry_count: read.entry_count,
+            whole: None,
+            copy_of: None,
+        }));
+    }
+    // Not in path order (the original writes its own order): the commit
+    // check walks the base in path order, so it is held sorted; this also
+    // makes the checks a stream could not.
+    let m = Manifest::load_optional(p).map_err(corrupt)?;
+    Ok(m.map(|m| Base {
+        metadata: m.metadata.clone(),
+        entry_count: m.len() as u64,
+        whole: Some(m),
+        copy_of: None,
+    }))
+}
+
 /// The XXH3 of the head file, the tag its binary copy must carry.
 pub(crate) fn head_tag(head: &Path) -> std::io::Result<u64> {
     dsg_core::hash::hash_file(head).map(|(h, _)| h.0)
@@ -107,30 +133,7 @@ impl Site {
         if let Some(base) = self.head_from_copy(&p) {
             return Ok(Some(base));
         }
-        let read = stream_entries(
-            std::io::BufReader::with_capacity(1 << 16, f),
-            &p,
-            |_| Ok(()),
-        )
-        .map_err(corrupt)?;
-        if read.sorted {
-            return Ok(Some(Base {
-                metadata: read.metadata,
-                entry_count: read.entry_count,
-                whole: None,
-                copy_of: None,
-            }));
-        }
-        // Not in path order (the original writes its own order): the
-        // commit check walks the base in path order, so it is held sorted;
-        // this also makes the checks a stream could not.
-        let m = Manifest::load_optional(&p).map_err(corrupt)?;
-        Ok(m.map(|m| Base {
-            metadata: m.metadata.clone(),
-            entry_count: m.len() as u64,
-            whole: Some(m),
-            copy_of: None,
-        }))
+        head_base_of(f, &p)
     }
 
     /// The head's summary from its binary copy, when there is one made

@@ -37,6 +37,8 @@ pub struct InitArgs {
     pub repo_name: String,
     pub repo_type: RepoType,
     pub pool: Option<String>,
+    /// Where an s3 repository lives (`--repo-type s3`).
+    pub s3: Option<dsg_core::config::S3Location>,
     pub remote_dsg: Option<String>,
     pub force: bool,
     /// Replace the repository if it exists. Only with `force`, and only
@@ -77,6 +79,7 @@ fn config_of(args: &InitArgs) -> ProjectConfig {
             mountpoint: args.repo_path.clone(),
             pool: args.pool.clone(),
             remote_dsg: args.remote_dsg.clone().map(RemoteDsg::Given),
+            s3: args.s3.clone(),
         },
         data_dirs: ProjectConfig::default_data_dirs(),
         ignore: dsg_core::config::IgnoreRules::defaults(),
@@ -91,7 +94,12 @@ fn check_args(args: &InitArgs) -> Result<()> {
             "--pool is required with --repo-type zfs".into(),
         ));
     }
-    if !args.repo_path.is_absolute() {
+    if (args.repo_type == RepoType::S3) != args.s3.is_some() {
+        return Err(EngineError::Usage(
+            "--endpoint and --bucket go with --repo-type s3 (and it needs them)".into(),
+        ));
+    }
+    if args.repo_type != RepoType::S3 && !args.repo_path.is_absolute() {
         return Err(EngineError::Usage(format!(
             "--repo-path {} must be an absolute path",
             args.repo_path.display()

@@ -70,6 +70,7 @@ fn connect(loc: &Location) -> Result<RepoClient> {
             mountpoint: dir.parent().unwrap_or(Path::new("/")).to_path_buf(),
             pool: None,
             remote_dsg: None,
+            s3: None,
         },
         data_dirs: ProjectConfig::default_data_dirs(),
         ignore: IgnoreRules::default(),

@@ -1,0 +1,1287 @@
+//! A repository in an S3-compatible object store: one more `Backend`.
+//!
+//! Layout under the repository's key prefix (docs/design.md, "S3"):
+//!
+//! - `HEAD`: a small JSON document naming the head snapshot and every
+//!   snapshot, with an `epoch`. Replacing it with a conditional PUT
+//!   (`If-Match` its ETag; `If-None-Match: *` at init) is the commit point:
+//!   one writer wins, the rest are told the repository moved.
+//! - `snapshots/<sN>-<tx>.json.lz4` and `.messages.json`: each snapshot's
+//!   manifest (LZ4, the archive format) and sync-messages, written before
+//!   the commit point under names no other transaction uses.
+//! - `data/<xxh3>-<size>`: file contents, content-addressed, immutable,
+//!   uploaded once (deduplicated across paths and snapshots), verified
+//!   against the manifest's hash before they are written.
+//! - `lock`: the writers' lease (owner, transaction, expiry), renewed while
+//!   a transaction runs; taken over when it expired, after fencing the dead
+//!   holder (the taker bumps `HEAD`'s epoch, so a paused holder's commit
+//!   fails its `If-Match`).
+//! - `txs/<tx>/<n>.json`: before a batch of contents is uploaded, the keys
+//!   it may create (write-ahead), so the next writer can remove what a dead
+//!   transaction left.
+//!
+//! Readers take no lock: a snapshot's objects never change, and `HEAD`
+//! names only complete snapshots.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dsg_core::config::S3Location;
+use dsg_core::manifest::{archive_name, EntryKind, Manifest};
+use dsg_core::paths::{check_link_target, check_relpath};
+use dsg_s3::{Cond, Location, S3Error, Store};
+use dsg_txn::failpoint::failpoint;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{AgentError, Backend, CommitData, Stored, Version};
+use crate::protocol::ErrorKind;
+use crate::repo::{verify_commit_at, OpenTx, StagedKind};
+
+/// Files up to this size are read whole, verified and sent in one PUT by
+/// the upload pool; larger ones go up in parts of this size.
+const PART: usize = 16 << 20;
+/// Uploads in flight at once (small files): the store's latency, not its
+/// bandwidth, bounds a sync of many small files.
+const WORKERS: usize = 16;
+/// A write-ahead batch: this many keys, or this many bytes.
+const BATCH_KEYS: usize = 256;
+const BATCH_BYTES: usize = 32 << 20;
+const HEAD_FORMAT: &str = "dsg-s3/1";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct HeadDoc {
+    format: String,
+    /// Bumped by whoever takes over a dead writer's lease: the dead
+    /// writer's `If-Match` then fails.
+    epoch: u64,
+    head: Option<SnapRef>,
+    snapshots: Vec<SnapRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct SnapRef {
+    id: String,
+    tx: String,
+    /// XXH3 of the manifest's JSON bytes.
+    hash: u64,
+}
+
+impl SnapRef {
+    fn manifest_key(&self) -> String {
+        format!("snapshots/{}-{}.json.lz4", self.id, self.tx)
+    }
+    fn messages_key(&self) -> String {
+        format!("snapshots/{}-{}.messages.json", self.id, self.tx)
+    }
+}
+
+fn data_key(hash: u64, size: u64) -> String {
+    format!("data/{hash:016x}-{size}")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LockDoc {
+    tx: String,
+    user: String,
+    pid: u32,
+    /// Unix seconds.
+    expires: u64,
+    /// Released.
+    free: bool,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An object-store error as the agent reports it.
+fn err(e: S3Error) -> AgentError {
+    let kind = match &e {
+        S3Error::NoBucket { .. } => ErrorKind::NotFound,
+        S3Error::Precondition { .. } | S3Error::Ambiguous { .. } => ErrorKind::Moved,
+        S3Error::Unsafe { .. } => ErrorKind::Unsafe,
+        _ => ErrorKind::Io,
+    };
+    let hint = e.hint();
+    AgentError::new(kind, e.to_string()).hint(hint)
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> AgentError {
+    AgentError::new(ErrorKind::Corrupt, format!("{what}: {e}"))
+        .hint("the repository's objects were altered outside dsg; restore them from a backup")
+}
+
+pub struct S3Repo {
+    store: Arc<Store>,
+    lease_secs: u64,
+    lock_timeout: Duration,
+    tx: Option<S3Tx>,
+    /// The head manifest `open` reads from, by the head it was read for.
+    index: Option<(SnapRef, Manifest)>,
+}
+
+impl S3Repo {
+    /// The repository of project `name` at `loc`; credentials from the
+    /// environment or `~/.aws/credentials`.
+    pub fn open(loc: &S3Location, name: &str) -> Result<S3Repo, AgentError> {
+        let creds = dsg_s3::credentials().map_err(err)?;
+        let store = Store::new(
+            Location {
+                endpoint: loc.endpoint.clone(),
+                bucket: loc.bucket.clone(),
+                prefix: loc.key_prefix(name),
+                region: loc.region(),
+            },
+            &creds,
+        )
+        .map_err(err)?;
+        let secs = |k: &str, d: f64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(d)
+        };
+        Ok(S3Repo {
+            store: Arc::new(store),
+            lease_secs: secs("DSG_S3_LEASE_SECS", 60.0).max(1.0) as u64,
+            lock_timeout: Duration::from_secs_f64(secs("DSG_LOCK_TIMEOUT", 30.0)),
+            tx: None,
+            index: None,
+        })
+    }
+
+    /// `dsg init` on a new location: the bucket must answer and the server
+    /// must honour conditional writes, or nothing is written.
+    pub fn check_server(&self) -> Result<(), AgentError> {
+        self.store.check_bucket().map_err(err)?;
+        let probe = format!("probe-{}", uuid::Uuid::new_v4().simple());
+        self.store.probe_conditional(&probe).map_err(err)
+    }
+
+    fn read_head(&self) -> Result<Option<(HeadDoc, String)>, AgentError> {
+        let Some((bytes, etag)) = self.store.get("HEAD").map_err(err)? else {
+            return Ok(None);
+        };
+        let doc: HeadDoc = serde_json::from_slice(&bytes).map_err(|e| corrupt("HEAD", e))?;
+        if doc.format != HEAD_FORMAT {
+            return Err(corrupt(
+                "HEAD",
+                format!("format {:?}, this dsg reads {HEAD_FORMAT}", doc.format),
+            ));
+        }
+        Ok(Some((doc, etag)))
+    }
+
+    fn tx(&mut self) -> Result<&mut S3Tx, AgentError> {
+        self.tx
+            .as_mut()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))
+    }
+
+    /// A snapshot's manifest JSON, decompressed into an unlinked file.
+    fn manifest_file(&self, r: &SnapRef) -> Result<File, AgentError> {
+        let key = r.manifest_key();
+        let mut lz4 = tempfile::tempfile().map_err(|e| AgentError::io("a scratch file", e))?;
+        self.store
+            .get_to(&key, &mut lz4)
+            .map_err(err)?
+            .ok_or_else(|| corrupt(&key, "missing, though HEAD names it"))?;
+        lz4.rewind()
+            .map_err(|e| AgentError::io("a scratch file", e))?;
+        let mut out = tempfile::tempfile().map_err(|e| AgentError::io("a scratch file", e))?;
+        let mut hasher = dsg_core::hash::HashingReader::new(lz4_flex::frame::FrameDecoder::new(
+            std::io::BufReader::new(lz4),
+        ));
+        std::io::copy(&mut hasher, &mut out).map_err(|e| corrupt(&key, e))?;
+        if hasher.digest().0 != r.hash {
+            return Err(corrupt(&key, "its bytes do not hash to what HEAD records"));
+        }
+        out.rewind()
+            .map_err(|e| AgentError::io("a scratch file", e))?;
+        Ok(out)
+    }
+
+    fn load_manifest(&self, r: &SnapRef) -> Result<Manifest, AgentError> {
+        let f = self.manifest_file(r)?;
+        let m = Manifest::from_reader(std::io::BufReader::new(f), Path::new(&r.manifest_key()))
+            .map_err(|e| corrupt(&r.manifest_key(), e))?;
+        Ok(m)
+    }
+
+    /// Downloads `key` into an unlinked file.
+    fn object_file(&self, key: &str) -> Result<Option<(File, u64)>, AgentError> {
+        let mut f = tempfile::tempfile().map_err(|e| AgentError::io("a scratch file", e))?;
+        if self.store.get_to(key, &mut f).map_err(err)?.is_none() {
+            return Ok(None);
+        }
+        let size = f
+            .stream_position()
+            .map_err(|e| AgentError::io("a scratch file", e))?;
+        f.rewind()
+            .map_err(|e| AgentError::io("a scratch file", e))?;
+        Ok(Some((f, size)))
+    }
+
+    fn acquire(&self, tx: &str, user: &str, wait: bool) -> Result<Option<Lease>, AgentError> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match Lease::try_take(&self.store, tx, user, self.lease_secs)? {
+                Taken::Yes(lease, dead) => {
+                    if let Some(dead) = dead {
+                        tracing::info!("taking over the lease of dead transaction {}", dead.tx);
+                        self.fence()?;
+                    }
+                    return Ok(Some(lease));
+                }
+                Taken::Held(by) => {
+                    if !wait {
+                        return Ok(None);
+                    }
+                    if start.elapsed() >= self.lock_timeout {
+                        return Err(AgentError::new(
+                            ErrorKind::Busy,
+                            format!(
+                                "repository {} is busy: {} is writing it (transaction {}, lease for {} s more); waited {:.1} s, nothing was changed",
+                                self.store.location().describe(),
+                                by.user,
+                                by.tx,
+                                by.expires.saturating_sub(now_secs()),
+                                start.elapsed().as_secs_f64()
+                            ),
+                        )
+                        .hint("wait for the other sync to finish and run the command again (DSG_LOCK_TIMEOUT sets the wait in seconds)"));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// After taking over a dead writer's lease: bump HEAD's epoch so its
+    /// commit, should it still come, fails its precondition.
+    fn fence(&self) -> Result<(), AgentError> {
+        for _ in 0..5 {
+            let (doc, cond) = match self.read_head()? {
+                Some((doc, etag)) => (doc, Cond::Etag(etag)),
+                None => (
+                    HeadDoc {
+                        format: HEAD_FORMAT.into(),
+                        ..HeadDoc::default()
+                    },
+                    Cond::Absent,
+                ),
+            };
+            let next = HeadDoc {
+                epoch: doc.epoch + 1,
+                ..doc
+            };
+            let body = serde_json::to_vec(&next).expect("json");
+            match self.store.put("HEAD", &body, &cond) {
+                Ok(_) => return Ok(()),
+                Err(S3Error::Precondition { .. }) | Err(S3Error::Ambiguous { .. }) => continue,
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Err(AgentError::new(
+            ErrorKind::Busy,
+            "HEAD kept changing while fencing a dead writer",
+        )
+        .hint("run the command again"))
+    }
+
+    /// With the lease held: removes what transactions other than `ours`
+    /// left (their journaled uploads that no snapshot references, their
+    /// unreferenced snapshot objects, unfinished multipart uploads).
+    fn clean_leftovers(&self, ours: &str) -> Result<(), AgentError> {
+        let journals = self.store.list("txs/").map_err(err)?;
+        let uploads = self.store.multipart_list("data/").map_err(err)?;
+        if journals.is_empty() && uploads.is_empty() {
+            return Ok(());
+        }
+        for (key, id) in uploads {
+            self.store.multipart_abort(&key, &id).map_err(err)?;
+        }
+        let dead: Vec<&str> = journals
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix("txs/")?.split('/').next())
+            .filter(|t| *t != ours)
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let head = self.read_head()?.map(|(d, _)| d).unwrap_or_default();
+        // Which contents some snapshot needs: only read when there is
+        // something to remove (a dead transaction), so rarely.
+        let mut referenced: HashSet<String> = HashSet::new();
+        for r in &head.snapshots {
+            for e in self.load_manifest(r)?.entries() {
+                if let EntryKind::File {
+                    size,
+                    hash: Some(h),
+                    ..
+                } = &e.kind
+                {
+                    referenced.insert(data_key(h.0, *size));
+                }
+            }
+        }
+        let named: HashSet<String> = head
+            .snapshots
+            .iter()
+            .flat_map(|r| [r.manifest_key(), r.messages_key()])
+            .collect();
+        for (key, _) in &journals {
+            let tx = key.strip_prefix("txs/").and_then(|k| k.split('/').next());
+            if tx.is_none_or(|t| t == ours) {
+                continue;
+            }
+            if let Some((bytes, _)) = self.store.get(key).map_err(err)? {
+                let keys: Vec<String> = serde_json::from_slice(&bytes).unwrap_or_default();
+                for k in keys.iter().filter(|k| k.starts_with("data/")) {
+                    if !referenced.contains(k) {
+                        self.store.delete(k).map_err(err)?;
+                    }
+                }
+            }
+        }
+        for (key, _) in self.store.list("snapshots/").map_err(err)? {
+            let of_dead = dead.iter().any(|t| key.contains(&format!("-{t}.")));
+            if of_dead && !named.contains(&key) {
+                self.store.delete(&key).map_err(err)?;
+            }
+        }
+        // Last: a cleaning cut short leaves the journals for the next one.
+        for (key, _) in &journals {
+            if dead.iter().any(|t| key.starts_with(&format!("txs/{t}/"))) {
+                self.store.delete(key).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `Lease::try_take` found.
+enum Taken {
+    /// Ours; with the dead holder's lock when it was taken over.
+    Yes(Lease, Option<LockDoc>),
+    Held(LockDoc),
+}
+
+/// The writers' lease, renewed by a thread while held; released (marked
+/// free) when dropped, unless it was lost meanwhile.
+struct Lease {
+    store: Arc<Store>,
+    doc: LockDoc,
+    etag: Arc<Mutex<String>>,
+    lost: Arc<AtomicBool>,
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Lease {
+    fn try_take(store: &Arc<Store>, tx: &str, user: &str, secs: u64) -> Result<Taken, AgentError> {
+        let doc = LockDoc {
+            tx: tx.into(),
+            user: user.into(),
+            pid: std::process::id(),
+            expires: now_secs() + secs,
+            free: false,
+        };
+        let body = serde_json::to_vec(&doc).expect("json");
+        match store.put("lock", &body, &Cond::Absent) {
+            Ok(etag) => return Ok(Taken::Yes(Lease::start(store, doc, etag, secs), None)),
+            Err(S3Error::Precondition { .. }) | Err(S3Error::Ambiguous { .. }) => {}
+            Err(e) => return Err(err(e)),
+        }
+        let Some((bytes, etag)) = store.get("lock").map_err(err)? else {
+            // Released between the two requests: try again.
+            return Ok(Taken::Held(LockDoc { expires: 0, ..doc }));
+        };
+        let held: LockDoc = serde_json::from_slice(&bytes).map_err(|e| {
+            corrupt("the lock object", e).hint(format!(
+                "if no dsg is writing {}, delete its 'lock' object",
+                store.location().describe()
+            ))
+        })?;
+        if !held.free && held.expires >= now_secs() {
+            return Ok(Taken::Held(held));
+        }
+        match store.put("lock", &body, &Cond::Etag(etag)) {
+            Ok(etag) => {
+                let dead = (!held.free).then_some(held);
+                Ok(Taken::Yes(Lease::start(store, doc, etag, secs), dead))
+            }
+            Err(S3Error::Precondition { .. }) | Err(S3Error::Ambiguous { .. }) => {
+                Ok(Taken::Held(held))
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    fn start(store: &Arc<Store>, doc: LockDoc, etag: String, secs: u64) -> Lease {
+        let etag = Arc::new(Mutex::new(etag));
+        let lost = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let renewer = {
+            let (store, etag, lost, stop) =
+                (store.clone(), etag.clone(), lost.clone(), stop.clone());
+            let mut doc = doc.clone();
+            std::thread::spawn(move || {
+                let every = Duration::from_secs_f64(secs as f64 / 3.0);
+                loop {
+                    let (m, cv) = &*stop;
+                    let guard = m.lock().expect("lease stop");
+                    let (guard, _) = cv.wait_timeout(guard, every).expect("lease stop");
+                    if *guard {
+                        return;
+                    }
+                    drop(guard);
+                    doc.expires = now_secs() + secs;
+                    let body = serde_json::to_vec(&doc).expect("json");
+                    let cur = etag.lock().expect("lease etag").clone();
+                    match store.put("lock", &body, &Cond::Etag(cur)) {
+                        Ok(e) => *etag.lock().expect("lease etag") = e,
+                        Err(S3Error::Precondition { .. }) | Err(S3Error::Ambiguous { .. }) => {
+                            tracing::warn!("lost the repository lease (taken over)");
+                            lost.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        // Tried again at the next tick; the lease lasts
+                        // three of them.
+                        Err(e) => tracing::warn!("renewing the repository lease: {e}"),
+                    }
+                }
+            })
+        };
+        Lease {
+            store: store.clone(),
+            doc,
+            etag,
+            lost,
+            stop,
+            renewer: Some(renewer),
+        }
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    fn stop_renewing(&mut self) {
+        {
+            let (m, cv) = &*self.stop;
+            *m.lock().expect("lease stop") = true;
+            cv.notify_all();
+        }
+        if let Some(h) = self.renewer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop_renewing();
+        if self.lost() {
+            return;
+        }
+        let doc = LockDoc {
+            free: true,
+            expires: 0,
+            ..self.doc.clone()
+        };
+        let body = serde_json::to_vec(&doc).expect("json");
+        let cur = self.etag.lock().expect("lease etag").clone();
+        // Best effort: a lease not released expires.
+        if let Err(e) = self.store.put("lock", &body, &Cond::Etag(cur)) {
+            tracing::warn!("releasing the repository lease: {e}");
+        }
+    }
+}
+
+/// One small file on its way up.
+struct Job {
+    key: String,
+    body: Vec<u8>,
+}
+
+/// The pool uploading small files, fed in write-ahead batches.
+struct Uploader {
+    store: Arc<Store>,
+    tx_id: String,
+    send: Option<std::sync::mpsc::SyncSender<Job>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    failed: Arc<Mutex<Option<AgentError>>>,
+    /// Keys this transaction created (undone by a rollback).
+    created: Arc<Mutex<Vec<String>>>,
+    pending: Vec<Job>,
+    pending_bytes: usize,
+    batches: u32,
+}
+
+impl Uploader {
+    fn new(store: &Arc<Store>, tx_id: &str) -> Uploader {
+        let (send, recv) = std::sync::mpsc::sync_channel::<Job>(WORKERS);
+        let recv = Arc::new(Mutex::new(recv));
+        let failed = Arc::new(Mutex::new(None));
+        let created = Arc::new(Mutex::new(Vec::new()));
+        let workers = (0..WORKERS)
+            .map(|_| {
+                let (store, recv, failed, created) =
+                    (store.clone(), recv.clone(), failed.clone(), created.clone());
+                std::thread::spawn(move || loop {
+                    let job = match recv.lock().expect("upload queue").recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    if failed.lock().expect("upload error").is_some() {
+                        continue;
+                    }
+                    match upload_one(&store, &job) {
+                        Ok(true) => created.lock().expect("created").push(job.key),
+                        Ok(false) => {}
+                        Err(e) => {
+                            failed.lock().expect("upload error").get_or_insert(e);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Uploader {
+            store: store.clone(),
+            tx_id: tx_id.into(),
+            send: Some(send),
+            workers,
+            failed,
+            created,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            batches: 0,
+        }
+    }
+
+    fn error(&self) -> Option<AgentError> {
+        self.failed
+            .lock()
+            .expect("upload error")
+            .as_ref()
+            .map(|e| AgentError {
+                kind: e.kind,
+                message: e.message.clone(),
+                hint: e.hint.clone(),
+            })
+    }
+
+    /// Records `keys` as this transaction's possible uploads before any of
+    /// them is written.
+    fn journal(&mut self, keys: &[&str]) -> Result<(), AgentError> {
+        self.batches += 1;
+        let name = format!("txs/{}/{:06}.json", self.tx_id, self.batches);
+        let body = serde_json::to_vec(keys).expect("json");
+        self.store.put(&name, &body, &Cond::None).map_err(err)?;
+        Ok(())
+    }
+
+    fn push(&mut self, job: Job) -> Result<(), AgentError> {
+        if let Some(e) = self.error() {
+            return Err(e);
+        }
+        self.pending_bytes += job.body.len();
+        self.pending.push(job);
+        if self.pending.len() >= BATCH_KEYS || self.pending_bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), AgentError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = self.pending.iter().map(|j| j.key.clone()).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.journal(&keys)?;
+        failpoint("s3.stage.journaled");
+        let send = self.send.as_ref().expect("open");
+        for job in self.pending.drain(..) {
+            if send.send(job).is_err() {
+                break;
+            }
+        }
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Waits for every upload; the first failure.
+    fn finish(&mut self) -> Result<(), AgentError> {
+        self.flush()?;
+        self.send = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        match self.error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn created(&self) -> Vec<String> {
+        self.created.lock().expect("created").clone()
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        self.pending.clear();
+        self.send = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Uploads one verified small file unless its content is there already;
+/// whether this call created it.
+fn upload_one(store: &Store, job: &Job) -> Result<bool, AgentError> {
+    if store.head(&job.key).map_err(err)?.is_some() {
+        return Ok(false);
+    }
+    match store.put(&job.key, &job.body, &Cond::Absent) {
+        Ok(_) => Ok(true),
+        // Same key, same content: someone stored it first.
+        Err(S3Error::Precondition { .. }) | Err(S3Error::Ambiguous { .. }) => Ok(false),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// The open transaction.
+struct S3Tx {
+    id: String,
+    lease: Lease,
+    /// HEAD as read at begin (after any fencing), and its ETag: the commit's
+    /// precondition.
+    head: Option<(HeadDoc, String)>,
+    check: OpenTx,
+    work: tempfile::TempDir,
+    up: Uploader,
+    /// Snapshot objects this transaction wrote (removed if it does not
+    /// commit).
+    written: Vec<String>,
+}
+
+impl S3Tx {
+    fn base_path(&self) -> PathBuf {
+        self.work.path().join("base.json")
+    }
+    fn meta(&self) -> PathBuf {
+        self.work.path().join("meta")
+    }
+}
+
+impl S3Repo {
+    fn begin_tx(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        base_hash: Option<&str>,
+        user: &str,
+    ) -> Result<S3Tx, AgentError> {
+        if tx_id.is_empty() || !tx_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                format!("bad transaction id {tx_id:?}"),
+            ));
+        }
+        let lease = self
+            .acquire(tx_id, user, true)?
+            .expect("waited for the lease");
+        self.clean_leftovers(tx_id)?;
+        let head = self.read_head()?;
+        let work = tempfile::Builder::new()
+            .prefix("dsg-s3-")
+            .tempdir()
+            .map_err(|e| AgentError::io("a scratch folder", e))?;
+        std::fs::create_dir_all(work.path().join("meta"))
+            .map_err(|e| AgentError::io("a scratch folder", e))?;
+        let current = head.as_ref().and_then(|(d, _)| d.head.clone());
+        let base_summary = match (base, &current) {
+            (None, Some(r)) => {
+                return Err(AgentError::new(
+                    ErrorKind::Exists,
+                    format!(
+                        "{} already holds a repository (head {})",
+                        self.store.location().describe(),
+                        r.id
+                    ),
+                )
+                .hint("clone it with 'dsg clone', or choose another name"))
+            }
+            (None, None) => None,
+            (Some(b), None) => {
+                return Err(AgentError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "{} is not a dsg repository (no head), this sync was planned against {b}",
+                        self.store.location().describe()
+                    ),
+                ))
+            }
+            (Some(b), Some(r)) => {
+                if r.id != b {
+                    return Err(AgentError::new(
+                        ErrorKind::Moved,
+                        format!(
+                            "the repository moved: its head is {}, this sync was planned against {b}",
+                            r.id
+                        ),
+                    )
+                    .hint("run the command again; dsg will plan against the new head"));
+                }
+                let mut f = self.manifest_file(r)?;
+                let path = work.path().join("base.json");
+                let mut out = File::create(&path).map_err(|e| AgentError::io(path.display(), e))?;
+                std::io::copy(&mut f, &mut out).map_err(|e| AgentError::io(path.display(), e))?;
+                let f = File::open(&path).map_err(|e| AgentError::io(path.display(), e))?;
+                let summary = crate::site::head_base_of(f, &path)?;
+                if !crate::site::is_base(summary.as_ref(), b, base_hash) {
+                    return Err(AgentError::new(
+                        ErrorKind::Moved,
+                        format!("the repository was replaced: its head {b} is not the {b} this sync was planned against"),
+                    )
+                    .hint("run the command again; dsg will plan against the new head"));
+                }
+                summary
+            }
+        };
+        let check = OpenTx::unlocked(
+            tx_id,
+            work.path().to_path_buf(),
+            base.is_none(),
+            base_summary,
+        );
+        Ok(S3Tx {
+            id: tx_id.into(),
+            lease,
+            head,
+            check,
+            up: Uploader::new(&self.store, tx_id),
+            work,
+            written: Vec::new(),
+        })
+    }
+
+    /// A large file: parts uploaded as they are read (a few in flight),
+    /// completed only once the whole file hashed as the manifest says.
+    fn stage_large(
+        &mut self,
+        key: &str,
+        size: u64,
+        hash: u64,
+        data: &mut dyn Read,
+    ) -> Result<(), AgentError> {
+        let store = self.store.clone();
+        let tx = self.tx()?;
+        tx.up.flush()?;
+        let exists = store.head(key).map_err(err)?.is_some();
+        if !exists {
+            tx.up.journal(&[key])?;
+        }
+        let upload = if exists {
+            None
+        } else {
+            Some(store.multipart_create(key).map_err(err)?)
+        };
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut total = 0u64;
+        let read = std::thread::scope(|s| -> Result<Vec<String>, AgentError> {
+            let (send, recv) = std::sync::mpsc::sync_channel::<(u16, Vec<u8>)>(2);
+            let recv = Arc::new(Mutex::new(recv));
+            let etags = Arc::new(Mutex::new(Vec::<(u16, String)>::new()));
+            let failed = Arc::new(Mutex::new(None::<AgentError>));
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (recv, etags, failed, store, upload) =
+                        (recv.clone(), etags.clone(), failed.clone(), &store, &upload);
+                    s.spawn(move || loop {
+                        let Ok((n, body)) = recv.lock().expect("parts").recv() else {
+                            return;
+                        };
+                        let Some(id) = upload else { continue };
+                        match store.multipart_part(key, id, n, &body) {
+                            Ok(e) => etags.lock().expect("etags").push((n, e)),
+                            Err(e) => {
+                                failed.lock().expect("part error").get_or_insert(err(e));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut n = 0u16;
+            let outcome = loop {
+                let mut buf = Vec::with_capacity(PART);
+                let got = (&mut *data)
+                    .take(PART as u64)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| AgentError::io(format!("receiving {key}"), e));
+                match got {
+                    Err(e) => break Err(e),
+                    Ok(0) if n > 0 => break Ok(()),
+                    Ok(k) => {
+                        h.update(&buf);
+                        total += k as u64;
+                        n += 1;
+                        if send.send((n, buf)).is_err() || k < PART {
+                            break Ok(());
+                        }
+                    }
+                }
+            };
+            drop(send);
+            for w in workers {
+                let _ = w.join();
+            }
+            outcome?;
+            if let Some(e) = failed.lock().expect("part error").take() {
+                return Err(e);
+            }
+            let mut parts = std::mem::take(&mut *etags.lock().expect("etags"));
+            parts.sort();
+            Ok(parts.into_iter().map(|(_, e)| e).collect())
+        });
+        let verified = read.and_then(|etags| {
+            if total != size || h.digest() != hash {
+                return Err(AgentError::new(
+                    ErrorKind::Verify,
+                    format!("{key}: received {total} bytes hashing to {:016x}, not the {size} bytes hashing to {hash:016x} the client announced", h.digest()),
+                ));
+            }
+            Ok(etags)
+        });
+        match (verified, &upload) {
+            (Ok(etags), Some(id)) => {
+                failpoint("s3.stage.parts");
+                store.multipart_complete(key, id, &etags).map_err(err)?;
+                self.tx()?
+                    .up
+                    .created
+                    .lock()
+                    .expect("created")
+                    .push(key.into());
+                Ok(())
+            }
+            (Ok(_), None) => Ok(()),
+            (Err(e), Some(id)) => {
+                let _ = store.multipart_abort(key, id);
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Undoes an open transaction: what it created goes, the lease is
+    /// released.
+    fn undo(&mut self, mut tx: S3Tx) {
+        let _ = tx.up.finish();
+        for key in tx.up.created().iter().chain(&tx.written) {
+            if let Err(e) = self.store.delete(key) {
+                tracing::warn!("rolling back {key}: {e} (the next writer removes it)");
+                return;
+            }
+        }
+        // Journals last: they tell the next writer what to remove if this
+        // undo was cut short.
+        if let Ok(list) = self.store.list(&format!("txs/{}/", tx.id)) {
+            for (k, _) in list {
+                let _ = self.store.delete(&k);
+            }
+        }
+    }
+
+    fn commit_tx(&mut self, tx: &mut S3Tx, c: &CommitData) -> Result<(), AgentError> {
+        tx.up.finish()?;
+        let verified = verify_commit_at(&tx.check, c, &tx.base_path(), &tx.meta())?;
+        drop(verified);
+        // The new manifest's bytes: the upload, or for a delta the head the
+        // check merged and wrote.
+        let mut reader: Box<dyn Read + '_> = match &c.removed {
+            None => c.manifest.reader(),
+            Some(_) => {
+                let p = tx.meta().join("last-sync.json");
+                Box::new(std::io::BufReader::new(
+                    File::open(&p).map_err(|e| AgentError::io(p.display(), e))?,
+                ))
+            }
+        };
+        let mut lz4 = Vec::new();
+        let hash = dsg_core::manifest::compress_archive_stream(&mut reader, &mut lz4)
+            .map_err(|e| AgentError::io("compressing the manifest", e))?;
+        drop(reader);
+        let snap = SnapRef {
+            id: c.snapshot_id.clone(),
+            tx: tx.id.clone(),
+            hash: hash.0,
+        };
+        failpoint("s3.commit.snapshot");
+        for (key, body) in [
+            (snap.manifest_key(), &lz4[..]),
+            (snap.messages_key(), &c.sync_messages[..]),
+        ] {
+            tx.written.push(key.clone());
+            self.store.put(&key, body, &Cond::Absent).map_err(err)?;
+        }
+        failpoint("s3.commit.head");
+        if tx.lease.lost() {
+            return Err(AgentError::new(
+                ErrorKind::Busy,
+                "this sync lost the repository's lease (it was paused for longer than the lease and another writer took over); nothing was committed",
+            )
+            .hint("run the command again"));
+        }
+        let (cond, mut doc) = match &tx.head {
+            Some((d, etag)) => (Cond::Etag(etag.clone()), d.clone()),
+            None => (
+                Cond::Absent,
+                HeadDoc {
+                    format: HEAD_FORMAT.into(),
+                    ..HeadDoc::default()
+                },
+            ),
+        };
+        doc.head = Some(snap.clone());
+        doc.snapshots.push(snap.clone());
+        let body = serde_json::to_vec(&doc).expect("json");
+        match self.store.put("HEAD", &body, &cond) {
+            Ok(_) => {}
+            Err(S3Error::Ambiguous { .. }) => {
+                // The first try may have landed: HEAD says.
+                let now = self.read_head()?.and_then(|(d, _)| d.head);
+                if now.as_ref() != Some(&snap) {
+                    return Err(moved());
+                }
+            }
+            Err(S3Error::Precondition { .. }) => return Err(moved()),
+            Err(e) => return Err(err(e)),
+        }
+        // Committed: what follows only tidies.
+        tx.written.clear();
+        tx.up.created.lock().expect("created").clear();
+        failpoint("s3.commit.committed");
+        if let Ok(list) = self.store.list(&format!("txs/{}/", tx.id)) {
+            for (k, _) in list {
+                let _ = self.store.delete(&k);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn moved() -> AgentError {
+    AgentError::new(
+        ErrorKind::Moved,
+        "the repository moved: another writer committed first (or took over this sync's lease); nothing was committed",
+    )
+    .hint("run the command again; dsg will plan against the new head")
+}
+
+impl Backend for S3Repo {
+    fn describe(&self) -> String {
+        format!("s3 {}", self.store.location().describe())
+    }
+
+    fn exists(&self) -> bool {
+        matches!(
+            self.read_head(),
+            Ok(Some((HeadDoc { head: Some(_), .. }, _)))
+        )
+    }
+
+    fn open_meta(&self, name: &str) -> Result<Option<File>, AgentError> {
+        let Some((doc, _)) = self.read_head()? else {
+            return Ok(None);
+        };
+        let Some(head) = &doc.head else {
+            return Ok(None);
+        };
+        match name {
+            "last-sync.json" => self.manifest_file(head).map(Some),
+            "sync-messages.json" => Ok(self.object_file(&head.messages_key())?.map(|(f, _)| f)),
+            _ => {
+                let Some(file) = name.strip_prefix("archive/") else {
+                    return Ok(None);
+                };
+                let Some(r) = doc
+                    .snapshots
+                    .iter()
+                    .find(|r| r.id != head.id && archive_name(&r.id) == file)
+                else {
+                    return Ok(None);
+                };
+                Ok(self.object_file(&r.manifest_key())?.map(|(f, _)| f))
+            }
+        }
+    }
+
+    fn begin(
+        &mut self,
+        tx_id: &str,
+        base: Option<&str>,
+        base_hash: Option<&str>,
+        user: &str,
+    ) -> Result<(), AgentError> {
+        if let Some(old) = self.tx.take() {
+            self.undo(old);
+        }
+        if base.is_none() {
+            self.check_server()?;
+        }
+        let tx = self.begin_tx(tx_id, base, base_hash, user)?;
+        self.tx = Some(tx);
+        Ok(())
+    }
+
+    fn stage_file(
+        &mut self,
+        path: &str,
+        size: u64,
+        hash: u64,
+        _mtime_ns: i64,
+        offset: u64,
+        data: &mut dyn Read,
+    ) -> Result<(), AgentError> {
+        check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
+        if offset != 0 {
+            return Err(AgentError::new(
+                ErrorKind::Protocol,
+                "an s3 repository does not resume uploads",
+            ));
+        }
+        let key = data_key(hash, size);
+        if size > PART as u64 {
+            self.stage_large(&key, size, hash, data)?;
+        } else {
+            let mut body = Vec::with_capacity(size as usize);
+            (&mut *data)
+                .take(size + 1)
+                .read_to_end(&mut body)
+                .map_err(|e| AgentError::io(format!("receiving {path}"), e))?;
+            // Drain what a lying client sent beyond its size.
+            let _ = std::io::copy(data, &mut std::io::sink());
+            let got = dsg_core::hash::Hash::of_bytes(&body).0;
+            if body.len() as u64 != size || got != hash {
+                return Err(AgentError::new(
+                    ErrorKind::Verify,
+                    format!("{path}: received {} bytes hashing to {got:016x}, not the {size} bytes hashing to {hash:016x} the client announced", body.len()),
+                ));
+            }
+            self.tx()?.up.push(Job { key, body })?;
+        }
+        self.tx()?
+            .check
+            .stage(path.into(), StagedKind::File { size, hash });
+        Ok(())
+    }
+
+    fn stage_link(&mut self, path: &str, target: &str) -> Result<(), AgentError> {
+        check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
+        check_link_target(path, target)
+            .map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
+        self.tx()?.check.stage(
+            path.into(),
+            StagedKind::Link {
+                target: target.into(),
+            },
+        );
+        Ok(())
+    }
+
+    fn commit(&mut self, c: &CommitData) -> Result<(), AgentError> {
+        let mut tx = self
+            .tx
+            .take()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        let result = self.commit_tx(&mut tx, c);
+        match result {
+            Ok(()) => {
+                self.index = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.undo(tx);
+                Err(e)
+            }
+        }
+    }
+
+    fn rollback(&mut self) -> Result<(), AgentError> {
+        if let Some(tx) = self.tx.take() {
+            self.undo(tx);
+        }
+        Ok(())
+    }
+
+    fn open(&self, path: &str) -> Result<Stored, AgentError> {
+        check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
+        let (entry_key, link) = {
+            let (_, m) = self.index.as_ref().ok_or_else(|| {
+                AgentError::new(ErrorKind::Protocol, "no snapshot open for reading")
+            })?;
+            let e = m.get(path).ok_or_else(|| {
+                AgentError::new(
+                    ErrorKind::NotFound,
+                    format!("{path}: not in the repository"),
+                )
+            })?;
+            match &e.kind {
+                EntryKind::Link { target } => (None, Some(target.to_string())),
+                EntryKind::File {
+                    size,
+                    hash: Some(h),
+                    ..
+                } => (Some(data_key(h.0, *size)), None),
+                EntryKind::File { hash: None, .. } => {
+                    return Err(corrupt(path, "the manifest records no hash for it"))
+                }
+            }
+        };
+        if let Some(target) = link {
+            return Ok(Stored::Link { target });
+        }
+        let key = entry_key.expect("a file");
+        match self.object_file(&key)? {
+            Some((file, size)) => Ok(Stored::File { file, size }),
+            None => Err(corrupt(&key, format!("missing (the contents of {path})"))),
+        }
+    }
+
+    /// Loads the head manifest `open` serves from: the snapshot is fixed
+    /// for the read (objects never change), so no lock is needed.
+    fn read_lock(&mut self) -> Result<(), AgentError> {
+        let Some((doc, _)) = self.read_head()? else {
+            return Ok(());
+        };
+        if let Some(head) = doc.head {
+            if self.index.as_ref().map(|(r, _)| r) != Some(&head) {
+                let m = self.load_manifest(&head)?;
+                self.index = Some((head, m));
+            }
+        }
+        Ok(())
+    }
+
+    fn read_unlock(&mut self) {}
+
+    fn recover(&mut self, _wait: bool) -> Result<(), AgentError> {
+        if self.tx.is_some() {
+            return Ok(());
+        }
+        // A dead writer's lease: take it, clean, release. A live one is
+        // left alone (readers need no lock here).
+        let tx = format!("recover-{}", uuid::Uuid::new_v4().simple());
+        if let Some(lease) = self.acquire(&tx, "recovery", false)? {
+            let cleaned = self.clean_leftovers(&tx);
+            drop(lease);
+            cleaned?;
+        }
+        Ok(())
+    }
+
+    fn list_archives(&self) -> Result<Vec<String>, AgentError> {
+        let Some((doc, _)) = self.read_head()? else {
+            return Ok(Vec::new());
+        };
+        let head = doc.head.as_ref().map(|h| h.id.as_str());
+        Ok(doc
+            .snapshots
+            .iter()
+            .filter(|r| Some(r.id.as_str()) != head)
+            .map(|r| archive_name(&r.id))
+            .collect())
+    }
+
+    fn open_version(&mut self, snapshot: &str) -> Result<Box<dyn Version>, AgentError> {
+        let (doc, _) = self.read_head()?.ok_or_else(|| {
+            AgentError::new(ErrorKind::NotFound, "the repository has no snapshots")
+        })?;
+        let r = doc
+            .snapshots
+            .iter()
+            .find(|r| r.id == snapshot)
+            .ok_or_else(|| {
+                AgentError::new(
+                    ErrorKind::NotFound,
+                    format!("the repository has no snapshot {snapshot}"),
+                )
+            })?;
+        let manifest = self.load_manifest(r)?;
+        Ok(Box::new(S3Version {
+            store: self.store.clone(),
+            manifest,
+        }))
+    }
+
+    fn root(&self) -> PathBuf {
+        PathBuf::from(self.store.location().describe())
+    }
+}
+
+impl Drop for S3Repo {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.undo(tx);
+        }
+    }
+}
+
+struct S3Version {
+    store: Arc<Store>,
+    manifest: Manifest,
+}
+
+impl Version for S3Version {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn open(&self, path: &str) -> Result<Stored, AgentError> {
+        check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
+        let e = self.manifest.get(path).ok_or_else(|| {
+            AgentError::new(ErrorKind::NotFound, format!("{path}: not in this snapshot"))
+        })?;
+        match &e.kind {
+            EntryKind::Link { target } => Ok(Stored::Link {
+                target: target.to_string(),
+            }),
+            EntryKind::File {
+                size,
+                hash: Some(h),
+                ..
+            } => {
+                let key = data_key(h.0, *size);
+                let mut f =
+                    tempfile::tempfile().map_err(|e| AgentError::io("a scratch file", e))?;
+                if self.store.get_to(&key, &mut f).map_err(err)?.is_none() {
+                    return Err(corrupt(&key, format!("missing (the contents of {path})")));
+                }
+                f.rewind()
+                    .map_err(|e| AgentError::io("a scratch file", e))?;
+                Ok(Stored::File {
+                    file: f,
+                    size: *size,
+                })
+            }
+            EntryKind::File { hash: None, .. } => {
+                Err(corrupt(path, "the manifest records no hash for it"))
+            }
+        }
+    }
+}
