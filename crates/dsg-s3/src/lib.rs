@@ -73,7 +73,8 @@ pub struct Store {
     creds: rusty_s3::Credentials,
     http: ureq::Agent,
     /// Tries of a request that failed in a way worth retrying (a dropped
-    /// connection, 500/502/503/504, SlowDown).
+    /// connection, 500/502/503/504, SlowDown): with the backoff doubling
+    /// from 50 ms to at most 5 s, 10 tries wait ~16 s in all.
     attempts: u32,
 }
 
@@ -115,7 +116,7 @@ impl Store {
             .ok()
             .and_then(|s| s.parse().ok())
             .filter(|n| *n > 0)
-            .unwrap_or(6);
+            .unwrap_or(10);
         Ok(Store {
             loc,
             bucket,
@@ -529,7 +530,9 @@ impl Store {
                 }
                 Err(e) => {
                     let refused = is_refused(&e);
-                    if last {
+                    // Nothing listening is rarely cured by waiting longer:
+                    // a few quick tries, not the throttling schedule.
+                    if last || (refused && attempt >= 3) {
                         return Err(S3Error::transport(&self.loc, what, e));
                     }
                     *uncertain |= !refused;

@@ -101,6 +101,10 @@ pub enum Rule {
     },
     /// Every request gets `503 ServiceUnavailable` until the rule changes.
     Down,
+    /// Until the rule changes, requests reach the server without their
+    /// `If-Match` / `If-None-Match` headers: a server that ignores
+    /// preconditions (dsg sends them unsigned, so the signature holds).
+    IgnorePreconditions,
 }
 
 /// One request the proxy handled.
@@ -285,6 +289,7 @@ struct Conn {
 
 enum Action {
     Pass,
+    Strip,
     Answer(Canned),
     CutRequest(u64),
     CutResponse(u64),
@@ -304,6 +309,7 @@ fn decide(shared: &Shared, method: &str, target: &str) -> (Action, Option<&'stat
     let (action, name, n, filter) = match &mut *rule {
         Rule::Pass => return (Action::Pass, None),
         Rule::Down => return (Action::Answer(UNAVAILABLE), Some("Down")),
+        Rule::IgnorePreconditions => return (Action::Strip, Some("IgnorePreconditions")),
         Rule::SlowDown { n, filter } => (Action::Answer(SLOW_DOWN), "SlowDown", n, filter),
         Rule::ServerError { n, filter } => (Action::Answer(INTERNAL), "InternalError", n, filter),
         Rule::CutRequest {
@@ -339,7 +345,11 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
         return answer(c, &seen.method, &body, expect, canned);
     }
     reconnect_if_closed(c, shared)?;
-    c.up.write_all(&req.raw)?;
+    if matches!(action, Action::Strip) {
+        c.up.write_all(&without_preconditions(&req.raw))?;
+    } else {
+        c.up.write_all(&req.raw)?;
+    }
     if expect {
         let interim = read_head(&mut c.ur)?.ok_or_else(eof)?;
         if interim.status() != 100 {
@@ -371,6 +381,19 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
     };
     let keep = relay_response(c, resp, cut, seen)?;
     Ok(keep && !req.has_token("connection", "close"))
+}
+
+/// A request head without its `If-Match` / `If-None-Match` lines.
+fn without_preconditions(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for line in raw.split_inclusive(|b| *b == b'\n') {
+        let lower = String::from_utf8_lossy(line).to_ascii_lowercase();
+        if lower.starts_with("if-match:") || lower.starts_with("if-none-match:") {
+            continue;
+        }
+        out.extend_from_slice(line);
+    }
+    out
 }
 
 /// The proxy's own error answer. A request body is read and dropped first,

@@ -1,0 +1,488 @@
+//! An S3 repository driven through the real `dsg` binary against the
+//! loopback SeaweedFS cluster (scripts/setup-services; settings in
+//! /var/tmp/dsg-test/s3.env), some through the fault proxy: what only an
+//! object store does — errors of the store named clearly with nothing
+//! changed, a server without preconditions refused at init, throttling and
+//! cut connections retried, a server error mid-sync leaving the repository
+//! as it was, a large file in parts, a volume server killed mid-sync.
+//! The shared suites (states, crash, conflicts, ...) run on S3 through
+//! `world`.
+
+mod s3_support;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use dsg_s3::{Credentials, Location, Store};
+use s3_support::fault_proxy::{FaultProxy, Filter, Rule};
+use support::*;
+
+/// The cluster's settings and a project prefix of this test's own.
+struct S3 {
+    vars: Vec<(String, String)>,
+    prefix: String,
+    tmp: tempfile::TempDir,
+}
+
+fn s3_or_skip() -> Option<S3> {
+    let file = std::env::var("DSG_TEST_S3_ENV").unwrap_or("/var/tmp/dsg-test/s3.env".into());
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        assert!(
+            !is_ci(),
+            "CI=true but {file} is missing: the S3 test cluster is not set up (run scripts/setup-services)"
+        );
+        eprintln!("SKIPPED: {file} is missing (run scripts/setup-services)");
+        return None;
+    };
+    let vars = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    make_user_dirs(tmp.path());
+    Some(S3 {
+        vars,
+        prefix: format!("s3repo/{}", unique("t")),
+        tmp,
+    })
+}
+
+impl S3 {
+    fn var(&self, k: &str) -> String {
+        self.vars
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{k} missing from s3.env"))
+    }
+
+    fn endpoint(&self) -> String {
+        self.var("AWS_ENDPOINT_URL")
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let d = self.tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// `dsg` in `dir` with the cluster's credentials and the test's user.
+    fn dsg(&self, dir: &Path, args: &[&str]) -> Output {
+        let mut c = Command::new(dsg_bin());
+        user_env(&mut c, self.tmp.path());
+        for (k, v) in &self.vars {
+            if k.starts_with("AWS_") {
+                c.env(k, v);
+            }
+        }
+        c.env("DSG_S3_LEASE_SECS", "3")
+            .env("DSG_LOCK_TIMEOUT", "20")
+            .current_dir(dir)
+            .args(args);
+        run_bounded(c, std::time::Duration::from_secs(300))
+    }
+
+    fn init(&self, dir: &Path, endpoint: &str, name: &str) -> Output {
+        let bucket = self.var("DSG_TEST_BUCKET");
+        self.dsg(
+            dir,
+            &[
+                "init",
+                "--no-interactive",
+                "--repo-type",
+                "s3",
+                "--endpoint",
+                endpoint,
+                "--bucket",
+                &bucket,
+                "--prefix",
+                &self.prefix,
+                "--repo-name",
+                name,
+            ],
+        )
+    }
+
+    /// The repository `name`'s objects, read past dsg and the proxy.
+    fn store(&self, name: &str) -> Store {
+        Store::new(
+            Location {
+                endpoint: self.endpoint(),
+                bucket: self.var("DSG_TEST_BUCKET"),
+                prefix: format!("{}/{name}", self.prefix),
+                region: self.var("AWS_REGION"),
+            },
+            &Credentials {
+                key: self.var("AWS_ACCESS_KEY_ID"),
+                secret: self.var("AWS_SECRET_ACCESS_KEY"),
+                token: None,
+            },
+        )
+        .unwrap()
+    }
+
+    /// Object names of repository `name` (lock excluded: it stays, free).
+    fn objects(&self, name: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .store(name)
+            .list("")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k != "lock")
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn head(&self, name: &str) -> Option<serde_json::Value> {
+        self.store(name)
+            .get("HEAD")
+            .unwrap()
+            .map(|(b, _)| serde_json::from_slice(&b).unwrap())
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let root = Store::new(
+            Location {
+                endpoint: self.endpoint(),
+                bucket: self.var("DSG_TEST_BUCKET"),
+                prefix: self.prefix.clone(),
+                region: self.var("AWS_REGION"),
+            },
+            &Credentials {
+                key: self.var("AWS_ACCESS_KEY_ID"),
+                secret: self.var("AWS_SECRET_ACCESS_KEY"),
+                token: None,
+            },
+        )
+        .unwrap();
+        if let Ok(all) = root.list("") {
+            for (k, _) in all {
+                let _ = root.delete(&k);
+            }
+        }
+    }
+}
+
+fn project(s3: &S3, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let d = s3.dir(name);
+    for (p, b) in files {
+        write_file(&d, p, b);
+    }
+    d
+}
+
+fn head_id(s3: &S3, name: &str) -> Option<String> {
+    s3.head(name)
+        .and_then(|h| h["head"]["id"].as_str().map(String::from))
+}
+
+#[test]
+fn init_sync_clone_and_a_receiving_sync_move_the_bytes_and_the_head() {
+    let Some(s3) = s3_or_skip() else { return };
+    let big = random_bytes(7, (40 << 20) + 12345);
+    let a = project(
+        &s3,
+        "a",
+        &[
+            ("input/x.txt", b"x"),
+            ("input/d/y.bin", &big),
+            ("input/same.txt", b"x"),
+        ],
+    );
+    make_link(&a, "input/l", "x.txt");
+    assert_ok(&s3.init(&a, &s3.endpoint(), "p"), "init");
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s1"));
+    let objects = s3.objects("p");
+    // x.txt and same.txt share one content object; the big file went up
+    // in parts and is one object.
+    let data: Vec<_> = objects.iter().filter(|k| k.starts_with("data/")).collect();
+    assert_eq!(data.len(), 2, "{objects:?}");
+    assert!(
+        !objects.iter().any(|k| k.starts_with("txs/")),
+        "{objects:?}"
+    );
+
+    let b = s3.dir("b");
+    copy_project_config(&a, &b);
+    assert_ok(&s3.dsg(&b, &["clone"]), "clone");
+    assert_eq!(std::fs::read(b.join("input/d/y.bin")).unwrap(), big);
+    assert_eq!(
+        std::fs::read_link(b.join("input/l")).unwrap(),
+        Path::new("x.txt")
+    );
+
+    write_file(&b, "input/x.txt", b"changed in b");
+    remove_path(&b, "input/same.txt");
+    assert_ok(&s3.dsg(&b, &["sync", "-m", "from b"]), "sync in b");
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s2"));
+    assert_ok(&s3.dsg(&a, &["sync"]), "receiving sync in a");
+    assert_eq!(
+        std::fs::read(a.join("input/x.txt")).unwrap(),
+        b"changed in b"
+    );
+    assert!(!a.join("input/same.txt").exists());
+    let log = s3.dsg(&a, &["log"]);
+    assert_ok(&log, "log");
+    assert!(stdout(&log).contains("from b"), "{}", show(&log));
+    // Every snapshot stays readable: s1's bytes of x.txt are still stored.
+    let h = s3.head("p").unwrap();
+    assert_eq!(h["snapshots"].as_array().unwrap().len(), 2);
+    assert!(s3
+        .objects("p")
+        .contains(&format!("data/{:016x}-1", xxhash_rust::xxh3::xxh3_64(b"x"))));
+}
+
+#[test]
+fn store_errors_are_named_and_change_nothing() {
+    let Some(s3) = s3_or_skip() else { return };
+    let a = project(&s3, "a", &[("input/f", b"1")]);
+    // Unreachable endpoint: a port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = s3.init(&a, &format!("http://127.0.0.1:{port}"), "p");
+    assert_exit(&o, 1, "init against a dead endpoint");
+    assert!(
+        stderr(&o).contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        show(&o)
+    );
+    assert!(!a.join(".dsg").exists());
+
+    // A missing bucket.
+    let mut c = Command::new(dsg_bin());
+    user_env(&mut c, s3.tmp.path());
+    for (k, v) in &s3.vars {
+        if k.starts_with("AWS_") {
+            c.env(k, v);
+        }
+    }
+    let nob = format!("no-such-bucket-{}", std::process::id());
+    c.current_dir(&a).args([
+        "init",
+        "--no-interactive",
+        "--repo-type",
+        "s3",
+        "--endpoint",
+        &s3.endpoint(),
+        "--bucket",
+        &nob,
+        "--repo-name",
+        "p",
+    ]);
+    let o = run_bounded(c, std::time::Duration::from_secs(60));
+    assert_exit(&o, 1, "init into a missing bucket");
+    assert!(
+        stderr(&o).contains(&nob) && stderr(&o).contains("does not exist"),
+        "{}",
+        show(&o)
+    );
+
+    // Wrong credentials, after a good init: the sync fails, names the
+    // problem, and the repository keeps its head.
+    assert_ok(&s3.init(&a, &s3.endpoint(), "p"), "init");
+    write_file(&a, "input/f", b"2");
+    let mut c = Command::new(dsg_bin());
+    user_env(&mut c, s3.tmp.path());
+    c.env("AWS_ACCESS_KEY_ID", "WRONG")
+        .env("AWS_SECRET_ACCESS_KEY", "wrong")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .current_dir(&a)
+        .arg("sync");
+    let o = run_bounded(c, std::time::Duration::from_secs(60));
+    assert_exit(&o, 1, "sync with wrong credentials");
+    assert!(stderr(&o).contains("credentials"), "{}", show(&o));
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s1"));
+
+    // No credentials at all.
+    let mut c = Command::new(dsg_bin());
+    user_env(&mut c, s3.tmp.path());
+    c.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .current_dir(&a)
+        .arg("status");
+    let o = run_bounded(c, std::time::Duration::from_secs(60));
+    assert_exit(&o, 1, "status without credentials");
+    assert!(stderr(&o).contains("AWS_ACCESS_KEY_ID"), "{}", show(&o));
+    assert!(!std::fs::read_to_string(a.join(".dsgconfig.yml"))
+        .unwrap()
+        .contains(&s3.var("AWS_SECRET_ACCESS_KEY")));
+}
+
+#[test]
+fn a_server_that_ignores_preconditions_is_refused_at_init() {
+    let Some(s3) = s3_or_skip() else { return };
+    let up = s3.endpoint();
+    let proxy = FaultProxy::start(up.trim_start_matches("http://"));
+    proxy.set(Rule::IgnorePreconditions);
+    let a = project(&s3, "a", &[("input/f", b"1")]);
+    let o = s3.init(&a, &proxy.endpoint(), "p");
+    assert_exit(&o, 1, "init on a server without preconditions");
+    assert!(stderr(&o).contains("conditional writes"), "{}", show(&o));
+    assert!(!a.join(".dsg").exists());
+    assert_eq!(s3.head("p"), None, "nothing was committed");
+    proxy.set(Rule::Pass);
+    assert_ok(&s3.init(&a, &proxy.endpoint(), "p"), "init once it behaves");
+}
+
+#[test]
+fn throttling_and_cut_connections_are_retried() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("input/f{i:02}"), random_bytes(i, 1000 + i as usize)))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (p.as_str(), &b[..])).collect();
+    let a = project(&s3, "a", &refs);
+    proxy.set(Rule::SlowDown {
+        n: 6,
+        filter: Filter::method("PUT"),
+    });
+    assert_ok(
+        &s3.init(&a, &proxy.endpoint(), "p"),
+        "init through SlowDown",
+    );
+    let slowed = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.fault == Some("SlowDown"))
+        .count();
+    assert_eq!(slowed, 6, "the proxy throttled six PUTs");
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s1"));
+
+    for (i, (p, _)) in files.iter().enumerate().take(10) {
+        write_file(&a, p, &random_bytes(100 + i as u64, 3000));
+    }
+    proxy.set(Rule::CutRequest {
+        n: 3,
+        after_bytes: 500,
+        filter: Filter::path("/data/"),
+    });
+    assert_ok(&s3.dsg(&a, &["sync"]), "sync through cut uploads");
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s2"));
+    let b = s3.dir("b");
+    copy_project_config(&a, &b);
+    assert_ok(&s3.dsg(&b, &["clone"]), "clone");
+    for (p, _) in &files {
+        assert_eq!(
+            std::fs::read(a.join(p)).unwrap(),
+            std::fs::read(b.join(p)).unwrap(),
+            "{p}"
+        );
+    }
+}
+
+#[test]
+fn a_server_failing_mid_sync_leaves_the_head_and_the_next_sync_cleans_up() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let a = project(&s3, "a", &[("input/f", b"1")]);
+    assert_ok(&s3.init(&a, &proxy.endpoint(), "p"), "init");
+    let before = s3.objects("p");
+    for i in 0..30 {
+        write_file(&a, &format!("input/n{i}"), &random_bytes(500 + i, 2000));
+    }
+    // Every data upload fails (more than the client's retries).
+    proxy.set(Rule::ServerError {
+        n: 10_000,
+        filter: Filter::path("/data/"),
+    });
+    let o = s3.dsg(&a, &["sync"]);
+    assert_exit(&o, 1, "sync against a failing server");
+    assert!(stderr(&o).contains("500"), "{}", show(&o));
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s1"));
+    // The failed sync removed what it had written (its journal included).
+    assert_eq!(s3.objects("p"), before);
+    proxy.set(Rule::Pass);
+    assert_ok(&s3.dsg(&a, &["sync"]), "sync once the server is well");
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s2"));
+    let after = s3.objects("p");
+    assert!(!after.iter().any(|k| k.starts_with("txs/")), "{after:?}");
+}
+
+#[test]
+fn a_volume_server_killed_mid_sync_loses_nothing() {
+    let Some(s3) = s3_or_skip() else { return };
+    let pidfiles = s3.var("DSG_TEST_S3_VOLUME_PIDFILES");
+    let cluster = s3.var("DSG_TEST_S3_CLUSTER");
+    let victim = pidfiles.split_whitespace().next().unwrap().to_string();
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("input/big{i}"), random_bytes(900 + i, 6 << 20)))
+        .chain((0..200).map(|i| (format!("input/s/f{i}"), random_bytes(2000 + i, 700))))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (p.as_str(), &b[..])).collect();
+    let a = project(&s3, "a", &refs);
+    let mut c = Command::new(dsg_bin());
+    user_env(&mut c, s3.tmp.path());
+    for (k, v) in &s3.vars {
+        if k.starts_with("AWS_") {
+            c.env(k, v);
+        }
+    }
+    let bucket = s3.var("DSG_TEST_BUCKET");
+    let endpoint = s3.endpoint();
+    c.current_dir(&a).args([
+        "init",
+        "--no-interactive",
+        "--repo-type",
+        "s3",
+        "--endpoint",
+        &endpoint,
+        "--bucket",
+        &bucket,
+        "--prefix",
+        &s3.prefix,
+        "--repo-name",
+        "p",
+    ]);
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Mid-sync: 48 MiB are still going up.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "init ended before the kill"
+    );
+    let pid = std::fs::read_to_string(&victim).unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (o, timed_out) = wait_within(child, std::time::Duration::from_secs(300));
+    // Heal the cluster for the tests after this one, whatever happened.
+    let healed = Command::new(&cluster).arg("start").output().unwrap();
+    assert!(!timed_out, "init hung after a volume server died");
+    assert!(healed.status.success(), "{}", show(&healed));
+    eprintln!("init with a volume server killed: {}", show(&o));
+    if o.status.success() {
+        assert_eq!(head_id(&s3, "p").as_deref(), Some("s1"));
+    } else {
+        // A clean failure: nothing committed.
+        assert_eq!(
+            s3.head("p")
+                .and_then(|h| h["head"].as_str().map(String::from)),
+            None
+        );
+        assert_ok(&s3.init(&a, &endpoint, "p"), "init again after the failure");
+    }
+    let b = s3.dir("b");
+    copy_project_config(&a, &b);
+    assert_ok(&s3.dsg(&b, &["clone"]), "clone");
+    for (p, bytes) in &files {
+        assert_eq!(&std::fs::read(b.join(p)).unwrap(), bytes, "{p}");
+    }
+}
