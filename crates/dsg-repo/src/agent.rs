@@ -504,11 +504,9 @@ fn get_files<W: Write>(
         reply_err(w, &e)?;
         return write_json(w, &Response::Ok);
     }
-    for p in paths {
-        let stored = backend.open(&p);
-        send_stored(w, buf, p, stored)?;
-    }
+    let sent = backend.open_each(paths, &mut |p, stored| send_stored(w, buf, p, stored));
     backend.read_unlock();
+    sent?;
     write_json(w, &Response::Ok)
 }
 

@@ -180,6 +180,21 @@ pub trait Backend: Send {
     /// Opens a repository path for download.
     fn open(&self, path: &str) -> Result<Stored, AgentError>;
 
+    /// Opens each of `paths` in order and hands it to `each` (inside
+    /// `read_lock`). The default opens them one at a time; a backend whose
+    /// reads wait on a network (an object store) fetches several at once.
+    fn open_each(
+        &self,
+        paths: Vec<String>,
+        each: &mut dyn FnMut(String, Result<Stored, AgentError>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        for p in paths {
+            let stored = self.open(&p);
+            each(p, stored)?;
+        }
+        Ok(())
+    }
+
     /// Holds a shared lock for a read of several files, so no commit runs
     /// underneath it (a no-op inside this connection's own transaction).
     fn read_lock(&mut self) -> Result<(), AgentError>;

@@ -653,9 +653,8 @@ impl Drop for Uploader {
 /// Uploads one verified small file unless its content is there already;
 /// whether this call created it.
 fn upload_one(store: &Store, job: &Job) -> Result<bool, AgentError> {
-    if store.head(&job.key).map_err(err)?.is_some() {
-        return Ok(false);
-    }
+    // No HEAD first: a small body costs less than a second round trip,
+    // and `If-None-Match: *` says whether it was there.
     match store.put(&job.key, &job.body, &Cond::Absent) {
         Ok(_) => Ok(true),
         // Same key, same content: someone stored it first.
@@ -1127,6 +1126,59 @@ impl Backend for S3Repo {
             self.undo(tx);
         }
         Ok(())
+    }
+
+    /// Several downloads in flight (the store's latency, not its bandwidth,
+    /// bounds a clone of many small files), handed on in order: at most
+    /// `WINDOW` ahead of the one being sent, each in an unlinked file.
+    fn open_each(
+        &self,
+        paths: Vec<String>,
+        each: &mut dyn FnMut(String, Result<Stored, AgentError>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        const WINDOW: usize = 64;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let sent = std::sync::atomic::AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let paths = &paths;
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Stored, AgentError>)>();
+            for _ in 0..WORKERS.min(paths.len()) {
+                let (tx, next, sent, stop) = (tx.clone(), &next, &sent, &stop);
+                s.spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= paths.len() {
+                        return;
+                    }
+                    while i >= sent.load(Ordering::SeqCst) + WINDOW {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    if stop.load(Ordering::SeqCst) || tx.send((i, self.open(&paths[i]))).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(tx);
+            let mut ready = std::collections::BTreeMap::new();
+            let mut want = 0;
+            let result = (|| {
+                while want < paths.len() {
+                    let Ok((i, r)) = rx.recv() else { break };
+                    ready.insert(i, r);
+                    while let Some(r) = ready.remove(&want) {
+                        each(paths[want].clone(), r)?;
+                        want += 1;
+                        sent.store(want, Ordering::SeqCst);
+                    }
+                }
+                Ok(())
+            })();
+            stop.store(true, Ordering::SeqCst);
+            result
+        })
     }
 
     fn open(&self, path: &str) -> Result<Stored, AgentError> {
