@@ -302,7 +302,7 @@ impl S3Repo {
     /// With the lease held: removes what transactions other than `ours`
     /// left (their journaled uploads that no snapshot references, their
     /// unreferenced snapshot objects, unfinished multipart uploads).
-    fn clean_leftovers(&self, ours: &str) -> Result<(), AgentError> {
+    fn clean_leftovers(&self, ours: &str, lease: &Lease) -> Result<(), AgentError> {
         let journals = self.store.list("txs/").map_err(err)?;
         let uploads = self.store.multipart_list("data/").map_err(err)?;
         if journals.is_empty() && uploads.is_empty() {
@@ -334,6 +334,13 @@ impl S3Repo {
                     referenced.insert(data_key(h.0, *size));
                 }
             }
+        }
+        if !lease.confirm() {
+            return Err(AgentError::new(
+                ErrorKind::Busy,
+                "lost the repository's lease while cleaning a dead writer's leftovers",
+            )
+            .hint("run the command again"));
         }
         let named: HashSet<String> = head
             .snapshots
@@ -382,6 +389,7 @@ enum Taken {
 struct Lease {
     store: Arc<Store>,
     doc: LockDoc,
+    secs: u64,
     etag: Arc<Mutex<String>>,
     lost: Arc<AtomicBool>,
     stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
@@ -466,6 +474,7 @@ impl Lease {
         Lease {
             store: store.clone(),
             doc,
+            secs,
             etag,
             lost,
             stop,
@@ -475,6 +484,28 @@ impl Lease {
 
     fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Renews the lease now: whether it is still ours (deletions check
+    /// this first; a writer paused past its lease must not delete).
+    fn confirm(&self) -> bool {
+        if self.lost() {
+            return false;
+        }
+        let mut doc = self.doc.clone();
+        doc.expires = now_secs() + self.secs;
+        let body = serde_json::to_vec(&doc).expect("json");
+        let mut etag = self.etag.lock().expect("lease etag");
+        match self.store.put("lock", &body, &Cond::Etag(etag.clone())) {
+            Ok(e) => {
+                *etag = e;
+                true
+            }
+            Err(_) => {
+                self.lost.store(true, Ordering::SeqCst);
+                false
+            }
+        }
     }
 
     fn stop_renewing(&mut self) {
@@ -704,7 +735,7 @@ impl S3Repo {
         let lease = self
             .acquire(tx_id, user, true)?
             .expect("waited for the lease");
-        self.clean_leftovers(tx_id)?;
+        self.clean_leftovers(tx_id, &lease)?;
         let head = self.read_head()?;
         let work = tempfile::Builder::new()
             .prefix("dsg-s3-")
@@ -891,6 +922,13 @@ impl S3Repo {
     /// released.
     fn undo(&mut self, mut tx: S3Tx) {
         let _ = tx.up.finish();
+        // Only while the lease is still ours: after a takeover, a later
+        // writer may rely on a content key this one created; the journal
+        // stays for the lease holder's cleaning, which checks references.
+        if !tx.lease.confirm() {
+            tracing::warn!("rolling back: the lease was taken over; leaving the cleaning to its holder");
+            return;
+        }
         for key in tx.up.created().iter().chain(&tx.written) {
             if let Err(e) = self.store.delete(key) {
                 tracing::warn!("rolling back {key}: {e} (the next writer removes it)");
@@ -1240,7 +1278,7 @@ impl Backend for S3Repo {
         // left alone (readers need no lock here).
         let tx = format!("recover-{}", uuid::Uuid::new_v4().simple());
         if let Some(lease) = self.acquire(&tx, "recovery", false)? {
-            let cleaned = self.clean_leftovers(&tx);
+            let cleaned = self.clean_leftovers(&tx, &lease);
             drop(lease);
             cleaned?;
         }
