@@ -383,6 +383,44 @@ fn throttling_and_cut_connections_are_retried() {
 }
 
 #[test]
+fn a_large_file_survives_cut_and_throttled_parts() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let big = random_bytes(31, (50 << 20) + 777);
+    let a = project(&s3, "a", &[("input/big.bin", &big)]);
+    // The second part's upload is cut after 1 MiB, twice; then two parts
+    // are throttled.
+    proxy.set(Rule::CutRequest {
+        n: 2,
+        after_bytes: 1 << 20,
+        filter: Filter::path("partNumber=2"),
+    });
+    assert_ok(
+        &s3.init(&a, &proxy.endpoint(), "p"),
+        "init through cut parts",
+    );
+    let cut = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.fault == Some("CutRequest"))
+        .count();
+    assert_eq!(cut, 2, "two uploads of part 2 were cut");
+    let changed = random_bytes(32, (50 << 20) + 778);
+    write_file(&a, "input/big.bin", &changed);
+    proxy.set(Rule::SlowDown {
+        n: 2,
+        filter: Filter::path("partNumber="),
+    });
+    assert_ok(&s3.dsg(&a, &["sync"]), "sync through throttled parts");
+    // Parts are invisible until completed: no unfinished upload is left.
+    assert!(s3.store("p").multipart_list("").unwrap().is_empty());
+    let b = s3.dir("b");
+    copy_project_config(&a, &b);
+    assert_ok(&s3.dsg(&b, &["clone"]), "clone");
+    assert_eq!(std::fs::read(b.join("input/big.bin")).unwrap(), changed);
+}
+
+#[test]
 fn a_server_failing_mid_sync_leaves_the_head_and_the_next_sync_cleans_up() {
     let Some(s3) = s3_or_skip() else { return };
     let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));

@@ -926,7 +926,9 @@ impl S3Repo {
         // writer may rely on a content key this one created; the journal
         // stays for the lease holder's cleaning, which checks references.
         if !tx.lease.confirm() {
-            tracing::warn!("rolling back: the lease was taken over; leaving the cleaning to its holder");
+            tracing::warn!(
+                "rolling back: the lease was taken over; leaving the cleaning to its holder"
+            );
             return;
         }
         for key in tx.up.created().iter().chain(&tx.written) {
