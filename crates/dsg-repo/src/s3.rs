@@ -299,6 +299,20 @@ impl S3Repo {
         .hint("run the command again"))
     }
 
+    /// Whether a writer may have died here: a journal or an unfinished
+    /// upload is left, or the lease is held (live or not).
+    fn needs_recovery(&self) -> Result<bool, AgentError> {
+        if !self.store.list("txs/").map_err(err)?.is_empty()
+            || !self.store.multipart_list("data/").map_err(err)?.is_empty()
+        {
+            return Ok(true);
+        }
+        let Some((bytes, _)) = self.store.get("lock").map_err(err)? else {
+            return Ok(false);
+        };
+        Ok(serde_json::from_slice::<LockDoc>(&bytes).map_or(true, |l| !l.free))
+    }
+
     /// With the lease held: removes what transactions other than `ours`
     /// left (their journaled uploads that no snapshot references, their
     /// unreferenced snapshot objects, unfinished multipart uploads).
@@ -1182,6 +1196,12 @@ impl Backend for S3Repo {
 
     fn recover(&mut self, _wait: bool) -> Result<(), AgentError> {
         if self.tx.is_some() {
+            return Ok(());
+        }
+        // Nothing a dead writer left: write nothing (a clone or a status
+        // with read-only credentials must work, and leave the store as it
+        // was).
+        if !self.needs_recovery()? {
             return Ok(());
         }
         // A dead writer's lease: take it, clean, release. A live one is
