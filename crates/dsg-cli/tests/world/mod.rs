@@ -166,6 +166,9 @@ impl Kind {
     }
 }
 
+/// A listing with mtimes (`full_listing`, `state_listing`).
+pub type Listing = std::collections::BTreeMap<String, (Node, i64, i64)>;
+
 /// The repository side of a world.
 enum Backend {
     Posix(Env),
@@ -338,14 +341,25 @@ impl World {
     /// `state_listing` of the repository, for "a failed command changed
     /// nothing" checks; on s3 also every object's key and size (as
     /// `s3:<key>`), as the view shows only what `HEAD` names.
-    pub fn repo_listing(&self) -> std::collections::BTreeMap<String, (Node, i64, i64)> {
-        let mut t = state_listing(&self.repo());
+    pub fn repo_listing(&self) -> Listing {
+        self.with_objects(state_listing(&self.repo()))
+    }
+
+    /// `full_listing` of the repository; on s3 with every object (see
+    /// `repo_listing`).
+    pub fn repo_full_listing(&self) -> Listing {
+        self.with_objects(full_listing(&self.repo()))
+    }
+
+    /// `l` (a listing of the repository) with, on s3, every object's key
+    /// and size (the lease's bytes) as `s3:<key>`.
+    pub fn with_objects(&self, mut l: Listing) -> Listing {
         if let Backend::S3(s) = &self.backend {
-            for (k, size) in s.listing() {
-                t.insert(format!("s3:{k}"), (Node::Big(size, 0), 0, 0));
+            for (k, n) in s.listing() {
+                l.insert(format!("s3:{k}"), (n, 0, 0));
             }
         }
-        t
+        l
     }
 
     /// After a command was killed: on s3, waits for the lease it held to
@@ -592,8 +606,9 @@ impl World {
     #[track_caller]
     pub fn assert_no_repo_leftovers(&self, ctx: &str) {
         match &self.backend {
-            Backend::Zfs(z) => z.assert_no_zfs_leftovers(ctx),
-            Backend::Posix(e) => assert_no_repo_leftovers(&e.repo_parent, &e.repo()),
+            Backend::Posix(e) | Backend::Zfs(ZEnv { env: e, .. }) => {
+                assert_no_repo_leftovers(&e.repo_parent, &e.repo())
+            }
             Backend::S3(s) => s.assert_no_leftovers(ctx),
         }
     }

@@ -273,6 +273,20 @@ impl S3Env {
         json
     }
 
+    /// Replaces the manifest object of snapshot `id` (a tampering test).
+    pub fn overwrite_manifest(&self, id: &str, bytes: &[u8]) {
+        let doc = self.head_doc().expect("HEAD");
+        let r = doc
+            .snapshots
+            .iter()
+            .find(|r| r.0 == id)
+            .unwrap_or_else(|| panic!("HEAD names no {id}"));
+        self.store
+            .put(&manifest_key(r), bytes, &dsg_s3::Cond::None)
+            .expect("overwriting a manifest object");
+        self.invalidate_view();
+    }
+
     /// Forgets the view (after changing objects behind `HEAD`'s back).
     pub fn invalidate_view(&self) {
         *self.view_of.borrow_mut() = None;
@@ -444,14 +458,15 @@ impl S3Env {
         }
     }
 
-    /// Object keys and sizes, for "nothing changed" checks; without the
-    /// lease (`lock`), which every sync takes to look for a dead writer's
-    /// leftovers, and rewrites.
-    pub fn listing(&self) -> BTreeMap<String, u64> {
-        let mut l: BTreeMap<String, u64> =
-            self.store.list("").expect("listing").into_iter().collect();
-        l.remove("lock");
-        l
+    /// Every object's key and size, and the lease's bytes: for "nothing
+    /// changed" checks.
+    pub fn listing(&self) -> BTreeMap<String, Node> {
+        let l = self.store.list("").expect("listing").into_iter();
+        let mut out: BTreeMap<String, Node> = l.map(|(k, n)| (k, Node::Big(n, 0))).collect();
+        if let Some(lock) = self.get("lock") {
+            out.insert("lock".into(), Node::File(lock));
+        }
+        out
     }
 }
 
