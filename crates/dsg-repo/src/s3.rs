@@ -250,9 +250,10 @@ impl S3Repo {
                         return Err(AgentError::new(
                             ErrorKind::Busy,
                             format!(
-                                "repository {} is busy: {} is writing it (transaction {}, lease for {} s more); waited {:.1} s, nothing was changed",
+                                "repository {} is busy: {} is writing it (pid {}, transaction {}, lease for {} s more); waited {:.1} s, nothing was changed",
                                 self.store.location().describe(),
                                 by.user,
+                                by.pid,
                                 by.tx,
                                 by.expires.saturating_sub(now_secs()),
                                 start.elapsed().as_secs_f64()
