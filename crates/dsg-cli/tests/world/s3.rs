@@ -14,12 +14,12 @@
 //! `HEAD`'s bytes change. A snapshot object or content that `HEAD` needs and
 //! the store lacks fails the test there.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use dsg_s3::{Credentials, Location, Store};
 use serde_json::Value;
@@ -149,7 +149,7 @@ pub struct S3Env {
     pub store: Store,
     _view_parent: tempfile::TempDir,
     /// `HEAD`'s bytes the view was written for (`Some(None)`: no `HEAD`).
-    view_of: RefCell<Option<Option<Vec<u8>>>>,
+    view_of: Mutex<Option<Option<Vec<u8>>>>,
 }
 
 impl std::ops::Deref for S3Env {
@@ -200,7 +200,7 @@ impl S3Env {
             prefix,
             store,
             _view_parent: view_parent,
-            view_of: RefCell::new(None),
+            view_of: Mutex::new(None),
         })
     }
 
@@ -289,15 +289,17 @@ impl S3Env {
 
     /// Forgets the view (after changing objects behind `HEAD`'s back).
     pub fn invalidate_view(&self) {
-        *self.view_of.borrow_mut() = None;
+        *self.view_of.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The view of the repository (see the module docs), rebuilt if `HEAD`
     /// changed; its path (absent when there is no head).
     pub fn view(&self) -> PathBuf {
         let root = self.env.repo();
+        // Held while the view is rewritten (threads of one test share it).
+        let mut view_of = self.view_of.lock().unwrap_or_else(|e| e.into_inner());
         let head = self.get("HEAD");
-        if self.view_of.borrow().as_ref() == Some(&head) {
+        if view_of.as_ref() == Some(&head) {
             return root;
         }
         if root.exists() {
@@ -307,7 +309,7 @@ impl S3Env {
         if let Some(h) = doc.as_ref().and_then(|d| d.head.clone()) {
             self.write_view(&root, doc.as_ref().unwrap(), &h);
         }
-        *self.view_of.borrow_mut() = Some(head);
+        *view_of = Some(head);
         root
     }
 
