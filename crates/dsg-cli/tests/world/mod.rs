@@ -173,7 +173,7 @@ pub type Listing = std::collections::BTreeMap<String, (Node, i64, i64)>;
 enum Backend {
     Posix(Env),
     Zfs(ZEnv),
-    S3(s3::S3Env),
+    S3(Box<s3::S3Env>),
 }
 
 /// One test world (see the module docs). Derefs to `sync_support::Env`:
@@ -250,7 +250,7 @@ impl World {
                 let ssh = ssh_support::ssh_or_skip()?;
                 (Backend::Posix(Env::new(prefix)), Some(ssh))
             }
-            Kind::S3 => (Backend::S3(s3::S3Env::new(prefix)?), None),
+            Kind::S3 => (Backend::S3(Box::new(s3::S3Env::new(prefix)?)), None),
         };
         Some(World { kind, backend, ssh })
     }
