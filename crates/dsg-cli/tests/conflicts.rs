@@ -127,7 +127,7 @@ fn backups_of(z: &World, c: &str, rel: &str) -> Vec<(String, Vec<u8>)> {
 fn continue_settles_each_file_as_chosen(kind: Kind) {
     let z = world_or_skip!(kind, "cfl");
     four_conflicts(&z);
-    let repo_before = state_listing(&z.repo());
+    let repo_before = z.repo_listing();
     let a_data_before = data_tree(&z.client("A"));
     let snaps = z.snapshots();
     assert_eq!(head_id(&z), "s2");
@@ -186,7 +186,7 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
     }
 
     // Blocked: nothing but conflicts.txt changed anywhere.
-    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_same("repository", &repo_before, &z.repo_listing());
     let mut a_after = data_tree(&z.client("A"));
     a_after.remove("conflicts.txt");
     assert_same("A's data", &a_data_before, &a_after);
@@ -200,7 +200,7 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
         "{}",
         show(&o)
     );
-    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_same("repository", &repo_before, &z.repo_listing());
     assert_eq!(z.snapshots(), snaps);
 
     // One file left without a choice: refused, naming it.
@@ -213,7 +213,7 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
     assert_eq!(o.status.code(), Some(3), "{}", show(&o));
     let e = json_of(&o);
     assert_eq!(e["paths"], serde_json::json!([p(IN, "both.txt")]), "{e:#}");
-    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_same("repository", &repo_before, &z.repo_listing());
 
     // A choice the conflict does not offer (C for a file with no last sync).
     let bad = choose(
@@ -242,7 +242,7 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
     fs::write(conflicts_txt(&z, "A"), &bad).unwrap();
     let o = z.run("A", &["sync", "--continue"]);
     assert_eq!(o.status.code(), Some(3), "{}", show(&o));
-    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_same("repository", &repo_before, &z.repo_listing());
 
     // The real choices: shared L, gone R, kept L, both R.
     write_choices(
@@ -259,8 +259,7 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(!conflicts_txt(&z, "A").exists(), "conflicts.txt removed");
     assert_eq!(head_id(&z), "s3", "one new snapshot on B's s2");
-    let repo = z.repo();
-    let read_repo = |f: &str| fs::read(repo.join(p(IN, f))).ok();
+    let read_repo = |f: &str| fs::read(z.repo().join(p(IN, f))).ok();
     assert_eq!(read_repo("shared.txt").as_deref(), Some(&b"A's edit"[..]));
     assert_eq!(
         read_repo("kept.txt").as_deref(),
@@ -275,7 +274,7 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
     assert_eq!(z.read("A", &p(IN, "both.txt")), b"B's both");
     // The unrelated changes went through in the same sync.
     assert_eq!(z.read("A", &p(OUT, "from_b.txt")), b"unrelated B");
-    assert!(repo.join(p(OUT, "from_a.txt")).is_file());
+    assert!(z.repo().join(p(OUT, "from_a.txt")).is_file());
     // Only the file R replaced here was backed up, with its bytes.
     let bk = backups_of(&z, "A", &p(IN, "both.txt"));
     assert_eq!(bk.len(), 1, "{bk:?}");
@@ -290,7 +289,7 @@ fn continue_settles_each_file_as_chosen(kind: Kind) {
     }
     // Backups are never tracked: status is clean, the repository lacks them.
     z.assert_clean("A");
-    assert!(!repo.join(p(IN, &bk[0].0)).exists());
+    assert!(!z.repo().join(p(IN, &bk[0].0)).exists());
     assert_no_leftovers(&z.client("A"));
     z.ok("B", &["sync"]);
     z.assert_clean("B");
@@ -332,7 +331,7 @@ fn continue_refuses_what_it_cannot_settle(kind: Kind) {
         ],
     );
     fs::write(conflicts_txt(&z, "A"), &all).unwrap();
-    let repo_before = state_listing(&z.repo());
+    let repo_before = z.repo_listing();
     let o = z.run("A", &["sync", "--continue", "--json"]);
     assert_eq!(o.status.code(), Some(3), "{}", show(&o));
     let e = json_of(&o);
@@ -344,7 +343,7 @@ fn continue_refuses_what_it_cannot_settle(kind: Kind) {
         .collect();
     extra.sort();
     assert_eq!(extra, vec![p(IN, "both.txt"), p(IN, "shared.txt")], "{e:#}");
-    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_same("repository", &repo_before, &z.repo_listing());
     assert!(conflicts_txt(&z, "A").exists(), "kept for the user to fix");
 
     // Everything settled by hand: --continue says so, removes the stale
@@ -425,16 +424,18 @@ fn choice_c_restores_the_last_synced_version(kind: Kind) {
         vec![p(IN, "gone.txt"), p(IN, "kept.txt"), p(IN, "shared.txt")],
         "{v:#}"
     );
-    let repo = z.repo();
     for (f, want) in [("shared.txt", "v0"), ("gone.txt", "g0"), ("kept.txt", "k0")] {
         assert_eq!(z.read("A", &p(IN, f)), want.as_bytes(), "{f} here");
         assert_eq!(
-            fs::read(repo.join(p(IN, f))).unwrap(),
+            fs::read(z.repo().join(p(IN, f))).unwrap(),
             want.as_bytes(),
             "{f} in the repository"
         );
     }
-    assert_eq!(fs::read(repo.join(p(IN, "both.txt"))).unwrap(), b"A's both");
+    assert_eq!(
+        fs::read(z.repo().join(p(IN, "both.txt"))).unwrap(),
+        b"A's both"
+    );
     // Local files the restore replaced were kept; gone.txt had none.
     assert_eq!(backups_of(&z, "A", &p(IN, "shared.txt"))[0].1, b"A's edit");
     assert_eq!(
@@ -472,7 +473,7 @@ fn continue_refuses_a_file_changed_since(kind: Kind) {
     z.write("A", &p(IN, "shared.txt"), "A's second edit");
     z.write("B", &p(IN, "both.txt"), "B's both, again");
     z.ok("B", &["sync", "-m", "B again"]);
-    let repo_before = state_listing(&z.repo());
+    let repo_before = z.repo_listing();
     let o = z.run("A", &["sync", "--continue", "--json"]);
     assert_eq!(o.status.code(), Some(3), "{}", show(&o));
     let e = json_of(&o);
@@ -488,7 +489,7 @@ fn continue_refuses_a_file_changed_since(kind: Kind) {
         serde_json::json!([p(IN, "both.txt"), p(IN, "shared.txt")]),
         "{e:#}"
     );
-    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_same("repository", &repo_before, &z.repo_listing());
     assert_eq!(z.read("A", &p(IN, "shared.txt")), b"A's second edit");
     // A plain sync keeps the user's choices.
     let o = z.run("A", &["sync"]);
@@ -523,9 +524,9 @@ fn continue_refuses_a_file_changed_since(kind: Kind) {
 }
 
 per_kind!(
-    continue_refuses_a_file_changed_since: xfs, ssh;
-    choice_c_restores_the_last_synced_version: xfs, zfs, ssh;
-    continue_settles_each_file_as_chosen: xfs, zfs, ssh;
-    continue_refuses_what_it_cannot_settle: xfs, zfs, ssh;
+    continue_refuses_a_file_changed_since: xfs, ssh, s3;
+    choice_c_restores_the_last_synced_version: xfs, zfs, ssh, s3;
+    continue_settles_each_file_as_chosen: xfs, zfs, ssh, s3;
+    continue_refuses_what_it_cannot_settle: xfs, zfs, ssh, s3;
     no_backup_when_switched_off: xfs;
 );

@@ -14,25 +14,33 @@
 //! (zfs-fuse is slow), so the long matrices that only exercise the client's
 //! and the posix repository's code run on xfs alone:
 //!
-//! | test                                                  | xfs | zfs | ssh |
-//! |-------------------------------------------------------|-----|-----|-----|
-//! | crash_at_every_repository_step_of_a_sync              |  x  |  x  |     |
-//! | crash_at_every_client_step_of_a_sync                  |  x  |  x  |  x  |
-//! | crash_at_every_step_of_a_representative_sync          |  x  |     |     |
-//! | crash_while_applying_a_representative_sync            |  x  |     |     |
-//! | crash_while_applying_locally_files_and_links          |  x  |     |     |
-//! | crash_at_every_step_of_a_download_only_sync           |  x  |     |     |
-//! | crash_while_applying_a_download_only_sync_files_and_links | x |  |     |
-//! | crash_while_applying_a_download_only_sync             |  x  |     |     |
-//! | crash_at_every_step_of_a_clone                        |  x  |     |     |
-//! | crash_during_rollback_recovery                        |  x  |     |     |
-//! | crash_during_roll_forward_recovery                    |  x  |     |     |
-//! | kill9_at_random_moments                               |  x  |     |     |
-//! | crash_at_every_step_of_an_init                        |  x  |  x  |     |
-//! | crash_at_the_init_commit_point                        |  x  |  x  |     |
+//! | test                                                  | xfs | zfs | ssh | s3 |
+//! |-------------------------------------------------------|-----|-----|-----|----|
+//! | crash_at_every_repository_step_of_a_sync              |  x  |  x  |     | x  |
+//! | crash_at_every_client_step_of_a_sync                  |  x  |  x  |  x  | x  |
+//! | crash_at_every_step_of_a_representative_sync          |  x  |     |     | x  |
+//! | crash_at_every_step_of_a_conflict_resolution          |  x  |     |  x  | x  |
+//! | crash_while_applying_a_representative_sync            |  x  |     |     |    |
+//! | crash_while_applying_locally_files_and_links          |  x  |     |     |    |
+//! | crash_at_every_step_of_a_download_only_sync           |  x  |     |     |    |
+//! | crash_while_applying_a_download_only_sync_files_and_links | x |  |     |    |
+//! | crash_while_applying_a_download_only_sync             |  x  |     |     |    |
+//! | crash_at_every_step_of_a_clone                        |  x  |     |     |    |
+//! | crash_during_rollback_recovery                        |  x  |     |     |    |
+//! | crash_during_roll_forward_recovery                    |  x  |     |     |    |
+//! | kill9_at_random_moments                               |  x  |     |     | x  |
+//! | crash_at_every_step_of_an_init                        |  x  |  x  |     | x  |
+//! | crash_at_the_init_commit_point                        |  x  |  x  |     | x  |
 //!
 //! Over ssh only the client's failpoints fire (the remote agent does not
 //! get `DSG_FAILPOINT`), so the repository-side matrices do not run there.
+//! On s3 the repository's steps are `s3.*` (staging journaled, snapshot
+//! objects, the HEAD commit point, committed); a killed writer's lease is
+//! let expire before the next command (`World::settle_after_crash`), the
+//! read after a crash (`dsg status`) is checked for OLD/NEW and a sound
+//! HEAD, and the re-run (a writer) for no leftovers at all; the matrices
+//! of client-only steps (apply, download, clone) are the client's code,
+//! the same on every kind, and run on xfs.
 //! Formerly sync_crash.rs (xfs) and zfs_crash.rs (zfs).
 
 mod world;
@@ -328,6 +336,7 @@ fn repo_point(fp: &str, all: &[String]) -> bool {
         .iter()
         .rfind(|f| f.starts_with("repo.apply.") && *f != "repo.apply.meta");
     fp.starts_with("zfs.")
+        || fp.starts_with("s3.")
         || (fp.starts_with("repo.") && !fp.starts_with("repo.apply."))
         || matches!(fp, "repo.apply.0" | "repo.apply.meta")
         || Some(&fp.to_string()) == last_apply
@@ -339,13 +348,22 @@ fn client_point(fp: &str, _: &[String]) -> bool {
 }
 
 /// Of `steps`, those a reference run of this kind reports: over ssh only
-/// the client's.
+/// the client's; on s3 the posix repository's (`repo.*`) are the s3
+/// repository's.
 fn reported(kind: Kind, steps: &[&'static str]) -> Vec<&'static str> {
-    steps
+    let mut out: Vec<&'static str> = steps
         .iter()
         .copied()
-        .filter(|s| kind != Kind::Ssh || s.starts_with("client."))
-        .collect()
+        .filter(|s| match kind {
+            Kind::Ssh => s.starts_with("client."),
+            Kind::S3 => !s.starts_with("repo."),
+            Kind::Xfs | Kind::Zfs => true,
+        })
+        .collect();
+    if kind == Kind::S3 && steps.iter().any(|s| s.starts_with("repo.")) {
+        out.extend(kind.repo_sync_steps());
+    }
+    out
 }
 
 // ---------------------------------------------------------------- engine
@@ -391,7 +409,7 @@ fn crash_and_recover(
     old: &State,
     new: &State,
 ) -> Outcome {
-    let repo_before = full_listing(&w.repo());
+    let repo_before = w.repo_full_listing();
     let ctx = match recover_fp {
         None => format!("[{}] {} crashed at {fp}", w.kind.label(), case.name),
         Some(r) => format!(
@@ -406,6 +424,7 @@ fn crash_and_recover(
         "{ctx}: expected death by SIGKILL: {}",
         show(&o)
     );
+    w.settle_after_crash();
     if let Some(r) = recover_fp {
         let o = w.run_env(case.client, &["status"], &[("DSG_FAILPOINT", r)]);
         assert!(
@@ -427,13 +446,13 @@ fn crash_and_recover(
         assert_same(
             &format!("{ctx}: repository (clone never writes it)"),
             &repo_before,
-            &full_listing(&w.repo()),
+            &w.repo_full_listing(),
         );
     }
     let c = w.client(case.client);
     let now = cap(w, case);
     let outcome = now.classify(old, new, &ctx);
-    w.assert_repo_sound(&ctx);
+    w.assert_repo_sound_after_read(&ctx);
     if outcome == Outcome::New {
         // Before the sync the local tree had unsynced changes; after it, the
         // tracked tree is exactly the cache.
@@ -610,7 +629,7 @@ fn crash_at_every_client_step_of_a_sync(kind: Kind) {
 /// `sync --continue` is a sync: a crash at any step recovers to before
 /// (conflicts.txt kept, the resolution can run again) or after.
 fn crash_at_every_step_of_a_conflict_resolution(kind: Kind) {
-    let select = if kind == Kind::Xfs {
+    let select = if matches!(kind, Kind::Xfs | Kind::S3) {
         any_step
     } else {
         client_point
@@ -692,6 +711,7 @@ fn crash_during_rollback_recovery(kind: Kind) {
     let before_commit = match kind {
         Kind::Zfs => "zfs.snapshot",
         Kind::Xfs | Kind::Ssh => "repo.before_commit",
+        Kind::S3 => "s3.commit.head",
     };
     crash_during_recovery(
         kind,
@@ -704,6 +724,7 @@ fn crash_during_roll_forward_recovery(kind: Kind) {
     let after_commit = match kind {
         Kind::Zfs => "zfs.promote",
         Kind::Xfs | Kind::Ssh => "repo.apply.1",
+        Kind::S3 => "client.journal.committed",
     };
     crash_during_recovery(
         kind,
@@ -831,11 +852,12 @@ fn kill_trial(kind: Kind, case: &Case, new: &State, trial: u64, delay: Duration)
     if !killed(&status) {
         assert_eq!(status.code(), Some(0), "{ctx}");
     }
+    w.settle_after_crash();
     let st = w.run("A", &["status"]);
     assert_eq!(st.status.code(), Some(0), "{ctx}: {}", show(&st));
     let now = cap(&w, case);
     let outcome = now.classify(&old, new, &ctx);
-    w.assert_repo_sound(&ctx);
+    w.assert_repo_sound_after_read(&ctx);
     if outcome == Outcome::New {
         let m = now.pair.local.manifest_json().expect("cache after sync");
         assert_tree_matches_manifest(&w.client("A"), &m, &format!("{ctx}: client"));
@@ -854,7 +876,11 @@ fn setup_init(w: &World) {
 }
 
 fn init_args(w: &World) -> Vec<String> {
-    // A rolled-back init may leave .dsgconfig.yml behind.
+    // A rolled-back init may leave .dsgconfig.yml behind. An s3 repository
+    // is never replaced: a plain init (over a dead init's objects).
+    if w.kind == Kind::S3 {
+        return w.init_args();
+    }
     w.replace_args(None)
 }
 
@@ -884,6 +910,7 @@ fn crash_init(w: &World, fp: &str, committed: bool, data: &Tree) {
     let ctx = format!("[{}] init crashed at {fp}", w.kind.label());
     let o = w.run_args("A", &init_args(w), &[("DSG_FAILPOINT", fp)]);
     assert!(killed(&o.status), "{ctx}: expected SIGKILL: {}", show(&o));
+    w.settle_after_crash();
     let st = w.run("A", &["status"]);
     assert!(st.status.code().is_some(), "{ctx}: status crashed");
     if committed {
@@ -971,10 +998,10 @@ fn crash_at_the_init_commit_point(kind: Kind) {
 }
 
 per_kind!(
-    crash_at_every_repository_step_of_a_sync: xfs, zfs;
-    crash_at_every_client_step_of_a_sync: xfs, zfs, ssh;
-    crash_at_every_step_of_a_representative_sync: xfs;
-    crash_at_every_step_of_a_conflict_resolution: xfs, ssh;
+    crash_at_every_repository_step_of_a_sync: xfs, zfs, s3;
+    crash_at_every_client_step_of_a_sync: xfs, zfs, ssh, s3;
+    crash_at_every_step_of_a_representative_sync: xfs, s3;
+    crash_at_every_step_of_a_conflict_resolution: xfs, ssh, s3;
     crash_while_applying_a_representative_sync: xfs;
     crash_while_applying_locally_files_and_links: xfs;
     crash_at_every_step_of_a_download_only_sync: xfs;
@@ -983,7 +1010,7 @@ per_kind!(
     crash_at_every_step_of_a_clone: xfs;
     crash_during_rollback_recovery: xfs;
     crash_during_roll_forward_recovery: xfs;
-    kill9_at_random_moments: xfs;
-    crash_at_every_step_of_an_init: xfs, zfs;
-    crash_at_the_init_commit_point: xfs, zfs;
+    kill9_at_random_moments: xfs, s3;
+    crash_at_every_step_of_an_init: xfs, zfs, s3;
+    crash_at_the_init_commit_point: xfs, zfs, s3;
 );

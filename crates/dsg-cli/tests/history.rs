@@ -402,8 +402,15 @@ fn tampering_is_found(kind: Kind) {
 }
 
 /// Writes a repository file (on zfs the dataset is writable by the test
-/// user like any directory).
-fn tamper_repo(_w: &World, p: &Path, bytes: Vec<u8>) {
+/// user like any directory; on s3, `p` in the view names the object to
+/// overwrite: an archive is its snapshot's manifest object).
+fn tamper_repo(w: &World, p: &Path, bytes: Vec<u8>) {
+    if w.kind == Kind::S3 {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        let id = name.strip_suffix("-sync.json.lz4").expect("an archive");
+        w.s3().overwrite_manifest(id, &bytes);
+        return;
+    }
     fs::write(p, bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
 }
 
@@ -420,8 +427,8 @@ fn find_check<'v>(v: &'v Value, id: &str) -> &'v Value {
 }
 
 per_kind!(
-    history_on_every_kind: xfs, zfs, ssh;
-    tampering_is_found: xfs, zfs, ssh;
+    history_on_every_kind: xfs, zfs, ssh, s3;
+    tampering_is_found: xfs, zfs, ssh, s3;
 );
 
 /// Unknown snapshots and never-tracked paths: exit 1, a message naming

@@ -84,6 +84,7 @@ fn assert_old(e: &World, old: &Old, ctx: &str) {
             );
             assert_no_repo_leftovers(&e.repo_parent, &e.repo());
         }
+        Kind::S3 => unreachable!("init --force does not replace an s3 repository"),
     }
 }
 
@@ -486,6 +487,7 @@ fn a_replace_that_commits_but_cannot_finish_is_completed_by_the_next_command(kin
     assert_no_leftovers(&z.client("C"));
 }
 
+// Not on s3: an s3 repository is not replaced (`init --force`).
 per_kind!(
     init_force_replaces_only_after_confirmation: xfs, zfs;
     crash_at_every_step_of_a_replacing_init: xfs, zfs;

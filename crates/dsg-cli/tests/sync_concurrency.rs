@@ -3,10 +3,11 @@
 //! writers, and a client that cannot get it in time exits 4 naming who
 //! holds it.
 //!
-//! Two clients syncing at once run on xfs and zfs (on zfs also: the
+//! Two clients syncing at once run on xfs, zfs and s3 (on zfs also: the
 //! dataset stays sound and mounted, one snapshot per sync, no transaction
-//! left); the lock's own tests look at the posix repository's lock file and
-//! failpoints and run on xfs.
+//! left; on s3 no journal, stray content or held lease); the lock's own
+//! tests look at the posix repository's lock file or the s3 repository's
+//! lease object and run on xfs and s3.
 
 mod world;
 
@@ -55,7 +56,6 @@ fn simultaneous_syncs_never_overwrite_each_other(kind: Kind) {
     env.write("A", &p("base.txt"), "base");
     env.init("A");
     env.clone_client("A", "B");
-    let repo = env.repo();
     let rounds = match kind {
         Kind::Zfs => 3,
         _ => 10,
@@ -94,8 +94,8 @@ fn simultaneous_syncs_never_overwrite_each_other(kind: Kind) {
         let ctx = format!("round {r}");
         let n = env.assert_repo_sound(&ctx);
         assert_eq!(n, 1 + 2 * (r + 1), "{ctx}: one snapshot per client");
-        assert_eq!(assert_chain(&repo), n, "{ctx}: chain");
-        let msgs = read_json(&repo.join(".dsg/sync-messages.json"));
+        assert_eq!(assert_chain(&env.repo()), n, "{ctx}: chain");
+        let msgs = read_json(&env.repo().join(".dsg/sync-messages.json"));
         let texts: Vec<&str> = msgs["snapshots"]
             .as_object()
             .unwrap()
@@ -109,7 +109,7 @@ fn simultaneous_syncs_never_overwrite_each_other(kind: Kind) {
                 "round {r}: message {m:?} in {texts:?}"
             );
         }
-        let t = tracked(&data_tree(&repo));
+        let t = tracked(&data_tree(&env.repo()));
         for k in 0..=r {
             assert_eq!(
                 t.get(&p(&format!("a/r{k:02}.txt"))),
@@ -148,14 +148,14 @@ fn simultaneous_syncs_never_overwrite_each_other(kind: Kind) {
     for who in ["A", "B"] {
         assert_same(
             who,
-            &tracked(&data_tree(&repo)),
+            &tracked(&data_tree(&env.repo())),
             &tracked(&data_tree(&env.client(who))),
         );
         env.assert_clean(who);
         assert_no_leftovers(&env.client(who));
         assert_eq!(
             fs::read(env.client(who).join(".dsg/last-sync.json")).unwrap(),
-            fs::read(repo.join(".dsg/last-sync.json")).unwrap()
+            fs::read(env.repo().join(".dsg/last-sync.json")).unwrap()
         );
     }
 }
@@ -194,13 +194,21 @@ fn lock_timeout_exits_4_and_names_the_holder(kind: Kind) {
     }
     env.write("B", &p("from_b.txt"), "b");
     let lock = env.repo().join(".dsg/lock");
+    // The holder writes who it is into the lock file once it has it; on s3
+    // the lease object says it is taken.
+    let taken = || match kind {
+        Kind::S3 => env
+            .s3()
+            .get("lock")
+            .is_some_and(|b| !String::from_utf8_lossy(&b).contains("\"free\":true")),
+        _ => fs::read(&lock).map(|b| !b.is_empty()).unwrap_or(false),
+    };
     let mut a = Stopped(Some(spawn(&env, "A", &["sync"], &[])));
     let pid = a.0.as_ref().unwrap().id();
     let t0 = Instant::now();
     let mut held = false;
     while t0.elapsed() < Duration::from_secs(30) {
-        // The holder writes who it is into the lock file once it has it.
-        if fs::read(&lock).map(|b| !b.is_empty()).unwrap_or(false) {
+        if taken() {
             held = true;
             break;
         }
@@ -246,24 +254,31 @@ fn lock_timeout_exits_4_and_names_the_holder(kind: Kind) {
     env.assert_clean("B");
 }
 
-/// A holder that dies releases the lock with it (flock): the next sync
-/// does not wait for the timeout.
+/// A holder that dies releases the lock with it (flock; on s3 its lease
+/// expires and is taken over): the next sync does not wait for the
+/// timeout.
 fn lock_dies_with_its_holder(kind: Kind) {
     let env = world_or_skip!(kind, "lockdies");
     env.write("A", &p("base.txt"), "base");
     env.init("A");
     env.clone_client("A", "B");
     env.write("A", &p("a.txt"), "a");
-    let o = env.run_env("A", &["sync"], &[("DSG_FAILPOINT", "repo.stage_file")]);
+    let (fp, timeout, bound) = match kind {
+        Kind::S3 => ("s3.stage.journaled", "20", world::s3::LEASE_SECS + 4),
+        _ => ("repo.stage_file", "5", 4),
+    };
+    let o = env.run_env("A", &["sync"], &[("DSG_FAILPOINT", fp)]);
     assert!(killed(&o.status), "{}", show(&o));
     env.write("B", &p("b.txt"), "b");
     let t = Instant::now();
-    let o = env.run_env("B", &["sync"], &[("DSG_LOCK_TIMEOUT", "5")]);
+    let o = env.run_env("B", &["sync"], &[("DSG_LOCK_TIMEOUT", timeout)]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "waited for a dead holder"
+        t.elapsed() < Duration::from_secs(bound),
+        "waited {:?} for a dead holder",
+        t.elapsed()
     );
+    env.assert_repo_sound("after taking over a dead holder's lock");
     env.ok("A", &["sync"]);
     env.ok("B", &["sync"]);
     assert_eq!(assert_chain(&env.repo()), 3);
@@ -342,7 +357,7 @@ fn four_clients_in_a_loop_never_exit_1_and_lose_nothing(kind: Kind) {
     assert_chain(&env.repo());
     let head = read_json(&env.repo().join(".dsg/last-sync.json"));
     assert_tree_matches_manifest(&env.repo(), &head, "repository");
-    assert_no_repo_leftovers(&env.repo_parent, &env.repo());
+    env.assert_no_repo_leftovers("repository");
     for who in clients {
         env.ok(who, &["sync"]);
         env.assert_clean(who);
@@ -401,15 +416,15 @@ fn a_repository_that_keeps_moving_exits_4(kind: Kind) {
     );
     assert!(!env.repo().join(p("new.txt")).exists());
     assert_no_leftovers(&env.client("A"));
-    assert_no_repo_leftovers(&env.repo_parent, &env.repo());
+    env.assert_no_repo_leftovers("repository");
     env.ok("A", &["sync"]);
     assert!(env.repo().join(p("new.txt")).is_file());
 }
 
 per_kind!(
-    simultaneous_syncs_never_overwrite_each_other: xfs, zfs;
-    lock_timeout_exits_4_and_names_the_holder: xfs;
-    lock_dies_with_its_holder: xfs;
-    four_clients_in_a_loop_never_exit_1_and_lose_nothing: xfs;
-    a_repository_that_keeps_moving_exits_4: xfs;
+    simultaneous_syncs_never_overwrite_each_other: xfs, zfs, s3;
+    lock_timeout_exits_4_and_names_the_holder: xfs, s3;
+    lock_dies_with_its_holder: xfs, s3;
+    four_clients_in_a_loop_never_exit_1_and_lose_nothing: xfs, s3;
+    a_repository_that_keeps_moving_exits_4: xfs, s3;
 );

@@ -1,4 +1,4 @@
-//! Two clients sharing one repository, on xfs and zfs: changes flow both
+//! Two clients sharing one repository, on xfs, zfs and s3: changes flow both
 //! ways (edit, add, delete, file <-> symlink), and a conflict blocks with
 //! exit 3 and changes nothing on either side nor in the repository (on zfs:
 //! nor in the pool). Concurrent syncs: `sync_concurrency.rs`.
@@ -106,7 +106,7 @@ fn conflicts_block_with_exit_3_and_change_nothing(kind: Kind) {
     z.remove("A", &p(IN, "del_by_a.txt"));
     z.write("A", &p(IN, "a_only.txt"), "unrelated too");
 
-    let repo_before = state_listing(&z.repo());
+    let repo_before = z.repo_listing();
     let a_before = state_listing(&z.client("A"));
     let snaps_before = z.snapshots();
     let all_before = (kind == Kind::Zfs).then(|| z.zfs().all_snapshots());
@@ -119,7 +119,7 @@ fn conflicts_block_with_exit_3_and_change_nothing(kind: Kind) {
             "{path} is a conflict: {rows:?}"
         );
     }
-    assert_same("repository", &repo_before, &state_listing(&z.repo()));
+    assert_same("repository", &repo_before, &z.repo_listing());
     let mut a_after = state_listing(&z.client("A"));
     assert!(
         a_after.remove("conflicts.txt").is_some(),
@@ -148,6 +148,6 @@ fn conflicts_block_with_exit_3_and_change_nothing(kind: Kind) {
 }
 
 per_kind!(
-    changes_flow_both_ways: xfs, zfs;
-    conflicts_block_with_exit_3_and_change_nothing: xfs, zfs;
+    changes_flow_both_ways: xfs, zfs, s3;
+    conflicts_block_with_exit_3_and_change_nothing: xfs, zfs, s3;
 );

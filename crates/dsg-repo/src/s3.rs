@@ -250,9 +250,10 @@ impl S3Repo {
                         return Err(AgentError::new(
                             ErrorKind::Busy,
                             format!(
-                                "repository {} is busy: {} is writing it (transaction {}, lease for {} s more); waited {:.1} s, nothing was changed",
+                                "repository {} is busy: {} is writing it (pid {}, transaction {}, lease for {} s more); waited {:.1} s, nothing was changed",
                                 self.store.location().describe(),
                                 by.user,
+                                by.pid,
                                 by.tx,
                                 by.expires.saturating_sub(now_secs()),
                                 start.elapsed().as_secs_f64()
@@ -297,6 +298,20 @@ impl S3Repo {
             "HEAD kept changing while fencing a dead writer",
         )
         .hint("run the command again"))
+    }
+
+    /// Whether a writer may have died here: a journal or an unfinished
+    /// upload is left, or the lease is held (live or not).
+    fn needs_recovery(&self) -> Result<bool, AgentError> {
+        if !self.store.list("txs/").map_err(err)?.is_empty()
+            || !self.store.multipart_list("data/").map_err(err)?.is_empty()
+        {
+            return Ok(true);
+        }
+        let Some((bytes, _)) = self.store.get("lock").map_err(err)? else {
+            return Ok(false);
+        };
+        Ok(serde_json::from_slice::<LockDoc>(&bytes).map_or(true, |l| !l.free))
     }
 
     /// With the lease held: removes what transactions other than `ours`
@@ -1274,6 +1289,12 @@ impl Backend for S3Repo {
 
     fn recover(&mut self, _wait: bool) -> Result<(), AgentError> {
         if self.tx.is_some() {
+            return Ok(());
+        }
+        // Nothing a dead writer left: write nothing (a clone or a status
+        // with read-only credentials must work, and leave the store as it
+        // was).
+        if !self.needs_recovery()? {
             return Ok(());
         }
         // A dead writer's lease: take it, clean, release. A live one is

@@ -12,6 +12,10 @@
 //!   `DSG_TEST_SSH_CONFIG` outside CI. The failpoints of the remote agent
 //!   (`repo.*`) do not fire over ssh (the agent does not get the client's
 //!   `DSG_FAILPOINT`); the client's do.
+//! - `Kind::S3`: a repository in the loopback S3 cluster's test bucket
+//!   under a key prefix of its own (`s3::S3Env`); `None` (skipped) without
+//!   `/var/tmp/dsg-test/s3.env` outside CI. `World::repo()` is a view of
+//!   it written from the store (see `s3.rs`).
 //!
 //! Besides the kinds: `World::zfs_over_ssh` (a zfs repository reached
 //! through the test sshd; its kind is `Zfs`) and `World::zfs_in_pool_mount`
@@ -23,8 +27,10 @@
 //! the same names as `support`'s but other rules).
 //!
 //! [`per_kind!`] turns a body `fn name(kind: Kind)` into one `#[test]` per
-//! kind: `name::xfs`, `name::zfs`, `name::ssh`.
+//! kind: `name::xfs`, `name::zfs`, `name::ssh`, `name::s3`.
 #![allow(dead_code)]
+
+pub mod s3;
 
 #[path = "../ssh_support/mod.rs"]
 pub mod ssh_support;
@@ -48,6 +54,7 @@ pub enum Kind {
     Xfs,
     Zfs,
     Ssh,
+    S3,
 }
 
 impl Kind {
@@ -56,6 +63,7 @@ impl Kind {
             Kind::Xfs => "xfs",
             Kind::Zfs => "zfs",
             Kind::Ssh => "ssh",
+            Kind::S3 => "s3",
         }
     }
 
@@ -65,6 +73,7 @@ impl Kind {
         match self {
             Kind::Zfs => "zfs.journal.committed",
             Kind::Xfs | Kind::Ssh => "repo.journal.committed",
+            Kind::S3 => "s3.commit.committed",
         }
     }
 
@@ -96,6 +105,13 @@ impl Kind {
                 "zfs.journal.done",
             ],
             Kind::Ssh => &[],
+            // `s3.stage.parts` only with a file of more than one part.
+            Kind::S3 => &[
+                "s3.stage.journaled",
+                "s3.commit.snapshot",
+                "s3.commit.head",
+                "s3.commit.committed",
+            ],
         }
     }
 
@@ -107,6 +123,17 @@ impl Kind {
             Kind::Xfs | Kind::Ssh => (
                 &["repo.init.before_rename", "repo.init.after_rename"],
                 "repo.init.after_rename",
+            ),
+            // The commit point is the conditional PUT of HEAD, between
+            // `s3.commit.head` and `s3.commit.committed`.
+            Kind::S3 => (
+                &[
+                    "s3.stage.journaled",
+                    "s3.commit.snapshot",
+                    "s3.commit.head",
+                    "s3.commit.committed",
+                ],
+                "s3.commit.committed",
             ),
         }
     }
@@ -127,6 +154,7 @@ impl Kind {
                 "zfs.journal.committed",
             ),
             Kind::Xfs | Kind::Ssh => (&["repo.replace.exchanged"], "repo.replace.exchanged"),
+            Kind::S3 => panic!("an s3 repository is not replaced (init --force)"),
         }
     }
 
@@ -138,10 +166,14 @@ impl Kind {
     }
 }
 
+/// A listing with mtimes (`full_listing`, `state_listing`).
+pub type Listing = std::collections::BTreeMap<String, (Node, i64, i64)>;
+
 /// The repository side of a world.
 enum Backend {
     Posix(Env),
     Zfs(ZEnv),
+    S3(Box<s3::S3Env>),
 }
 
 /// One test world (see the module docs). Derefs to `sync_support::Env`:
@@ -159,6 +191,7 @@ impl std::ops::Deref for World {
         match &self.backend {
             Backend::Posix(e) => e,
             Backend::Zfs(z) => z,
+            Backend::S3(s) => s,
         }
     }
 }
@@ -217,6 +250,7 @@ impl World {
                 let ssh = ssh_support::ssh_or_skip()?;
                 (Backend::Posix(Env::new(prefix)), Some(ssh))
             }
+            Kind::S3 => (Backend::S3(Box::new(s3::S3Env::new(prefix)?)), None),
         };
         Some(World { kind, backend, ssh })
     }
@@ -266,6 +300,7 @@ impl World {
             Kind::Xfs => None,
             Kind::Ssh => Some(ssh_support::ssh_or_skip()?),
             Kind::Zfs => panic!("World::on: a zfs repository lives on its pool"),
+            Kind::S3 => panic!("World::on: an s3 repository lives in its bucket"),
         };
         Some(World {
             kind,
@@ -282,7 +317,57 @@ impl World {
     pub fn zfs(&self) -> &ZEnv {
         match &self.backend {
             Backend::Zfs(z) => z,
-            Backend::Posix(_) => panic!("{}: not a zfs world", self.kind.label()),
+            _ => panic!("{}: not a zfs world", self.kind.label()),
+        }
+    }
+
+    /// The s3 side (s3 worlds only).
+    pub fn s3(&self) -> &s3::S3Env {
+        match &self.backend {
+            Backend::S3(s) => s,
+            _ => panic!("{}: not an s3 world", self.kind.label()),
+        }
+    }
+
+    /// The repository's directory (s3: its view, refreshed from the store;
+    /// absent when the store holds no head).
+    pub fn repo(&self) -> std::path::PathBuf {
+        match &self.backend {
+            Backend::S3(s) => s.view(),
+            _ => self.env().repo(),
+        }
+    }
+
+    /// `state_listing` of the repository, for "a failed command changed
+    /// nothing" checks; on s3 also every object's key and size (as
+    /// `s3:<key>`), as the view shows only what `HEAD` names.
+    pub fn repo_listing(&self) -> Listing {
+        self.with_objects(state_listing(&self.repo()))
+    }
+
+    /// `full_listing` of the repository; on s3 with every object (see
+    /// `repo_listing`).
+    pub fn repo_full_listing(&self) -> Listing {
+        self.with_objects(full_listing(&self.repo()))
+    }
+
+    /// `l` (a listing of the repository) with, on s3, every object's key
+    /// and size (the lease's bytes) as `s3:<key>`.
+    pub fn with_objects(&self, mut l: Listing) -> Listing {
+        if let Backend::S3(s) = &self.backend {
+            for (k, n) in s.listing() {
+                l.insert(format!("s3:{k}"), (n, 0, 0));
+            }
+        }
+        l
+    }
+
+    /// After a command was killed: on s3, waits for the lease it held to
+    /// expire, so that the next command can take it over (the other kinds'
+    /// locks die with their holder).
+    pub fn settle_after_crash(&self) {
+        if let Backend::S3(s) = &self.backend {
+            s.wait_lease_expiry();
         }
     }
 
@@ -304,6 +389,7 @@ impl World {
                 v
             }
             Backend::Posix(e) => init_args_for(&self.host(), &e.repo_parent, &e.repo_name, "xfs"),
+            Backend::S3(s) => s.init_args(),
         };
         if self.ssh.is_some() {
             v.push("--remote-dsg".into());
@@ -335,6 +421,12 @@ impl World {
         if let Some(s) = &self.ssh {
             c.env("DSG_SSH_COMMAND", s.command());
         }
+        if let Backend::S3(s) = &self.backend {
+            c.env_remove("AWS_SESSION_TOKEN").env_remove("AWS_PROFILE");
+            for (k, v) in s.cluster.vars() {
+                c.env(k, v);
+            }
+        }
         c
     }
 
@@ -356,7 +448,7 @@ impl World {
                     z.run_env(name, args, &all)
                 }
             },
-            Backend::Posix(_) => {
+            Backend::Posix(_) | Backend::S3(_) => {
                 let mut c = self.command(name, args);
                 for (k, v) in envs {
                     c.env(k, v);
@@ -437,12 +529,14 @@ impl World {
     pub fn snapshots(&self) -> Vec<String> {
         match &self.backend {
             Backend::Zfs(z) => z.snapshots(),
-            Backend::Posix(_) => Vec::new(),
+            Backend::Posix(_) | Backend::S3(_) => Vec::new(),
         }
     }
 
     /// The state of client `client` and the repository.
     pub fn capture(&self, client: &str) -> State {
+        // s3: refresh the view Env::capture lists.
+        self.repo();
         State {
             pair: self.env().capture(client),
             snaps: self.snapshots(),
@@ -462,6 +556,10 @@ impl World {
             Backend::Posix(e) => assert!(
                 e.repo().join(".dsg/last-sync.json").is_file(),
                 "{ctx}: repository missing"
+            ),
+            Backend::S3(s) => assert!(
+                s.head_doc().and_then(|d| d.head).is_some(),
+                "{ctx}: repository missing (no HEAD, or one without a head)"
             ),
         }
     }
@@ -484,6 +582,34 @@ impl World {
                 assert_no_repo_leftovers(&e.repo_parent, &e.repo());
                 snap_num(&snapshot_id(&head))
             }
+            Backend::S3(s) => {
+                let n = s.assert_head_sound(ctx);
+                s.assert_no_leftovers(ctx);
+                n
+            }
+        }
+    }
+
+    /// `assert_repo_sound` after a crash and one command that reads the
+    /// repository (`dsg status`): on s3 without the leftovers check, as a
+    /// read leaves a dead writer's objects to the next writer (`finish`
+    /// checks them after the re-run); the other kinds in full.
+    #[track_caller]
+    pub fn assert_repo_sound_after_read(&self, ctx: &str) -> u64 {
+        match &self.backend {
+            Backend::S3(s) => s.assert_head_sound(ctx),
+            _ => self.assert_repo_sound(ctx),
+        }
+    }
+
+    /// No transaction leftovers in or beside the repository.
+    #[track_caller]
+    pub fn assert_no_repo_leftovers(&self, ctx: &str) {
+        match &self.backend {
+            Backend::Posix(e) | Backend::Zfs(ZEnv { env: e, .. }) => {
+                assert_no_repo_leftovers(&e.repo_parent, &e.repo())
+            }
+            Backend::S3(s) => s.assert_no_leftovers(ctx),
         }
     }
 
@@ -499,13 +625,19 @@ impl World {
                 assert!(left.is_empty(), "{ctx}: leftovers beside it: {left:?}");
             }
             Backend::Posix(e) => assert_no_repo_leftovers(&e.repo_parent, &e.repo()),
+            // What the dead init wrote stays for the next writer, which
+            // removes it (checked once an init succeeds).
+            Backend::S3(s) => assert!(
+                s.head_doc().and_then(|d| d.head).is_none(),
+                "{ctx}: the store holds a head"
+            ),
         }
         assert!(!self.repo().exists(), "{ctx}: repository directory exists");
     }
 }
 
-/// `per_kind!(name: xfs, zfs, ssh);` — one `#[test]` per listed kind for
-/// the body `fn name(kind: Kind)`: `name::xfs`, `name::zfs`, `name::ssh`
+/// `per_kind!(name: xfs, zfs, ssh, s3);` — one `#[test]` per listed kind
+/// for the body `fn name(kind: Kind)`: `name::xfs`, `name::zfs`, `name::ssh`
 /// (so `cargo test xfs` picks one kind). Several at once:
 /// `per_kind!(a: xfs, zfs; b: xfs);`.
 #[macro_export]
@@ -533,6 +665,12 @@ macro_rules! per_kind {
         #[test]
         fn ssh() {
             super::$name($crate::world::Kind::Ssh)
+        }
+    };
+    (@test $name:ident s3) => {
+        #[test]
+        fn s3() {
+            super::$name($crate::world::Kind::S3)
         }
     };
 }
