@@ -193,36 +193,36 @@ fn eq(a: Option<&Entry>, b: Option<&Entry>) -> bool {
 /// Classifies every path of L ∪ C ∪ R, in path order, with one merge pass over
 /// the three sorted manifests.
 pub fn classify<'a>(l: &'a Manifest, c: &'a Manifest, r: &'a Manifest) -> Vec<Classified<'a>> {
-    classify_iter(l, c, r).collect()
+    classify_iter(l.entries(), c.entries(), r.entries()).collect()
 }
 
-/// `classify` one path at a time: a caller that keeps only the changed
-/// paths never holds a classification of every file (48 bytes each).
+/// `classify` one path at a time, over any three sequences of entries in
+/// path order (L may be a view over C): a caller that keeps only the
+/// changed paths never holds a classification of every file (48 bytes
+/// each).
 pub fn classify_iter<'a>(
-    l: &'a Manifest,
-    c: &'a Manifest,
-    r: &'a Manifest,
+    l: impl IntoIterator<Item = &'a Entry> + 'a,
+    c: impl IntoIterator<Item = &'a Entry> + 'a,
+    r: impl IntoIterator<Item = &'a Entry> + 'a,
 ) -> impl Iterator<Item = Classified<'a>> + 'a {
-    let (le, ce, re) = (l.entries(), c.entries(), r.entries());
-    let (mut i, mut j, mut k) = (0, 0, 0);
+    let (mut le, mut ce, mut re) = (
+        l.into_iter().peekable(),
+        c.into_iter().peekable(),
+        r.into_iter().peekable(),
+    );
     std::iter::from_fn(move || {
-        let mut min: Option<&str> = None;
-        for p in [le.get(i), ce.get(j), re.get(k)].into_iter().flatten() {
+        let mut min: Option<&'a str> = None;
+        for p in [le.peek(), ce.peek(), re.peek()].into_iter().flatten() {
             if min.is_none_or(|m| p.path.as_bytes() < m.as_bytes()) {
                 min = Some(&p.path);
             }
         }
         let path = min?;
-        let take = |v: &'a [Entry], idx: &mut usize| -> Option<&'a Entry> {
-            match v.get(*idx) {
-                Some(e) if &*e.path == path => {
-                    *idx += 1;
-                    Some(e)
-                }
-                _ => None,
-            }
-        };
-        let (a, b, d) = (take(le, &mut i), take(ce, &mut j), take(re, &mut k));
+        let (a, b, d) = (
+            le.next_if(|e| &*e.path == path),
+            ce.next_if(|e| &*e.path == path),
+            re.next_if(|e| &*e.path == path),
+        );
         let state = classify_one(
             a.is_some(),
             b.is_some(),
@@ -232,7 +232,7 @@ pub fn classify_iter<'a>(
             eq(b, d),
         );
         Some(Classified {
-            path: a.or(b).or(d).map(|e| &*e.path).unwrap(),
+            path,
             state,
             l: a,
             c: b,

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use dsg_core::manifest::{Entry, EntryKind, Manifest, Mtime};
+use dsg_core::manifest::{Entry, EntryKind, Mtime};
+use dsg_core::scan::LocalView;
 use dsg_core::state::State;
 use serde::Serialize;
 
@@ -94,7 +95,7 @@ pub fn conflicts(cmp: &Comparison, rows: &[Row], fork: Option<&Fork>) -> Vec<Con
 fn describe(cmp: &Comparison, r: &Row, fork: Option<&Fork>) -> Conflict {
     use Choice::*;
     let (l, c, rem) = (
-        cmp.local.get(&r.path),
+        cmp.local().get(&r.path),
         cmp.cache.get(&r.path),
         cmp.remote().get(&r.path),
     );
@@ -449,7 +450,7 @@ pub fn backup_name(path: &str, now: chrono::DateTime<chrono::Local>) -> String {
 pub fn make_backups(
     root: &Path,
     paths: &[std::sync::Arc<str>],
-    local: &Manifest,
+    local: LocalView<'_>,
 ) -> Result<Vec<PathBuf>> {
     let now = chrono::Local::now();
     let mut made: Vec<PathBuf> = Vec::new();

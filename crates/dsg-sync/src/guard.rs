@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use dsg_core::manifest::Manifest;
+use dsg_core::manifest::{Entry, Manifest};
+use dsg_core::scan::LocalView;
 
 use crate::sync::{plural, Plan};
 use crate::{EngineError, Result};
@@ -19,7 +20,7 @@ pub const DEFAULT_MAX_DELETE: u8 = 50;
 /// `max_percent` 100 lets everything through.
 pub fn check(
     plan: &Plan,
-    local: &Manifest,
+    local: LocalView<'_>,
     remote: &Manifest,
     data_dirs: &std::collections::BTreeSet<String>,
     max_percent: u8,
@@ -31,25 +32,29 @@ pub fn check(
         (
             "in the repository (deleted here, published by this sync)",
             &plan.remote_deletions,
-            remote,
+            remote.len(),
             &plan.uploads,
         ),
         (
             "here (deleted in the repository, received by this sync)",
             &plan.local_deletions,
-            local,
+            local.len(),
             &plan.downloads,
         ),
     ];
-    for (where_, deleted, before, added) in sides {
+    for (side, (where_, deleted, before, added)) in sides.into_iter().enumerate() {
         if deleted.is_empty() {
             continue;
         }
-        let total = before.entries().len().max(1);
+        let total = before.max(1);
         let share = format!("{:.1}", deleted.len() as f64 * 100.0 / total as f64);
         let share = share.trim_end_matches(".0");
         let over = deleted.len() * 100 > total * max_percent as usize;
-        let emptied = emptied_folders(deleted, before, added, data_dirs);
+        let emptied = if side == 0 {
+            emptied_folders(deleted, remote.entries(), added, data_dirs)
+        } else {
+            emptied_folders(deleted, local.iter(), added, data_dirs)
+        };
         if !over && emptied.is_empty() {
             continue;
         }
@@ -87,9 +92,9 @@ pub fn check(
 
 /// The data folders (a path up to its first component named in
 /// `data_dirs`) whose every file in `before` is deleted and none added.
-fn emptied_folders(
+fn emptied_folders<'a>(
     deleted: &[std::sync::Arc<str>],
-    before: &Manifest,
+    before: impl IntoIterator<Item = &'a Entry>,
     added: &[std::sync::Arc<str>],
     data_dirs: &std::collections::BTreeSet<String>,
 ) -> Vec<String> {
@@ -111,7 +116,7 @@ fn emptied_folders(
     };
     // Per data folder: (tracked files before, deleted).
     let mut count: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for e in before.entries() {
+    for e in before {
         if let Some(r) = root_of(&e.path) {
             count.entry(r).or_default().0 += 1;
         }

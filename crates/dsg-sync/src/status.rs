@@ -5,7 +5,9 @@ use std::path::Path;
 use serde::Serialize;
 
 use dsg_core::manifest::Manifest;
-use dsg_core::scan::{to_manifest, KnownFile, Problem, ScanResult, Stat, StatCache};
+use dsg_core::scan::{
+    to_local, KnownFile, LocalManifest, LocalView, Problem, ScanResult, Stat, StatCache,
+};
 use dsg_core::state::{classify_iter, Action, State};
 use dsg_repo::backend::Blob;
 use dsg_repo::{Meta, RepoClient};
@@ -23,7 +25,8 @@ pub struct Row {
 pub struct Comparison {
     /// The scan's problems, ignored paths and counters (its entries became `local`).
     pub scan: ScanResult,
-    pub local: Manifest,
+    /// L, a view over `cache` (read through `local()`).
+    local: LocalManifest,
     /// The stat of each `local` entry, in the same order.
     pub local_stats: Vec<Stat>,
     pub cache: Manifest,
@@ -44,24 +47,32 @@ impl Comparison {
         self.remote.as_ref().unwrap_or(&self.cache)
     }
 
+    /// L, the local manifest: the scan, with the cache's entry for every
+    /// file unchanged since the last sync.
+    pub fn local(&self) -> LocalView<'_> {
+        self.local.view(&self.cache)
+    }
+
     /// Every path not in state 1 or 15, in path order.
     pub fn rows(&self) -> Vec<Row> {
-        classify_iter(&self.local, &self.cache, self.remote())
-            .filter(|c| !matches!(c.state, State::AllEq | State::None))
-            .map(|c| Row {
-                path: std::sync::Arc::from(c.path),
-                state: c.state,
-                action: c.state.action(),
-            })
-            .collect()
+        classify_iter(
+            self.local().iter(),
+            self.cache.entries(),
+            self.remote().entries(),
+        )
+        .filter(|c| !matches!(c.state, State::AllEq | State::None))
+        .map(|c| Row {
+            path: std::sync::Arc::from(c.path),
+            state: c.state,
+            action: c.state.action(),
+        })
+        .collect()
     }
 
     /// The stat of a local path.
     pub fn local_stat(&self, path: &str) -> Option<Stat> {
-        self.local
-            .entries()
-            .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
-            .ok()
+        self.local()
+            .position(path)
             .and_then(|i| self.local_stats.get(i).copied())
     }
 
@@ -69,8 +80,7 @@ impl Comparison {
     pub fn save_stat_cache(&self, project: &Project) {
         if self.scan.cache_dirty && project.dsg().is_dir() {
             let records = || {
-                self.local
-                    .entries()
+                self.local()
                     .iter()
                     .zip(&self.local_stats)
                     .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)))
@@ -296,8 +306,7 @@ pub fn compare(
     // Stats are needed to rewrite the stat cache and to sync; a plain status
     // of an unchanged tree needs neither (32 bytes a file saved).
     let keep_stats = opts.keep_remote_bytes || scan.cache_dirty;
-    let (local, local_stats) =
-        to_manifest(entries, Some(&cache), &project.user.user_id, keep_stats);
+    let (local, local_stats) = to_local(entries, &cache, &project.user.user_id, keep_stats);
     crate::phase("local manifest built");
     let cmp = Comparison {
         scan,

@@ -257,7 +257,7 @@ fn sync_once(
     }
     crate::guard::check(
         &plan,
-        &cmp.local,
+        cmp.local(),
         cmp.remote(),
         &project.config.data_dirs,
         opts.max_delete
@@ -349,7 +349,7 @@ fn compare_settled(
     let renames = settle_names(
         project,
         &cmp.scan.problems,
-        cmp.local.entries().iter().map(|e| e.path.to_string()),
+        cmp.local().iter().map(|e| e.path.to_string()),
         opts.normalize,
         opts.dry_run,
         "sync",
@@ -480,7 +480,7 @@ pub fn plan(
         let path = r.path.clone();
         let action = match (r.action, choices.and_then(|c| c.get(&*r.path))) {
             (Action::Conflict, Some(&ch)) => {
-                let (l, rem) = (cmp.local.get(&r.path), remote.get(&r.path));
+                let (l, rem) = (cmp.local().get(&r.path), remote.get(&r.path));
                 p.resolved.push((path.clone(), ch));
                 if ch != Choice::Local && l.is_some() {
                     p.backups.push(path.clone());
@@ -498,7 +498,7 @@ pub fn plan(
         r.action = action;
         match action {
             Action::Upload if !is_clone => {
-                p.uploaded_bytes += entry_size(cmp.local.get(&r.path).expect("L has it"));
+                p.uploaded_bytes += entry_size(cmp.local().get(&r.path).expect("L has it"));
                 p.uploads.push(path);
             }
             Action::DeleteRemote if !is_clone => p.remote_deletions.push(path),
@@ -626,7 +626,7 @@ fn new_metadata<'a>(
             .chain(
                 plan.uploads
                     .iter()
-                    .map(|p| (&**p, Some(cmp.local.get(p).expect("L has it")))),
+                    .map(|p| (&**p, Some(cmp.local().get(p).expect("L has it")))),
             )
             .chain(
                 plan.restores
@@ -693,7 +693,7 @@ fn transact(
     // after this leaves at most the backups (hard links to unchanged
     // files, never scanned).
     let backups = if tx.project.user.backup_on_conflict && !plan.backups.is_empty() {
-        match conflicts::make_backups(root, &plan.backups, &cmp.local) {
+        match conflicts::make_backups(root, &plan.backups, cmp.local()) {
             Ok(b) => b,
             Err(e) => {
                 rollback_local(root, &tx.id, tx.is_clone);
@@ -848,7 +848,7 @@ fn upload_changes(
         .uploads
         .iter()
         .map(|p| {
-            let e = cmp.local.get(p).expect("L has it");
+            let e = cmp.local().get(p).expect("L has it");
             match &e.kind {
                 EntryKind::File { size, hash, .. } => Item::File {
                     path: &e.path,
@@ -1421,7 +1421,7 @@ pub fn outlook(
     };
     if let Err(e) = crate::guard::check(
         &deletions,
-        &cmp.local,
+        cmp.local(),
         cmp.remote(),
         &project.config.data_dirs,
         project
@@ -1666,8 +1666,7 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
             || installed.binary_search_by(|e| (*e.path).cmp(p)).is_ok()
     };
     let kept = || {
-        cmp.local
-            .entries()
+        cmp.local()
             .iter()
             .zip(&cmp.local_stats)
             .filter(|(e, _)| !gone(&e.path))
