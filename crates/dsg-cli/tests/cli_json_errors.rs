@@ -197,7 +197,7 @@ fn init_help_lists_the_repository_types() {
     let o = env.run(&env.base, &["init", "--help"]);
     assert_code(&o, 0, "init --help");
     assert!(
-        stdout(&o).contains("[possible values: xfs, zfs]"),
+        stdout(&o).contains("[possible values: xfs, zfs, s3]"),
         "{}",
         describe(&o)
     );
