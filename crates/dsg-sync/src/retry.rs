@@ -115,11 +115,14 @@ impl Replans {
     pub fn wait_after(&self, moved: RepoError, attempts: u32) -> Result<()> {
         let n = self.done.get() + 1;
         self.done.set(n);
-        let wait = jittered(Self::FIRST, n, Self::CAP);
         let elapsed = self.started.elapsed();
-        if elapsed + wait > self.limit {
+        if elapsed >= self.limit {
             return Err(kept_moving(moved, attempts, elapsed).into());
         }
+        // The last wait is cut to the deadline, where one more plan is
+        // tried: giving up as soon as a long jittered wait would overshoot
+        // stopped some runs at half the timeout.
+        let wait = jittered(Self::FIRST, n, Self::CAP).min(self.limit - elapsed);
         tracing::info!(
             "the repository moved; planning again in {:.2} s",
             wait.as_secs_f64()
