@@ -14,37 +14,24 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use dsg_s3::{Credentials, Location, Store};
+use dsg_s3::Store;
+use s3_support::cluster::{cluster_or_skip, Cluster};
 use s3_support::fault_proxy::{FaultProxy, Filter, Rule};
 use support::*;
 
-/// The cluster's settings and a project prefix of this test's own.
+/// The cluster, a project prefix of this test's own, a scratch folder.
 struct S3 {
-    vars: Vec<(String, String)>,
+    cluster: Cluster,
     prefix: String,
     tmp: tempfile::TempDir,
 }
 
 fn s3_or_skip() -> Option<S3> {
-    let file = std::env::var("DSG_TEST_S3_ENV").unwrap_or("/var/tmp/dsg-test/s3.env".into());
-    let Ok(text) = std::fs::read_to_string(&file) else {
-        assert!(
-            !is_ci(),
-            "CI=true but {file} is missing: the S3 test cluster is not set up (run scripts/setup-services)"
-        );
-        eprintln!("SKIPPED: {file} is missing (run scripts/setup-services)");
-        return None;
-    };
-    let vars = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-        .collect();
+    let cluster = cluster_or_skip()?;
     let tmp = tempfile::tempdir().unwrap();
     make_user_dirs(tmp.path());
     Some(S3 {
-        vars,
+        cluster,
         prefix: format!("s3repo/{}", unique("t")),
         tmp,
     })
@@ -52,15 +39,11 @@ fn s3_or_skip() -> Option<S3> {
 
 impl S3 {
     fn var(&self, k: &str) -> String {
-        self.vars
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| panic!("{k} missing from s3.env"))
+        self.cluster.var(k)
     }
 
     fn endpoint(&self) -> String {
-        self.var("AWS_ENDPOINT_URL")
+        self.cluster.endpoint.clone()
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -69,59 +52,54 @@ impl S3 {
         d
     }
 
-    /// `dsg` in `dir` with the cluster's credentials and the test's user.
-    fn dsg(&self, dir: &Path, args: &[&str]) -> Output {
+    /// `dsg` in `dir` with the cluster's credentials and the test's user;
+    /// `env` set after (it may override them).
+    fn cmd(&self, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut c = Command::new(dsg_bin());
         user_env(&mut c, self.tmp.path());
-        for (k, v) in &self.vars {
-            if k.starts_with("AWS_") {
-                c.env(k, v);
-            }
-        }
-        c.env("DSG_S3_LEASE_SECS", "3")
+        c.envs(self.cluster.vars())
             .env("DSG_LOCK_TIMEOUT", "20")
+            .envs(env.iter().copied())
             .current_dir(dir)
             .args(args);
-        run_bounded(c, std::time::Duration::from_secs(300))
+        c
+    }
+
+    fn dsg(&self, dir: &Path, args: &[&str]) -> Output {
+        run_bounded(
+            self.cmd(dir, args, &[]),
+            std::time::Duration::from_secs(300),
+        )
+    }
+
+    fn init_args(&self, endpoint: &str, bucket: &str, name: &str) -> Vec<String> {
+        [
+            "init",
+            "--no-interactive",
+            "--repo-type",
+            "s3",
+            "--endpoint",
+            endpoint,
+            "--bucket",
+            bucket,
+            "--prefix",
+            &self.prefix,
+            "--repo-name",
+            name,
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn init(&self, dir: &Path, endpoint: &str, name: &str) -> Output {
-        let bucket = self.var("DSG_TEST_BUCKET");
-        self.dsg(
-            dir,
-            &[
-                "init",
-                "--no-interactive",
-                "--repo-type",
-                "s3",
-                "--endpoint",
-                endpoint,
-                "--bucket",
-                &bucket,
-                "--prefix",
-                &self.prefix,
-                "--repo-name",
-                name,
-            ],
-        )
+        let args = self.init_args(endpoint, &self.cluster.bucket, name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.dsg(dir, &args)
     }
 
     /// The repository `name`'s objects, read past dsg and the proxy.
     fn store(&self, name: &str) -> Store {
-        Store::new(
-            Location {
-                endpoint: self.endpoint(),
-                bucket: self.var("DSG_TEST_BUCKET"),
-                prefix: format!("{}/{name}", self.prefix),
-                region: self.var("AWS_REGION"),
-            },
-            &Credentials {
-                key: self.var("AWS_ACCESS_KEY_ID"),
-                secret: self.var("AWS_SECRET_ACCESS_KEY"),
-                token: None,
-            },
-        )
-        .unwrap()
+        self.cluster.store(&format!("{}/{name}", self.prefix))
     }
 
     /// Object names of repository `name` (lock excluded: it stays, free).
@@ -148,20 +126,7 @@ impl S3 {
 
 impl Drop for S3 {
     fn drop(&mut self) {
-        let root = Store::new(
-            Location {
-                endpoint: self.endpoint(),
-                bucket: self.var("DSG_TEST_BUCKET"),
-                prefix: self.prefix.clone(),
-                region: self.var("AWS_REGION"),
-            },
-            &Credentials {
-                key: self.var("AWS_ACCESS_KEY_ID"),
-                secret: self.var("AWS_SECRET_ACCESS_KEY"),
-                token: None,
-            },
-        )
-        .unwrap();
+        let root = self.cluster.store(&self.prefix);
         if let Ok(all) = root.list("") {
             for (k, _) in all {
                 let _ = root.delete(&k);
@@ -259,26 +224,10 @@ fn store_errors_are_named_and_change_nothing() {
     assert!(!a.join(".dsg").exists());
 
     // A missing bucket.
-    let mut c = Command::new(dsg_bin());
-    user_env(&mut c, s3.tmp.path());
-    for (k, v) in &s3.vars {
-        if k.starts_with("AWS_") {
-            c.env(k, v);
-        }
-    }
     let nob = format!("no-such-bucket-{}", std::process::id());
-    c.current_dir(&a).args([
-        "init",
-        "--no-interactive",
-        "--repo-type",
-        "s3",
-        "--endpoint",
-        &s3.endpoint(),
-        "--bucket",
-        &nob,
-        "--repo-name",
-        "p",
-    ]);
+    let args = s3.init_args(&s3.endpoint(), &nob, "p");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = s3.cmd(&a, &args, &[]);
     let o = run_bounded(c, std::time::Duration::from_secs(60));
     assert_exit(&o, 1, "init into a missing bucket");
     assert!(
@@ -291,26 +240,28 @@ fn store_errors_are_named_and_change_nothing() {
     // problem, and the repository keeps its head.
     assert_ok(&s3.init(&a, &s3.endpoint(), "p"), "init");
     write_file(&a, "input/f", b"2");
-    let mut c = Command::new(dsg_bin());
-    user_env(&mut c, s3.tmp.path());
-    c.env("AWS_ACCESS_KEY_ID", "WRONG")
-        .env("AWS_SECRET_ACCESS_KEY", "wrong")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .current_dir(&a)
-        .arg("sync");
+    let c = s3.cmd(
+        &a,
+        &["sync"],
+        &[
+            ("AWS_ACCESS_KEY_ID", "WRONG"),
+            ("AWS_SECRET_ACCESS_KEY", "wrong"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ],
+    );
     let o = run_bounded(c, std::time::Duration::from_secs(60));
     assert_exit(&o, 1, "sync with wrong credentials");
     assert!(stderr(&o).contains("credentials"), "{}", show(&o));
     assert_eq!(head_id(&s3, "p").as_deref(), Some("s1"));
 
     // No credentials at all.
-    let mut c = Command::new(dsg_bin());
-    user_env(&mut c, s3.tmp.path());
+    let mut c = s3.cmd(
+        &a,
+        &["status"],
+        &[("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")],
+    );
     c.env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .current_dir(&a)
-        .arg("status");
+        .env_remove("AWS_SECRET_ACCESS_KEY");
     let o = run_bounded(c, std::time::Duration::from_secs(60));
     assert_exit(&o, 1, "status without credentials");
     assert!(stderr(&o).contains("AWS_ACCESS_KEY_ID"), "{}", show(&o));
@@ -454,42 +405,28 @@ fn a_volume_server_killed_mid_sync_loses_nothing() {
     let pidfiles = s3.var("DSG_TEST_S3_VOLUME_PIDFILES");
     let cluster = s3.var("DSG_TEST_S3_CLUSTER");
     let victim = pidfiles.split_whitespace().next().unwrap().to_string();
-    let files: Vec<(String, Vec<u8>)> = (0..8)
-        .map(|i| (format!("input/big{i}"), random_bytes(900 + i, 6 << 20)))
+    let files: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| (format!("input/big{i}"), random_bytes(900 + i, 20 << 20)))
         .chain((0..200).map(|i| (format!("input/s/f{i}"), random_bytes(2000 + i, 700))))
         .collect();
     let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (p.as_str(), &b[..])).collect();
     let a = project(&s3, "a", &refs);
-    let mut c = Command::new(dsg_bin());
-    user_env(&mut c, s3.tmp.path());
-    for (k, v) in &s3.vars {
-        if k.starts_with("AWS_") {
-            c.env(k, v);
-        }
-    }
-    let bucket = s3.var("DSG_TEST_BUCKET");
     let endpoint = s3.endpoint();
-    c.current_dir(&a).args([
-        "init",
-        "--no-interactive",
-        "--repo-type",
-        "s3",
-        "--endpoint",
-        &endpoint,
-        "--bucket",
-        &bucket,
-        "--prefix",
-        &s3.prefix,
-        "--repo-name",
-        "p",
-    ]);
+    let args = s3.init_args(&endpoint, &s3.cluster.bucket, "p");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = s3.cmd(&a, &args, &[]);
     let mut child = c
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    // Mid-sync: 48 MiB are still going up.
+    // Kill as soon as the first contents are stored: mid-upload.
+    let t0 = std::time::Instant::now();
+    while s3.store("p").list("data/").unwrap().is_empty() {
+        assert!(t0.elapsed().as_secs() < 60, "no upload began");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Mid-sync: most of the 200 MiB are still going up.
     assert!(
         child.try_wait().unwrap().is_none(),
         "init ended before the kill"

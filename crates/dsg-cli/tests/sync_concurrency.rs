@@ -264,7 +264,11 @@ fn lock_dies_with_its_holder(kind: Kind) {
     env.clone_client("A", "B");
     env.write("A", &p("a.txt"), "a");
     let (fp, timeout, bound) = match kind {
-        Kind::S3 => ("s3.stage.journaled", "20", world::s3::LEASE_SECS + 4),
+        Kind::S3 => (
+            "s3.stage.journaled",
+            "20",
+            world::s3_cluster::LEASE_SECS + 4,
+        ),
         _ => ("repo.stage_file", "5", 4),
     };
     let o = env.run_env("A", &["sync"], &[("DSG_FAILPOINT", fp)]);

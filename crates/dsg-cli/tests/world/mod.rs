@@ -32,6 +32,8 @@
 
 pub mod s3;
 
+#[path = "../s3_support/cluster.rs"]
+pub mod s3_cluster;
 #[path = "../ssh_support/mod.rs"]
 pub mod ssh_support;
 #[path = "../support/mod.rs"]
