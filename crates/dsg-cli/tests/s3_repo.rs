@@ -196,12 +196,56 @@ fn init_sync_clone_and_a_receiving_sync_move_the_bytes_and_the_head() {
     let log = s3.dsg(&a, &["log"]);
     assert_ok(&log, "log");
     assert!(stdout(&log).contains("from b"), "{}", show(&log));
-    // Every snapshot stays readable: s1's bytes of x.txt are still stored.
+    // Every snapshot stays readable: s1's bytes of x.txt are still stored,
+    // fetched and verified; a deep validation re-hashes s1's objects.
     let h = s3.head("p").unwrap();
     assert_eq!(h["snapshots"].as_array().unwrap().len(), 2);
-    assert!(s3
-        .objects("p")
-        .contains(&format!("data/{:016x}-1", xxhash_rust::xxh3::xxh3_64(b"x"))));
+    let x_key = format!("data/{:016x}-1", xxhash_rust::xxh3::xxh3_64(b"x"));
+    assert!(s3.objects("p").contains(&x_key));
+    let out = s3.tmp.path().join("x.s1");
+    let o = s3.dsg(
+        &a,
+        &[
+            "snapfetch",
+            "--snapshot",
+            "s1",
+            "input/x.txt",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_ok(&o, "snapfetch of s1");
+    assert_eq!(std::fs::read(&out).unwrap(), b"x");
+    assert_ok(
+        &s3.dsg(&a, &["validate-snapshot", "--deep", "--snapshot", "s1"]),
+        "deep validation of s1",
+    );
+    // Damage s1's only copy of x.txt's bytes behind dsg's back: the deep
+    // validation and the fetch both refuse it.
+    s3.store("p")
+        .put(&x_key, b"y", &dsg_s3::Cond::None)
+        .unwrap();
+    let o = s3.dsg(&a, &["validate-snapshot", "--deep", "--snapshot", "s1"]);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        stdout(&o).contains("x.txt") || stderr(&o).contains("x.txt"),
+        "{}",
+        show(&o)
+    );
+    std::fs::remove_file(&out).unwrap();
+    let o = s3.dsg(
+        &a,
+        &[
+            "snapfetch",
+            "--snapshot",
+            "s1",
+            "input/x.txt",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(!out.exists(), "a damaged version is not written");
 }
 
 #[test]
