@@ -1414,6 +1414,70 @@ mod tests {
     }
 
     #[test]
+    fn an_s3_repository_parses_writes_back_and_refuses_what_it_cannot_hold() {
+        let text = "name: proj\nrepository:\n  type: s3\n  endpoint: \"http://127.0.0.1:8333/\"\n  bucket: lab\n  prefix: /projects/2026/\n  region: eu-west-1\n";
+        let c = parse(text).unwrap();
+        assert_eq!(c.repository.kind, RepoType::S3);
+        assert!(
+            c.repository.is_local(),
+            "the client talks to the store itself"
+        );
+        let s3 = c.repository.s3.clone().unwrap();
+        assert_eq!(s3.endpoint, "http://127.0.0.1:8333");
+        assert_eq!(s3.prefix, "projects/2026");
+        assert_eq!(s3.key_prefix("proj"), "projects/2026/proj");
+        assert_eq!(s3.region(), "eu-west-1");
+        assert_eq!(c.repo_dir(), PathBuf::from("s3://lab/projects/2026/proj"));
+        let back = parse(&c.to_yaml()).unwrap();
+        assert_eq!(back, c);
+        assert!(!c.to_yaml().contains("host"), "{}", c.to_yaml());
+        let no_prefix = parse(
+            "name: p\nrepository: {type: s3, endpoint: \"https://s3.example.org\", bucket: b}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            no_prefix.repository.s3.as_ref().unwrap().key_prefix("p"),
+            "p"
+        );
+        assert_eq!(parse(&no_prefix.to_yaml()).unwrap(), no_prefix);
+        for (bad, says) in [
+            ("{type: s3, bucket: b}", "endpoint"),
+            ("{type: s3, endpoint: \"ftp://x\", bucket: b}", "endpoint"),
+            ("{type: s3, endpoint: \"http://x\"}", "bucket"),
+            (
+                "{type: s3, endpoint: \"http://x\", bucket: \"a/b\"}",
+                "bucket",
+            ),
+            (
+                "{type: s3, endpoint: \"http://x\", bucket: b, prefix: \"a/../b\"}",
+                "prefix",
+            ),
+            (
+                "{type: s3, endpoint: \"http://x\", bucket: b, host: localhost}",
+                "host",
+            ),
+            (
+                "{type: s3, endpoint: \"http://x\", bucket: b, pool: p}",
+                "pool",
+            ),
+            (
+                "{type: xfs, host: localhost, mountpoint: /r, bucket: b}",
+                "bucket",
+            ),
+            ("{type: xfs, host: localhost}", "mountpoint"),
+        ] {
+            let e = parse(&format!("name: p\nrepository: {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = parse("name: p\ntransport: ssh\nssh: {host: h, path: /r, type: s3}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("legacy"), "{e}");
+    }
+
+    #[test]
     fn errors_name_key_and_hint() {
         let e = parse("name: no\nrepository: {type: xfs, host: localhost, mountpoint: /r}\n")
             .unwrap_err()
