@@ -381,7 +381,6 @@ fn init_tx(
                 target,
             },
         });
-    let mut json_hash = 0;
     let prepared = (|| -> Result<()> {
         upload(
             project,
@@ -400,57 +399,14 @@ fn init_tx(
         check_interrupt()?;
 
         // Stage the local .dsg/ completely before the commit point.
-        std::fs::create_dir_all(staging.join("archive"))
-            .map_err(|e| EngineError::io(staging, e))?;
-        let w = |name: &str, bytes: &[u8]| -> Result<()> {
-            write_atomic(&staging.join(name), bytes)
-                .map_err(|e| EngineError::io(staging.join(name), e.source))
-        };
-        // Streamed to its file and sent from there: the text of a large
-        // manifest is never held whole.
-        {
-            let path = staging.join("last-sync.json");
-            let mut out = dsg_core::atomic::AtomicFile::create(&path)
-                .map_err(|e| EngineError::io(&path, e.source))?;
-            let mut bw = HashingWriter {
-                w: std::io::BufWriter::with_capacity(1 << 16, out.file()),
-                h: xxhash_rust::xxh3::Xxh3::new(),
-            };
-            dsg_core::manifest::write_json(&mut bw, manifest.entries(), manifest.metadata.as_ref())
-                .and_then(|()| std::io::Write::flush(&mut bw))
-                .map_err(|e| EngineError::io(&path, e))?;
-            json_hash = bw.h.digest();
-            drop(bw);
-            out.commit(true)
-                .map_err(|e| EngineError::io(&path, e.source))?;
-        }
-        w("sync-messages.json", &messages_bytes)?;
-        {
-            // Streamed too: at a million files the cache is ~70 MB.
-            let path = staging.join("stat-cache");
-            let records = manifest
-                .entries()
-                .iter()
-                .zip(&stats)
-                .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)));
-            let count = records.clone().count() as u64;
-            let mut out = dsg_core::atomic::AtomicFile::create(&path)
-                .map_err(|e| EngineError::io(&path, e.source))?;
-            StatCache::write_to(out.file(), started_ns, count, records)
-                .map_err(|e| EngineError::io(&path, e))?;
-            out.commit(true)
-                .map_err(|e| EngineError::io(&path, e.source))?;
-        }
-        // The manifest in binary form too, tagged by its JSON's hash, as a
-        // sync leaves it: the first command after the init then loads it
-        // instead of parsing the JSON (and making this copy itself, at
-        // twice an init's memory). Only a cache: a failure costs nothing.
-        let name = project.manifest_cache_path();
-        let name = name.file_name().expect("a file name");
-        project.write_cache_streamed(&staging.join(name), "manifest cache", |f| {
-            dsg_core::manifest::binary::write_manifest(f, &manifest, json_hash)
-        });
-        sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
+        stage_local_meta(
+            project,
+            staging,
+            &manifest,
+            &stats,
+            started_ns,
+            &messages_bytes,
+        )?;
         if let Some(edit) = remote_dsg_edit {
             edit.write()?;
         }
@@ -480,4 +436,69 @@ fn init_tx(
     finish_local_init(&project.root, staging)?;
     let _ = client.close();
     Ok(md.snapshot_hash)
+}
+
+/// Stages an init's local `.dsg/` in `staging` (the manifest, streamed to
+/// its file; the sync-messages; the stat cache; the binary manifest cache)
+/// and makes it durable.
+fn stage_local_meta(
+    project: &Project,
+    staging: &Path,
+    manifest: &Manifest,
+    stats: &[dsg_core::scan::Stat],
+    started_ns: i64,
+    messages_bytes: &[u8],
+) -> Result<()> {
+    std::fs::create_dir_all(staging.join("archive")).map_err(|e| EngineError::io(staging, e))?;
+    let w = |name: &str, bytes: &[u8]| -> Result<()> {
+        write_atomic(&staging.join(name), bytes)
+            .map_err(|e| EngineError::io(staging.join(name), e.source))
+    };
+    let json_hash;
+    // Streamed to its file and sent from there: the text of a large
+    // manifest is never held whole.
+    {
+        let path = staging.join("last-sync.json");
+        let mut out = dsg_core::atomic::AtomicFile::create(&path)
+            .map_err(|e| EngineError::io(&path, e.source))?;
+        let mut bw = HashingWriter {
+            w: std::io::BufWriter::with_capacity(1 << 16, out.file()),
+            h: xxhash_rust::xxh3::Xxh3::new(),
+        };
+        dsg_core::manifest::write_json(&mut bw, manifest.entries(), manifest.metadata.as_ref())
+            .and_then(|()| std::io::Write::flush(&mut bw))
+            .map_err(|e| EngineError::io(&path, e))?;
+        json_hash = bw.h.digest();
+        drop(bw);
+        out.commit(true)
+            .map_err(|e| EngineError::io(&path, e.source))?;
+    }
+    w("sync-messages.json", messages_bytes)?;
+    {
+        // Streamed too: at a million files the cache is ~70 MB.
+        let path = staging.join("stat-cache");
+        let records = manifest
+            .entries()
+            .iter()
+            .zip(stats)
+            .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)));
+        let count = records.clone().count() as u64;
+        let mut out = dsg_core::atomic::AtomicFile::create(&path)
+            .map_err(|e| EngineError::io(&path, e.source))?;
+        StatCache::write_to(out.file(), started_ns, count, records)
+            .map_err(|e| EngineError::io(&path, e))?;
+        out.commit(true)
+            .map_err(|e| EngineError::io(&path, e.source))?;
+    }
+    // The manifest in binary form too, tagged by its JSON's hash, as a
+    // sync leaves it: the first command after the init then loads it
+    // instead of parsing the JSON (and making this copy itself, at
+    // twice an init's memory). Only a cache: a failure costs nothing.
+    let name = project.manifest_cache_path();
+    let name = name.file_name().expect("a file name");
+    project.write_cache_streamed(&staging.join(name), "manifest cache", |f| {
+        dsg_core::manifest::binary::write_manifest(f, manifest, json_hash)
+    });
+    sync_dir(staging).map_err(|e| EngineError::io(staging, e))?;
+    Ok(())
 }
