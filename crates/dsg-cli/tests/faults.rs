@@ -7,23 +7,31 @@
 //!   permission errors in the repository and users who may only read it
 //!   (xfs: they need a repository on this machine's filesystem, switched
 //!   users and `chmod`), a file modified while it is uploaded (G3; xfs: the
-//!   test watches the repository's staging directory).
+//!   test watches the repository's staging directory; s3: its multipart
+//!   uploads).
 //! - A corrupt, tampered, missing or empty repository manifest (G4): every
 //!   kind.
 //! - A `zfs` command that fails in the middle of a transaction or an init
 //!   (zfs: a wrapper named `zfs`, first in the PATH of the dsg process
 //!   only, runs the real zfs but exits 1 for one chosen command).
 //!
-//! | test                                               | xfs | zfs | ssh |
-//! |----------------------------------------------------|-----|-----|-----|
-//! | repository_disk_full, client_disk_full             |  x  |     |     |
-//! | repository_full_for_new_object_folder              |  x  |     |     |
-//! | repository_objects_not_writable                    |  x  |     |     |
-//! | client_target_folder_not_writable                  |  x  |  x  |     |
-//! | permission_denied_*, read_only_user_*              |  x  |     |     |
-//! | file_modified_while_uploading                      |  x  |     |     |
-//! | {corrupt,tampered,missing,empty}_repository_manifest | x |  x  |  x  |
-//! | failing_* (sync), init_with_a_failing_*            |     |  x  |     |
+//! | test                                               | xfs | zfs | ssh | s3 |
+//! |----------------------------------------------------|-----|-----|-----|----|
+//! | repository_disk_full                               |  x  |     |     |    |
+//! | client_disk_full                                   |  x  |     |     | x  |
+//! | repository_full_for_new_object_folder              |  x  |     |     |    |
+//! | repository_objects_not_writable                    |  x  |     |     |    |
+//! | client_target_folder_not_writable                  |  x  |  x  |     | x  |
+//! | permission_denied_*, read_only_user_*              |  x  |     |     |    |
+//! | s3_read_only_identity_*                            |     |     |     | x  |
+//! | file_modified_while_uploading                      |  x  |     |     | x  |
+//! | {corrupt,tampered,missing,empty}_repository_manifest | x |  x  |  x  | x  |
+//! | failing_* (sync), init_with_a_failing_*            |     |  x  |     |    |
+//!
+//! On s3 a user who may only read is a key the store lets GET and list
+//! only (scripts/s3-cluster makes one); the store's own faults (throttling,
+//! cut connections, a server error, a lost volume server, refused
+//! credentials) are in s3_repo.rs, through a fault-injecting proxy.
 //!
 //! Formerly sync_faults.rs (xfs) and zfs_faults.rs (zfs).
 
@@ -464,6 +472,110 @@ fn read_only_user_waits_out_a_commit_in_progress(kind: Kind) {
     assert_eq!(fs::read(env.client("C").join(p("b.txt"))).unwrap(), b"b");
 }
 
+/// On s3 a user who may only read is an identity whose keys may GET and
+/// list but not PUT or DELETE (`DSG_TEST_S3_READER_*`, made by
+/// scripts/s3-cluster): `who`'s dsg command run with those keys.
+fn s3_reader(env: &World, who: &str, args: &[&str]) -> std::process::Output {
+    let c = &env.s3().cluster;
+    env.command(who, args)
+        .env("AWS_ACCESS_KEY_ID", c.var("DSG_TEST_S3_READER_KEY_ID"))
+        .env("AWS_SECRET_ACCESS_KEY", c.var("DSG_TEST_S3_READER_SECRET"))
+        .output()
+        .unwrap()
+}
+
+/// s3: a reader clones, and reads status, without writing an object (not
+/// even the lease); its sync of a local change fails before it changes
+/// anything, saying it may not write.
+fn s3_read_only_identity_can_clone(kind: Kind) {
+    let env = world_or_skip!(kind, "s3roclone");
+    env.write("A", &p("a.txt"), "a");
+    env.write("A", &p("big.bin"), bytes(4, 20 << 20));
+    env.init("A");
+    env.prepare_clone("A", "C");
+    let before = env.repo_full_listing();
+    let o = s3_reader(&env, "C", &["clone"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_same("repository", &before, &env.repo_full_listing());
+    assert_same(
+        "C vs A",
+        &tracked(&data_tree(&env.client("A"))),
+        &tracked(&data_tree(&env.client("C"))),
+    );
+    let o = s3_reader(&env, "C", &["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    env.write("C", &p("c.txt"), "c's change");
+    let c_before = state_listing(&env.client("C"));
+    let o = s3_reader(&env, "C", &["sync"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("AccessDenied")
+            && err.contains("may only read")
+            && err.contains(&env.s3().cluster.bucket),
+        "the error says the store refused, and where: {err}"
+    );
+    assert_same("repository", &before, &env.repo_full_listing());
+    assert_same("client C", &c_before, &state_listing(&env.client("C")));
+    assert_no_leftovers(&env.client("C"));
+    env.s3()
+        .assert_no_leftovers("after a reader's refused sync");
+}
+
+/// s3: a writer killed mid-upload leaves its journal, its uploads and a
+/// held lease; a reader clones past them (they do not touch `HEAD`),
+/// writing nothing, and a writer's next command removes them once the
+/// lease expired.
+fn s3_read_only_identity_reads_past_an_abandoned_upload(kind: Kind) {
+    let env = world_or_skip!(kind, "s3roabandon");
+    env.write("A", &p("a.txt"), "a");
+    env.init("A");
+    env.write("A", &p("new.bin"), bytes(3, 100_000));
+    let o = env.run_env("A", &["sync"], &[("DSG_FAILPOINT", "s3.stage.journaled")]);
+    assert!(killed(&o.status), "{}", show(&o));
+    assert!(
+        env.s3().keys().iter().any(|k| k.starts_with("txs/")),
+        "the killed sync left no journal: the test tests nothing"
+    );
+    env.prepare_clone("A", "C");
+    let before = env.repo_full_listing();
+    let o = s3_reader(&env, "C", &["clone"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(fs::read(env.client("C").join(p("a.txt"))).unwrap(), b"a");
+    assert!(!env.client("C").join(p("new.bin")).exists());
+    assert_same(
+        "repository after a read-only clone",
+        &before,
+        &env.repo_full_listing(),
+    );
+    let o = s3_reader(&env, "C", &["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    env.settle_after_crash();
+    env.ok("A", &["sync"]);
+    env.s3().assert_no_leftovers("after the writer's next sync");
+    env.s3().assert_head_sound("after the writer's next sync");
+}
+
+/// Whether a sync has begun sending a file of more than a few bytes:
+/// posix, a staged file past 1 KiB (staged flat, by a hash of the path);
+/// s3, an unfinished multipart upload (only large files go up in parts).
+fn big_upload_started(env: &World) -> bool {
+    if env.kind == Kind::S3 {
+        std::thread::sleep(Duration::from_millis(20));
+        return !env.s3().store.multipart_list("data/").unwrap().is_empty();
+    }
+    fs::read_dir(env.repo().join(".dsg/staging"))
+        .map(|rd| {
+            rd.flatten().any(|tx| {
+                fs::read_dir(tx.path().join(".dsg-files")).is_ok_and(|rd| {
+                    rd.flatten()
+                        .any(|f| f.metadata().is_ok_and(|m| m.len() > 1024))
+                })
+            })
+        })
+        .unwrap_or(false)
+}
+
 /// G3: a file rewritten while it is being uploaded is detected, never
 /// recorded with a hash its bytes do not have.
 fn file_modified_while_uploading(kind: Kind) {
@@ -489,24 +601,12 @@ fn file_modified_while_uploading(kind: Kind) {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Wait until the upload of big.bin has started in the repository's
-        // staging area, then rewrite its end, which has not been sent yet.
-        let staging = env.repo().join(".dsg/staging");
+        // Wait until the upload of big.bin has started, then rewrite its
+        // end, which has not been sent yet.
         let t0 = Instant::now();
         let mut modified = false;
         while t0.elapsed() < Duration::from_secs(20) {
-            // Staged flat, by a hash of the path: big.bin is the only
-            // staged file past a few bytes.
-            let started = fs::read_dir(&staging)
-                .map(|rd| {
-                    rd.flatten().any(|tx| {
-                        fs::read_dir(tx.path().join(".dsg-files")).is_ok_and(|rd| {
-                            rd.flatten()
-                                .any(|f| f.metadata().is_ok_and(|m| m.len() > 1024))
-                        })
-                    })
-                })
-                .unwrap_or(false);
+            let started = big_upload_started(&env);
             if started {
                 let mut f = fs::OpenOptions::new().write(true).open(&big).unwrap();
                 f.seek(SeekFrom::Start(SIZE - 65536)).unwrap();
@@ -554,6 +654,7 @@ fn file_modified_while_uploading(kind: Kind) {
         }
         // Syncing again records the file as it is now.
         env.ok("A", &["sync"]);
+        let repo = env.repo(); // s3: the view, rebuilt for the new head
         let head = read_json(&repo.join(".dsg/last-sync.json"));
         assert_tree_matches_manifest(&repo, &head, "repository");
         assert_eq!(
@@ -571,9 +672,66 @@ fn file_modified_while_uploading(kind: Kind) {
     }
 }
 
+/// How a test damages the repository's head manifest.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// Truncated JSON (s3: bytes that are not LZ4).
+    Corrupt,
+    /// Valid JSON whose entries no longer match what records it
+    /// (`entries_hash`; s3: the hash `HEAD` records).
+    Tampered,
+    Missing,
+    Empty,
+}
+
+/// Damages the head manifest behind dsg's back; returns the name the
+/// errors must give it (a path; s3: the object's key).
+fn damage_head_manifest(env: &World, how: Damage) -> String {
+    if env.kind == Kind::S3 {
+        let s3 = env.s3();
+        let doc = s3.head_doc().expect("HEAD");
+        let head = doc.head.expect("a head snapshot");
+        let key = world::s3::manifest_key(&head);
+        let tampered = || {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&s3.manifest_bytes(&head)).unwrap();
+            tamper_entries(&mut v);
+            let mut lz4 = lz4_flex::frame::FrameEncoder::new(Vec::new());
+            lz4.write_all(&serde_json::to_vec(&v).unwrap()).unwrap();
+            lz4.finish().unwrap()
+        };
+        match how {
+            Damage::Corrupt => s3.overwrite_manifest(&head.0, b"{\"entries\": {\"task/in"),
+            Damage::Tampered => s3.overwrite_manifest(&head.0, &tampered()),
+            Damage::Missing => s3.store.delete(&key).unwrap(),
+            Damage::Empty => s3.overwrite_manifest(&head.0, b""),
+        }
+        s3.invalidate_view();
+        return key;
+    }
+    let m = env.repo().join(".dsg/last-sync.json");
+    match how {
+        Damage::Corrupt => fs::write(&m, b"{\"entries\": {\"task/in").unwrap(),
+        Damage::Tampered => {
+            let mut v = read_json(&m);
+            tamper_entries(&mut v);
+            fs::write(&m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        }
+        Damage::Missing => fs::remove_file(&m).unwrap(),
+        Damage::Empty => fs::write(&m, b"").unwrap(),
+    }
+    m.display().to_string()
+}
+
+fn tamper_entries(v: &mut serde_json::Value) {
+    let e = v["entries"].as_object_mut().unwrap();
+    let k = e.keys().next().unwrap().clone();
+    e[&k]["hash"] = "0123456789abcdef".into();
+}
+
 /// G4: a damaged, tampered or missing repository manifest is an error that
 /// names it, never an empty repository; nothing is changed.
-fn bad_manifest(kind: Kind, damage: fn(&Path), expect: &[&str]) {
+fn bad_manifest(kind: Kind, how: Damage) {
     let env = world_or_skip!(kind, "badmanifest");
     env.write("A", &p("a.txt"), "a");
     env.write("A", &p("b.txt"), "b");
@@ -581,8 +739,27 @@ fn bad_manifest(kind: Kind, damage: fn(&Path), expect: &[&str]) {
     env.clone_client("A", "B");
     env.write("A", &p("new.txt"), "n");
     env.remove("A", &p("b.txt"));
-    damage(&env.repo().join(".dsg/last-sync.json"));
-    let before = listings(&env, &["A", "B"]);
+    let named = damage_head_manifest(&env, how);
+    let expect: &[&str] = match (how, kind) {
+        (Damage::Tampered, Kind::S3) => &["do not hash to what HEAD records"],
+        (Damage::Tampered, _) => &["integrity"],
+        (Damage::Missing, Kind::S3) => &["missing, though HEAD names it"],
+        (Damage::Missing, _) => &["does not exist"],
+        _ => &[],
+    };
+    // The repository as listed without reading its manifest (s3: the
+    // objects; the view cannot be built from a damaged head).
+    let repo_raw = |env: &World| match env.kind {
+        Kind::S3 => (env.s3().listing().into_iter())
+            .map(|(k, n)| (k, (n, 0, 0)))
+            .collect(),
+        _ => state_listing(&env.repo()),
+    };
+    let clients_before = [
+        state_listing(&env.client("A")),
+        state_listing(&env.client("B")),
+    ];
+    let repo_before = repo_raw(&env);
     for (who, args) in [
         ("A", &["sync"][..]),
         ("A", &["sync", "--dry-run"]),
@@ -592,16 +769,22 @@ fn bad_manifest(kind: Kind, damage: fn(&Path), expect: &[&str]) {
         let o = env.run(who, args);
         assert_eq!(o.status.code(), Some(1), "{who} {args:?}: {}", show(&o));
         let err = stderr(&o);
-        let named = env.repo().join(".dsg/last-sync.json");
         assert!(
-            err.contains(&named.display().to_string()),
-            "{who} {args:?}: the error names {}: {err}",
-            named.display()
+            err.contains(&named),
+            "{who} {args:?}: the error names {named}: {err}"
         );
         for e in expect {
             assert!(err.contains(e), "{who} {args:?}: expected {e:?} in {err}");
         }
-        assert_unchanged(&env, &["A", "B"], &before);
+        for (i, c) in ["A", "B"].iter().enumerate() {
+            assert_same(
+                &format!("client {c}"),
+                &clients_before[i],
+                &state_listing(&env.client(c)),
+            );
+            assert_no_leftovers(&env.client(c));
+        }
+        assert_same("repository", &repo_before, &repo_raw(&env));
     }
     // A fresh clone refuses too.
     env.prepare_clone("A", "C");
@@ -611,34 +794,19 @@ fn bad_manifest(kind: Kind, damage: fn(&Path), expect: &[&str]) {
 }
 
 fn corrupt_repository_manifest(kind: Kind) {
-    bad_manifest(
-        kind,
-        |m| fs::write(m, b"{\"entries\": {\"task/in").unwrap(),
-        &[],
-    );
+    bad_manifest(kind, Damage::Corrupt);
 }
 
 fn tampered_repository_manifest(kind: Kind) {
-    // Valid JSON whose entries no longer match its entries_hash.
-    bad_manifest(
-        kind,
-        |m| {
-            let mut v = read_json(m);
-            let e = v["entries"].as_object_mut().unwrap();
-            let k = e.keys().next().unwrap().clone();
-            e[&k]["hash"] = "0123456789abcdef".into();
-            fs::write(m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
-        },
-        &["integrity"],
-    );
+    bad_manifest(kind, Damage::Tampered);
 }
 
 fn missing_repository_manifest(kind: Kind) {
-    bad_manifest(kind, |m| fs::remove_file(m).unwrap(), &["does not exist"]);
+    bad_manifest(kind, Damage::Missing);
 }
 
 fn empty_repository_manifest(kind: Kind) {
-    bad_manifest(kind, |m| fs::write(m, b"").unwrap(), &[]);
+    bad_manifest(kind, Damage::Empty);
 }
 
 // ---------------------------------------------------------------- zfs commands failing
@@ -1009,18 +1177,20 @@ per_kind!(
     repository_disk_full: xfs;
     repository_full_for_new_object_folder: xfs;
     repository_objects_not_writable: xfs;
-    client_target_folder_not_writable: xfs, zfs;
-    client_disk_full: xfs;
+    client_target_folder_not_writable: xfs, zfs, s3;
+    client_disk_full: xfs, s3;
     permission_denied_on_repository_metadata: xfs;
     permission_denied_in_repository_data_dir: xfs;
     read_only_user_can_clone: xfs;
+    s3_read_only_identity_can_clone: s3;
+    s3_read_only_identity_reads_past_an_abandoned_upload: s3;
     read_only_user_reads_past_an_abandoned_upload: xfs;
     read_only_user_waits_out_a_commit_in_progress: xfs;
-    file_modified_while_uploading: xfs;
-    corrupt_repository_manifest: xfs, zfs, ssh;
-    tampered_repository_manifest: xfs, zfs, ssh;
-    missing_repository_manifest: xfs, zfs, ssh;
-    empty_repository_manifest: xfs, zfs, ssh;
+    file_modified_while_uploading: xfs, s3;
+    corrupt_repository_manifest: xfs, zfs, ssh, s3;
+    tampered_repository_manifest: xfs, zfs, ssh, s3;
+    missing_repository_manifest: xfs, zfs, ssh, s3;
+    empty_repository_manifest: xfs, zfs, ssh, s3;
     failing_clone_rolls_back: zfs;
     failing_snapshot_rolls_back: zfs;
     failing_promote_is_consistent: zfs;

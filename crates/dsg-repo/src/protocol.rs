@@ -355,6 +355,9 @@ pub enum ErrorKind {
     Unsafe,
     /// The data asked for belonged to a snapshot that `dsg prune` removed.
     Pruned,
+    /// The credentials in use may not do this (an object store refused a
+    /// key it knows: a key that may only read, asked to write).
+    Denied,
 }
 
 pub enum Frame {

@@ -14,7 +14,7 @@ pub enum S3Error {
         what: String,
         message: String,
     },
-    #[error("{endpoint} refused the credentials ({code}) for {what}: {message}")]
+    #[error("{endpoint} refused {what} to these credentials ({code}): {message}")]
     Denied {
         endpoint: String,
         what: String,
@@ -105,6 +105,8 @@ impl S3Error {
             S3Error::Config { .. } => "check the repository's endpoint in .dsgconfig.yml (http://host:port or https://host)".into(),
             S3Error::NoCredentials { .. } => "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials (AWS_PROFILE picks one); dsg never stores keys in .dsgconfig.yml".into(),
             S3Error::Unreachable { .. } => "check the endpoint URL and that the server is up and reachable from here; nothing was changed".into(),
+            // The key is known but may not do this: typically a read-only key.
+            S3Error::Denied { code, .. } if code == "AccessDenied" => "these credentials may not do this: a key that may only read the bucket can clone, status and fetch, not sync; ask for write access (or check AWS_ACCESS_KEY_ID / the AWS_PROFILE in use)".into(),
             S3Error::Denied { .. } => "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the AWS_PROFILE in use) and that the key may read and write the bucket".into(),
             S3Error::NoBucket { .. } => "create the bucket first (dsg does not create buckets), or fix the bucket name".into(),
             S3Error::Precondition { .. } | S3Error::Ambiguous { .. } => "another dsg wrote the repository meanwhile; run the command again".into(),

@@ -96,6 +96,7 @@ fn err(e: S3Error) -> AgentError {
         S3Error::NoBucket { .. } => ErrorKind::NotFound,
         S3Error::Precondition { .. } | S3Error::Ambiguous { .. } => ErrorKind::Moved,
         S3Error::Unsafe { .. } => ErrorKind::Unsafe,
+        S3Error::Denied { code, .. } if code == "AccessDenied" => ErrorKind::Denied,
         _ => ErrorKind::Io,
     };
     let hint = e.hint();
@@ -792,7 +793,11 @@ impl Backend for S3Repo {
         }
         let key = data_key(hash, size);
         if size > PART as u64 {
-            self.stage_large(&key, size, hash, data)?;
+            // The large path names the content's key; the user knows the path.
+            self.stage_large(&key, size, hash, data).map_err(|mut e| {
+                e.message = format!("{path} ({})", e.message);
+                e
+            })?;
         } else {
             let mut body = Vec::with_capacity(size as usize);
             (&mut *data)
@@ -971,7 +976,19 @@ impl Backend for S3Repo {
         // A dead writer's lease: take it, clean, release. A live one is
         // left alone (readers need no lock here).
         let tx = format!("recover-{}", uuid::Uuid::new_v4().simple());
-        if let Some(lease) = self.acquire(&tx, "recovery", false)? {
+        // The cleaning is a writer's chore, never needed to read (HEAD names
+        // only complete snapshots): credentials that may not write skip it.
+        let lease = match self.acquire(&tx, "recovery", false) {
+            Err(e) if e.kind == ErrorKind::Denied => {
+                tracing::debug!(
+                    "leaving a dead writer's leftovers to a writer: {}",
+                    e.message
+                );
+                return Ok(());
+            }
+            other => other?,
+        };
+        if let Some(lease) = lease {
             let cleaned = self.clean_leftovers(&tx, &lease);
             drop(lease);
             cleaned?;
