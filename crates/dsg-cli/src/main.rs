@@ -625,8 +625,29 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
         }
     };
     let repo_name = need(a.repo_name, "Repository name", "--repo-name", None)?;
-    let is_s3 = matches!(a.repo_type, Some(RepoTypeArg::S3)) || a.endpoint.is_some();
-    let (host, repo_path) = if is_s3 {
+    // The type first: it decides what else is asked (an s3 repository has
+    // no host or path).
+    let repo_type = match a.repo_type {
+        Some(t) => t.into(),
+        None if a.endpoint.is_some() || a.bucket.is_some() => RepoType::S3,
+        None => {
+            let s = need(
+                None,
+                "Repository type (xfs, zfs or s3)",
+                "--repo-type",
+                Some("xfs"),
+            )?;
+            RepoType::parse(&s).ok_or_else(|| {
+                EngineError::Usage(format!("--repo-type {s:?}: use xfs, zfs or s3"))
+            })?
+        }
+    };
+    let (host, repo_path) = if repo_type == RepoType::S3 {
+        if a.host.is_some() || a.repo_path.is_some() {
+            return Err(EngineError::Usage(
+                "--host and --repo-path do not go with --repo-type s3 (it takes --endpoint, --bucket, --prefix)".into(),
+            ));
+        }
         ("localhost".to_string(), "/".to_string())
     } else {
         let host = need(
@@ -642,21 +663,6 @@ fn cmd_init(a: InitCmd, out: &Out) -> Result<(), EngineError> {
             None,
         )?;
         (host, repo_path)
-    };
-    let repo_type = match a.repo_type {
-        Some(t) => t.into(),
-        None if is_s3 => RepoType::S3,
-        None => {
-            let s = need(
-                None,
-                "Repository type (xfs, zfs or s3)",
-                "--repo-type",
-                Some("xfs"),
-            )?;
-            RepoType::parse(&s).ok_or_else(|| {
-                EngineError::Usage(format!("--repo-type {s:?}: use xfs, zfs or s3"))
-            })?
-        }
     };
     let s3 = if repo_type == RepoType::S3 {
         let endpoint = need(a.endpoint, "Object store URL", "--endpoint", None)?;

@@ -151,7 +151,7 @@ fn config_refusals_leave_the_files_byte_identical() {
         (
             &["config", "set", "repository.type", "nfs"],
             2,
-            "xfs or zfs",
+            "xfs, zfs or s3",
         ),
         (
             &["config", "set", "repository.pool", "tank"],
@@ -328,6 +328,60 @@ fn first_run_on_a_terminal_writes_the_user_config_and_goes_on() {
     let o = run_on_tty(&env, &dir2, &args2, "");
     assert_code(&o, 0, "second init");
     assert!(!(stdout(&o) + &stderr(&o)).contains("Your name"));
+}
+
+/// Asked on a terminal, the repository type comes first: s3 then asks for
+/// the store's URL and bucket, never a host or a path; a store that cannot
+/// be reached fails the init with nothing written.
+#[test]
+fn init_on_a_terminal_asks_the_type_first_and_s3_asks_endpoint_and_bucket() {
+    let env = TestEnv::new();
+    let dir = env.project("p");
+    write(&dir, "input/a.csv", "a\n");
+    let args: Vec<String> = ["init", "--repo-name", "N"].map(String::from).to_vec();
+    let o = run_on_tty(&env, &dir, &args, "s3\nhttp://127.0.0.1:9\nbkt\n");
+    assert_code(&o, 1, "init of an unreachable s3 store");
+    let all = stdout(&o) + &stderr(&o);
+    let asked = |p: &str| {
+        all.find(p)
+            .unwrap_or_else(|| panic!("{p:?} not asked: {all}"))
+    };
+    assert!(asked("Repository type") < asked("Object store URL"));
+    assert!(asked("Object store URL") < asked("Bucket"));
+    assert!(
+        !all.contains("Repository host") && !all.contains("Repository path"),
+        "{all}"
+    );
+    assert!(
+        all.contains("127.0.0.1:9") || all.contains("no S3 credentials"),
+        "the error is about the store: {all}"
+    );
+    assert!(!dir.join(".dsgconfig.yml").exists() && !dir.join(".dsg").exists());
+    // Flags of the other kinds are refused with s3.
+    let o = env.run(
+        &dir,
+        &[
+            "init",
+            "--no-interactive",
+            "--repo-name",
+            "N",
+            "--repo-type",
+            "s3",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--bucket",
+            "b",
+            "--host",
+            "h",
+        ],
+    );
+    assert_code(&o, 2, "s3 with --host");
+    assert!(
+        stderr(&o).contains("--host and --repo-path do not go with"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.join(".dsgconfig.yml").exists());
 }
 
 fn help(env: &TestEnv, args: &[&str]) -> String {

@@ -760,11 +760,14 @@ fn parse_s3(file: &Path, raw: RawRepository) -> Result<Repository, ConfigError> 
         ));
     }
     let bucket = raw.bucket.unwrap_or_default();
-    if bucket.is_empty() || bucket.contains('/') {
+    // AWS allows lowercase letters, digits, '.' and '-'; other stores also
+    // take capitals and '_'. Anything else (spaces, slashes) cannot be one.
+    let bucket_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    if bucket.is_empty() || bucket.len() > 255 || !bucket.chars().all(bucket_char) {
         return Err(invalid(
             file,
             format!("key 'repository.bucket': {bucket:?} is not a bucket name"),
-            "give the bucket's name (no slashes; the prefix goes in 'prefix')",
+            "give the bucket's name: letters, digits, '.', '-' (no slashes; the prefix goes in 'prefix')",
         ));
     }
     let prefix = raw.prefix.unwrap_or_default().trim_matches('/').to_string();
@@ -834,7 +837,7 @@ fn parse_legacy(
         invalid(
             file,
             format!("key 'ssh.type': unsupported {kind_s:?}"),
-            "use xfs or zfs",
+            "use xfs or zfs (s3 needs the 'repository:' section)",
         )
     })?;
     if kind == RepoType::S3 {

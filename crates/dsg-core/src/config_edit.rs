@@ -111,7 +111,7 @@ pub const KEYS: &[(&str, Scope, Kind, &str)] = &[
         "repository.type",
         Scope::Project,
         Kind::RepoType,
-        "xfs or zfs",
+        "xfs, zfs or s3",
     ),
     (
         "repository.host",
@@ -130,6 +130,30 @@ pub const KEYS: &[(&str, Scope, Kind, &str)] = &[
         Scope::Project,
         Kind::Text,
         "the ZFS pool (zfs only)",
+    ),
+    (
+        "repository.endpoint",
+        Scope::Project,
+        Kind::Text,
+        "the object store's URL, http(s)://host[:port] (s3 only)",
+    ),
+    (
+        "repository.bucket",
+        Scope::Project,
+        Kind::Text,
+        "the bucket (s3 only)",
+    ),
+    (
+        "repository.prefix",
+        Scope::Project,
+        Kind::Text,
+        "the key prefix repositories live under (s3 only; default none)",
+    ),
+    (
+        "repository.region",
+        Scope::Project,
+        Kind::Text,
+        "the store's region (s3 only; default AWS_REGION, else us-east-1)",
     ),
 ];
 
@@ -309,6 +333,10 @@ fn project_value(cfg: &ProjectConfig, key: &str) -> Option<Value> {
         "repository.host" => Value::String(r.host.clone()),
         "repository.mountpoint" => Value::String(r.mountpoint.display().to_string()),
         "repository.pool" => Value::String(r.pool.clone()?),
+        "repository.endpoint" => Value::String(r.s3.as_ref()?.endpoint.clone()),
+        "repository.bucket" => Value::String(r.s3.as_ref()?.bucket.clone()),
+        "repository.prefix" => Value::String(r.s3.as_ref()?.prefix.clone()),
+        "repository.region" => Value::String(r.s3.as_ref()?.region.clone()?),
         _ => return None,
     })
 }
@@ -567,10 +595,10 @@ fn wanted(
         (Kind::RepoType, Change::Set(v)) => {
             let s = one(v)?;
             match s.as_str() {
-                "xfs" | "zfs" => Ok(Value::String(s)),
+                "xfs" | "zfs" | "s3" => Ok(Value::String(s)),
                 _ => Err(bad(
                     format!("{s:?} is not a repository type"),
-                    "use xfs or zfs",
+                    "use xfs, zfs or s3",
                 )),
             }
         }
@@ -941,6 +969,53 @@ mod tests {
         let e = plan_project(&f, &[("name".into(), Change::Unset)]).unwrap_err();
         assert!(e.to_string().contains("'name'"), "{e}");
         assert_eq!(std::fs::read_to_string(&f).unwrap(), REPO);
+    }
+
+    #[test]
+    fn s3_keys_edit_and_refuse_like_the_others() {
+        const S3: &str = "name: p\nrepository:\n  type: s3  # the cluster\n  endpoint: http://127.0.0.1:8333\n  bucket: b\ndata_dirs: [input]\n";
+        let (_d, f) = project(S3);
+        for (k, v) in [
+            ("repository.endpoint", "https://s3.example.org"),
+            ("repository.prefix", "team/x"),
+            ("repository.region", "eu-west-1"),
+            ("repository.bucket", "c"),
+        ] {
+            plan_project(&f, &[set(k, &[v])]).unwrap().write().unwrap();
+        }
+        let c = ProjectConfig::load(&f).unwrap();
+        let s3 = c.repository.s3.expect("an s3 repository");
+        assert_eq!(
+            (s3.endpoint.as_str(), s3.bucket.as_str(), s3.prefix.as_str()),
+            ("https://s3.example.org", "c", "team/x")
+        );
+        assert_eq!(s3.region.as_deref(), Some("eu-west-1"));
+        let listed = project_entries(&f).unwrap();
+        let value = |k: &str| listed.iter().find(|e| e.key == k).map(|e| e.value.clone());
+        assert_eq!(value("repository.region"), Some(Value::from("eu-west-1")));
+        assert_eq!(value("repository.prefix"), Some(Value::from("team/x")));
+        assert_eq!(value("repository.type"), Some(Value::from("s3")));
+        plan_project(&f, &[("repository.region".into(), Change::Unset)])
+            .unwrap()
+            .write()
+            .unwrap();
+        let c = ProjectConfig::load(&f).unwrap();
+        assert_eq!(c.repository.s3.unwrap().region, None);
+        // What the loader refuses is refused before the file is replaced.
+        let before = std::fs::read_to_string(&f).unwrap();
+        for (k, v) in [
+            ("repository.endpoint", "ftp://x"),
+            ("repository.bucket", "Not A Bucket"),
+            ("repository.host", "srv"),
+            ("repository.pool", "tank"),
+        ] {
+            let e = plan_project(&f, &[set(k, &[v])]).unwrap_err().to_string();
+            assert!(!e.is_empty(), "{k}");
+        }
+        let e = plan_project(&f, &[("repository.bucket".into(), Change::Unset)]).unwrap_err();
+        assert!(e.to_string().contains("bucket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), before);
+        assert!(before.contains("# the cluster"), "{before}");
     }
 
     #[test]
