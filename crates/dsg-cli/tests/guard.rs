@@ -128,7 +128,7 @@ fn the_limit_comes_from_the_user_config(kind: Kind) {
 }
 
 per_kind!(
-    a_published_folder_deletion_stops_until_allowed: xfs, zfs, ssh;
-    a_received_mass_deletion_stops_until_allowed: xfs, ssh;
+    a_published_folder_deletion_stops_until_allowed: xfs, zfs, ssh, s3;
+    a_received_mass_deletion_stops_until_allowed: xfs, ssh, s3;
     the_limit_comes_from_the_user_config: xfs;
 );

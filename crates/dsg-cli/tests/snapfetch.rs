@@ -222,6 +222,21 @@ fn tamper(path: &Path, bytes: &[u8]) {
     fs::write(path, bytes).unwrap();
 }
 
+/// Writes `bytes` over the stored copy of `content`: s3, its `data/`
+/// object (one per content, shared by every snapshot that holds it);
+/// otherwise `fallback`, a file of the repository.
+fn tamper_content(w: &World, content: &[u8], fallback: &Path, bytes: &[u8]) {
+    if w.kind != Kind::S3 {
+        return tamper(fallback, bytes);
+    }
+    let h = dsg_core::hash::Hash::of_bytes(content).to_hex();
+    let key = world::s3::data_key(content.len() as u64, &h);
+    let s3 = w.s3();
+    assert!(s3.get(&key).is_some(), "{key} is not there to tamper with");
+    s3.store.put(&key, bytes, &dsg_s3::Cond::None).unwrap();
+    s3.invalidate_view();
+}
+
 fn tampering_is_detected(kind: Kind) {
     let w = world_or_skip!(kind, "snapt");
     history(&w);
@@ -232,7 +247,7 @@ fn tampering_is_detected(kind: Kind) {
     }
     if kind != Kind::Zfs {
         // An old version in the object store.
-        tamper(&object_of(&w, b"a1"), b"a1 but not quite");
+        tamper_content(&w, b"a1", &object_of(&w, b"a1"), b"a1 but not quite");
         let e = fails(
             &w,
             "A",
@@ -268,7 +283,7 @@ fn tampering_is_detected(kind: Kind) {
     }
     // The head's tree (on zfs the live dataset; its snapshots are
     // read-only): every snapshot that holds that version sees it damaged.
-    tamper(&w.repo().join(&k), b"kept? no");
+    tamper_content(&w, b"kept all along", &w.repo().join(&k), b"kept? no");
     let e = fails(&w, "A", &["snapfetch", &k, "-o", "tk"], 1);
     assert!(e.contains("failed verification") && e.contains("s4"), "{e}");
     assert!(!w.client("A").join("tk").exists());
@@ -300,6 +315,6 @@ fn tampering_is_detected(kind: Kind) {
 }
 
 per_kind!(
-    snapfetch_reads_every_version: xfs, zfs, ssh;
-    tampering_is_detected: xfs, zfs, ssh;
+    snapfetch_reads_every_version: xfs, zfs, ssh, s3;
+    tampering_is_detected: xfs, zfs, ssh, s3;
 );

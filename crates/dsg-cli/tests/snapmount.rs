@@ -360,7 +360,7 @@ fn missing_snapshot_is_a_clear_error(kind: Kind) {
 }
 
 per_kind!(
-    snapmount_shows_an_old_snapshot: xfs, zfs, ssh;
-    killed_snapmount_is_cleaned_by_the_next_command: xfs, zfs, ssh;
-    missing_snapshot_is_a_clear_error: xfs, zfs, ssh;
+    snapmount_shows_an_old_snapshot: xfs, zfs, ssh, s3;
+    killed_snapmount_is_cleaned_by_the_next_command: xfs, zfs, ssh, s3;
+    missing_snapshot_is_a_clear_error: xfs, zfs, ssh, s3;
 );
