@@ -1,4 +1,4 @@
-//! `dsg prune` on every kind of repository (xfs, zfs, ssh): what it removes
+//! `dsg prune` on every kind of repository (xfs, zfs, ssh, s3): what it removes
 //! is exactly what no kept snapshot references — computed here from the
 //! manifests on the repository's disk (the head and the archives), never
 //! from the command's own answer; every kept snapshot stays readable byte
@@ -8,15 +8,19 @@
 //! a prune waits for (or gives up on, exit 4) a writer holding the lock;
 //! and a crash at every prune step is finished by the next command.
 //!
-//! | test                                    | xfs | zfs | ssh |
-//! |-----------------------------------------|-----|-----|-----|
-//! | prune_keeps_exactly_what_kept_snapshots_reference | x | x | x |
-//! | dry_run_changes_nothing                 |  x  |  x  |  x  |
-//! | head_is_never_pruned                    |  x  |  x  |  x  |
-//! | prune_waits_for_the_writers_lock        |  x  |  x  |  x  |
-//! | busy_prune_deletes_nothing              |  x  |  x  |     |
-//! | crash_at_every_prune_step               |  x  |  x  |     |
-//! | zfs_snapshot_with_a_clone_stays         |     |  x  |     |
+//! | test                                    | xfs | zfs | ssh | s3 |
+//! |-----------------------------------------|-----|-----|-----|----|
+//! | prune_keeps_exactly_what_kept_snapshots_reference | x | x | x | x |
+//! | dry_run_changes_nothing                 |  x  |  x  |  x  | x  |
+//! | head_is_never_pruned                    |  x  |  x  |  x  | x  |
+//! | prune_waits_for_the_writers_lock        |  x  |  x  |  x  | x  |
+//! | busy_prune_deletes_nothing              |  x  |  x  |     | x  |
+//! | crash_at_every_prune_step               |  x  |  x  |     | x  |
+//! | zfs_snapshot_with_a_clone_stays         |     |  x  |     |    |
+//!
+//! On s3 the objects are the `data/` objects (every content, the head's
+//! too), the writers' lock is the lease (a test holds it by writing a live
+//! holder's `lock`), and a killed prune is finished once its lease expired.
 //!
 //! Over ssh the remote agent gets neither `DSG_FAILPOINT` nor
 //! `DSG_LOCK_TIMEOUT` from the client, so the crash matrix and the
@@ -105,9 +109,18 @@ fn hashes_of(w: &World, id: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// The objects in the repository's `.dsg/objects/` (directory kinds).
+/// The objects in the repository's `.dsg/objects/` (directory kinds; s3:
+/// the hashes of its `data/` objects).
 fn objects(w: &World) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
+    if w.kind == Kind::S3 {
+        for k in w.s3().keys() {
+            if let Some(name) = k.strip_prefix("data/") {
+                out.insert(name.split('-').next().unwrap().to_string());
+            }
+        }
+        return out;
+    }
     let dir = w.repo().join(".dsg/objects");
     for (p, md) in walk_all(&dir) {
         if md.is_file() {
@@ -127,10 +140,10 @@ fn zfs_snaps(w: &World) -> Vec<String> {
 /// Everything a prune may change: the repository (and on zfs the
 /// directory beside it and the dataset's snapshots) and client A.
 fn listing(w: &World) -> (Listing, Vec<String>, Listing) {
-    let repo_side = if w.kind == Kind::Zfs {
-        full_listing(&w.repo_parent)
-    } else {
-        full_listing(&w.repo())
+    let repo_side = match w.kind {
+        Kind::Zfs => full_listing(&w.repo_parent),
+        Kind::S3 => w.repo_full_listing(),
+        _ => full_listing(&w.repo()),
     };
     (repo_side, zfs_snaps(w), full_listing(&w.client("A")))
 }
@@ -183,6 +196,10 @@ fn assert_pruned(w: &World, kept: &[String], remain: &BTreeSet<String>, ctx: &st
             .repo_parent
             .join(format!(".dsg-zfs.{}.prune-journal", w.repo_name));
         assert!(!left.exists(), "{ctx}: prune journal left");
+    } else if w.kind == Kind::S3 {
+        assert_eq!(&objects(w), remain, "{ctx}: objects");
+        w.s3().assert_no_leftovers(ctx);
+        w.s3().assert_head_sound(ctx);
     } else {
         assert_eq!(&objects(w), remain, "{ctx}: objects");
         assert!(
@@ -326,7 +343,12 @@ fn head_is_never_pruned(kind: Kind) {
     assert_readable(&w, &v, "s3");
     if kind != Kind::Zfs {
         assert_tree_matches_manifest(&w.repo(), &w.head(), "repository");
-        assert!(remain.is_empty(), "the head needs no object: {remain:?}");
+        if kind == Kind::S3 {
+            // Every content is an object, the head's too: exactly those stay.
+            assert_eq!(remain, hashes_of(&w, "s3"), "the head's objects");
+        } else {
+            assert!(remain.is_empty(), "the head needs no object: {remain:?}");
+        }
     }
     w.ok("A", &["validate-chain"]);
     w.assert_clean("A");
@@ -341,8 +363,29 @@ fn lock_path(w: &World) -> std::path::PathBuf {
     }
 }
 
-/// Holds the repository's exclusive lock (as a sync does) for `secs`.
+/// Holds the repository's exclusive lock (as a sync does) for `secs`; s3:
+/// its lease, as a live writer's for `secs` more (the child just sleeps).
 fn hold_lock(w: &World, secs: u64) -> std::process::Child {
+    if w.kind == Kind::S3 {
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + secs;
+        let doc = serde_json::json!({
+            "tx": "tx-held-by-the-test", "user": "holder@test", "pid": 1,
+            "expires": expires, "free": false,
+        });
+        let body = serde_json::to_vec(&doc).unwrap();
+        w.s3()
+            .store
+            .put("lock", &body, &dsg_s3::Cond::None)
+            .unwrap();
+        return std::process::Command::new("sleep")
+            .arg(secs.to_string())
+            .spawn()
+            .unwrap();
+    }
     let mark = w.tmp.path().join(format!("locked-{}", next_count()));
     let child = std::process::Command::new("flock")
         .arg("-x")
@@ -413,10 +456,17 @@ fn crash_at_every_prune_step(kind: Kind) {
         assert_ok(&o, "prune listing failpoints");
         failpoints_of(&o)
             .into_iter()
-            .filter(|n| n.starts_with("repo.prune."))
+            .filter(|n| n.starts_with("repo.prune.") || n.starts_with("s3.prune."))
             .collect::<Vec<_>>()
     };
-    let want: &[&str] = if kind == Kind::Zfs {
+    let want: &[&str] = if kind == Kind::S3 {
+        &[
+            "s3.prune.journal",
+            "s3.prune.recorded",
+            "s3.prune.object",
+            "s3.prune.objects",
+        ]
+    } else if kind == Kind::Zfs {
         &[
             "repo.prune.journal.begin",
             "repo.prune.recorded",
@@ -438,15 +488,23 @@ fn crash_at_every_prune_step(kind: Kind) {
         let w = World::again(kind, "prunecrash");
         let v = build(&w, 4);
         let (kept, remain) = expected(&w, 4, 2);
+        let before = objects(&w);
         let o = w.run_env(
             "A",
             &["prune", "--keep-last", "2"],
             &[("DSG_FAILPOINT", fp)],
         );
         assert!(killed(&o.status), "{fp}: not killed\n{}", show(&o));
-        // The journaled plan is the commit point: any next command
-        // finishes it (here `status`), and nothing kept is missing.
+        // The journaled plan is the commit point (s3: the record written
+        // after it): any next command finishes it (here `status`; s3: once
+        // the dead prune's lease expired), and nothing kept is missing.
+        w.settle_after_crash();
         w.ok("A", &["status"]);
+        if *fp == "s3.prune.journal" {
+            assert_eq!(objects(&w), before, "{fp}: before the record, nothing goes");
+            w.s3().assert_no_leftovers(fp);
+            w.ok("A", &["prune", "--keep-last", "2"]);
+        }
         assert_pruned(&w, &kept, &remain, &format!("after a crash at {fp}"));
         for id in &kept {
             assert_readable(&w, &v, id);
@@ -510,11 +568,11 @@ fn zfs_snapshot_with_a_clone_stays(kind: Kind) {
 }
 
 per_kind!(
-    prune_keeps_exactly_what_kept_snapshots_reference: xfs, zfs, ssh;
-    dry_run_changes_nothing: xfs, zfs, ssh;
-    head_is_never_pruned: xfs, zfs, ssh;
-    prune_waits_for_the_writers_lock: xfs, zfs, ssh;
-    busy_prune_deletes_nothing: xfs, zfs;
-    crash_at_every_prune_step: xfs, zfs;
+    prune_keeps_exactly_what_kept_snapshots_reference: xfs, zfs, ssh, s3;
+    dry_run_changes_nothing: xfs, zfs, ssh, s3;
+    head_is_never_pruned: xfs, zfs, ssh, s3;
+    prune_waits_for_the_writers_lock: xfs, zfs, ssh, s3;
+    busy_prune_deletes_nothing: xfs, zfs, s3;
+    crash_at_every_prune_step: xfs, zfs, s3;
     zfs_snapshot_with_a_clone_stays: zfs;
 );

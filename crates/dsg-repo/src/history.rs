@@ -209,20 +209,30 @@ pub(crate) fn open_version(
 impl RepoVersion {
     /// The error for data of this (pruned) snapshot that is gone.
     fn pruned_error(&self, path: Option<&str>, cause: AgentError) -> AgentError {
-        let when = self.pruned.as_deref().unwrap_or("");
-        let what = match path {
-            Some(p) => format!("{p} of snapshot {}", self.id),
-            None => format!("snapshot {}", self.id),
-        };
-        AgentError::new(
-            ErrorKind::Pruned,
-            format!(
-                "{what} is no longer stored: the snapshot was pruned ({when}) ({})",
-                cause.message
-            ),
-        )
-        .hint("dsg prune removed it; its manifest is kept (dsg validate-snapshot checks it), and dsg log marks pruned snapshots")
+        pruned_error(&self.id, self.pruned.as_deref(), path, cause)
     }
+}
+
+/// The error for data of snapshot `id` (pruned at `when`) that is gone.
+pub(crate) fn pruned_error(
+    id: &str,
+    when: Option<&str>,
+    path: Option<&str>,
+    cause: AgentError,
+) -> AgentError {
+    let what = match path {
+        Some(p) => format!("{p} of snapshot {id}"),
+        None => format!("snapshot {id}"),
+    };
+    AgentError::new(
+        ErrorKind::Pruned,
+        format!(
+            "{what} is no longer stored: the snapshot was pruned ({}) ({})",
+            when.unwrap_or(""),
+            cause.message
+        ),
+    )
+    .hint("dsg prune removed it; its manifest is kept (dsg validate-snapshot checks it), and dsg log marks pruned snapshots")
 }
 
 impl Version for RepoVersion {

@@ -136,9 +136,78 @@ pub(crate) fn open_record(site: &Site, store: &dyn Store) -> Result<Option<File>
 
 /// A snapshot the repository knows of: its index record's time and hash.
 #[derive(Debug, Clone, Default)]
-struct Known {
-    created_at: Option<String>,
-    hash: Option<String>,
+pub(crate) struct Known {
+    pub created_at: Option<String>,
+    pub hash: Option<String>,
+}
+
+/// The snapshots the index (`sync-messages.json`) records, by number.
+pub(crate) fn known_from_messages(m: &SyncMessages) -> BTreeMap<u64, Known> {
+    let mut out = BTreeMap::new();
+    for (id, v) in &m.snapshots {
+        if let Some(n) = strict_snapshot_number(id) {
+            let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+            out.insert(
+                n,
+                Known {
+                    created_at: text("created_at"),
+                    hash: text("snapshot_hash"),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The snapshots `policy` keeps of `known`: the head, anything numbered
+/// above it (not ours to judge), the `keep_last` newest up to the head, and
+/// those made within `keep_within_secs` of `now` (or at an unknown time).
+pub(crate) fn kept_by(
+    policy: &Policy,
+    known: &BTreeMap<u64, Known>,
+    head_n: u64,
+    now: i64,
+) -> BTreeSet<u64> {
+    let mut kept: BTreeSet<u64> = BTreeSet::new();
+    kept.insert(head_n);
+    kept.extend(known.keys().filter(|n| **n > head_n));
+    kept.extend(
+        known
+            .keys()
+            .rev()
+            .filter(|n| **n <= head_n)
+            .take(policy.keep_last as usize),
+    );
+    if let Some(secs) = policy.keep_within_secs {
+        for (n, k) in known {
+            let t = k.created_at.as_deref().and_then(dsg_core::timefmt::parse);
+            let recent = t.is_none_or(|t| now - t.timestamp() <= secs as i64);
+            if recent {
+                kept.insert(*n);
+            }
+        }
+    }
+    kept
+}
+
+/// Refuses a policy that would prune the head.
+pub(crate) fn check_policy(policy: &Policy) -> Result<(), AgentError> {
+    if policy.keep_last == 0 {
+        return Err(AgentError::new(
+            ErrorKind::Protocol,
+            "refusing to prune with keep_last 0: the head is always kept",
+        )
+        .hint("--keep-last counts the head: --keep-last 1 keeps only the head"));
+    }
+    Ok(())
+}
+
+/// Seconds since the epoch.
+pub(crate) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn head_of(site: &Site) -> Result<(Manifest, u64, String, Option<String>), AgentError> {
@@ -171,29 +240,13 @@ fn known_snapshots(
     store: &dyn Store,
     head_n: u64,
 ) -> Result<BTreeMap<u64, Known>, AgentError> {
-    let mut out: BTreeMap<u64, Known> = BTreeMap::new();
     let mpath = site.dsg().join("sync-messages.json");
     let messages = SyncMessages::load_optional(&mpath)
         .map_err(|e| AgentError::new(ErrorKind::Corrupt, e.to_string()))?;
-    if let Some(m) = messages {
-        for (id, v) in &m.snapshots {
-            if let Some(n) = strict_snapshot_number(id) {
-                out.insert(
-                    n,
-                    Known {
-                        created_at: v
-                            .get("created_at")
-                            .and_then(|x| x.as_str())
-                            .map(String::from),
-                        hash: v
-                            .get("snapshot_hash")
-                            .and_then(|x| x.as_str())
-                            .map(String::from),
-                    },
-                );
-            }
-        }
-    }
+    let mut out = messages
+        .as_ref()
+        .map(known_from_messages)
+        .unwrap_or_default();
     if let Ok(rd) = fs::read_dir(site.dsg().join("archive")) {
         for de in rd.flatten() {
             let name = de.file_name().to_string_lossy().to_string();
@@ -341,13 +394,7 @@ pub(crate) fn prune(repo: &mut Repository, policy: &Policy) -> Result<PruneRepor
             "cannot prune inside an open transaction",
         ));
     }
-    if policy.keep_last == 0 {
-        return Err(AgentError::new(
-            ErrorKind::Protocol,
-            "refusing to prune with keep_last 0: the head is always kept",
-        )
-        .hint("--keep-last counts the head: --keep-last 1 keeps only the head"));
-    }
+    check_policy(policy)?;
     let site = &repo.site;
     let store = &*repo.store;
     // A dry run reads under the shared lock (it writes nothing, not even
@@ -370,31 +417,7 @@ pub(crate) fn prune(repo: &mut Repository, policy: &Policy) -> Result<PruneRepor
     let (head, head_n, head_id, head_hash) = head_of(site)?;
     let known = known_snapshots(site, store, head_n)?;
     let rec = record(site, store)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let mut kept: BTreeSet<u64> = BTreeSet::new();
-    kept.insert(head_n);
-    // Anything numbered above the head is not ours to judge.
-    kept.extend(known.keys().filter(|n| **n > head_n));
-    kept.extend(
-        known
-            .keys()
-            .rev()
-            .filter(|n| **n <= head_n)
-            .take(policy.keep_last as usize),
-    );
-    if let Some(secs) = policy.keep_within_secs {
-        for (n, k) in &known {
-            let t = k.created_at.as_deref().and_then(dsg_core::timefmt::parse);
-            // Unknown time: kept (we cannot say it is old).
-            let recent = t.is_none_or(|t| now - t.timestamp() <= secs as i64);
-            if recent {
-                kept.insert(*n);
-            }
-        }
-    }
+    let kept = kept_by(policy, &known, head_n, now_secs());
     let id = |n: u64| format!("s{n}");
     let mut report = PruneReport {
         head: head_id.clone(),

@@ -279,10 +279,22 @@ impl S3Env {
         }
     }
 
-    /// Every `data/` key some snapshot `HEAD` names references.
+    /// The snapshot ids `pruned.json` records (their data may be gone).
+    pub fn pruned_ids(&self) -> BTreeSet<String> {
+        let Some(bytes) = self.get("pruned.json") else {
+            return BTreeSet::new();
+        };
+        let v: Value = serde_json::from_slice(&bytes).expect("pruned.json is JSON");
+        let m = v["pruned"].as_object().expect("pruned.json: pruned");
+        m.keys().cloned().collect()
+    }
+
+    /// Every `data/` key some snapshot `HEAD` names, and `pruned.json` does
+    /// not, references.
     pub fn referenced_data(&self, doc: &HeadDoc) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
-        for r in &doc.snapshots {
+        let pruned = self.pruned_ids();
+        for r in doc.snapshots.iter().filter(|r| !pruned.contains(&r.0)) {
             let m = parse_manifest(&self.manifest_bytes(r));
             for ent in manifest_entries(&m).into_values() {
                 if let Ent::File { size, hash } = ent {
@@ -331,9 +343,9 @@ impl S3Env {
     }
 
     /// Nothing a transaction leaves: no `txs/` journal, no `data/` object no
-    /// snapshot references, no snapshot object `HEAD` does not name, no
-    /// unfinished multipart upload, nothing else beside `HEAD` and `lock`;
-    /// the lease released.
+    /// unpruned snapshot references, no snapshot object `HEAD` does not
+    /// name, no unfinished multipart upload, nothing else beside `HEAD`,
+    /// `lock` and `pruned.json`; the lease released.
     #[track_caller]
     pub fn assert_no_leftovers(&self, ctx: &str) {
         let doc = self.head_doc();
@@ -351,7 +363,11 @@ impl S3Env {
             .keys()
             .into_iter()
             .filter(|k| {
-                !(k == "HEAD" || k == "lock" || referenced.contains(k) || named.contains(k))
+                !(k == "HEAD"
+                    || k == "lock"
+                    || k == "pruned.json"
+                    || referenced.contains(k)
+                    || named.contains(k))
             })
             .collect();
         assert!(bad.is_empty(), "{ctx}: leftover objects {bad:?}");

@@ -43,6 +43,7 @@ use crate::protocol::ErrorKind;
 use crate::repo::{verify_commit_at, OpenTx, StagedKind};
 
 mod lease;
+mod prune;
 mod upload;
 
 use lease::{now_secs, Lease, LockDoc, Taken};
@@ -325,20 +326,10 @@ impl S3Repo {
         }
         let head = self.read_head()?.map(|(d, _)| d).unwrap_or_default();
         // Which contents some snapshot needs: only read when there is
-        // something to remove (a dead transaction), so rarely.
-        let mut referenced: HashSet<String> = HashSet::new();
-        for r in &head.snapshots {
-            for e in self.load_manifest(r)?.entries() {
-                if let EntryKind::File {
-                    size,
-                    hash: Some(h),
-                    ..
-                } = &e.kind
-                {
-                    referenced.insert(data_key(h.0, *size));
-                }
-            }
-        }
+        // something to remove (a dead transaction), so rarely. A pruned
+        // snapshot's contents are not needed: a dead prune's journaled
+        // keys go once its record was written (s3/prune.rs).
+        let referenced = self.referenced_keys(self.unpruned(&head)?)?;
         if !lease.confirm() {
             return Err(AgentError::new(
                 ErrorKind::Busy,
@@ -740,6 +731,7 @@ impl Backend for S3Repo {
         };
         match name {
             "last-sync.json" => self.manifest_file(head).map(Some),
+            prune::RECORD => Ok(self.object_file(prune::RECORD)?.map(|(f, _)| f)),
             "sync-messages.json" => Ok(self.object_file(&head.messages_key())?.map(|(f, _)| f)),
             _ => {
                 let Some(file) = name.strip_prefix("archive/") else {
@@ -996,6 +988,13 @@ impl Backend for S3Repo {
         Ok(())
     }
 
+    fn prune(
+        &mut self,
+        policy: &crate::prune::Policy,
+    ) -> Result<crate::protocol::PruneReport, AgentError> {
+        self.prune_data(policy)
+    }
+
     fn list_archives(&self) -> Result<Vec<String>, AgentError> {
         let Some((doc, _)) = self.read_head()? else {
             return Ok(Vec::new());
@@ -1024,9 +1023,18 @@ impl Backend for S3Repo {
                 )
             })?;
         let manifest = self.load_manifest(r)?;
+        let hash = manifest
+            .metadata
+            .as_ref()
+            .and_then(|m| m.snapshot_hash.clone());
+        let pruned = (self.pruned_record()?.0)
+            .get(snapshot, hash.as_deref())
+            .map(|p| p.pruned_at.clone());
         Ok(Box::new(S3Version {
+            id: snapshot.to_string(),
             store: self.store.clone(),
             manifest,
+            pruned,
         }))
     }
 
@@ -1044,13 +1052,20 @@ impl Drop for S3Repo {
 }
 
 struct S3Version {
+    id: String,
     store: Arc<Store>,
     manifest: Manifest,
+    /// When `dsg prune` removed this snapshot's data.
+    pruned: Option<String>,
 }
 
 impl Version for S3Version {
     fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    fn pruned(&self) -> Option<&str> {
+        self.pruned.as_deref()
     }
 
     fn open(&self, path: &str) -> Result<Stored, AgentError> {
@@ -1071,7 +1086,13 @@ impl Version for S3Version {
                 let mut f =
                     tempfile::tempfile().map_err(|e| AgentError::io("a scratch file", e))?;
                 if self.store.get_to(&key, &mut f).map_err(err)?.is_none() {
-                    return Err(corrupt(&key, format!("missing (the contents of {path})")));
+                    let e = corrupt(&key, format!("missing (the contents of {path})"));
+                    return Err(match &self.pruned {
+                        Some(when) => {
+                            crate::history::pruned_error(&self.id, Some(when), Some(path), e)
+                        }
+                        None => e,
+                    });
                 }
                 f.rewind()
                     .map_err(|e| AgentError::io("a scratch file", e))?;
