@@ -482,6 +482,33 @@ fn down_refuses_everything_until_set_back() {
     assert_eq!(s3.get(&ep, &key).body, b"down");
 }
 
+#[test]
+fn down_after_passes_n_matching_requests_then_refuses_them() {
+    let s3 = s3_or_return!();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let ep = proxy.endpoint();
+    let f = s3.file("da", b"da");
+    proxy.set(Rule::DownAfter {
+        pass: 2,
+        filter: Filter::path("/da-"),
+    });
+    let keys: Vec<String> = (0..4).map(|i| s3.key(&format!("da-{i}"))).collect();
+    assert_eq!(s3.put(&ep, &keys[0], &f).status, 200);
+    assert_eq!(s3.put(&ep, &keys[1], &f).status, 200);
+    for k in &keys[2..] {
+        assert_s3_error(&s3.put(&ep, k, &f), 503, "ServiceUnavailable");
+        assert_eq!(s3.stored(k), None);
+    }
+    // What the filter does not match passes.
+    let other = s3.key("other");
+    assert_eq!(s3.put(&ep, &other, &f).status, 200);
+    assert_eq!(s3.stored(&keys[0]).as_deref(), Some(&b"da"[..]));
+    // A GET matches too: refused.
+    assert_s3_error(&s3.get(&ep, &keys[0]), 503, "ServiceUnavailable");
+    proxy.set(Rule::Pass);
+    assert_eq!(s3.put(&ep, &keys[3], &f).status, 200);
+}
+
 /// A stand-in upstream (no cluster needed) for the response framings the
 /// gateway does not use: each request, on any connection, gets the next
 /// canned response; one without a length is ended by closing, and so is

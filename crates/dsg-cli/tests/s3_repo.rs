@@ -505,3 +505,235 @@ fn a_volume_server_killed_mid_sync_loses_nothing() {
         assert_eq!(&std::fs::read(b.join(p)).unwrap(), bytes, "{p}");
     }
 }
+
+/// A large file whose upload is resumed: 80 MiB and a bit, six parts.
+const BIG: usize = (80 << 20) + 4321;
+const BIG_PARTS: usize = 6;
+
+fn data_key_of(bytes: &[u8]) -> String {
+    format!(
+        "data/{:016x}-{}",
+        xxhash_rust::xxh3::xxh3_64(bytes),
+        bytes.len()
+    )
+}
+
+/// Part uploads the store accepted through the proxy, among its requests
+/// from `from` on.
+fn parts_sent(proxy: &FaultProxy, from: usize) -> usize {
+    proxy.requests()[from..]
+        .iter()
+        .filter(|r| r.method == "PUT" && r.target.contains("partNumber=") && r.status == Some(200))
+        .count()
+}
+
+/// The unfinished uploads of repository `name`, each with the numbers of
+/// the parts it holds.
+fn unfinished(s3: &S3, name: &str) -> Vec<(String, String, Vec<u16>)> {
+    let store = s3.store(name);
+    store
+        .multipart_list("")
+        .unwrap()
+        .into_iter()
+        .map(|(k, id)| {
+            let mut parts: Vec<u16> = store
+                .multipart_parts(&k, &id)
+                .unwrap()
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.number)
+                .collect();
+            parts.dedup();
+            (k, id, parts)
+        })
+        .collect()
+}
+
+fn lock_is_free(s3: &S3, name: &str) -> bool {
+    let (b, _) = s3.store(name).get("lock").unwrap().expect("a lock");
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    v["free"] == true
+}
+
+/// A repository `p` at s1 through `proxy`, a large file added to the
+/// project, and a sync that stores two of its parts before the store goes
+/// away: it fails (exit 1), HEAD and the objects stay as they were, the
+/// lease is released, and the upload is kept with its two parts.
+fn cut_after_two_parts(s3: &S3, proxy: &FaultProxy) -> (PathBuf, Vec<u8>) {
+    let a = project(s3, "a", &[("input/small", b"s")]);
+    assert_ok(&s3.init(&a, &proxy.endpoint(), "p"), "init");
+    let before = s3.objects("p");
+    let big = random_bytes(77, BIG);
+    write_file(&a, "input/big.bin", &big);
+    proxy.set(Rule::DownAfter {
+        pass: 2,
+        filter: Filter::path("partNumber="),
+    });
+    let c = s3.cmd(&a, &["sync"], &[("DSG_S3_ATTEMPTS", "2")]);
+    let o = run_bounded(c, std::time::Duration::from_secs(300));
+    assert_exit(&o, 1, "sync with the store gone after two parts");
+    assert_eq!(head_id(s3, "p").as_deref(), Some("s1"));
+    assert_eq!(s3.objects("p"), before, "nothing visible changed");
+    assert!(lock_is_free(s3, "p"), "the failed sync released its lease");
+    let ups = unfinished(s3, "p");
+    assert_eq!(ups.len(), 1, "{ups:?}");
+    assert_eq!(ups[0].0, data_key_of(&big));
+    assert_eq!(ups[0].2.len(), 2, "two parts stored: {ups:?}");
+    proxy.set(Rule::Pass);
+    (a, big)
+}
+
+/// Clones repository `p` (past the proxy) and compares the big file.
+fn assert_clone_has(s3: &S3, a: &Path, big: &[u8]) {
+    let b = s3.dir("b");
+    copy_project_config(a, &b);
+    assert_ok(&s3.dsg(&b, &["clone"]), "clone");
+    assert!(std::fs::read(b.join("input/big.bin")).unwrap() == big);
+}
+
+#[test]
+fn a_large_upload_cut_off_resumes_where_it_stopped() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let (a, big) = cut_after_two_parts(&s3, &proxy);
+    let kept = unfinished(&s3, "p");
+    // A read neither takes the lease for it nor aborts it.
+    let o = s3.dsg(&a, &["status"]);
+    assert_ok(&o, "status");
+    assert_eq!(unfinished(&s3, "p"), kept, "a read left the upload");
+    let mark = proxy.requests().len();
+    assert_ok(&s3.dsg(&a, &["sync"]), "sync once the store is back");
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s2"));
+    let sent = parts_sent(&proxy, mark);
+    eprintln!("resumed: {sent} of {BIG_PARTS} parts sent");
+    assert_eq!(
+        sent,
+        BIG_PARTS - 2,
+        "the two stored parts were not sent again"
+    );
+    assert!(proxy.requests()[mark..]
+        .iter()
+        .any(|r| r.method == "GET" && r.target.contains("uploadId=")));
+    assert!(unfinished(&s3, "p").is_empty(), "no unfinished upload left");
+    assert!(!s3.objects("p").iter().any(|k| k.starts_with("txs/")));
+    assert_clone_has(&s3, &a, &big);
+}
+
+/// A resumed upload keeps only the parts that hold exactly the bytes read
+/// now: parts put into the upload behind dsg's back (other bytes of the
+/// right size; a wrong size) are sent again, and the object is right.
+#[test]
+fn a_resumed_upload_sends_again_a_part_that_differs() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let (a, big) = cut_after_two_parts(&s3, &proxy);
+    let (key, id, stored) = unfinished(&s3, "p").remove(0);
+    let missing: Vec<u16> = (1..=BIG_PARTS as u16)
+        .filter(|n| !stored.contains(n))
+        .collect();
+    let store = s3.store("p");
+    let part = 16 << 20;
+    // A middle part with other bytes of the right size, and the last one
+    // one byte short.
+    let middle = missing[0];
+    assert!((middle as usize) < BIG_PARTS);
+    store
+        .multipart_part(&key, &id, middle, &random_bytes(5, part))
+        .unwrap();
+    let last = BIG_PARTS as u16;
+    if !stored.contains(&last) {
+        let tail = &big[(last as usize - 1) * part..];
+        store
+            .multipart_part(&key, &id, last, &tail[..tail.len() - 1])
+            .unwrap();
+    }
+    let held = unfinished(&s3, "p")[0].2.len();
+    assert!(held >= 3, "the upload holds the planted parts");
+    let mark = proxy.requests().len();
+    assert_ok(&s3.dsg(&a, &["sync"]), "sync once the store is back");
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s2"));
+    // Only the two parts the failed sync stored were kept.
+    assert_eq!(parts_sent(&proxy, mark), BIG_PARTS - 2);
+    assert!(unfinished(&s3, "p").is_empty());
+    let (stored_bytes, _) = store.get(&key).unwrap().expect("the object");
+    assert!(stored_bytes == big, "the object holds the file's bytes");
+    assert_clone_has(&s3, &a, &big);
+}
+
+/// A kept upload the next sync does not need (the file changed meanwhile:
+/// another content key) is aborted by that sync: nothing is left.
+#[test]
+fn an_unfinished_upload_no_sync_needs_is_removed_by_the_next_writer() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let (a, _) = cut_after_two_parts(&s3, &proxy);
+    let changed = random_bytes(78, BIG);
+    write_file(&a, "input/big.bin", &changed);
+    let mark = proxy.requests().len();
+    assert_ok(&s3.dsg(&a, &["sync"]), "sync of the changed file");
+    assert_eq!(parts_sent(&proxy, mark), BIG_PARTS, "nothing to resume");
+    assert!(
+        unfinished(&s3, "p").is_empty(),
+        "the old upload was aborted"
+    );
+    assert_clone_has(&s3, &a, &changed);
+}
+
+/// A sync killed (kill -9) mid-upload leaves its upload, a journal and a
+/// held lease; a read after the lease expired cleans the journal and keeps
+/// the upload; the next sync resumes it.
+#[test]
+fn a_large_upload_killed_mid_way_is_resumed_by_the_next_sync() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let a = project(&s3, "a", &[("input/small", b"s")]);
+    assert_ok(&s3.init(&a, &proxy.endpoint(), "p"), "init");
+    let big = random_bytes(79, BIG);
+    write_file(&a, "input/big.bin", &big);
+    // Two parts go through; the rest is retried for ~16 s: the sync is
+    // mid-upload, for sure, when it is killed.
+    proxy.set(Rule::DownAfter {
+        pass: 2,
+        filter: Filter::path("partNumber="),
+    });
+    let mut child = s3
+        .cmd(&a, &["sync"], &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while unfinished(&s3, "p").first().is_none_or(|u| u.2.len() < 2) {
+        assert!(t0.elapsed().as_secs() < 120, "no two parts stored");
+        assert!(child.try_wait().unwrap().is_none(), "the sync ended");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    proxy.set(Rule::Pass);
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s1"));
+    assert!(!lock_is_free(&s3, "p"), "the killed sync held the lease");
+    let kept = unfinished(&s3, "p");
+    assert_eq!(kept.len(), 1);
+    assert!(s3.objects("p").iter().any(|k| k.starts_with("txs/")));
+    // Past the lease: a read recovers (the journal goes), the upload stays.
+    std::thread::sleep(std::time::Duration::from_secs(
+        s3_support::cluster::LEASE_SECS + 2,
+    ));
+    assert_ok(&s3.dsg(&a, &["status"]), "status after the kill");
+    assert!(
+        !s3.objects("p").iter().any(|k| k.starts_with("txs/")),
+        "the read recovered: {:?}",
+        s3.objects("p")
+    );
+    assert!(lock_is_free(&s3, "p"));
+    assert_eq!(unfinished(&s3, "p"), kept, "the read kept the upload");
+    let mark = proxy.requests().len();
+    assert_ok(&s3.dsg(&a, &["sync"]), "sync after the kill");
+    assert_eq!(head_id(&s3, "p").as_deref(), Some("s2"));
+    let sent = parts_sent(&proxy, mark);
+    eprintln!("resumed after kill -9: {sent} of {BIG_PARTS} parts sent");
+    assert_eq!(sent, BIG_PARTS - 2);
+    assert!(unfinished(&s3, "p").is_empty());
+    assert_clone_has(&s3, &a, &big);
+}

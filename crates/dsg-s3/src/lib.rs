@@ -65,6 +65,35 @@ pub struct ObjectInfo {
     pub etag: String,
 }
 
+/// A part an unfinished multipart upload holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// 1-based.
+    pub number: u16,
+    pub size: u64,
+    /// As the server gives it (quoted).
+    pub etag: String,
+}
+
+impl Part {
+    /// Whether this stored part holds exactly `body`: same size, and an
+    /// ETag that is the plain MD5 of `body` (32 hex digits; an ETag of
+    /// another form, e.g. with a `-`, proves nothing and does not match).
+    pub fn holds(&self, body: &[u8]) -> bool {
+        use md5::Digest;
+        let tag = self.etag.trim_matches('"');
+        if self.size != body.len() as u64
+            || tag.len() != 32
+            || !tag.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return false;
+        }
+        let sum = md5::Md5::digest(body);
+        let hex: String = sum.iter().map(|b| format!("{b:02x}")).collect();
+        tag.eq_ignore_ascii_case(&hex)
+    }
+}
+
 /// One object-store repository location with its credentials and HTTP
 /// agent. `Sync`: threads share it.
 pub struct Store {
@@ -424,6 +453,65 @@ impl Store {
         Ok(out)
     }
 
+    /// The parts stored so far of an unfinished multipart upload, by
+    /// number; `None` when there is no such upload (aborted or completed).
+    /// A number sent twice may be listed twice (SeaweedFS keeps both until
+    /// the completion, which takes the one whose ETag it names).
+    pub fn multipart_parts(
+        &self,
+        name: &str,
+        upload_id: &str,
+    ) -> Result<Option<Vec<Part>>, S3Error> {
+        let key = self.key(name);
+        let mut out = Vec::new();
+        let mut marker: Option<u16> = None;
+        loop {
+            let mut action = self.bucket.list_parts(Some(&self.creds), &key, upload_id);
+            if let Some(m) = marker {
+                action.set_part_number_marker(m);
+            }
+            let url = action.sign(SIGN_FOR);
+            let r = self.send(&key, || self.http.get(url.as_str()).call())?;
+            match r.status {
+                200 => {}
+                404 => return Ok(None),
+                _ => return Err(self.failure(&key, r)),
+            }
+            let text = self.text(&key, r)?;
+            let bad = |message: String| S3Error::Protocol {
+                what: format!("listing the parts of the upload of {key}"),
+                message,
+            };
+            for p in text.split("<Part>").skip(1) {
+                let field = |t: &str| tag(p, t).map(|v| xml_unescape(v.trim()));
+                let (Some(n), Some(size), Some(etag)) =
+                    (field("PartNumber"), field("Size"), field("ETag"))
+                else {
+                    return Err(bad(format!(
+                        "a part without number, size or ETag: {p:.200}"
+                    )));
+                };
+                out.push(Part {
+                    number: n.parse().map_err(|_| bad(format!("part number {n:?}")))?,
+                    size: size
+                        .parse()
+                        .map_err(|_| bad(format!("part size {size:?}")))?,
+                    etag,
+                });
+            }
+            let truncated = tag(&text, "IsTruncated").is_some_and(|t| t.trim() == "true");
+            let next = tag(&text, "NextPartNumberMarker").and_then(|t| t.trim().parse().ok());
+            match (truncated, next) {
+                (false, _) => break,
+                // A marker that does not advance would page forever.
+                (true, Some(m)) if Some(m) != marker && m > 0 => marker = Some(m),
+                (true, _) => return Err(bad("a truncated list without a next marker".into())),
+            }
+        }
+        out.sort_by_key(|p| p.number);
+        Ok(Some(out))
+    }
+
     /// Checks that the server honours conditional writes, on a scratch key
     /// under `name` (removed after): a repository's commit relies on them.
     pub fn probe_conditional(&self, name: &str) -> Result<(), S3Error> {
@@ -587,12 +675,47 @@ fn tag<'a>(s: &'a str, name: &str) -> Option<&'a str> {
     Some(&s[start..end])
 }
 
+/// The five named entities and numeric references (`&#34;`, `&#x22;`:
+/// SeaweedFS quotes ETags so).
 fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(end) = tail.find(';').filter(|e| *e <= 10) else {
+            out.push('&');
+            rest = &tail[1..];
+            continue;
+        };
+        let name = &tail[1..end];
+        let c = match name {
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            "amp" => Some('&'),
+            _ => name
+                .strip_prefix("#x")
+                .or_else(|| name.strip_prefix("#X"))
+                .map(|h| u32::from_str_radix(h, 16))
+                .or_else(|| name.strip_prefix('#').map(str::parse::<u32>))
+                .and_then(Result::ok)
+                .and_then(char::from_u32),
+        };
+        match c {
+            Some(c) => {
+                out.push(c);
+                rest = &tail[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -604,6 +727,10 @@ mod tests {
         let x = "<Error><Code>SlowDown</Code><Message>a &amp; b</Message></Error>";
         assert_eq!(tag(x, "Code"), Some("SlowDown"));
         assert_eq!(xml_unescape(tag(x, "Message").unwrap()), "a & b");
+        assert_eq!(
+            xml_unescape("&#34;ab&#x22;&amp;lt;&bogus;&"),
+            "\"ab\"&lt;&bogus;&"
+        );
         assert_eq!(tag(x, "Key"), None);
     }
 

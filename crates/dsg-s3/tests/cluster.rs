@@ -145,6 +145,93 @@ fn lists_page_through_and_multipart_assembles_in_order() {
     cleanup(&s);
 }
 
+/// What a resumed upload relies on: the parts an unfinished upload holds,
+/// listed (paged) with sizes and ETags, each ETag the MD5 of its bytes; a
+/// completion takes the parts whose ETags it names (a part sent twice
+/// under one number: the one named) and refuses an ETag no part has; an
+/// aborted upload is gone.
+#[test]
+fn an_unfinished_uploads_parts_are_listed_with_their_md5() {
+    let Some(s) = store("parts") else { return };
+    const LEN: usize = 5 << 20;
+    let body = |n: u16, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u64 * 31 + n as u64 * 7) as u8)
+            .collect()
+    };
+    let id = s.multipart_create("big").unwrap();
+    let mut etags = Vec::new();
+    for n in 1..=3u16 {
+        etags.push(s.multipart_part("big", &id, n, &body(n, LEN)).unwrap());
+    }
+    let parts = s.multipart_parts("big", &id).unwrap().unwrap();
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    for (p, n) in parts.iter().zip(1..=3u16) {
+        assert_eq!((p.number, p.size), (n, LEN as u64));
+        assert_eq!(
+            p.etag.trim_matches('"'),
+            etags[n as usize - 1].trim_matches('"')
+        );
+        assert!(p.holds(&body(n, LEN)), "part {n}: {p:?}");
+        assert!(!p.holds(&body(n + 10, LEN)), "other bytes, same size");
+        assert!(!p.holds(&body(n, LEN - 1)), "a shorter body");
+    }
+    // Part 2 sent again with other bytes: listed (SeaweedFS may list the
+    // first one too, until completion).
+    let other = vec![9u8; LEN];
+    let e_other = s.multipart_part("big", &id, 2, &other).unwrap();
+    let parts = s.multipart_parts("big", &id).unwrap().unwrap();
+    assert!(
+        parts.iter().any(|p| p.number == 2 && p.holds(&other)),
+        "{parts:?}"
+    );
+    let wrong = "\"0123456789abcdef0123456789abcdef\"".to_string();
+    let e = s
+        .multipart_complete("big", &id, &[etags[0].clone(), wrong, etags[2].clone()])
+        .unwrap_err();
+    assert!(e.to_string().contains("InvalidPart"), "{e}");
+    s.multipart_complete("big", &id, &[etags[0].clone(), e_other, etags[2].clone()])
+        .unwrap();
+    let (got, _) = s.get("big").unwrap().unwrap();
+    assert!(got == [body(1, LEN), other, body(3, LEN)].concat());
+    assert_eq!(s.multipart_parts("big", &id).unwrap(), None, "completed");
+    // More parts than one page (1000) of the listing.
+    let many = s.multipart_create("many").unwrap();
+    std::thread::scope(|sc| {
+        for t in 0..8u16 {
+            let (s, many) = (&s, &many);
+            sc.spawn(move || {
+                for n in (1..=1010u16).filter(|n| n % 8 == t) {
+                    s.multipart_part("many", many, n, &n.to_le_bytes()).unwrap();
+                }
+            });
+        }
+    });
+    let parts = s.multipart_parts("many", &many).unwrap().unwrap();
+    let numbers: Vec<u16> = parts.iter().map(|p| p.number).collect();
+    assert_eq!(numbers, (1..=1010).collect::<Vec<u16>>());
+    assert!(parts.iter().all(|p| p.holds(&p.number.to_le_bytes())));
+    s.multipart_abort("many", &many).unwrap();
+    assert_eq!(s.multipart_parts("many", &many).unwrap(), None, "aborted");
+    cleanup(&s);
+}
+
+#[test]
+fn a_part_etag_not_a_plain_md5_proves_nothing() {
+    let md5_of_abc = "900150983cd24fb0d6963f7d28e17f72";
+    let part = |etag: &str, size| dsg_s3::Part {
+        number: 1,
+        size,
+        etag: etag.into(),
+    };
+    assert!(part(&format!("\"{md5_of_abc}\""), 3).holds(b"abc"));
+    assert!(part(md5_of_abc, 3).holds(b"abc"));
+    assert!(!part(md5_of_abc, 4).holds(b"abc"), "size");
+    assert!(!part(&format!("\"{md5_of_abc}-1\""), 3).holds(b"abc"));
+    assert!(!part("\"900150983cd24fb0d6963f7d28e17f7\"", 3).holds(b"abc"));
+    assert!(!part("\"zz0150983cd24fb0d6963f7d28e17f72\"", 3).holds(b"abc"));
+}
+
 #[test]
 fn bad_credentials_missing_buckets_and_dead_endpoints_are_named() {
     let Some(s) = store("errors") else { return };

@@ -101,6 +101,11 @@ pub enum Rule {
     },
     /// Every request gets `503 ServiceUnavailable` until the rule changes.
     Down,
+    /// The next `pass` matching requests are forwarded; every matching
+    /// request after them gets `503 ServiceUnavailable` until the rule
+    /// changes (the rest pass): a store that goes away mid-upload, e.g.
+    /// after two parts of a large file (`Filter::path("partNumber=")`).
+    DownAfter { pass: usize, filter: Filter },
     /// Until the rule changes, requests reach the server without their
     /// `If-Match` / `If-None-Match` headers: a server that ignores
     /// preconditions (dsg sends them unsigned, so the signature holds).
@@ -310,6 +315,16 @@ fn decide(shared: &Shared, method: &str, target: &str) -> (Action, Option<&'stat
         Rule::Pass => return (Action::Pass, None),
         Rule::Down => return (Action::Answer(UNAVAILABLE), Some("Down")),
         Rule::IgnorePreconditions => return (Action::Strip, Some("IgnorePreconditions")),
+        Rule::DownAfter { pass, filter } => {
+            if !filter.matches(method, target) {
+                return (Action::Pass, None);
+            }
+            if *pass > 0 {
+                *pass -= 1;
+                return (Action::Pass, None);
+            }
+            return (Action::Answer(UNAVAILABLE), Some("Down"));
+        }
         Rule::SlowDown { n, filter } => (Action::Answer(SLOW_DOWN), "SlowDown", n, filter),
         Rule::ServerError { n, filter } => (Action::Answer(INTERNAL), "InternalError", n, filter),
         Rule::CutRequest {

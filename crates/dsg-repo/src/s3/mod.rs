@@ -23,7 +23,7 @@
 //! Readers take no lock: a snapshot's objects never change, and `HEAD`
 //! names only complete snapshots.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use dsg_core::config::S3Location;
 use dsg_core::manifest::{archive_name, EntryKind, Manifest};
 use dsg_core::paths::{check_link_target, check_relpath};
-use dsg_s3::{Cond, Location, S3Error, Store};
+use dsg_s3::{Cond, Location, Part, S3Error, Store};
 use dsg_txn::failpoint::failpoint;
 use serde::{Deserialize, Serialize};
 
@@ -290,12 +290,13 @@ impl S3Repo {
         .hint("run the command again"))
     }
 
-    /// Whether a writer may have died here: a journal or an unfinished
-    /// upload is left, or the lease is held (live or not).
+    /// Whether a writer may have died here: a journal is left, or the
+    /// lease is held (live or not). An unfinished multipart upload alone is
+    /// no reason: it is invisible, kept on purpose for the next writer to
+    /// resume (or abort), and a read must neither destroy it nor take the
+    /// lease for it.
     fn needs_recovery(&self) -> Result<bool, AgentError> {
-        if !self.store.list("txs/").map_err(err)?.is_empty()
-            || !self.store.multipart_list("data/").map_err(err)?.is_empty()
-        {
+        if !self.store.list("txs/").map_err(err)?.is_empty() {
             return Ok(true);
         }
         let Some((bytes, _)) = self.store.get("lock").map_err(err)? else {
@@ -306,15 +307,19 @@ impl S3Repo {
 
     /// With the lease held: removes what transactions other than `ours`
     /// left (their journaled uploads that no snapshot references, their
-    /// unreferenced snapshot objects, unfinished multipart uploads).
-    fn clean_leftovers(&self, ours: &str, lease: &Lease) -> Result<(), AgentError> {
+    /// unreferenced snapshot objects). Unfinished multipart uploads of
+    /// contents are not aborted but returned, (key, upload id): a writer
+    /// resumes the ones it needs and aborts the rest before its commit
+    /// point (`S3Tx::offered`); a reader's recovery leaves them.
+    fn clean_leftovers(
+        &self,
+        ours: &str,
+        lease: &Lease,
+    ) -> Result<Vec<(String, String)>, AgentError> {
         let journals = self.store.list("txs/").map_err(err)?;
         let uploads = self.store.multipart_list("data/").map_err(err)?;
-        if journals.is_empty() && uploads.is_empty() {
-            return Ok(());
-        }
-        for (key, id) in uploads {
-            self.store.multipart_abort(&key, &id).map_err(err)?;
+        if journals.is_empty() {
+            return Ok(uploads);
         }
         let dead: Vec<&str> = journals
             .iter()
@@ -322,7 +327,7 @@ impl S3Repo {
             .filter(|t| *t != ours)
             .collect();
         if dead.is_empty() {
-            return Ok(());
+            return Ok(uploads);
         }
         let head = self.read_head()?.map(|(d, _)| d).unwrap_or_default();
         // Which contents some snapshot needs: only read when there is
@@ -368,7 +373,7 @@ impl S3Repo {
                 self.store.delete(key).map_err(err)?;
             }
         }
-        Ok(())
+        Ok(uploads)
     }
 }
 
@@ -385,6 +390,10 @@ struct S3Tx {
     /// Snapshot objects this transaction wrote (removed if it does not
     /// commit).
     written: Vec<String>,
+    /// Unfinished multipart uploads found at begin, by content key: offered
+    /// to `stage_large`; those it does not resume are aborted before the
+    /// commit point.
+    offered: HashMap<String, Vec<String>>,
 }
 
 impl S3Tx {
@@ -413,7 +422,10 @@ impl S3Repo {
         let lease = self
             .acquire(tx_id, user, true)?
             .expect("waited for the lease");
-        self.clean_leftovers(tx_id, &lease)?;
+        let mut offered: HashMap<String, Vec<String>> = HashMap::new();
+        for (key, id) in self.clean_leftovers(tx_id, &lease)? {
+            offered.entry(key).or_default().push(id);
+        }
         let head = self.read_head()?;
         let work = tempfile::Builder::new()
             .prefix("dsg-s3-")
@@ -485,11 +497,17 @@ impl S3Repo {
             up: Uploader::new(&self.store, tx_id),
             work,
             written: Vec::new(),
+            offered,
         })
     }
 
     /// A large file: parts uploaded as they are read (a few in flight),
     /// completed only once the whole file hashed as the manifest says.
+    /// An unfinished upload of the same key (same content) that an earlier
+    /// sync left is resumed: a part it holds with exactly the bytes read
+    /// here (size and MD5) is not sent again. Every byte is still read and
+    /// hashed here, and the completion names the verified parts' ETags, so
+    /// the object is these bytes whatever the upload held.
     fn stage_large(
         &mut self,
         key: &str,
@@ -501,30 +519,41 @@ impl S3Repo {
         let tx = self.tx()?;
         tx.up.flush()?;
         let exists = store.head(key).map_err(err)?.is_some();
-        if !exists {
-            tx.up.journal(&[key])?;
-        }
-        let upload = if exists {
-            None
+        let (upload, stored) = if exists {
+            (None, Vec::new())
         } else {
-            Some(store.multipart_create(key).map_err(err)?)
+            tx.up.journal(&[key])?;
+            match adopt(&store, key, &mut tx.offered)? {
+                Some((id, parts)) => (Some(id), parts),
+                None => (Some(store.multipart_create(key).map_err(err)?), Vec::new()),
+            }
         };
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let mut total = 0u64;
-        let read = std::thread::scope(|s| -> Result<Vec<String>, AgentError> {
-            let (send, recv) = std::sync::mpsc::sync_channel::<(u16, Vec<u8>)>(2);
-            let recv = Arc::new(Mutex::new(recv));
-            let etags = Arc::new(Mutex::new(Vec::<(u16, String)>::new()));
-            let failed = Arc::new(Mutex::new(None::<AgentError>));
+        let etags = Mutex::new(Vec::<(u16, String)>::new());
+        let reused = std::sync::atomic::AtomicUsize::new(0);
+        let (send, recv) = std::sync::mpsc::sync_channel::<(u16, Vec<u8>)>(2);
+        let recv = Mutex::new(recv);
+        let failed = Mutex::new(None::<AgentError>);
+        let read = std::thread::scope(|s| -> Result<(), AgentError> {
             let workers: Vec<_> = (0..4)
                 .map(|_| {
-                    let (recv, etags, failed, store, upload) =
-                        (recv.clone(), etags.clone(), failed.clone(), &store, &upload);
+                    let (recv, etags, failed, reused) = (&recv, &etags, &failed, &reused);
+                    let (store, upload, stored) = (&store, &upload, &stored);
                     s.spawn(move || loop {
                         let Ok((n, body)) = recv.lock().expect("parts").recv() else {
-                            return;
+                            return failed.lock().expect("part error").take();
                         };
                         let Some(id) = upload else { continue };
+                        // After a failure the rest is only read and hashed.
+                        if failed.lock().expect("part error").is_some() {
+                            continue;
+                        }
+                        if let Some(p) = stored.iter().find(|p| p.number == n && p.holds(&body)) {
+                            reused.fetch_add(1, Ordering::SeqCst);
+                            etags.lock().expect("etags").push((n, p.etag.clone()));
+                            continue;
+                        }
                         match store.multipart_part(key, id, n, &body) {
                             Ok(e) => etags.lock().expect("etags").push((n, e)),
                             Err(e) => {
@@ -555,45 +584,90 @@ impl S3Repo {
                 }
             };
             drop(send);
+            let mut first = None;
             for w in workers {
-                let _ = w.join();
+                if let Ok(Some(e)) = w.join() {
+                    first.get_or_insert(e);
+                }
             }
             outcome?;
-            if let Some(e) = failed.lock().expect("part error").take() {
-                return Err(e);
-            }
-            let mut parts = std::mem::take(&mut *etags.lock().expect("etags"));
-            parts.sort();
-            Ok(parts.into_iter().map(|(_, e)| e).collect())
+            first.map_or(Ok(()), Err)
         });
-        let verified = read.and_then(|etags| {
+        let verified = read.and_then(|()| {
             if total != size || h.digest() != hash {
                 return Err(AgentError::new(
                     ErrorKind::Verify,
                     format!("{key}: received {total} bytes hashing to {:016x}, not the {size} bytes hashing to {hash:016x} the client announced", h.digest()),
                 ));
             }
-            Ok(etags)
+            Ok(())
         });
-        match (verified, &upload) {
-            (Ok(etags), Some(id)) => {
-                failpoint("s3.stage.parts");
-                store.multipart_complete(key, id, &etags).map_err(err)?;
-                self.tx()?
-                    .up
-                    .created
-                    .lock()
-                    .expect("created")
-                    .push(key.into());
-                Ok(())
-            }
-            (Ok(_), None) => Ok(()),
-            (Err(e), Some(id)) => {
-                let _ = store.multipart_abort(key, id);
-                Err(e)
-            }
-            (Err(e), None) => Err(e),
+        let mut parts = etags.into_inner().expect("etags");
+        parts.sort();
+        let reused = reused.into_inner();
+        if reused > 0 {
+            tracing::info!(
+                "{key}: resumed an unfinished upload: {reused} of {} parts were stored already",
+                parts.len()
+            );
         }
+        let Some(id) = &upload else { return verified };
+        if let Err(e) = verified {
+            self.keep_or_abort(key, id, parts.len(), &e);
+            return Err(e);
+        }
+        failpoint("s3.stage.parts");
+        // Created from here on, for a rollback, even when the answer to the
+        // completion is lost.
+        self.tx()?
+            .up
+            .created
+            .lock()
+            .expect("created")
+            .push(key.into());
+        let etags: Vec<String> = parts.into_iter().map(|(_, e)| e).collect();
+        store.multipart_complete(key, id, &etags).map_err(err)
+    }
+
+    /// A large file's upload failed: kept for the next sync to resume when
+    /// the store or the connection failed with parts stored; aborted when
+    /// the bytes were wrong (or none is stored), by the lease holder only.
+    fn keep_or_abort(&self, key: &str, id: &str, stored: usize, e: &AgentError) {
+        if e.kind != ErrorKind::Verify && stored > 0 {
+            tracing::info!(
+                "{key}: keeping the unfinished upload ({stored} parts stored): the next sync resumes it"
+            );
+            return;
+        }
+        if self.tx.as_ref().is_some_and(|t| t.lease.confirm()) {
+            let _ = self.store.multipart_abort(key, id);
+        }
+    }
+
+    /// Aborts the unfinished uploads found at begin that no file of this
+    /// transaction resumed: invisible, but nothing may be left once a
+    /// writer went through.
+    fn abort_unadopted(&self, tx: &mut S3Tx) -> Result<(), AgentError> {
+        if tx.offered.is_empty() {
+            return Ok(());
+        }
+        if !tx.lease.confirm() {
+            return Err(AgentError::new(
+                ErrorKind::Busy,
+                "this sync lost the repository's lease (it was paused for longer than the lease and another writer took over); nothing was committed",
+            )
+            .hint("run the command again"));
+        }
+        for (key, ids) in tx.offered.drain() {
+            for id in ids {
+                if let Err(e) = self.store.multipart_abort(&key, &id) {
+                    tracing::warn!(
+                        "aborting an old unfinished upload of {key}: {e} (the next writer does)"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Undoes an open transaction: what it created goes, the lease is
@@ -628,6 +702,7 @@ impl S3Repo {
         tx.up.finish()?;
         let verified = verify_commit_at(&tx.check, c, &tx.base_path(), &tx.meta())?;
         drop(verified);
+        self.abort_unadopted(tx)?;
         // The new manifest's bytes: the upload, or for a delta the head the
         // check merged and wrote.
         let mut reader: Box<dyn Read + '_> = match &c.removed {
@@ -700,6 +775,41 @@ impl S3Repo {
         }
         Ok(())
     }
+}
+
+/// The unfinished upload of `key` to resume, and the parts it holds: of
+/// those `offered` for it, the one holding the most parts (the others stay
+/// offered, to be aborted). `None`: none holds a part.
+fn adopt(
+    store: &Store,
+    key: &str,
+    offered: &mut HashMap<String, Vec<String>>,
+) -> Result<Option<(String, Vec<Part>)>, AgentError> {
+    let Some(ids) = offered.remove(key) else {
+        return Ok(None);
+    };
+    let mut best: Option<(String, Vec<Part>)> = None;
+    let mut rest = Vec::new();
+    for id in ids {
+        // Gone meanwhile (aborted or completed by a writer that lost its
+        // lease): nothing to resume.
+        let Some(parts) = store.multipart_parts(key, &id).map_err(err)? else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(_, b)| parts.len() > b.len()) {
+            rest.extend(best.replace((id, parts)).map(|(i, _)| i));
+        } else {
+            rest.push(id);
+        }
+    }
+    // An upload without parts saves nothing: aborted with the rest.
+    if let Some((id, _)) = best.take_if(|(_, p)| p.is_empty()) {
+        rest.push(id);
+    }
+    if !rest.is_empty() {
+        offered.insert(key.to_string(), rest);
+    }
+    Ok(best)
 }
 
 fn moved() -> AgentError {
@@ -981,6 +1091,7 @@ impl Backend for S3Repo {
             other => other?,
         };
         if let Some(lease) = lease {
+            // Unfinished uploads stay: the next writer resumes them.
             let cleaned = self.clean_leftovers(&tx, &lease);
             drop(lease);
             cleaned?;
