@@ -737,3 +737,152 @@ fn a_large_upload_killed_mid_way_is_resumed_by_the_next_sync() {
     assert!(unfinished(&s3, "p").is_empty());
     assert_clone_has(&s3, &a, &big);
 }
+
+/// The `Range` requests (`(start, len)`) of the GETs of content objects
+/// among `seen`, and how many GETs of them had no range.
+fn data_gets(seen: &[s3_support::fault_proxy::Seen]) -> (Vec<(u64, u64)>, usize) {
+    let gets = seen
+        .iter()
+        .filter(|r| r.method == "GET" && r.target.contains("/data/"));
+    let (mut ranges, mut whole) = (Vec::new(), 0);
+    for r in gets {
+        match r.range.as_deref().and_then(|h| h.strip_prefix("bytes=")) {
+            Some(span) => {
+                let (a, b) = span.split_once('-').unwrap();
+                let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+                ranges.push((a, b - a + 1));
+            }
+            None => whole += 1,
+        }
+    }
+    (ranges, whole)
+}
+
+/// The range size of large downloads (`dsg_repo`'s s3 `download::RANGE`).
+const RANGE: u64 = 8 << 20;
+
+#[test]
+fn a_large_file_is_cloned_through_ranged_gets_byte_for_byte() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let size = (100 << 20) + 777;
+    let big = random_bytes(41, size);
+    let a = project(&s3, "a", &[("input/big.bin", &big), ("input/s", b"small")]);
+    assert_ok(&s3.init(&a, &proxy.endpoint(), "p"), "init");
+    let before = proxy.requests().len();
+    let b = s3.dir("b");
+    copy_project_config(&a, &b);
+    assert_ok(&s3.dsg(&b, &["clone"]), "clone");
+    assert!(std::fs::read(b.join("input/big.bin")).unwrap() == big);
+    assert_eq!(std::fs::read(b.join("input/s")).unwrap(), b"small");
+    let (mut ranges, whole) = data_gets(&proxy.requests()[before..]);
+    ranges.sort();
+    // The small file in one GET; the large one in ranges that tile it.
+    assert_eq!(whole, 1, "{ranges:?}");
+    let want: Vec<(u64, u64)> = (0..size as u64)
+        .step_by(RANGE as usize)
+        .map(|a| (a, RANGE.min(size as u64 - a)))
+        .collect();
+    assert_eq!(ranges, want);
+}
+
+#[test]
+fn a_cut_range_is_asked_again_for_its_rest_not_the_whole_object() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let size = (60 << 20) + 5;
+    let big = random_bytes(42, size);
+    let a = project(&s3, "a", &[("input/big.bin", &big)]);
+    assert_ok(&s3.init(&a, &proxy.endpoint(), "p"), "init");
+    for cuts in [1usize, 2] {
+        let before = proxy.requests().len();
+        proxy.set(Rule::CutResponse {
+            n: cuts,
+            after_bytes: 1 << 20,
+            filter: Filter {
+                method: Some("GET"),
+                path_contains: Some("/data/".into()),
+            },
+        });
+        let b = s3.dir(&format!("b{cuts}"));
+        copy_project_config(&a, &b);
+        assert_ok(&s3.dsg(&b, &["clone"]), "clone through cut ranges");
+        assert!(std::fs::read(b.join("input/big.bin")).unwrap() == big);
+        let seen = &proxy.requests()[before..];
+        let cut = seen.iter().filter(|r| r.fault == Some("CutResponse"));
+        assert_eq!(cut.count(), cuts);
+        let (ranges, whole) = data_gets(seen);
+        assert_eq!(whole, 0, "never the whole object: {ranges:?}");
+        let tiles = (size as u64).div_ceil(RANGE) as usize;
+        assert_eq!(ranges.len(), tiles + cuts, "one retry per cut: {ranges:?}");
+        assert!(ranges.iter().all(|(_, len)| *len <= RANGE), "{ranges:?}");
+        // Every tile once, and each retry asks for the rest of a tile only:
+        // from past the tile's start (what the cut answer delivered is
+        // kept) to the tile's end.
+        let tiles: Vec<(u64, u64)> = (0..size as u64)
+            .step_by(RANGE as usize)
+            .map(|a| (a, RANGE.min(size as u64 - a)))
+            .collect();
+        let (firsts, retries): (Vec<_>, Vec<_>) = ranges.iter().partition(|(a, _)| a % RANGE == 0);
+        let mut firsts: Vec<(u64, u64)> = firsts.into_iter().copied().collect();
+        firsts.sort();
+        assert_eq!(firsts, tiles, "{ranges:?}");
+        assert_eq!(retries.len(), cuts, "{ranges:?}");
+        for (a, len) in retries {
+            let tile = a - a % RANGE;
+            assert!(*a > tile, "{ranges:?}");
+            assert_eq!(a + len, (tile + RANGE).min(size as u64), "{ranges:?}");
+        }
+        proxy.set(Rule::Pass);
+    }
+}
+
+#[test]
+fn a_store_failing_every_download_fails_the_clone_and_leaves_no_partial_file() {
+    let Some(s3) = s3_or_skip() else { return };
+    let proxy = FaultProxy::start(s3.endpoint().trim_start_matches("http://"));
+    let big = random_bytes(43, (40 << 20) + 3);
+    let a = project(&s3, "a", &[("input/big.bin", &big)]);
+    assert_ok(&s3.init(&a, &proxy.endpoint(), "p"), "init");
+    proxy.set(Rule::ServerError {
+        n: 100_000,
+        filter: Filter {
+            method: Some("GET"),
+            path_contains: Some("/data/".into()),
+        },
+    });
+    let b = s3.dir("b");
+    copy_project_config(&a, &b);
+    let c = s3.cmd(&b, &["clone"], &[("DSG_S3_ATTEMPTS", "2")]);
+    let o = run_bounded(c, std::time::Duration::from_secs(300));
+    assert_exit(&o, 1, "clone from a store failing every GET");
+    assert!(
+        stderr(&o).contains("500"),
+        "the store's error: {}",
+        show(&o)
+    );
+    assert!(
+        proxy
+            .requests()
+            .iter()
+            .any(|r| r.fault == Some("InternalError")),
+        "the downloads were tried"
+    );
+    assert!(!b.join("input/big.bin").exists());
+    // No downloaded bytes anywhere in the tree, staging included.
+    let mut stack = vec![b.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                assert!(md.len() < 1 << 20, "{} left behind", e.path().display());
+            }
+        }
+    }
+    proxy.set(Rule::Pass);
+    assert_ok(&s3.dsg(&b, &["clone"]), "clone once the store is well");
+    assert!(std::fs::read(b.join("input/big.bin")).unwrap() == big);
+}

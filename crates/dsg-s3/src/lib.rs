@@ -118,6 +118,8 @@ struct Reply {
     status: u16,
     etag: Option<String>,
     size: Option<u64>,
+    /// `Content-Range` of a ranged GET's answer.
+    range: Option<String>,
     body: ureq::Body,
 }
 
@@ -548,6 +550,73 @@ impl Store {
         outcome
     }
 
+    /// Streams bytes `start..start + len` of the object into `out` (a
+    /// ranged GET); the object's whole size, or `None` when it does not
+    /// exist. The answer must be exactly that range: a server that ignores
+    /// `Range`, a different range, or a body cut short is an error (`Io`
+    /// for a cut: what came before it is in `out`, and the caller can ask
+    /// for the rest).
+    pub fn get_range(
+        &self,
+        name: &str,
+        start: u64,
+        len: u64,
+        out: &mut dyn Write,
+    ) -> Result<Option<u64>, S3Error> {
+        let key = self.key(name);
+        let what = format!("bytes {start}..{} of {key}", start + len);
+        if len == 0 {
+            return Err(S3Error::Protocol {
+                what,
+                message: "an empty range".into(),
+            });
+        }
+        let url = self
+            .bucket
+            .get_object(Some(&self.creds), &key)
+            .sign(SIGN_FOR);
+        // Unsigned, like the preconditions (query signing covers the host).
+        let range = format!("bytes={start}-{}", start + len - 1);
+        let r = self.send(&what, || {
+            self.http.get(url.as_str()).header("range", &range).call()
+        })?;
+        match r.status {
+            206 => {}
+            404 => return Ok(None),
+            416 => {
+                return Err(S3Error::Protocol {
+                    what,
+                    message: "the object is shorter than the range (416)".into(),
+                })
+            }
+            200 => {
+                return Err(S3Error::Protocol {
+                    what,
+                    message: "the server ignored the Range header (200)".into(),
+                })
+            }
+            _ => return Err(self.failure(&what, r)),
+        }
+        let total =
+            content_range(r.range.as_deref(), start, len).ok_or_else(|| S3Error::Protocol {
+                what: what.clone(),
+                message: format!("answered the range {:?}", r.range.as_deref().unwrap_or("")),
+            })?;
+        let io = |source| S3Error::Io {
+            what: format!("reading {what} from {}", self.loc.endpoint),
+            source,
+        };
+        let mut body = r.body.into_reader();
+        let n = std::io::copy(&mut (&mut body).take(len), out).map_err(io)?;
+        if n != len || r.size.is_some_and(|s| s != len) {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("got {n} of {len} bytes"),
+            )));
+        }
+        Ok(Some(total))
+    }
+
     fn text(&self, what: &str, r: Reply) -> Result<String, S3Error> {
         let mut s = String::new();
         r.body
@@ -601,6 +670,7 @@ impl Store {
                     };
                     let etag = header("etag");
                     let size = header("content-length").and_then(|s| s.parse().ok());
+                    let range = header("content-range");
                     let retry = matches!(status, 500 | 502 | 503 | 504);
                     if retry && !last {
                         tracing::debug!("{what}: {status} from {}; retrying", self.loc.endpoint);
@@ -613,6 +683,7 @@ impl Store {
                         status,
                         etag,
                         size,
+                        range,
                         body: resp.into_body(),
                     });
                 }
@@ -631,6 +702,16 @@ impl Store {
         }
         unreachable!("the last attempt returns")
     }
+}
+
+/// The object's size from a `Content-Range: bytes a-b/total` answering a
+/// request for `len` bytes at `start`; `None` unless it is that range.
+fn content_range(h: Option<&str>, start: u64, len: u64) -> Option<u64> {
+    let (span, total) = h?.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+    let total: u64 = total.parse().ok()?;
+    (a == start && b == start + len - 1 && b < total).then_some(total)
 }
 
 fn cond_header(cond: &Cond) -> (Option<&'static str>, String) {
@@ -732,6 +813,19 @@ mod tests {
             "\"ab\"&lt;&bogus;&"
         );
         assert_eq!(tag(x, "Key"), None);
+    }
+
+    #[test]
+    fn content_ranges_must_be_the_one_asked_for() {
+        let r = |h: &str| content_range(Some(h), 16, 8);
+        assert_eq!(r("bytes 16-23/100"), Some(100));
+        assert_eq!(r("bytes 16-23/24"), Some(24));
+        assert_eq!(r("bytes 16-23/23"), None, "past the end");
+        assert_eq!(r("bytes 0-23/100"), None, "another start");
+        assert_eq!(r("bytes 16-22/100"), None, "shorter");
+        assert_eq!(r("bytes 16-23/*"), None, "unknown size");
+        assert_eq!(r("16-23/100"), None);
+        assert_eq!(content_range(None, 16, 8), None);
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub struct Seen {
     /// The rule that acted on it: "SlowDown", "InternalError", "Down",
     /// "CutRequest", "CutResponse"; `None` when passed through.
     pub fault: Option<&'static str>,
+    /// The request's `Range` header (`bytes=a-b`), if any.
+    pub range: Option<String>,
 }
 
 struct Shared {
@@ -243,6 +245,7 @@ fn serve(id: u64, down: TcpStream, shared: &Shared) -> io::Result<()> {
                 target: req.word(1).to_string(),
                 status: None,
                 fault: None,
+                range: req.get("range").map(str::to_string),
             };
             let keep = exchange(&req, &mut c, shared, &mut seen);
             shared.seen.lock().unwrap().push(seen);

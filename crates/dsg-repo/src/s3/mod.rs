@@ -27,7 +27,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,10 +41,12 @@ use crate::backend::{AgentError, Backend, CommitData, Stored, Version};
 use crate::protocol::ErrorKind;
 use crate::repo::{verify_commit_at, OpenTx, StagedKind};
 
+mod download;
 mod lease;
 mod prune;
 mod upload;
 
+use download::Located;
 use lease::{now_secs, Lease, LockDoc, Taken};
 use upload::{Job, Uploader};
 
@@ -218,6 +219,35 @@ impl S3Repo {
         f.rewind()
             .map_err(|e| AgentError::io("a scratch file", e))?;
         Ok(Some((f, size)))
+    }
+
+    /// What `path` of the head snapshot (`read_lock`'s) is.
+    fn locate(&self, path: &str) -> Result<Located, AgentError> {
+        check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
+        let (_, m) = self
+            .index
+            .as_ref()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no snapshot open for reading"))?;
+        let e = m.get(path).ok_or_else(|| {
+            AgentError::new(
+                ErrorKind::NotFound,
+                format!("{path}: not in the repository"),
+            )
+        })?;
+        match &e.kind {
+            EntryKind::Link { target } => Ok(Located::Link(target.to_string())),
+            EntryKind::File {
+                size,
+                hash: Some(h),
+                ..
+            } => Ok(Located::Object {
+                key: data_key(h.0, *size),
+                size: *size,
+            }),
+            EntryKind::File { hash: None, .. } => {
+                Err(corrupt(path, "the manifest records no hash for it"))
+            }
+        }
     }
 
     fn acquire(&self, tx: &str, user: &str, wait: bool) -> Result<Option<Lease>, AgentError> {
@@ -550,7 +580,7 @@ impl S3Repo {
                             continue;
                         }
                         if let Some(p) = stored.iter().find(|p| p.number == n && p.holds(&body)) {
-                            reused.fetch_add(1, Ordering::SeqCst);
+                            reused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             etags.lock().expect("etags").push((n, p.etag.clone()));
                             continue;
                         }
@@ -961,90 +991,19 @@ impl Backend for S3Repo {
         Ok(())
     }
 
-    /// Several downloads in flight (the store's latency, not its bandwidth,
-    /// bounds a clone of many small files), handed on in order: at most
-    /// `WINDOW` ahead of the one being sent, each in an unlinked file.
+    /// Several downloads in flight, in order (`download::open_each`).
     fn open_each(
         &self,
         paths: Vec<String>,
         each: &mut dyn FnMut(String, Result<Stored, AgentError>) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
-        const WINDOW: usize = 64;
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let sent = std::sync::atomic::AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let paths = &paths;
-        std::thread::scope(|s| {
-            let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Stored, AgentError>)>();
-            for _ in 0..WORKERS.min(paths.len()) {
-                let (tx, next, sent, stop) = (tx.clone(), &next, &sent, &stop);
-                s.spawn(move || loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= paths.len() {
-                        return;
-                    }
-                    while i >= sent.load(Ordering::SeqCst) + WINDOW {
-                        if stop.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    if stop.load(Ordering::SeqCst) || tx.send((i, self.open(&paths[i]))).is_err() {
-                        return;
-                    }
-                });
-            }
-            drop(tx);
-            let mut ready = std::collections::BTreeMap::new();
-            let mut want = 0;
-            let result = (|| {
-                while want < paths.len() {
-                    let Ok((i, r)) = rx.recv() else { break };
-                    ready.insert(i, r);
-                    while let Some(r) = ready.remove(&want) {
-                        each(paths[want].clone(), r)?;
-                        want += 1;
-                        sent.store(want, Ordering::SeqCst);
-                    }
-                }
-                Ok(())
-            })();
-            stop.store(true, Ordering::SeqCst);
-            result
-        })
+        download::open_each(&self.store, paths, &|p| self.locate(p), each)
     }
 
     fn open(&self, path: &str) -> Result<Stored, AgentError> {
-        check_relpath(path).map_err(|e| AgentError::new(ErrorKind::Unsafe, e.to_string()))?;
-        let (entry_key, link) = {
-            let (_, m) = self.index.as_ref().ok_or_else(|| {
-                AgentError::new(ErrorKind::Protocol, "no snapshot open for reading")
-            })?;
-            let e = m.get(path).ok_or_else(|| {
-                AgentError::new(
-                    ErrorKind::NotFound,
-                    format!("{path}: not in the repository"),
-                )
-            })?;
-            match &e.kind {
-                EntryKind::Link { target } => (None, Some(target.to_string())),
-                EntryKind::File {
-                    size,
-                    hash: Some(h),
-                    ..
-                } => (Some(data_key(h.0, *size)), None),
-                EntryKind::File { hash: None, .. } => {
-                    return Err(corrupt(path, "the manifest records no hash for it"))
-                }
-            }
-        };
-        if let Some(target) = link {
-            return Ok(Stored::Link { target });
-        }
-        let key = entry_key.expect("a file");
-        match self.object_file(&key)? {
-            Some((file, size)) => Ok(Stored::File { file, size }),
-            None => Err(corrupt(&key, format!("missing (the contents of {path})"))),
+        match self.locate(path)? {
+            Located::Link(target) => Ok(Stored::Link { target }),
+            Located::Object { key, size } => download::open_object(&self.store, &key, size, path),
         }
     }
 
@@ -1194,9 +1153,7 @@ impl Version for S3Version {
                 ..
             } => {
                 let key = data_key(h.0, *size);
-                let mut f =
-                    tempfile::tempfile().map_err(|e| AgentError::io("a scratch file", e))?;
-                if self.store.get_to(&key, &mut f).map_err(err)?.is_none() {
+                let Some(f) = download::object_file(&self.store, &key, *size)? else {
                     let e = corrupt(&key, format!("missing (the contents of {path})"));
                     return Err(match &self.pruned {
                         Some(when) => {
@@ -1204,9 +1161,7 @@ impl Version for S3Version {
                         }
                         None => e,
                     });
-                }
-                f.rewind()
-                    .map_err(|e| AgentError::io("a scratch file", e))?;
+                };
                 Ok(Stored::File {
                     file: f,
                     size: *size,
