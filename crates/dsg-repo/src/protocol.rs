@@ -269,6 +269,23 @@ pub struct PruneReport {
     pub dry_run: bool,
 }
 
+impl PruneReport {
+    /// A report keeping `kept` (with `head`) that has removed nothing yet.
+    pub fn keeping(head: String, kept: &std::collections::BTreeSet<u64>, dry_run: bool) -> Self {
+        PruneReport {
+            head,
+            kept: kept.iter().map(|n| format!("s{n}")).collect(),
+            pruned: Vec::new(),
+            already_pruned: Vec::new(),
+            in_use: Vec::new(),
+            objects: 0,
+            bytes: 0,
+            zfs_snapshots: Vec::new(),
+            dry_run,
+        }
+    }
+}
+
 /// What a `Rehash` found: the manifest it checked against (its recorded
 /// hashes) and every path whose bytes differ from it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

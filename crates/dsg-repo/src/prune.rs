@@ -419,17 +419,7 @@ pub(crate) fn prune(repo: &mut Repository, policy: &Policy) -> Result<PruneRepor
     let rec = record(site, store)?;
     let kept = kept_by(policy, &known, head_n, now_secs());
     let id = |n: u64| format!("s{n}");
-    let mut report = PruneReport {
-        head: head_id.clone(),
-        kept: kept.iter().map(|n| id(*n)).collect(),
-        pruned: Vec::new(),
-        already_pruned: Vec::new(),
-        in_use: Vec::new(),
-        objects: 0,
-        bytes: 0,
-        zfs_snapshots: Vec::new(),
-        dry_run: policy.dry_run,
-    };
+    let mut report = PruneReport::keeping(head_id.clone(), &kept, policy.dry_run);
     let pruned_at = dsg_core::timefmt::now_la();
     let mut plan = PruneBegin {
         head: head_id.clone(),

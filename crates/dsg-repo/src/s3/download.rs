@@ -184,14 +184,7 @@ fn stream(store: &Arc<Store>, key: &str, size: u64) -> Result<File, AgentError> 
     // A larger pipe than the default 64 KiB: fewer switches between the
     // feeding thread and the reader (best effort; the usual limit for an
     // unprivileged user is 1 MiB).
-    // SAFETY: fcntl on a pipe descriptor this function owns.
-    unsafe {
-        libc::fcntl(
-            std::os::fd::AsRawFd::as_raw_fd(&w),
-            libc::F_SETPIPE_SZ,
-            1 << 20,
-        )
-    };
+    let _ = rustix::pipe::fcntl_setpipe_size(&w, 1 << 20);
     let (store, key) = (store.clone(), key.to_string());
     std::thread::Builder::new()
         .name("dsg-s3-ranges".into())

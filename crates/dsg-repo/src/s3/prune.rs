@@ -118,17 +118,7 @@ impl S3Repo {
         }
         let kept = kept_by(policy, &known, head_n, now_secs());
         let (mut rec, rec_etag) = self.pruned_record()?;
-        let mut report = PruneReport {
-            head: head.id.clone(),
-            kept: kept.iter().map(|n| format!("s{n}")).collect(),
-            pruned: Vec::new(),
-            already_pruned: Vec::new(),
-            in_use: Vec::new(),
-            objects: 0,
-            bytes: 0,
-            zfs_snapshots: Vec::new(),
-            dry_run: policy.dry_run,
-        };
+        let mut report = PruneReport::keeping(head.id.clone(), &kept, policy.dry_run);
         let mut newly: BTreeMap<String, PrunedSnapshot> = BTreeMap::new();
         let pruned_at = dsg_core::timefmt::now_la();
         for (n, k) in known.iter().filter(|(n, _)| !kept.contains(n)) {
