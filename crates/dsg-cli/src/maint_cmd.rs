@@ -187,9 +187,38 @@ pub struct ListReposCmd {
     /// The directory holding the repositories; default: default_project_path of your dsg.yml
     #[arg(long)]
     repo_path: Option<std::path::PathBuf>,
+    /// List the repositories in an object store instead (with --bucket)
+    #[arg(long, conflicts_with_all = ["host", "repo_path"], requires = "bucket")]
+    endpoint: Option<String>,
+    /// The bucket (with --endpoint)
+    #[arg(long, requires = "endpoint")]
+    bucket: Option<String>,
+    /// The key prefix the repositories are under (with --endpoint)
+    #[arg(long, requires = "endpoint")]
+    prefix: Option<String>,
+    /// The store's region (with --endpoint; default AWS_REGION, else us-east-1)
+    #[arg(long, requires = "endpoint")]
+    region: Option<String>,
 }
 
 pub fn cmd_list_repos(a: ListReposCmd, out: &Out) -> Result<(), EngineError> {
+    if let (Some(endpoint), Some(bucket)) = (a.endpoint, a.bucket) {
+        let loc = dsg_core::config::S3Location {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            bucket,
+            prefix: a.prefix.unwrap_or_default().trim_matches('/').to_string(),
+            region: a.region,
+        };
+        let repos = dsg_sync::repos::list_s3(&loc)?;
+        if out.json {
+            out.json_doc(&json!({"status": "ok", "command": "list-repos", "result": {
+                "endpoint": loc.endpoint, "bucket": loc.bucket, "prefix": loc.prefix,
+                "repositories": repos}}));
+            return Ok(());
+        }
+        let at = format!("s3://{}/{} at {}", loc.bucket, loc.prefix, loc.endpoint);
+        return print_repos(out, &at, &repos);
+    }
     let Some(loc) = dsg_sync::repos::location(a.host, a.repo_path)? else {
         if out.json {
             out.json_doc(&json!({"status": "ok", "command": "list-repos", "result": {
@@ -207,7 +236,12 @@ pub fn cmd_list_repos(a: ListReposCmd, out: &Out) -> Result<(), EngineError> {
             "host": loc.host, "path": path, "repositories": repos}}));
         return Ok(());
     }
-    out.line(&format!("dsg Repositories at {}:{path}", loc.host));
+    print_repos(out, &format!("{}:{path}", loc.host), &repos)
+}
+
+/// The table of `list-repos`.
+fn print_repos(out: &Out, at: &str, repos: &[dsg_repo::list::RepoInfo]) -> Result<(), EngineError> {
+    out.line(&format!("dsg Repositories at {at}"));
     if repos.is_empty() {
         out.line("No repositories found.");
         return Ok(());

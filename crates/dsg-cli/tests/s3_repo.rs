@@ -886,3 +886,96 @@ fn a_store_failing_every_download_fails_the_clone_and_leaves_no_partial_file() {
     assert_ok(&s3.dsg(&b, &["clone"]), "clone once the store is well");
     assert!(std::fs::read(b.join("input/big.bin")).unwrap() == big);
 }
+
+/// `list-repos --endpoint --bucket --prefix`: the repositories under the
+/// prefix (a folder without `HEAD` is none), each with its head snapshot,
+/// file count and size as its manifest records them; one whose `HEAD` is
+/// damaged is listed as an error beside the others; nothing is written.
+#[test]
+fn list_repos_lists_the_repositories_under_a_prefix() {
+    let Some(s3) = s3_or_skip() else { return };
+    let a = project(&s3, "a", &[("input/x.txt", b"xx"), ("input/y.txt", b"yyy")]);
+    assert_ok(&s3.init(&a, &s3.endpoint(), "alpha"), "init alpha");
+    write_file(&a, "input/z.txt", b"zzzz");
+    assert_ok(&s3.dsg(&a, &["sync"]), "sync alpha");
+    let b = project(&s3, "b", &[("input/only.txt", b"1")]);
+    assert_ok(&s3.init(&b, &s3.endpoint(), "beta"), "init beta");
+    // Neither a repository nor listed.
+    s3.store("notarepo")
+        .put("stray.txt", b"x", &dsg_s3::Cond::None)
+        .unwrap();
+    let endpoint = s3.endpoint();
+    let bucket = s3.cluster.bucket.clone();
+    let list = |json: bool| {
+        let mut args = vec![
+            "list-repos",
+            "--endpoint",
+            &endpoint,
+            "--bucket",
+            &bucket,
+            "--prefix",
+            &s3.prefix,
+        ];
+        if json {
+            args.push("--json");
+        }
+        let o = s3.dsg(&s3.dir("lister"), &args);
+        assert_ok(&o, "list-repos");
+        o
+    };
+    let before: Vec<_> = ["alpha", "beta", "notarepo"]
+        .iter()
+        .map(|n| s3.store(n).list("").unwrap())
+        .collect();
+    let v: serde_json::Value = serde_json::from_slice(&list(true).stdout).unwrap();
+    let repos = v["result"]["repositories"].as_array().unwrap();
+    let names: Vec<&str> = repos.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alpha", "beta"], "{v}");
+    let (alpha, beta) = (&repos[0], &repos[1]);
+    assert_eq!(alpha["type"], "s3");
+    assert_eq!(alpha["status"], "active");
+    assert_eq!(alpha["snapshot_id"], "s2");
+    assert_eq!(alpha["file_count"], 3);
+    assert_eq!(alpha["size"], 2 + 3 + 4);
+    assert_eq!(beta["snapshot_id"], "s1");
+    assert_eq!(beta["file_count"], 1);
+    let text = stdout(&list(false));
+    assert!(
+        text.contains(&format!("s3://{bucket}/{}", s3.prefix)) && text.contains("alpha"),
+        "{text}"
+    );
+    // A damaged HEAD: an error for that one, the other still listed.
+    s3.store("beta")
+        .put("HEAD", b"{not json", &dsg_s3::Cond::None)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&list(true).stdout).unwrap();
+    let repos = v["result"]["repositories"].as_array().unwrap();
+    assert_eq!(repos[0]["status"], "active");
+    assert_eq!(repos[1]["status"], "error", "{v}");
+    assert!(repos[1]["error"].as_str().unwrap().contains("HEAD"), "{v}");
+    let after: Vec<_> = ["alpha", "beta", "notarepo"]
+        .iter()
+        .map(|n| s3.store(n).list("").unwrap())
+        .collect();
+    assert_eq!(before[0], after[0], "alpha unchanged");
+    assert_eq!(before[2], after[2], "notarepo unchanged");
+    assert_eq!(
+        before[1].iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        after[1].iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        "beta: no object added or removed"
+    );
+    // Flags of the two kinds do not mix.
+    let o = s3.dsg(
+        &s3.dir("lister"),
+        &[
+            "list-repos",
+            "--endpoint",
+            &endpoint,
+            "--bucket",
+            &bucket,
+            "--host",
+            "h",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+}

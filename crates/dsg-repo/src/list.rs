@@ -109,7 +109,7 @@ fn read_head(child: &Path) -> Result<Option<Manifest>, String> {
         .map_err(|e| e.to_string())
 }
 
-fn info_of(name: &str, kind: &str, head: Result<Option<Manifest>, String>) -> RepoInfo {
+pub(crate) fn info_of(name: &str, kind: &str, head: Result<Option<Manifest>, String>) -> RepoInfo {
     let mut info = RepoInfo {
         name: name.into(),
         kind: kind.into(),

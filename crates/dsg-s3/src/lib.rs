@@ -94,6 +94,9 @@ impl Part {
     }
 }
 
+/// A listing: keys with sizes, and the common prefixes of a delimited one.
+type Listed = (Vec<(String, u64)>, Vec<String>);
+
 /// One object-store repository location with its credentials and HTTP
 /// agent. `Sync`: threads share it.
 pub struct Store {
@@ -292,22 +295,46 @@ impl Store {
     /// Every object under `<prefix>/<under>` (names relative to the
     /// repository prefix) with its size, in key order.
     pub fn list(&self, under: &str) -> Result<Vec<(String, u64)>, S3Error> {
+        Ok(self.list_with(under, None)?.0)
+    }
+
+    /// The "folders" directly under `under` (a prefix ending in '/', or
+    /// empty): the names between it and the next '/', sorted.
+    pub fn list_dirs(&self, under: &str) -> Result<Vec<String>, S3Error> {
+        let strip = self.key(under);
+        let dirs = self.list_with(under, Some("/"))?.1;
+        Ok(dirs
+            .into_iter()
+            .filter_map(|d| {
+                let name = d.strip_prefix(&strip)?.trim_end_matches('/');
+                (!name.is_empty()).then(|| name.to_string())
+            })
+            .collect())
+    }
+
+    /// Keys (relative, with sizes) under `under`, and with a `delimiter`
+    /// the common prefixes (full keys) it groups.
+    fn list_with(&self, under: &str, delimiter: Option<&str>) -> Result<Listed, S3Error> {
         let full = self.key(under);
         let strip = self.key("");
-        let mut out = Vec::new();
+        let (mut out, mut dirs) = (Vec::new(), Vec::new());
         let mut token: Option<String> = None;
         loop {
             let mut action = self.bucket.list_objects_v2(Some(&self.creds));
             action.with_prefix(full.as_str());
+            if let Some(d) = delimiter {
+                action.with_delimiter(d);
+            }
             if let Some(t) = &token {
                 action.with_continuation_token(t.as_str());
             }
             let url = action.sign(SIGN_FOR);
-            let r = self.send(&full, || self.http.get(url.as_str()).call())?;
+            let what = format!("listing {}/{full}", self.loc.bucket);
+            let r = self.send(&what, || self.http.get(url.as_str()).call())?;
             if r.status != 200 {
-                return Err(self.failure(&full, r));
+                return Err(self.failure(&what, r));
             }
-            let text = self.text(&full, r)?;
+            let text = self.text(&what, r)?;
             let page = rusty_s3::actions::ListObjectsV2::parse_response(&text).map_err(|e| {
                 S3Error::Protocol {
                     what: format!("listing {full}"),
@@ -318,12 +345,14 @@ impl Store {
                 let name = c.key.strip_prefix(&strip).unwrap_or(&c.key).to_string();
                 out.push((name, c.size.unwrap_or(0)));
             }
+            dirs.extend(page.common_prefixes.into_iter().map(|c| c.prefix));
             match page.next_continuation_token {
                 Some(t) if !t.is_empty() => token = Some(t),
                 _ => break,
             }
         }
-        Ok(out)
+        dirs.sort();
+        Ok((out, dirs))
     }
 
     /// Starts a multipart upload; its id.

@@ -92,3 +92,15 @@ pub fn list(loc: &Location) -> Result<Vec<RepoInfo>> {
     let _ = client.close();
     Ok(repos)
 }
+
+/// The repositories under an object store's bucket and prefix, sorted by
+/// name (read in this process: an object store has no agent).
+pub fn list_s3(loc: &dsg_core::config::S3Location) -> Result<Vec<RepoInfo>> {
+    dsg_repo::s3::list_repos(loc).map_err(|e| {
+        EngineError::from(dsg_repo::client::RepoError::Remote {
+            host: loc.endpoint.clone(),
+            repo: format!("s3://{}/{}", loc.bucket, loc.prefix),
+            err: e.to_remote(),
+        })
+    })
+}

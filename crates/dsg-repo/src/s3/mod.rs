@@ -43,10 +43,13 @@ use crate::repo::{verify_commit_at, OpenTx, StagedKind};
 
 mod download;
 mod lease;
+mod list;
 mod prune;
 mod tx;
 use tx::S3Tx;
 mod upload;
+
+pub use list::list_repos;
 
 use download::Located;
 use lease::{now_secs, Lease, LockDoc, Taken};
