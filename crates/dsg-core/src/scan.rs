@@ -389,12 +389,110 @@ pub fn to_local(
     user: &str,
     keep_stats: bool,
 ) -> (LocalManifest, Vec<Stat>) {
-    let mut local = LocalManifest::with_capacity(entries.len(), cache.len());
-    let stats = consume_scan(entries, cache.entries(), user, keep_stats, |slot, left| {
-        local.push_reversed(slot, left)
-    });
-    local.finish_reversed();
-    (local, stats)
+    let mut b = LocalBuilder::new(entries, user, keep_stats);
+    for (i, c) in cache.entries().iter().enumerate() {
+        b.cached(i, c);
+    }
+    b.finish(cache.len())
+}
+
+/// [`to_local`] with the cache given one entry at a time, in path order, as
+/// it is read: the scan is consumed alongside and its memory given back as
+/// it goes, so the scan and the cache are never both whole in memory.
+pub struct LocalBuilder {
+    /// The scan's entries not yet consumed, the next one last.
+    rest: Vec<LocalEntry>,
+    n: usize,
+    local: LocalManifest,
+    stats: Vec<Stat>,
+    keep_stats: bool,
+    me: Arc<str>,
+    /// Cache entries given so far.
+    seen: usize,
+}
+
+impl LocalBuilder {
+    /// Over a scan (sorted by path) by `user`; `keep_stats` keeps each
+    /// entry's stat (in L's order).
+    pub fn new(mut entries: Vec<LocalEntry>, user: &str, keep_stats: bool) -> LocalBuilder {
+        entries.reverse();
+        let n = entries.len();
+        LocalBuilder {
+            rest: entries,
+            n,
+            local: LocalManifest::with_capacity(n),
+            // Touched only as it fills (a large Vec is mmap'd).
+            stats: if keep_stats {
+                Vec::with_capacity(n)
+            } else {
+                Vec::new()
+            },
+            keep_stats,
+            me: user.into(),
+            seen: 0,
+        }
+    }
+
+    /// Whether any cache entry was given: a builder fed a cache that then
+    /// proved damaged has consumed part of the scan and cannot be reused.
+    pub fn started(&self) -> bool {
+        self.seen > 0
+    }
+
+    /// The scan back, sorted, when no cache entry was given yet.
+    pub fn into_scan(self) -> Option<Vec<LocalEntry>> {
+        if self.started() {
+            return None;
+        }
+        let mut entries = self.rest;
+        entries.reverse();
+        Some(entries)
+    }
+
+    /// The cache's entry at index `i`; entries come in increasing path
+    /// order, `i` counting from 0.
+    pub fn cached(&mut self, i: usize, c: &Entry) {
+        debug_assert_eq!(i, self.seen);
+        self.seen += 1;
+        while let Some(e) = self.pop_if(|p| p.as_bytes() < c.path.as_bytes()) {
+            self.push(e, None);
+        }
+        if let Some(e) = self.pop_if(|p| p == &*c.path) {
+            self.push(e, Some((i, c)));
+        }
+    }
+
+    /// L and the stats, once every cache entry was given (`cache_len` of them).
+    pub fn finish(mut self, cache_len: usize) -> (LocalManifest, Vec<Stat>) {
+        assert_eq!(self.seen, cache_len, "every cache entry was given");
+        while let Some(e) = self.pop_if(|_| true) {
+            self.push(e, None);
+        }
+        self.local.finish(cache_len);
+        (self.local, self.stats)
+    }
+
+    /// The next scanned entry, when its path passes `take`; the scan's
+    /// memory is given back in steps as it empties.
+    fn pop_if(&mut self, take: impl FnOnce(&str) -> bool) -> Option<LocalEntry> {
+        if !take(&self.rest.last()?.path) {
+            return None;
+        }
+        let e = self.rest.pop()?;
+        let step = growth_step(self.n);
+        if self.rest.len().is_multiple_of(step) && self.rest.capacity() > self.rest.len() + step {
+            self.rest.shrink_to_fit();
+        }
+        Some(e)
+    }
+
+    fn push<'c>(&mut self, e: LocalEntry, c: Option<(usize, &'c Entry)>) {
+        if self.keep_stats {
+            self.stats.push(e.stat);
+        }
+        let left = self.rest.len();
+        self.local.push(local_slot(e, c, &self.me), left);
+    }
 }
 
 fn growth_step(n: usize) -> usize {
