@@ -35,7 +35,7 @@ mod walk;
 use local::Slot;
 pub use local::{LocalManifest, LocalView};
 pub use stat_cache::{
-    listing_entries, ChildKind, DirListing, DirRec, KnownFile, StatCache, StatCursor, StatRec,
+    listing_entries, ChildKind, DirListing, DirRec, KnownFile, StatCache, StatRec,
 };
 
 /// What a scan records per tracked path.
@@ -222,33 +222,51 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
 fn reuse_cached_hashes(entries: &mut [LocalEntry], cache: &StatCache) -> (Vec<usize>, bool) {
     let mut need: Vec<usize> = Vec::new();
     let mut dirty = cache.is_empty() && !entries.is_empty();
-    let mut cached_files = 0usize;
-    // Both are sorted by path: walk the cache alongside.
-    let mut recs = cache.records().peekable();
-    for (i, e) in entries.iter_mut().enumerate() {
+    // Both are sorted by path: walk the scan alongside the cache's records
+    // (read from the file again, one piece at a time).
+    let mut i = 0;
+    let mut check = |e: &mut LocalEntry, i: usize, rec: Option<&StatRec<'_>>| {
         let LocalKind::File { hash, .. } = &mut e.kind else {
-            continue;
+            return;
         };
-        cached_files += 1;
-        while recs
-            .peek()
-            .is_some_and(|r| r.path.as_bytes() < e.path.as_bytes())
-        {
-            recs.next();
-        }
-        match recs.peek().filter(|r| r.path == &*e.path) {
+        match rec {
             Some(r) if r.stat == e.stat && e.stat.mtime_ns < cache.made_ns - RACY_WINDOW_NS => {
                 *hash = r.hash;
             }
-            // Racy (unchanged stat but too recent to trust) or changed:
-            // hash, and rewrite the cache so the entry is trusted next time.
+            // Racy (unchanged stat but too recent to trust), changed or
+            // new: hash, and rewrite the cache so the entry is trusted
+            // next time.
             _ => {
                 need.push(i);
                 dirty = true;
             }
         }
+    };
+    let read = cache.each_record(|r| {
+        while i < entries.len() && entries[i].path.as_bytes() < r.path.as_bytes() {
+            check(&mut entries[i], i, None);
+            i += 1;
+        }
+        if i < entries.len() && &*entries[i].path == r.path {
+            check(&mut entries[i], i, Some(&r));
+            i += 1;
+        }
+    });
+    for (k, e) in entries.iter_mut().enumerate().skip(i) {
+        check(e, k, None);
     }
-    if cached_files != cache.len() {
+    if !read {
+        tracing::warn!("the stat cache changed while it was read; rehashing");
+        need = (0..entries.len())
+            .filter(|&k| matches!(entries[k].kind, LocalKind::File { .. }))
+            .collect();
+        dirty = true;
+    }
+    let files = entries
+        .iter()
+        .filter(|e| matches!(e.kind, LocalKind::File { .. }))
+        .count();
+    if files != cache.len() {
         dirty = true;
     }
     (need, dirty)

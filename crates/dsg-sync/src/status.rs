@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use dsg_core::manifest::Manifest;
 use dsg_core::scan::{
-    to_local, KnownFile, LocalBuilder, LocalManifest, LocalView, Problem, ScanResult, Stat, StatCache,
+    to_local, KnownFile, LocalBuilder, LocalManifest, LocalView, Problem, ScanResult, Stat,
+    StatCache,
 };
 use dsg_core::state::{classify_iter, Action, State};
 use dsg_repo::backend::Blob;
@@ -317,11 +318,8 @@ pub fn compare(
             (cache, local, stats)
         }
         Some(h) => {
-            let mut b = LocalBuilder::new(
-                std::mem::take(&mut scan.entries),
-                user,
-                keep_stats(&scan),
-            );
+            let mut b =
+                LocalBuilder::new(std::mem::take(&mut scan.entries), user, keep_stats(&scan));
             match project.read_cache_copy(h, |i, e| b.cached(i, e)) {
                 Some(cache) => {
                     let (local, stats) = b.finish(cache.len());
