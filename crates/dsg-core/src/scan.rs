@@ -1006,6 +1006,82 @@ mod tests {
     }
 
     #[test]
+    fn l_built_as_the_binary_copy_is_read_is_to_local_and_a_damaged_copy_is_noticed() {
+        let (scan, mut cache) = scan_and_cache();
+        cache.metadata = None;
+        let (want, want_stats) = to_local(scan.clone(), &cache, "me@example.org", true);
+        let bytes = crate::manifest::binary::encode(&cache, 7);
+        let mut b = LocalBuilder::new(scan.clone(), "me@example.org", true);
+        let got = crate::manifest::binary::decode_each(&bytes[..], 7, |i, e| b.cached(i, e))
+            .expect("an intact copy");
+        assert_eq!(got, cache);
+        let (local, stats) = b.finish(got.len());
+        assert_eq!(local.to_manifest(&got), want.to_manifest(&cache));
+        assert_eq!(stats, want_stats);
+        // Another tag: refused before any entry, the scan comes back whole.
+        let mut b = LocalBuilder::new(scan.clone(), "me@example.org", true);
+        assert!(
+            crate::manifest::binary::decode_each(&bytes[..], 8, |i, e| b.cached(i, e)).is_none()
+        );
+        assert_eq!(b.into_scan(), Some(scan.clone()));
+        // Damaged near its end: entries were given, and the copy refused.
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - 12] ^= 1;
+        let mut b = LocalBuilder::new(scan, "me@example.org", true);
+        assert!(crate::manifest::binary::decode_each(&bad[..], 7, |i, e| b.cached(i, e)).is_none());
+        assert!(b.started());
+        assert!(b.into_scan().is_none());
+    }
+
+    #[test]
+    fn a_stat_cache_file_changed_after_loading_rehashes_every_file() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for (p, c) in [
+            ("input/a", "aaaa"),
+            ("input/b", "bbbb"),
+            ("input/c", "cccc"),
+        ] {
+            fs::create_dir_all(r.join(p).parent().unwrap()).unwrap();
+            fs::write(r.join(p), c).unwrap();
+        }
+        let first = scan(r, &rules(), StatCache::default(), &Progress::default());
+        let file = r.join("stat-cache");
+        // Made long after: every record is trusted.
+        fs::write(
+            &file,
+            StatCache::encode(
+                i64::MAX / 2,
+                StatCache::records_of(&first.entries),
+                &first.dirs,
+            ),
+        )
+        .unwrap();
+        let cache = StatCache::load(&file);
+        assert_eq!(cache.len(), 3);
+        let again = scan(r, &rules(), cache, &Progress::default());
+        assert_eq!(again.hashed_files, 0, "the records are read from the file");
+        assert_eq!(paths_and_hashes(&again), paths_and_hashes(&first));
+        // The hash of input/b's record, changed in place once loaded.
+        let cache = StatCache::load(&file);
+        let mut bytes = fs::read(&file).unwrap();
+        let at = bytes.windows(7).position(|w| w == b"input/b").unwrap() + 7 + 32;
+        bytes[at] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        let res = scan(r, &rules(), cache, &Progress::default());
+        assert_eq!(
+            res.hashed_files, 3,
+            "nothing read from the changed file is trusted"
+        );
+        assert!(res.cache_dirty);
+        assert_eq!(paths_and_hashes(&res), paths_and_hashes(&first));
+        // Loaded as it is now, it is refused whole (its checksum).
+        let cache = StatCache::load(&file);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
     #[should_panic(expected = "built against")]
     fn a_local_view_over_another_cache_is_refused() {
         let (scan, cache) = scan_and_cache();
