@@ -504,7 +504,7 @@ impl LocalBuilder {
         Some(e)
     }
 
-    fn push<'c>(&mut self, e: LocalEntry, c: Option<(usize, &'c Entry)>) {
+    fn push(&mut self, e: LocalEntry, c: Option<(usize, &Entry)>) {
         if self.keep_stats {
             self.stats.push(e.stat);
         }
