@@ -1958,6 +1958,20 @@ pub mod binary {
 
     /// Decodes from a reader (a file), checking the trailing checksum.
     pub fn decode_from(reader: impl std::io::Read, tag: u64) -> Option<Manifest> {
+        decode_each(reader, tag, |_, _| {})
+    }
+
+    /// `decode_from` that gives each entry to `each` (with its index) as
+    /// soon as it is read, in path order, so a caller can consume another
+    /// path-ordered sequence alongside. `each` sees entries of a copy that
+    /// may still turn out damaged (the checksum is checked at the end):
+    /// when this returns `None`, what `each` made of them is to be thrown
+    /// away. Nothing is given when the header is wrong (another tag).
+    pub fn decode_each(
+        reader: impl std::io::Read,
+        tag: u64,
+        mut each: impl FnMut(usize, &Entry),
+    ) -> Option<Manifest> {
         let mut r = R::new(reader);
         if r.take(8)? != MAGIC {
             return None;
@@ -1989,13 +2003,14 @@ pub mod binary {
             let path: Box<str> = r.str()?.into();
             let user = users.get(r.u32()? as usize)?.clone();
             let kind = get_kind(&mut r)?;
+            if entries
+                .last()
+                .is_some_and(|l: &Entry| l.path.as_bytes() >= path.as_bytes())
+            {
+                return None;
+            }
             entries.push(Entry { path, user, kind });
-        }
-        if !entries
-            .windows(2)
-            .all(|w| w[0].path.as_bytes() < w[1].path.as_bytes())
-        {
-            return None;
+            each(entries.len() - 1, &entries[entries.len() - 1]);
         }
         let digest = r.digest();
         let mut sum = [0u8; 8];

@@ -35,7 +35,7 @@ mod walk;
 use local::Slot;
 pub use local::{LocalManifest, LocalView};
 pub use stat_cache::{
-    listing_entries, ChildKind, DirListing, DirRec, KnownFile, StatCache, StatCursor, StatRec,
+    listing_entries, ChildKind, DirListing, DirRec, KnownFile, StatCache, StatRec,
 };
 
 /// What a scan records per tracked path.
@@ -222,33 +222,51 @@ pub fn scan(root: &Path, rules: &Rules, cache: StatCache, progress: &Progress) -
 fn reuse_cached_hashes(entries: &mut [LocalEntry], cache: &StatCache) -> (Vec<usize>, bool) {
     let mut need: Vec<usize> = Vec::new();
     let mut dirty = cache.is_empty() && !entries.is_empty();
-    let mut cached_files = 0usize;
-    // Both are sorted by path: walk the cache alongside.
-    let mut recs = cache.records().peekable();
-    for (i, e) in entries.iter_mut().enumerate() {
+    // Both are sorted by path: walk the scan alongside the cache's records
+    // (read from the file again, one piece at a time).
+    let mut i = 0;
+    let mut check = |e: &mut LocalEntry, i: usize, rec: Option<&StatRec<'_>>| {
         let LocalKind::File { hash, .. } = &mut e.kind else {
-            continue;
+            return;
         };
-        cached_files += 1;
-        while recs
-            .peek()
-            .is_some_and(|r| r.path.as_bytes() < e.path.as_bytes())
-        {
-            recs.next();
-        }
-        match recs.peek().filter(|r| r.path == &*e.path) {
+        match rec {
             Some(r) if r.stat == e.stat && e.stat.mtime_ns < cache.made_ns - RACY_WINDOW_NS => {
                 *hash = r.hash;
             }
-            // Racy (unchanged stat but too recent to trust) or changed:
-            // hash, and rewrite the cache so the entry is trusted next time.
+            // Racy (unchanged stat but too recent to trust), changed or
+            // new: hash, and rewrite the cache so the entry is trusted
+            // next time.
             _ => {
                 need.push(i);
                 dirty = true;
             }
         }
+    };
+    let read = cache.each_record(|r| {
+        while i < entries.len() && entries[i].path.as_bytes() < r.path.as_bytes() {
+            check(&mut entries[i], i, None);
+            i += 1;
+        }
+        if i < entries.len() && &*entries[i].path == r.path {
+            check(&mut entries[i], i, Some(&r));
+            i += 1;
+        }
+    });
+    for (k, e) in entries.iter_mut().enumerate().skip(i) {
+        check(e, k, None);
     }
-    if cached_files != cache.len() {
+    if !read {
+        tracing::warn!("the stat cache changed while it was read; rehashing");
+        need = (0..entries.len())
+            .filter(|&k| matches!(entries[k].kind, LocalKind::File { .. }))
+            .collect();
+        dirty = true;
+    }
+    let files = entries
+        .iter()
+        .filter(|e| matches!(e.kind, LocalKind::File { .. }))
+        .count();
+    if files != cache.len() {
         dirty = true;
     }
     (need, dirty)
@@ -389,12 +407,110 @@ pub fn to_local(
     user: &str,
     keep_stats: bool,
 ) -> (LocalManifest, Vec<Stat>) {
-    let mut local = LocalManifest::with_capacity(entries.len(), cache.len());
-    let stats = consume_scan(entries, cache.entries(), user, keep_stats, |slot, left| {
-        local.push_reversed(slot, left)
-    });
-    local.finish_reversed();
-    (local, stats)
+    let mut b = LocalBuilder::new(entries, user, keep_stats);
+    for (i, c) in cache.entries().iter().enumerate() {
+        b.cached(i, c);
+    }
+    b.finish(cache.len())
+}
+
+/// [`to_local`] with the cache given one entry at a time, in path order, as
+/// it is read: the scan is consumed alongside and its memory given back as
+/// it goes, so the scan and the cache are never both whole in memory.
+pub struct LocalBuilder {
+    /// The scan's entries not yet consumed, the next one last.
+    rest: Vec<LocalEntry>,
+    n: usize,
+    local: LocalManifest,
+    stats: Vec<Stat>,
+    keep_stats: bool,
+    me: Arc<str>,
+    /// Cache entries given so far.
+    seen: usize,
+}
+
+impl LocalBuilder {
+    /// Over a scan (sorted by path) by `user`; `keep_stats` keeps each
+    /// entry's stat (in L's order).
+    pub fn new(mut entries: Vec<LocalEntry>, user: &str, keep_stats: bool) -> LocalBuilder {
+        entries.reverse();
+        let n = entries.len();
+        LocalBuilder {
+            rest: entries,
+            n,
+            local: LocalManifest::with_capacity(n),
+            // Touched only as it fills (a large Vec is mmap'd).
+            stats: if keep_stats {
+                Vec::with_capacity(n)
+            } else {
+                Vec::new()
+            },
+            keep_stats,
+            me: user.into(),
+            seen: 0,
+        }
+    }
+
+    /// Whether any cache entry was given: a builder fed a cache that then
+    /// proved damaged has consumed part of the scan and cannot be reused.
+    pub fn started(&self) -> bool {
+        self.seen > 0
+    }
+
+    /// The scan back, sorted, when no cache entry was given yet.
+    pub fn into_scan(self) -> Option<Vec<LocalEntry>> {
+        if self.started() {
+            return None;
+        }
+        let mut entries = self.rest;
+        entries.reverse();
+        Some(entries)
+    }
+
+    /// The cache's entry at index `i`; entries come in increasing path
+    /// order, `i` counting from 0.
+    pub fn cached(&mut self, i: usize, c: &Entry) {
+        debug_assert_eq!(i, self.seen);
+        self.seen += 1;
+        while let Some(e) = self.pop_if(|p| p.as_bytes() < c.path.as_bytes()) {
+            self.push(e, None);
+        }
+        if let Some(e) = self.pop_if(|p| p == &*c.path) {
+            self.push(e, Some((i, c)));
+        }
+    }
+
+    /// L and the stats, once every cache entry was given (`cache_len` of them).
+    pub fn finish(mut self, cache_len: usize) -> (LocalManifest, Vec<Stat>) {
+        assert_eq!(self.seen, cache_len, "every cache entry was given");
+        while let Some(e) = self.pop_if(|_| true) {
+            self.push(e, None);
+        }
+        self.local.finish(cache_len);
+        (self.local, self.stats)
+    }
+
+    /// The next scanned entry, when its path passes `take`; the scan's
+    /// memory is given back in steps as it empties.
+    fn pop_if(&mut self, take: impl FnOnce(&str) -> bool) -> Option<LocalEntry> {
+        if !take(&self.rest.last()?.path) {
+            return None;
+        }
+        let e = self.rest.pop()?;
+        let step = growth_step(self.n);
+        if self.rest.len().is_multiple_of(step) && self.rest.capacity() > self.rest.len() + step {
+            self.rest.shrink_to_fit();
+        }
+        Some(e)
+    }
+
+    fn push(&mut self, e: LocalEntry, c: Option<(usize, &Entry)>) {
+        if self.keep_stats {
+            self.stats.push(e.stat);
+        }
+        let left = self.rest.len();
+        self.local.push(local_slot(e, c, &self.me), left);
+    }
 }
 
 fn growth_step(n: usize) -> usize {
@@ -887,6 +1003,82 @@ mod tests {
             let (local, _) = to_local(scan(edit), &cache, "me@example.org", false);
             assert_eq!(local.to_manifest(&cache), want, "every {edit}th changed");
         }
+    }
+
+    #[test]
+    fn l_built_as_the_binary_copy_is_read_is_to_local_and_a_damaged_copy_is_noticed() {
+        let (scan, mut cache) = scan_and_cache();
+        cache.metadata = None;
+        let (want, want_stats) = to_local(scan.clone(), &cache, "me@example.org", true);
+        let bytes = crate::manifest::binary::encode(&cache, 7);
+        let mut b = LocalBuilder::new(scan.clone(), "me@example.org", true);
+        let got = crate::manifest::binary::decode_each(&bytes[..], 7, |i, e| b.cached(i, e))
+            .expect("an intact copy");
+        assert_eq!(got, cache);
+        let (local, stats) = b.finish(got.len());
+        assert_eq!(local.to_manifest(&got), want.to_manifest(&cache));
+        assert_eq!(stats, want_stats);
+        // Another tag: refused before any entry, the scan comes back whole.
+        let mut b = LocalBuilder::new(scan.clone(), "me@example.org", true);
+        assert!(
+            crate::manifest::binary::decode_each(&bytes[..], 8, |i, e| b.cached(i, e)).is_none()
+        );
+        assert_eq!(b.into_scan(), Some(scan.clone()));
+        // Damaged near its end: entries were given, and the copy refused.
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - 12] ^= 1;
+        let mut b = LocalBuilder::new(scan, "me@example.org", true);
+        assert!(crate::manifest::binary::decode_each(&bad[..], 7, |i, e| b.cached(i, e)).is_none());
+        assert!(b.started());
+        assert!(b.into_scan().is_none());
+    }
+
+    #[test]
+    fn a_stat_cache_file_changed_after_loading_rehashes_every_file() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for (p, c) in [
+            ("input/a", "aaaa"),
+            ("input/b", "bbbb"),
+            ("input/c", "cccc"),
+        ] {
+            fs::create_dir_all(r.join(p).parent().unwrap()).unwrap();
+            fs::write(r.join(p), c).unwrap();
+        }
+        let first = scan(r, &rules(), StatCache::default(), &Progress::default());
+        let file = r.join("stat-cache");
+        // Made long after: every record is trusted.
+        fs::write(
+            &file,
+            StatCache::encode(
+                i64::MAX / 2,
+                StatCache::records_of(&first.entries),
+                &first.dirs,
+            ),
+        )
+        .unwrap();
+        let cache = StatCache::load(&file);
+        assert_eq!(cache.len(), 3);
+        let again = scan(r, &rules(), cache, &Progress::default());
+        assert_eq!(again.hashed_files, 0, "the records are read from the file");
+        assert_eq!(paths_and_hashes(&again), paths_and_hashes(&first));
+        // The hash of input/b's record, changed in place once loaded.
+        let cache = StatCache::load(&file);
+        let mut bytes = fs::read(&file).unwrap();
+        let at = bytes.windows(7).position(|w| w == b"input/b").unwrap() + 7 + 32;
+        bytes[at] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        let res = scan(r, &rules(), cache, &Progress::default());
+        assert_eq!(
+            res.hashed_files, 3,
+            "nothing read from the changed file is trusted"
+        );
+        assert!(res.cache_dirty);
+        assert_eq!(paths_and_hashes(&res), paths_and_hashes(&first));
+        // Loaded as it is now, it is refused whole (its checksum).
+        let cache = StatCache::load(&file);
+        assert!(cache.is_empty());
     }
 
     #[test]

@@ -88,12 +88,30 @@ impl Project {
     /// copy when that is current (it was verified when made), else by
     /// parsing and verifying the JSON.
     pub fn load_cache_tagged(&self, h: u64, save_binary: bool) -> Result<Manifest> {
-        if let Ok(f) = std::fs::File::open(self.manifest_cache_path()) {
-            let r = std::io::BufReader::with_capacity(1 << 16, f);
-            if let Some(m) = dsg_core::manifest::binary::decode_from(r, h) {
-                return Ok(m);
-            }
+        match self.read_cache_copy(h, |_, _| {}) {
+            Some(m) => Ok(m),
+            None => self.load_cache_json(h, save_binary),
         }
+    }
+
+    /// The cache manifest from its binary copy, `None` when that is
+    /// missing, damaged or of another file than the one hashing to `h`.
+    /// Each entry goes to `each` as it is read (see
+    /// [`dsg_core::manifest::binary::decode_each`]: on `None`, what `each`
+    /// made of them is to be thrown away).
+    pub fn read_cache_copy(
+        &self,
+        h: u64,
+        each: impl FnMut(usize, &dsg_core::manifest::Entry),
+    ) -> Option<Manifest> {
+        let f = std::fs::File::open(self.manifest_cache_path()).ok()?;
+        let r = std::io::BufReader::with_capacity(1 << 16, f);
+        dsg_core::manifest::binary::decode_each(r, h, each)
+    }
+
+    /// The cache manifest from its JSON, which must hash to `h`; verified,
+    /// and saved as the binary copy when `save_binary`.
+    pub fn load_cache_json(&self, h: u64, save_binary: bool) -> Result<Manifest> {
         let p = self.cache_path();
         let bytes = std::fs::read(&p).map_err(|e| EngineError::io(&p, e))?;
         if dsg_core::hash::Hash::of_bytes(&bytes).0 != h {

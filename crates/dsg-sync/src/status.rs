@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use dsg_core::manifest::Manifest;
 use dsg_core::scan::{
-    to_local, KnownFile, LocalManifest, LocalView, Problem, ScanResult, Stat, StatCache,
+    to_local, KnownFile, LocalBuilder, LocalManifest, LocalView, Problem, ScanResult, Stat,
+    StatCache,
 };
 use dsg_core::state::{classify_iter, Action, State};
 use dsg_repo::backend::Blob;
@@ -235,6 +236,16 @@ fn cache_hash_known(
     Ok((hash, known))
 }
 
+/// The working tree's scan, its directory listings dropped unless the stat
+/// cache is to be rewritten (only then are they needed: ~11 bytes a file).
+fn scan_tree(project: &Project, stat_cache: StatCache, reporter: &dyn Reporter) -> ScanResult {
+    let mut scan = project.scan_with(stat_cache, reporter);
+    if !scan.cache_dirty {
+        scan.dirs = Vec::new();
+    }
+    scan
+}
+
 /// What `compare` should do besides comparing.
 #[derive(Clone, Copy, Default)]
 pub struct CompareOpts {
@@ -290,23 +301,55 @@ pub fn compare(
         },
     };
     crate::phase("repository manifest checked");
-    let mut scan = project.scan_with(stat_cache, reporter);
-    if !scan.cache_dirty {
-        // Only a rewritten stat cache needs the listings (~11 bytes a file).
-        scan.dirs = Vec::new();
-    }
+    let mut scan = scan_tree(project, stat_cache, reporter);
     crate::phase("scanned");
-    // The cache is loaded only now, so it and the stat cache are never in
-    // memory together.
-    let cache = match cache_hash {
-        Some(h) => project.load_cache_tagged(h, opts.save_stat_cache || !opts.dry_run)?,
-        None => Manifest::new(),
-    };
-    let entries = std::mem::take(&mut scan.entries);
+    let user = &project.user.user_id;
     // Stats are needed to rewrite the stat cache and to sync; a plain status
     // of an unchanged tree needs neither (32 bytes a file saved).
-    let keep_stats = opts.keep_remote_bytes || scan.cache_dirty;
-    let (local, local_stats) = to_local(entries, &cache, &project.user.user_id, keep_stats);
+    let keep_stats = |scan: &ScanResult| opts.keep_remote_bytes || scan.cache_dirty;
+    // The cache is loaded only now, so it and the stat cache are never in
+    // memory together; from its binary copy, the scan is consumed as the
+    // copy is read, so the two are never both whole in memory either.
+    let (cache, local, local_stats) = match cache_hash {
+        None => {
+            let cache = Manifest::new();
+            let entries = std::mem::take(&mut scan.entries);
+            let (local, stats) = to_local(entries, &cache, user, keep_stats(&scan));
+            (cache, local, stats)
+        }
+        Some(h) => {
+            let mut b =
+                LocalBuilder::new(std::mem::take(&mut scan.entries), user, keep_stats(&scan));
+            match project.read_cache_copy(h, |i, e| b.cached(i, e)) {
+                Some(cache) => {
+                    let (local, stats) = b.finish(cache.len());
+                    (cache, local, stats)
+                }
+                None => {
+                    let entries = match b.into_scan() {
+                        Some(entries) => entries,
+                        None => {
+                            // Damaged part way: the scan read alongside is
+                            // partly consumed. Rare; scan again.
+                            tracing::warn!(
+                                "the binary copy of the cache manifest is damaged; scanning again"
+                            );
+                            scan = scan_tree(
+                                project,
+                                StatCache::load(&project.stat_cache_path()),
+                                reporter,
+                            );
+                            std::mem::take(&mut scan.entries)
+                        }
+                    };
+                    let save_binary = opts.save_stat_cache || !opts.dry_run;
+                    let cache = project.load_cache_json(h, save_binary)?;
+                    let (local, stats) = to_local(entries, &cache, user, keep_stats(&scan));
+                    (cache, local, stats)
+                }
+            }
+        }
+    };
     crate::phase("local manifest built");
     let cmp = Comparison {
         scan,

@@ -31,19 +31,18 @@ pub(super) enum Slot<'a> {
 }
 
 impl LocalManifest {
-    /// An empty L over a C of `base_len` entries, with room for `n` entries.
-    pub(super) fn with_capacity(n: usize, base_len: usize) -> LocalManifest {
+    /// An empty L with room for `n` entries.
+    pub(super) fn with_capacity(n: usize) -> LocalManifest {
         LocalManifest {
             slots: Vec::with_capacity(n),
             own: Vec::new(),
-            base_len,
+            base_len: 0,
         }
     }
 
-    /// Adds the next entry in reverse path order (the scan is consumed from
-    /// its end; [`Self::finish_reversed`] puts them in order). `left` is
-    /// how many entries are still to come.
-    pub(super) fn push_reversed(&mut self, slot: Slot<'_>, left: usize) {
+    /// Adds the next entry in path order. `left` is how many entries are
+    /// still to come.
+    pub(super) fn push(&mut self, slot: Slot<'_>, left: usize) {
         let e = match slot {
             Slot::Same(i, _) if i < OWN as usize => {
                 self.slots.push(i as u32);
@@ -68,13 +67,9 @@ impl LocalManifest {
         self.slots.push(k | OWN);
     }
 
-    pub(super) fn finish_reversed(&mut self) {
-        self.slots.reverse();
-        self.own.reverse();
-        let n = self.own.len() as u32;
-        for s in self.slots.iter_mut().filter(|s| **s & OWN != 0) {
-            *s = (n - 1 - (*s & !OWN)) | OWN;
-        }
+    /// Done: L is read over a cache of `base_len` entries.
+    pub(super) fn finish(&mut self, base_len: usize) {
+        self.base_len = base_len;
         self.own.shrink_to_fit();
     }
 

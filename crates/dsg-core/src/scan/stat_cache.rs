@@ -22,7 +22,10 @@
 //! Version 1 (`DSGSTAT1`, no `dirs` count and no directory records) is
 //! still read; its directories are then listed and the file rewritten.
 
+use std::io::Read;
 use std::path::Path;
+
+use xxhash_rust::xxh3::Xxh3;
 
 use super::Stat;
 use crate::hash::{ChecksummedWriter, Hash};
@@ -109,19 +112,38 @@ fn listing_is_well_formed(listing: &[u8]) -> bool {
     seen == listing.len()
 }
 
-/// The stat cache, sorted by path. Kept as the verified file bytes and
-/// read with a cursor in path order alongside the sorted scan: no
-/// allocation per record, and no second copy of every path in memory.
+/// The stat cache, sorted by path. The directory records are kept as the
+/// verified file bytes (the walk looks them up); the file records are read
+/// again from the file, in path order alongside the sorted scan, when the
+/// walk is done (they are most of the file: held through the walk, they
+/// were ~70 bytes a file next to the whole scan).
 #[derive(Debug, Default)]
 pub struct StatCache {
     pub made_ns: i64,
     count: usize,
-    /// File records, then directory records.
+    /// Directory records.
     body: Vec<u8>,
-    files_end: usize,
     /// Where each directory record starts in `body`, in path order.
     dirs: Vec<usize>,
     known_manifest: Option<KnownFile>,
+    files: FileRecords,
+}
+
+/// Where the file records are, and the XXH3 of their bytes as verified
+/// when the cache was loaded.
+#[derive(Debug, Default)]
+enum FileRecords {
+    #[default]
+    None,
+    /// For tests: a cache decoded from bytes.
+    #[cfg(test)]
+    Memory(Vec<u8>),
+    Disk {
+        file: std::fs::File,
+        offset: u64,
+        len: u64,
+        hash: u64,
+    },
 }
 
 /// One file record of the stat cache.
@@ -136,12 +158,6 @@ pub struct DirRec<'a> {
     pub path: &'a str,
     pub stat: Stat,
     pub listing: &'a [u8],
-}
-
-/// Reads file records in order.
-pub struct StatCursor<'a> {
-    body: &'a [u8],
-    pos: usize,
 }
 
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
@@ -168,14 +184,198 @@ fn path_and_stat(b: &[u8], pos: usize) -> Option<(&str, Stat, usize)> {
     Some((path, stat, o + 32))
 }
 
-impl<'a> Iterator for StatCursor<'a> {
-    type Item = StatRec<'a>;
-    fn next(&mut self) -> Option<StatRec<'a>> {
-        let (path, stat, o) = path_and_stat(self.body, self.pos)?;
-        let hash = Hash(u64_at(self.body, o)?);
-        self.pos = o + 8;
-        Some(StatRec { path, stat, hash })
+/// Reads file records in order from `r`, a piece at a time; the bytes
+/// consumed are hashed (and into `whole` too, when given).
+struct RecordReader<R: Read> {
+    r: R,
+    buf: Vec<u8>,
+    pos: usize,
+    consumed: u64,
+    section: Xxh3,
+    whole: Option<Xxh3>,
+}
+
+impl<R: Read> RecordReader<R> {
+    const PIECE: usize = 1 << 16;
+
+    fn new(r: R, whole: Option<Xxh3>) -> Self {
+        RecordReader {
+            r,
+            buf: Vec::with_capacity(Self::PIECE),
+            pos: 0,
+            consumed: 0,
+            section: Xxh3::new(),
+            whole,
+        }
     }
+
+    /// Hashes what was consumed and drops it from the buffer.
+    fn settle(&mut self) {
+        let done = &self.buf[..self.pos];
+        self.section.update(done);
+        if let Some(w) = &mut self.whole {
+            w.update(done);
+        }
+        self.consumed += self.pos as u64;
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+    }
+
+    /// At least `n` unconsumed bytes in the buffer; false at the end.
+    fn fill(&mut self, n: usize) -> std::io::Result<bool> {
+        while self.buf.len() - self.pos < n {
+            self.settle();
+            let have = self.buf.len();
+            self.buf.resize(have + n.max(Self::PIECE), 0);
+            let got = loop {
+                match self.r.read(&mut self.buf[have..]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            };
+            self.buf.truncate(have + got.as_ref().map_or(0, |g| *g));
+            if got? == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next record; `None` at the end or on a malformed one.
+    fn next(&mut self) -> std::io::Result<Option<StatRec<'_>>> {
+        if !self.fill(4)? {
+            return Ok(None);
+        }
+        let Some(len) = u32_at(&self.buf, self.pos) else {
+            return Ok(None);
+        };
+        if !self.fill(4 + len + FILE_FIXED)? {
+            return Ok(None);
+        }
+        let Some((path, stat, o)) = path_and_stat(&self.buf, self.pos) else {
+            return Ok(None);
+        };
+        let Some(hash) = u64_at(&self.buf, o) else {
+            return Ok(None);
+        };
+        self.pos = o + 8;
+        Ok(Some(StatRec {
+            path,
+            stat,
+            hash: Hash(hash),
+        }))
+    }
+
+    /// Every byte consumed is hashed; returns the rest of the buffer.
+    fn finish(mut self) -> (u64, u64, Option<Xxh3>, Vec<u8>, R) {
+        self.settle();
+        (
+            self.consumed,
+            self.section.digest(),
+            self.whole,
+            self.buf,
+            self.r,
+        )
+    }
+}
+
+/// `Read` over a range of a file by positional reads (the file's offset is
+/// shared by no one).
+struct RangeReader<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+    end: u64,
+}
+
+impl Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let want = buf.len().min((self.end - self.at) as usize);
+        let n = self.file.read_at(&mut buf[..want], self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// What [`read_verified`] found: the header, where the file records are
+/// and their hash, and the directory records.
+struct Parts {
+    made_ns: i64,
+    count: usize,
+    known_manifest: Option<KnownFile>,
+    files_offset: u64,
+    files_len: u64,
+    files_hash: u64,
+    body: Vec<u8>,
+    dirs: Vec<usize>,
+}
+
+/// Reads a whole stat cache from `r`, checking everything (checksum,
+/// record order, listings) but keeping only the directory records.
+fn read_verified(mut r: impl Read) -> Option<Parts> {
+    let mut head = [0u8; HEADER_V2];
+    r.read_exact(&mut head[..8]).ok()?;
+    let v2 = match &head[..8] {
+        m if m == MAGIC_V1 => false,
+        m if m == MAGIC_V2 => true,
+        _ => return None,
+    };
+    let header = if v2 { HEADER_V2 } else { HEADER_V1 };
+    r.read_exact(&mut head[8..header]).ok()?;
+    let head = &head[..header];
+    let made_ns = u64_at(head, 8)? as i64;
+    let count = usize::try_from(u64_at(head, 16)?).ok()?;
+    let dir_count = if v2 {
+        usize::try_from(u64_at(head, 24)?).ok()?
+    } else {
+        0
+    };
+    let known_manifest = match (v2, if v2 { u64_at(head, 32)? } else { 0 }) {
+        (false, _) | (true, 0) => None,
+        (true, 1) => Some(KnownFile {
+            stat: Stat {
+                size: u64_at(head, 40)?,
+                mtime_ns: u64_at(head, 48)? as i64,
+                ctime_ns: u64_at(head, 56)? as i64,
+                ino: u64_at(head, 64)?,
+            },
+            hash: u64_at(head, 72)?,
+        }),
+        _ => return None,
+    };
+    let mut whole = Xxh3::new();
+    whole.update(head);
+    let mut rr = RecordReader::new(r, Some(whole));
+    let mut prev: Vec<u8> = Vec::new();
+    for i in 0..count {
+        let rec = rr.next().ok()??;
+        if i > 0 && prev.as_slice() >= rec.path.as_bytes() {
+            return None;
+        }
+        prev.clear();
+        prev.extend_from_slice(rec.path.as_bytes());
+    }
+    let (files_len, files_hash, whole, mut body, mut r) = rr.finish();
+    let mut whole = whole?;
+    r.read_to_end(&mut body).ok()?;
+    let sum_at = body.len().checked_sub(8)?;
+    whole.update(&body[..sum_at]);
+    if whole.digest().to_le_bytes() != body[sum_at..] {
+        return None;
+    }
+    body.truncate(sum_at);
+    body.shrink_to_fit();
+    let dirs = dir_record_starts(&body, 0, dir_count)?;
+    Some(Parts {
+        made_ns,
+        count,
+        known_manifest,
+        files_offset: header as u64,
+        files_len,
+        files_hash,
+        body,
+        dirs,
+    })
 }
 
 fn dir_rec_at(b: &[u8], pos: usize) -> Option<(DirRec<'_>, usize)> {
@@ -194,14 +394,39 @@ fn dir_rec_at(b: &[u8], pos: usize) -> Option<(DirRec<'_>, usize)> {
 
 impl StatCache {
     /// Loads the cache; a missing or damaged cache is just an empty one (it
-    /// only ever lets us skip work, so dropping it is always safe).
+    /// only ever lets us skip work, so dropping it is always safe). The
+    /// file stays open: its file records are read again by
+    /// [`Self::each_record`].
     pub fn load(path: &Path) -> StatCache {
-        match std::fs::read(path) {
-            Ok(b) => StatCache::decode(b).unwrap_or_else(|| {
+        let Ok(file) = std::fs::File::open(path) else {
+            return StatCache::default();
+        };
+        let r = std::io::BufReader::with_capacity(1 << 16, &file);
+        match read_verified(r) {
+            Some(p) => {
+                let files = FileRecords::Disk {
+                    file,
+                    offset: p.files_offset,
+                    len: p.files_len,
+                    hash: p.files_hash,
+                };
+                StatCache::of_parts(p, files)
+            }
+            None => {
                 tracing::warn!("stat cache {} is damaged; rehashing", path.display());
                 StatCache::default()
-            }),
-            Err(_) => StatCache::default(),
+            }
+        }
+    }
+
+    fn of_parts(p: Parts, files: FileRecords) -> StatCache {
+        StatCache {
+            made_ns: p.made_ns,
+            count: p.count,
+            body: p.body,
+            dirs: p.dirs,
+            known_manifest: p.known_manifest,
+            files,
         }
     }
 
@@ -224,11 +449,44 @@ impl StatCache {
         self.dirs.len()
     }
 
-    pub fn records(&self) -> StatCursor<'_> {
-        StatCursor {
-            body: &self.body[..self.files_end],
-            pos: 0,
+    /// Gives every file record to `f`, in path order. False when the
+    /// records could not be read again as they were verified (the file
+    /// was damaged since): what `f` made of them is then to be thrown away.
+    pub fn each_record(&self, mut f: impl FnMut(StatRec<'_>)) -> bool {
+        let (r, len, hash): (Box<dyn Read + '_>, u64, u64) = match &self.files {
+            FileRecords::None => return self.count == 0,
+            #[cfg(test)]
+            FileRecords::Memory(b) => {
+                let hash = Hash::of_bytes(b).0;
+                (Box::new(&b[..]), b.len() as u64, hash)
+            }
+            FileRecords::Disk {
+                file,
+                offset,
+                len,
+                hash,
+            } => (
+                Box::new(std::io::BufReader::with_capacity(
+                    1 << 16,
+                    RangeReader {
+                        file,
+                        at: *offset,
+                        end: offset + len,
+                    },
+                )),
+                *len,
+                *hash,
+            ),
+        };
+        let mut rr = RecordReader::new(r, None);
+        for _ in 0..self.count {
+            match rr.next() {
+                Ok(Some(rec)) => f(rec),
+                _ => return false,
+            }
         }
+        let (consumed, got, _, rest, _) = rr.finish();
+        consumed == len && got == hash && rest.is_empty()
     }
 
     /// The record of the directory at `path` (`""` for the root).
@@ -246,55 +504,13 @@ impl StatCache {
         rec(&self.dirs[i])
     }
 
-    pub(crate) fn decode(mut b: Vec<u8>) -> Option<StatCache> {
-        let v2 = match b.get(..8)? {
-            m if m == MAGIC_V1 => false,
-            m if m == MAGIC_V2 => true,
-            _ => return None,
-        };
-        let header = if v2 { HEADER_V2 } else { HEADER_V1 };
-        if b.len() < header + 8 {
-            return None;
-        }
-        let (all, sum) = b.split_at(b.len() - 8);
-        if Hash::of_bytes(all).0.to_le_bytes() != sum {
-            return None;
-        }
-        let made_ns = u64_at(all, 8)? as i64;
-        let count = usize::try_from(u64_at(all, 16)?).ok()?;
-        let dir_count = if v2 {
-            usize::try_from(u64_at(all, 24)?).ok()?
-        } else {
-            0
-        };
-        let known_manifest = match (v2, u64_at(all, 32)?) {
-            (false, _) | (true, 0) => None,
-            (true, 1) => Some(KnownFile {
-                stat: Stat {
-                    size: u64_at(all, 40)?,
-                    mtime_ns: u64_at(all, 48)? as i64,
-                    ctime_ns: u64_at(all, 56)? as i64,
-                    ino: u64_at(all, 64)?,
-                },
-                hash: u64_at(all, 72)?,
-            }),
-            _ => return None,
-        };
-        // The records stay where they were read: no second copy.
-        let n = all.len();
-        b.truncate(n);
-        b.drain(..header);
-        let body = b;
-        let files_end = file_records_end(&body, count)?;
-        let dirs = dir_record_starts(&body, files_end, dir_count)?;
-        Some(StatCache {
-            made_ns,
-            count,
-            body,
-            files_end,
-            dirs,
-            known_manifest,
-        })
+    /// A cache from its bytes, checked as [`Self::load`] checks a file.
+    #[cfg(test)]
+    pub(crate) fn decode(b: Vec<u8>) -> Option<StatCache> {
+        let p = read_verified(&b[..])?;
+        let at = p.files_offset as usize;
+        let files = FileRecords::Memory(b[at..at + p.files_len as usize].to_vec());
+        Some(StatCache::of_parts(p, files))
     }
 
     pub fn encode_entries(made_ns: i64, entries: &[super::LocalEntry]) -> Vec<u8> {
@@ -379,21 +595,6 @@ impl StatCache {
         }
         w.finish().map(drop)
     }
-}
-
-/// Checks `count` file records (each parses, paths strictly increasing);
-/// returns where they end.
-fn file_records_end(body: &[u8], count: usize) -> Option<usize> {
-    let mut cur = StatCursor { body, pos: 0 };
-    let mut prev: Option<&str> = None;
-    for _ in 0..count {
-        let r = cur.next()?;
-        if prev.is_some_and(|p| p.as_bytes() >= r.path.as_bytes()) {
-            return None;
-        }
-        prev = Some(r.path);
-    }
-    Some(cur.pos)
 }
 
 /// Checks the `dir_count` directory records from `start` to the end of
