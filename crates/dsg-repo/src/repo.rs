@@ -37,6 +37,139 @@ pub(crate) enum StagedKind {
     Link { target: String },
 }
 
+/// What a transaction staged, in staging order, checked against the new
+/// manifest at commit. An init stages every file, so the list is held
+/// compactly: each path as the bytes it does not share with the one
+/// before (a client sends in path order: mostly a file name), its size as
+/// a varint and its hash, about 20 bytes a file where a `String` and an
+/// enum took 100.
+#[derive(Default)]
+pub(crate) struct StagedList {
+    bytes: Vec<u8>,
+    last: String,
+    /// Every path came after the one before (none twice): the commit check
+    /// walks the list as it is, without sorting a copy.
+    sorted: bool,
+}
+
+const STAGED_FILE: u8 = 0;
+const STAGED_LINK: u8 = 1;
+
+impl StagedList {
+    pub(crate) fn push(&mut self, path: &str, kind: &StagedKind) {
+        let shared = common_prefix(&self.last, path);
+        self.sorted = self.bytes.is_empty() || (self.sorted && path > self.last.as_str());
+        put_varint(&mut self.bytes, shared as u64);
+        put_varint(&mut self.bytes, (path.len() - shared) as u64);
+        self.bytes.extend_from_slice(&path.as_bytes()[shared..]);
+        match kind {
+            StagedKind::File { size, hash } => {
+                self.bytes.push(STAGED_FILE);
+                put_varint(&mut self.bytes, *size);
+                self.bytes.extend_from_slice(&hash.to_le_bytes());
+            }
+            StagedKind::Link { target } => {
+                self.bytes.push(STAGED_LINK);
+                put_varint(&mut self.bytes, target.len() as u64);
+                self.bytes.extend_from_slice(target.as_bytes());
+            }
+        }
+        self.last.truncate(shared);
+        self.last.push_str(&path[shared..]);
+    }
+
+    /// In staging order.
+    pub(crate) fn iter(&self) -> StagedIter<'_> {
+        StagedIter {
+            rest: &self.bytes,
+            path: String::new(),
+        }
+    }
+
+    /// In path order; of a path staged twice, the later staging last.
+    /// Sorted here only if a client sent its files out of order.
+    fn in_path_order(&self) -> Box<dyn Iterator<Item = (String, StagedKind)> + '_> {
+        if self.sorted {
+            return Box::new(self.iter());
+        }
+        let mut all: Vec<_> = self.iter().collect();
+        // Stable: the later staging stays later.
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Box::new(all.into_iter())
+    }
+}
+
+/// The length in bytes of the prefix `a` and `b` share, at a character
+/// boundary (each stored piece is valid UTF-8).
+fn common_prefix(a: &str, b: &str) -> usize {
+    let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    (0..=n).rev().find(|&i| b.is_char_boundary(i)).unwrap_or(0)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads back what `put_varint` wrote (the list is only ever read by the
+/// process that wrote it).
+fn take_varint(rest: &mut &[u8]) -> u64 {
+    let mut v = 0u64;
+    let mut shift = 0;
+    loop {
+        let b = rest[0];
+        *rest = &rest[1..];
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return v;
+        }
+        shift += 7;
+    }
+}
+
+fn take_str<'b>(rest: &mut &'b [u8], n: usize) -> &'b str {
+    let (s, r) = rest.split_at(n);
+    *rest = r;
+    std::str::from_utf8(s).expect("a staged list holds whole characters")
+}
+
+/// The staged paths, decoded one at a time.
+pub(crate) struct StagedIter<'a> {
+    rest: &'a [u8],
+    path: String,
+}
+
+impl Iterator for StagedIter<'_> {
+    type Item = (String, StagedKind);
+
+    fn next(&mut self) -> Option<(String, StagedKind)> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let shared = take_varint(&mut self.rest) as usize;
+        let n = take_varint(&mut self.rest) as usize;
+        self.path.truncate(shared);
+        self.path.push_str(take_str(&mut self.rest, n));
+        let tag = self.rest[0];
+        self.rest = &self.rest[1..];
+        let kind = if tag == STAGED_FILE {
+            let size = take_varint(&mut self.rest);
+            let (h, r) = self.rest.split_at(8);
+            self.rest = r;
+            let hash = u64::from_le_bytes(h.try_into().expect("8 bytes"));
+            StagedKind::File { size, hash }
+        } else {
+            let n = take_varint(&mut self.rest) as usize;
+            let target = take_str(&mut self.rest, n).to_string();
+            StagedKind::Link { target }
+        };
+        Some((self.path.clone(), kind))
+    }
+}
+
 /// A repository served to the agent: its place, its store, and the open
 /// transaction, which owns the locks it holds (released when it is
 /// committed, rolled back, detached or dropped).
@@ -64,7 +197,7 @@ pub(crate) struct OpenTx {
     init: bool,
     /// An init that replaces an existing repository (confirmed by the user).
     replace: bool,
-    staged: Vec<(String, StagedKind)>,
+    staged: StagedList,
     /// An init's staging directories known to exist (saves a stat per
     /// path component).
     dirs: std::collections::HashSet<String>,
@@ -92,7 +225,7 @@ impl OpenTx {
             staging,
             init,
             replace: false,
-            staged: Vec::new(),
+            staged: StagedList::default(),
             dirs: Default::default(),
             flat_made: false,
             base,
@@ -113,7 +246,7 @@ impl OpenTx {
             staging,
             init,
             replace: false,
-            staged: Vec::new(),
+            staged: StagedList::default(),
             dirs: Default::default(),
             flat_made: false,
             base,
@@ -121,7 +254,7 @@ impl OpenTx {
     }
 
     pub(crate) fn stage(&mut self, path: String, kind: StagedKind) {
-        self.staged.push((path, kind));
+        self.staged.push(&path, &kind);
     }
 
     fn as_ref(&self) -> TxRef<'_> {
@@ -360,7 +493,8 @@ impl Repository {
     /// Refused if two staged paths share a flat name: one's file would be
     /// the other's, and the apply would install it as both.
     fn sync_ops(tx: &OpenTx, retired: &[(String, Option<u64>)]) -> Result<Vec<Op>, AgentError> {
-        let paths = tx.staged.iter().map(|(p, _)| p.as_str());
+        let staged: Vec<String> = tx.staged.iter().map(|(p, _)| p).collect();
+        let paths = staged.iter().map(String::as_str);
         if let Some((a, b)) = sharing_a_name(paths, dsg_txn::apply::flat_hash) {
             return Err(AgentError::new(
                 ErrorKind::Unsafe,
@@ -371,7 +505,7 @@ impl Repository {
         let mut ops = Vec::new();
         let mut retire: Vec<(&str, Option<u64>)> =
             retired.iter().map(|(p, h)| (p.as_str(), *h)).collect();
-        retire.extend(tx.staged.iter().map(|s| (s.0.as_str(), None)));
+        retire.extend(staged.iter().map(|p| (p.as_str(), None)));
         // Deepest first, so a directory is emptied before it may be
         // replaced; of a path given twice, the one with the base's hash.
         retire.sort_by(|a, b| b.0.cmp(a.0).then(b.1.is_some().cmp(&a.1.is_some())));
@@ -379,7 +513,7 @@ impl Repository {
         for (p, hash) in retire {
             ops.push(Op::retire(p, hash, None));
         }
-        let mut installs: Vec<&str> = tx.staged.iter().map(|s| s.0.as_str()).collect();
+        let mut installs: Vec<&str> = staged.iter().map(String::as_str).collect();
         installs.sort();
         for p in installs {
             ops.push(Op::Install { path: p.into() });
@@ -449,8 +583,7 @@ impl Repository {
         let _ = f.set_modified(t);
         drop(f);
         let tx = self.tx.as_mut().expect("open transaction");
-        tx.staged
-            .push((path.into(), StagedKind::File { size, hash }));
+        tx.staged.push(path, &StagedKind::File { size, hash });
         failpoint("repo.stage_file");
         Ok(())
     }
@@ -1166,9 +1299,8 @@ fn content_hash(e: &Entry) -> Option<u64> {
 /// wrong is kept, first of each kind, for `verify_commit` to report in
 /// its order.
 struct CommitCheck<'a> {
-    staged: Vec<&'a (String, StagedKind)>,
-    /// The first staged path not yet passed.
-    at: usize,
+    /// The staged paths not yet passed, in path order.
+    staged: std::iter::Peekable<Box<dyn Iterator<Item = (String, StagedKind)> + 'a>>,
     base: BaseCursor<'a>,
     last: Option<String>,
     /// The first two paths out of order; the walk stops there.
@@ -1185,13 +1317,9 @@ struct CommitCheck<'a> {
 }
 
 impl<'a> CommitCheck<'a> {
-    fn new(staged: &'a [(String, StagedKind)], base: BaseCursor<'a>) -> CommitCheck<'a> {
-        let mut staged: Vec<_> = staged.iter().collect();
-        // Stable: of a path staged twice, the later staging is the one kept.
-        staged.sort_by(|a, b| a.0.cmp(&b.0));
+    fn new(staged: &'a StagedList, base: BaseCursor<'a>) -> CommitCheck<'a> {
         CommitCheck {
-            staged,
-            at: 0,
+            staged: staged.in_path_order().peekable(),
             base,
             last: None,
             disorder: None,
@@ -1224,10 +1352,10 @@ impl<'a> CommitCheck<'a> {
             self.shape_err = self.shape.push(p).err();
         }
         self.strays_before(p);
+        // Of a path staged twice, the later staging is the one kept.
         let mut staged = None;
-        while let Some(s) = self.staged.get(self.at).filter(|s| s.0 == p) {
-            staged = Some(&s.1);
-            self.at += 1;
+        while let Some(s) = self.staged.next_if(|s| s.0 == p) {
+            staged = Some(s.1);
         }
         while let Some(gone) = self.base.next_if(|b| &*b.path < p) {
             let hash = content_hash(&gone);
@@ -1238,7 +1366,7 @@ impl<'a> CommitCheck<'a> {
             return;
         }
         if let Some(k) = staged {
-            let matches = match (&e.kind, k) {
+            let matches = match (&e.kind, &k) {
                 (EntryKind::File { size, hash, .. }, StagedKind::File { size: s2, hash: h2 }) => {
                     size == s2 && hash.map(|h| h.0) == Some(*h2)
                 }
@@ -1266,14 +1394,13 @@ impl<'a> CommitCheck<'a> {
 
     /// Staged paths before `p` are not in the manifest.
     fn strays_before(&mut self, p: &str) {
-        while let Some(s) = self.staged.get(self.at).filter(|s| s.0.as_str() < p) {
+        while let Some(s) = self.staged.next_if(|s| s.0.as_str() < p) {
             if self.stray_err.is_none() {
                 self.stray_err = Some(AgentError::new(
                     ErrorKind::Protocol,
                     format!("{}: uploaded but not in the new manifest", s.0),
                 ));
             }
-            self.at += 1;
         }
     }
 
@@ -1283,7 +1410,7 @@ impl<'a> CommitCheck<'a> {
         if self.disorder.is_some() {
             return;
         }
-        if let Some(s) = self.staged.get(self.at) {
+        if let Some(s) = self.staged.peek() {
             self.stray_err.get_or_insert_with(|| {
                 AgentError::new(
                     ErrorKind::Protocol,
@@ -1463,12 +1590,12 @@ impl Backend for Repository {
         let _ = fs::remove_file(&dst);
         symlink(target, &dst)
             .map_err(|e| AgentError::io(format!("cannot stage link {path}"), e))?;
-        tx.staged.push((
-            path.into(),
-            StagedKind::Link {
+        tx.staged.push(
+            path,
+            &StagedKind::Link {
                 target: target.into(),
             },
-        ));
+        );
         Ok(())
     }
 
@@ -1762,5 +1889,58 @@ mod tests {
             sharing_a_name(paths.iter().copied(), dsg_txn::apply::flat_hash),
             None
         );
+    }
+
+    fn file(size: u64, hash: u64) -> StagedKind {
+        StagedKind::File { size, hash }
+    }
+
+    #[test]
+    fn a_staged_list_gives_back_what_was_staged() {
+        let link = StagedKind::Link {
+            target: "../ä/b".into(),
+        };
+        let staged = [
+            ("a/b/c.txt", file(0, 0)),
+            ("a/b/cd", file(1 << 40, u64::MAX)),
+            ("a/bé/x", link.clone()),
+            ("a/bê", file(127, 1)),
+            ("b", file(128, 2)),
+        ];
+        let mut list = StagedList::default();
+        for (p, k) in &staged {
+            list.push(p, k);
+        }
+        let want: Vec<_> = staged
+            .iter()
+            .map(|(p, k)| (p.to_string(), k.clone()))
+            .collect();
+        assert_eq!(list.iter().collect::<Vec<_>>(), want);
+        assert!(list.sorted);
+        assert_eq!(list.in_path_order().collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn a_staged_list_out_of_order_is_sorted_keeping_the_later_staging() {
+        let mut list = StagedList::default();
+        for (p, k) in [("b/x", file(1, 1)), ("a", file(2, 2)), ("b/x", file(3, 3))] {
+            list.push(p, &k);
+        }
+        assert!(!list.sorted);
+        let got: Vec<_> = list.in_path_order().collect();
+        assert_eq!(
+            got,
+            [
+                ("a".to_string(), file(2, 2)),
+                ("b/x".to_string(), file(1, 1)),
+                ("b/x".to_string(), file(3, 3)),
+            ]
+        );
+        // The same path twice in a row is not in path order either.
+        let mut list = StagedList::default();
+        list.push("a", &file(1, 1));
+        list.push("a", &file(2, 2));
+        assert!(!list.sorted);
+        assert_eq!(StagedList::default().in_path_order().count(), 0);
     }
 }
