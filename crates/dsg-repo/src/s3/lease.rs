@@ -113,9 +113,12 @@ impl Lease {
                     drop(guard);
                     doc.expires = now_secs() + secs;
                     let body = serde_json::to_vec(&doc).expect("json");
-                    let cur = etag.lock().expect("lease etag").clone();
-                    match store.put("lock", &body, &Cond::Etag(cur)) {
-                        Ok(e) => *etag.lock().expect("lease etag") = e,
+                    // Held across the PUT, as `confirm` does: else a
+                    // confirm between reading the ETag and this PUT would
+                    // make it fail its precondition, a lease lost to itself.
+                    let mut cur = etag.lock().expect("lease etag");
+                    match store.put("lock", &body, &Cond::Etag(cur.clone())) {
+                        Ok(e) => *cur = e,
                         Err(S3Error::Precondition { .. }) | Err(S3Error::Ambiguous { .. }) => {
                             tracing::warn!("lost the repository lease (taken over)");
                             lost.store(true, Ordering::SeqCst);
