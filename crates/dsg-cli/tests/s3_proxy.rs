@@ -11,13 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use s3_support::cluster::cluster_or_skip;
 use s3_support::fault_proxy::{FaultProxy, Filter, Rule, Seen};
 
 const KIB: usize = 1024;
-
-fn is_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
 
 /// The cluster's settings from its env file, a unique key prefix, a
 /// scratch dir; deletes the keys it handed out when dropped.
@@ -43,44 +40,20 @@ struct Got {
 }
 
 fn s3_or_skip() -> Option<S3> {
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("an s3 test")
-        .to_string();
-    let file = std::env::var("DSG_TEST_S3_ENV").unwrap_or("/var/tmp/dsg-test/s3.env".into());
-    let Ok(text) = std::fs::read_to_string(&file) else {
-        assert!(
-            !is_ci(),
-            "{test}: CI=true but {file} is missing: the S3 test cluster is not set up. Run \
-             `bash scripts/setup-services` (it starts scripts/s3-cluster); under CI a missing \
-             service is a failure."
-        );
-        eprintln!("SKIPPED {test}: {file} is missing (run scripts/setup-services)");
-        return None;
-    };
-    let var = |name: &str| {
-        let prefix = format!("export {name}=");
-        let v = text.lines().find_map(|l| l.strip_prefix(&prefix));
-        v.unwrap_or_else(|| panic!("{file} has no {name}"))
-            .to_string()
-    };
+    let c = cluster_or_skip()?;
     static N: AtomicUsize = AtomicUsize::new(0);
     let n = N.fetch_add(1, Ordering::SeqCst);
     Some(S3 {
-        endpoint: var("AWS_ENDPOINT_URL"),
-        bucket: var("DSG_TEST_BUCKET"),
         user: format!(
             "{}:{}",
-            var("AWS_ACCESS_KEY_ID"),
-            var("AWS_SECRET_ACCESS_KEY")
+            c.var("AWS_ACCESS_KEY_ID"),
+            c.var("AWS_SECRET_ACCESS_KEY")
         ),
-        region: var("AWS_REGION"),
+        vars: c.exports(),
+        endpoint: c.endpoint,
+        bucket: c.bucket,
+        region: c.region,
         prefix: format!("proxytest/{}-{n}/", std::process::id()),
-        vars: text
-            .lines()
-            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
         dir: tempfile::tempdir().unwrap(),
         keys: Default::default(),
     })

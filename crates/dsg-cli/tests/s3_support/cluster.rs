@@ -66,6 +66,16 @@ pub fn cluster_or_skip() -> Option<Cluster> {
 }
 
 impl Cluster {
+    /// Every `export NAME=value` of the env file, as written (rclone's
+    /// remote `dsgtest:` needs them all).
+    pub fn exports(&self) -> Vec<(String, String)> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     /// Another `export NAME=value` of the env file.
     pub fn var(&self, name: &str) -> String {
         let prefix = format!("export {name}=");
