@@ -156,7 +156,38 @@ pub struct RepoClient {
     buf: Vec<u8>,
 }
 
+/// A connection started ahead of its use: see [`RepoClient::start`].
+pub struct Connecting(Pending);
+
+enum Pending {
+    Ssh(Result<crate::ssh::Spawned, RepoError>),
+    InProcess(Box<ProjectConfig>),
+}
+
+impl Connecting {
+    /// The connection, once the agent has answered the greeting.
+    pub fn ready(self) -> Result<RepoClient, RepoError> {
+        match self.0 {
+            Pending::Ssh(spawned) => spawned?.ready(),
+            Pending::InProcess(cfg) => RepoClient::connect(&cfg),
+        }
+    }
+}
+
 impl RepoClient {
+    /// Starts connecting to the repository `cfg` names; `ready` finishes.
+    /// Over ssh the handshake then overlaps with what the caller does in
+    /// between (an init's scan); an error surfaces at `ready`. A repository
+    /// reached in this process connects at `ready`: there is no latency to
+    /// hide, and its agent would hold memory meanwhile.
+    pub fn start(cfg: &ProjectConfig) -> Connecting {
+        let repo = &cfg.repository;
+        if repo.s3.is_none() && !repo.is_local() {
+            return Connecting(Pending::Ssh(crate::ssh::spawn(cfg)));
+        }
+        Connecting(Pending::InProcess(Box::new(cfg.clone())))
+    }
+
     /// Connects to the repository a project config names.
     pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
         let repo = &cfg.repository;

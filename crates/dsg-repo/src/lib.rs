@@ -28,7 +28,7 @@ use dsg_core::config::RepoType;
 /// Failpoints live with the transactions; re-exported for the agent's users.
 pub use dsg_txn::failpoint;
 
-pub use client::{Incoming, Meta, MetaWith, RepoClient, RepoError};
+pub use client::{Connecting, Incoming, Meta, MetaWith, RepoClient, RepoError};
 pub use site::repo_name_of;
 
 /// The repository at `repo_dir` of the given type, as the agent's backend:

@@ -5,7 +5,7 @@
 //! `GIT_SSH_COMMAND`) replaces `ssh` and its options.
 
 use std::io::{self, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -30,6 +30,13 @@ impl SshChild {
         if let Some(t) = self.stderr_thread.take() {
             let _ = t.join();
         }
+    }
+
+    /// Stops an ssh whose connection is no longer wanted (it may still be
+    /// handshaking: waiting for it could take its whole connect timeout).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        self.wait();
     }
 
     /// Turns a dead connection into an error that says what to do.
@@ -211,6 +218,44 @@ fn cpu_has_aes() -> bool {
 }
 
 pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
+    spawn(cfg)?.ready()
+}
+
+/// `ssh` started towards a repository's agent, not yet greeted. ssh
+/// connects, authenticates and starts the agent in its own process, so the
+/// handshake (0.1–0.5 s even on a LAN) overlaps with whatever the caller
+/// does before `ready`. Dropped unused, the ssh is stopped.
+pub struct Spawned {
+    parts: Option<(SshChild, ChildStdout, ChildStdin)>,
+    host: String,
+    dir: String,
+}
+
+impl Spawned {
+    /// Greets the agent: the connection is usable, or the error says why not.
+    pub fn ready(mut self) -> Result<RepoClient, RepoError> {
+        let (child, stdout, stdin) = self.parts.take().expect("taken only here");
+        RepoClient::over_child(
+            child,
+            Box::new(stdout),
+            Box::new(stdin),
+            &self.host,
+            &self.dir,
+        )
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some((mut child, _, stdin)) = self.parts.take() {
+            drop(stdin);
+            child.kill();
+        }
+    }
+}
+
+/// Starts `ssh` towards the agent of the repository `cfg` names.
+pub fn spawn(cfg: &ProjectConfig) -> Result<Spawned, RepoError> {
     let repo = &cfg.repository;
     let dir = cfg.repo_dir();
     let choice = repo
@@ -287,13 +332,11 @@ pub fn connect(cfg: &ProjectConfig) -> Result<RepoClient, RepoError> {
         stderr: buf,
         stderr_thread: Some(stderr_thread),
     };
-    RepoClient::over_child(
-        ssh_child,
-        Box::new(stdout),
-        Box::new(stdin),
-        &repo.host,
-        &dir.to_string_lossy(),
-    )
+    Ok(Spawned {
+        parts: Some((ssh_child, stdout, stdin)),
+        host: repo.host.clone(),
+        dir: dir.to_string_lossy().into_owned(),
+    })
 }
 
 #[cfg(test)]

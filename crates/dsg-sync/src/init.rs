@@ -20,7 +20,7 @@ use dsg_core::config::{
 use dsg_core::manifest::{EntryKind, Manifest, SyncMessages};
 use dsg_core::scan::{to_manifest, LocalKind, ScanResult, StatCache};
 use dsg_repo::failpoint::failpoint;
-use dsg_repo::{Meta, RepoClient};
+use dsg_repo::{Connecting, Meta, RepoClient};
 
 pub use crate::names::RenameOut;
 use crate::names::{block_on_problems, settle_names};
@@ -233,6 +233,8 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
         }
         _ => None,
     };
+    // Over ssh, the connection's handshake runs while the tree is scanned.
+    let connecting = (!args.dry_run).then(|| RepoClient::start(&project.config));
     let mut scan = project.scan(reporter);
     crate::phase("scanned");
     let renames = settle_names(
@@ -279,9 +281,9 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
     let committing = std::cell::Cell::new(false);
     let result = init_tx(
         &project,
+        connecting.expect("started unless a dry run"),
         scan,
-        &tx,
-        &staging,
+        (&tx, &staging),
         (&args, remote_dsg_edit.as_ref()),
         reporter,
         &committing,
@@ -332,9 +334,9 @@ pub fn init(dir: &Path, args: InitArgs, reporter: &dyn Reporter) -> Result<InitR
 
 fn init_tx(
     project: &Project,
+    connecting: Connecting,
     mut scan: ScanResult,
-    tx: &str,
-    staging: &Path,
+    (tx, staging): (&str, &Path),
     (args, remote_dsg_edit): (&InitArgs, Option<&RemoteDsgEdit>),
     reporter: &dyn Reporter,
     committing: &std::cell::Cell<bool>,
@@ -361,7 +363,7 @@ fn init_tx(
     let messages_bytes = messages.to_json_bytes();
 
     let t0 = std::time::Instant::now();
-    let mut client = RepoClient::connect(&project.config)?;
+    let mut client = connecting.ready()?;
     // Derived from the manifest as they are sent, not listed: a list
     // would be another 56 bytes a file.
     let items = manifest
