@@ -19,6 +19,7 @@ pub mod s3;
 mod site;
 pub mod ssh;
 mod store;
+mod writeback;
 pub mod zfs;
 
 use std::path::Path;

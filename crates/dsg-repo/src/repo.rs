@@ -29,6 +29,7 @@ use crate::site::{
     HEAD_COPY,
 };
 use crate::store::{Store, TxRef};
+use crate::writeback::Writeback;
 
 /// What was staged at a path, checked against the new manifest at commit.
 #[derive(Clone, Debug, PartialEq)]
@@ -204,6 +205,8 @@ pub(crate) struct OpenTx {
     /// A sync's flat staging folder (`site::FLAT_FILES`) exists.
     flat_made: bool,
     base: Option<Base>,
+    /// Started at the first staged file (`None` inside: it could not be).
+    writeback: Option<Option<Writeback>>,
 }
 
 impl OpenTx {
@@ -229,6 +232,7 @@ impl OpenTx {
             dirs: Default::default(),
             flat_made: false,
             base,
+            writeback: None,
         }
     }
 }
@@ -250,6 +254,7 @@ impl OpenTx {
             dirs: Default::default(),
             flat_made: false,
             base,
+            writeback: None,
         }
     }
 
@@ -584,6 +589,12 @@ impl Repository {
         drop(f);
         let tx = self.tx.as_mut().expect("open transaction");
         tx.staged.push(path, &StagedKind::File { size, hash });
+        if let Some(w) = tx
+            .writeback
+            .get_or_insert_with(|| Writeback::start(&tx.staging))
+        {
+            w.staged(size);
+        }
         failpoint("repo.stage_file");
         Ok(())
     }
@@ -1680,6 +1691,8 @@ impl Backend for Repository {
             .tx
             .take()
             .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        // Its open directory would keep a ZFS clone from being unmounted.
+        tx.writeback = None;
         // On success the transaction, and with it its locks, goes here.
         let verified = self.verify_commit(&tx, c);
         let head_written = verified.as_ref().ok().and_then(|v| v.head_written);
@@ -1757,7 +1770,10 @@ impl Backend for Repository {
     fn rollback(&mut self) -> Result<(), AgentError> {
         match self.tx.take() {
             // Its locks are released after the undo, when it drops.
-            Some(tx) => self.store.undo(&self.site, &tx.as_ref()),
+            Some(mut tx) => {
+                tx.writeback = None;
+                self.store.undo(&self.site, &tx.as_ref())
+            }
             None => Ok(()),
         }
     }
