@@ -4,7 +4,7 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
-use crate::backend::{AgentError, Backend, CommitData, Stored};
+use crate::backend::{AgentError, Backend, CommitData, LocalFile, Stored};
 use crate::protocol::{
     copy_as_data, read_data_bounded, read_data_bounded_to, read_json, write_data, write_json,
     Bounded, DataStream, ErrorKind, Request, Response, MAX_MANIFEST_BYTES, MAX_MESSAGES_BYTES,
@@ -62,6 +62,28 @@ pub fn serve_with(
     }
 }
 
+/// Local uploads staged together at most: each holds an open file until
+/// the batch is accepted.
+const LOCAL_BATCH: usize = 128;
+
+/// Stages the gathered local uploads; the first failure is kept for the
+/// next barrier, as for uploads staged one by one.
+fn stage_local(
+    backend: &mut dyn Backend,
+    files: &mut Vec<LocalFile>,
+    sticky: &mut Option<AgentError>,
+) {
+    if files.is_empty() {
+        return;
+    }
+    if sticky.is_none() {
+        if let Err(e) = backend.stage_files_from(files) {
+            *sticky = Some(e);
+        }
+    }
+    files.clear();
+}
+
 /// Returns `Ok(true)` after `Bye`, `Ok(false)` when the input ended.
 fn serve_loop<R: Read, W: Write>(
     backend: &mut dyn Backend,
@@ -74,12 +96,39 @@ fn serve_loop<R: Read, W: Write>(
     // Snapshot mounts (ZFS clones) held for this connection: dropped, so
     // unmounted and destroyed, when it ends.
     let mut held: Vec<Box<dyn Send>> = Vec::new();
+    // A local client's uploads, gathered until its next barrier (or any
+    // other request) and then staged together: the backend may copy
+    // several at once.
+    let mut local: Vec<LocalFile> = Vec::new();
     loop {
         let req: Request = match read_json(&mut r) {
             Ok(q) => q,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e),
         };
+        let req = match req {
+            Request::PutFileLocal {
+                path,
+                size,
+                hash,
+                mtime_ns,
+                src,
+            } if local_sources && sticky.is_none() => {
+                local.push(LocalFile {
+                    path,
+                    size,
+                    hash,
+                    mtime_ns,
+                    src: src.into(),
+                });
+                if local.len() >= LOCAL_BATCH {
+                    stage_local(backend, &mut local, sticky);
+                }
+                continue;
+            }
+            other => other,
+        };
+        stage_local(backend, &mut local, sticky);
         match req {
             Request::Hello { protocol, .. } => hello(backend, &mut w, protocol)?,
             Request::ReadMeta { name, unless_hash } => {

@@ -155,6 +155,16 @@ pub trait Backend: Send {
         self.stage_file(path, size, hash, mtime_ns, 0, &mut f)
     }
 
+    /// Stages files from paths on this machine, in order, as
+    /// `stage_file_from` does each; the first failure ends it (the files
+    /// after it are not staged). Backends may copy several at once.
+    fn stage_files_from(&mut self, files: &[LocalFile]) -> Result<(), AgentError> {
+        for f in files {
+            self.stage_file_from(&f.path, f.size, f.hash, f.mtime_ns, &f.src)?;
+        }
+        Ok(())
+    }
+
     /// Publishes the staged transaction atomically: after this returns Ok the
     /// new snapshot is the repository's head, and a crash at any point before
     /// leaves the old head.
@@ -268,6 +278,15 @@ pub trait Version: Send {
     fn pruned(&self) -> Option<&str> {
         None
     }
+}
+
+/// A file a client in this process asks to have staged from its path.
+pub struct LocalFile {
+    pub path: String,
+    pub size: u64,
+    pub hash: u64,
+    pub mtime_ns: i64,
+    pub src: PathBuf,
 }
 
 pub struct CommitData {

@@ -22,7 +22,7 @@ use dsg_txn::failpoint::failpoint;
 use dsg_txn::Op;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::backend::{AgentError, Backend, CommitData, Stored, Version};
+use crate::backend::{AgentError, Backend, CommitData, LocalFile, Stored, Version};
 use crate::protocol::{ErrorKind, StagedFile};
 use crate::site::{
     is_base, original_busy, syncfs, tx_error, Base, Lock, LockMode, Site, FLAT_FILES, FLAT_INDEX,
@@ -30,6 +30,7 @@ use crate::site::{
 };
 use crate::store::{Store, TxRef};
 use crate::writeback::Writeback;
+use rayon::prelude::*;
 
 /// What was staged at a path, checked against the new manifest at commit.
 #[derive(Clone, Debug, PartialEq)]
@@ -530,6 +531,17 @@ impl Repository {
     /// its first `keep` bytes (a resumed upload) and positioned after them.
     /// `resumable`: a file received over a connection, listed for a resume
     /// when it is staged from its start.
+    /// Where a local copy of `path` is staged (never resumed: a copy on
+    /// this host has no connection to lose), its folders made.
+    fn staged_dst(&mut self, path: &str) -> Result<PathBuf, AgentError> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        checked(path)?;
+        staged_path(tx, path, false)
+    }
+
     fn open_staged(
         &mut self,
         path: &str,
@@ -543,16 +555,11 @@ impl Repository {
         checked(path)?;
         let dst = staged_path(tx, path, resumable && keep == 0)?;
         let err = |e| AgentError::io(format!("cannot stage {path}"), e);
-        // Readable too: a resumed prefix is hashed, and a local copy
-        // verified, through this handle. O_NOFOLLOW: a staged path is ours,
-        // but never write through a link.
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
         if keep == 0 {
-            let f = opts.create(true).truncate(true).open(&dst).map_err(err)?;
+            let f = create_staged(&dst).map_err(err)?;
             return Ok((dst, f));
         }
-        let f = opts.open(&dst).map_err(err)?;
+        let f = staged_options().open(&dst).map_err(err)?;
         let len = f.metadata().map_err(err)?.len();
         if len < keep {
             return Err(AgentError::new(
@@ -623,6 +630,37 @@ impl Repository {
             )),
         }
     }
+}
+
+/// Readable too: a resumed prefix is hashed, and a local copy verified,
+/// through the handle. O_NOFOLLOW: a staged path is ours, but never write
+/// through a link.
+fn staged_options() -> OpenOptions {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
+    opts
+}
+
+fn create_staged(dst: &Path) -> std::io::Result<File> {
+    staged_options().create(true).truncate(true).open(dst)
+}
+
+/// Copies the local file `src` into a new staged file `dst`, then reads
+/// back what landed: the staged file and its (size, XXH3).
+fn copy_verified(path: &str, dst: &Path, src: &Path) -> Result<(File, (u64, u64)), AgentError> {
+    let mut to =
+        create_staged(dst).map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+    let mut from = dsg_core::hash::open_nofollow(src)
+        .map_err(|e| AgentError::io(format!("cannot read {}", src.display()), e))?;
+    // std's copy uses copy_file_range between files: a reflink on XFS and
+    // btrfs, an in-kernel copy elsewhere.
+    std::io::copy(&mut from, &mut to)
+        .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
+    // Verify what landed, not what was meant to be sent.
+    let verified =
+        std::io::Seek::rewind(&mut to).and_then(|()| dsg_core::hash::hash_reader(&mut to));
+    let (got, n) = verified.map_err(|e| AgentError::io(format!("verifying {path}"), e))?;
+    Ok((to, (n, got.0)))
 }
 
 /// Creates the parent directories of `rel` under `base`, refusing to go
@@ -1575,18 +1613,30 @@ impl Backend for Repository {
         src: &Path,
     ) -> Result<(), AgentError> {
         // Never resumed: a copy on this host has no connection to lose.
-        let (dst, mut to) = self.open_staged(path, 0, false)?;
-        let mut from = dsg_core::hash::open_nofollow(src)
-            .map_err(|e| AgentError::io(format!("cannot read {}", src.display()), e))?;
-        // std's copy uses copy_file_range between files: a reflink on XFS
-        // and btrfs, an in-kernel copy elsewhere.
-        std::io::copy(&mut from, &mut to)
-            .map_err(|e| AgentError::io(format!("cannot stage {path}"), e))?;
-        // Verify what landed, not what was meant to be sent.
-        let verified =
-            std::io::Seek::rewind(&mut to).and_then(|()| dsg_core::hash::hash_reader(&mut to));
-        let (got, n) = verified.map_err(|e| AgentError::io(format!("verifying {path}"), e))?;
-        self.accept_staged(path, &dst, to, (n, got.0), (size, hash), mtime_ns)
+        let dst = self.staged_dst(path)?;
+        let (to, got) = copy_verified(path, &dst, src)?;
+        self.accept_staged(path, &dst, to, got, (size, hash), mtime_ns)
+    }
+
+    fn stage_files_from(&mut self, files: &[LocalFile]) -> Result<(), AgentError> {
+        // Paths are checked and their folders made one by one (the
+        // transaction's list of made folders is shared); the copies, each
+        // a file creation, a copy and a read to verify it, run on every
+        // core; the files are accepted in order, as they were sent.
+        let mut dsts = Vec::with_capacity(files.len());
+        for f in files {
+            dsts.push(self.staged_dst(&f.path)?);
+        }
+        let copied: Vec<_> = files
+            .par_iter()
+            .zip(&dsts)
+            .map(|(f, dst)| copy_verified(&f.path, dst, &f.src))
+            .collect();
+        for ((f, dst), c) in files.iter().zip(&dsts).zip(copied) {
+            let (to, got) = c?;
+            self.accept_staged(&f.path, dst, to, got, (f.size, f.hash), f.mtime_ns)?;
+        }
+        Ok(())
     }
 
     fn stage_link(&mut self, path: &str, target: &str) -> Result<(), AgentError> {
