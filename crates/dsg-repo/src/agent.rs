@@ -67,7 +67,8 @@ pub fn serve_with(
 const LOCAL_BATCH: usize = 128;
 
 /// Stages the gathered local uploads; the first failure is kept for the
-/// next barrier, as for uploads staged one by one.
+/// next barrier, as for uploads staged one by one. After a failure they
+/// are skipped, as every upload is until that barrier.
 fn stage_local(
     backend: &mut dyn Backend,
     files: &mut Vec<LocalFile>,
@@ -113,7 +114,7 @@ fn serve_loop<R: Read, W: Write>(
                 hash,
                 mtime_ns,
                 src,
-            } if local_sources && sticky.is_none() => {
+            } if local_sources => {
                 local.push(LocalFile {
                     path,
                     size,
@@ -159,7 +160,7 @@ fn serve_loop<R: Read, W: Write>(
             | Request::PutLink { .. }) => {
                 // Uploads are not answered one by one: the first failure
                 // is kept and reported at the next barrier.
-                if let Err(e) = stage(backend, &mut r, put, sticky.is_some(), local_sources)? {
+                if let Err(e) = stage(backend, &mut r, put, sticky.is_some())? {
                     *sticky = Some(e);
                 }
             }
@@ -476,7 +477,6 @@ fn stage<R: Read>(
     r: &mut R,
     put: Request,
     skip: bool,
-    local_sources: bool,
 ) -> io::Result<Result<(), AgentError>> {
     let staged = match put {
         Request::PutFile {
@@ -496,16 +496,8 @@ fn stage<R: Read>(
             staged
         }
         _ if skip => Ok(()),
-        Request::PutFileLocal {
-            path,
-            size,
-            hash,
-            mtime_ns,
-            src,
-        } if local_sources => {
-            backend.stage_file_from(&path, size, hash, mtime_ns, std::path::Path::new(&src))
-        }
-        // Only a client in this process may name a local file.
+        // Only a client in this process may name a local file (its uploads
+        // never come here: the serve loop stages them in batches).
         Request::PutFileLocal { .. } => Err(AgentError::new(
             ErrorKind::Protocol,
             "put_file_local is only for a local client",
