@@ -25,8 +25,8 @@ use std::sync::Arc;
 use dsg_core::atomic::{write_atomic, AtomicFile};
 use dsg_core::hash::Hash;
 use dsg_core::manifest::{
-    archive_name, binary, compress_archive_stream, dedup_changes, entries_hash_of, merge_changes,
-    snapshot_number, write_json, Entry, EntryKind, Metadata, SyncMessages,
+    archive_name, binary, compress_archive_stream, dedup_changes, entries_hash_of, snapshot_number,
+    write_json, Entry, EntryKind, Merged, Metadata, SyncMessages,
 };
 use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
@@ -579,11 +579,11 @@ fn warn_left_alone(plan: &Plan, reporter: &dyn Reporter) {
 /// sync-messages (identical on both sides), and the snapshot it is based on.
 struct NextMeta<'a> {
     base: Metadata,
-    /// The new snapshot's manifest: its entries borrowed from L, C and R
-    /// (no entry is copied), and its metadata; `None` when there is no new
+    /// The new snapshot's manifest: R with the changes merged in as it is
+    /// read (no entry copied, no list of them made), and its metadata; `None` when there is no new
     /// snapshot (the head stays as it is). Written to the staging folder
     /// and sent to the agent from there, never held as text.
-    manifest: Option<(Vec<&'a Entry>, Metadata)>,
+    manifest: Option<(Merged<'a>, Metadata)>,
     /// What the new manifest changes in R, by path (`None`: dropped), when
     /// few enough to send the agent instead of the whole manifest.
     delta: Option<Vec<(&'a str, Option<&'a Entry>)>>,
@@ -649,7 +649,7 @@ fn new_metadata<'a>(
         let changes = dedup_changes(changes);
         // A delta's entries are held whole by the agent: only a small one.
         let small = changes.len() <= (remote.len() / 16).max(1024);
-        let entries = merge_changes(remote.entries(), changes.clone());
+        let entries = Merged::new(remote.entries(), changes.clone());
         next.delta = small.then_some(changes);
         let number = snapshot_number(&next.base.snapshot_id)
             .or_else(|| messages.head_number())
@@ -657,7 +657,7 @@ fn new_metadata<'a>(
             + 1;
         let id = format!("s{number}");
         let md = Metadata::sealed(
-            entries_hash_of(entries.iter().copied()),
+            entries_hash_of(entries.iter()),
             entries.len(),
             &id,
             &project.user.user_id,
@@ -1040,9 +1040,7 @@ fn stage_meta(
     };
     let new_cache = meta.join("last-sync.json");
     let hash = match &next.manifest {
-        Some((entries, md)) => stream_to(&new_cache, |f| {
-            write_json(f, entries.iter().copied(), Some(md))
-        })?,
+        Some((entries, md)) => stream_to(&new_cache, |f| write_json(f, entries.iter(), Some(md)))?,
         None => match text {
             RemoteText::CacheFile(h) => {
                 let src = std::fs::File::open(&cache).map_err(|e| EngineError::io(&cache, e))?;
@@ -1737,7 +1735,7 @@ fn download_error(
 fn write_manifest_cache(project: &Project, path: &Path, cmp: &Comparison, next: &NextMeta<'_>) {
     if let Some(h) = next.manifest_hash.get() {
         project.write_cache_streamed(path, "manifest cache", |f| match &next.manifest {
-            Some((entries, md)) => binary::write_borrowed(f, entries, md, h),
+            Some((entries, md)) => binary::write_borrowed(f, entries.iter(), entries.len(), md, h),
             None => binary::write_manifest(f, cmp.remote(), h),
         });
     }
