@@ -711,3 +711,84 @@ fn status_reports_invalid_names_and_unsafe_links_as_problems() {
     );
     assert!(stdout(&o).contains("input/abs.csv"), "{}", describe(&o));
 }
+
+// ------------------------------------------- caches left by an upload sync
+
+/// The file records of `.dsg/stat-cache` (version 2): path -> (size, ino,
+/// hash), and whether the header vouches for the cache manifest.
+fn stat_cache_files(dir: &Path) -> (BTreeMap<String, (u64, u64, u64)>, bool) {
+    let b = fs::read(dir.join(".dsg/stat-cache")).unwrap();
+    assert_eq!(&b[..8], b"DSGSTAT2");
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let (count, known) = (u64_at(16), u64_at(32) == 1);
+    let mut pos = 80;
+    let mut files = BTreeMap::new();
+    for _ in 0..count {
+        let len = u32::from_le_bytes(b[pos..pos + 4].try_into().unwrap()) as usize;
+        let path = String::from_utf8(b[pos + 4..pos + 4 + len].to_vec()).unwrap();
+        pos += 4 + len;
+        files.insert(path, (u64_at(pos), u64_at(pos + 24), u64_at(pos + 32)));
+        pos += 40;
+    }
+    (files, known)
+}
+
+/// A sync that installs nothing here writes its stat cache and the binary
+/// copy of the new cache manifest before the commit (into staging, moved
+/// into .dsg/ after the apply, so the manifests are dropped before the
+/// repository commits): both must be the new ones, with nothing left in
+/// staging.
+#[test]
+fn an_upload_sync_leaves_the_new_caches() {
+    let env = TestEnv::new();
+    let dir = env.project("p");
+    write(&dir, "input/a.csv", "a\n");
+    write(&dir, "input/b.csv", "b\n");
+    write(&dir, "input/gone.csv", "gone\n");
+    env.init_ok(&dir, "N");
+    write(&dir, "input/a.csv", "a, longer now\n");
+    write(&dir, "input/new.csv", "new\n");
+    fs::remove_file(dir.join("input/gone.csv")).unwrap();
+    let before = fs::read(dir.join(".dsg/stat-cache.manifest")).unwrap();
+    assert_code(&env.run(&dir, &["sync", "-m", "up"]), 0, "sync");
+
+    let staging = dir.join(".dsg/staging");
+    assert!(
+        !staging.exists() || fs::read_dir(&staging).unwrap().next().is_none(),
+        "staging left behind"
+    );
+    let (files, known) = stat_cache_files(&dir);
+    assert!(
+        !known,
+        "the header vouches for a cache manifest the sync replaced"
+    );
+    let m = Mf::load(&dir.join(".dsg/last-sync.json"));
+    assert_eq!(
+        files.keys().cloned().collect::<Vec<_>>(),
+        m.keys(),
+        "the stat cache holds every file of the new manifest"
+    );
+    for p in ["input/a.csv", "input/b.csv", "input/new.csv"] {
+        let md = fs::metadata(dir.join(p)).unwrap();
+        let (size, ino, _) = files[p];
+        assert_eq!(
+            (size, ino),
+            (md.len(), std::os::unix::fs::MetadataExt::ino(&md)),
+            "{p}"
+        );
+    }
+
+    // The binary copy is of the new manifest: the very bytes a status
+    // makes from the JSON.
+    let cache = dir.join(".dsg/stat-cache.manifest");
+    let by_sync = fs::read(&cache).unwrap();
+    assert_ne!(by_sync, before, "the binary copy is still the old one");
+    fs::remove_file(&cache).unwrap();
+    let v = env.status_json(&dir, &[]);
+    assert_eq!(v["files"], json!([]), "{v:#}");
+    assert_eq!(
+        fs::read(&cache).unwrap(),
+        by_sync,
+        "sync's binary copy differs"
+    );
+}

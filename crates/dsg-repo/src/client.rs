@@ -592,7 +592,9 @@ impl RepoClient {
         // was sent cannot be a complete manifest: the agent refuses it)
         // and the read's error is returned.
         let mut read_err = None;
-        let mut buf = vec![0u8; crate::protocol::CHUNK];
+        // 64 KiB frames (CHUNK is the most a frame may carry): a delta is
+        // a few hundred KB, and this buffer is held at the commit's peak.
+        let mut buf = vec![0u8; 1 << 16];
         let w = &mut self.w;
         let io = (|| {
             loop {

@@ -414,7 +414,10 @@ pub fn copy_as_data<R: Read, W: Write>(
     buf: &mut Vec<u8>,
     what: &str,
 ) -> io::Result<u64> {
-    buf.resize(CHUNK, 0);
+    // Frames start at 64 KiB and grow to CHUNK once a read fills one: a
+    // small file (sync-messages, read at every sync) touches no whole MiB.
+    // For the in-process agent that MiB stayed resident through the sync.
+    buf.resize(buf.len().clamp(1 << 16, CHUNK), 0);
     let mut total = 0u64;
     loop {
         let n = match r.read(buf) {
@@ -435,6 +438,9 @@ pub fn copy_as_data<R: Read, W: Write>(
         };
         write_frame(w, b'D', &buf[..n])?;
         total += n as u64;
+        if n == buf.len() && n < CHUNK {
+            buf.resize(CHUNK, 0);
+        }
     }
     write_frame(w, b'E', &[])?;
     Ok(total)

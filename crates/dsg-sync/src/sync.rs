@@ -25,8 +25,8 @@ use std::sync::Arc;
 use dsg_core::atomic::{write_atomic, AtomicFile};
 use dsg_core::hash::Hash;
 use dsg_core::manifest::{
-    archive_name, binary, compress_archive_stream, dedup_changes, entries_hash_of, merge_changes,
-    snapshot_number, write_json, Entry, EntryKind, Metadata, SyncMessages,
+    archive_name, binary, compress_archive_stream, dedup_changes, entries_hash_of, snapshot_number,
+    write_json, Entry, EntryKind, Merged, Metadata, SyncMessages,
 };
 use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
@@ -300,11 +300,23 @@ fn sync_once(
         id: format!("tx-{}", uuid::Uuid::new_v4().simple()),
         is_clone,
     };
-    transact(&tx, client, &cmp, &plan, &next, retries, reporter)?;
+    let staged = prepare(&tx, client, &cmp, &plan, &next, retries, reporter)?;
+    let snapshot_id = next.snapshot_id.clone();
+    if staged.caches_staged {
+        // Nothing left needs the manifests: the commit (the agent's, in
+        // this process for a local repository) and the apply run without
+        // them (~150 bytes a file given back first).
+        drop(next);
+        drop(cmp);
+        crate::phase("manifests released");
+        conclude(&tx, staged, &plan, None)?;
+    } else {
+        conclude(&tx, staged, &plan, Some((&cmp, &next)))?;
+    }
     if resolutions.is_some() {
         remove_conflicts_file(project);
     }
-    report.snapshot_id = next.snapshot_id;
+    report.snapshot_id = snapshot_id;
     report.plan = plan;
     Ok(report)
 }
@@ -567,11 +579,11 @@ fn warn_left_alone(plan: &Plan, reporter: &dyn Reporter) {
 /// sync-messages (identical on both sides), and the snapshot it is based on.
 struct NextMeta<'a> {
     base: Metadata,
-    /// The new snapshot's manifest: its entries borrowed from L, C and R
-    /// (no entry is copied), and its metadata; `None` when there is no new
+    /// The new snapshot's manifest: R with the changes merged in as it is
+    /// read (no entry copied, no list of them made), and its metadata; `None` when there is no new
     /// snapshot (the head stays as it is). Written to the staging folder
     /// and sent to the agent from there, never held as text.
-    manifest: Option<(Vec<&'a Entry>, Metadata)>,
+    manifest: Option<(Merged<'a>, Metadata)>,
     /// What the new manifest changes in R, by path (`None`: dropped), when
     /// few enough to send the agent instead of the whole manifest.
     delta: Option<Vec<(&'a str, Option<&'a Entry>)>>,
@@ -637,7 +649,7 @@ fn new_metadata<'a>(
         let changes = dedup_changes(changes);
         // A delta's entries are held whole by the agent: only a small one.
         let small = changes.len() <= (remote.len() / 16).max(1024);
-        let entries = merge_changes(remote.entries(), changes.clone());
+        let entries = Merged::new(remote.entries(), changes.clone());
         next.delta = small.then_some(changes);
         let number = snapshot_number(&next.base.snapshot_id)
             .or_else(|| messages.head_number())
@@ -645,7 +657,7 @@ fn new_metadata<'a>(
             + 1;
         let id = format!("s{number}");
         let md = Metadata::sealed(
-            entries_hash_of(entries.iter().copied()),
+            entries_hash_of(entries.iter()),
             entries.len(),
             &id,
             &project.user.user_id,
@@ -675,8 +687,33 @@ impl Tx<'_> {
     }
 }
 
-/// Carries out `plan`: begin, stage, commit point, finish.
-fn transact(
+/// A transaction staged on both sides, up to the commit point.
+struct Staged {
+    journal: Journal,
+    client: RepoClient,
+    ops: Vec<Op>,
+    /// What the commit sends, when there is a new snapshot.
+    commit: Option<CommitMsg>,
+    /// The new stat cache and binary manifest cache were written into the
+    /// staging folder (no file is installed here, so nothing of them waits
+    /// for the apply): the manifests are no longer needed.
+    caches_staged: bool,
+}
+
+/// The commit's message, owned: the manifests it came from may be dropped
+/// before it is sent.
+struct CommitMsg {
+    id: String,
+    /// A delta commit: the added and changed entries as a manifest with
+    /// the new metadata, and the dropped paths as a JSON array.
+    delta: Option<(Vec<u8>, Vec<u8>)>,
+    messages: Vec<u8>,
+    snapshot_hash: Option<String>,
+}
+
+/// Carries out `plan` up to the commit point: begin, stage, and (when no
+/// file is installed here) the caches written into staging.
+fn prepare(
     tx: &Tx<'_>,
     mut client: RepoClient,
     cmp: &Comparison,
@@ -684,7 +721,7 @@ fn transact(
     next: &NextMeta<'_>,
     retries: &Retries,
     reporter: &dyn Reporter,
-) -> Result<()> {
+) -> Result<Staged> {
     let root = tx.root();
     let journal = begin(tx)?;
     crate::phase("journal begun");
@@ -725,16 +762,79 @@ fn transact(
         }
     };
     crate::phase("staged");
-    if plan.needs_snapshot {
-        commit_snapshot(tx, &mut client, next)?;
+    let commit = plan.needs_snapshot.then(|| commit_msg(next));
+    // The stat cache written after the apply holds the stat of each file
+    // it installed: only with none can both caches be made now.
+    let caches_staged = plan.downloads.is_empty() && plan.restores.is_empty();
+    if caches_staged {
+        let staging = staging_dir(root, &tx.id);
+        write_stat_cache(tx.project, &staging.join(STAGED_STAT_CACHE), cmp, plan);
+        write_manifest_cache(tx.project, &staging.join(STAGED_MANIFEST_CACHE), cmp, next);
+        crate::phase("caches staged");
+    }
+    Ok(Staged {
+        journal,
+        client,
+        ops,
+        commit,
+        caches_staged,
+    })
+}
+
+/// The caches' names in the staging folder (not in `meta/`, which the
+/// apply installs): moved into `.dsg/` by `finish`.
+const STAGED_STAT_CACHE: &str = "stat-cache";
+const STAGED_MANIFEST_CACHE: &str = "stat-cache.manifest";
+
+/// From the commit point on: the repository's commit, then the local
+/// apply. `late` is the manifests, when the caches were not staged.
+fn conclude(
+    tx: &Tx<'_>,
+    staged: Staged,
+    plan: &Plan,
+    late: Option<(&Comparison, &NextMeta<'_>)>,
+) -> Result<()> {
+    let Staged {
+        journal,
+        mut client,
+        ops,
+        commit,
+        ..
+    } = staged;
+    if let Some(msg) = &commit {
+        commit_snapshot(tx, &mut client, msg)?;
         failpoint("client.repo_committed");
         crate::phase("repository committed");
     }
-    finish(tx, &journal, ops, cmp, plan, next)?;
+    finish(tx, &journal, ops, plan, late)?;
     crate::phase("local side applied");
     learn_prunes(tx.project, &mut client);
     let _ = client.close();
     Ok(())
+}
+
+/// What `commit_snapshot` sends for `next`.
+fn commit_msg(next: &NextMeta<'_>) -> CommitMsg {
+    let delta = match (&next.delta, &next.manifest) {
+        (Some(changes), Some((_, md))) => {
+            let mut upserts = Vec::new();
+            write_json(&mut upserts, changes.iter().filter_map(|c| c.1), Some(md))
+                .expect("a Vec takes every write");
+            let removed: Vec<&str> = changes
+                .iter()
+                .filter(|c| c.1.is_none())
+                .map(|c| c.0)
+                .collect();
+            Some((upserts, serde_json::to_vec(&removed).expect("json")))
+        }
+        _ => None,
+    };
+    CommitMsg {
+        id: next.snapshot_id.clone().expect("snapshot id"),
+        delta,
+        messages: next.messages_bytes.clone(),
+        snapshot_hash: next.snapshot_hash.clone(),
+    }
 }
 
 /// Keeps this client's copy of the repository's prune record current, so
@@ -940,9 +1040,7 @@ fn stage_meta(
     };
     let new_cache = meta.join("last-sync.json");
     let hash = match &next.manifest {
-        Some((entries, md)) => stream_to(&new_cache, |f| {
-            write_json(f, entries.iter().copied(), Some(md))
-        })?,
+        Some((entries, md)) => stream_to(&new_cache, |f| write_json(f, entries.iter(), Some(md)))?,
         None => match text {
             RemoteText::CacheFile(h) => {
                 let src = std::fs::File::open(&cache).map_err(|e| EngineError::io(&cache, e))?;
@@ -1086,27 +1184,18 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
 
 /// The commit point of a snapshot sync: the agent commits. When its reply
 /// is lost, the head read on a new connection tells the outcome.
-fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta<'_>) -> Result<()> {
-    let id = next.snapshot_id.clone().expect("snapshot id");
+fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, msg: &CommitMsg) -> Result<()> {
+    let id = &msg.id;
     let staged = staging_dir(tx.root(), &tx.id).join("meta/last-sync.json");
-    let committed = match (&next.delta, &next.manifest) {
+    let committed = match &msg.delta {
         // Only what changed: the agent merges it into its head, checks the
         // result against the metadata's entries hash, and writes it.
-        (Some(changes), Some((_, md))) => {
-            let mut upserts = Vec::new();
-            write_json(&mut upserts, changes.iter().filter_map(|c| c.1), Some(md))
-                .expect("a Vec takes every write");
-            let removed: Vec<&str> = changes
-                .iter()
-                .filter(|c| c.1.is_none())
-                .map(|c| c.0)
-                .collect();
-            let removed = serde_json::to_vec(&removed).expect("json");
-            client.commit(&id, &mut &upserts[..], Some(&removed), &next.messages_bytes)
+        Some((upserts, removed)) => {
+            client.commit(id, &mut &upserts[..], Some(removed), &msg.messages)
         }
-        _ => {
+        None => {
             let mut f = std::fs::File::open(&staged).map_err(|e| EngineError::io(&staged, e))?;
-            client.commit(&id, &mut f, None, &next.messages_bytes)
+            client.commit(id, &mut f, None, &msg.messages)
         }
     };
     let Err(e) = committed else {
@@ -1135,7 +1224,7 @@ fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, next: &NextMeta<'_>) ->
     }
     let committed = match fetch_remote(&mut c, None) {
         Ok(Some((m, _))) => {
-            m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == next.snapshot_hash
+            m.metadata.as_ref().and_then(|m| m.snapshot_hash.clone()) == msg.snapshot_hash
         }
         Ok(None) => false,
         Err(_) => return Err(unknown(&e)),
@@ -1153,9 +1242,8 @@ fn finish(
     tx: &Tx<'_>,
     journal: &Journal,
     ops: Vec<Op>,
-    cmp: &Comparison,
     plan: &Plan,
-    next: &NextMeta<'_>,
+    late: Option<(&Comparison, &NextMeta<'_>)>,
 ) -> Result<()> {
     let root = tx.root();
     journal
@@ -1171,18 +1259,14 @@ fn finish(
     // two operations per file).
     drop(ops);
     crate::phase("local files in place");
-    update_stat_cache(tx.project, cmp, plan);
-    crate::phase("stat cache written");
-    // The next command finds the new cache already in binary form (a JSON
-    // parse of every entry saved); tagged by the JSON's hash, so a stale
-    // copy is never used.
-    if let Some(h) = next.manifest_hash.get() {
-        let path = tx.project.manifest_cache_path();
-        tx.project
-            .write_cache_streamed(&path, "manifest cache", |f| match &next.manifest {
-                Some((entries, md)) => binary::write_borrowed(f, entries, md, h),
-                None => binary::write_manifest(f, cmp.remote(), h),
-            });
+    match late {
+        Some((cmp, next)) => {
+            write_stat_cache(tx.project, &tx.project.stat_cache_path(), cmp, plan);
+            crate::phase("stat cache written");
+            let path = tx.project.manifest_cache_path();
+            write_manifest_cache(tx.project, &path, cmp, next);
+        }
+        None => install_staged_caches(tx),
     }
     journal
         .append(&LocalRecord::Done { tx: tx.id.clone() })
@@ -1645,7 +1729,41 @@ fn download_error(
 /// the downloaded files as they now are on disk. Both sides are in path
 /// order, so they are merged as they are encoded, not gathered in a map
 /// (a clone's downloads are every file).
-fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
+/// The next command finds the new cache already in binary form (a JSON
+/// parse of every entry saved); tagged by the JSON's hash, so a stale copy
+/// is never used.
+fn write_manifest_cache(project: &Project, path: &Path, cmp: &Comparison, next: &NextMeta<'_>) {
+    if let Some(h) = next.manifest_hash.get() {
+        project.write_cache_streamed(path, "manifest cache", |f| match &next.manifest {
+            Some((entries, md)) => binary::write_borrowed(f, entries.iter(), entries.len(), md, h),
+            None => binary::write_manifest(f, cmp.remote(), h),
+        });
+    }
+}
+
+/// Moves the caches `prepare` staged into `.dsg/`, after the apply (the
+/// binary copy is of the new cache manifest, the stat cache names no file
+/// as the old one). One missing (its write failed) leaves the old one,
+/// which the next command finds stale and does without.
+fn install_staged_caches(tx: &Tx<'_>) {
+    let staging = staging_dir(tx.root(), &tx.id);
+    for (name, dst) in [
+        (STAGED_STAT_CACHE, tx.project.stat_cache_path()),
+        (STAGED_MANIFEST_CACHE, tx.project.manifest_cache_path()),
+    ] {
+        let src = staging.join(name);
+        if let Err(e) = std::fs::rename(&src, &dst) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("could not save {}: {e}", dst.display());
+            }
+        }
+    }
+}
+
+/// The stat cache after this sync, written at `path`: L's files, less
+/// those the apply deletes or replaces, and the files it installs (stat'ed
+/// now: called after the apply when there are any).
+fn write_stat_cache(project: &Project, path: &Path, cmp: &Comparison, plan: &Plan) {
     let remote = cmp.remote();
     let mut installed: Vec<&Entry> = plan
         .downloads
@@ -1685,10 +1803,9 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
         })
         .collect();
     let count = (kept().count() + fresh.len()) as u64;
-    let path = project.stat_cache_path();
     // The scan's directory listings too: a folder this sync wrote into has
     // a new stat by now and is listed again; the others are not.
-    project.write_cache_streamed(&path, "stat cache", |f| {
+    project.write_cache_streamed(path, "stat cache", |f| {
         StatCache::write_with_dirs(
             f,
             cmp.scan.started_ns,
