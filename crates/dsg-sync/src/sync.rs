@@ -796,7 +796,14 @@ fn stage(
             });
         };
         let bytes = restores.iter().map(|e| entry_size(e)).sum();
-        download(client, &staging, &restores, bytes, Some(&from), reporter)?;
+        download(
+            client,
+            &staging,
+            restores.iter().copied(),
+            bytes,
+            Some(&from),
+            reporter,
+        )?;
     }
     if plan.needs_snapshot {
         upload_changes(tx, client, cmp, plan, next, retries, reporter)?;
@@ -804,15 +811,12 @@ fn stage(
         crate::phase("uploaded");
     }
     let remote = cmp.remote();
-    let downloads: Vec<&Entry> = plan
-        .downloads
-        .iter()
-        .map(|p| remote.get(p).expect("R has it"))
-        .collect();
     download(
         client,
         &staging,
-        &downloads,
+        plan.downloads
+            .iter()
+            .map(|p| remote.get(p).expect("R has it")),
         plan.downloaded_bytes,
         None,
         reporter,
@@ -1462,19 +1466,19 @@ fn entry_size(e: &Entry) -> u64 {
 /// Streams the downloads into staging, verifying each against R's entry.
 /// `from`: a snapshot id to read the versions of (conflict choice C);
 /// `None` reads the head.
-fn download(
+fn download<'a>(
     client: &mut RepoClient,
     staging: &Path,
-    downloads: &[&Entry],
+    downloads: impl ExactSizeIterator<Item = &'a Entry>,
     bytes: u64,
     from: Option<&str>,
     reporter: &dyn Reporter,
 ) -> Result<()> {
     let files = staging.join("files");
     // Looked up by path as the files arrive (by binary search: a map of
-    // every download would cost a clone ~40 bytes a file more), and asked
-    // for by borrowed path.
-    let mut want: Vec<&Entry> = Vec::new();
+    // every download would cost a clone ~40 bytes a file more). Sized
+    // once: a clone's downloads are every file.
+    let mut want: Vec<&Entry> = Vec::with_capacity(downloads.len());
     for e in downloads {
         match &e.kind {
             EntryKind::Link { target } => {
@@ -1493,14 +1497,14 @@ fn download(
     // Already in path order (the plan's); a stable sort of sorted input is
     // one pass.
     want.sort_by(|a, b| a.path.cmp(&b.path));
-    let fetch: Vec<&str> = want.iter().map(|e| &*e.path).collect();
-    reporter.transfer_start("downloading", fetch.len() as u64, bytes);
+    want.shrink_to_fit();
+    reporter.transfer_start("downloading", want.len() as u64, bytes);
     let (mut nf, mut nb) = (0u64, 0u64);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 18];
     // The first local write that failed, kept whole: the agent's error
     // type has only its text, and the hint depends on the cause.
     let mut write_failed: Option<(PathBuf, std::io::Error)> = None;
-    let sink = |inc: Incoming<'_>| {
+    let mut sink = |inc: Incoming<'_>| {
         let Incoming::File {
             path,
             size: _,
@@ -1542,16 +1546,32 @@ fn download(
         reporter.transfer_progress(nf, nb);
         Ok(())
     };
-    let res = match from {
-        Some(snap) => client.get_versions(snap, &fetch, sink),
-        None => client.get_files(&fetch, sink),
-    };
+    // Asked for a slice at a time, borrowing the paths: a list of them
+    // all would cost a clone 16 bytes a file.
+    let mut fetch: Vec<&str> = Vec::with_capacity(FETCH_SLICE.min(want.len()));
+    let mut res = Ok(());
+    for slice in want.chunks(FETCH_SLICE) {
+        fetch.clear();
+        fetch.extend(slice.iter().map(|e| &*e.path));
+        res = match from {
+            Some(snap) => client.get_versions(snap, &fetch, &mut sink),
+            None => client.get_files(&fetch, &mut sink),
+        };
+        if res.is_err() {
+            break;
+        }
+    }
     reporter.transfer_done();
     res.map_err(|e| match e {
         RepoError::Local { path, msg } => download_error(&path, &msg, write_failed, staging, bytes),
         other => other.into(),
     })
 }
+
+/// How many paths `download` asks for in one request: an agent in this
+/// process holds a request's paths as it serves them (~60 bytes a path), a
+/// few hundred kB this way, whatever the size of the clone.
+const FETCH_SLICE: usize = 1 << 13;
 
 /// Writes one incoming file to `dst`; returns its length, hash and open
 /// file, or the local path whose write failed.
@@ -1672,19 +1692,18 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
             .filter(|(e, _)| !gone(&e.path))
             .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)))
     };
-    // Stat'ed once, so the count written first is the count that follows.
-    let fresh: Vec<(&str, Stat, Hash)> = installed
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EntryKind::File { hash: Some(h), .. } => {
-                std::fs::symlink_metadata(project.root.join(&*e.path))
-                    .ok()
-                    .map(|md| (&*e.path, Stat::of(&md), *h))
-            }
+    // Stat'ed as they are written, not gathered first (a clone's are every
+    // file: 56 bytes each). The count is written before them, so a file
+    // that can no longer be stat'ed (removed meanwhile) keeps its record
+    // with a zero stat: no file matches it, so it is hashed again when
+    // next seen, as a file missing from the cache would be.
+    let fresh = || {
+        installed.iter().filter_map(|e| match &e.kind {
+            EntryKind::File { hash: Some(h), .. } => Some((&*e.path, *h)),
             _ => None,
         })
-        .collect();
-    let count = (kept().count() + fresh.len()) as u64;
+    };
+    let count = (kept().count() + fresh().count()) as u64;
     let path = project.stat_cache_path();
     // The scan's directory listings too: a folder this sync wrote into has
     // a new stat by now and is listed again; the others are not.
@@ -1693,7 +1712,15 @@ fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
             f,
             cmp.scan.started_ns,
             count,
-            merge_by_path(kept(), fresh.iter().copied()),
+            merge_by_path(
+                kept(),
+                fresh().map(|(p, h)| {
+                    let st = std::fs::symlink_metadata(project.root.join(p))
+                        .map(|md| Stat::of(&md))
+                        .unwrap_or_default();
+                    (p, st, h)
+                }),
+            ),
             &cmp.scan.dirs,
             None,
         )
