@@ -212,6 +212,7 @@ fn sync_once(
         is_clone,
         reporter,
     )?;
+    let at_risk_empty = at_risk.is_empty();
     let rows = rows_at_risk(&cmp, &at_risk);
     let found = conflicts::conflicts(&cmp, &rows, adopt.as_ref());
     let mut stale_conflicts_file_removed = false;
@@ -293,6 +294,17 @@ fn sync_once(
         return Ok(report);
     }
     crate::phase("planned");
+    // A clone has a row and a download for every file: its rows are not
+    // held through the transaction, and its download list is handed to
+    // the local operations (which take its paths); both are made again
+    // from L/C/R for the report (no choice or risk changed an action).
+    let report_later = is_clone && choices.is_none() && at_risk_empty;
+    let handed = if report_later {
+        plan.files = Vec::new();
+        std::mem::take(&mut plan.downloads)
+    } else {
+        Vec::new()
+    };
     let next = new_metadata(project, opts, &cmp, &plan, repo_messages, &mut client)?;
     crate::phase("new metadata computed");
     let tx = Tx {
@@ -300,11 +312,21 @@ fn sync_once(
         id: format!("tx-{}", uuid::Uuid::new_v4().simple()),
         is_clone,
     };
-    transact(&tx, client, &cmp, &plan, &next, retries, reporter)?;
+    transact(&tx, client, &cmp, &plan, handed, &next, retries, reporter)?;
     if resolutions.is_some() {
         remove_conflicts_file(project);
     }
-    report.snapshot_id = next.snapshot_id;
+    report.snapshot_id = next.snapshot_id.clone();
+    drop(next);
+    if report_later {
+        plan.files = cmp.rows();
+        plan.downloads = plan
+            .files
+            .iter()
+            .filter(|r| r.action == Action::Download)
+            .map(|r| r.path.clone())
+            .collect();
+    }
     report.plan = plan;
     Ok(report)
 }
@@ -675,12 +697,15 @@ impl Tx<'_> {
     }
 }
 
-/// Carries out `plan`: begin, stage, commit point, finish.
+/// Carries out `plan`: begin, stage, commit point, finish. `handed`: the
+/// plan's downloads when it handed them over (a clone), else empty.
+#[allow(clippy::too_many_arguments)]
 fn transact(
     tx: &Tx<'_>,
     mut client: RepoClient,
     cmp: &Comparison,
     plan: &Plan,
+    handed: Vec<Arc<str>>,
     next: &NextMeta<'_>,
     retries: &Retries,
     reporter: &dyn Reporter,
@@ -709,6 +734,7 @@ fn transact(
         &mut client,
         cmp,
         plan,
+        handed,
         next,
         retries,
         reporter,
@@ -773,6 +799,7 @@ fn stage(
     client: &mut RepoClient,
     cmp: &Comparison,
     plan: &Plan,
+    handed: Vec<Arc<str>>,
     next: &NextMeta<'_>,
     retries: &Retries,
     reporter: &dyn Reporter,
@@ -811,12 +838,15 @@ fn stage(
         crate::phase("uploaded");
     }
     let remote = cmp.remote();
+    let downloads = if handed.is_empty() {
+        &plan.downloads[..]
+    } else {
+        &handed[..]
+    };
     download(
         client,
         &staging,
-        plan.downloads
-            .iter()
-            .map(|p| remote.get(p).expect("R has it")),
+        downloads.iter().map(|p| remote.get(p).expect("R has it")),
         plan.downloaded_bytes,
         None,
         reporter,
@@ -825,7 +855,8 @@ fn stage(
     check_interrupt()?;
     stage_meta(tx, client, &staging.join("meta"), cmp, plan, next)?;
     crate::phase("new manifest staged");
-    let mut ops = local_ops(cmp, plan);
+    let mut ops = local_ops(cmp, downloads, plan);
+    drop(handed);
     // Folders for the downloads, write permission, space: checked now, so
     // that nothing local can stop the apply after the commit point.
     prepare_local(root, &tx.id, &mut ops)?;
@@ -1062,11 +1093,11 @@ impl<W: Write> Write for HashingWriter<W> {
 /// is deleted or replaced (deepest first), then install the downloads.
 /// The local operations: their paths are the plan's own allocations (a
 /// clone has a retire and an install for every file, and a row).
-fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
+fn local_ops(cmp: &Comparison, downloads: &[Arc<str>], plan: &Plan) -> Vec<Op> {
     let mut removes: Vec<&Arc<str>> = plan
         .local_deletions
         .iter()
-        .chain(&plan.downloads)
+        .chain(downloads)
         .chain(&plan.restores)
         .collect();
     removes.sort_by(|a, b| b.cmp(a));
@@ -1078,7 +1109,7 @@ fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
             Op::retire(p.clone(), None, expect)
         })
         .collect();
-    let mut installs: Vec<&Arc<str>> = plan.downloads.iter().chain(&plan.restores).collect();
+    let mut installs: Vec<&Arc<str>> = downloads.iter().chain(&plan.restores).collect();
     installs.sort();
     ops.extend(
         installs
@@ -1171,11 +1202,12 @@ fn finish(
         .map_err(jerr(root))?;
     failpoint("client.journal.committed");
     apply_local(root, &tx.id, &ops)?;
+    let installed = installed_entries(cmp, plan, &ops);
     // Applied: not kept while the caches below are built (a clone has
     // two operations per file).
     drop(ops);
     crate::phase("local files in place");
-    update_stat_cache(tx.project, cmp, plan);
+    update_stat_cache(tx.project, cmp, plan, installed);
     crate::phase("stat cache written");
     // The next command finds the new cache already in binary form (a JSON
     // parse of every entry saved); tagged by the JSON's hash, so a stale
@@ -1665,20 +1697,25 @@ fn download_error(
 /// the downloaded files as they now are on disk. Both sides are in path
 /// order, so they are merged as they are encoded, not gathered in a map
 /// (a clone's downloads are every file).
-fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan) {
-    let remote = cmp.remote();
-    let mut installed: Vec<&Entry> = plan
-        .downloads
+/// The entries the operations installed (sorted by path): a restore's
+/// from C, a download's from R. Read from the operations because a clone
+/// handed its download list over to them.
+fn installed_entries<'a>(cmp: &'a Comparison, plan: &Plan, ops: &[Op]) -> Vec<&'a Entry> {
+    let restores: std::collections::HashSet<&str> = plan.restores.iter().map(|p| &**p).collect();
+    let mut installed: Vec<&Entry> = ops
         .iter()
-        .map(|p| remote.get(p).expect("R has it"))
-        .chain(
-            plan.restores
-                .iter()
-                .map(|p| cmp.cache.get(p).expect("C has it")),
-        )
+        .filter(|o| matches!(o, Op::Install { .. }))
+        .map(|o| match restores.contains(o.path()) {
+            true => cmp.cache.get(o.path()).expect("C has it"),
+            false => cmp.remote().get(o.path()).expect("R has it"),
+        })
         .collect();
     installed.sort_by(|a, b| a.path.cmp(&b.path));
     installed.dedup_by(|a, b| a.path == b.path);
+    installed
+}
+
+fn update_stat_cache(project: &Project, cmp: &Comparison, plan: &Plan, installed: Vec<&Entry>) {
     let mut deleted: Vec<&str> = plan.local_deletions.iter().map(|p| &**p).collect();
     deleted.sort_unstable();
     let gone = |p: &str| {
