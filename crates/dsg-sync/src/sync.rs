@@ -212,8 +212,17 @@ fn sync_once(
         is_clone,
         reporter,
     )?;
-    let at_risk_empty = at_risk.is_empty();
-    let rows = rows_at_risk(&cmp, &at_risk);
+    // A clone has a row and a download for every file: its download rows
+    // are not held (its plan keeps the others, to warn and block), and
+    // its download list is handed to the local operations (which take its
+    // paths); both are made again from L/C/R for the report (no choice
+    // and no risk changes an action).
+    let report_later = is_clone && !opts.dry_run && resolutions.is_none() && at_risk.is_empty();
+    let rows = if report_later {
+        Vec::new()
+    } else {
+        rows_at_risk(&cmp, &at_risk)
+    };
     let found = conflicts::conflicts(&cmp, &rows, adopt.as_ref());
     let mut stale_conflicts_file_removed = false;
     let choices = match &resolutions {
@@ -252,7 +261,11 @@ fn sync_once(
             None
         }
     };
-    let mut plan = plan(&cmp, rows, choices, is_clone)?;
+    let mut plan = if report_later {
+        plan_rows(&cmp, cmp.rows_iter(), None, true, false)?
+    } else {
+        plan(&cmp, rows, choices, is_clone)?
+    };
     if !project.user.backup_on_conflict {
         plan.backups.clear();
     }
@@ -294,13 +307,7 @@ fn sync_once(
         return Ok(report);
     }
     crate::phase("planned");
-    // A clone has a row and a download for every file: its rows are not
-    // held through the transaction, and its download list is handed to
-    // the local operations (which take its paths); both are made again
-    // from L/C/R for the report (no choice or risk changed an action).
-    let report_later = is_clone && choices.is_none() && at_risk_empty;
     let handed = if report_later {
-        plan.files = Vec::new();
         std::mem::take(&mut plan.downloads)
     } else {
         Vec::new()
@@ -489,16 +496,31 @@ pub(crate) fn plural(n: usize, word: &str) -> String {
 /// no uploads and no remote deletions.
 pub fn plan(
     cmp: &Comparison,
-    mut files: Vec<Row>,
+    files: Vec<Row>,
     choices: Option<&BTreeMap<String, Choice>>,
     is_clone: bool,
 ) -> Result<Plan> {
-    if choices.is_none() {
-        block_on_conflicts(&files)?;
-    }
+    plan_rows(cmp, files, choices, is_clone, true)
+}
+
+/// `plan`, taking the rows one at a time; `files` keeps the download rows
+/// only with `download_rows` (a clone's are every file).
+fn plan_rows(
+    cmp: &Comparison,
+    rows: impl IntoIterator<Item = Row>,
+    choices: Option<&BTreeMap<String, Choice>>,
+    is_clone: bool,
+    download_rows: bool,
+) -> Result<Plan> {
     let remote = cmp.remote();
     let mut p = Plan::default();
-    for r in &mut files {
+    let mut files = Vec::new();
+    for mut r in rows {
+        if choices.is_none() && r.action == Action::Conflict {
+            // Blocks below, before anything is written.
+            files.push(r);
+            continue;
+        }
         let path = r.path.clone();
         let action = match (r.action, choices.and_then(|c| c.get(&*r.path))) {
             (Action::Conflict, Some(&ch)) => {
@@ -533,6 +555,12 @@ pub fn plan(
             Action::Restore => p.restores.push(path),
             Action::Upload | Action::DeleteRemote | Action::None | Action::Conflict => {}
         }
+        if download_rows || action != Action::Download {
+            files.push(r);
+        }
+    }
+    if choices.is_none() {
+        block_on_conflicts(&files)?;
     }
     p.uploaded = p.uploads.len() as u64;
     p.deleted_remote = p.remote_deletions.len() as u64;
@@ -1094,6 +1122,22 @@ impl<W: Write> Write for HashingWriter<W> {
 /// The local operations: their paths are the plan's own allocations (a
 /// clone has a retire and an install for every file, and a row).
 fn local_ops(cmp: &Comparison, downloads: &[Arc<str>], plan: &Plan) -> Vec<Op> {
+    let retire = |p: &Arc<str>| {
+        let expect = cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino));
+        Op::retire(p.clone(), None, expect)
+    };
+    let install = |p: &Arc<str>| Op::Install { path: p.clone() };
+    if plan.local_deletions.is_empty()
+        && plan.restores.is_empty()
+        && downloads.windows(2).all(|w| w[0] < w[1])
+    {
+        // Downloads only, in path order (a clone's): the same operations
+        // without two sorted lists of every path.
+        let mut ops = Vec::with_capacity(2 * downloads.len());
+        ops.extend(downloads.iter().rev().map(retire));
+        ops.extend(downloads.iter().map(install));
+        return ops;
+    }
     let mut removes: Vec<&Arc<str>> = plan
         .local_deletions
         .iter()
@@ -1102,20 +1146,10 @@ fn local_ops(cmp: &Comparison, downloads: &[Arc<str>], plan: &Plan) -> Vec<Op> {
         .collect();
     removes.sort_by(|a, b| b.cmp(a));
     removes.dedup();
-    let mut ops: Vec<Op> = removes
-        .into_iter()
-        .map(|p| {
-            let expect = cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino));
-            Op::retire(p.clone(), None, expect)
-        })
-        .collect();
+    let mut ops: Vec<Op> = removes.into_iter().map(retire).collect();
     let mut installs: Vec<&Arc<str>> = downloads.iter().chain(&plan.restores).collect();
     installs.sort();
-    ops.extend(
-        installs
-            .into_iter()
-            .map(|p| Op::Install { path: p.clone() }),
-    );
+    ops.extend(installs.into_iter().map(install));
     ops
 }
 
