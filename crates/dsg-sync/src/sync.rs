@@ -212,7 +212,17 @@ fn sync_once(
         is_clone,
         reporter,
     )?;
-    let rows = rows_at_risk(&cmp, &at_risk);
+    // A clone has a row and a download for every file: its download rows
+    // are not held (its plan keeps the others, to warn and block), and
+    // its download list is handed to the local operations (which take its
+    // paths); both are made again from L/C/R for the report (no choice
+    // and no risk changes an action).
+    let report_later = is_clone && !opts.dry_run && resolutions.is_none() && at_risk.is_empty();
+    let rows = if report_later {
+        Vec::new()
+    } else {
+        rows_at_risk(&cmp, &at_risk)
+    };
     let found = conflicts::conflicts(&cmp, &rows, adopt.as_ref());
     let mut stale_conflicts_file_removed = false;
     let choices = match &resolutions {
@@ -251,7 +261,11 @@ fn sync_once(
             None
         }
     };
-    let mut plan = plan(&cmp, rows, choices, is_clone)?;
+    let mut plan = if report_later {
+        plan_rows(&cmp, cmp.rows_iter(), None, true, false)?
+    } else {
+        plan(&cmp, rows, choices, is_clone)?
+    };
     if !project.user.backup_on_conflict {
         plan.backups.clear();
     }
@@ -293,6 +307,11 @@ fn sync_once(
         return Ok(report);
     }
     crate::phase("planned");
+    let handed = if report_later {
+        std::mem::take(&mut plan.downloads)
+    } else {
+        Vec::new()
+    };
     let next = new_metadata(project, opts, &cmp, &plan, repo_messages, &mut client)?;
     crate::phase("new metadata computed");
     let tx = Tx {
@@ -300,9 +319,9 @@ fn sync_once(
         id: format!("tx-{}", uuid::Uuid::new_v4().simple()),
         is_clone,
     };
-    let staged = prepare(&tx, client, &cmp, &plan, &next, retries, reporter)?;
+    let staged = prepare(&tx, client, &cmp, &plan, handed, &next, retries, reporter)?;
     let snapshot_id = next.snapshot_id.clone();
-    if staged.caches_staged {
+    let cmp = if staged.caches_staged {
         // Nothing left needs the manifests: the commit (the agent's, in
         // this process for a local repository) and the apply run without
         // them (~150 bytes a file given back first).
@@ -310,13 +329,27 @@ fn sync_once(
         drop(cmp);
         crate::phase("manifests released");
         conclude(&tx, staged, &plan, None)?;
+        None
     } else {
         conclude(&tx, staged, &plan, Some((&cmp, &next)))?;
-    }
+        drop(next);
+        Some(cmp)
+    };
     if resolutions.is_some() {
         remove_conflicts_file(project);
     }
     report.snapshot_id = snapshot_id;
+    // A clone that handed its downloads over has them listed again (with
+    // none, its plan already holds every row).
+    if let (true, Some(cmp)) = (report_later, &cmp) {
+        plan.files = cmp.rows();
+        plan.downloads = plan
+            .files
+            .iter()
+            .filter(|r| r.action == Action::Download)
+            .map(|r| r.path.clone())
+            .collect();
+    }
     report.plan = plan;
     Ok(report)
 }
@@ -479,16 +512,31 @@ pub(crate) fn plural(n: usize, word: &str) -> String {
 /// no uploads and no remote deletions.
 pub fn plan(
     cmp: &Comparison,
-    mut files: Vec<Row>,
+    files: Vec<Row>,
     choices: Option<&BTreeMap<String, Choice>>,
     is_clone: bool,
 ) -> Result<Plan> {
-    if choices.is_none() {
-        block_on_conflicts(&files)?;
-    }
+    plan_rows(cmp, files, choices, is_clone, true)
+}
+
+/// `plan`, taking the rows one at a time; `files` keeps the download rows
+/// only with `download_rows` (a clone's are every file).
+fn plan_rows(
+    cmp: &Comparison,
+    rows: impl IntoIterator<Item = Row>,
+    choices: Option<&BTreeMap<String, Choice>>,
+    is_clone: bool,
+    download_rows: bool,
+) -> Result<Plan> {
     let remote = cmp.remote();
     let mut p = Plan::default();
-    for r in &mut files {
+    let mut files = Vec::new();
+    for mut r in rows {
+        if choices.is_none() && r.action == Action::Conflict {
+            // Blocks below, before anything is written.
+            files.push(r);
+            continue;
+        }
         let path = r.path.clone();
         let action = match (r.action, choices.and_then(|c| c.get(&*r.path))) {
             (Action::Conflict, Some(&ch)) => {
@@ -523,6 +571,12 @@ pub fn plan(
             Action::Restore => p.restores.push(path),
             Action::Upload | Action::DeleteRemote | Action::None | Action::Conflict => {}
         }
+        if download_rows || action != Action::Download {
+            files.push(r);
+        }
+    }
+    if choices.is_none() {
+        block_on_conflicts(&files)?;
     }
     p.uploaded = p.uploads.len() as u64;
     p.deleted_remote = p.remote_deletions.len() as u64;
@@ -712,12 +766,15 @@ struct CommitMsg {
 }
 
 /// Carries out `plan` up to the commit point: begin, stage, and (when no
-/// file is installed here) the caches written into staging.
+/// file is installed here) the caches written into staging. `handed`: the
+/// plan's downloads when it handed them over (a clone), else empty.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     tx: &Tx<'_>,
     mut client: RepoClient,
     cmp: &Comparison,
     plan: &Plan,
+    handed: Vec<Arc<str>>,
     next: &NextMeta<'_>,
     retries: &Retries,
     reporter: &dyn Reporter,
@@ -740,12 +797,16 @@ fn prepare(
     } else {
         Vec::new()
     };
+    // The stat cache written after the apply holds the stat of each file
+    // it installed: only with none can both caches be made now.
+    let caches_staged = plan.downloads.is_empty() && plan.restores.is_empty() && handed.is_empty();
     let ops = match stage(
         tx,
         &journal,
         &mut client,
         cmp,
         plan,
+        handed,
         next,
         retries,
         reporter,
@@ -763,12 +824,10 @@ fn prepare(
     };
     crate::phase("staged");
     let commit = plan.needs_snapshot.then(|| commit_msg(next));
-    // The stat cache written after the apply holds the stat of each file
-    // it installed: only with none can both caches be made now.
-    let caches_staged = plan.downloads.is_empty() && plan.restores.is_empty();
     if caches_staged {
         let staging = staging_dir(root, &tx.id);
-        write_stat_cache(tx.project, &staging.join(STAGED_STAT_CACHE), cmp, plan);
+        let path = staging.join(STAGED_STAT_CACHE);
+        write_stat_cache(tx.project, &path, cmp, plan, Vec::new());
         write_manifest_cache(tx.project, &staging.join(STAGED_MANIFEST_CACHE), cmp, next);
         crate::phase("caches staged");
     }
@@ -873,6 +932,7 @@ fn stage(
     client: &mut RepoClient,
     cmp: &Comparison,
     plan: &Plan,
+    handed: Vec<Arc<str>>,
     next: &NextMeta<'_>,
     retries: &Retries,
     reporter: &dyn Reporter,
@@ -896,7 +956,14 @@ fn stage(
             });
         };
         let bytes = restores.iter().map(|e| entry_size(e)).sum();
-        download(client, &staging, &restores, bytes, Some(&from), reporter)?;
+        download(
+            client,
+            &staging,
+            restores.iter().copied(),
+            bytes,
+            Some(&from),
+            reporter,
+        )?;
     }
     if plan.needs_snapshot {
         upload_changes(tx, client, cmp, plan, next, retries, reporter)?;
@@ -904,15 +971,15 @@ fn stage(
         crate::phase("uploaded");
     }
     let remote = cmp.remote();
-    let downloads: Vec<&Entry> = plan
-        .downloads
-        .iter()
-        .map(|p| remote.get(p).expect("R has it"))
-        .collect();
+    let downloads = if handed.is_empty() {
+        &plan.downloads[..]
+    } else {
+        &handed[..]
+    };
     download(
         client,
         &staging,
-        &downloads,
+        downloads.iter().map(|p| remote.get(p).expect("R has it")),
         plan.downloaded_bytes,
         None,
         reporter,
@@ -921,7 +988,8 @@ fn stage(
     check_interrupt()?;
     stage_meta(tx, client, &staging.join("meta"), cmp, plan, next)?;
     crate::phase("new manifest staged");
-    let mut ops = local_ops(cmp, plan);
+    let mut ops = local_ops(cmp, downloads, plan);
+    drop(handed);
     // Folders for the downloads, write permission, space: checked now, so
     // that nothing local can stop the apply after the commit point.
     prepare_local(root, &tx.id, &mut ops)?;
@@ -1156,29 +1224,35 @@ impl<W: Write> Write for HashingWriter<W> {
 /// is deleted or replaced (deepest first), then install the downloads.
 /// The local operations: their paths are the plan's own allocations (a
 /// clone has a retire and an install for every file, and a row).
-fn local_ops(cmp: &Comparison, plan: &Plan) -> Vec<Op> {
+fn local_ops(cmp: &Comparison, downloads: &[Arc<str>], plan: &Plan) -> Vec<Op> {
+    let retire = |p: &Arc<str>| {
+        let expect = cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino));
+        Op::retire(p.clone(), None, expect)
+    };
+    let install = |p: &Arc<str>| Op::Install { path: p.clone() };
+    if plan.local_deletions.is_empty()
+        && plan.restores.is_empty()
+        && downloads.windows(2).all(|w| w[0] < w[1])
+    {
+        // Downloads only, in path order (a clone's): the same operations
+        // without two sorted lists of every path.
+        let mut ops = Vec::with_capacity(2 * downloads.len());
+        ops.extend(downloads.iter().rev().map(retire));
+        ops.extend(downloads.iter().map(install));
+        return ops;
+    }
     let mut removes: Vec<&Arc<str>> = plan
         .local_deletions
         .iter()
-        .chain(&plan.downloads)
+        .chain(downloads)
         .chain(&plan.restores)
         .collect();
     removes.sort_by(|a, b| b.cmp(a));
     removes.dedup();
-    let mut ops: Vec<Op> = removes
-        .into_iter()
-        .map(|p| {
-            let expect = cmp.local_stat(p).map(|st| (st.size, st.mtime_ns, st.ino));
-            Op::retire(p.clone(), None, expect)
-        })
-        .collect();
-    let mut installs: Vec<&Arc<str>> = plan.downloads.iter().chain(&plan.restores).collect();
+    let mut ops: Vec<Op> = removes.into_iter().map(retire).collect();
+    let mut installs: Vec<&Arc<str>> = downloads.iter().chain(&plan.restores).collect();
     installs.sort();
-    ops.extend(
-        installs
-            .into_iter()
-            .map(|p| Op::Install { path: p.clone() }),
-    );
+    ops.extend(installs.into_iter().map(install));
     ops
 }
 
@@ -1255,18 +1329,20 @@ fn finish(
         .map_err(jerr(root))?;
     failpoint("client.journal.committed");
     apply_local(root, &tx.id, &ops)?;
+    let installed = late.map(|(cmp, _)| installed_entries(cmp, plan, &ops));
     // Applied: not kept while the caches below are built (a clone has
     // two operations per file).
     drop(ops);
     crate::phase("local files in place");
-    match late {
-        Some((cmp, next)) => {
-            write_stat_cache(tx.project, &tx.project.stat_cache_path(), cmp, plan);
+    match (late, installed) {
+        (Some((cmp, next)), Some(installed)) => {
+            let path = tx.project.stat_cache_path();
+            write_stat_cache(tx.project, &path, cmp, plan, installed);
             crate::phase("stat cache written");
             let path = tx.project.manifest_cache_path();
             write_manifest_cache(tx.project, &path, cmp, next);
         }
-        None => install_staged_caches(tx),
+        _ => install_staged_caches(tx),
     }
     journal
         .append(&LocalRecord::Done { tx: tx.id.clone() })
@@ -1546,19 +1622,19 @@ fn entry_size(e: &Entry) -> u64 {
 /// Streams the downloads into staging, verifying each against R's entry.
 /// `from`: a snapshot id to read the versions of (conflict choice C);
 /// `None` reads the head.
-fn download(
+fn download<'a>(
     client: &mut RepoClient,
     staging: &Path,
-    downloads: &[&Entry],
+    downloads: impl ExactSizeIterator<Item = &'a Entry>,
     bytes: u64,
     from: Option<&str>,
     reporter: &dyn Reporter,
 ) -> Result<()> {
     let files = staging.join("files");
     // Looked up by path as the files arrive (by binary search: a map of
-    // every download would cost a clone ~40 bytes a file more), and asked
-    // for by borrowed path.
-    let mut want: Vec<&Entry> = Vec::new();
+    // every download would cost a clone ~40 bytes a file more). Sized
+    // once: a clone's downloads are every file.
+    let mut want: Vec<&Entry> = Vec::with_capacity(downloads.len());
     for e in downloads {
         match &e.kind {
             EntryKind::Link { target } => {
@@ -1577,14 +1653,14 @@ fn download(
     // Already in path order (the plan's); a stable sort of sorted input is
     // one pass.
     want.sort_by(|a, b| a.path.cmp(&b.path));
-    let fetch: Vec<&str> = want.iter().map(|e| &*e.path).collect();
-    reporter.transfer_start("downloading", fetch.len() as u64, bytes);
+    want.shrink_to_fit();
+    reporter.transfer_start("downloading", want.len() as u64, bytes);
     let (mut nf, mut nb) = (0u64, 0u64);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 18];
     // The first local write that failed, kept whole: the agent's error
     // type has only its text, and the hint depends on the cause.
     let mut write_failed: Option<(PathBuf, std::io::Error)> = None;
-    let sink = |inc: Incoming<'_>| {
+    let mut sink = |inc: Incoming<'_>| {
         let Incoming::File {
             path,
             size: _,
@@ -1626,16 +1702,32 @@ fn download(
         reporter.transfer_progress(nf, nb);
         Ok(())
     };
-    let res = match from {
-        Some(snap) => client.get_versions(snap, &fetch, sink),
-        None => client.get_files(&fetch, sink),
-    };
+    // Asked for a slice at a time, borrowing the paths: a list of them
+    // all would cost a clone 16 bytes a file.
+    let mut fetch: Vec<&str> = Vec::with_capacity(FETCH_SLICE.min(want.len()));
+    let mut res = Ok(());
+    for slice in want.chunks(FETCH_SLICE) {
+        fetch.clear();
+        fetch.extend(slice.iter().map(|e| &*e.path));
+        res = match from {
+            Some(snap) => client.get_versions(snap, &fetch, &mut sink),
+            None => client.get_files(&fetch, &mut sink),
+        };
+        if res.is_err() {
+            break;
+        }
+    }
     reporter.transfer_done();
     res.map_err(|e| match e {
         RepoError::Local { path, msg } => download_error(&path, &msg, write_failed, staging, bytes),
         other => other.into(),
     })
 }
+
+/// How many paths `download` asks for in one request: an agent in this
+/// process holds a request's paths as it serves them (~60 bytes a path), a
+/// few hundred kB this way, whatever the size of the clone.
+const FETCH_SLICE: usize = 1 << 13;
 
 /// Writes one incoming file to `dst`; returns its length, hash and open
 /// file, or the local path whose write failed.
@@ -1760,23 +1852,34 @@ fn install_staged_caches(tx: &Tx<'_>) {
     }
 }
 
-/// The stat cache after this sync, written at `path`: L's files, less
-/// those the apply deletes or replaces, and the files it installs (stat'ed
-/// now: called after the apply when there are any).
-fn write_stat_cache(project: &Project, path: &Path, cmp: &Comparison, plan: &Plan) {
-    let remote = cmp.remote();
-    let mut installed: Vec<&Entry> = plan
-        .downloads
+/// The entries the operations installed (sorted by path): a restore's
+/// from C, a download's from R. Read from the operations because a clone
+/// handed its download list over to them.
+fn installed_entries<'a>(cmp: &'a Comparison, plan: &Plan, ops: &[Op]) -> Vec<&'a Entry> {
+    let restores: std::collections::HashSet<&str> = plan.restores.iter().map(|p| &**p).collect();
+    let mut installed: Vec<&Entry> = ops
         .iter()
-        .map(|p| remote.get(p).expect("R has it"))
-        .chain(
-            plan.restores
-                .iter()
-                .map(|p| cmp.cache.get(p).expect("C has it")),
-        )
+        .filter(|o| matches!(o, Op::Install { .. }))
+        .map(|o| match restores.contains(o.path()) {
+            true => cmp.cache.get(o.path()).expect("C has it"),
+            false => cmp.remote().get(o.path()).expect("R has it"),
+        })
         .collect();
     installed.sort_by(|a, b| a.path.cmp(&b.path));
     installed.dedup_by(|a, b| a.path == b.path);
+    installed
+}
+
+/// The stat cache after this sync, written at `path`: L's files, less
+/// those the apply deletes or replaces, and the files it installs
+/// (`installed`, stat'ed now: called after the apply when there are any).
+fn write_stat_cache(
+    project: &Project,
+    path: &Path,
+    cmp: &Comparison,
+    plan: &Plan,
+    installed: Vec<&Entry>,
+) {
     let mut deleted: Vec<&str> = plan.local_deletions.iter().map(|p| &**p).collect();
     deleted.sort_unstable();
     let gone = |p: &str| {
@@ -1790,19 +1893,18 @@ fn write_stat_cache(project: &Project, path: &Path, cmp: &Comparison, plan: &Pla
             .filter(|(e, _)| !gone(&e.path))
             .filter_map(|(e, st)| e.hash().map(|h| (&*e.path, *st, h)))
     };
-    // Stat'ed once, so the count written first is the count that follows.
-    let fresh: Vec<(&str, Stat, Hash)> = installed
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EntryKind::File { hash: Some(h), .. } => {
-                std::fs::symlink_metadata(project.root.join(&*e.path))
-                    .ok()
-                    .map(|md| (&*e.path, Stat::of(&md), *h))
-            }
+    // Stat'ed as they are written, not gathered first (a clone's are every
+    // file: 56 bytes each). The count is written before them, so a file
+    // that can no longer be stat'ed (removed meanwhile) keeps its record
+    // with a zero stat: no file matches it, so it is hashed again when
+    // next seen, as a file missing from the cache would be.
+    let fresh = || {
+        installed.iter().filter_map(|e| match &e.kind {
+            EntryKind::File { hash: Some(h), .. } => Some((&*e.path, *h)),
             _ => None,
         })
-        .collect();
-    let count = (kept().count() + fresh.len()) as u64;
+    };
+    let count = (kept().count() + fresh().count()) as u64;
     // The scan's directory listings too: a folder this sync wrote into has
     // a new stat by now and is listed again; the others are not.
     project.write_cache_streamed(path, "stat cache", |f| {
@@ -1810,7 +1912,15 @@ fn write_stat_cache(project: &Project, path: &Path, cmp: &Comparison, plan: &Pla
             f,
             cmp.scan.started_ns,
             count,
-            merge_by_path(kept(), fresh.iter().copied()),
+            merge_by_path(
+                kept(),
+                fresh().map(|(p, h)| {
+                    let st = std::fs::symlink_metadata(project.root.join(p))
+                        .map(|md| Stat::of(&md))
+                        .unwrap_or_default();
+                    (p, st, h)
+                }),
+            ),
             &cmp.scan.dirs,
             None,
         )
