@@ -56,11 +56,6 @@ impl Comparison {
 
     /// Every path not in state 1 or 15, in path order.
     pub fn rows(&self) -> Vec<Row> {
-        self.rows_iter().collect()
-    }
-
-    /// `rows`, one at a time.
-    pub fn rows_iter(&self) -> impl Iterator<Item = Row> + '_ {
         classify_iter(
             self.local().iter(),
             self.cache.entries(),
@@ -72,6 +67,7 @@ impl Comparison {
             state: c.state,
             action: c.state.action(),
         })
+        .collect()
     }
 
     /// The stat of a local path.

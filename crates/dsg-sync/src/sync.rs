@@ -212,17 +212,8 @@ fn sync_once(
         is_clone,
         reporter,
     )?;
-    // A clone has a row and a download for every file: its download rows
-    // are not held (its plan keeps the others, to warn and block), and
-    // its download list is handed to the local operations (which take its
-    // paths); both are made again from L/C/R for the report (no choice
-    // and no risk changes an action).
-    let report_later = is_clone && !opts.dry_run && resolutions.is_none() && at_risk.is_empty();
-    let rows = if report_later {
-        Vec::new()
-    } else {
-        rows_at_risk(&cmp, &at_risk)
-    };
+    let at_risk_empty = at_risk.is_empty();
+    let rows = rows_at_risk(&cmp, &at_risk);
     let found = conflicts::conflicts(&cmp, &rows, adopt.as_ref());
     let mut stale_conflicts_file_removed = false;
     let choices = match &resolutions {
@@ -261,11 +252,7 @@ fn sync_once(
             None
         }
     };
-    let mut plan = if report_later {
-        plan_rows(&cmp, cmp.rows_iter(), None, true, false)?
-    } else {
-        plan(&cmp, rows, choices, is_clone)?
-    };
+    let mut plan = plan(&cmp, rows, choices, is_clone)?;
     if !project.user.backup_on_conflict {
         plan.backups.clear();
     }
@@ -307,7 +294,13 @@ fn sync_once(
         return Ok(report);
     }
     crate::phase("planned");
+    // A clone has a row and a download for every file: its rows are not
+    // held through the transaction, and its download list is handed to
+    // the local operations (which take its paths); both are made again
+    // from L/C/R for the report (no choice or risk changed an action).
+    let report_later = is_clone && choices.is_none() && at_risk_empty;
     let handed = if report_later {
+        plan.files = Vec::new();
         std::mem::take(&mut plan.downloads)
     } else {
         Vec::new()
@@ -512,31 +505,16 @@ pub(crate) fn plural(n: usize, word: &str) -> String {
 /// no uploads and no remote deletions.
 pub fn plan(
     cmp: &Comparison,
-    files: Vec<Row>,
+    mut files: Vec<Row>,
     choices: Option<&BTreeMap<String, Choice>>,
     is_clone: bool,
 ) -> Result<Plan> {
-    plan_rows(cmp, files, choices, is_clone, true)
-}
-
-/// `plan`, taking the rows one at a time; `files` keeps the download rows
-/// only with `download_rows` (a clone's are every file).
-fn plan_rows(
-    cmp: &Comparison,
-    rows: impl IntoIterator<Item = Row>,
-    choices: Option<&BTreeMap<String, Choice>>,
-    is_clone: bool,
-    download_rows: bool,
-) -> Result<Plan> {
+    if choices.is_none() {
+        block_on_conflicts(&files)?;
+    }
     let remote = cmp.remote();
     let mut p = Plan::default();
-    let mut files = Vec::new();
-    for mut r in rows {
-        if choices.is_none() && r.action == Action::Conflict {
-            // Blocks below, before anything is written.
-            files.push(r);
-            continue;
-        }
+    for r in &mut files {
         let path = r.path.clone();
         let action = match (r.action, choices.and_then(|c| c.get(&*r.path))) {
             (Action::Conflict, Some(&ch)) => {
@@ -571,12 +549,6 @@ fn plan_rows(
             Action::Restore => p.restores.push(path),
             Action::Upload | Action::DeleteRemote | Action::None | Action::Conflict => {}
         }
-        if download_rows || action != Action::Download {
-            files.push(r);
-        }
-    }
-    if choices.is_none() {
-        block_on_conflicts(&files)?;
     }
     p.uploaded = p.uploads.len() as u64;
     p.deleted_remote = p.remote_deletions.len() as u64;
