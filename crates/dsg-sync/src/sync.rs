@@ -298,7 +298,8 @@ fn sync_once(
     // held through the transaction, and its download list is handed to
     // the local operations (which take its paths); both are made again
     // from L/C/R for the report (no choice or risk changed an action).
-    let report_later = is_clone && choices.is_none() && at_risk_empty;
+    // With nothing to download nothing is handed over, and the rows stay.
+    let report_later = is_clone && choices.is_none() && at_risk_empty && !plan.downloads.is_empty();
     let handed = if report_later {
         plan.files = Vec::new();
         std::mem::take(&mut plan.downloads)
@@ -332,8 +333,8 @@ fn sync_once(
         remove_conflicts_file(project);
     }
     report.snapshot_id = snapshot_id;
-    // A clone that handed its downloads over has them listed again (with
-    // none, its plan already holds every row).
+    // A clone that handed its downloads over has its rows made again (it
+    // installs files, so its caches were not staged and L/C/R are here).
     if let (true, Some(cmp)) = (report_later, &cmp) {
         plan.files = cmp.rows();
         plan.downloads = plan
