@@ -363,11 +363,12 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
         return answer(c, &seen.method, &body, expect, canned);
     }
     reconnect_if_closed(c, shared)?;
-    if matches!(action, Action::Strip) {
-        c.up.write_all(&without_preconditions(&req.raw))?;
+    let sent: std::borrow::Cow<'_, [u8]> = if matches!(action, Action::Strip) {
+        without_preconditions(&req.raw).into()
     } else {
-        c.up.write_all(&req.raw)?;
-    }
+        req.raw[..].into()
+    };
+    c.up.write_all(&sent)?;
     if expect {
         let interim = read_head(&mut c.ur)?.ok_or_else(eof)?;
         if interim.status() != 100 {
@@ -390,8 +391,23 @@ fn exchange(req: &Head, c: &mut Conn, shared: &Shared, seen: &mut Seen) -> io::R
         return Ok(false);
     }
     relay_body(&mut c.dr, &mut c.up, &body, None)?;
+    let mut resent = false;
     let resp = loop {
-        let head = read_head(&mut c.ur)?.ok_or_else(eof)?;
+        let head = match read_head(&mut c.ur) {
+            Ok(Some(head)) => head,
+            // The server closed its kept-alive connection as the request
+            // went out (after the check above): a request without a body
+            // is sent once more on a new connection, as HTTP clients do.
+            Ok(None) | Err(_) if !resent && matches!(body, Body::None) => {
+                resent = true;
+                c.up = connect(shared, c.id, &c.down)?;
+                c.ur = BufReader::new(c.up.try_clone()?);
+                c.up.write_all(&sent)?;
+                continue;
+            }
+            Ok(None) => return Err(eof()),
+            Err(e) => return Err(e),
+        };
         if !(100..200).contains(&head.status()) {
             break head;
         }
