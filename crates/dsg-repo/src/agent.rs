@@ -66,6 +66,30 @@ pub fn serve_with(
 /// the batch is accepted.
 const LOCAL_BATCH: usize = 128;
 
+/// A local client's upload goes to `local` (`None` back); any other
+/// request is handed back.
+fn gather_local(req: Request, local_sources: bool, local: &mut Vec<LocalFile>) -> Option<Request> {
+    match req {
+        Request::PutFileLocal {
+            path,
+            size,
+            hash,
+            mtime_ns,
+            src,
+        } if local_sources => {
+            local.push(LocalFile {
+                path,
+                size,
+                hash,
+                mtime_ns,
+                src: src.into(),
+            });
+            None
+        }
+        other => Some(other),
+    }
+}
+
 /// Stages the gathered local uploads; the first failure is kept for the
 /// next barrier, as for uploads staged one by one. After a failure they
 /// are skipped, as every upload is until that barrier.
@@ -107,27 +131,11 @@ fn serve_loop<R: Read, W: Write>(
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e),
         };
-        let req = match req {
-            Request::PutFileLocal {
-                path,
-                size,
-                hash,
-                mtime_ns,
-                src,
-            } if local_sources => {
-                local.push(LocalFile {
-                    path,
-                    size,
-                    hash,
-                    mtime_ns,
-                    src: src.into(),
-                });
-                if local.len() >= LOCAL_BATCH {
-                    stage_local(backend, &mut local, sticky);
-                }
-                continue;
+        let Some(req) = gather_local(req, local_sources, &mut local) else {
+            if local.len() >= LOCAL_BATCH {
+                stage_local(backend, &mut local, sticky);
             }
-            other => other,
+            continue;
         };
         stage_local(backend, &mut local, sticky);
         match req {

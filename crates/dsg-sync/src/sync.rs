@@ -215,43 +215,14 @@ fn sync_once(
     let at_risk_empty = at_risk.is_empty();
     let rows = rows_at_risk(&cmp, &at_risk);
     let found = conflicts::conflicts(&cmp, &rows, adopt.as_ref());
-    let mut stale_conflicts_file_removed = false;
-    let choices = match &resolutions {
-        Some(_) if found.is_empty() => {
-            // Settled meanwhile (by hand, or by another client): the file
-            // is stale, and a normal sync goes ahead.
-            if !opts.dry_run {
-                remove_conflicts_file(project);
-                stale_conflicts_file_removed = true;
-            }
-            None
-        }
-        Some(res) => {
-            conflicts::check_complete(res, &found, &project.root)?;
-            Some(&res.choices)
-        }
-        // A clone has no last sync to continue from: its conflicts (files
-        // here that differ from the repository's) block in `plan`, with
-        // no conflicts.txt it could not use.
-        None if !found.is_empty() && !is_clone => {
-            return Err(blocked_by_conflicts(
-                project,
-                &found,
-                adopt.as_ref(),
-                opts.dry_run,
-                false,
-            ))
-        }
-        None => {
-            // A conflicts.txt of ours left from a sync whose conflicts were
-            // since settled by hand would only mislead.
-            if !opts.dry_run && conflicts::is_ours(&project.root) {
-                remove_conflicts_file(project);
-                stale_conflicts_file_removed = true;
-            }
-            None
-        }
-    };
+    let (choices, stale_conflicts_file_removed) = conflict_choices(
+        project,
+        opts,
+        resolutions.as_ref(),
+        &found,
+        adopt.as_ref(),
+        is_clone,
+    )?;
     let mut plan = plan(&cmp, rows, choices, is_clone)?;
     if !project.user.backup_on_conflict {
         plan.backups.clear();
@@ -346,6 +317,57 @@ fn sync_once(
     }
     report.plan = plan;
     Ok(report)
+}
+
+/// The choices a `--continue` sync applies, and whether a stale
+/// conflicts.txt was removed; unresolved conflicts without `--continue`
+/// block here (a clone's block in `plan`).
+fn conflict_choices<'r>(
+    project: &Project,
+    opts: &SyncOpts,
+    resolutions: Option<&'r conflicts::Resolutions>,
+    found: &[conflicts::Conflict],
+    adopt: Option<&Fork>,
+    is_clone: bool,
+) -> Result<(Option<&'r BTreeMap<String, Choice>>, bool)> {
+    let mut stale_conflicts_file_removed = false;
+    let choices = match resolutions {
+        Some(_) if found.is_empty() => {
+            // Settled meanwhile (by hand, or by another client): the file
+            // is stale, and a normal sync goes ahead.
+            if !opts.dry_run {
+                remove_conflicts_file(project);
+                stale_conflicts_file_removed = true;
+            }
+            None
+        }
+        Some(res) => {
+            conflicts::check_complete(res, found, &project.root)?;
+            Some(&res.choices)
+        }
+        // A clone has no last sync to continue from: its conflicts (files
+        // here that differ from the repository's) block in `plan`, with
+        // no conflicts.txt it could not use.
+        None if !found.is_empty() && !is_clone => {
+            return Err(blocked_by_conflicts(
+                project,
+                found,
+                adopt,
+                opts.dry_run,
+                false,
+            ))
+        }
+        None => {
+            // A conflicts.txt of ours left from a sync whose conflicts were
+            // since settled by hand would only mislead.
+            if !opts.dry_run && conflicts::is_ours(&project.root) {
+                remove_conflicts_file(project);
+                stale_conflicts_file_removed = true;
+            }
+            None
+        }
+    };
+    Ok((choices, stale_conflicts_file_removed))
 }
 
 /// L/C/R compared with every name settled and the history checked.
