@@ -280,6 +280,8 @@ const REPRESENTATIVE_STEPS: &[&str] = &[
     "client.downloaded",
     "client.journal.prepared",
     "repo.before_commit",
+    "repo.prepared",
+    "client.repo_prepared",
     "repo.journal.committed",
     "repo.apply.0",
     "repo.apply.meta",

@@ -90,6 +90,7 @@ fn oversized_commit_stream(delta: bool) -> (dsg_repo::protocol::RemoteError, u64
     a.send(&Request::Commit {
         snapshot_id: "s1".into(),
         delta,
+        prepare: false,
     });
     if delta {
         a.data(b"{}");

@@ -59,9 +59,38 @@ fn file_entry(path: &str, bytes: &[u8]) -> Entry {
     }
 }
 
-/// Runs `attack` as one sync on the head of `repo` through a real `dsg
-/// agent`; returns the answer to `Commit`.
+/// Runs `attack` as a sync on the head of `repo` through a real `dsg
+/// agent`, twice: committing in two steps (`Commit { prepare }`, then
+/// `CommitPrepared`), as dsg does, and in one. Returns an answer that
+/// accepted it, if either did, else the one-step answer (both refusals
+/// must be of the same kind).
 fn hostile_sync(repo: &Path, attack: &Attack) -> Response {
+    let two_steps = hostile_sync_once(repo, attack, true);
+    if !matches!(two_steps, Response::Err(_)) {
+        return two_steps;
+    }
+    let one_step = hostile_sync_once(repo, attack, false);
+    if let (Response::Err(a), Response::Err(b)) = (&two_steps, &one_step) {
+        assert_eq!(a.kind, b.kind, "two steps: {a:?}, one step: {b:?}");
+    }
+    one_step
+}
+
+fn hostile_sync_once(repo: &Path, attack: &Attack, prepare: bool) -> Response {
+    let (mut a, mut answer) = send_attack(repo, attack, prepare);
+    if prepare && matches!(answer, Response::Ok) {
+        a.send(&Request::CommitPrepared);
+        answer = a.recv_json("commit prepared", 60);
+    }
+    a.send(&Request::Bye);
+    let _ = a.recv_json("bye", 10);
+    answer
+}
+
+/// Begins a sync on the head of `repo`, stages and commits `attack`
+/// (`prepare`: only up to the commit point); returns the agent and its
+/// answer to `Commit`.
+fn send_attack(repo: &Path, attack: &Attack, prepare: bool) -> (Agent, Response) {
     let head = Manifest::load(&repo.join(".dsg/last-sync.json")).expect("head");
     let head_md = head.metadata.clone().expect("head metadata");
     let mut a = Agent::spawn(&support::dsg_bin(), repo, &[]);
@@ -103,13 +132,78 @@ fn hostile_sync(repo: &Path, attack: &Attack) -> Response {
     a.send(&Request::Commit {
         snapshot_id: attack.id.clone(),
         delta: false,
+        prepare,
     });
     a.data(&m.to_json_bytes());
     a.data(&messages);
     let answer = a.recv_json("commit", 60);
+    (a, answer)
+}
+
+/// A commit prepared in two steps changes the repository only at
+/// `CommitPrepared`: undone by `Rollback`, by the connection's end, and
+/// not committed by a `CommitPrepared` that follows nothing prepared.
+#[test]
+fn a_prepared_commit_commits_only_when_told() {
+    let w = world();
+    let honest = || Attack {
+        stage: vec![("input/b.txt", b"bravo\n")],
+        add: vec![("input/b.txt".into(), b"bravo\n")],
+        id: "s2".into(),
+        messages: None,
+    };
+    let before = repo_content(&w);
+    let head = || fs::read(w.repo.join(".dsg/last-sync.json")).unwrap();
+    let head_before = head();
+
+    // Prepared, then rolled back: as before, staging and all.
+    let (mut a, answer) = send_attack(&w.repo, &honest(), true);
+    assert!(matches!(answer, Response::Ok), "prepare: {answer:?}");
+    assert_eq!(head(), head_before, "a prepared commit changed the head");
+    assert!(!w.repo.join("input/b.txt").exists());
+    a.send(&Request::Rollback);
+    let r = a.recv_json("rollback", 30);
+    assert!(matches!(r, Response::Ok), "rollback: {r:?}");
+    assert_eq!(repo_content(&w), before, "the rollback left something");
+    a.send(&Request::CommitPrepared);
+    let r = a.recv_json("commit prepared", 30);
+    assert!(
+        matches!(&r, Response::Err(e) if e.kind == ErrorKind::Protocol),
+        "a CommitPrepared after the rollback: {r:?}"
+    );
     a.send(&Request::Bye);
     let _ = a.recv_json("bye", 10);
-    answer
+    assert_eq!(repo_content(&w), before);
+
+    // Prepared, then the client goes away: the head stays.
+    let (mut a, answer) = send_attack(&w.repo, &honest(), true);
+    assert!(matches!(answer, Response::Ok), "prepare: {answer:?}");
+    a.close_input();
+    assert!(a.wait(30).success());
+    assert_eq!(
+        head(),
+        head_before,
+        "a prepared commit landed without CommitPrepared"
+    );
+    assert!(!w.repo.join("input/b.txt").exists());
+
+    // Prepared and committed: the new head, with its file.
+    let (mut a, answer) = send_attack(&w.repo, &honest(), true);
+    assert!(matches!(answer, Response::Ok), "prepare: {answer:?}");
+    a.send(&Request::CommitPrepared);
+    let r = a.recv_json("commit prepared", 60);
+    assert!(matches!(r, Response::Committed { .. }), "commit: {r:?}");
+    a.send(&Request::Bye);
+    let _ = a.recv_json("bye", 10);
+    let new = Manifest::load(&w.repo.join(".dsg/last-sync.json")).unwrap();
+    assert!(new.get("input/b.txt").is_some());
+    assert_eq!(new.metadata.unwrap().snapshot_id, "s2");
+    assert_eq!(fs::read(w.repo.join("input/b.txt")).unwrap(), b"bravo\n");
+    // The honest client catches up and syncs on top.
+    let o = w.env.run(&w.project, &["sync"]);
+    common::assert_code(&o, 0, "sync after the two-step commit");
+    assert_eq!(fs::read(w.project.join("input/b.txt")).unwrap(), b"bravo\n");
+    honest_sync_works(&w, "three\n");
 }
 
 /// Every path under `root`, skipping `skip` (the repository, checked by
@@ -397,6 +491,7 @@ fn hostile_commit_on(a: &mut Agent, repo: &Path, head: &Manifest, id: &str) -> R
     a.send(&Request::Commit {
         snapshot_id: id.into(),
         delta: false,
+        prepare: false,
     });
     a.data(&m.to_json_bytes());
     a.data(&sm.to_json_bytes());
@@ -446,6 +541,7 @@ fn a_hostile_init_is_refused() {
         a.send(&Request::Commit {
             snapshot_id: id.into(),
             delta: false,
+            prepare: false,
         });
         a.data(&m.to_json_bytes());
         a.data(&messages);

@@ -183,5 +183,5 @@ fn the_previous_protocol_is_refused() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(PROTOCOL_VERSION, 7);
+    assert_eq!(PROTOCOL_VERSION, 8);
 }

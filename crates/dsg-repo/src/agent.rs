@@ -125,6 +125,9 @@ fn serve_loop<R: Read, W: Write>(
     // other request) and then staged together: the backend may copy
     // several at once.
     let mut local: Vec<LocalFile> = Vec::new();
+    // A commit checked and staged up to its commit point, waiting for the
+    // client's `CommitPrepared` (dropped with the transaction otherwise).
+    let mut prepared: Option<CommitData> = None;
     loop {
         let req: Request = match read_json(&mut r) {
             Ok(q) => q,
@@ -152,6 +155,7 @@ fn serve_loop<R: Read, W: Write>(
                 base_hash,
             } => {
                 *sticky = None;
+                prepared = None;
                 let how = BeginHow { resume, replace };
                 begin(
                     backend,
@@ -179,9 +183,28 @@ fn serve_loop<R: Read, W: Write>(
                     reply_err(&mut w, &e)?
                 }
             },
-            Request::Commit { snapshot_id, delta } => {
-                receive_commit(backend, &mut r, &mut w, sticky, snapshot_id, delta)?
+            Request::Commit {
+                snapshot_id,
+                delta,
+                prepare,
+            } => {
+                prepared = None;
+                let data = receive_commit(backend, &mut r, &mut w, sticky, snapshot_id, delta)?;
+                if let Some(data) = data {
+                    if prepare {
+                        prepared = prepare_commit(backend, &mut w, sticky.take(), data)?;
+                    } else {
+                        commit(backend, &mut w, sticky.take(), data)?
+                    }
+                }
             }
+            Request::CommitPrepared => match prepared.take() {
+                Some(data) => commit(backend, &mut w, sticky.take(), data)?,
+                None => reply_err(
+                    &mut w,
+                    &AgentError::new(ErrorKind::Protocol, "no prepared commit to commit"),
+                )?,
+            },
             Request::Recover { wait } => match backend.recover(wait) {
                 Ok(()) => write_json(&mut w, &Response::Ok)?,
                 Err(e) => reply_err(&mut w, &e)?,
@@ -192,6 +215,7 @@ fn serve_loop<R: Read, W: Write>(
             },
             Request::Rollback => {
                 *sticky = None;
+                prepared = None;
                 match backend.rollback() {
                     Ok(()) => write_json(&mut w, &Response::Ok)?,
                     Err(e) => reply_err(&mut w, &e)?,
@@ -248,9 +272,10 @@ fn serve_loop<R: Read, W: Write>(
     }
 }
 
-/// A `Commit`: its manifest (spooled to a file when the backend has a place
-/// for one: the agent never holds the manifest's text) and sync-messages,
-/// each bounded, then the commit itself.
+/// A `Commit`'s streams: its manifest (spooled to a file when the backend
+/// has a place for one: the agent never holds the manifest's text) and
+/// sync-messages, each bounded. `None`: refused, the transaction rolled
+/// back and the error sent.
 fn receive_commit<R: Read, W: Write>(
     backend: &mut dyn Backend,
     r: &mut R,
@@ -258,7 +283,7 @@ fn receive_commit<R: Read, W: Write>(
     sticky: &mut Option<AgentError>,
     snapshot_id: String,
     delta: bool,
-) -> io::Result<()> {
+) -> io::Result<Option<CommitData>> {
     let (max_manifest, max_messages) = meta_limits();
     let manifest = match backend.spool_file() {
         Some(mut f) => match read_data_bounded_to(r, max_manifest, &mut f)? {
@@ -285,7 +310,7 @@ fn receive_commit<R: Read, W: Write>(
                 &AgentError::io("spooling the uploaded manifest", e)
                     .hint("nothing was changed; check the repository's free space"),
             )?;
-            return Ok(());
+            return Ok(None);
         }
     };
     let removed = match removed {
@@ -295,13 +320,12 @@ fn receive_commit<R: Read, W: Write>(
     };
     match (manifest, removed, sync_messages) {
         (Ok(manifest), Ok(removed), Ok(sync_messages)) => {
-            let data = CommitData {
+            return Ok(Some(CommitData {
                 snapshot_id,
                 manifest,
                 removed,
                 sync_messages,
-            };
-            commit(backend, w, sticky.take(), data)?
+            }));
         }
         (manifest, removed, _) => {
             *sticky = None;
@@ -314,7 +338,7 @@ fn receive_commit<R: Read, W: Write>(
             reply_err(w, &too_large(what, limit))?
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// `MountSnapshot`: the mountpoint is a path on this machine, so only a
@@ -514,6 +538,35 @@ fn stage<R: Read>(
         _ => unreachable!("stage() is called with uploads only"),
     };
     Ok(staged)
+}
+
+/// Prepares the commit of `data` (see `Backend::prepare_commit`) and
+/// answers `Ok`, unless an upload failed since the last barrier
+/// (`sticky`): then, or when the preparation fails, the transaction is
+/// rolled back and the failure reported. Returns what `CommitPrepared`
+/// commits.
+fn prepare_commit<W: Write>(
+    backend: &mut dyn Backend,
+    w: &mut W,
+    sticky: Option<AgentError>,
+    data: CommitData,
+) -> io::Result<Option<CommitData>> {
+    if let Some(e) = sticky {
+        let _ = backend.rollback();
+        reply_err(w, &e)?;
+        return Ok(None);
+    }
+    match backend.prepare_commit(&data) {
+        Ok(()) => {
+            write_json(w, &Response::Ok)?;
+            Ok(Some(data))
+        }
+        Err(e) => {
+            let _ = backend.rollback();
+            reply_err(w, &e)?;
+            Ok(None)
+        }
+    }
 }
 
 /// Commits, unless an upload failed since the last barrier (`sticky`):

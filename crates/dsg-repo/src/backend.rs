@@ -170,6 +170,15 @@ pub trait Backend: Send {
     /// leaves the old head.
     fn commit(&mut self, commit: &CommitData) -> Result<(), AgentError>;
 
+    /// Does what `commit` of the same data does before its commit point
+    /// (checks, metadata staged and durable), so that the `commit` that
+    /// follows has only the commit point and the apply left. A failure
+    /// leaves the transaction open, for `rollback`. The default does
+    /// nothing: `commit` then does it all.
+    fn prepare_commit(&mut self, _commit: &CommitData) -> Result<(), AgentError> {
+        Ok(())
+    }
+
     /// An unlinked file in the open transaction's staging to spool a
     /// commit's manifest into (`None`: keep it in memory).
     fn spool_file(&mut self) -> Option<std::fs::File> {

@@ -154,6 +154,8 @@ pub struct RepoClient {
     /// After `resume`: staged length of each file the agent already has.
     staged: std::collections::HashMap<String, u64>,
     buf: Vec<u8>,
+    /// A `prepare_commit` was sent and its answer not read yet.
+    unread_prepare: bool,
 }
 
 /// A connection started ahead of its use: see [`RepoClient::start`].
@@ -241,6 +243,7 @@ impl RepoClient {
             local: true,
             staged: Default::default(),
             buf: Vec::new(),
+            unread_prepare: false,
         };
         c.hello()?;
         Ok(c)
@@ -275,6 +278,11 @@ impl RepoClient {
     }
 
     fn send(&mut self, q: &Request) -> Result<(), RepoError> {
+        // Replies come in order: a prepared commit's answer, not waited
+        // for, is read first (a `Rollback` undoes what it prepared).
+        if std::mem::take(&mut self.unread_prepare) {
+            let _ = self.recv();
+        }
         write_json(&mut self.w, q).map_err(|e| self.conn(e))
     }
 
@@ -580,12 +588,72 @@ impl RepoClient {
         removed: Option<&[u8]>,
         sync_messages: &[u8],
     ) -> Result<(), RepoError> {
+        self.send_commit(snapshot_id, manifest, removed, sync_messages, false)?;
+        self.expect_committed()
+    }
+
+    /// `commit` in two steps: sends the commit for the agent to check and
+    /// stage up to its commit point, and returns without waiting, so that
+    /// this side can stage its own meanwhile. `prepared` then reads the
+    /// answer and `commit_prepared` commits; any other request first
+    /// reads (and drops) the answer, and `rollback` undoes it.
+    pub fn prepare_commit(
+        &mut self,
+        snapshot_id: &str,
+        manifest: &mut dyn std::io::Read,
+        removed: Option<&[u8]>,
+        sync_messages: &[u8],
+    ) -> Result<(), RepoError> {
+        self.send_commit(snapshot_id, manifest, removed, sync_messages, true)?;
+        // The agent starts on it now, not when we next wait.
+        self.w.flush().map_err(|e| self.conn(e))?;
+        self.unread_prepare = true;
+        Ok(())
+    }
+
+    /// The answer to `prepare_commit`: `Ok` when the agent has the commit
+    /// ready; an error when it refused it (its transaction is undone).
+    pub fn prepared(&mut self) -> Result<(), RepoError> {
+        if !std::mem::take(&mut self.unread_prepare) {
+            return Err(RepoError::protocol(
+                &self.host,
+                "no commit is being prepared",
+            ));
+        }
+        self.expect_ok()
+    }
+
+    /// Commits what `prepare_commit` prepared (after `prepared`).
+    pub fn commit_prepared(&mut self) -> Result<(), RepoError> {
+        self.send(&Request::CommitPrepared)?;
+        self.expect_committed()
+    }
+
+    fn expect_committed(&mut self) -> Result<(), RepoError> {
+        match self.recv()? {
+            Response::Committed { .. } => Ok(()),
+            other => Err(RepoError::protocol(
+                &self.host,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
+    fn send_commit(
+        &mut self,
+        snapshot_id: &str,
+        manifest: &mut dyn std::io::Read,
+        removed: Option<&[u8]>,
+        sync_messages: &[u8],
+        prepare: bool,
+    ) -> Result<(), RepoError> {
         if let Some(e) = self.send_error.take() {
             return Err(e);
         }
         self.send(&Request::Commit {
             snapshot_id: snapshot_id.into(),
             delta: removed.is_some(),
+            prepare,
         })?;
         // The manifest is streamed from where it was staged, never held
         // whole. If reading it fails midway the stream still ends (what
@@ -625,13 +693,7 @@ impl RepoClient {
                 ),
             });
         }
-        match self.recv()? {
-            Response::Committed { .. } => Ok(()),
-            other => Err(RepoError::protocol(
-                &self.host,
-                format!("unexpected reply {other:?}"),
-            )),
-        }
+        Ok(())
     }
 
     /// Asks the agent to finish or undo an interrupted transaction.
@@ -871,6 +933,7 @@ impl RepoClient {
             local: false,
             staged: Default::default(),
             buf: Vec::new(),
+            unread_prepare: false,
         };
         match c.hello() {
             Ok(()) => Ok(c),

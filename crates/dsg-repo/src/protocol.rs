@@ -25,7 +25,11 @@ use serde::{Deserialize, Serialize};
 /// 7: `Commit.delta`: the manifest stream holds only the new manifest's
 /// added and changed entries (and its metadata), followed by a stream of
 /// the base's paths it drops; the agent merges them into its head.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: `Commit.prepare` and `CommitPrepared`: a sync's commit in two steps,
+/// so the client stages its own side while the agent checks and stages
+/// the repository's (an agent of 7 would ignore `prepare` and commit at
+/// once, before the client's side is ready).
+pub const PROTOCOL_VERSION: u32 = 8;
 pub const CHUNK: usize = 1 << 20;
 const MAX_JSON: usize = 64 << 20;
 
@@ -132,7 +136,15 @@ pub enum Request {
         /// A delta commit (see `PROTOCOL_VERSION` 7): three streams, not two.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         delta: bool,
+        /// Only check and stage the commit, up to its commit point, and
+        /// answer `Ok`: `CommitPrepared` then commits it, `Rollback` (or the
+        /// connection's end) undoes it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prepare: bool,
     },
+    /// Commits what the last `Commit { prepare: true }` prepared: answered
+    /// `Committed`, like a `Commit`.
+    CommitPrepared,
     /// Finishes or undoes an interrupted transaction if the repository is
     /// not locked by a live writer; a no-op otherwise. `wait`: first wait
     /// for a live writer to finish (used when a commit's reply was lost, so

@@ -208,6 +208,16 @@ pub(crate) struct OpenTx {
     base: Option<Base>,
     /// Started at the first staged file (`None` inside: it could not be).
     writeback: Option<Option<Writeback>>,
+    /// A sync's commit checked and staged up to its commit point
+    /// (`Backend::prepare_commit`).
+    prepared: Option<Prepared>,
+}
+
+/// What a commit has ready before its commit point: the apply's
+/// operations, prepared, and the tag of the head the agent wrote itself.
+pub(crate) struct Prepared {
+    ops: Vec<Op>,
+    head_written: Option<u64>,
 }
 
 impl OpenTx {
@@ -234,6 +244,7 @@ impl OpenTx {
             flat_made: false,
             base,
             writeback: None,
+            prepared: None,
         }
     }
 }
@@ -256,6 +267,7 @@ impl OpenTx {
             flat_made: false,
             base,
             writeback: None,
+            prepared: None,
         }
     }
 
@@ -444,9 +456,26 @@ impl Repository {
         self.store.commit_init(&self.site, &tx.as_ref())
     }
 
-    /// A sync's commit: the metadata and the old head's archive staged and
-    /// durable, the apply prepared, then the store's commit point.
-    fn commit_sync(&self, tx: &OpenTx, c: &CommitData, v: &Verified) -> Result<(), AgentError> {
+    /// Everything a commit does before its commit point: the new manifest
+    /// checked; for a sync also the metadata and the old head's archive
+    /// staged and durable, and the apply prepared.
+    fn stage_commit(&self, tx: &OpenTx, c: &CommitData) -> Result<Prepared, AgentError> {
+        let t0 = std::time::Instant::now();
+        let v = self.verify_commit(tx, c)?;
+        tracing::debug!("agent: new manifest checked in {:?}", t0.elapsed());
+        let ops = match tx.init {
+            true => Vec::new(),
+            false => self.stage_sync(tx, c, &v)?,
+        };
+        Ok(Prepared {
+            ops,
+            head_written: v.head_written,
+        })
+    }
+
+    /// A sync's commit up to its commit point: the metadata and the old
+    /// head's archive staged and durable, the apply prepared.
+    fn stage_sync(&self, tx: &OpenTx, c: &CommitData, v: &Verified) -> Result<Vec<Op>, AgentError> {
         // Sync: stage the metadata, make everything durable, then commit.
         let retired = &v.retired[..];
         let meta = tx.staging.join(".dsg-meta");
@@ -479,7 +508,10 @@ impl Repository {
                     .map_err(|e| AgentError::io("staging archive", e.source))?;
             }
         }
+        let t0 = std::time::Instant::now();
+        tracing::debug!("agent: metadata and archive staged");
         syncfs(&tx.staging)?;
+        tracing::debug!("agent: staging durable in {:?}", t0.elapsed());
         failpoint("repo.before_commit");
         let mut ops = Self::sync_ops(tx, retired)?;
         // Everything the apply needs is made and checked now, before the
@@ -490,8 +522,18 @@ impl Repository {
             e.message.push_str("; nothing was changed");
             e
         })?;
-        self.store
-            .commit_sync(&self.site, &tx.as_ref(), &ops, &c.snapshot_id)
+        tracing::debug!("agent: apply prepared");
+        Ok(ops)
+    }
+
+    /// A sync's commit point and apply, of what `stage_sync` prepared.
+    fn commit_sync(&self, tx: &OpenTx, c: &CommitData, ops: &[Op]) -> Result<(), AgentError> {
+        let t0 = std::time::Instant::now();
+        let done = self
+            .store
+            .commit_sync(&self.site, &tx.as_ref(), ops, &c.snapshot_id);
+        tracing::debug!("agent: committed and applied in {:?}", t0.elapsed());
+        done
     }
 
     /// Retire what is deleted or replaced (deepest first, so a folder is
@@ -1747,13 +1789,16 @@ impl Backend for Repository {
         // Its open directory would keep a ZFS clone from being unmounted.
         tx.writeback = None;
         // On success the transaction, and with it its locks, goes here.
-        let verified = self.verify_commit(&tx, c);
-        let head_written = verified.as_ref().ok().and_then(|v| v.head_written);
-        let result = verified.and_then(|v| {
+        let staged = match tx.prepared.take() {
+            Some(p) => Ok(p),
+            None => self.stage_commit(&tx, c),
+        };
+        let head_written = staged.as_ref().ok().and_then(|p| p.head_written);
+        let result = staged.and_then(|p| {
             if tx.init {
                 self.commit_init(&tx, c)
             } else {
-                self.commit_sync(&tx, c, &v)
+                self.commit_sync(&tx, c, &p.ops)
             }
         });
         let Err(e) = result else {
@@ -1789,6 +1834,29 @@ impl Backend for Repository {
         } else {
             Err(e)
         }
+    }
+
+    fn prepare_commit(&mut self, c: &CommitData) -> Result<(), AgentError> {
+        let mut tx = self
+            .tx
+            .take()
+            .ok_or_else(|| AgentError::new(ErrorKind::Protocol, "no open transaction"))?;
+        // An init has nothing to stage before its commit: it all happens
+        // at once, at `commit`.
+        let staged = match tx.init {
+            true => Ok(()),
+            false => {
+                // Its open directory would keep a ZFS clone from being
+                // unmounted; and the uploads are over.
+                tx.writeback = None;
+                self.stage_commit(&tx, c).map(|p| {
+                    tx.prepared = Some(p);
+                    failpoint("repo.prepared");
+                })
+            }
+        };
+        self.tx = Some(tx);
+        staged
     }
 
     fn spool_file(&mut self) -> Option<File> {

@@ -795,17 +795,35 @@ fn prepare(
     // The stat cache written after the apply holds the stat of each file
     // it installed: only with none can both caches be made now.
     let caches_staged = plan.downloads.is_empty() && plan.restores.is_empty() && handed.is_empty();
-    let ops = match stage(
+    let commit = plan.needs_snapshot.then(|| commit_msg(next));
+    let staged = stage(
         tx,
         &journal,
         &mut client,
-        cmp,
-        plan,
+        (cmp, plan, next),
         handed,
-        next,
+        commit.as_ref(),
         retries,
         reporter,
-    ) {
+    )
+    .and_then(|ops| {
+        crate::phase("staged");
+        if caches_staged {
+            let staging = staging_dir(root, &tx.id);
+            let path = staging.join(STAGED_STAT_CACHE);
+            write_stat_cache(tx.project, &path, cmp, plan, Vec::new());
+            write_manifest_cache(tx.project, &staging.join(STAGED_MANIFEST_CACHE), cmp, next);
+            crate::phase("caches staged");
+        }
+        // The repository checked and staged its side meanwhile.
+        if commit.is_some() {
+            client.prepared()?;
+            failpoint("client.repo_prepared");
+            crate::phase("repository prepared");
+        }
+        Ok(ops)
+    });
+    let ops = match staged {
         Ok(ops) => ops,
         Err(e) => {
             // Before the commit point: nothing of ours is visible anywhere.
@@ -817,15 +835,6 @@ fn prepare(
             return Err(e);
         }
     };
-    crate::phase("staged");
-    let commit = plan.needs_snapshot.then(|| commit_msg(next));
-    if caches_staged {
-        let staging = staging_dir(root, &tx.id);
-        let path = staging.join(STAGED_STAT_CACHE);
-        write_stat_cache(tx.project, &path, cmp, plan, Vec::new());
-        write_manifest_cache(tx.project, &staging.join(STAGED_MANIFEST_CACHE), cmp, next);
-        crate::phase("caches staged");
-    }
     Ok(Staged {
         journal,
         client,
@@ -918,17 +927,17 @@ fn begin(tx: &Tx<'_>) -> Result<Journal> {
 }
 
 /// Everything before the commit point: uploads, downloads and metadata
-/// staged, the local operations journaled as `prepared`. The caller rolls
-/// back on error.
+/// staged, the local operations journaled as `prepared`, and `commit`
+/// sent for the repository to prepare while this side stages (its answer
+/// is read by the caller). The caller rolls back on error.
 #[allow(clippy::too_many_arguments)]
 fn stage(
     tx: &Tx<'_>,
     journal: &Journal,
     client: &mut RepoClient,
-    cmp: &Comparison,
-    plan: &Plan,
+    (cmp, plan, next): (&Comparison, &Plan, &NextMeta<'_>),
     handed: Vec<Arc<str>>,
-    next: &NextMeta<'_>,
+    commit: Option<&CommitMsg>,
     retries: &Retries,
     reporter: &dyn Reporter,
 ) -> Result<Vec<Op>> {
@@ -981,8 +990,18 @@ fn stage(
     )?;
     failpoint("client.downloaded");
     check_interrupt()?;
-    stage_meta(tx, client, &staging.join("meta"), cmp, plan, next)?;
+    // A delta is sent now, so the repository checks it while this side
+    // writes its manifest; a whole manifest is sent from where it is staged.
+    fetch_archives(tx, client, &staging.join("meta"), next, plan)?;
+    let delta = commit.filter(|m| m.delta.is_some());
+    if let Some(msg) = delta {
+        send_commit(tx, client, msg)?;
+    }
+    stage_meta(tx, &staging.join("meta"), cmp, plan, next)?;
     crate::phase("new manifest staged");
+    if let Some(msg) = commit.filter(|_| delta.is_none()) {
+        send_commit(tx, client, msg)?;
+    }
     let mut ops = local_ops(cmp, downloads, plan);
     drop(handed);
     // Folders for the downloads, write permission, space: checked now, so
@@ -1086,7 +1105,6 @@ fn moved_for_test(client: &RepoClient, base: &str) -> RepoError {
 /// manifests are streamed to their files, never held as text.
 fn stage_meta(
     tx: &Tx<'_>,
-    client: &mut RepoClient,
     meta: &Path,
     cmp: &Comparison,
     plan: &Plan,
@@ -1162,15 +1180,32 @@ fn stage_meta(
             }
         }
     }
+    Ok(())
+}
+
+/// Copies into `meta/archive/` the repository's archived manifests this
+/// client lacks, but the base's: `stage_meta` archives that one itself.
+fn fetch_archives(
+    tx: &Tx<'_>,
+    client: &mut RepoClient,
+    meta: &Path,
+    next: &NextMeta<'_>,
+    plan: &Plan,
+) -> Result<()> {
+    let local_archive = tx.project.dsg().join("archive");
+    let base = plan
+        .needs_snapshot
+        .then(|| archive_name(&next.base.snapshot_id));
     for name in client.list_archives()? {
-        if local_archive.join(&name).exists() || meta.join("archive").join(&name).exists() {
+        if local_archive.join(&name).exists() || base.as_ref() == Some(&name) {
             continue;
         }
         if name.contains('/') || name.starts_with('.') {
             continue;
         }
         if let Meta::Data(b) = client.read_meta(&format!("archive/{name}"), None)? {
-            w(meta.join("archive").join(&name), &b)?;
+            let p = meta.join("archive").join(&name);
+            write_atomic(&p, &b).map_err(|e| EngineError::io(p, e.source))?;
         }
     }
     Ok(())
@@ -1253,20 +1288,28 @@ fn local_ops(cmp: &Comparison, downloads: &[Arc<str>], plan: &Plan) -> Vec<Op> {
 
 /// The commit point of a snapshot sync: the agent commits. When its reply
 /// is lost, the head read on a new connection tells the outcome.
-fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, msg: &CommitMsg) -> Result<()> {
+/// Sends `msg` for the repository to check and stage up to its commit
+/// point (`RepoClient::prepare_commit`), without waiting for its answer.
+fn send_commit(tx: &Tx<'_>, client: &mut RepoClient, msg: &CommitMsg) -> Result<()> {
     let id = &msg.id;
-    let staged = staging_dir(tx.root(), &tx.id).join("meta/last-sync.json");
-    let committed = match &msg.delta {
+    match &msg.delta {
         // Only what changed: the agent merges it into its head, checks the
         // result against the metadata's entries hash, and writes it.
         Some((upserts, removed)) => {
-            client.commit(id, &mut &upserts[..], Some(removed), &msg.messages)
+            client.prepare_commit(id, &mut &upserts[..], Some(removed), &msg.messages)?
         }
         None => {
+            let staged = staging_dir(tx.root(), &tx.id).join("meta/last-sync.json");
             let mut f = std::fs::File::open(&staged).map_err(|e| EngineError::io(&staged, e))?;
-            client.commit(id, &mut f, None, &msg.messages)
+            client.prepare_commit(id, &mut f, None, &msg.messages)?
         }
-    };
+    }
+    Ok(())
+}
+
+/// The repository's commit point, of what `send_commit` prepared.
+fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, msg: &CommitMsg) -> Result<()> {
+    let committed = client.commit_prepared();
     let Err(e) = committed else {
         return Ok(());
     };

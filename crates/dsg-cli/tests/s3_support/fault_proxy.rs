@@ -135,6 +135,9 @@ struct Shared {
     /// Open connections (client, upstream), shut down when the proxy drops.
     open: Mutex<HashMap<u64, [TcpStream; 2]>>,
     connections: AtomicU64,
+    /// Requests read but not yet in `seen`: their client may already have
+    /// the whole answer (and the test moved on) before they are recorded.
+    in_flight: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -160,6 +163,7 @@ impl FaultProxy {
             seen: Mutex::new(Vec::new()),
             open: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
@@ -180,8 +184,14 @@ impl FaultProxy {
         *self.shared.rule.lock().unwrap() = rule;
     }
 
-    /// Every request handled so far, in order of completion.
+    /// Every request handled so far, in order of completion: waits (up to
+    /// 10 s) for those being answered to be recorded.
     pub fn requests(&self) -> Vec<Seen> {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while self.shared.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         self.shared.seen.lock().unwrap().clone()
     }
 
@@ -240,6 +250,7 @@ fn serve(id: u64, down: TcpStream, shared: &Shared) -> io::Result<()> {
     };
     let result = (|| {
         while let Some(req) = read_head(&mut c.dr)? {
+            shared.in_flight.fetch_add(1, Ordering::SeqCst);
             let mut seen = Seen {
                 method: req.word(0).to_string(),
                 target: req.word(1).to_string(),
@@ -249,6 +260,7 @@ fn serve(id: u64, down: TcpStream, shared: &Shared) -> io::Result<()> {
             };
             let keep = exchange(&req, &mut c, shared, &mut seen);
             shared.seen.lock().unwrap().push(seen);
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             if !keep? || shared.stop.load(Ordering::SeqCst) {
                 break;
             }
