@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Both record lists are sorted by path (byte order). A directory's listing
-//! is its entries as `getdents` gave them: `kind:u8 len:u16 name` each. A
+//! is its entries, sorted by name: `kind:u8 len:u16 name` each. A
 //! directory whose stat matches its record (and is not racy) is not listed
 //! again: its listing comes from here (git's untracked cache does the same).
 //! When `known` is 1, the header vouches for the cache manifest
