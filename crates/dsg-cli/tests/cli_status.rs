@@ -792,3 +792,47 @@ fn an_upload_sync_leaves_the_new_caches() {
         "sync's binary copy differs"
     );
 }
+
+/// Status asks the repository with the cache manifest's hash that the stat
+/// cache's header records, read before the rest of the stat cache is
+/// loaded and verified. A header that does not verify must not be
+/// believed: here it claims the cache manifest hashes to the repository's
+/// new manifest, so believed, the repository would answer "unchanged" and
+/// the change there would go unseen.
+#[test]
+fn a_stat_cache_header_that_does_not_verify_is_not_believed() {
+    let env = TestEnv::new();
+    let dir = simple_project(&env);
+    // Older than the racy window: the next status records C's stat and hash.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(env.status_json(&dir, &[])["files"], json!([]));
+    let (_, known) = stat_cache_files(&dir);
+    assert!(known, "the stat cache vouches for the cache manifest");
+
+    // The repository moves on: c.csv deleted there.
+    let mut r = Mf::load(&cache_path(&dir));
+    let prev = r.metadata["snapshot_hash"].as_str().unwrap().to_string();
+    r.entries.remove("input/c.csv");
+    r.seal("s2", "Sync operation", Some(("s1", &prev)));
+    let head = env.repo("N").join(".dsg/last-sync.json");
+    r.write(&head);
+    let honest = env.status_json(&dir, &[]);
+    let rows = status_rows(&honest);
+    assert_eq!(rows.len(), 1, "{honest:#}");
+    assert!(rows.contains_key("input/c.csv"), "{honest:#}");
+
+    // The header now names the repository's manifest as the cache's (its
+    // stat still C's); the file's checksum no longer matches.
+    let sc = dir.join(".dsg/stat-cache");
+    let mut b = fs::read(&sc).unwrap();
+    let repo_hash = xxhash_rust::xxh3::xxh3_64(&fs::read(&head).unwrap());
+    b[72..80].copy_from_slice(&repo_hash.to_le_bytes());
+    fs::write(&sc, &b).unwrap();
+    let v = env.status_json(&dir, &[]);
+    assert_eq!(status_rows(&v), rows, "{v:#}");
+    assert_ne!(
+        fs::read(&sc).unwrap(),
+        b,
+        "the damaged stat cache is rewritten"
+    );
+}

@@ -1796,42 +1796,85 @@ pub mod binary {
     }
 
     /// Reads and hashes at once, so the file is never held whole. Fields
-    /// are a few bytes each: they are hashed in 64 KiB runs, not one
-    /// `update` per field (which cost more than the parse).
+    /// are a few bytes each: they are parsed in place from a 64 KiB
+    /// buffer, and the bytes are hashed a buffer at a time as they are
+    /// consumed (a `read_exact` and an `update` per field cost more than
+    /// the parse).
     struct R<T: std::io::Read> {
         r: T,
         h: Xxh3,
         buf: Vec<u8>,
-        unhashed: Vec<u8>,
+        /// Consumed (and hashed) up to here.
+        pos: usize,
+        /// Bytes of `buf` already hashed (a prefix of the consumed ones).
+        hashed: usize,
     }
     impl<T: std::io::Read> R<T> {
+        const PIECE: usize = 1 << 16;
+
         fn new(r: T) -> Self {
             R {
                 r,
                 h: Xxh3::new(),
-                buf: Vec::new(),
-                unhashed: Vec::with_capacity(1 << 16),
+                buf: Vec::with_capacity(Self::PIECE),
+                pos: 0,
+                hashed: 0,
             }
         }
+
+        /// At least `n` unconsumed bytes in the buffer; false at the end.
+        fn fill(&mut self, n: usize) -> bool {
+            while self.buf.len() - self.pos < n {
+                self.h.update(&self.buf[self.hashed..self.pos]);
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+                self.hashed = 0;
+                let have = self.buf.len();
+                self.buf.resize(have + n.max(Self::PIECE), 0);
+                let got = loop {
+                    match self.r.read(&mut self.buf[have..]) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        r => break r,
+                    }
+                };
+                let got = got.unwrap_or(0);
+                self.buf.truncate(have + got);
+                if got == 0 {
+                    return false;
+                }
+            }
+            true
+        }
+
         fn take(&mut self, n: usize) -> Option<&[u8]> {
-            if n > (1 << 30) {
+            if n > (1 << 30) || !self.fill(n) {
                 return None;
             }
-            self.buf.resize(n, 0);
-            self.r.read_exact(&mut self.buf).ok()?;
-            self.unhashed.extend_from_slice(&self.buf);
-            if self.unhashed.len() >= 1 << 16 {
-                self.h.update(&self.unhashed);
-                self.unhashed.clear();
-            }
-            Some(&self.buf)
+            let at = self.pos;
+            self.pos += n;
+            Some(&self.buf[at..at + n])
         }
+
         /// The hash of everything taken so far.
         fn digest(&mut self) -> u64 {
-            self.h.update(&self.unhashed);
-            self.unhashed.clear();
+            self.h.update(&self.buf[self.hashed..self.pos]);
+            self.hashed = self.pos;
             self.h.digest()
         }
+
+        /// The trailing checksum: the next 8 bytes (not hashed), and
+        /// nothing after them.
+        fn trailer(&mut self) -> Option<u64> {
+            self.digest();
+            if !self.fill(8) {
+                return None;
+            }
+            let sum = u64::from_le_bytes(self.buf[self.pos..self.pos + 8].try_into().ok()?);
+            self.pos += 8;
+            self.hashed = self.pos;
+            (!self.fill(1)).then_some(sum)
+        }
+
         fn u8(&mut self) -> Option<u8> {
             Some(self.take(1)?[0])
         }
@@ -2063,10 +2106,7 @@ pub mod binary {
             each(entries.len() - 1, &entries[entries.len() - 1]);
         }
         let digest = r.digest();
-        let mut sum = [0u8; 8];
-        r.r.read_exact(&mut sum).ok()?;
-        let mut extra = [0u8; 1];
-        if u64::from_le_bytes(sum) != digest || r.r.read(&mut extra).ok()? != 0 {
+        if r.trailer()? != digest {
             return None;
         }
         Some(Manifest {
@@ -2206,10 +2246,7 @@ pub mod binary {
         let stored_entries_hash = r.str().ok_or_else(|| bad("truncated"))?.to_string();
         let made_from = r.u64().ok_or_else(|| bad("truncated"))?;
         let digest = r.digest();
-        let mut sum = [0u8; 8];
-        r.r.read_exact(&mut sum).map_err(|_| bad("truncated"))?;
-        let mut extra = [0u8; 1];
-        if u64::from_le_bytes(sum) != digest || !matches!(r.r.read(&mut extra), Ok(0)) {
+        if r.trailer() != Some(digest) {
             return Err(bad("checksum mismatch"));
         }
         if stored != count {

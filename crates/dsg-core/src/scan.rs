@@ -808,6 +808,50 @@ mod tests {
         assert_eq!(paths, ["input/a"]);
     }
 
+    /// The names of a listing, in its order.
+    fn listing_names(l: &[u8]) -> Vec<String> {
+        listing_entries(l)
+            .map(|(_, n)| String::from_utf8_lossy(n).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn listings_are_kept_sorted_and_an_unsorted_cached_one_is_sorted_and_rewritten() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let names = ["m", "b", "z", "a", "q", "c0", "c", "c.d"];
+        let files: Vec<(String, &str)> = names.iter().map(|n| (format!("input/{n}"), *n)).collect();
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), *c)).collect();
+        let cache = settled_tree(r, &files);
+        let first = scan(r, &rules(), cache, &Progress::default());
+        let input = first.dirs.iter().find(|d| d.path == "input").unwrap();
+        let mut sorted = names.map(String::from).to_vec();
+        sorted.sort();
+        assert_eq!(listing_names(&input.listing), sorted);
+        // A cache written before listings were sorted: `input`'s listing
+        // in reverse order, its stat unchanged.
+        let mut old = first.dirs.clone();
+        let rec = old.iter_mut().find(|d| d.path == "input").unwrap();
+        let mut reversed = Vec::new();
+        let entries: Vec<_> = listing_entries(&rec.listing).collect();
+        for (kind, name) in entries.into_iter().rev() {
+            stat_cache::push_listing_entry(&mut reversed, kind, name);
+        }
+        rec.listing = reversed;
+        let recs = StatCache::records_of(&first.entries);
+        let made = first.started_ns + 3 * RACY_WINDOW_NS;
+        let cache = StatCache::decode(StatCache::encode(made, recs, &old)).unwrap();
+        let res = scan(r, &rules(), cache, &Progress::default());
+        // Same files in path order, nothing hashed; `input` counts as
+        // listed again, so the cache is rewritten with its sorted listing.
+        assert_eq!(paths_and_hashes(&res), paths_and_hashes(&first));
+        assert_eq!(res.hashed_files, 0);
+        assert_eq!(res.dirs_reused as usize, res.dirs.len() - 1);
+        assert!(res.cache_dirty);
+        let input = res.dirs.iter().find(|d| d.path == "input").unwrap();
+        assert_eq!(listing_names(&input.listing), sorted);
+    }
+
     #[test]
     fn a_version_1_stat_cache_is_read_and_its_directories_listed() {
         let d = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Both record lists are sorted by path (byte order). A directory's listing
-//! is its entries as `getdents` gave them: `kind:u8 len:u16 name` each. A
+//! is its entries, sorted by name: `kind:u8 len:u16 name` each. A
 //! directory whose stat matches its record (and is not racy) is not listed
 //! again: its listing comes from here (git's untracked cache does the same).
 //! When `known` is 1, the header vouches for the cache manifest
@@ -312,6 +312,25 @@ struct Parts {
 
 /// Reads a whole stat cache from `r`, checking everything (checksum,
 /// record order, listings) but keeping only the directory records.
+/// The header's record of the cache manifest (`None` inside: none
+/// recorded); `None` when the header is malformed.
+fn known_of(head: &[u8]) -> Option<Option<KnownFile>> {
+    let v2 = head.get(..8)? == MAGIC_V2;
+    Some(match (v2, if v2 { u64_at(head, 32)? } else { 0 }) {
+        (false, _) | (true, 0) => None,
+        (true, 1) => Some(KnownFile {
+            stat: Stat {
+                size: u64_at(head, 40)?,
+                mtime_ns: u64_at(head, 48)? as i64,
+                ctime_ns: u64_at(head, 56)? as i64,
+                ino: u64_at(head, 64)?,
+            },
+            hash: u64_at(head, 72)?,
+        }),
+        _ => return None,
+    })
+}
+
 fn read_verified(mut r: impl Read) -> Option<Parts> {
     let mut head = [0u8; HEADER_V2];
     r.read_exact(&mut head[..8]).ok()?;
@@ -330,19 +349,7 @@ fn read_verified(mut r: impl Read) -> Option<Parts> {
     } else {
         0
     };
-    let known_manifest = match (v2, if v2 { u64_at(head, 32)? } else { 0 }) {
-        (false, _) | (true, 0) => None,
-        (true, 1) => Some(KnownFile {
-            stat: Stat {
-                size: u64_at(head, 40)?,
-                mtime_ns: u64_at(head, 48)? as i64,
-                ctime_ns: u64_at(head, 56)? as i64,
-                ino: u64_at(head, 64)?,
-            },
-            hash: u64_at(head, 72)?,
-        }),
-        _ => return None,
-    };
+    let known_manifest = known_of(head)?;
     let mut whole = Xxh3::new();
     whole.update(head);
     let mut rr = RecordReader::new(r, Some(whole));
@@ -417,6 +424,16 @@ impl StatCache {
                 StatCache::default()
             }
         }
+    }
+
+    /// The cache manifest's record in the header of the stat cache at
+    /// `path`, read alone and NOT verified: a guess, to be checked against
+    /// [`Self::known_manifest`] once the cache is loaded (a status asks
+    /// the repository with it while the cache loads).
+    pub fn peek_known_manifest(path: &Path) -> Option<KnownFile> {
+        let mut head = [0u8; HEADER_V2];
+        std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+        known_of(&head)?
     }
 
     fn of_parts(p: Parts, files: FileRecords) -> StatCache {

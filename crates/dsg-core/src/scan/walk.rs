@@ -45,6 +45,10 @@ pub(super) struct WalkOut {
     pub dirs: Vec<DirListing>,
     /// Directories whose listing came from the cache.
     pub dirs_reused: usize,
+    /// Data files seen, for the progress counter (added once a directory:
+    /// one shared counter bumped by every file on both cores cost more
+    /// than the bookkeeping it reports).
+    seen: u64,
     /// Runs of `cands` (start, length), each contiguous in path order: a
     /// directory's files, sorted, cut where its subdirectories fall.
     segments: Vec<(usize, usize)>,
@@ -224,6 +228,24 @@ fn list(fd: BorrowedFd<'_>) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// A listing with its entries sorted by name (byte order), as the stat
+/// cache keeps them: a directory's files then come out of it in path
+/// order, and `segment` need not sort them (that sort, of every directory
+/// on every warm status, was most of the walk's own work).
+fn by_name(listing: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
+    let mut entries: Vec<(ChildKind, &[u8])> = listing_entries(&listing).collect();
+    if entries.is_sorted_by(|a, b| a.1 <= b.1) {
+        return listing;
+    }
+    entries.sort_unstable_by(|a, b| a.1.cmp(b.1));
+    let mut sorted = Vec::with_capacity(listing.len());
+    for (kind, name) in entries {
+        // Every name was pushed once already: it fits.
+        push_listing_entry(&mut sorted, kind, name);
+    }
+    Cow::Owned(sorted)
+}
+
 /// Where one directory entry goes next.
 enum Sorted {
     /// Hidden, ignored, outside the data or unreadable (then in `local`).
@@ -252,6 +274,9 @@ impl Walker<'_> {
             o.dirs.append(&mut local.dirs);
             o.hidden += local.hidden;
         }
+        self.progress
+            .files_seen
+            .fetch_add(local.seen, Ordering::Relaxed);
         subdirs.into_par_iter().for_each(|(r, d)| {
             let valid = names::validate_path(&r).is_ok();
             self.walk_dir(r, d, valid)
@@ -301,12 +326,19 @@ impl Walker<'_> {
             }
         };
         let listing: Cow<'_, [u8]> = match self.cache.dir(rel) {
+            // A listing cached before listings were kept sorted is sorted
+            // now and counted as listed again, so the cache is rewritten.
             Some(r) if r.stat == stat && !self.racy(&stat) => {
-                self.reused.fetch_add(1, Ordering::Relaxed);
-                Cow::Borrowed(r.listing)
+                match by_name(Cow::Borrowed(r.listing)) {
+                    l @ Cow::Borrowed(_) => {
+                        self.reused.fetch_add(1, Ordering::Relaxed);
+                        l
+                    }
+                    l => l,
+                }
             }
             _ => match list(fd) {
-                Ok(l) => Cow::Owned(l),
+                Ok(l) => by_name(Cow::Owned(l)),
                 Err(e) => {
                     unreadable(local, &e);
                     return Vec::new();
@@ -380,7 +412,7 @@ impl Walker<'_> {
         if !here_data {
             return Sorted::Done;
         }
-        self.progress.files_seen.fetch_add(1, Ordering::Relaxed);
+        local.seen += 1;
         let child_rel = join_rel(rel, name);
         if rules.ignored_file(&child_rel, name) {
             local.ignored.push(child_rel);
@@ -442,8 +474,8 @@ impl Walker<'_> {
     }
 }
 
-/// Sorts one directory's entries (`cands`, all in `rel`) and records the
-/// runs between the places its subdirectories' entries go: in path (byte)
+/// Records the runs of one directory's entries (`cands`, all in `rel`, sorted)
+/// between the places its subdirectories' entries go: in path (byte)
 /// order `rel/b.txt` < `rel/b/…` < `rel/b0`, i.e. a subdirectory sorts as
 /// its name followed by `/`.
 fn segment(
@@ -456,7 +488,9 @@ fn segment(
     fn name(e: &LocalEntry, skip: usize) -> &[u8] {
         &e.path.as_bytes()[skip..]
     }
-    cands.sort_unstable_by(|a, b| name(a, skip).cmp(name(b, skip)));
+    // The listing was sorted by name, and the files came out of it in
+    // its order.
+    debug_assert!(cands.is_sorted_by(|a, b| name(a, skip) < name(b, skip)));
     let mut cuts: Vec<usize> = subdirs
         .iter()
         .map(|(child, _)| {
