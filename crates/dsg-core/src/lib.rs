@@ -11,6 +11,7 @@ pub mod hash;
 pub mod manifest;
 pub mod names;
 pub mod paths;
+mod piece;
 pub mod scan;
 pub mod state;
 pub mod timefmt;

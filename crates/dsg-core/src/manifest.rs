@@ -1810,13 +1810,11 @@ pub mod binary {
         hashed: usize,
     }
     impl<T: std::io::Read> R<T> {
-        const PIECE: usize = 1 << 16;
-
         fn new(r: T) -> Self {
             R {
                 r,
                 h: Xxh3::new(),
-                buf: Vec::with_capacity(Self::PIECE),
+                buf: Vec::with_capacity(crate::piece::PIECE),
                 pos: 0,
                 hashed: 0,
             }
@@ -1829,16 +1827,9 @@ pub mod binary {
                 self.buf.drain(..self.pos);
                 self.pos = 0;
                 self.hashed = 0;
-                let have = self.buf.len();
-                self.buf.resize(have + n.max(Self::PIECE), 0);
-                let got = loop {
-                    match self.r.read(&mut self.buf[have..]) {
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        r => break r,
-                    }
-                };
-                let got = got.unwrap_or(0);
-                self.buf.truncate(have + got);
+                // A read error ends the stream like its end: what is
+                // missing fails the checksum.
+                let got = crate::piece::read_piece(&mut self.r, &mut self.buf, n).unwrap_or(0);
                 if got == 0 {
                     return false;
                 }

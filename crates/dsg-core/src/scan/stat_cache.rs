@@ -196,12 +196,10 @@ struct RecordReader<R: Read> {
 }
 
 impl<R: Read> RecordReader<R> {
-    const PIECE: usize = 1 << 16;
-
     fn new(r: R, whole: Option<Xxh3>) -> Self {
         RecordReader {
             r,
-            buf: Vec::with_capacity(Self::PIECE),
+            buf: Vec::with_capacity(crate::piece::PIECE),
             pos: 0,
             consumed: 0,
             section: Xxh3::new(),
@@ -225,16 +223,7 @@ impl<R: Read> RecordReader<R> {
     fn fill(&mut self, n: usize) -> std::io::Result<bool> {
         while self.buf.len() - self.pos < n {
             self.settle();
-            let have = self.buf.len();
-            self.buf.resize(have + n.max(Self::PIECE), 0);
-            let got = loop {
-                match self.r.read(&mut self.buf[have..]) {
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    r => break r,
-                }
-            };
-            self.buf.truncate(have + got.as_ref().map_or(0, |g| *g));
-            if got? == 0 {
+            if crate::piece::read_piece(&mut self.r, &mut self.buf, n)? == 0 {
                 return Ok(false);
             }
         }
