@@ -77,7 +77,7 @@ fn hostile_sync(repo: &Path, attack: &Attack) -> Response {
 }
 
 fn hostile_sync_once(repo: &Path, attack: &Attack, prepare: bool) -> Response {
-    let (mut a, mut answer) = send_attack(repo, attack, prepare);
+    let (mut a, mut answer, _) = send_attack(repo, attack, prepare);
     if prepare && matches!(answer, Response::Ok) {
         a.send(&Request::CommitPrepared);
         answer = a.recv_json("commit prepared", 60);
@@ -88,9 +88,9 @@ fn hostile_sync_once(repo: &Path, attack: &Attack, prepare: bool) -> Response {
 }
 
 /// Begins a sync on the head of `repo`, stages and commits `attack`
-/// (`prepare`: only up to the commit point); returns the agent and its
-/// answer to `Commit`.
-fn send_attack(repo: &Path, attack: &Attack, prepare: bool) -> (Agent, Response) {
+/// (`prepare`: only up to the commit point); returns the agent, its
+/// answer to `Commit`, and the manifest and sync-messages it sent.
+fn send_attack(repo: &Path, attack: &Attack, prepare: bool) -> (Agent, Response, Sent) {
     let head = Manifest::load(&repo.join(".dsg/last-sync.json")).expect("head");
     let head_md = head.metadata.clone().expect("head metadata");
     let mut a = Agent::spawn(&support::dsg_bin(), repo, &[]);
@@ -134,10 +134,17 @@ fn send_attack(repo: &Path, attack: &Attack, prepare: bool) -> (Agent, Response)
         delta: false,
         prepare,
     });
-    a.data(&m.to_json_bytes());
+    let manifest = m.to_json_bytes();
+    a.data(&manifest);
     a.data(&messages);
     let answer = a.recv_json("commit", 60);
-    (a, answer)
+    (a, answer, Sent { manifest, messages })
+}
+
+/// What `send_attack` committed.
+struct Sent {
+    manifest: Vec<u8>,
+    messages: Vec<u8>,
 }
 
 /// A commit prepared in two steps changes the repository only at
@@ -157,7 +164,7 @@ fn a_prepared_commit_commits_only_when_told() {
     let head_before = head();
 
     // Prepared, then rolled back: as before, staging and all.
-    let (mut a, answer) = send_attack(&w.repo, &honest(), true);
+    let (mut a, answer, _) = send_attack(&w.repo, &honest(), true);
     assert!(matches!(answer, Response::Ok), "prepare: {answer:?}");
     assert_eq!(head(), head_before, "a prepared commit changed the head");
     assert!(!w.repo.join("input/b.txt").exists());
@@ -176,7 +183,7 @@ fn a_prepared_commit_commits_only_when_told() {
     assert_eq!(repo_content(&w), before);
 
     // Prepared, then the client goes away: the head stays.
-    let (mut a, answer) = send_attack(&w.repo, &honest(), true);
+    let (mut a, answer, _) = send_attack(&w.repo, &honest(), true);
     assert!(matches!(answer, Response::Ok), "prepare: {answer:?}");
     a.close_input();
     assert!(a.wait(30).success());
@@ -187,8 +194,42 @@ fn a_prepared_commit_commits_only_when_told() {
     );
     assert!(!w.repo.join("input/b.txt").exists());
 
+    // Prepared, then the checked file uploaded again with other bytes:
+    // the preparation is undone, so neither a `CommitPrepared` nor a
+    // commit in one step of the checked manifest installs them.
+    let evil = b"not what was checked\n";
+    for one_step in [false, true] {
+        let (mut a, answer, sent) = send_attack(&w.repo, &honest(), true);
+        assert!(matches!(answer, Response::Ok), "prepare: {answer:?}");
+        a.send(&Request::PutFile {
+            path: "input/b.txt".into(),
+            size: evil.len() as u64,
+            hash: Hash::of_bytes(evil).0,
+            mtime_ns: 0,
+            offset: 0,
+        });
+        a.data(evil);
+        if one_step {
+            a.send(&Request::Commit {
+                snapshot_id: "s2".into(),
+                delta: false,
+                prepare: false,
+            });
+            a.data(&sent.manifest);
+            a.data(&sent.messages);
+        } else {
+            a.send(&Request::CommitPrepared);
+        }
+        let r = a.recv_json("commit after an upload", 60);
+        assert!(matches!(r, Response::Err(_)), "one step {one_step}: {r:?}");
+        a.send(&Request::Bye);
+        let _ = a.recv_json("bye", 10);
+        assert_eq!(head(), head_before, "one step {one_step}: committed");
+        assert!(!w.repo.join("input/b.txt").exists());
+    }
+
     // Prepared and committed: the new head, with its file.
-    let (mut a, answer) = send_attack(&w.repo, &honest(), true);
+    let (mut a, answer, _) = send_attack(&w.repo, &honest(), true);
     assert!(matches!(answer, Response::Ok), "prepare: {answer:?}");
     a.send(&Request::CommitPrepared);
     let r = a.recv_json("commit prepared", 60);

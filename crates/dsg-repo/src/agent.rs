@@ -134,6 +134,14 @@ fn serve_loop<R: Read, W: Write>(
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e),
         };
+        if prepared.is_some() && !matches!(req, Request::CommitPrepared) {
+            // Anything else after a prepared commit (an upload over a
+            // checked file, another commit) could change what was checked:
+            // the transaction is undone first, never committed unchecked.
+            prepared = None;
+            *sticky = None;
+            let _ = backend.rollback();
+        }
         let Some(req) = gather_local(req, local_sources, &mut local) else {
             if local.len() >= LOCAL_BATCH {
                 stage_local(backend, &mut local, sticky);

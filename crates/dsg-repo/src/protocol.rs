@@ -137,8 +137,8 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         delta: bool,
         /// Only check and stage the commit, up to its commit point, and
-        /// answer `Ok`: `CommitPrepared` then commits it, `Rollback` (or the
-        /// connection's end) undoes it.
+        /// answer `Ok`: `CommitPrepared` then commits it; any other request
+        /// (or the connection's end) undoes the transaction first.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         prepare: bool,
     },
