@@ -106,14 +106,7 @@ fn send_attack(repo: &Path, attack: &Attack, prepare: bool) -> (Agent, Response,
     let begun = a.recv_json("begin", 30);
     assert!(matches!(begun, Response::Ok), "begin: {begun:?}");
     for (path, bytes) in &attack.stage {
-        a.send(&Request::PutFile {
-            path: path.to_string(),
-            size: bytes.len() as u64,
-            hash: Hash::of_bytes(bytes).0,
-            mtime_ns: 1_700_000_000_000_000_000,
-            offset: 0,
-        });
-        a.data(bytes);
+        put(&mut a, path, bytes, 1_700_000_000_000_000_000);
     }
     a.send(&Request::Flush);
     let flushed = a.recv_json("flush", 30);
@@ -139,6 +132,18 @@ fn send_attack(repo: &Path, attack: &Attack, prepare: bool) -> (Agent, Response,
     a.data(&messages);
     let answer = a.recv_json("commit", 60);
     (a, answer, Sent { manifest, messages })
+}
+
+/// Uploads `bytes` to `path`, announced with their true size and hash.
+fn put(a: &mut Agent, path: &str, bytes: &[u8], mtime_ns: i64) {
+    a.send(&Request::PutFile {
+        path: path.into(),
+        size: bytes.len() as u64,
+        hash: Hash::of_bytes(bytes).0,
+        mtime_ns,
+        offset: 0,
+    });
+    a.data(bytes);
 }
 
 /// What `send_attack` committed.
@@ -201,14 +206,7 @@ fn a_prepared_commit_commits_only_when_told() {
     for one_step in [false, true] {
         let (mut a, answer, sent) = send_attack(&w.repo, &honest(), true);
         assert!(matches!(answer, Response::Ok), "prepare: {answer:?}");
-        a.send(&Request::PutFile {
-            path: "input/b.txt".into(),
-            size: evil.len() as u64,
-            hash: Hash::of_bytes(evil).0,
-            mtime_ns: 0,
-            offset: 0,
-        });
-        a.data(evil);
+        put(&mut a, "input/b.txt", evil, 0);
         if one_step {
             a.send(&Request::Commit {
                 snapshot_id: "s2".into(),
@@ -513,14 +511,7 @@ fn a_head_whose_id_is_a_path_is_refused() {
 /// Stages `input/b.txt` and commits `id` on `head` in an open transaction.
 fn hostile_commit_on(a: &mut Agent, repo: &Path, head: &Manifest, id: &str) -> Response {
     let bytes = b"bravo\n";
-    a.send(&Request::PutFile {
-        path: "input/b.txt".into(),
-        size: bytes.len() as u64,
-        hash: Hash::of_bytes(bytes).0,
-        mtime_ns: 0,
-        offset: 0,
-    });
-    a.data(bytes);
+    put(a, "input/b.txt", bytes, 0);
     let mut entries = head.entries().to_vec();
     entries.push(file_entry("input/b.txt", bytes));
     let mut m = Manifest::from_entries(entries);
@@ -564,14 +555,7 @@ fn a_hostile_init_is_refused() {
         });
         let begun = a.recv_json("begin", 30);
         assert!(matches!(begun, Response::Ok), "begin: {begun:?}");
-        a.send(&Request::PutFile {
-            path: "input/a.txt".into(),
-            size: bytes.len() as u64,
-            hash: Hash::of_bytes(bytes).0,
-            mtime_ns: 0,
-            offset: 0,
-        });
-        a.data(bytes);
+        put(&mut a, "input/a.txt", bytes, 0);
         let mut m = Manifest::from_entries(vec![file_entry("input/a.txt", bytes)]);
         m.seal(id, "mallory", "hostile", "init", None);
         let messages = messages.map(<[u8]>::to_vec).unwrap_or_else(|| {

@@ -15,6 +15,14 @@ fn reply_err<W: Write>(w: &mut W, e: &AgentError) -> io::Result<()> {
     write_json(w, &Response::Err(e.to_remote()))
 }
 
+/// Sends `answer`: the response, or the error.
+fn reply<W: Write>(w: &mut W, answer: Result<Response, AgentError>) -> io::Result<()> {
+    match answer {
+        Ok(r) => write_json(w, &r),
+        Err(e) => reply_err(w, &e),
+    }
+}
+
 /// Serves one connection until `Bye` or end of input. A connection that
 /// ends with a transaction open rolls it back (the backend's drop does too).
 pub fn serve(backend: &mut dyn Backend, input: impl Read, output: impl Write) -> io::Result<()> {
@@ -163,7 +171,6 @@ fn serve_loop<R: Read, W: Write>(
                 base_hash,
             } => {
                 *sticky = None;
-                prepared = None;
                 let how = BeginHow { resume, replace };
                 begin(
                     backend,
@@ -191,43 +198,21 @@ fn serve_loop<R: Read, W: Write>(
                     reply_err(&mut w, &e)?
                 }
             },
-            Request::Commit {
-                snapshot_id,
-                delta,
-                prepare,
-            } => {
-                prepared = None;
-                let data = receive_commit(backend, &mut r, &mut w, sticky, snapshot_id, delta)?;
-                if let Some(data) = data {
-                    if prepare {
-                        prepared = prepare_commit(backend, &mut w, sticky.take(), data)?;
-                    } else {
-                        commit(backend, &mut w, sticky.take(), data)?
-                    }
-                }
+            q @ (Request::Commit { .. } | Request::CommitPrepared) => {
+                serve_commit(backend, &mut r, &mut w, sticky, &mut prepared, q)?
             }
-            Request::CommitPrepared => match prepared.take() {
-                Some(data) => commit(backend, &mut w, sticky.take(), data)?,
-                None => reply_err(
-                    &mut w,
-                    &AgentError::new(ErrorKind::Protocol, "no prepared commit to commit"),
-                )?,
-            },
-            Request::Recover { wait } => match backend.recover(wait) {
-                Ok(()) => write_json(&mut w, &Response::Ok)?,
-                Err(e) => reply_err(&mut w, &e)?,
-            },
-            Request::ListArchives => match backend.list_archives() {
-                Ok(names) => write_json(&mut w, &Response::Names { names })?,
-                Err(e) => reply_err(&mut w, &e)?,
-            },
+            Request::Recover { wait } => {
+                reply(&mut w, backend.recover(wait).map(|()| Response::Ok))?
+            }
+            Request::ListArchives => reply(
+                &mut w,
+                backend
+                    .list_archives()
+                    .map(|names| Response::Names { names }),
+            )?,
             Request::Rollback => {
                 *sticky = None;
-                prepared = None;
-                match backend.rollback() {
-                    Ok(()) => write_json(&mut w, &Response::Ok)?,
-                    Err(e) => reply_err(&mut w, &e)?,
-                }
+                reply(&mut w, backend.rollback().map(|()| Response::Ok))?
             }
             Request::GetFiles { paths } => get_files(backend, &mut w, buf, paths)?,
             Request::GetVersions { snapshot, paths } => {
@@ -242,10 +227,10 @@ fn serve_loop<R: Read, W: Write>(
                 w.flush()?;
                 return Ok(true);
             }
-            Request::ListRepos => match crate::list::list_dir(&backend.root()) {
-                Ok(repos) => write_json(&mut w, &Response::Repos { repos })?,
-                Err(e) => reply_err(&mut w, &e)?,
-            },
+            Request::ListRepos => reply(
+                &mut w,
+                crate::list::list_dir(&backend.root()).map(|repos| Response::Repos { repos }),
+            )?,
             Request::MountSnapshot {
                 snapshot,
                 mountpoint,
@@ -268,16 +253,45 @@ fn serve_loop<R: Read, W: Write>(
                     dry_run,
                     user,
                 };
-                match backend.prune(&policy) {
-                    Ok(r) => write_json(&mut w, &Response::Pruned(r))?,
-                    Err(e) => reply_err(&mut w, &e)?,
-                }
+                reply(&mut w, backend.prune(&policy).map(Response::Pruned))?
             }
         }
         // Answer promptly when the client is waiting; while it is still
         // sending puts there is nothing to flush.
         w.flush()?;
     }
+}
+
+/// `Commit` (in one step, or up to its commit point: then kept in
+/// `prepared`) and `CommitPrepared`.
+fn serve_commit<R: Read, W: Write>(
+    backend: &mut dyn Backend,
+    r: &mut R,
+    w: &mut W,
+    sticky: &mut Option<AgentError>,
+    prepared: &mut Option<CommitData>,
+    req: Request,
+) -> io::Result<()> {
+    match req {
+        Request::Commit {
+            snapshot_id,
+            delta,
+            prepare,
+        } => match receive_commit(backend, r, w, sticky, snapshot_id, delta)? {
+            Some(data) if prepare => *prepared = prepare_commit(backend, w, sticky.take(), data)?,
+            Some(data) => commit(backend, w, sticky.take(), data)?,
+            None => {}
+        },
+        Request::CommitPrepared => match prepared.take() {
+            Some(data) => commit(backend, w, sticky.take(), data)?,
+            None => reply_err(
+                w,
+                &AgentError::new(ErrorKind::Protocol, "no prepared commit to commit"),
+            )?,
+        },
+        _ => unreachable!("serve_commit is called with commits only"),
+    }
+    Ok(())
 }
 
 /// A `Commit`'s streams: its manifest (spooled to a file when the backend
