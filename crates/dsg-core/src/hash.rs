@@ -27,6 +27,17 @@ impl Hash {
     pub fn to_hex(self) -> String {
         format!("{:016x}", self.0)
     }
+
+    /// The 16 lowercase hex digits `Display` writes, without format
+    /// machinery (a manifest writes one per entry).
+    pub fn hex(self) -> [u8; 16] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut b = [0u8; 16];
+        for (i, d) in b.iter_mut().enumerate() {
+            *d = DIGITS[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        b
+    }
 }
 
 impl fmt::Display for Hash {

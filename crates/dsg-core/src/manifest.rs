@@ -201,8 +201,67 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+impl Mtime {
+    /// The text of a `Fixed` mtime in years 0–9999 with an offset under
+    /// 100 hours (every mtime a scan makes), digits by hand: every entry's
+    /// mtime is written and hashed on each sync, and format machinery cost
+    /// more than the rest of the entry.
+    fn fixed_text(&self) -> Option<[u8; 25]> {
+        let Mtime::Fixed {
+            utc_secs,
+            offset_min,
+        } = self
+        else {
+            return None;
+        };
+        let local = utc_secs.checked_add(*offset_min as i64 * 60)?;
+        let (y, mo, d) = civil_from_days(local.div_euclid(86400));
+        let t = local.rem_euclid(86400);
+        let o = offset_min.unsigned_abs() as i64;
+        if !(0..=9999).contains(&y) || o >= 100 * 60 {
+            return None;
+        }
+        let mut b = *b"0000-00-00T00:00:00+00:00";
+        let mut put = |at: usize, v: i64, width: usize| {
+            let mut v = v;
+            for i in (0..width).rev() {
+                b[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, y, 4);
+        put(5, mo, 2);
+        put(8, d, 2);
+        put(11, t / 3600, 2);
+        put(14, t % 3600 / 60, 2);
+        put(17, t % 60, 2);
+        put(20, o / 60, 2);
+        put(23, o % 60, 2);
+        if *offset_min < 0 {
+            b[19] = b'-';
+        }
+        Some(b)
+    }
+
+    /// The mtime as a JSON string, as `json_str(out, &self.to_string())`
+    /// writes it, without the allocation.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        match self.fixed_text() {
+            Some(b) => {
+                out.push(b'"');
+                out.extend_from_slice(&b);
+                out.push(b'"');
+            }
+            None => json_str(out, &self.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for Mtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(b) = self.fixed_text() {
+            return f.write_str(std::str::from_utf8(&b).expect("ascii"));
+        }
         match self {
             Mtime::Fixed {
                 utc_secs,
@@ -213,28 +272,6 @@ impl std::fmt::Display for Mtime {
                 let t = local.rem_euclid(86400);
                 let sign = if *offset_min < 0 { '-' } else { '+' };
                 let o = offset_min.unsigned_abs() as i64;
-                if (0..=9999).contains(&y) && o < 100 * 60 {
-                    // Every entry's mtime is written (and hashed) on each
-                    // sync: digits by hand, not through format machinery.
-                    let mut b = *b"0000-00-00T00:00:00+00:00";
-                    let mut put = |at: usize, v: i64, width: usize| {
-                        let mut v = v;
-                        for i in (0..width).rev() {
-                            b[at + i] = b'0' + (v % 10) as u8;
-                            v /= 10;
-                        }
-                    };
-                    put(0, y, 4);
-                    put(5, mo, 2);
-                    put(8, d, 2);
-                    put(11, t / 3600, 2);
-                    put(14, t % 3600 / 60, 2);
-                    put(17, t % 60, 2);
-                    put(20, o / 60, 2);
-                    put(23, o % 60, 2);
-                    b[19] = sign as u8;
-                    return f.write_str(std::str::from_utf8(&b).expect("ascii"));
-                }
                 write!(
                     f,
                     "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}{sign}{:02}:{:02}",
@@ -317,11 +354,13 @@ impl Entry {
                 json_str(out, &self.path);
                 out.extend_from_slice(b",\"user\":");
                 json_str(out, &self.user);
-                let _ = write!(out, ",\"filesize\":{size},\"mtime\":");
-                json_str(out, &mtime.to_string());
+                out.extend_from_slice(b",\"filesize\":");
+                out.extend_from_slice(itoa::Buffer::new().format(*size).as_bytes());
+                out.extend_from_slice(b",\"mtime\":");
+                mtime.write_json(out);
                 out.extend_from_slice(b",\"hash\":\"");
                 if let Some(h) = hash {
-                    let _ = write!(out, "{h}");
+                    out.extend_from_slice(&h.hex());
                 }
                 out.extend_from_slice(b"\"}");
             }
@@ -346,11 +385,13 @@ impl Entry {
                 json_str(out, &self.path);
                 out.extend_from_slice(b",\n      \"user\": ");
                 json_str(out, &self.user);
-                let _ = write!(out, ",\n      \"filesize\": {size},\n      \"mtime\": ");
-                json_str(out, &mtime.to_string());
+                out.extend_from_slice(b",\n      \"filesize\": ");
+                out.extend_from_slice(itoa::Buffer::new().format(*size).as_bytes());
+                out.extend_from_slice(b",\n      \"mtime\": ");
+                mtime.write_json(out);
                 out.extend_from_slice(b",\n      \"hash\": \"");
                 if let Some(h) = hash {
-                    let _ = write!(out, "{h}");
+                    out.extend_from_slice(&h.hex());
                 }
                 out.extend_from_slice(b"\"\n    }");
             }
@@ -369,6 +410,15 @@ impl Entry {
 
 /// JSON string escaping as orjson and serde_json do it (non-ASCII raw).
 fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Nearly every path and user needs no escape: copied between quotes
+    // (serde_json escapes exactly these bytes, and nothing else).
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
@@ -2804,6 +2854,58 @@ mod stream_tests {
                 .collect();
             let m = sealed(&paths);
             prop_assert_eq!(shape(&m).is_ok(), m.check_shape().is_ok(), "{:?}", paths);
+        }
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The hand-written fast paths write what serde_json and the
+        /// format machinery wrote before them (the bytes are hashed: one
+        /// byte off and every manifest's entries_hash changes).
+        #[test]
+        fn fast_writers_equal_the_format_machinery(
+            // At most one byte that may need escaping, so each is tried
+            // alone (any second one would send the string the slow way).
+            s in "[a/ \u{e9}\u{20ac}\u{1f600}]{0,6}[\"\\\\\u{0}-\u{1f}\u{7f}a]?[a/ \u{e9}]{0,6}",
+            secs in -70_000_000_000i64..300_000_000_000,
+            off in -6500i16..6500,
+            h: u64,
+            size: u64,
+        ) {
+            let mut out = Vec::new();
+            json_str(&mut out, &s);
+            prop_assert_eq!(&out, &serde_json::to_vec(&s).unwrap());
+
+            let m = Mtime::Fixed { utc_secs: secs, offset_min: off };
+            let mut out = Vec::new();
+            m.write_json(&mut out);
+            prop_assert_eq!(out, serde_json::to_vec(&m.to_string()).unwrap());
+            let local = secs + off as i64 * 60;
+            let (y, mo, d) = civil_from_days(local.div_euclid(86400));
+            let t = local.rem_euclid(86400);
+            let o = off.unsigned_abs();
+            let slow = format!(
+                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}{}{:02}:{:02}",
+                t / 3600, t % 3600 / 60, t % 60, if off < 0 { '-' } else { '+' }, o / 60, o % 60
+            );
+            prop_assert_eq!(m.to_string(), slow);
+
+            prop_assert_eq!(Hash(h).hex().to_vec(), format!("{:016x}", h).into_bytes());
+            let e = Entry {
+                path: s.clone().into(),
+                user: "u\"ser".into(),
+                kind: EntryKind::File { size, mtime: m, hash: Some(Hash(h)) },
+            };
+            let mut out = Vec::new();
+            e.write_compact(&mut out);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            prop_assert_eq!(v["filesize"].as_u64(), Some(size));
+            prop_assert_eq!(v["path"].as_str(), Some(s.as_str()));
         }
     }
 }
