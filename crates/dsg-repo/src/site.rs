@@ -2,7 +2,7 @@
 //! repository (a directory, a ZFS dataset) share.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,51 @@ pub(crate) struct Base {
     pub whole: Option<Manifest>,
     /// Read from the binary copy (`HEAD_COPY`) made from the head file
     /// hashing to this: the commit check reads the entries from it too.
-    pub copy_of: Option<u64>,
+    pub copy_of: Option<CopyOf>,
+}
+
+/// The head file a binary copy was found current for at `begin`.
+#[derive(Clone, Copy)]
+pub(crate) struct CopyOf {
+    /// The head's XXH3, the copy's tag.
+    pub tag: u64,
+    /// The head file's stat while it was hashed: while the path still
+    /// stats the same, its bytes are those hashed, and the commit check
+    /// need not read the head again to know it.
+    pub stamp: Option<Stamp>,
+}
+
+/// How long ago a file must have been written for its `Stamp` to tell
+/// every later write: two coarse clock ticks.
+const STAMP_SETTLED_NS: i64 = 20_000_000;
+
+/// What changes whenever a file's bytes do, read without reading them:
+/// a writer changes the ctime (which no call can set back), an atomic
+/// replace the inode.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stamp {
+    pub fn of(md: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        }
+    }
+
+    pub fn of_path(p: &Path) -> Option<Stamp> {
+        std::fs::symlink_metadata(p).ok().map(|m| Stamp::of(&m))
+    }
 }
 
 /// The repository's binary copy of its head (`.dsg/last-sync.bin`),
@@ -130,18 +174,39 @@ impl Site {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(corrupt(ManifestError::Io { path: p, source })),
         };
-        if let Some(base) = self.head_from_copy(&p) {
+        if let Some(base) = self.head_from_copy(&p, &f) {
             return Ok(Some(base));
         }
+        // The copy's check may have read some of it.
+        (&f).seek(std::io::SeekFrom::Start(0)).map_err(|source| {
+            corrupt(ManifestError::Io {
+                path: p.clone(),
+                source,
+            })
+        })?;
         head_base_of(f, &p)
     }
 
     /// The head's summary from its binary copy, when there is one made
     /// from the head file as it is now and it reads back intact; else the
     /// JSON is read (and a damaged copy is replaced by the next commit).
-    fn head_from_copy(&self, head: &Path) -> Option<Base> {
+    /// `f` is the head file open at `head`.
+    fn head_from_copy(&self, head: &Path, mut f: &File) -> Option<Base> {
         let copy = File::open(self.dsg().join(HEAD_COPY)).ok()?;
-        let tag = head_tag(head).ok()?;
+        let before = f.metadata().ok().map(|m| Stamp::of(&m));
+        let tag = dsg_core::hash::hash_reader(&mut f).ok()?.0 .0;
+        // Stamped only if nothing wrote the file while it was hashed, the
+        // path still names it, and it was last written a few clock ticks
+        // ago: a kernel stamps files from a coarse clock (up to 10 ms a
+        // tick), so a write within the tick of the last one could leave
+        // every field as it was.
+        let after = f.metadata().ok().map(|m| Stamp::of(&m));
+        let settled = dsg_core::scan::now_ns() - STAMP_SETTLED_NS;
+        let stamp = before.filter(|b| {
+            after == Some(*b)
+                && Stamp::of_path(head) == Some(*b)
+                && b.mtime_ns.max(b.ctime_ns) < settled
+        });
         let read = dsg_core::manifest::binary::read_stream(
             std::io::BufReader::with_capacity(1 << 16, copy),
             tag,
@@ -152,7 +217,7 @@ impl Site {
             metadata: read.metadata,
             entry_count: read.entry_count,
             whole: None,
-            copy_of: Some(tag),
+            copy_of: Some(CopyOf { tag, stamp }),
         })
     }
 

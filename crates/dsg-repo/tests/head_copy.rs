@@ -4,6 +4,7 @@
 //! directory repository, check that it is exact, and that a stale, damaged
 //! or outdated copy is never taken for the head.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dsg_core::config::RepoType;
@@ -160,17 +161,39 @@ fn a_head_replaced_after_begin_is_noticed_at_commit() {
     let d = tempfile::tempdir().unwrap();
     let (root, s1) = repo_at_s1(d.path());
     let (s2, _) = s2_and_s3(&root, &s1);
+    // Past the clock ticks within which `begin` would not trust the
+    // head's stat (`STAMP_SETTLED_NS`): the write must be
+    // told by the stat alone.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     let mut b = dsg_repo::open(RepoType::Xfs, &root, None).unwrap();
     b.begin("tx-s3", Some("s2"), None, "t").unwrap();
     stage(&mut *b, "b.txt", b"B\n");
-    // Another s2 (same id, other content) written over the head.
+    // Another s2 (same id, other content) written over the head, in
+    // place, as long as it was, its mtime put back: the commit check does
+    // not hash the head again when it stats as `begin` hashed it, and
+    // only the ctime tells this write.
     let other = sealed(
         "s2",
-        vec![file("a.txt", b"A\n"), file("b.txt", b"other\n")],
+        vec![file("a.txt", b"A\n"), file("b.txt", b"c\n")],
         Some(&s1),
     );
+    let head = root.join(".dsg/last-sync.json");
     let head_before = read(&root, ".dsg/last-sync.json");
-    std::fs::write(root.join(".dsg/last-sync.json"), other.to_json_bytes()).unwrap();
+    assert_eq!(other.to_json_bytes().len(), head_before.len());
+    let mtime = std::fs::metadata(&head).unwrap().modified().unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&head)
+        .unwrap()
+        .write_all(&other.to_json_bytes())
+        .unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&head)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(std::fs::metadata(&head).unwrap().modified().unwrap(), mtime);
     let s3 = sealed(
         "s3",
         vec![file("a.txt", b"A\n"), file("b.txt", b"B\n")],
