@@ -103,10 +103,11 @@ pub trait OpList {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
 
-    fn iter(&self) -> OpIter<'_, Self> {
-        OpIter { ops: self, i: 0 }
-    }
+/// The operations of `ops`, in order.
+pub fn iter_ops<O: OpList + ?Sized>(ops: &O) -> OpIter<'_, O> {
+    OpIter { ops, i: 0 }
 }
 
 /// The operations of an `OpList`, in order.
@@ -184,7 +185,7 @@ pub(crate) struct WireList<'a, O: OpList + ?Sized>(pub(crate) &'a O);
 
 impl<O: OpList + ?Sized> Serialize for WireList<'_, O> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(OpWireRef::from))
+        s.collect_seq(iter_ops(self.0).map(OpWireRef::from))
     }
 }
 
@@ -403,7 +404,7 @@ pub fn prepare_list<O: OpList + ?Sized>(l: &Layout, ops: &O) -> Result<Vec<(usiz
     writable.insert(l.dsg.to_path_buf());
     make_now.insert(l.dsg.join("archive"));
     let mut retired = Retired { ops, set: None };
-    for op in ops.iter() {
+    for op in iter_ops(ops) {
         let install = op.is_install();
         let parent = parent_dir(
             l,
@@ -416,7 +417,7 @@ pub fn prepare_list<O: OpList + ?Sized>(l: &Layout, ops: &O) -> Result<Vec<(usiz
         writable.insert(parent);
     }
     let mut hashed = Vec::new();
-    for (i, op) in ops.iter().enumerate() {
+    for (i, op) in iter_ops(ops).enumerate() {
         match (op, &l.aside) {
             (OpRef::Retire { path, known }, Aside::Objects) => {
                 let dsg = &l.dsg;
@@ -495,8 +496,7 @@ impl<O: OpList + ?Sized> Retired<'_, O> {
     fn contains(&mut self, path: &str) -> bool {
         self.set
             .get_or_insert_with(|| {
-                self.ops
-                    .iter()
+                iter_ops(self.ops)
                     .filter(|o| !o.is_install())
                     .map(|o| o.path())
                     .collect()
@@ -603,14 +603,13 @@ pub fn apply_list<O: OpList + ?Sized>(l: &Layout, ops: &O) -> Result<(), TxError
     let installs = Installs::of(ops);
     // A folder that receives a file is not left empty: only the parents
     // of other retires are looked at for pruning (an `rmdir` each).
-    let filled: std::collections::HashSet<&str> = ops
-        .iter()
+    let filled: std::collections::HashSet<&str> = iter_ops(ops)
         .filter(|o| o.is_install())
         .map(|o| parent_of(o.path()))
         .collect();
     let mut touched: Vec<PathBuf> = Vec::new();
     let mut parents = Parents::new(&l.root);
-    for (i, op) in ops.iter().enumerate() {
+    for (i, op) in iter_ops(ops).enumerate() {
         failpoint(&format!("{}.apply.{i}", l.fp));
         let dst = l.root.join(op.path());
         match op {
@@ -679,7 +678,9 @@ enum Installs<'a, O: OpList + ?Sized> {
 
 impl<'a, O: OpList + ?Sized> Installs<'a, O> {
     fn of(ops: &'a O) -> Installs<'a, O> {
-        let first = ops.iter().position(|o| o.is_install()).unwrap_or(ops.len());
+        let first = iter_ops(ops)
+            .position(|o| o.is_install())
+            .unwrap_or(ops.len());
         let tail = || (first..ops.len()).map(|i| ops.get(i));
         let sorted_tail = tail().all(|o| o.is_install())
             && tail().zip(tail().skip(1)).all(|(a, b)| a.path() < b.path());
@@ -687,7 +688,7 @@ impl<'a, O: OpList + ?Sized> Installs<'a, O> {
             return Installs::SortedTail(ops, first);
         }
         Installs::Set(
-            ops.iter()
+            iter_ops(ops)
                 .filter(|o| o.is_install())
                 .map(|o| o.path())
                 .collect(),
