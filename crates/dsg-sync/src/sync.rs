@@ -2100,6 +2100,37 @@ fn merge_by_path<'a>(
 mod tests {
     use super::*;
 
+    /// A clone's operations made from R are those `local_ops` lists for
+    /// the same downloads into an empty folder: a retire of each, deepest
+    /// first, knowing nothing, then an install of each in path order.
+    #[test]
+    fn every_remote_makes_the_operations_local_ops_lists() {
+        use dsg_core::manifest::{Manifest, Mtime};
+        let entry = |p: &str| Entry {
+            path: p.into(),
+            user: Arc::from("u@x"),
+            kind: EntryKind::File {
+                size: 1,
+                mtime: Mtime::from_unix(1_700_000_000, 0),
+                hash: None,
+            },
+        };
+        let r = Manifest::from_entries(["b", "a/y", "a/x", "a-b", "c/d/e"].map(entry).into());
+        let paths: Vec<Arc<str>> = r.entries().iter().map(|e| Arc::from(&*e.path)).collect();
+        let mut listed: Vec<Op> = paths
+            .iter()
+            .rev()
+            .map(|p| Op::retire(p.clone(), None, None))
+            .collect();
+        listed.extend(paths.iter().map(|p| Op::Install { path: p.clone() }));
+        let view = EveryRemote(r.entries());
+        assert_eq!(view.len(), 10);
+        let made: Vec<OpRef<'_>> = iter_ops(&view).collect();
+        assert_eq!(made, iter_ops(&listed[..]).collect::<Vec<_>>());
+        assert_eq!(made[0].path(), "c/d/e");
+        assert_eq!(made[9].path(), "c/d/e");
+    }
+
     fn hint_for(err: Option<std::io::Error>) -> String {
         let staging = Path::new("/p/.dsg/staging/tx-1");
         let at = staging.join("files/a/b.bin");
