@@ -358,6 +358,7 @@ fn run(cmd: Cmd, out: &Out) -> Result<(), EngineError> {
                 resume_conflicts: resume,
                 adopt_history: adopt_repository_history,
                 max_delete,
+                counts_only: false,
             },
             out,
         ),
@@ -480,6 +481,8 @@ fn cmd_clone(dry_run: bool, out: &Out) -> Result<(), EngineError> {
         &project,
         dsg_sync::sync::SyncOpts {
             dry_run,
+            // Only --json prints the lists of files.
+            counts_only: !out.json,
             ..Default::default()
         },
         &reporter,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use dsg_core::atomic::sync_dir;
 use dsg_repo::RepoClient;
-use dsg_txn::{Aside, Layout, Log, Op, Record, TxError};
+use dsg_txn::{Aside, Layout, Log, OpList, Record, TxError};
 use serde::{Deserialize, Serialize};
 
 use crate::project::DSG_DIR;
@@ -94,22 +94,26 @@ fn local_error(e: TxError) -> EngineError {
 /// Before the commit point: makes and checks everything `apply_local`
 /// needs (folders for downloads, write permission, a little free space),
 /// so a local cause fails the sync while nothing was changed.
-pub(crate) fn prepare_local(root: &Path, tx: &str, ops: &mut [Op]) -> Result<()> {
-    dsg_txn::apply::prepare(&local_layout(root, tx), ops).map_err(|e| {
-        let EngineError::State { message, hint } = local_error(e) else {
-            unreachable!("local_error gives State")
-        };
-        EngineError::State {
-            message: format!("{message}; nothing was changed"),
-            hint,
-        }
-    })
+pub(crate) fn prepare_local(root: &Path, tx: &str, ops: &dyn OpList) -> Result<()> {
+    // Retired versions go to the backup folder, not to objects: nothing
+    // is hashed, so no hash comes back to record.
+    dsg_txn::apply::prepare_list(&local_layout(root, tx), ops)
+        .map(drop)
+        .map_err(|e| {
+            let EngineError::State { message, hint } = local_error(e) else {
+                unreachable!("local_error gives State")
+            };
+            EngineError::State {
+                message: format!("{message}; nothing was changed"),
+                hint,
+            }
+        })
 }
 
 /// Applies committed local operations. Idempotent: each step looks at what
 /// is already done, so recovery can run it again after a crash.
-pub fn apply_local(root: &Path, tx: &str, ops: &[Op]) -> Result<()> {
-    dsg_txn::apply::apply(&local_layout(root, tx), ops).map_err(local_error)
+pub fn apply_local<O: OpList + ?Sized>(root: &Path, tx: &str, ops: &O) -> Result<()> {
+    dsg_txn::apply::apply_list(&local_layout(root, tx), ops).map_err(local_error)
 }
 
 pub(crate) fn rollback_local(root: &Path, tx: &str, is_clone: bool) {

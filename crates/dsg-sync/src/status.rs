@@ -70,6 +70,22 @@ impl Comparison {
         .collect()
     }
 
+    /// Nothing is here (no local file, no last sync) and R has files: a
+    /// clone into an empty folder, whose every row is a download of an
+    /// entry of R. Checked without listing the rows.
+    pub fn only_downloads_into_nothing(&self) -> bool {
+        self.local().is_empty()
+            && self.cache.is_empty()
+            && !self.remote().is_empty()
+            && classify_iter(
+                self.local().iter(),
+                self.cache.entries(),
+                self.remote().entries(),
+            )
+            .filter(|c| !matches!(c.state, State::AllEq | State::None))
+            .all(|c| c.state.action() == Action::Download)
+    }
+
     /// The stat of a local path.
     pub fn local_stat(&self, path: &str) -> Option<Stat> {
         self.local()

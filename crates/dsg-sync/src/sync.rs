@@ -32,8 +32,8 @@ use dsg_core::scan::{Stat, StatCache};
 use dsg_core::state::Action;
 use dsg_repo::failpoint::{failpoint, injected_error};
 use dsg_repo::protocol::{ErrorKind, RemoteError};
-use dsg_repo::{Incoming, Meta, RepoClient, RepoError};
-use dsg_txn::{Journal, Op};
+use dsg_repo::{Incoming, Meta, MetaWith, RepoClient, RepoError};
+use dsg_txn::{iter_ops, Journal, Known, Op, OpList, OpRef};
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -61,6 +61,10 @@ pub struct SyncOpts {
     pub adopt_history: bool,
     /// `--max-delete PERCENT`; `None`: the user's `max_delete`, else 50.
     pub max_delete: Option<u8>,
+    /// The report's lists of a clone (`plan.files`, `plan.downloads`) may
+    /// be left empty, only counted: a clone then never holds a list of
+    /// every file (~90 bytes a file).
+    pub counts_only: bool,
 }
 
 /// What a sync will do, decided from L/C/R alone before anything is
@@ -93,6 +97,11 @@ pub struct Plan {
     /// Conflicts settled with C: the last-synced version, read from the
     /// repository's history, is published and installed here.
     pub restores: Vec<Arc<str>>,
+    /// A clone into an empty folder: every entry of R is downloaded, and
+    /// neither `files` nor `downloads` lists them (they are counted); the
+    /// transaction reads them from R.
+    #[serde(skip)]
+    pub(crate) every_remote: bool,
 }
 
 impl Plan {
@@ -213,7 +222,18 @@ fn sync_once(
         reporter,
     )?;
     let at_risk_empty = at_risk.is_empty();
-    let rows = rows_at_risk(&cmp, &at_risk);
+    // A clone into an empty folder lists no row: it downloads all of R.
+    let every_remote = is_clone
+        && !opts.dry_run
+        && resolutions.is_none()
+        && at_risk_empty
+        && adopt.is_none()
+        && cmp.only_downloads_into_nothing();
+    let rows = if every_remote {
+        Vec::new()
+    } else {
+        rows_at_risk(&cmp, &at_risk)
+    };
     let found = conflicts::conflicts(&cmp, &rows, adopt.as_ref());
     let (choices, stale_conflicts_file_removed) = conflict_choices(
         project,
@@ -223,7 +243,11 @@ fn sync_once(
         adopt.as_ref(),
         is_clone,
     )?;
-    let mut plan = plan(&cmp, rows, choices, is_clone)?;
+    let mut plan = if every_remote {
+        plan_every_remote(&cmp)
+    } else {
+        plan(&cmp, rows, choices, is_clone)?
+    };
     if !project.user.backup_on_conflict {
         plan.backups.clear();
     }
@@ -304,9 +328,11 @@ fn sync_once(
         remove_conflicts_file(project);
     }
     report.snapshot_id = snapshot_id;
-    // A clone that handed its downloads over has its rows made again (it
-    // installs files, so its caches were not staged and L/C/R are here).
-    if let (true, Some(cmp)) = (report_later, &cmp) {
+    // A clone that handed its downloads over, or never listed them, has
+    // its rows made again when they are wanted (it installs files, so its
+    // caches were not staged and L/C/R are here).
+    let relist = (report_later || plan.every_remote) && !opts.counts_only;
+    if let (true, Some(cmp)) = (relist, &cmp) {
         plan.files = cmp.rows();
         plan.downloads = plan
             .files
@@ -588,6 +614,19 @@ pub fn plan(
     Ok(p)
 }
 
+/// The plan of a clone into an empty folder (`Plan::every_remote`): what
+/// `plan` makes of its rows, every one a download, without them.
+fn plan_every_remote(cmp: &Comparison) -> Plan {
+    let remote = cmp.remote();
+    Plan {
+        downloaded: remote.len() as u64,
+        downloaded_bytes: remote.entries().iter().map(entry_size).sum(),
+        needs_local: true,
+        every_remote: true,
+        ..Plan::default()
+    }
+}
+
 fn block_on_conflicts(rows: &[Row]) -> Result<()> {
     let conflicts: Vec<&Row> = rows
         .iter()
@@ -740,7 +779,7 @@ impl Tx<'_> {
 struct Staged {
     journal: Journal,
     client: RepoClient,
-    ops: Vec<Op>,
+    ops: LocalOps,
     /// What the commit sends, when there is a new snapshot.
     commit: Option<CommitMsg>,
     /// The new stat cache and binary manifest cache were written into the
@@ -794,7 +833,10 @@ fn prepare(
     };
     // The stat cache written after the apply holds the stat of each file
     // it installed: only with none can both caches be made now.
-    let caches_staged = plan.downloads.is_empty() && plan.restores.is_empty() && handed.is_empty();
+    let caches_staged = plan.downloads.is_empty()
+        && plan.restores.is_empty()
+        && handed.is_empty()
+        && !plan.every_remote;
     let commit = plan.needs_snapshot.then(|| commit_msg(next));
     let staged = stage(
         tx,
@@ -940,7 +982,7 @@ fn stage(
     commit: Option<&CommitMsg>,
     retries: &Retries,
     reporter: &dyn Reporter,
-) -> Result<Vec<Op>> {
+) -> Result<LocalOps> {
     let root = tx.root();
     let staging = staging_dir(root, &tx.id);
     std::fs::create_dir_all(staging.join("meta/archive"))
@@ -980,15 +1022,21 @@ fn stage(
     } else {
         &handed[..]
     };
-    download(
-        client,
-        &staging,
-        downloads.iter().map(|p| remote.get(p).expect("R has it")),
-        plan.downloaded_bytes,
-        None,
-        reporter,
-    )?;
+    if plan.every_remote {
+        let all = remote.entries().iter();
+        download(client, &staging, all, plan.downloaded_bytes, None, reporter)?;
+    } else {
+        download(
+            client,
+            &staging,
+            downloads.iter().map(|p| remote.get(p).expect("R has it")),
+            plan.downloaded_bytes,
+            None,
+            reporter,
+        )?;
+    }
     failpoint("client.downloaded");
+    crate::phase("downloaded");
     check_interrupt()?;
     // A delta is sent now, so the repository checks it while this side
     // writes its manifest; a whole manifest is sent from where it is staged.
@@ -1002,16 +1050,23 @@ fn stage(
     if let Some(msg) = commit.filter(|_| delta.is_none()) {
         send_commit(tx, client, msg)?;
     }
-    let mut ops = local_ops(cmp, downloads, plan);
+    let ops = if plan.every_remote {
+        LocalOps::EveryRemote
+    } else {
+        LocalOps::Listed(local_ops(cmp, downloads, plan))
+    };
     drop(handed);
-    // Folders for the downloads, write permission, space: checked now, so
-    // that nothing local can stop the apply after the commit point.
-    prepare_local(root, &tx.id, &mut ops)?;
-    sync_fs(root)?;
-    crate::phase("local side prepared and durable");
-    journal
-        .append_prepared(&tx.id, next.snapshot_hash.as_deref(), &ops)
-        .map_err(jerr(root))?;
+    ops.with(Some(cmp), |list| {
+        // Folders for the downloads, write permission, space: checked
+        // now, so that nothing local can stop the apply after the
+        // commit point.
+        prepare_local(root, &tx.id, list)?;
+        sync_fs(root)?;
+        crate::phase("local side prepared and durable");
+        journal
+            .append_prepared(&tx.id, next.snapshot_hash.as_deref(), list)
+            .map_err(jerr(root))
+    })??;
     failpoint("client.journal.prepared");
     check_interrupt()?;
     Ok(ops)
@@ -1203,9 +1258,22 @@ fn fetch_archives(
         if name.contains('/') || name.starts_with('.') {
             continue;
         }
-        if let Meta::Data(b) = client.read_meta(&format!("archive/{name}"), None)? {
-            let p = meta.join("archive").join(&name);
-            write_atomic(&p, &b).map_err(|e| EngineError::io(p, e.source))?;
+        let p = meta.join("archive").join(&name);
+        // Streamed to its place, not held (a clone fetches every archive:
+        // megabytes each at 100 000 files). Kept only once the agent
+        // ended the stream well.
+        let got = client.read_meta_with(&format!("archive/{name}"), None, |r| {
+            let mut out = AtomicFile::create(&p).map_err(|e| EngineError::io(&p, e.source))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, out.file());
+            std::io::copy(r, &mut w)
+                .and_then(|_| w.flush())
+                .map_err(|e| EngineError::io(&p, e))?;
+            drop(w);
+            Ok::<_, EngineError>(out)
+        })?;
+        if let MetaWith::Data(out) = got {
+            out?.commit(true)
+                .map_err(|e| EngineError::io(&p, e.source))?;
         }
     }
     Ok(())
@@ -1247,6 +1315,55 @@ impl<W: Write> Write for HashingWriter<W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.w.flush()
+    }
+}
+
+/// The local operations of a transaction, listed, or made from R as they
+/// are read (`Plan::every_remote`: a clone holds no operation per file).
+enum LocalOps {
+    Listed(Vec<Op>),
+    EveryRemote,
+}
+
+impl LocalOps {
+    /// Runs `f` on the operations; `cmp` is needed by `EveryRemote` (whose
+    /// caches are never staged, so its manifests are kept to the end).
+    fn with<T>(&self, cmp: Option<&Comparison>, f: impl FnOnce(&dyn OpList) -> T) -> Result<T> {
+        match (self, cmp) {
+            (LocalOps::Listed(ops), _) => Ok(f(ops)),
+            (LocalOps::EveryRemote, Some(cmp)) => Ok(f(&EveryRemote(cmp.remote().entries()))),
+            (LocalOps::EveryRemote, None) => Err(EngineError::State {
+                message: "internal: a clone's operations outlived its repository manifest".into(),
+                hint: "report this; run 'dsg status' to finish the clone".into(),
+            }),
+        }
+    }
+}
+
+/// A retire of every entry of R (deepest first), then an install of each
+/// (in path order): what `local_ops` lists for a clone into an empty
+/// folder, made from R's entries as they are read (no path copied, no
+/// operation held: 48 bytes a file and a path each before).
+struct EveryRemote<'a>(&'a [Entry]);
+
+impl OpList for EveryRemote<'_> {
+    fn len(&self) -> usize {
+        2 * self.0.len()
+    }
+
+    fn get(&self, i: usize) -> OpRef<'_> {
+        let n = self.0.len();
+        match i.checked_sub(n) {
+            // Nothing is here: a retire knows nothing of what it moves
+            // aside (anything found is kept beside its path).
+            None => OpRef::Retire {
+                path: &self.0[n - 1 - i].path,
+                known: Known::default(),
+            },
+            Some(k) => OpRef::Install {
+                path: &self.0[k].path,
+            },
+        }
     }
 }
 
@@ -1353,7 +1470,7 @@ fn commit_snapshot(tx: &Tx<'_>, client: &mut RepoClient, msg: &CommitMsg) -> Res
 fn finish(
     tx: &Tx<'_>,
     journal: &Journal,
-    ops: Vec<Op>,
+    ops: LocalOps,
     plan: &Plan,
     late: Option<(&Comparison, &NextMeta<'_>)>,
 ) -> Result<()> {
@@ -1366,8 +1483,10 @@ fn finish(
         })
         .map_err(jerr(root))?;
     failpoint("client.journal.committed");
-    apply_local(root, &tx.id, &ops)?;
-    let installed = late.map(|(cmp, _)| installed_entries(cmp, plan, &ops));
+    let installed = ops.with(late.map(|l| l.0), |list| {
+        apply_local(root, &tx.id, list)?;
+        Ok::<_, EngineError>(late.map(|(cmp, _)| installed_entries(cmp, plan, list)))
+    })??;
     // Applied: not kept while the caches below are built (a clone has
     // two operations per file).
     drop(ops);
@@ -1893,11 +2012,10 @@ fn install_staged_caches(tx: &Tx<'_>) {
 /// The entries the operations installed (sorted by path): a restore's
 /// from C, a download's from R. Read from the operations because a clone
 /// handed its download list over to them.
-fn installed_entries<'a>(cmp: &'a Comparison, plan: &Plan, ops: &[Op]) -> Vec<&'a Entry> {
+fn installed_entries<'a>(cmp: &'a Comparison, plan: &Plan, ops: &dyn OpList) -> Vec<&'a Entry> {
     let restores: std::collections::HashSet<&str> = plan.restores.iter().map(|p| &**p).collect();
-    let mut installed: Vec<&Entry> = ops
-        .iter()
-        .filter(|o| matches!(o, Op::Install { .. }))
+    let mut installed: Vec<&Entry> = iter_ops(ops)
+        .filter(|o| matches!(o, OpRef::Install { .. }))
         .map(|o| match restores.contains(o.path()) {
             true => cmp.cache.get(o.path()).expect("C has it"),
             false => cmp.remote().get(o.path()).expect("R has it"),
@@ -1981,6 +2099,37 @@ fn merge_by_path<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clone's operations made from R are those `local_ops` lists for
+    /// the same downloads into an empty folder: a retire of each, deepest
+    /// first, knowing nothing, then an install of each in path order.
+    #[test]
+    fn every_remote_makes_the_operations_local_ops_lists() {
+        use dsg_core::manifest::{Manifest, Mtime};
+        let entry = |p: &str| Entry {
+            path: p.into(),
+            user: Arc::from("u@x"),
+            kind: EntryKind::File {
+                size: 1,
+                mtime: Mtime::from_unix(1_700_000_000, 0),
+                hash: None,
+            },
+        };
+        let r = Manifest::from_entries(["b", "a/y", "a/x", "a-b", "c/d/e"].map(entry).into());
+        let paths: Vec<Arc<str>> = r.entries().iter().map(|e| Arc::from(&*e.path)).collect();
+        let mut listed: Vec<Op> = paths
+            .iter()
+            .rev()
+            .map(|p| Op::retire(p.clone(), None, None))
+            .collect();
+        listed.extend(paths.iter().map(|p| Op::Install { path: p.clone() }));
+        let view = EveryRemote(r.entries());
+        assert_eq!(view.len(), 10);
+        let made: Vec<OpRef<'_>> = iter_ops(&view).collect();
+        assert_eq!(made, iter_ops(&listed[..]).collect::<Vec<_>>());
+        assert_eq!(made[0].path(), "c/d/e");
+        assert_eq!(made[9].path(), "c/d/e");
+    }
 
     fn hint_for(err: Option<std::io::Error>) -> String {
         let staging = Path::new("/p/.dsg/staging/tx-1");

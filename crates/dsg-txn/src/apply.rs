@@ -72,6 +72,123 @@ impl Op {
     }
 }
 
+/// One operation as the engine reads it, from any `OpList`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OpRef<'a> {
+    Retire { path: &'a str, known: Known },
+    Install { path: &'a str },
+}
+
+impl<'a> OpRef<'a> {
+    pub fn path(&self) -> &'a str {
+        match *self {
+            OpRef::Retire { path, .. } | OpRef::Install { path } => path,
+        }
+    }
+
+    fn is_install(&self) -> bool {
+        matches!(self, OpRef::Install { .. })
+    }
+}
+
+/// A transaction's operations in order, however they are held: a list of
+/// `Op`s (recovery, the repository), or a view that makes each one from
+/// what the caller holds anyway (a clone's are two per file of the
+/// repository's manifest, which names them all: no path copied).
+pub trait OpList {
+    fn len(&self) -> usize;
+    /// The `i`th operation; `i < len()`.
+    fn get(&self, i: usize) -> OpRef<'_>;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The operations of `ops`, in order.
+pub fn iter_ops<O: OpList + ?Sized>(ops: &O) -> OpIter<'_, O> {
+    OpIter { ops, i: 0 }
+}
+
+/// The operations of an `OpList`, in order.
+pub struct OpIter<'a, O: OpList + ?Sized> {
+    ops: &'a O,
+    i: usize,
+}
+
+impl<'a, O: OpList + ?Sized> Iterator for OpIter<'a, O> {
+    type Item = OpRef<'a>;
+    fn next(&mut self) -> Option<OpRef<'a>> {
+        (self.i < self.ops.len()).then(|| {
+            self.i += 1;
+            self.ops.get(self.i - 1)
+        })
+    }
+}
+
+impl OpList for [Op] {
+    fn len(&self) -> usize {
+        <[Op]>::len(self)
+    }
+    fn get(&self, i: usize) -> OpRef<'_> {
+        match &self[i] {
+            Op::Retire { path, known } => OpRef::Retire {
+                path,
+                known: known.as_deref().copied().unwrap_or_default(),
+            },
+            Op::Install { path } => OpRef::Install { path },
+        }
+    }
+}
+
+impl OpList for Vec<Op> {
+    fn len(&self) -> usize {
+        <[Op]>::len(self)
+    }
+    fn get(&self, i: usize) -> OpRef<'_> {
+        <[Op] as OpList>::get(self, i)
+    }
+}
+
+/// An operation in its journal shape, borrowed: what `OpWire` writes.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum OpWireRef<'a> {
+    Retire {
+        path: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hash: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expect: Option<(u64, i64, u64)>,
+    },
+    Install {
+        path: &'a str,
+    },
+}
+
+impl<'a> From<OpRef<'a>> for OpWireRef<'a> {
+    fn from(o: OpRef<'a>) -> OpWireRef<'a> {
+        match o {
+            OpRef::Retire { path, known } => OpWireRef::Retire {
+                path,
+                hash: known.hash,
+                expect: known.expect,
+            },
+            OpRef::Install { path } => OpWireRef::Install { path },
+        }
+    }
+}
+
+/// Serializes an `OpList` as the journal's array of operations, made one
+/// at a time.
+pub(crate) struct WireList<'a, O: OpList + ?Sized>(pub(crate) &'a O);
+
+impl<O: OpList + ?Sized> Serialize for WireList<'_, O> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(iter_ops(self.0).map(OpWireRef::from))
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum OpWire {
@@ -247,7 +364,7 @@ const EROFS: i32 = rustix::io::Errno::ROFS.raw_os_error();
 /// Free space the apply may still need after the commit point: its journal
 /// records, and directory blocks for the entries it moves. Renames allocate
 /// no data, so this margin is small and fixed per operation.
-fn space_needed(ops: &[Op], new_dirs: usize) -> u64 {
+fn space_needed<O: OpList + ?Sized>(ops: &O, new_dirs: usize) -> u64 {
     // An entry moved into a folder grows it by its name and a few bytes
     // (128 is generous); a new folder costs a directory block and an
     // inode (XFS allocates inodes in chunks: count a share of one). Sized
@@ -266,6 +383,19 @@ fn space_needed(ops: &[Op], new_dirs: usize) -> u64 {
 /// Folders it makes are out of sight (in `.dsg`) and stay if the
 /// transaction does not commit; the tree itself is not touched.
 pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
+    for (i, h) in prepare_list(l, &*ops)? {
+        if let Op::Retire { known, .. } = &mut ops[i] {
+            known.get_or_insert_with(Box::default).hash = Some(h);
+        }
+    }
+    Ok(())
+}
+
+/// `prepare` for operations held in any form. Returns the hashes it
+/// computed of retired files without one (`Aside::Objects` only), by
+/// operation index: `prepare` records them; a view that cannot hold them
+/// leaves the apply to hash those files again.
+pub fn prepare_list<O: OpList + ?Sized>(l: &Layout, ops: &O) -> Result<Vec<(usize, u64)>, TxError> {
     let mut writable: BTreeSet<PathBuf> = Default::default();
     let mut to_make: BTreeSet<PathBuf> = Default::default();
     // Folders made now, out of sight in `.dsg`, deepest last.
@@ -274,8 +404,8 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
     writable.insert(l.dsg.to_path_buf());
     make_now.insert(l.dsg.join("archive"));
     let mut retired = Retired { ops, set: None };
-    for op in retired.ops {
-        let install = matches!(op, Op::Install { .. });
+    for op in iter_ops(ops) {
+        let install = op.is_install();
         let parent = parent_dir(
             l,
             op.path(),
@@ -286,22 +416,22 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
         )?;
         writable.insert(parent);
     }
-    for op in ops.iter_mut() {
+    let mut hashed = Vec::new();
+    for (i, op) in iter_ops(ops).enumerate() {
         match (op, &l.aside) {
-            (Op::Retire { path, known }, Aside::Objects) => {
+            (OpRef::Retire { path, known }, Aside::Objects) => {
                 let dsg = &l.dsg;
-                let p = l.root.join(&**path);
+                let p = l.root.join(path);
                 if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
                     continue;
                 }
-                let known = known.get_or_insert_with(Box::default);
                 let h = match known.hash {
                     Some(h) => Hash(h),
                     None => {
                         let h = dsg_core::hash::hash_file(&p)
                             .map_err(|e| TxError::io(&p, e))?
                             .0;
-                        known.hash = Some(h.0);
+                        hashed.push((i, h.0));
                         h
                     }
                 };
@@ -310,12 +440,12 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
                 make_now.insert(dsg.join("objects"));
                 make_now.insert(dir.to_path_buf());
             }
-            (Op::Retire { path, .. }, Aside::Backup { dir }) => {
+            (OpRef::Retire { path, .. }, Aside::Backup { dir }) => {
                 // Its folders inside the backup are made when a version
                 // actually moves there: made now, one could stand where a
                 // retired file of the same name is going.
                 make_now.insert(dir.to_path_buf());
-                let mut par = Path::new(&**path).parent();
+                let mut par = Path::new(path).parent();
                 while let Some(p) = par.filter(|p| !p.as_os_str().is_empty()) {
                     to_make.insert(dir.join(p));
                     par = p.parent();
@@ -351,24 +481,23 @@ pub fn prepare(l: &Layout, ops: &mut [Op]) -> Result<(), TxError> {
         }
         made.push(d);
     }
-    Ok(())
+    Ok(hashed)
 }
 
 /// The paths a transaction retires, as a set only once one is looked up:
 /// that happens when a parent on the way is not a folder, which is rare,
 /// and the set costs memory per operation (a clone has one per file).
-struct Retired<'a> {
-    ops: &'a [Op],
+struct Retired<'a, O: OpList + ?Sized> {
+    ops: &'a O,
     set: Option<std::collections::HashSet<&'a str>>,
 }
 
-impl Retired<'_> {
+impl<O: OpList + ?Sized> Retired<'_, O> {
     fn contains(&mut self, path: &str) -> bool {
         self.set
             .get_or_insert_with(|| {
-                self.ops
-                    .iter()
-                    .filter(|o| matches!(o, Op::Retire { .. }))
+                iter_ops(self.ops)
+                    .filter(|o| !o.is_install())
                     .map(|o| o.path())
                     .collect()
             })
@@ -377,7 +506,7 @@ impl Retired<'_> {
 }
 
 /// The filesystem has the space and the inodes the apply still needs.
-fn check_space(root: &Path, ops: &[Op], new_dirs: usize) -> Result<(), TxError> {
+fn check_space<O: OpList + ?Sized>(root: &Path, ops: &O, new_dirs: usize) -> Result<(), TxError> {
     let st = rustix::fs::statvfs(root).map_err(|e| TxError::io(root, e.into()))?;
     let need = space_needed(ops, new_dirs);
     let free = st.f_bavail.saturating_mul(st.f_frsize);
@@ -399,10 +528,10 @@ fn check_space(root: &Path, ops: &[Op], new_dirs: usize) -> Result<(), TxError> 
 /// could lead out of the tree. A parent that is a file or link retired by
 /// this transaction is replaced by a folder only during the apply; its own
 /// parent is the one changed.
-fn parent_dir(
+fn parent_dir<O: OpList + ?Sized>(
     l: &Layout,
     path: &str,
-    retired: &mut Retired<'_>,
+    retired: &mut Retired<'_, O>,
     install: bool,
     to_make: &mut BTreeSet<PathBuf>,
     known_dirs: &mut std::collections::HashSet<PathBuf>,
@@ -466,21 +595,25 @@ pub fn object_path(dsg: &Path, h: Hash) -> PathBuf {
 /// Applies committed operations, then the metadata, then makes it all
 /// durable. Idempotent: a re-run after a crash skips what is done.
 pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
+    apply_list(l, ops)
+}
+
+/// `apply` for operations held in any form.
+pub fn apply_list<O: OpList + ?Sized>(l: &Layout, ops: &O) -> Result<(), TxError> {
     let installs = Installs::of(ops);
     // A folder that receives a file is not left empty: only the parents
     // of other retires are looked at for pruning (an `rmdir` each).
-    let filled: std::collections::HashSet<&str> = ops
-        .iter()
-        .filter(|o| matches!(o, Op::Install { .. }))
+    let filled: std::collections::HashSet<&str> = iter_ops(ops)
+        .filter(|o| o.is_install())
         .map(|o| parent_of(o.path()))
         .collect();
     let mut touched: Vec<PathBuf> = Vec::new();
     let mut parents = Parents::new(&l.root);
-    for (i, op) in ops.iter().enumerate() {
+    for (i, op) in iter_ops(ops).enumerate() {
         failpoint(&format!("{}.apply.{i}", l.fp));
         let dst = l.root.join(op.path());
         match op {
-            Op::Retire { path, known } => {
+            OpRef::Retire { path, known } => {
                 let parent = parent_of(path);
                 // Operations come in path order, so siblings follow each
                 // other: one entry per run of them, not one per file.
@@ -498,11 +631,10 @@ pub fn apply(l: &Layout, ops: &[Op]) -> Result<(), TxError> {
                 if parents.check(path)? != Way::Folders {
                     continue;
                 }
-                let k = known.as_deref().copied().unwrap_or_default();
-                retire(l, path, &dst, k.hash, k.expect)?;
+                retire(l, path, &dst, known.hash, known.expect)?;
                 parents.forget(&dst);
             }
-            Op::Install { path } => {
+            OpRef::Install { path } => {
                 let src = l.staged(path);
                 if fs::symlink_metadata(&src).is_err() {
                     continue;
@@ -538,26 +670,26 @@ fn parent_of(path: &str) -> &str {
 /// The paths an apply installs, looked up for each retire. Both sides
 /// write their installs last and in path order: then they are searched
 /// where they are, since a set of them would cost a clone ~25 bytes a file.
-enum Installs<'a> {
-    SortedTail(&'a [Op]),
+enum Installs<'a, O: OpList + ?Sized> {
+    /// The operations from this index on.
+    SortedTail(&'a O, usize),
     Set(std::collections::HashSet<&'a str>),
 }
 
-impl<'a> Installs<'a> {
-    fn of(ops: &'a [Op]) -> Installs<'a> {
-        let first = ops
-            .iter()
-            .position(|o| matches!(o, Op::Install { .. }))
+impl<'a, O: OpList + ?Sized> Installs<'a, O> {
+    fn of(ops: &'a O) -> Installs<'a, O> {
+        let first = iter_ops(ops)
+            .position(|o| o.is_install())
             .unwrap_or(ops.len());
-        let tail = &ops[first..];
-        let sorted_tail = tail.iter().all(|o| matches!(o, Op::Install { .. }))
-            && tail.windows(2).all(|w| w[0].path() < w[1].path());
+        let tail = || (first..ops.len()).map(|i| ops.get(i));
+        let sorted_tail = tail().all(|o| o.is_install())
+            && tail().zip(tail().skip(1)).all(|(a, b)| a.path() < b.path());
         if sorted_tail {
-            return Installs::SortedTail(tail);
+            return Installs::SortedTail(ops, first);
         }
         Installs::Set(
-            ops.iter()
-                .filter(|o| matches!(o, Op::Install { .. }))
+            iter_ops(ops)
+                .filter(|o| o.is_install())
                 .map(|o| o.path())
                 .collect(),
         )
@@ -565,7 +697,19 @@ impl<'a> Installs<'a> {
 
     fn contains(&self, path: &str) -> bool {
         match self {
-            Installs::SortedTail(t) => t.binary_search_by(|o| o.path().cmp(path)).is_ok(),
+            Installs::SortedTail(ops, first) => {
+                // A binary search over the tail's indices.
+                let (mut lo, mut hi) = (*first, ops.len());
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    match ops.get(mid).path().cmp(path) {
+                        std::cmp::Ordering::Less => lo = mid + 1,
+                        std::cmp::Ordering::Greater => hi = mid,
+                        std::cmp::Ordering::Equal => return true,
+                    }
+                }
+                false
+            }
             Installs::Set(s) => s.contains(path),
         }
     }
@@ -996,14 +1140,19 @@ mod installs_tests {
     fn installs_are_found_however_the_operations_come() {
         let sorted = vec![retire("b/y"), retire("a"), install("a"), install("b/x")];
         let unsorted = vec![retire("a"), install("b/x"), retire("c"), install("a")];
-        assert!(matches!(Installs::of(&sorted), Installs::SortedTail(t) if t.len() == 2));
-        assert!(matches!(Installs::of(&unsorted), Installs::Set(_)));
+        assert!(matches!(
+            Installs::of(&sorted[..]),
+            Installs::SortedTail(_, 2)
+        ));
+        assert!(matches!(Installs::of(&unsorted[..]), Installs::Set(_)));
         for ops in [&sorted, &unsorted] {
-            let i = Installs::of(ops);
+            let i = Installs::of(&ops[..]);
             assert!(i.contains("a") && i.contains("b/x"));
             assert!(!i.contains("b/y") && !i.contains("c") && !i.contains("b"));
         }
-        assert!(!Installs::of(&[retire("a")]).contains("a"));
-        assert!(!Installs::of(&[]).contains("a"));
+        assert!(!Installs::of(&[retire("a")][..]).contains("a"));
+        assert!(!Installs::of(&[][..]).contains("a"));
+        assert!(!Installs::of(&[install("b")][..]).contains("a"));
+        assert!(Installs::of(&[install("b")][..]).contains("b"));
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::Op;
+use crate::apply::{Op, OpList, WireList};
 
 /// One journal record. Both sides of a sync and the ZFS store write the
 /// same four phases; what differs is what a `begin` needs to remember
@@ -82,11 +82,11 @@ impl<W: Write> Write for Digest<W> {
 
 /// `Record::Prepared` borrowing its fields; serializes to the same text.
 #[derive(Serialize)]
-#[serde(tag = "rec", rename = "prepared")]
-struct PreparedRef<'a> {
+#[serde(tag = "rec", rename = "prepared", bound = "")]
+struct PreparedRef<'a, O: OpList + ?Sized> {
     tx: &'a str,
     new_hash: Option<&'a str>,
-    ops: &'a [Op],
+    ops: WireList<'a, O>,
 }
 
 /// A journal's valid records, read back for recovery.
@@ -200,9 +200,19 @@ impl Journal {
     }
 
     /// Appends `Record::Prepared` without owning its operations (the
-    /// caller still needs them to apply, and a copy would double them).
-    pub fn append_prepared(&self, tx: &str, new_hash: Option<&str>, ops: &[Op]) -> io::Result<()> {
-        self.append(&PreparedRef { tx, new_hash, ops })
+    /// caller still needs them to apply, and a copy would double them):
+    /// each is written as it is read from `ops`, in the shape `Op` has.
+    pub fn append_prepared<O: OpList + ?Sized>(
+        &self,
+        tx: &str,
+        new_hash: Option<&str>,
+        ops: &O,
+    ) -> io::Result<()> {
+        self.append(&PreparedRef {
+            tx,
+            new_hash,
+            ops: WireList(ops),
+        })
     }
 
     /// Reads the valid prefix of records; `None` when there is no journal.
@@ -295,9 +305,64 @@ mod tests {
                 .unwrap();
             Journal::create(&p2)
                 .unwrap()
-                .append_prepared("t", new_hash, &ops)
+                .append_prepared("t", new_hash, &ops[..])
                 .unwrap();
             assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
         }
+    }
+
+    /// Operations made by a view, not held, are journaled as the same
+    /// record, and read back as the operations the view makes.
+    #[test]
+    fn a_view_of_operations_is_journaled_as_the_list() {
+        use crate::apply::{Known, OpRef};
+        struct Paths(Vec<&'static str>);
+        impl OpList for Paths {
+            fn len(&self) -> usize {
+                2 * self.0.len()
+            }
+            fn get(&self, i: usize) -> OpRef<'_> {
+                let n = self.0.len();
+                match i.checked_sub(n) {
+                    None => OpRef::Retire {
+                        path: self.0[n - 1 - i],
+                        known: Known {
+                            hash: None,
+                            expect: (i == 0).then_some((1, -2, 3)),
+                        },
+                    },
+                    Some(k) => OpRef::Install { path: self.0[k] },
+                }
+            }
+        }
+        let view = Paths(vec!["a", "b/c", "b/d"]);
+        let listed = vec![
+            Op::retire("b/d", None, Some((1, -2, 3))),
+            Op::retire("b/c", None, None),
+            Op::retire("a", None, None),
+            Op::Install { path: "a".into() },
+            Op::Install { path: "b/c".into() },
+            Op::Install { path: "b/d".into() },
+        ];
+        let d = tempfile::tempdir().unwrap();
+        let (p1, p2) = (d.path().join("1"), d.path().join("2"));
+        Journal::create(&p1)
+            .unwrap()
+            .append_prepared("t", None, &listed[..])
+            .unwrap();
+        Journal::create(&p2)
+            .unwrap()
+            .append_prepared("t", None, &view)
+            .unwrap();
+        assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
+        let back: Vec<Record<Base>> = Journal::read(&p2).unwrap().unwrap();
+        assert_eq!(
+            back,
+            vec![Record::Prepared {
+                tx: "t".into(),
+                new_hash: None,
+                ops: listed
+            }]
+        );
     }
 }

@@ -7,5 +7,5 @@ pub mod apply;
 pub mod failpoint;
 pub mod journal;
 
-pub use apply::{Aside, Layout, Op, TxError};
+pub use apply::{iter_ops, Aside, Known, Layout, Op, OpList, OpRef, TxError};
 pub use journal::{Journal, Log, Record};
