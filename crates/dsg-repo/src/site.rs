@@ -56,7 +56,6 @@ pub(crate) struct Stamp {
 
 impl Stamp {
     pub fn of(md: &std::fs::Metadata) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
         Stamp {
             dev: md.dev(),
             ino: md.ino(),
