@@ -222,13 +222,8 @@ fn sync_once(
         reporter,
     )?;
     let at_risk_empty = at_risk.is_empty();
-    // A clone into an empty folder lists no row: it downloads all of R.
-    let every_remote = is_clone
-        && !opts.dry_run
-        && resolutions.is_none()
-        && at_risk_empty
-        && adopt.is_none()
-        && cmp.only_downloads_into_nothing();
+    let settled = resolutions.is_none() && at_risk_empty && adopt.is_none();
+    let every_remote = lists_no_row(&cmp, opts, is_clone, settled);
     let rows = if every_remote {
         Vec::new()
     } else {
@@ -612,6 +607,12 @@ pub fn plan(
         || is_clone;
     p.files = files;
     Ok(p)
+}
+
+/// A clone into an empty folder, with nothing to resolve, adopt or guard
+/// (`settled`), lists no row: it downloads all of R (`Plan::every_remote`).
+fn lists_no_row(cmp: &Comparison, opts: &SyncOpts, is_clone: bool, settled: bool) -> bool {
+    is_clone && !opts.dry_run && settled && cmp.only_downloads_into_nothing()
 }
 
 /// The plan of a clone into an empty folder (`Plan::every_remote`): what
