@@ -28,10 +28,10 @@ use crate::failpoint::failpoint;
 /// Kept small (a clone holds two per file): the path shared with the plan
 /// that made it, what is known about a retired file boxed because most
 /// retires know nothing (24 bytes an operation instead of 40). The journal
-/// holds them in their wire shape (`OpWire`), unchanged since the first
-/// journal.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(from = "OpWire", into = "OpWire")]
+/// holds them in their wire shape, unchanged since the first journal:
+/// written as `OpWireRef` (as every `OpList` is), read as `OpWire`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(from = "OpWire")]
 pub enum Op {
     /// Move what is at `path` (if anything) aside; see `Known`.
     Retire {
@@ -69,6 +69,23 @@ impl Op {
         match self {
             Op::Retire { path, .. } | Op::Install { path } => path,
         }
+    }
+
+    /// The operation as the engine reads it.
+    pub fn as_op_ref(&self) -> OpRef<'_> {
+        match self {
+            Op::Retire { path, known } => OpRef::Retire {
+                path,
+                known: known.as_deref().copied().unwrap_or_default(),
+            },
+            Op::Install { path } => OpRef::Install { path },
+        }
+    }
+}
+
+impl Serialize for Op {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        OpWireRef::from(self.as_op_ref()).serialize(s)
     }
 }
 
@@ -131,13 +148,7 @@ impl OpList for [Op] {
         <[Op]>::len(self)
     }
     fn get(&self, i: usize) -> OpRef<'_> {
-        match &self[i] {
-            Op::Retire { path, known } => OpRef::Retire {
-                path,
-                known: known.as_deref().copied().unwrap_or_default(),
-            },
-            Op::Install { path } => OpRef::Install { path },
-        }
+        self[i].as_op_ref()
     }
 }
 
@@ -150,7 +161,8 @@ impl OpList for Vec<Op> {
     }
 }
 
-/// An operation in its journal shape, borrowed: what `OpWire` writes.
+/// An operation in its journal shape, borrowed: how every operation is
+/// written (`OpWire` reads it back).
 #[derive(Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum OpWireRef<'a> {
@@ -189,15 +201,17 @@ impl<O: OpList + ?Sized> Serialize for WireList<'_, O> {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+/// An operation in its journal shape, as read (older journals' names
+/// included).
+#[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum OpWire {
     #[serde(alias = "remove")]
     Retire {
         path: std::sync::Arc<str>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         hash: Option<u64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         expect: Option<(u64, i64, u64)>,
     },
     Install {
@@ -210,22 +224,6 @@ impl From<OpWire> for Op {
         match w {
             OpWire::Retire { path, hash, expect } => Op::retire(path, hash, expect),
             OpWire::Install { path } => Op::Install { path },
-        }
-    }
-}
-
-impl From<Op> for OpWire {
-    fn from(o: Op) -> OpWire {
-        match o {
-            Op::Retire { path, known } => {
-                let k = known.map(|k| *k).unwrap_or_default();
-                OpWire::Retire {
-                    path,
-                    hash: k.hash,
-                    expect: k.expect,
-                }
-            }
-            Op::Install { path } => OpWire::Install { path },
         }
     }
 }
