@@ -122,17 +122,64 @@ pub struct Progress {
     pub bytes_hashed: AtomicU64,
 }
 
+/// Private fields: `screen` must be made from the very sets it screens.
 pub struct Rules {
-    pub data_dirs: BTreeSet<String>,
-    pub ignore: IgnoreRules,
+    data_dirs: BTreeSet<String>,
+    ignore: IgnoreRules,
+    screen: Screen,
+}
+
+/// What the ignore names' lengths and the suffixes' last bytes can be, so
+/// that most names are passed without a set lookup: these checks run for
+/// every file of every scan, and their string comparisons were about a
+/// fifth of a warm status's user time at 100 000 files.
+#[derive(Default)]
+struct Screen {
+    /// Bit `n` for a name of `n` bytes (bit 63: 63 bytes or more).
+    name_lens: u64,
+    /// Bit `b` for a suffix ending in byte `b`.
+    suffix_last: [u64; 4],
+}
+
+impl Screen {
+    fn of(ignore: &IgnoreRules) -> Screen {
+        let mut s = Screen::default();
+        for n in &ignore.names {
+            s.name_lens |= Self::len_bit(n);
+        }
+        for b in ignore.suffixes.iter().filter_map(|x| x.as_bytes().last()) {
+            s.suffix_last[usize::from(b >> 6)] |= 1 << (b & 63);
+        }
+        s
+    }
+
+    fn len_bit(name: &str) -> u64 {
+        1 << name.len().min(63)
+    }
+
+    fn may_be_name(&self, name: &str) -> bool {
+        self.name_lens & Self::len_bit(name) != 0
+    }
+
+    fn may_end_in_suffix(&self, name: &str) -> bool {
+        name.as_bytes()
+            .last()
+            .is_some_and(|&b| self.suffix_last[usize::from(b >> 6)] & (1 << (b & 63)) != 0)
+    }
 }
 
 impl Rules {
-    pub fn from_config(c: &ProjectConfig) -> Rules {
+    pub fn new(data_dirs: BTreeSet<String>, ignore: IgnoreRules) -> Rules {
+        let screen = Screen::of(&ignore);
         Rules {
-            data_dirs: c.data_dirs.clone(),
-            ignore: c.ignore.clone(),
+            data_dirs,
+            ignore,
+            screen,
         }
+    }
+
+    pub fn from_config(c: &ProjectConfig) -> Rules {
+        Rules::new(c.data_dirs.clone(), c.ignore.clone())
     }
 
     fn all(&self) -> bool {
@@ -140,14 +187,16 @@ impl Rules {
     }
 
     fn ignored_name(&self, name: &str) -> bool {
-        self.ignore.names.contains(name)
+        self.screen.may_be_name(name) && self.ignore.names.contains(name)
     }
 
     fn ignored_file(&self, rel: &str, name: &str) -> bool {
-        self.ignore
-            .suffixes
-            .iter()
-            .any(|s| !s.is_empty() && name.ends_with(s.as_str()))
+        (self.screen.may_end_in_suffix(name)
+            && self
+                .ignore
+                .suffixes
+                .iter()
+                .any(|s| !s.is_empty() && name.ends_with(s.as_str())))
             || names::is_conflict_backup_name(name)
             // dsg's own file at the project root: never data, even when
             // `data_dirs` holds `*`.
@@ -243,12 +292,17 @@ fn reuse_cached_hashes(entries: &mut [LocalEntry], cache: &StatCache) -> (Vec<us
         }
     };
     let read = cache.each_record(|r| {
-        while i < entries.len() && entries[i].path.as_bytes() < r.path.as_bytes() {
-            check(&mut entries[i], i, None);
-            i += 1;
-        }
-        if i < entries.len() && &*entries[i].path == r.path {
-            check(&mut entries[i], i, Some(&r));
+        // One comparison a step (`<` then `==` was two).
+        while let Some(e) = entries.get_mut(i) {
+            match e.path.as_bytes().cmp(r.path.as_bytes()) {
+                std::cmp::Ordering::Less => check(e, i, None),
+                std::cmp::Ordering::Equal => {
+                    check(e, i, Some(&r));
+                    i += 1;
+                    break;
+                }
+                std::cmp::Ordering::Greater => break,
+            }
             i += 1;
         }
     });
@@ -607,9 +661,33 @@ mod tests {
     use std::fs;
 
     fn rules() -> Rules {
-        Rules {
-            data_dirs: ProjectConfig::default_data_dirs(),
-            ignore: IgnoreRules::defaults(),
+        Rules::new(ProjectConfig::default_data_dirs(), IgnoreRules::defaults())
+    }
+
+    proptest::proptest! {
+        /// The screen only skips lookups that would find nothing: with
+        /// names and suffixes that share lengths and last bytes with the
+        /// ones tried, multi-byte characters, names of 63 bytes and more
+        /// and an empty suffix, the answers are the unscreened sets'.
+        #[test]
+        fn the_screen_changes_no_answer(
+            names in proptest::collection::btree_set("[ab\u{e9}~.]{0,4}|x{60,70}", 0..6),
+            suffixes in proptest::collection::btree_set("[ab\u{e9}~.]{0,3}", 0..4),
+            tried in proptest::collection::vec("[ab\u{e9}~.]{0,6}|x{60,70}", 1..40),
+        ) {
+            let ignore = IgnoreRules { paths: BTreeSet::new(), names, suffixes };
+            let r = Rules::new(BTreeSet::new(), ignore.clone());
+            for n in &tried {
+                let by_name = ignore.names.contains(n.as_str());
+                proptest::prop_assert_eq!(r.ignored_name(n), by_name, "{:?}", n);
+                let by_suffix = ignore
+                    .suffixes
+                    .iter()
+                    .any(|s| !s.is_empty() && n.ends_with(s.as_str()));
+                let rel = format!("input/{n}");
+                let by_other = names::is_conflict_backup_name(n) || r.ignored_path(&rel);
+                proptest::prop_assert_eq!(r.ignored_file(&rel, n), by_suffix || by_other, "{:?}", n);
+            }
         }
     }
 
