@@ -1384,10 +1384,7 @@ fn local_ops(cmp: &Comparison, downloads: &[Arc<str>], plan: &Plan) -> Vec<Op> {
     {
         // Downloads only, in path order (a clone's): the same operations
         // without two sorted lists of every path.
-        let mut ops = Vec::with_capacity(2 * downloads.len());
-        ops.extend(downloads.iter().rev().map(retire));
-        ops.extend(downloads.iter().map(install));
-        return ops;
+        return retire_then_install(downloads, retire);
     }
     let mut removes: Vec<&Arc<str>> = plan
         .local_deletions
@@ -1401,6 +1398,16 @@ fn local_ops(cmp: &Comparison, downloads: &[Arc<str>], plan: &Plan) -> Vec<Op> {
     let mut installs: Vec<&Arc<str>> = downloads.iter().chain(&plan.restores).collect();
     installs.sort();
     ops.extend(installs.into_iter().map(install));
+    ops
+}
+
+/// The operations of downloads only (`downloads` in path order): a retire
+/// of each, deepest first, then an install of each in path order. A clone
+/// into an empty folder makes the same from R (`EveryRemote`).
+fn retire_then_install(downloads: &[Arc<str>], retire: impl Fn(&Arc<str>) -> Op) -> Vec<Op> {
+    let mut ops = Vec::with_capacity(2 * downloads.len());
+    ops.extend(downloads.iter().rev().map(retire));
+    ops.extend(downloads.iter().map(|p| Op::Install { path: p.clone() }));
     ops
 }
 
@@ -2102,8 +2109,10 @@ mod tests {
     use super::*;
 
     /// A clone's operations made from R are those `local_ops` lists for
-    /// the same downloads into an empty folder: a retire of each, deepest
-    /// first, knowing nothing, then an install of each in path order.
+    /// the same downloads into an empty folder (its downloads-only path,
+    /// `retire_then_install`, where no local file gives a retire anything
+    /// to expect): a retire of each, deepest first, then an install of each
+    /// in path order.
     #[test]
     fn every_remote_makes_the_operations_local_ops_lists() {
         use dsg_core::manifest::{Manifest, Mtime};
@@ -2118,12 +2127,7 @@ mod tests {
         };
         let r = Manifest::from_entries(["b", "a/y", "a/x", "a-b", "c/d/e"].map(entry).into());
         let paths: Vec<Arc<str>> = r.entries().iter().map(|e| Arc::from(&*e.path)).collect();
-        let mut listed: Vec<Op> = paths
-            .iter()
-            .rev()
-            .map(|p| Op::retire(p.clone(), None, None))
-            .collect();
-        listed.extend(paths.iter().map(|p| Op::Install { path: p.clone() }));
+        let listed = retire_then_install(&paths, |p| Op::retire(p.clone(), None, None));
         let view = EveryRemote(r.entries());
         assert_eq!(view.len(), 10);
         let made: Vec<OpRef<'_>> = iter_ops(&view).collect();
